@@ -1,0 +1,262 @@
+//! A GPT-style decoder over tch tensors.
+//!
+//! Token and learned position embeddings, pre-LayerNorm blocks with causal multi-head
+//! attention (`scaled_dot_product_attention`) and a GELU MLP, a final LayerNorm and an
+//! untied LM head. No dropout: training is a pure function of the seed and the data.
+//!
+//! Parameters are created in a `VarStore` (so a bare tch loop can drive the same model
+//! in benchmarks) and listed in name-sorted order; that order defines the flat layout
+//! used by the optimizer, the reduction, checkpoints and `params_sha256`.
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::config::ModelConfig;
+use crate::sampler::hash4;
+use crate::TrainError;
+
+/// Where each parameter sits in the flat f32 vector.
+#[derive(Clone, Debug)]
+pub struct ParamSlot {
+    pub name: String,
+    pub shape: Vec<i64>,
+    pub offset: usize,
+    pub numel: usize,
+    /// Weight decay applies to matrices and embeddings, not to biases and norms.
+    pub decay: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct Layout {
+    pub slots: Vec<ParamSlot>,
+    pub total: usize,
+}
+
+impl Layout {
+    /// A per-element decay mask (one byte per parameter).
+    pub fn decay_mask(&self) -> Vec<bool> {
+        let mut m = vec![false; self.total];
+        for s in &self.slots {
+            m[s.offset..s.offset + s.numel].fill(s.decay);
+        }
+        m
+    }
+}
+
+struct Block {
+    ln1_w: Tensor,
+    ln1_b: Tensor,
+    attn_w: Tensor,
+    attn_b: Tensor,
+    proj_w: Tensor,
+    proj_b: Tensor,
+    ln2_w: Tensor,
+    ln2_b: Tensor,
+    fc_w: Tensor,
+    fc_b: Tensor,
+    fc2_w: Tensor,
+    fc2_b: Tensor,
+}
+
+pub struct Gpt {
+    pub cfg: ModelConfig,
+    pub vs: nn::VarStore,
+    pub device: Device,
+    wte: Tensor,
+    wpe: Tensor,
+    blocks: Vec<Block>,
+    lnf_w: Tensor,
+    lnf_b: Tensor,
+    head: Tensor,
+    /// Parameters in name-sorted order, matching `layout.slots`.
+    params: Vec<Tensor>,
+    pub layout: Layout,
+}
+
+impl Gpt {
+    /// Builds the model with parameters initialised from `seed` alone (GPT-2's scheme:
+    /// N(0, 0.02), residual projections N(0, 0.02/√(2L)), zero biases, unit norms),
+    /// drawn in name-sorted order from a ChaCha8 stream, so the same seed gives the same
+    /// bits on any device and any torch build.
+    pub fn new(cfg: &ModelConfig, seed: u64, device: Device) -> Result<Self, TrainError> {
+        cfg.validate()?;
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let (d, f, v, t) = (cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.ctx_len);
+        let z = nn::Init::Const(0.0);
+        let wte = var(&root, "wte.weight", &[v, d], z)?;
+        let wpe = var(&root, "wpe.weight", &[t, d], z)?;
+        let mut blocks = Vec::new();
+        for l in 0..cfg.n_layer {
+            let p = root.sub(format!("h{l:02}"));
+            blocks.push(Block {
+                ln1_w: var(&p, "ln_1.weight", &[d], z)?,
+                ln1_b: var(&p, "ln_1.bias", &[d], z)?,
+                attn_w: var(&p, "attn.c_attn.weight", &[3 * d, d], z)?,
+                attn_b: var(&p, "attn.c_attn.bias", &[3 * d], z)?,
+                proj_w: var(&p, "attn.c_proj.weight", &[d, d], z)?,
+                proj_b: var(&p, "attn.c_proj.bias", &[d], z)?,
+                ln2_w: var(&p, "ln_2.weight", &[d], z)?,
+                ln2_b: var(&p, "ln_2.bias", &[d], z)?,
+                fc_w: var(&p, "mlp.c_fc.weight", &[f, d], z)?,
+                fc_b: var(&p, "mlp.c_fc.bias", &[f], z)?,
+                fc2_w: var(&p, "mlp.c_proj.weight", &[d, f], z)?,
+                fc2_b: var(&p, "mlp.c_proj.bias", &[d], z)?,
+            });
+        }
+        let lnf_w = var(&root, "ln_f.weight", &[d], z)?;
+        let lnf_b = var(&root, "ln_f.bias", &[d], z)?;
+        let head = var(&root, "lm_head.weight", &[v, d], z)?;
+
+        let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut slots = Vec::with_capacity(named.len());
+        let mut offset = 0;
+        for (name, t) in &named {
+            let shape = t.size();
+            let numel = shape.iter().product::<i64>() as usize;
+            slots.push(ParamSlot { name: name.clone(), shape: shape.clone(), offset, numel, decay: shape.len() >= 2 });
+            offset += numel;
+        }
+        let layout = Layout { slots, total: offset };
+        let params = named.into_iter().map(|(_, t)| t).collect();
+        let model = Self { cfg: cfg.clone(), vs, device, wte, wpe, blocks, lnf_w, lnf_b, head, params, layout };
+        let init = init_params(cfg, &model.layout, seed);
+        model.write_params(&init)?;
+        Ok(model)
+    }
+
+    /// The parameter tensors in layout order (for a plain tch optimizer in benchmarks).
+    pub fn param_tensors(&self) -> &[Tensor] {
+        &self.params
+    }
+
+    /// Logits `[b, t, vocab]` for token ids `idx` `[b, t]`.
+    pub fn forward(&self, idx: &Tensor) -> Result<Tensor, TrainError> {
+        let (b, t) = idx.size2()?;
+        if t > self.cfg.ctx_len {
+            return Err(TrainError::Config(format!(
+                "sequence length {t} exceeds the model's context {}",
+                self.cfg.ctx_len
+            )));
+        }
+        let (d, nh) = (self.cfg.d_model, self.cfg.n_head);
+        let pos = Tensor::f_arange(t, (Kind::Int64, self.device))?;
+        let mut x = Tensor::f_embedding(&self.wte, idx, -1, false, false)?
+            .f_add(&Tensor::f_embedding(&self.wpe, &pos, -1, false, false)?)?;
+        for blk in &self.blocks {
+            let h = x.f_layer_norm([d], Some(&blk.ln1_w), Some(&blk.ln1_b), 1e-5, false)?;
+            let qkv = h
+                .f_linear(&blk.attn_w, Some(&blk.attn_b))?
+                .f_view([b, t, 3, nh, d / nh])?
+                .f_permute([2, 0, 3, 1, 4])?;
+            let (q, k, v) = (qkv.f_get(0)?, qkv.f_get(1)?, qkv.f_get(2)?);
+            let y = Tensor::f_scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, false)?
+                .f_transpose(1, 2)?
+                .f_contiguous()?
+                .f_view([b, t, d])?;
+            x = x.f_add(&y.f_linear(&blk.proj_w, Some(&blk.proj_b))?)?;
+            let h = x.f_layer_norm([d], Some(&blk.ln2_w), Some(&blk.ln2_b), 1e-5, false)?;
+            let h = h
+                .f_linear(&blk.fc_w, Some(&blk.fc_b))?
+                .f_gelu("none")?
+                .f_linear(&blk.fc2_w, Some(&blk.fc2_b))?;
+            x = x.f_add(&h)?;
+        }
+        let x = x.f_layer_norm([d], Some(&self.lnf_w), Some(&self.lnf_b), 1e-5, false)?;
+        Ok(x.f_linear(&self.head, None::<Tensor>)?)
+    }
+
+    /// Mean cross-entropy of predicting `targets` from `idx` (both `[b, t]`).
+    pub fn loss(&self, idx: &Tensor, targets: &Tensor) -> Result<Tensor, TrainError> {
+        let logits = self.forward(idx)?;
+        let v = self.cfg.vocab_size;
+        Ok(logits.f_view([-1, v])?.f_cross_entropy_loss(&targets.f_view([-1])?, None::<Tensor>, tch::Reduction::Mean, -100, 0.0)?)
+    }
+
+    /// Copies the flat parameter vector into the model's tensors.
+    pub fn write_params(&self, flat: &[f32]) -> Result<(), TrainError> {
+        check_len("parameter", flat.len(), self.layout.total)?;
+        tch::no_grad(|| -> Result<(), TrainError> {
+            for (slot, t) in self.layout.slots.iter().zip(&self.params) {
+                let src = Tensor::f_from_slice(&flat[slot.offset..slot.offset + slot.numel])?
+                    .f_view(slot.shape.as_slice())?
+                    .f_to_device(self.device)?;
+                let mut t = t.shallow_clone();
+                t.f_copy_(&src)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Copies the model's parameters into `flat`.
+    pub fn read_params(&self, flat: &mut [f32]) -> Result<(), TrainError> {
+        check_len("parameter", flat.len(), self.layout.total)?;
+        for (slot, t) in self.layout.slots.iter().zip(&self.params) {
+            t.f_to_device(Device::Cpu)?
+                .f_copy_data(&mut flat[slot.offset..slot.offset + slot.numel], slot.numel)?;
+        }
+        Ok(())
+    }
+
+    /// Moves the accumulated gradients into `flat` and zeroes them in the model. A
+    /// parameter that got no gradient contributes zeros.
+    pub fn take_grads(&self, flat: &mut [f32]) -> Result<(), TrainError> {
+        check_len("gradient", flat.len(), self.layout.total)?;
+        for (slot, t) in self.layout.slots.iter().zip(&self.params) {
+            let dst = &mut flat[slot.offset..slot.offset + slot.numel];
+            let mut g = t.grad();
+            if g.defined() {
+                g.f_to_device(Device::Cpu)?.f_copy_data(dst, slot.numel)?;
+                let _ = g.f_zero_()?;
+            } else {
+                dst.fill(0.0);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Creates a variable at a dotted path (`attn.c_attn.weight`), one sub-path per segment.
+fn var(base: &nn::Path, dotted: &str, shape: &[i64], init: nn::Init) -> Result<Tensor, TrainError> {
+    let mut parts: Vec<&str> = dotted.split('.').collect();
+    let leaf = parts.pop().unwrap_or(dotted);
+    let Some((first, rest)) = parts.split_first() else {
+        return Ok(base.f_var(leaf, shape, init)?);
+    };
+    let path = rest.iter().fold(base.sub(*first), |p, s| p.sub(*s));
+    Ok(path.f_var(leaf, shape, init)?)
+}
+
+fn check_len(what: &str, got: usize, want: usize) -> Result<(), TrainError> {
+    if got != want {
+        return Err(TrainError::Config(format!("{what} buffer holds {got} values, the model has {want}")));
+    }
+    Ok(())
+}
+
+/// The initial flat parameter vector for `seed`.
+pub fn init_params(cfg: &ModelConfig, layout: &Layout, seed: u64) -> Vec<f32> {
+    use rand::Rng;
+    let mut rng = ChaCha8Rng::seed_from_u64(hash4(seed, 0x1917, 0, 0));
+    let resid_std = 0.02 / (2.0 * cfg.n_layer as f64).sqrt();
+    let mut out = vec![0f32; layout.total];
+    for s in &layout.slots {
+        let dst = &mut out[s.offset..s.offset + s.numel];
+        if s.name.ends_with(".bias") {
+            dst.fill(0.0);
+        } else if s.name.contains("ln_") {
+            dst.fill(1.0);
+        } else {
+            let std = if s.name.ends_with("c_proj.weight") { resid_std } else { 0.02 };
+            // Box–Muller from two uniforms in (0, 1].
+            for x in dst.iter_mut() {
+                let u1: f64 = 1.0 - rng.gen::<f64>();
+                let u2: f64 = rng.gen::<f64>();
+                let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+                *x = (z * std) as f32;
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,23 @@
+//! The worker: one process per (emulated or real) GPU.
+//!
+//! [`dp`] is the data-parallel step loop: every rank computes the gradients of its share
+//! of the global batch's micro-batches, the ranks reduce them with the deterministic
+//! (fixed-point) all-reduce, and every rank applies the same AdamW update. The result
+//! does not depend on the world size.
+//! [`rendezvous`] is the small stdio protocol by which `phalanx train` starts workers.
+pub mod dp;
+pub mod rendezvous;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Train(#[from] phalanx_train::TrainError),
+    #[error("collective: {0}")]
+    Collective(#[from] phalanx_collective::CollectiveError),
+    #[error("replicas diverged: rank {rank} holds parameters {theirs}, rank 0 holds {ours}")]
+    Diverged { rank: usize, ours: String, theirs: String },
+    #[error("rendezvous: {0}")]
+    Rendezvous(String),
+    #[error("protocol: {0}")]
+    Protocol(String),
+}

@@ -1,0 +1,111 @@
+//! How `phalanx train` starts a local data-parallel group.
+//!
+//! The parent spawns N `phalanx worker run --rendezvous stdio` children. Each child binds
+//! 127.0.0.1:0, prints a `listening` event with its address on stdout, and waits (with a
+//! timeout) for one line on stdin naming every peer's address. Then the ranks connect
+//! their ring. Afterwards children print `step`, `done` or `error` events, one JSON
+//! object per line; anything else a child prints goes to stderr.
+use std::io::{BufRead, Write};
+use std::net::SocketAddr;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::dp::{RunResult, StepReport};
+use crate::WorkerError;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum WorkerEvent {
+    Listening { rank: usize, addr: SocketAddr },
+    Step(StepReport),
+    Done { rank: usize, result: RunResult },
+    Error { rank: usize, message: String },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PeerList {
+    pub peers: Vec<SocketAddr>,
+}
+
+/// Prints one event as a JSON line on stdout and flushes it.
+pub fn emit(ev: &WorkerEvent) {
+    let line = serde_json::to_string(ev).expect("events serialise");
+    let mut out = std::io::stdout().lock();
+    // A closed stdout means the parent is gone; the group's timeouts end this process.
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// Announces `addr` and reads the peer list from stdin within `timeout`.
+pub fn stdio_peers(rank: usize, world: usize, addr: SocketAddr, timeout: Duration) -> Result<Vec<SocketAddr>, WorkerError> {
+    emit(&WorkerEvent::Listening { rank, addr });
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let r = std::io::stdin().lock().read_line(&mut line).map(|_| line);
+        let _ = tx.send(r);
+    });
+    let line = match rx.recv_timeout(timeout) {
+        Ok(Ok(l)) if !l.trim().is_empty() => l,
+        Ok(Ok(_)) => return Err(WorkerError::Rendezvous("stdin closed before the peer list arrived".into())),
+        Ok(Err(e)) => return Err(WorkerError::Rendezvous(format!("reading the peer list from stdin: {e}"))),
+        Err(_) => {
+            return Err(WorkerError::Rendezvous(format!(
+                "no peer list on stdin within {} ms",
+                timeout.as_millis()
+            )))
+        }
+    };
+    let list: PeerList = serde_json::from_str(line.trim())
+        .map_err(|e| WorkerError::Rendezvous(format!("bad peer list `{}`: {e}", line.trim())))?;
+    validate_peers(&list.peers, rank, world, Some(addr))?;
+    Ok(list.peers)
+}
+
+/// Checks a peer list: one address per rank, no duplicates, and ours where expected.
+pub fn validate_peers(peers: &[SocketAddr], rank: usize, world: usize, ours: Option<SocketAddr>) -> Result<(), WorkerError> {
+    if world == 0 || rank >= world {
+        return Err(WorkerError::Rendezvous(format!("rank {rank} is not below world size {world}")));
+    }
+    if peers.len() != world {
+        return Err(WorkerError::Rendezvous(format!("{} peer address(es) for world size {world}", peers.len())));
+    }
+    for (i, a) in peers.iter().enumerate() {
+        if peers[..i].contains(a) {
+            return Err(WorkerError::Rendezvous(format!("peer address {a} appears twice")));
+        }
+    }
+    if let Some(ours) = ours {
+        if peers[rank] != ours {
+            return Err(WorkerError::Rendezvous(format!("peer list gives rank {rank} the address {}, but it listens on {ours}", peers[rank])));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_lists_are_validated() {
+        let a: SocketAddr = "127.0.0.1:1000".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:1001".parse().unwrap();
+        validate_peers(&[a, b], 1, 2, Some(b)).unwrap();
+        assert!(validate_peers(&[a, a], 0, 2, None).unwrap_err().to_string().contains("twice"));
+        assert!(validate_peers(&[a], 0, 2, None).is_err());
+        assert!(validate_peers(&[a, b], 2, 2, None).is_err());
+        assert!(validate_peers(&[a, b], 0, 2, Some(b)).is_err());
+    }
+
+    #[test]
+    fn events_round_trip_as_json_lines() {
+        let ev = WorkerEvent::Error { rank: 3, message: "boom".into() };
+        let s = serde_json::to_string(&ev).unwrap();
+        assert!(s.contains("\"event\":\"error\""), "{s}");
+        let back: WorkerEvent = serde_json::from_str(&s).unwrap();
+        assert!(matches!(back, WorkerEvent::Error { rank: 3, .. }));
+    }
+}
