@@ -1,0 +1,683 @@
+//! The async group: rendezvous and ring collectives over TCP.
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::error::{CollectiveError, Result};
+use crate::frame::{self, FrameHeader, Hello, Tag, HEADER_BYTES};
+
+/// Default chunk size for pipelined ring transfers.
+pub const DEFAULT_CHUNK_BYTES: usize = 1 << 20;
+/// Default max payload per frame.
+pub const DEFAULT_FRAME_BYTES_MAX: usize = 16 << 20;
+/// Default group id carried in the handshake.
+pub const DEFAULT_GROUP_ID: u64 = 0x5048_414c_414e_5831; // "PHALANX1"
+
+/// Configuration of one rank's membership in a group.
+#[derive(Debug, Clone)]
+pub struct GroupConfig {
+    /// This process's rank, `0..world`.
+    pub rank: usize,
+    /// Number of ranks.
+    pub world: usize,
+    /// Listen address of every rank, indexed by rank.
+    pub peers: Vec<SocketAddr>,
+    /// Must match on all ranks (e.g. derived from job id and epoch) so that a
+    /// stale worker from an older epoch cannot join.
+    pub group_id: u64,
+    /// Bound on the whole rendezvous (connect retries, accept, handshake).
+    pub rendezvous_timeout: Duration,
+    /// Default bound on each collective operation.
+    pub op_timeout: Duration,
+    /// Pipelining chunk size for ring transfers.
+    pub chunk_bytes: usize,
+    /// Largest payload accepted in one frame.
+    pub frame_bytes_max: usize,
+}
+
+impl GroupConfig {
+    /// A config with defaults: world = peers.len(), 10 s rendezvous, 30 s ops,
+    /// 1 MiB chunks, 16 MiB frame limit, the default group id.
+    pub fn new(rank: usize, peers: Vec<SocketAddr>) -> Self {
+        GroupConfig {
+            rank,
+            world: peers.len(),
+            peers,
+            group_id: DEFAULT_GROUP_ID,
+            rendezvous_timeout: Duration::from_secs(10),
+            op_timeout: Duration::from_secs(30),
+            chunk_bytes: DEFAULT_CHUNK_BYTES,
+            frame_bytes_max: DEFAULT_FRAME_BYTES_MAX,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |reason: String| Err(CollectiveError::InvalidArgument { reason });
+        if self.world == 0 {
+            return bad("world must be >= 1".into());
+        }
+        if self.world > u32::MAX as usize {
+            return bad(format!("world {} too large", self.world));
+        }
+        if self.rank >= self.world {
+            return bad(format!("rank {} out of range for world {}", self.rank, self.world));
+        }
+        if self.peers.len() != self.world {
+            return bad(format!("peers has {} addresses, world is {}", self.peers.len(), self.world));
+        }
+        if self.frame_bytes_max < 64 || self.frame_bytes_max > u32::MAX as usize {
+            return bad(format!("frame_bytes_max {} must be in 64..=u32::MAX", self.frame_bytes_max));
+        }
+        if self.chunk_bytes < 8 {
+            return bad(format!("chunk_bytes {} must be >= 8", self.chunk_bytes));
+        }
+        Ok(())
+    }
+}
+
+/// Peer identity used in errors.
+#[derive(Debug, Clone, Copy)]
+struct Peer {
+    rank: usize,
+    addr: SocketAddr,
+}
+
+fn map_io(op: &'static str, p: Peer, e: std::io::Error) -> CollectiveError {
+    use std::io::ErrorKind::*;
+    match e.kind() {
+        UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe | NotConnected => {
+            CollectiveError::PeerClosed { op, peer_rank: p.rank, peer_addr: p.addr }
+        }
+        _ => CollectiveError::Io { op, peer_rank: p.rank, peer_addr: p.addr, source: e },
+    }
+}
+
+fn timeout_err(op: &'static str, p: Peer, started: Instant) -> CollectiveError {
+    CollectiveError::Timeout {
+        op,
+        peer_rank: p.rank,
+        peer_addr: p.addr,
+        after_ms: started.elapsed().as_millis() as u64,
+    }
+}
+
+fn frame_err(op: &'static str, p: Peer, source: frame::FrameError) -> CollectiveError {
+    CollectiveError::Frame { op, peer_rank: p.rank, peer_addr: p.addr, source }
+}
+
+/// Deadline for one op (start time kept for the error message).
+#[derive(Clone, Copy)]
+struct Deadline {
+    started: Instant,
+    at: Instant,
+}
+
+impl Deadline {
+    fn after(d: Duration) -> Self {
+        let started = Instant::now();
+        Deadline { started, at: started + d }
+    }
+}
+
+async fn write_all_by(
+    s: &mut TcpStream,
+    buf: &[u8],
+    op: &'static str,
+    p: Peer,
+    dl: Deadline,
+) -> Result<()> {
+    match tokio::time::timeout_at(dl.at, s.write_all(buf)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(map_io(op, p, e)),
+        Err(_) => Err(timeout_err(op, p, dl.started)),
+    }
+}
+
+async fn read_exact_by(
+    s: &mut TcpStream,
+    buf: &mut [u8],
+    op: &'static str,
+    p: Peer,
+    dl: Deadline,
+) -> Result<()> {
+    match tokio::time::timeout_at(dl.at, s.read_exact(buf)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(map_io(op, p, e)),
+        Err(_) => Err(timeout_err(op, p, dl.started)),
+    }
+}
+
+/// The outbound link (to the right neighbour); only written after rendezvous.
+struct TxLink {
+    stream: TcpStream,
+    peer: Peer,
+    seq: u64,
+    buf: Vec<u8>,
+}
+
+impl TxLink {
+    /// Start a data frame; append the payload to the returned buffer.
+    fn begin(&mut self) -> &mut Vec<u8> {
+        self.buf.clear();
+        self.buf.resize(HEADER_BYTES, 0);
+        &mut self.buf
+    }
+
+    /// Patch the header and send the frame started by [`TxLink::begin`].
+    async fn finish(&mut self, op: &'static str, dl: Deadline) -> Result<()> {
+        self.seq += 1;
+        let payload_bytes = (self.buf.len() - HEADER_BYTES) as u32;
+        let h = frame::encode_header(&FrameHeader { tag: Tag::Data, seq: self.seq, payload_bytes });
+        self.buf[..HEADER_BYTES].copy_from_slice(&h);
+        write_all_by(&mut self.stream, &self.buf, op, self.peer, dl).await
+    }
+
+    async fn send(&mut self, payload: &[u8], op: &'static str, dl: Deadline) -> Result<()> {
+        self.begin().extend_from_slice(payload);
+        self.finish(op, dl).await
+    }
+}
+
+/// The inbound link (from the left neighbour); only read after rendezvous.
+struct RxLink {
+    stream: TcpStream,
+    peer: Peer,
+    seq: u64,
+    buf: Vec<u8>,
+    frame_bytes_max: usize,
+}
+
+impl RxLink {
+    /// Receive the next data frame; `expected` is the exact payload size when known.
+    async fn recv(&mut self, expected: Option<usize>, op: &'static str, dl: Deadline) -> Result<&[u8]> {
+        let mut hb = [0u8; HEADER_BYTES];
+        read_exact_by(&mut self.stream, &mut hb, op, self.peer, dl).await?;
+        let h = frame::decode_header(&hb, self.frame_bytes_max).map_err(|e| frame_err(op, self.peer, e))?;
+        self.seq += 1;
+        frame::check_header(&h, Tag::Data, self.seq, expected).map_err(|e| frame_err(op, self.peer, e))?;
+        self.buf.resize(h.payload_bytes as usize, 0);
+        read_exact_by(&mut self.stream, &mut self.buf, op, self.peer, dl).await?;
+        Ok(&self.buf)
+    }
+}
+
+/// Element types the ring can reduce.
+pub(crate) trait Elem: Copy + Send + Sync {
+    const BYTES: usize;
+    fn write_le(self, out: &mut [u8]);
+    fn read_le(b: &[u8]) -> Self;
+}
+
+macro_rules! impl_elem {
+    ($t:ty, $n:expr) => {
+        impl Elem for $t {
+            const BYTES: usize = $n;
+            #[inline]
+            fn write_le(self, out: &mut [u8]) {
+                out.copy_from_slice(&self.to_le_bytes());
+            }
+            #[inline]
+            fn read_le(b: &[u8]) -> Self {
+                let mut a = [0u8; $n];
+                a.copy_from_slice(b);
+                <$t>::from_le_bytes(a)
+            }
+        }
+    };
+}
+impl_elem!(i64, 8);
+impl_elem!(f32, 4);
+impl_elem!(f64, 8);
+
+/// Segment `i` of `n` over `len` elements (first `len % n` segments get one more).
+fn segment(i: usize, n: usize, len: usize) -> Range<usize> {
+    let base = len / n;
+    let rem = len % n;
+    let start = i * base + i.min(rem);
+    start..start + base + usize::from(i < rem)
+}
+
+/// Disjoint borrows of two ranges: (`a` shared, `b` mutable).
+fn split_two<T>(data: &mut [T], a: Range<usize>, b: Range<usize>) -> (&[T], &mut [T]) {
+    if a.end <= b.start {
+        let (lo, hi) = data.split_at_mut(b.start);
+        (&lo[a], &mut hi[..b.len()])
+    } else {
+        let (lo, hi) = data.split_at_mut(a.start);
+        (&hi[..a.len()], &mut lo[b])
+    }
+}
+
+fn nan_max(a: f64, b: f64) -> f64 {
+    if a.is_nan() || b.is_nan() {
+        f64::NAN
+    } else {
+        a.max(b)
+    }
+}
+
+/// A connected group (async API). All ranks must call the same operations in
+/// the same order with the same lengths.
+pub struct Group {
+    cfg: GroupConfig,
+    tx: Option<TxLink>,
+    rx: Option<RxLink>,
+    broken: Option<String>,
+}
+
+impl std::fmt::Debug for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Group")
+            .field("rank", &self.cfg.rank)
+            .field("world", &self.cfg.world)
+            .field("broken", &self.broken)
+            .finish()
+    }
+}
+
+impl Group {
+    /// Rendezvous: connect to rank `(r+1)%N`, accept from `(r-1+N)%N`, and
+    /// exchange validated hello frames, all within `cfg.rendezvous_timeout`.
+    pub async fn connect(cfg: GroupConfig, listener: TcpListener) -> Result<Group> {
+        cfg.validate()?;
+        let (rank, world) = (cfg.rank, cfg.world);
+        let span = tracing::debug_span!("rendezvous", rank, world);
+        if world == 1 {
+            return Ok(Group { cfg, tx: None, rx: None, broken: None });
+        }
+        let dl = Deadline::after(cfg.rendezvous_timeout);
+        let right = Peer { rank: (rank + 1) % world, addr: cfg.peers[(rank + 1) % world] };
+        let left = Peer { rank: (rank + world - 1) % world, addr: cfg.peers[(rank + world - 1) % world] };
+        let hello = Hello { group_id: cfg.group_id, rank: rank as u32, world: world as u32 };
+        let fmax = cfg.frame_bytes_max;
+        let (tx, rx) = async {
+            tokio::try_join!(
+                connect_right(right, hello, dl, fmax),
+                accept_left(&listener, left, hello, dl, fmax)
+            )
+        }
+        .instrument(span)
+        .await?;
+        tracing::debug!(rank, world, "rendezvous complete");
+        Ok(Group {
+            tx: Some(TxLink { stream: tx, peer: right, seq: 0, buf: Vec::new() }),
+            rx: Some(RxLink { stream: rx, peer: left, seq: 0, buf: Vec::new(), frame_bytes_max: fmax }),
+            cfg,
+            broken: None,
+        })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.cfg.rank
+    }
+    pub fn world(&self) -> usize {
+        self.cfg.world
+    }
+    pub fn config(&self) -> &GroupConfig {
+        &self.cfg
+    }
+    pub fn op_timeout(&self) -> Duration {
+        self.cfg.op_timeout
+    }
+    pub fn set_op_timeout(&mut self, t: Duration) {
+        self.cfg.op_timeout = t;
+    }
+    /// Why the group is unusable, if an earlier op failed mid-flight.
+    pub fn broken(&self) -> Option<&str> {
+        self.broken.as_deref()
+    }
+
+    fn check_usable(&self) -> Result<()> {
+        match &self.broken {
+            Some(c) => Err(CollectiveError::Broken { cause: c.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    fn poison<T>(&mut self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r {
+            self.broken = Some(e.to_string());
+        }
+        r
+    }
+
+    fn chunk_elems(&self, elem_bytes: usize) -> usize {
+        (self.cfg.chunk_bytes.min(self.cfg.frame_bytes_max) / elem_bytes).max(1)
+    }
+
+    /// Ring all-reduce: reduce-scatter then all-gather, each step sending one
+    /// segment to the right while receiving another from the left, chunked.
+    async fn ring_all_reduce<T: Elem>(
+        &mut self,
+        op: &'static str,
+        data: &mut [T],
+        combine: fn(T, T) -> T,
+        timeout: Duration,
+    ) -> Result<()> {
+        self.check_usable()?;
+        let (rank, n) = (self.cfg.rank, self.cfg.world);
+        if n == 1 || data.is_empty() {
+            return Ok(());
+        }
+        let chunk = self.chunk_elems(T::BYTES);
+        let dl = Deadline::after(timeout);
+        let span = tracing::debug_span!("all_reduce", op, rank, world = n, elems = data.len());
+        let (Some(tx), Some(rx)) = (self.tx.as_mut(), self.rx.as_mut()) else {
+            return Ok(());
+        };
+        let len = data.len();
+        let r = async {
+            // reduce-scatter
+            for s in 0..n - 1 {
+                let send = segment((rank + n - s) % n, n, len);
+                let recv = segment((rank + 2 * n - s - 1) % n, n, len);
+                let (sd, rd) = split_two(data, send, recv);
+                ring_step(tx, rx, sd, rd, chunk, Some(combine), op, dl).await?;
+            }
+            // all-gather
+            for s in 0..n - 1 {
+                let send = segment((rank + 1 + n - s) % n, n, len);
+                let recv = segment((rank + n - s) % n, n, len);
+                let (sd, rd) = split_two(data, send, recv);
+                ring_step(tx, rx, sd, rd, chunk, None, op, dl).await?;
+            }
+            Ok(())
+        }
+        .instrument(span)
+        .await;
+        self.poison(r)
+    }
+
+    /// Sum with wrapping i64 addition (exact, so the result is order-free).
+    pub async fn all_reduce_sum_i64(&mut self, data: &mut [i64]) -> Result<()> {
+        let t = self.cfg.op_timeout;
+        self.all_reduce_sum_i64_within(data, t).await
+    }
+    pub async fn all_reduce_sum_i64_within(&mut self, data: &mut [i64], timeout: Duration) -> Result<()> {
+        self.ring_all_reduce("all_reduce_sum_i64", data, i64::wrapping_add, timeout).await
+    }
+
+    /// Plain f32 sum (ring order; identical on all ranks but depends on world).
+    pub async fn all_reduce_sum_f32(&mut self, data: &mut [f32]) -> Result<()> {
+        let t = self.cfg.op_timeout;
+        self.all_reduce_sum_f32_within(data, t).await
+    }
+    pub async fn all_reduce_sum_f32_within(&mut self, data: &mut [f32], timeout: Duration) -> Result<()> {
+        self.ring_all_reduce("all_reduce_sum_f32", data, |a, b| a + b, timeout).await
+    }
+
+    /// Element-wise max (NaN propagates).
+    pub async fn all_reduce_max_f64(&mut self, data: &mut [f64]) -> Result<()> {
+        let t = self.cfg.op_timeout;
+        self.all_reduce_max_f64_within(data, t).await
+    }
+    pub async fn all_reduce_max_f64_within(&mut self, data: &mut [f64], timeout: Duration) -> Result<()> {
+        self.ring_all_reduce("all_reduce_max_f64", data, nan_max, timeout).await
+    }
+
+    /// Gather one byte string (any length) from every rank; index = rank.
+    pub async fn all_gather(&mut self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let t = self.cfg.op_timeout;
+        self.all_gather_within(bytes, t).await
+    }
+    pub async fn all_gather_within(&mut self, bytes: &[u8], timeout: Duration) -> Result<Vec<Vec<u8>>> {
+        self.all_gather_op("all_gather", bytes, timeout).await
+    }
+
+    async fn all_gather_op(&mut self, op: &'static str, bytes: &[u8], timeout: Duration) -> Result<Vec<Vec<u8>>> {
+        self.check_usable()?;
+        let (rank, n) = (self.cfg.rank, self.cfg.world);
+        let mut blobs: Vec<Vec<u8>> = vec![Vec::new(); n];
+        blobs[rank] = bytes.to_vec();
+        if n == 1 {
+            return Ok(blobs);
+        }
+        let chunk = self.cfg.chunk_bytes.min(self.cfg.frame_bytes_max);
+        let dl = Deadline::after(timeout);
+        let span = tracing::debug_span!("all_gather", op, rank, world = n, bytes = bytes.len());
+        let (Some(tx), Some(rx)) = (self.tx.as_mut(), self.rx.as_mut()) else {
+            return Ok(blobs);
+        };
+        let r = async {
+            for s in 0..n - 1 {
+                let send_idx = (rank + n - s) % n;
+                let recv_idx = (rank + 2 * n - s - 1) % n;
+                let send_blob = &blobs[send_idx];
+                let send_fut = async {
+                    tx.send(&(send_blob.len() as u64).to_le_bytes(), op, dl).await?;
+                    for c in send_blob.chunks(chunk) {
+                        tx.send(c, op, dl).await?;
+                    }
+                    Ok::<(), CollectiveError>(())
+                };
+                let recv_fut = async {
+                    let p = rx.recv(Some(8), op, dl).await?;
+                    let mut lb = [0u8; 8];
+                    lb.copy_from_slice(p);
+                    let total = u64::from_le_bytes(lb);
+                    let total = usize::try_from(total).map_err(|_| {
+                        frame_err(op, rx.peer, frame::FrameError::TooLarge { payload_bytes: total, frame_bytes_max: usize::MAX })
+                    })?;
+                    let mut v = Vec::with_capacity(total.min(64 << 20));
+                    while v.len() < total {
+                        let want = chunk.min(total - v.len());
+                        let p = rx.recv(Some(want), op, dl).await?;
+                        v.extend_from_slice(p);
+                    }
+                    Ok::<Vec<u8>, CollectiveError>(v)
+                };
+                let ((), v) = tokio::try_join!(send_fut, recv_fut)?;
+                blobs[recv_idx] = v;
+            }
+            Ok(())
+        }
+        .instrument(span)
+        .await;
+        self.poison(r)?;
+        Ok(blobs)
+    }
+
+    /// Copy `buf` from `root` to every rank (buf must have the same length everywhere).
+    pub async fn broadcast(&mut self, buf: &mut [u8], root: usize) -> Result<()> {
+        let t = self.cfg.op_timeout;
+        self.broadcast_within(buf, root, t).await
+    }
+    pub async fn broadcast_within(&mut self, buf: &mut [u8], root: usize, timeout: Duration) -> Result<()> {
+        self.check_usable()?;
+        let (rank, n) = (self.cfg.rank, self.cfg.world);
+        if root >= n {
+            return Err(CollectiveError::InvalidArgument { reason: format!("broadcast root {root} out of range for world {n}") });
+        }
+        if n == 1 || buf.is_empty() {
+            return Ok(());
+        }
+        let op = "broadcast";
+        let chunk = self.cfg.chunk_bytes.min(self.cfg.frame_bytes_max);
+        let dl = Deadline::after(timeout);
+        let span = tracing::debug_span!("broadcast", rank, world = n, root, bytes = buf.len());
+        let (Some(tx), Some(rx)) = (self.tx.as_mut(), self.rx.as_mut()) else {
+            return Ok(());
+        };
+        let receives = rank != root;
+        let forwards = (rank + 1) % n != root;
+        let nchunks = buf.len().div_ceil(chunk);
+        let len = buf.len();
+        let r = async {
+            // iteration i: forward chunk i-1 while receiving chunk i
+            for i in 0..=nchunks {
+                let send_r = (i >= 1).then(|| (i - 1) * chunk..(i * chunk).min(len));
+                let recv_r = (i < nchunks).then(|| i * chunk..((i + 1) * chunk).min(len));
+                let (sd, rd): (&[u8], &mut [u8]) = match (send_r, recv_r) {
+                    (Some(a), Some(b)) => split_two(buf, a, b),
+                    (Some(a), None) => (&buf[a], &mut []),
+                    (None, Some(b)) => (&[], &mut buf[b]),
+                    (None, None) => (&[], &mut []),
+                };
+                let send_fut = async {
+                    if forwards && (i >= 1) {
+                        tx.send(sd, op, dl).await?;
+                    }
+                    Ok::<(), CollectiveError>(())
+                };
+                let recv_fut = async {
+                    if receives && i < nchunks {
+                        let p = rx.recv(Some(rd.len()), op, dl).await?;
+                        rd.copy_from_slice(p);
+                    }
+                    Ok::<(), CollectiveError>(())
+                };
+                tokio::try_join!(send_fut, recv_fut)?;
+            }
+            Ok(())
+        }
+        .instrument(span)
+        .await;
+        self.poison(r)
+    }
+
+    /// Returns once every rank has entered the barrier.
+    pub async fn barrier(&mut self) -> Result<()> {
+        let t = self.cfg.op_timeout;
+        self.barrier_within(t).await
+    }
+    pub async fn barrier_within(&mut self, timeout: Duration) -> Result<()> {
+        self.all_gather_op("barrier", &[], timeout).await.map(|_| ())
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn ring_step<T: Elem>(
+    tx: &mut TxLink,
+    rx: &mut RxLink,
+    send: &[T],
+    recv: &mut [T],
+    chunk: usize,
+    combine: Option<fn(T, T) -> T>,
+    op: &'static str,
+    dl: Deadline,
+) -> Result<()> {
+    let send_fut = async {
+        for c in send.chunks(chunk) {
+            let buf = tx.begin();
+            let start = buf.len();
+            buf.resize(start + c.len() * T::BYTES, 0);
+            for (x, o) in c.iter().zip(buf[start..].chunks_exact_mut(T::BYTES)) {
+                x.write_le(o);
+            }
+            tx.finish(op, dl).await?;
+        }
+        Ok::<(), CollectiveError>(())
+    };
+    let recv_fut = async {
+        for c in recv.chunks_mut(chunk) {
+            let p = rx.recv(Some(c.len() * T::BYTES), op, dl).await?;
+            match combine {
+                Some(f) => {
+                    for (d, b) in c.iter_mut().zip(p.chunks_exact(T::BYTES)) {
+                        *d = f(*d, T::read_le(b));
+                    }
+                }
+                None => {
+                    for (d, b) in c.iter_mut().zip(p.chunks_exact(T::BYTES)) {
+                        *d = T::read_le(b);
+                    }
+                }
+            }
+        }
+        Ok::<(), CollectiveError>(())
+    };
+    tokio::try_join!(send_fut, recv_fut)?;
+    Ok(())
+}
+
+async fn read_hello(s: &mut TcpStream, p: Peer, dl: Deadline, fmax: usize) -> Result<Hello> {
+    let op = "rendezvous";
+    let mut hb = [0u8; HEADER_BYTES];
+    read_exact_by(s, &mut hb, op, p, dl).await?;
+    let h = frame::decode_header(&hb, fmax).map_err(|e| frame_err(op, p, e))?;
+    frame::check_header(&h, Tag::Hello, 0, Some(frame::HELLO_BYTES)).map_err(|e| frame_err(op, p, e))?;
+    let mut pb = [0u8; frame::HELLO_BYTES];
+    read_exact_by(s, &mut pb, op, p, dl).await?;
+    Hello::decode(&pb).map_err(|e| frame_err(op, p, e))
+}
+
+async fn write_hello(s: &mut TcpStream, hello: Hello, p: Peer, dl: Deadline) -> Result<()> {
+    let f = frame::encode_frame(Tag::Hello, 0, &hello.encode()).map_err(|e| frame_err("rendezvous", p, e))?;
+    write_all_by(s, &f, "rendezvous", p, dl).await
+}
+
+fn check_hello(got: Hello, mine: Hello, p: Peer) -> Result<()> {
+    let reason = if got.group_id != mine.group_id {
+        format!("group id {:#x} != ours {:#x}", got.group_id, mine.group_id)
+    } else if got.world != mine.world {
+        format!("world {} != ours {}", got.world, mine.world)
+    } else if got.rank as usize != p.rank {
+        format!("peer says it is rank {}, expected rank {}", got.rank, p.rank)
+    } else {
+        return Ok(());
+    };
+    Err(CollectiveError::Handshake { peer_rank: p.rank, peer_addr: p.addr, reason })
+}
+
+async fn connect_right(p: Peer, hello: Hello, dl: Deadline, fmax: usize) -> Result<TcpStream> {
+    let op = "rendezvous(connect)";
+    let mut s = loop {
+        match tokio::time::timeout_at(dl.at, TcpStream::connect(p.addr)).await {
+            Ok(Ok(s)) => break s,
+            Ok(Err(e)) => {
+                tracing::trace!(peer = p.rank, error = %e, "connect failed, retrying");
+                let next = (Instant::now() + Duration::from_millis(25)).min(dl.at);
+                tokio::time::sleep_until(next).await;
+                if Instant::now() >= dl.at {
+                    return Err(timeout_err(op, p, dl.started));
+                }
+            }
+            Err(_) => return Err(timeout_err(op, p, dl.started)),
+        }
+    };
+    s.set_nodelay(true).map_err(|e| map_io(op, p, e))?;
+    write_hello(&mut s, hello, p, dl).await?;
+    let got = read_hello(&mut s, p, dl, fmax).await?;
+    check_hello(got, hello, p)?;
+    Ok(s)
+}
+
+async fn accept_left(l: &TcpListener, p: Peer, hello: Hello, dl: Deadline, fmax: usize) -> Result<TcpStream> {
+    let op = "rendezvous(accept)";
+    let mut s = match tokio::time::timeout_at(dl.at, l.accept()).await {
+        Ok(Ok((s, _))) => s,
+        Ok(Err(e)) => return Err(map_io(op, p, e)),
+        Err(_) => return Err(timeout_err(op, p, dl.started)),
+    };
+    s.set_nodelay(true).map_err(|e| map_io(op, p, e))?;
+    let got = read_hello(&mut s, p, dl, fmax).await?;
+    check_hello(got, hello, p)?;
+    write_hello(&mut s, hello, p, dl).await?;
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_cover() {
+        for n in 1..7 {
+            for len in 0..20 {
+                let mut next = 0;
+                for i in 0..n {
+                    let s = segment(i, n, len);
+                    assert_eq!(s.start, next);
+                    next = s.end;
+                }
+                assert_eq!(next, len);
+            }
+        }
+    }
+}
