@@ -57,6 +57,7 @@ use crate::blocking::BlockingGroup;
 use crate::error::{CollectiveError, Result};
 use crate::fixed_point;
 use crate::group::Group;
+use tracing::Instrument;
 
 /// Reduce the mean of `total_micro_batches` micro-gradients held across the
 /// group (`local_micro_grads` are this rank's; may be empty) into `out`, whose
@@ -80,11 +81,27 @@ pub async fn reduce_mean_async(
     out: &mut [f32],
     timeout: Duration,
 ) -> Result<()> {
+    let span = tracing::debug_span!(
+        "reduce_mean",
+        rank = group.rank(),
+        elems = out.len(),
+        local = local_micro_grads.len(),
+        total_micro_batches
+    );
+    reduce_mean_inner(group, local_micro_grads, total_micro_batches, out, timeout)
+        .instrument(span)
+        .await
+}
+
+async fn reduce_mean_inner(
+    group: &mut Group,
+    local_micro_grads: &[&[f32]],
+    total_micro_batches: usize,
+    out: &mut [f32],
+    timeout: Duration,
+) -> Result<()> {
     let rank = group.rank();
     let n = out.len();
-    let span = tracing::debug_span!("reduce_mean", rank, elems = n, local = local_micro_grads.len(), total_micro_batches);
-    let _e = span.enter();
-    drop(_e);
 
     // (a) local stats; everything that can go wrong travels in one max-reduce
     // so that every rank takes the same decision.
@@ -145,6 +162,6 @@ pub async fn reduce_mean_async(
     }
     // (e) decode
     fixed_point::decode(&sums[..n], k, total_micro_batches, out);
-    tracing::debug!(parent: &span, k, gmax, "reduce_mean done");
+    tracing::debug!(k, gmax, "reduce_mean done");
     Ok(())
 }

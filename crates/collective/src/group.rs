@@ -340,9 +340,15 @@ impl Group {
         }
     }
 
+    /// After a failure mid-operation the byte streams are out of step: mark
+    /// the group broken and close both links, so that the neighbours see EOF
+    /// at once instead of waiting for their own timeouts.
     fn poison<T>(&mut self, r: Result<T>) -> Result<T> {
         if let Err(e) = &r {
+            tracing::debug!(rank = self.cfg.rank, error = %e, "collective failed; closing links");
             self.broken = Some(e.to_string());
+            self.tx = None;
+            self.rx = None;
         }
         r
     }

@@ -1,0 +1,203 @@
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::{cfg, listeners};
+use phalanx_collective::frame::{self, Hello, Tag, HEADER_BYTES};
+use phalanx_collective::{BlockingGroup, CollectiveError, DEFAULT_GROUP_ID};
+
+/// A hand-written rank 1 of a world of 2: performs the handshakes, returns
+/// (outbound to rank 0, inbound from rank 0).
+fn fake_rank1(l1: &TcpListener, addr0: std::net::SocketAddr) -> (TcpStream, TcpStream) {
+    let hello = Hello { group_id: DEFAULT_GROUP_ID, rank: 1, world: 2 };
+    let f = frame::encode_frame(Tag::Hello, 0, &hello.encode()).unwrap();
+    let mut out = TcpStream::connect(addr0).unwrap();
+    out.write_all(&f).unwrap();
+    let mut reply = [0u8; HEADER_BYTES + frame::HELLO_BYTES];
+    out.read_exact(&mut reply).unwrap();
+    let (inb, _) = l1.accept().unwrap();
+    let mut inb = inb;
+    let mut their = [0u8; HEADER_BYTES + frame::HELLO_BYTES];
+    inb.read_exact(&mut their).unwrap();
+    let (_, p, _) = frame::decode_frame(&their, 1 << 20).unwrap();
+    assert_eq!(Hello::decode(p).unwrap().rank, 0);
+    inb.write_all(&f).unwrap();
+    (out, inb)
+}
+
+#[test]
+fn killed_peer_mid_op_is_peer_closed() {
+    let (mut ls, addrs) = listeners(2);
+    let l1 = ls.pop().unwrap();
+    let l0 = ls.pop().unwrap();
+    let a = addrs.clone();
+    let t = std::thread::spawn(move || {
+        let mut c = cfg(0, a);
+        c.chunk_bytes = 64 << 10;
+        c.op_timeout = Duration::from_secs(5);
+        let mut g = BlockingGroup::connect(c, l0).unwrap();
+        let mut v = vec![1f32; 1 << 20];
+        let start = Instant::now();
+        let e = g.all_reduce_sum_f32(&mut v).unwrap_err();
+        // the group is now broken
+        let again = g.barrier().unwrap_err();
+        (e, start.elapsed(), again)
+    });
+    let (mut out, inb) = fake_rank1(&l1, addrs[0]);
+    // send one valid chunk of the first step, then die
+    let chunk = vec![0u8; 64 << 10];
+    out.write_all(&frame::encode_frame(Tag::Data, 1, &chunk).unwrap()).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    drop(out);
+    drop(inb);
+    let (e, elapsed, again) = t.join().unwrap();
+    match &e {
+        CollectiveError::PeerClosed { peer_rank, peer_addr, .. } | CollectiveError::Io { peer_rank, peer_addr, .. } => {
+            assert_eq!(*peer_rank, 1);
+            assert_eq!(*peer_addr, addrs[1]);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(elapsed < Duration::from_secs(5), "took {elapsed:?}");
+    assert!(matches!(again, CollectiveError::Broken { .. }));
+}
+
+#[test]
+fn killed_real_peer_errors_everywhere_within_timeout() {
+    let (ls, addrs) = listeners(3);
+    let handles: Vec<_> = ls
+        .into_iter()
+        .enumerate()
+        .map(|(rank, l)| {
+            let a = addrs.clone();
+            std::thread::spawn(move || {
+                let mut c = cfg(rank, a);
+                c.op_timeout = Duration::from_secs(3);
+                let mut g = BlockingGroup::connect(c, l).unwrap();
+                if rank == 2 {
+                    drop(g); // dies right after rendezvous
+                    return None;
+                }
+                let start = Instant::now();
+                let mut v = vec![1i64; 100_000];
+                let e = g.all_reduce_sum_i64(&mut v).unwrap_err();
+                Some((e, start.elapsed()))
+            })
+        })
+        .collect();
+    let res: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let (e0, t0) = res[0].as_ref().unwrap();
+    // rank 0 reads from rank 2
+    assert!(matches!(e0, CollectiveError::PeerClosed { peer_rank: 2, .. } | CollectiveError::Io { peer_rank: 2, .. }), "{e0:?}");
+    assert!(*t0 < Duration::from_secs(3));
+    let (e1, t1) = res[1].as_ref().unwrap();
+    assert!(e1.peer_rank().is_some(), "{e1:?}");
+    assert!(*t1 < Duration::from_millis(3500));
+}
+
+#[test]
+fn silent_peer_times_out_naming_it() {
+    let (mut ls, addrs) = listeners(2);
+    let l1 = ls.pop().unwrap();
+    let l0 = ls.pop().unwrap();
+    let a = addrs.clone();
+    let timeout = Duration::from_millis(600);
+    let t = std::thread::spawn(move || {
+        let mut c = cfg(0, a);
+        c.op_timeout = timeout;
+        let mut g = BlockingGroup::connect(c, l0).unwrap();
+        let mut v = vec![1i64; 1000];
+        let start = Instant::now();
+        let e = g.all_reduce_sum_i64(&mut v).unwrap_err();
+        (e, start.elapsed())
+    });
+    let (out, inb) = fake_rank1(&l1, addrs[0]);
+    let (e, elapsed) = t.join().unwrap();
+    drop((out, inb));
+    match &e {
+        CollectiveError::Timeout { peer_rank, peer_addr, after_ms, .. } => {
+            assert_eq!(*peer_rank, 1);
+            assert_eq!(*peer_addr, addrs[1]);
+            assert!(*after_ms >= 600);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(elapsed >= timeout, "{elapsed:?}");
+    assert!(elapsed < timeout + Duration::from_secs(2), "{elapsed:?}");
+}
+
+#[test]
+fn absent_peer_fails_rendezvous_within_timeout() {
+    let (mut ls, addrs) = listeners(2);
+    drop(ls.pop()); // rank 1 never shows up; its port is closed
+    let l0 = ls.pop().unwrap();
+    let mut c = cfg(0, addrs.clone());
+    c.rendezvous_timeout = Duration::from_millis(700);
+    let start = Instant::now();
+    let e = BlockingGroup::connect(c, l0).unwrap_err();
+    let elapsed = start.elapsed();
+    assert!(matches!(e, CollectiveError::Timeout { peer_rank: 1, .. }), "{e:?}");
+    assert!(elapsed >= Duration::from_millis(700) && elapsed < Duration::from_millis(2700), "{elapsed:?}");
+}
+
+#[test]
+fn handshake_rejects_wrong_group() {
+    let (ls, addrs) = listeners(2);
+    let handles: Vec<_> = ls
+        .into_iter()
+        .enumerate()
+        .map(|(rank, l)| {
+            let a = addrs.clone();
+            std::thread::spawn(move || {
+                let mut c = cfg(rank, a);
+                c.rendezvous_timeout = Duration::from_secs(3);
+                c.group_id = 100 + rank as u64;
+                BlockingGroup::connect(c, l).unwrap_err()
+            })
+        })
+        .collect();
+    for h in handles {
+        let e = h.join().unwrap();
+        assert!(
+            matches!(e, CollectiveError::Handshake { .. } | CollectiveError::PeerClosed { .. } | CollectiveError::Io { .. }),
+            "{e:?}"
+        );
+    }
+}
+
+#[test]
+fn bad_config_is_rejected() {
+    let (mut ls, addrs) = listeners(1);
+    let mut c = cfg(3, addrs);
+    c.world = 1;
+    assert!(matches!(BlockingGroup::connect(c, ls.pop().unwrap()), Err(CollectiveError::InvalidArgument { .. })));
+}
+
+#[test]
+fn garbage_frame_is_a_frame_error() {
+    let (mut ls, addrs) = listeners(2);
+    let l1 = ls.pop().unwrap();
+    let l0 = ls.pop().unwrap();
+    let a = addrs.clone();
+    let t = std::thread::spawn(move || {
+        let mut c = cfg(0, a);
+        c.op_timeout = Duration::from_secs(5);
+        c.frame_bytes_max = 1 << 16;
+        let mut g = BlockingGroup::connect(c, l0).unwrap();
+        let mut v = vec![1i64; 10];
+        g.all_reduce_sum_i64(&mut v).unwrap_err()
+    });
+    let (mut out, inb) = fake_rank1(&l1, addrs[0]);
+    // oversized length in an otherwise valid header
+    let mut f = frame::encode_frame(Tag::Data, 1, &[0u8; 8]).unwrap();
+    f[16..20].copy_from_slice(&(1u32 << 30).to_le_bytes());
+    out.write_all(&f).unwrap();
+    let e = t.join().unwrap();
+    drop((out, inb));
+    assert!(
+        matches!(e, CollectiveError::Frame { peer_rank: 1, source: frame::FrameError::TooLarge { .. }, .. }),
+        "{e:?}"
+    );
+}
