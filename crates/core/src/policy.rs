@@ -1,0 +1,234 @@
+//! Pure policies. Each returns a decision with the reason that lands in the event log.
+
+use std::collections::BTreeMap;
+
+use phalanx_proto::{JobSpec, Plan, WorkerHealth, WorkerId, WorkerInfo};
+
+/// Why a policy decided what it decided.
+pub type Reason = String;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlacementDecision {
+    /// The current plan stands.
+    Keep,
+    /// Replace the plan: rank `i` runs on `ranks[i]`.
+    NewPlan { ranks: Vec<WorkerId> },
+    /// Too few placeable workers: run nothing until more arrive.
+    Wait,
+}
+
+/// Decide the placement of a job on the placeable workers.
+///
+/// Ranks go to placeable workers in id order, so the same state always gives the same
+/// plan. Surviving workers keep their relative order, which keeps re-sharding small.
+pub fn place(
+    spec: &JobSpec,
+    current: Option<&Plan>,
+    workers: &BTreeMap<WorkerId, WorkerInfo>,
+) -> (PlacementDecision, Reason) {
+    let placeable: Vec<&WorkerId> =
+        workers.values().filter(|w| w.health.placeable()).map(|w| &w.id).collect();
+    let min = spec.world_size_min as usize;
+    let max = spec.world_size_max as usize;
+    if placeable.len() < min {
+        return (
+            PlacementDecision::Wait,
+            format!("{} placeable workers, job needs at least {min}", placeable.len()),
+        );
+    }
+    if let Some(plan) = current {
+        let all_alive = plan
+            .ranks
+            .iter()
+            .all(|id| workers.get(id).map(|w| w.health.placeable()).unwrap_or(false));
+        let can_grow = plan.ranks.len() < max && placeable.len() > plan.ranks.len();
+        if all_alive && !can_grow {
+            return (PlacementDecision::Keep, "every rank's worker is placeable".into());
+        }
+    }
+    let mut ranks: Vec<WorkerId> = Vec::with_capacity(max);
+    // Keep the survivors of the current plan first, in their rank order.
+    if let Some(plan) = current {
+        for id in &plan.ranks {
+            if ranks.len() < max && placeable.contains(&id) {
+                ranks.push(id.clone());
+            }
+        }
+    }
+    for id in placeable {
+        if ranks.len() >= max {
+            break;
+        }
+        if !ranks.contains(id) {
+            ranks.push(id.clone());
+        }
+    }
+    let reason = match current {
+        None => format!("initial placement on {} workers", ranks.len()),
+        Some(p) => format!("re-shard from {} to {} ranks", p.ranks.len(), ranks.len()),
+    };
+    (PlacementDecision::NewPlan { ranks }, reason)
+}
+
+/// Lease timing of the leader's failure detector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseConfig {
+    pub suspect_after_ms: u64,
+    pub fail_after_ms: u64,
+    /// A new leader waits this long before judging anyone: it has heard no heartbeat yet.
+    pub grace_ms: u64,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        LeaseConfig { suspect_after_ms: 2_000, fail_after_ms: 5_000, grace_ms: 3_000 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseDecision {
+    MarkSuspect,
+    MarkFailed,
+    MarkHealthy,
+}
+
+impl LeaseDecision {
+    pub fn health(&self) -> WorkerHealth {
+        match self {
+            LeaseDecision::MarkSuspect => WorkerHealth::Suspect,
+            LeaseDecision::MarkFailed => WorkerHealth::Failed,
+            LeaseDecision::MarkHealthy => WorkerHealth::Healthy,
+        }
+    }
+}
+
+/// Heartbeat leases. Leader-local and never replicated: a new leader starts a fresh table,
+/// and its grace period keeps a leader change from failing healthy workers.
+#[derive(Debug, Clone)]
+pub struct Leases {
+    leader_since_ms: u64,
+    last_heartbeat_ms: BTreeMap<WorkerId, u64>,
+}
+
+impl Leases {
+    pub fn new(now_ms: u64) -> Self {
+        Leases { leader_since_ms: now_ms, last_heartbeat_ms: BTreeMap::new() }
+    }
+
+    pub fn heartbeat(&mut self, worker: &str, now_ms: u64) {
+        self.last_heartbeat_ms.insert(worker.to_string(), now_ms);
+    }
+
+    /// Decisions for workers whose recorded health disagrees with their lease.
+    pub fn decide(
+        &self,
+        now_ms: u64,
+        workers: &BTreeMap<WorkerId, WorkerInfo>,
+        cfg: &LeaseConfig,
+    ) -> Vec<(WorkerId, LeaseDecision, Reason)> {
+        let mut out = Vec::new();
+        let grace_end = self.leader_since_ms.saturating_add(cfg.grace_ms);
+        for w in workers.values() {
+            let judged = matches!(
+                w.health,
+                WorkerHealth::Joining | WorkerHealth::Healthy | WorkerHealth::Suspect | WorkerHealth::Spare
+            );
+            if !judged {
+                continue;
+            }
+            let heard = self.last_heartbeat_ms.get(&w.id).copied();
+            let since = heard.unwrap_or(0).max(grace_end);
+            let silent_ms = now_ms.saturating_sub(since);
+            if now_ms < grace_end && heard.is_none() {
+                continue;
+            }
+            if silent_ms >= cfg.fail_after_ms {
+                out.push((
+                    w.id.clone(),
+                    LeaseDecision::MarkFailed,
+                    format!("no heartbeat for {silent_ms} ms (fail_after_ms {})", cfg.fail_after_ms),
+                ));
+            } else if silent_ms >= cfg.suspect_after_ms {
+                if w.health != WorkerHealth::Suspect {
+                    out.push((
+                        w.id.clone(),
+                        LeaseDecision::MarkSuspect,
+                        format!(
+                            "no heartbeat for {silent_ms} ms (suspect_after_ms {})",
+                            cfg.suspect_after_ms
+                        ),
+                    ));
+                }
+            } else if w.health == WorkerHealth::Suspect && heard.is_some() {
+                out.push((w.id.clone(), LeaseDecision::MarkHealthy, "heartbeats resumed".into()));
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use phalanx_proto::DeviceSpec;
+
+    fn worker(id: &str, health: WorkerHealth) -> WorkerInfo {
+        WorkerInfo {
+            id: id.into(),
+            address: format!("127.0.0.1:1{}", id.len()),
+            device: DeviceSpec::default(),
+            health,
+            health_reason: String::new(),
+            registered_index: 1,
+        }
+    }
+
+    fn spec(min: u32, max: u32) -> JobSpec {
+        JobSpec {
+            name: "j".into(),
+            model: "tiny".into(),
+            corpus: "c".into(),
+            steps: 10,
+            global_batch: 8,
+            seed: 1,
+            checkpoint_interval_steps: 5,
+            world_size_min: min,
+            world_size_max: max,
+        }
+    }
+
+    fn workers(ws: &[(&str, WorkerHealth)]) -> BTreeMap<WorkerId, WorkerInfo> {
+        ws.iter().map(|(id, h)| (id.to_string(), worker(id, *h))).collect()
+    }
+
+    #[test]
+    fn placement_waits_below_minimum_and_keeps_survivor_order() {
+        let ws = workers(&[("a", WorkerHealth::Joining)]);
+        assert_eq!(place(&spec(2, 4), None, &ws).0, PlacementDecision::Wait);
+        let ws = workers(&[
+            ("a", WorkerHealth::Healthy),
+            ("b", WorkerHealth::Failed),
+            ("c", WorkerHealth::Healthy),
+            ("d", WorkerHealth::Spare),
+        ]);
+        let plan = Plan { epoch: 1, ranks: vec!["c".into(), "b".into(), "a".into()], reason: String::new() };
+        let (d, reason) = place(&spec(2, 3), Some(&plan), &ws);
+        assert_eq!(d, PlacementDecision::NewPlan { ranks: vec!["c".into(), "a".into(), "d".into()] });
+        assert!(reason.contains("re-shard"), "{reason}");
+    }
+
+    #[test]
+    fn leases_respect_grace_then_fail() {
+        let cfg = LeaseConfig { suspect_after_ms: 100, fail_after_ms: 300, grace_ms: 500 };
+        let ws = workers(&[("a", WorkerHealth::Healthy), ("b", WorkerHealth::Healthy)]);
+        let mut l = Leases::new(1_000);
+        assert!(l.decide(1_400, &ws, &cfg).is_empty(), "grace period");
+        l.heartbeat("a", 1_450);
+        assert!(l.decide(1_500, &ws, &cfg).is_empty());
+        let d = l.decide(1_650, &ws, &cfg);
+        assert_eq!(d.len(), 2);
+        assert!(d.iter().all(|(_, d, _)| *d == LeaseDecision::MarkSuspect));
+        let d = l.decide(1_900, &ws, &cfg);
+        assert!(d.iter().all(|(_, d, _)| *d == LeaseDecision::MarkFailed), "{d:?}");
+    }
+}

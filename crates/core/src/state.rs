@@ -1,0 +1,459 @@
+//! The replicated cluster state and its deterministic `apply`.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use phalanx_proto::{
+    CheckpointInfo, Command, ControllerMember, Envelope, Event, JobInfo, JobState, NodeId, Outcome,
+    Plan, WorkerHealth, WorkerId, WorkerInfo,
+};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::jobfile::validate_job;
+use crate::policy::{place, PlacementDecision};
+
+/// Bounds of the replicated state. Part of the state, so every replica bounds alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateLimits {
+    pub events_max: usize,
+    pub checkpoints_max: usize,
+    /// Remembered request ids (for exactly-once apply of retried commands).
+    pub request_ids_max: usize,
+    pub workers_max: usize,
+    pub annotations_max: usize,
+    pub text_bytes_max: usize,
+}
+
+impl Default for StateLimits {
+    fn default() -> Self {
+        StateLimits {
+            events_max: 1_000,
+            checkpoints_max: 256,
+            request_ids_max: 10_000,
+            workers_max: 65_536,
+            annotations_max: 10_000,
+            text_bytes_max: 4_096,
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum SnapshotError {
+    #[error("state snapshot is not valid: {0}")]
+    Decode(#[from] serde_json::Error),
+}
+
+/// The result of applying one log entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub outcome: Outcome,
+    /// Index at which the request id was first applied.
+    pub index: u64,
+    pub duplicate: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ClusterState {
+    pub members: Vec<ControllerMember>,
+    pub workers: BTreeMap<WorkerId, WorkerInfo>,
+    pub job: Option<JobInfo>,
+    pub checkpoints: VecDeque<CheckpointInfo>,
+    pub events: VecDeque<Event>,
+    pub next_event_seq: u64,
+    pub annotations: BTreeMap<String, String>,
+    /// request id -> (index first applied, outcome)
+    applied_requests: BTreeMap<String, (u64, Outcome)>,
+    applied_order: VecDeque<String>,
+    pub limits: StateLimits,
+    /// Index of the last entry applied to this state (kept inside the snapshot).
+    pub applied_index: u64,
+}
+
+fn ok(m: impl Into<String>) -> Outcome {
+    Outcome::Applied { message: m.into() }
+}
+fn no(m: impl Into<String>) -> Outcome {
+    Outcome::Rejected { reason: m.into() }
+}
+
+impl ClusterState {
+    pub fn new(limits: StateLimits) -> Self {
+        ClusterState { limits, ..Default::default() }
+    }
+
+    pub fn snapshot_bytes(&self) -> Vec<u8> {
+        // A BTreeMap/VecDeque of plain data always serialises.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn restore(bytes: &[u8]) -> Result<Self, SnapshotError> {
+        Ok(serde_json::from_slice(bytes)?)
+    }
+
+    /// Outcome already recorded for a request id, if any.
+    pub fn lookup_request(&self, request_id: &str) -> Option<(u64, &Outcome)> {
+        self.applied_requests.get(request_id).map(|(i, o)| (*i, o))
+    }
+
+    /// Record that raft advanced to `index` without a command (empty or conf entries).
+    pub fn note_index(&mut self, index: u64) {
+        self.applied_index = self.applied_index.max(index);
+    }
+
+    /// Apply one committed command at log `index`. Deterministic: the same sequence of
+    /// (index, envelope) gives the same state on every replica.
+    pub fn apply(&mut self, index: u64, env: &Envelope) -> Applied {
+        self.note_index(index);
+        if let Some((first, outcome)) = self.applied_requests.get(&env.request_id) {
+            return Applied { outcome: outcome.clone(), index: *first, duplicate: true };
+        }
+        let outcome = self.apply_command(index, &env.command);
+        if !env.request_id.is_empty() {
+            self.applied_requests.insert(env.request_id.clone(), (index, outcome.clone()));
+            self.applied_order.push_back(env.request_id.clone());
+            while self.applied_order.len() > self.limits.request_ids_max {
+                if let Some(old) = self.applied_order.pop_front() {
+                    self.applied_requests.remove(&old);
+                }
+            }
+        }
+        Applied { outcome, index, duplicate: false }
+    }
+
+    /// Record a committed membership change (addresses come from the conf change context).
+    pub fn set_members(&mut self, index: u64, voters: &[NodeId], addresses: &BTreeMap<NodeId, String>) {
+        self.note_index(index);
+        let mut members: Vec<ControllerMember> = voters
+            .iter()
+            .map(|id| ControllerMember {
+                id: *id,
+                address: addresses
+                    .get(id)
+                    .cloned()
+                    .or_else(|| self.members.iter().find(|m| m.id == *id).map(|m| m.address.clone()))
+                    .unwrap_or_default(),
+            })
+            .collect();
+        members.sort_by_key(|m| m.id);
+        if members != self.members {
+            let ids: Vec<String> = members.iter().map(|m| m.id.to_string()).collect();
+            self.members = members;
+            self.event(index, "members", "controllers", format!("voters now [{}]", ids.join(", ")));
+        }
+    }
+
+    fn event(&mut self, index: u64, kind: &str, subject: &str, reason: String) {
+        let seq = self.next_event_seq;
+        self.next_event_seq += 1;
+        self.events.push_back(Event { seq, index, kind: kind.into(), subject: subject.into(), reason });
+        while self.events.len() > self.limits.events_max {
+            self.events.pop_front();
+        }
+    }
+
+    fn too_long(&self, s: &str) -> bool {
+        s.len() > self.limits.text_bytes_max
+    }
+
+    fn apply_command(&mut self, index: u64, cmd: &Command) -> Outcome {
+        match cmd {
+            Command::ReadBarrier => ok("read barrier"),
+            Command::SetAnnotation { key, value } => {
+                if key.is_empty() || self.too_long(key) || self.too_long(value) {
+                    return no("annotation key must be 1..=text_bytes_max bytes, value at most text_bytes_max");
+                }
+                if !self.annotations.contains_key(key) && self.annotations.len() >= self.limits.annotations_max {
+                    return no(format!("annotations_max ({}) reached", self.limits.annotations_max));
+                }
+                self.annotations.insert(key.clone(), value.clone());
+                ok(format!("annotation {key} set"))
+            }
+            Command::RegisterWorker { id, address, device } => {
+                if id.is_empty() || self.too_long(id) || self.too_long(address) {
+                    return no("worker id must be 1..=text_bytes_max bytes");
+                }
+                let msg = match self.workers.get_mut(id) {
+                    Some(w) => {
+                        w.address = address.clone();
+                        w.device = device.clone();
+                        if matches!(w.health, WorkerHealth::Failed | WorkerHealth::Suspect) {
+                            w.health = WorkerHealth::Joining;
+                            w.health_reason = "re-registered".into();
+                        }
+                        format!("worker {id} re-registered")
+                    }
+                    None => {
+                        if self.workers.len() >= self.limits.workers_max {
+                            return no(format!("workers_max ({}) reached", self.limits.workers_max));
+                        }
+                        self.workers.insert(
+                            id.clone(),
+                            WorkerInfo {
+                                id: id.clone(),
+                                address: address.clone(),
+                                device: device.clone(),
+                                health: WorkerHealth::Joining,
+                                health_reason: "registered".into(),
+                                registered_index: index,
+                            },
+                        );
+                        format!("worker {id} registered")
+                    }
+                };
+                self.event(index, "worker_registered", id, format!("at {address}"));
+                self.replan(index);
+                ok(msg)
+            }
+            Command::SetWorkerHealth { id, health, reason } => {
+                let Some(w) = self.workers.get_mut(id) else {
+                    return no(format!("unknown worker {id}"));
+                };
+                if self.limits.text_bytes_max < reason.len() {
+                    return no("reason too long");
+                }
+                if w.health == *health {
+                    return ok(format!("worker {id} already {}", health.as_str()));
+                }
+                let from = w.health;
+                w.health = *health;
+                w.health_reason = reason.clone();
+                self.event(
+                    index,
+                    &format!("worker_{}", health.as_str()),
+                    id,
+                    format!("{} -> {}: {reason}", from.as_str(), health.as_str()),
+                );
+                self.replan(index);
+                ok(format!("worker {id} {}", health.as_str()))
+            }
+            Command::DrainWorker { id, reason } => {
+                let Some(w) = self.workers.get_mut(id) else {
+                    return no(format!("unknown worker {id}"));
+                };
+                if w.health == WorkerHealth::Draining {
+                    return ok(format!("worker {id} already draining"));
+                }
+                w.health = WorkerHealth::Draining;
+                w.health_reason = reason.clone();
+                self.event(index, "worker_draining", id, format!("operator drain: {reason}"));
+                self.replan(index);
+                ok(format!("worker {id} draining"))
+            }
+            Command::SubmitJob { spec } => {
+                if let Some(j) = &self.job {
+                    if !j.state.is_terminal() {
+                        return no(format!("job {} is {}; cancel it first", j.spec.name, j.state.as_str()));
+                    }
+                }
+                if let Err(e) = validate_job(spec) {
+                    return no(e.to_string());
+                }
+                self.job = Some(JobInfo {
+                    spec: spec.clone(),
+                    state: JobState::Waiting,
+                    plan: None,
+                    progress_step: 0,
+                    rank_steps: Vec::new(),
+                });
+                self.event(index, "job_submitted", &spec.name, format!("{} steps of {}", spec.steps, spec.model));
+                self.replan(index);
+                ok(format!("job {} submitted", spec.name))
+            }
+            Command::CancelJob { reason } => match &mut self.job {
+                Some(j) if !j.state.is_terminal() => {
+                    j.state = JobState::Cancelled;
+                    let name = j.spec.name.clone();
+                    self.event(index, "job_cancelled", &name, reason.clone());
+                    ok(format!("job {name} cancelled"))
+                }
+                Some(j) => no(format!("job {} is already {}", j.spec.name, j.state.as_str())),
+                None => no("no job"),
+            },
+            Command::ReportProgress { worker, epoch, step } => {
+                let Some(j) = &mut self.job else { return no("no job") };
+                if j.state != JobState::Running {
+                    return no(format!("job is {}", j.state.as_str()));
+                }
+                let Some(plan) = &j.plan else { return no("no plan") };
+                if plan.epoch != *epoch {
+                    return no(format!("stale epoch {epoch}; current epoch is {}", plan.epoch));
+                }
+                let Some(rank) = plan.ranks.iter().position(|w| w == worker) else {
+                    return no(format!("worker {worker} has no rank in epoch {epoch}"));
+                };
+                let step = (*step).min(j.spec.steps);
+                j.rank_steps[rank] = j.rank_steps[rank].max(step);
+                let watermark = j.rank_steps.iter().copied().min().unwrap_or(0);
+                j.progress_step = j.progress_step.max(watermark);
+                if j.progress_step >= j.spec.steps {
+                    j.state = JobState::Completed;
+                    let name = j.spec.name.clone();
+                    let steps = j.spec.steps;
+                    self.event(index, "job_completed", &name, format!("all ranks reached step {steps}"));
+                }
+                ok(format!("progress {step}"))
+            }
+            Command::RecordCheckpoint { step, epoch, shards, durable } => {
+                if shards.len() > 65_536 {
+                    return no("too many shards");
+                }
+                if let Some(c) = self.checkpoints.iter_mut().find(|c| c.step == *step && c.epoch == *epoch) {
+                    c.shards = shards.clone();
+                    c.durable |= *durable;
+                } else {
+                    self.checkpoints.push_back(CheckpointInfo {
+                        step: *step,
+                        epoch: *epoch,
+                        shards: shards.clone(),
+                        durable: *durable,
+                    });
+                    while self.checkpoints.len() > self.limits.checkpoints_max {
+                        self.checkpoints.pop_front();
+                    }
+                }
+                if *durable {
+                    self.event(
+                        index,
+                        "checkpoint_durable",
+                        &format!("step {step}"),
+                        format!("{} shards, epoch {epoch}", shards.len()),
+                    );
+                }
+                ok(format!("checkpoint at step {step} recorded"))
+            }
+        }
+    }
+
+    /// Re-run the placement policy after anything that can change it.
+    fn replan(&mut self, index: u64) {
+        let Some(job) = &self.job else { return };
+        if job.state.is_terminal() {
+            return;
+        }
+        let (decision, reason) = place(&job.spec, job.plan.as_ref(), &self.workers);
+        let name = job.spec.name.clone();
+        match decision {
+            PlacementDecision::Keep => {}
+            PlacementDecision::Wait => {
+                let j = self.job.as_mut().expect("checked above");
+                if j.state != JobState::Waiting {
+                    j.state = JobState::Waiting;
+                    self.event(index, "job_waiting", &name, reason);
+                }
+            }
+            PlacementDecision::NewPlan { ranks } => {
+                let j = self.job.as_mut().expect("checked above");
+                let epoch = j.plan.as_ref().map(|p| p.epoch + 1).unwrap_or(1);
+                j.rank_steps = vec![j.progress_step; ranks.len()];
+                j.plan = Some(Plan { epoch, ranks: ranks.clone(), reason: reason.clone() });
+                j.state = JobState::Running;
+                for w in self.workers.values_mut() {
+                    if ranks.contains(&w.id) {
+                        if w.health != WorkerHealth::Healthy {
+                            w.health = WorkerHealth::Healthy;
+                            w.health_reason = format!("rank in epoch {epoch}");
+                        }
+                    } else if matches!(w.health, WorkerHealth::Joining | WorkerHealth::Healthy) {
+                        w.health = WorkerHealth::Spare;
+                        w.health_reason = format!("not needed by epoch {epoch}");
+                    }
+                }
+                self.event(index, "plan", &name, format!("epoch {epoch}: {reason} [{}]", ranks.join(", ")));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use phalanx_proto::{DeviceSpec, JobSpec};
+
+    fn env(id: &str, command: Command) -> Envelope {
+        Envelope { request_id: id.into(), command }
+    }
+
+    fn reg(id: &str) -> Command {
+        Command::RegisterWorker { id: id.into(), address: format!("127.0.0.1:7{id}"), device: DeviceSpec::default() }
+    }
+
+    fn spec() -> JobSpec {
+        crate::jobfile::parse_job_toml(&crate::jobfile::job_template("tiny", 20).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn duplicate_request_id_applies_once() {
+        let mut s = ClusterState::new(StateLimits::default());
+        let a = s.apply(1, &env("r1", Command::SetAnnotation { key: "k".into(), value: "1".into() }));
+        s.apply(2, &env("r2", Command::SetAnnotation { key: "k".into(), value: "2".into() }));
+        let again = s.apply(3, &env("r1", Command::SetAnnotation { key: "k".into(), value: "1".into() }));
+        assert!(again.duplicate);
+        assert_eq!(again.index, 1);
+        assert_eq!(again.outcome, a.outcome);
+        assert_eq!(s.annotations["k"], "2", "the retry must not overwrite the later write");
+    }
+
+    #[test]
+    fn job_lifecycle_replans_on_failure_and_completes() {
+        let mut s = ClusterState::new(StateLimits::default());
+        let mut i = 0;
+        let mut next = || {
+            i += 1;
+            i
+        };
+        for w in ["a", "b", "c"] {
+            s.apply(next(), &env(&format!("reg-{w}"), reg(w)));
+        }
+        let out = s.apply(next(), &env("submit", Command::SubmitJob { spec: spec() }));
+        assert!(out.outcome.is_applied(), "{:?}", out);
+        let job = s.job.clone().unwrap();
+        assert_eq!(job.state, JobState::Running);
+        assert_eq!(job.plan.as_ref().unwrap().ranks, vec!["a", "b", "c"]);
+        // Second submit is rejected while one runs.
+        let again = s.apply(next(), &env("submit2", Command::SubmitJob { spec: spec() }));
+        assert!(!again.outcome.is_applied());
+        s.apply(
+            next(),
+            &env("fail-b", Command::SetWorkerHealth { id: "b".into(), health: WorkerHealth::Failed, reason: "no heartbeat".into() }),
+        );
+        let plan = s.job.as_ref().unwrap().plan.clone().unwrap();
+        assert_eq!(plan.epoch, 2);
+        assert_eq!(plan.ranks, vec!["a", "c"]);
+        // A stale epoch report is rejected.
+        let stale = s.apply(next(), &env("p0", Command::ReportProgress { worker: "a".into(), epoch: 1, step: 5 }));
+        assert!(!stale.outcome.is_applied());
+        s.apply(next(), &env("p1", Command::ReportProgress { worker: "a".into(), epoch: 2, step: 20 }));
+        assert_eq!(s.job.as_ref().unwrap().state, JobState::Running);
+        s.apply(next(), &env("p2", Command::ReportProgress { worker: "c".into(), epoch: 2, step: 20 }));
+        assert_eq!(s.job.as_ref().unwrap().state, JobState::Completed);
+        assert!(s.events.iter().any(|e| e.kind == "worker_failed" && e.reason.contains("no heartbeat")));
+    }
+
+    #[test]
+    fn snapshot_roundtrip_and_bounded_event_log() {
+        let limits = StateLimits { events_max: 5, request_ids_max: 3, ..Default::default() };
+        let mut s = ClusterState::new(limits);
+        for i in 1..=20u64 {
+            s.apply(i, &env(&format!("r{i}"), reg(&format!("w{i}"))));
+        }
+        assert_eq!(s.events.len(), 5);
+        assert_eq!(s.applied_order.len(), 3);
+        let back = ClusterState::restore(&s.snapshot_bytes()).unwrap();
+        assert_eq!(back, s);
+        assert_eq!(back.applied_index, 20);
+        assert!(ClusterState::restore(b"not json").is_err());
+    }
+
+    #[test]
+    fn drain_moves_worker_out_of_plan() {
+        let mut s = ClusterState::new(StateLimits::default());
+        s.apply(1, &env("1", reg("a")));
+        s.apply(2, &env("2", reg("b")));
+        s.apply(3, &env("3", Command::SubmitJob { spec: spec() }));
+        s.apply(4, &env("4", Command::DrainWorker { id: "a".into(), reason: "maintenance".into() }));
+        assert_eq!(s.workers["a"].health, WorkerHealth::Draining);
+        assert_eq!(s.job.as_ref().unwrap().plan.as_ref().unwrap().ranks, vec!["b"]);
+        let unknown = s.apply(5, &env("5", Command::DrainWorker { id: "zz".into(), reason: String::new() }));
+        assert!(!unknown.outcome.is_applied());
+    }
+}

@@ -1,0 +1,297 @@
+//! Wire and state types shared by the controller, its clients and the workers.
+//!
+//! serde types only: no logic, no I/O. The state machine that gives these types their
+//! meaning lives in `phalanx-core`; the Raft node and the HTTP API in `phalanx-controller`.
+
+use serde::{Deserialize, Serialize};
+
+/// A controller (Raft) node id. Raft reserves 0, so ids start at 1.
+pub type NodeId = u64;
+/// A worker's id as the operator sees it, e.g. `w0` or `gpu-3`.
+pub type WorkerId = String;
+
+/// Health of one worker, as recorded in the replicated state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerHealth {
+    /// Registered, not yet placed in a plan.
+    Joining,
+    Healthy,
+    /// Missed heartbeats for longer than the suspect timeout.
+    Suspect,
+    /// Declared dead; it leaves the plan.
+    Failed,
+    /// Leaving gracefully at the operator's request.
+    Draining,
+    /// Kept out of plans (e.g. memory errors, silent data corruption).
+    Quarantined,
+    /// Healthy but not needed by the current plan.
+    Spare,
+}
+
+impl WorkerHealth {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerHealth::Joining => "joining",
+            WorkerHealth::Healthy => "healthy",
+            WorkerHealth::Suspect => "suspect",
+            WorkerHealth::Failed => "failed",
+            WorkerHealth::Draining => "draining",
+            WorkerHealth::Quarantined => "quarantined",
+            WorkerHealth::Spare => "spare",
+        }
+    }
+
+    /// Can this worker be given a rank in a new plan?
+    pub fn placeable(self) -> bool {
+        matches!(self, WorkerHealth::Joining | WorkerHealth::Healthy | WorkerHealth::Spare)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct DeviceSpec {
+    /// `cpu-emulated` or `cuda`.
+    pub kind: String,
+    pub index: u32,
+    pub memory_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    pub id: WorkerId,
+    pub address: String,
+    pub device: DeviceSpec,
+    pub health: WorkerHealth,
+    /// Why the health is what it is (the last decision's reason).
+    pub health_reason: String,
+    /// Raft log index at which the worker registered.
+    pub registered_index: u64,
+}
+
+/// A training job, as written in a job file (TOML) and replicated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    pub name: String,
+    /// Model preset: `tiny`, `small`, `medium`.
+    pub model: String,
+    /// Path of the training corpus (text), or `builtin:shakespeare`-style preset.
+    pub corpus: String,
+    pub steps: u64,
+    pub global_batch: u32,
+    pub seed: u64,
+    pub checkpoint_interval_steps: u64,
+    pub world_size_min: u32,
+    pub world_size_max: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Submitted, waiting for at least `world_size_min` placeable workers.
+    Waiting,
+    Running,
+    Completed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Waiting => "waiting",
+            JobState::Running => "running",
+            JobState::Completed => "completed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobState::Completed | JobState::Cancelled)
+    }
+}
+
+/// One placement: rank `i` runs on `ranks[i]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub epoch: u64,
+    pub ranks: Vec<WorkerId>,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobInfo {
+    pub spec: JobSpec,
+    pub state: JobState,
+    pub plan: Option<Plan>,
+    /// Highest step every rank of the current plan has reported done.
+    pub progress_step: u64,
+    /// Latest step reported per rank of the current plan.
+    pub rank_steps: Vec<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointShard {
+    pub rank: u32,
+    pub path: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointInfo {
+    pub step: u64,
+    pub epoch: u64,
+    pub shards: Vec<CheckpointShard>,
+    pub durable: bool,
+}
+
+/// One decision of the controller, with its reason, in the bounded event log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub seq: u64,
+    /// Raft log index of the command that produced it.
+    pub index: u64,
+    pub kind: String,
+    pub subject: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControllerMember {
+    pub id: NodeId,
+    pub address: String,
+}
+
+/// A replicated command. Every change of the cluster state is one of these.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Command {
+    RegisterWorker { id: WorkerId, address: String, device: DeviceSpec },
+    /// Decided by the leader's failure policy or by an operator.
+    SetWorkerHealth { id: WorkerId, health: WorkerHealth, reason: String },
+    DrainWorker { id: WorkerId, reason: String },
+    SubmitJob { spec: JobSpec },
+    CancelJob { reason: String },
+    ReportProgress { worker: WorkerId, epoch: u64, step: u64 },
+    RecordCheckpoint { step: u64, epoch: u64, shards: Vec<CheckpointShard>, durable: bool },
+    /// A free-form key/value annotation of the cluster (also the register that the
+    /// linearizability test reads and writes).
+    SetAnnotation { key: String, value: String },
+    /// A no-op that orders a read after every write committed before it.
+    ReadBarrier,
+}
+
+/// A command with the client's request id: a retried request id applies once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub request_id: String,
+    pub command: Command,
+}
+
+/// What applying a command did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Outcome {
+    Applied { message: String },
+    /// The command was valid to replicate but the state machine refused it.
+    Rejected { reason: String },
+}
+
+impl Outcome {
+    pub fn is_applied(&self) -> bool {
+        matches!(self, Outcome::Applied { .. })
+    }
+    pub fn message(&self) -> &str {
+        match self {
+            Outcome::Applied { message } => message,
+            Outcome::Rejected { reason } => reason,
+        }
+    }
+}
+
+// ---------------------------------------------------------------- HTTP API bodies
+
+/// `POST /v1/command` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandResponse {
+    pub outcome: Outcome,
+    /// Log index at which it was (first) applied.
+    pub index: u64,
+    /// True when the request id had already been applied and this is the stored outcome.
+    pub duplicate: bool,
+}
+
+/// Every non-2xx answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorResponse {
+    /// Machine-readable: `unauthorized`, `not_leader`, `bad_request`, `timeout`, ...
+    pub error: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader_id: Option<NodeId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader_address: Option<String>,
+}
+
+/// `GET /v1/status`: this node's view.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusResponse {
+    pub node_id: NodeId,
+    /// `leader`, `follower`, `candidate`, `pre_candidate`.
+    pub role: String,
+    /// 0 when this node knows no leader.
+    pub leader_id: NodeId,
+    pub term: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub members: Vec<ControllerMember>,
+    pub workers: Vec<WorkerInfo>,
+    pub job: Option<JobInfo>,
+    pub checkpoints: usize,
+    pub events: usize,
+}
+
+/// `POST /v1/heartbeat` (leader-local, not replicated).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatRequest {
+    pub worker: WorkerId,
+}
+
+/// `GET /v1/assignment/{worker}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub worker: WorkerId,
+    /// None when the worker has no rank in the current plan.
+    pub rank: Option<u32>,
+    pub epoch: u64,
+    pub world_size: u32,
+    /// Addresses of all ranks, in rank order.
+    pub peers: Vec<String>,
+    pub job: Option<JobSpec>,
+    pub job_state: Option<JobState>,
+    /// Step to resume from: the newest durable checkpoint's step (0 if none).
+    pub resume_step: u64,
+}
+
+/// `POST /v1/members` (joint-consensus membership change).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberChange {
+    /// `add` or `remove`.
+    pub action: String,
+    pub id: NodeId,
+    #[serde(default)]
+    pub address: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_json_is_tagged() {
+        let c = Command::DrainWorker { id: "w1".into(), reason: "maint".into() };
+        let s = serde_json::to_string(&c).unwrap();
+        assert!(s.contains("\"type\":\"drain_worker\""), "{s}");
+        let back: Command = serde_json::from_str(&s).unwrap();
+        assert_eq!(back, c);
+    }
+}
