@@ -147,11 +147,15 @@ async fn reduce_mean_inner(
     let k = fixed_point::choose_scale_exp(gmax, total_micro_batches)
         .map_err(|e| CollectiveError::InvalidArgument { reason: format!("reduce_mean: {e}") })?;
     // (c) encode + local exact sum; the extra last slot counts micro-batches
-    let mut sums = vec![0i64; n + 1];
+    let mut sums = std::mem::take(&mut group.scratch_i64);
+    sums.clear();
+    sums.resize(n + 1, 0);
     fixed_point::encode_sum(local_micro_grads, k, &mut sums[..n]);
     sums[n] = local_micro_grads.len() as i64;
     // (d) exact all-reduce
-    group.all_reduce_sum_i64_within(&mut sums, timeout).await?;
+    let r = group.all_reduce_sum_i64_within(&mut sums, timeout).await;
+    let sums = ScratchGuard { group, buf: sums };
+    r?;
     if sums[n] != total_micro_batches as i64 {
         return Err(CollectiveError::InvalidArgument {
             reason: format!(
@@ -164,4 +168,23 @@ async fn reduce_mean_inner(
     fixed_point::decode(&sums[..n], k, total_micro_batches, out);
     tracing::debug!(k, gmax, "reduce_mean done");
     Ok(())
+}
+
+/// Gives the scratch buffer back to the group when dropped.
+struct ScratchGuard<'a> {
+    group: &'a mut Group,
+    buf: Vec<i64>,
+}
+
+impl std::ops::Deref for ScratchGuard<'_> {
+    type Target = [i64];
+    fn deref(&self) -> &[i64] {
+        &self.buf
+    }
+}
+
+impl Drop for ScratchGuard<'_> {
+    fn drop(&mut self) {
+        self.group.scratch_i64 = std::mem::take(&mut self.buf);
+    }
 }

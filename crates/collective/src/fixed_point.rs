@@ -94,10 +94,15 @@ pub fn pow2(k: i32) -> f64 {
     f64::from_bits(((k + 1023) as u64) << 52)
 }
 
-/// Encode one value.
+/// Encode one value: `round(g * scale)` with ties away from zero (like
+/// `f64::round`, but branch-free and without a libm call, so it vectorizes).
+/// Valid for `|g * scale| < 2^63`, which [`choose_scale_exp`] guarantees.
 #[inline]
 pub fn encode_one(g: f32, scale: f64) -> i64 {
-    (g as f64 * scale).round() as i64
+    let x = g as f64 * scale;
+    let i = x as i64; // truncation toward zero
+    let frac = x - i as f64; // exact: |x| < 2^63 and x, i share sign and integer part
+    i + i64::from(frac >= 0.5) - i64::from(frac <= -0.5)
 }
 
 /// `out[i] += sum over micro-batches of round(g[i] * 2^k)` (wrapping, though
@@ -174,6 +179,21 @@ mod tests {
         for i in 0..100 {
             let r = (a[i] as f64 + b[i] as f64 + c[i] as f64) / 3.0;
             assert!((out[i] as f64 - r).abs() <= 1e-6 * r.abs() + 1e-15, "{i}: {} vs {r}", out[i]);
+        }
+    }
+
+    #[test]
+    fn encode_one_matches_round() {
+        let scale = pow2(20);
+        for &g in &[0.0f32, -0.0, 1.0, -1.0, 0.5e-6, 1.5 / (1 << 20) as f32, -2.5 / (1 << 20) as f32, 0.49999997, 3.3e-7, -7.77e-7, 123.456] {
+            assert_eq!(encode_one(g, scale), (g as f64 * scale).round() as i64, "{g}");
+        }
+        let mut s = 1u32;
+        for _ in 0..100_000 {
+            s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+            let g = f32::from_bits(s & 0xbfff_ffff); // finite, |g| < 2
+            let sc = pow2(40);
+            assert_eq!(encode_one(g, sc), (g as f64 * sc).round() as i64, "{g}");
         }
     }
 

@@ -269,6 +269,8 @@ pub struct Group {
     tx: Option<TxLink>,
     rx: Option<RxLink>,
     broken: Option<String>,
+    /// Reusable i64 buffer for [`crate::deterministic`] (avoids page faults).
+    pub(crate) scratch_i64: Vec<i64>,
 }
 
 impl std::fmt::Debug for Group {
@@ -289,7 +291,7 @@ impl Group {
         let (rank, world) = (cfg.rank, cfg.world);
         let span = tracing::debug_span!("rendezvous", rank, world);
         if world == 1 {
-            return Ok(Group { cfg, tx: None, rx: None, broken: None });
+            return Ok(Group { cfg, tx: None, rx: None, broken: None, scratch_i64: Vec::new() });
         }
         let dl = Deadline::after(cfg.rendezvous_timeout);
         let right = Peer { rank: (rank + 1) % world, addr: cfg.peers[(rank + 1) % world] };
@@ -310,6 +312,7 @@ impl Group {
             rx: Some(RxLink { stream: rx, peer: left, seq: 0, buf: Vec::new(), frame_bytes_max: fmax }),
             cfg,
             broken: None,
+            scratch_i64: Vec::new(),
         })
     }
 
@@ -359,11 +362,11 @@ impl Group {
 
     /// Ring all-reduce: reduce-scatter then all-gather, each step sending one
     /// segment to the right while receiving another from the left, chunked.
-    async fn ring_all_reduce<T: Elem>(
+    async fn ring_all_reduce<T: Elem, F: Fn(T, T) -> T + Copy>(
         &mut self,
         op: &'static str,
         data: &mut [T],
-        combine: fn(T, T) -> T,
+        combine: F,
         timeout: Duration,
     ) -> Result<()> {
         self.check_usable()?;
@@ -391,7 +394,7 @@ impl Group {
                 let send = segment((rank + 1 + n - s) % n, n, len);
                 let recv = segment((rank + n - s) % n, n, len);
                 let (sd, rd) = split_two(data, send, recv);
-                ring_step(tx, rx, sd, rd, chunk, None, op, dl).await?;
+                ring_step::<T, F>(tx, rx, sd, rd, chunk, None, op, dl).await?;
             }
             Ok(())
         }
@@ -558,13 +561,13 @@ impl Group {
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn ring_step<T: Elem>(
+async fn ring_step<T: Elem, F: Fn(T, T) -> T + Copy>(
     tx: &mut TxLink,
     rx: &mut RxLink,
     send: &[T],
     recv: &mut [T],
     chunk: usize,
-    combine: Option<fn(T, T) -> T>,
+    combine: Option<F>,
     op: &'static str,
     dl: Deadline,
 ) -> Result<()> {

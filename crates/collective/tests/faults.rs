@@ -88,13 +88,21 @@ fn killed_real_peer_errors_everywhere_within_timeout() {
         })
         .collect();
     let res: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-    let (e0, t0) = res[0].as_ref().unwrap();
-    // rank 0 reads from rank 2
-    assert!(matches!(e0, CollectiveError::PeerClosed { peer_rank: 2, .. } | CollectiveError::Io { peer_rank: 2, .. }), "{e0:?}");
-    assert!(*t0 < Duration::from_secs(3));
-    let (e1, t1) = res[1].as_ref().unwrap();
-    assert!(e1.peer_rank().is_some(), "{e1:?}");
-    assert!(*t1 < Duration::from_millis(3500));
+    // rank 0 reads from rank 2 and rank 1 writes to rank 2; a rank that fails
+    // closes its links, so the other may instead see its neighbour go away.
+    // Either way: typed errors naming a peer, well before the op timeout, and
+    // at least one names the dead rank.
+    let mut named_dead = false;
+    for (rank, r) in res[..2].iter().enumerate() {
+        let (e, t) = r.as_ref().unwrap();
+        assert!(
+            matches!(e, CollectiveError::PeerClosed { .. } | CollectiveError::Io { .. }),
+            "rank {rank}: {e:?}"
+        );
+        named_dead |= e.peer_rank() == Some(2);
+        assert!(*t < Duration::from_secs(3), "rank {rank} took {t:?}");
+    }
+    assert!(named_dead, "{res:?}");
 }
 
 #[test]
