@@ -1,0 +1,8 @@
+//! The Raft-replicated controller: raft-rs `RawNode` over sled storage, the TCP peer
+//! transport and the HTTP/JSON API. This crate is the I/O shell around `phalanx-core`.
+
+pub mod node;
+pub mod storage;
+
+pub use node::{Replica, ReplicaConfig, ReadyOutput, NodeError};
+pub use storage::{SledStorage, StorageError};

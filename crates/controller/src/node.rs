@@ -1,0 +1,366 @@
+//! One raft replica: `RawNode` over `SledStorage`, plus the state machine.
+//!
+//! No sockets and no clock here: the caller ticks it, steps it with messages, and sends the
+//! messages that `on_ready` returns. The in-memory test harness and the TCP shell both drive
+//! this same type.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use phalanx_core::{Applied, ClusterState, StateLimits};
+use phalanx_proto::{Envelope, NodeId};
+use protobuf::Message as PbMessage;
+use raft::prelude::{
+    ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, Entry, EntryType, Message,
+};
+use raft::{Config, RawNode, StateRole};
+use thiserror::Error;
+use tracing::{debug, info, info_span, warn};
+
+use crate::storage::{SledStorage, StorageError};
+
+#[derive(Debug, Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("raft: {0}")]
+    Raft(#[from] raft::Error),
+    #[error("state snapshot: {0}")]
+    Snapshot(#[from] phalanx_core::SnapshotError),
+    #[error("invalid config: {0}")]
+    Config(String),
+}
+
+/// Raft timing and log-compaction settings of one replica.
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    pub id: NodeId,
+    /// Ticks without a leader before a follower campaigns.
+    pub election_tick: usize,
+    /// Upper bound (exclusive) of the randomised election timeout, in ticks. raft-rs draws
+    /// the timeout from `[election_tick, election_tick_max)` with an unseeded RNG, so the
+    /// deterministic harness sets `election_tick_max = election_tick + 1`.
+    pub election_tick_max: usize,
+    pub heartbeat_tick: usize,
+    /// Take a state-machine snapshot and compact the log every this many applied entries.
+    pub snapshot_entries: u64,
+    pub limits: StateLimits,
+}
+
+impl ReplicaConfig {
+    pub fn new(id: NodeId) -> Self {
+        ReplicaConfig {
+            id,
+            election_tick: 10,
+            election_tick_max: 20,
+            heartbeat_tick: 2,
+            snapshot_entries: 1_000,
+            limits: StateLimits::default(),
+        }
+    }
+}
+
+/// A committed entry that carried a client command.
+#[derive(Debug, Clone)]
+pub struct AppliedCommand {
+    pub index: u64,
+    pub request_id: String,
+    pub applied: Applied,
+}
+
+/// What one `on_ready` round produced.
+#[derive(Debug, Default)]
+pub struct ReadyOutput {
+    /// Send these to their `to` peer.
+    pub messages: Vec<Message>,
+    pub applied: Vec<AppliedCommand>,
+    /// A conf change was applied: the new voter set.
+    pub members_changed: bool,
+    pub snapshot_installed: bool,
+}
+
+/// Counters for telemetry (`/v1/metrics`).
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct Counters {
+    pub proposals: u64,
+    pub commits: u64,
+    pub elections_won: u64,
+    pub snapshots_taken: u64,
+    pub snapshots_installed: u64,
+    pub fsyncs: u64,
+}
+
+pub struct Replica {
+    pub raw: RawNode<SledStorage>,
+    pub state: ClusterState,
+    cfg: ReplicaConfig,
+    /// Addresses of controllers, from the CLI's `--peers` and from conf change contexts.
+    pub addresses: BTreeMap<NodeId, String>,
+    pub counters: Counters,
+    last_role: StateRole,
+}
+
+/// Route raft-rs's slog records into `tracing`.
+pub fn raft_logger() -> slog::Logger {
+    use slog::Drain;
+    let drain = tracing_slog::TracingSlogDrain;
+    slog::Logger::root(drain.fuse(), slog::o!())
+}
+
+impl Replica {
+    /// Open (or create) the replica stored in `dir`. `initial_voters` bootstraps a brand-new
+    /// member of the initial cluster; a node that joins later passes an empty slice and waits
+    /// for the leader to send it a snapshot.
+    pub fn open(
+        dir: &Path,
+        cfg: ReplicaConfig,
+        initial_voters: &[NodeId],
+        addresses: BTreeMap<NodeId, String>,
+    ) -> Result<Self, NodeError> {
+        let mut store = SledStorage::open(dir)?;
+        if !store.is_initialized() && !initial_voters.is_empty() {
+            store.initialize(initial_voters)?;
+        }
+        let snap = store.current_snapshot().clone();
+        let state = if snap.data.is_empty() {
+            ClusterState::new(cfg.limits)
+        } else {
+            ClusterState::restore(&snap.data)?
+        };
+        let raft_cfg = Config {
+            id: cfg.id,
+            election_tick: cfg.election_tick,
+            min_election_tick: cfg.election_tick,
+            max_election_tick: cfg.election_tick_max,
+            heartbeat_tick: cfg.heartbeat_tick,
+            // The state machine is rebuilt from the snapshot, so replay starts after it.
+            applied: store.applied(),
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            check_quorum: true,
+            pre_vote: true,
+            ..Default::default()
+        };
+        raft_cfg.validate().map_err(|e| NodeError::Config(e.to_string()))?;
+        let raw = RawNode::new(&raft_cfg, store, &raft_logger())?;
+        let mut addresses = addresses;
+        for m in &state.members {
+            if !m.address.is_empty() {
+                addresses.entry(m.id).or_insert_with(|| m.address.clone());
+            }
+        }
+        Ok(Replica { raw, state, cfg, addresses, counters: Counters::default(), last_role: StateRole::Follower })
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.cfg.id
+    }
+    pub fn is_leader(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader
+    }
+    pub fn leader_id(&self) -> NodeId {
+        self.raw.raft.leader_id
+    }
+    pub fn term(&self) -> u64 {
+        self.raw.raft.term
+    }
+    pub fn commit_index(&self) -> u64 {
+        self.raw.raft.raft_log.committed
+    }
+    pub fn applied_index(&self) -> u64 {
+        self.state.applied_index
+    }
+    pub fn voters(&self) -> Vec<NodeId> {
+        let mut v: Vec<NodeId> = self.raw.store().conf_state().voters.clone();
+        v.sort_unstable();
+        v
+    }
+    pub fn role(&self) -> &'static str {
+        match self.raw.raft.state {
+            StateRole::Leader => "leader",
+            StateRole::Follower => "follower",
+            StateRole::Candidate => "candidate",
+            StateRole::PreCandidate => "pre_candidate",
+        }
+    }
+
+    pub fn tick(&mut self) {
+        self.raw.tick();
+    }
+
+    pub fn step(&mut self, msg: Message) -> Result<(), NodeError> {
+        match self.raw.step(msg) {
+            Ok(()) => Ok(()),
+            // Messages from removed or unknown peers are dropped, not fatal.
+            Err(raft::Error::StepPeerNotFound) | Err(raft::Error::StepLocalMsg) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub fn propose(&mut self, env: &Envelope) -> Result<(), NodeError> {
+        let data = serde_json::to_vec(env).unwrap_or_default();
+        self.raw.propose(Vec::new(), data)?;
+        self.counters.proposals += 1;
+        Ok(())
+    }
+
+    /// Add or remove a voter through joint consensus (ConfChangeV2, left automatically).
+    pub fn propose_member_change(&mut self, add: bool, id: NodeId, address: &str) -> Result<(), NodeError> {
+        let mut single = ConfChangeSingle::default();
+        single.node_id = id;
+        single.set_change_type(if add { ConfChangeType::AddNode } else { ConfChangeType::RemoveNode });
+        let mut cc = ConfChangeV2::default();
+        cc.set_changes(vec![single].into());
+        cc.set_transition(ConfChangeTransition::Implicit);
+        let ctx: BTreeMap<NodeId, String> =
+            if add { [(id, address.to_string())].into_iter().collect() } else { BTreeMap::new() };
+        cc.set_context(serde_json::to_vec(&ctx).unwrap_or_default().into());
+        self.raw.propose_conf_change(Vec::new(), cc)?;
+        self.counters.proposals += 1;
+        Ok(())
+    }
+
+    /// Process one Ready, in the order raft-rs documents: send leader messages, install a
+    /// snapshot, apply committed entries, persist entries and hard state (fsync), then send
+    /// the messages that must follow persistence, advance, and apply what became committed.
+    pub fn on_ready(&mut self) -> Result<ReadyOutput, NodeError> {
+        let mut out = ReadyOutput::default();
+        if !self.raw.has_ready() {
+            return Ok(out);
+        }
+        let span = info_span!("ready", node = self.cfg.id);
+        let _g = span.enter();
+        let mut rd = self.raw.ready();
+        if let Some(ss) = rd.ss() {
+            if ss.raft_state == StateRole::Leader && self.last_role != StateRole::Leader {
+                self.counters.elections_won += 1;
+                info!(term = self.raw.raft.term, "became leader");
+            }
+            self.last_role = ss.raft_state;
+        }
+        out.messages.extend(rd.take_messages());
+
+        if !rd.snapshot().is_empty() {
+            let snap = rd.snapshot().clone();
+            let index = snap.get_metadata().index;
+            self.state = ClusterState::restore(&snap.data)?;
+            self.state.note_index(index);
+            self.raw.mut_store().apply_snapshot(&snap)?;
+            for m in &self.state.members {
+                if !m.address.is_empty() {
+                    self.addresses.insert(m.id, m.address.clone());
+                }
+            }
+            self.counters.snapshots_installed += 1;
+            out.snapshot_installed = true;
+            out.members_changed = true;
+            info!(index, "installed snapshot from leader");
+        }
+
+        let committed = rd.take_committed_entries();
+        self.apply_entries(committed, &mut out)?;
+
+        let hs = rd.hs().cloned();
+        if !rd.entries().is_empty() || hs.is_some() {
+            self.raw.mut_store().append(rd.entries(), hs.as_ref())?;
+        }
+        if rd.must_sync() || !rd.entries().is_empty() || hs.is_some() || out.snapshot_installed {
+            self.raw.mut_store().sync()?;
+            self.counters.fsyncs += 1;
+        }
+        out.messages.extend(rd.take_persisted_messages());
+
+        let mut light = self.raw.advance(rd);
+        if let Some(commit) = light.commit_index() {
+            self.raw.mut_store().set_commit(commit)?;
+        }
+        out.messages.extend(light.take_messages());
+        let committed = light.take_committed_entries();
+        self.apply_entries(committed, &mut out)?;
+        self.raw.advance_apply();
+        self.maybe_compact()?;
+        Ok(out)
+    }
+
+    fn apply_entries(&mut self, entries: Vec<Entry>, out: &mut ReadyOutput) -> Result<(), NodeError> {
+        for e in entries {
+            self.counters.commits += 1;
+            match e.get_entry_type() {
+                EntryType::EntryNormal => {
+                    if e.data.is_empty() {
+                        self.state.note_index(e.index);
+                        continue;
+                    }
+                    match serde_json::from_slice::<Envelope>(&e.data) {
+                        Ok(env) => {
+                            let applied = self.state.apply(e.index, &env);
+                            debug!(index = e.index, request_id = %env.request_id, "applied");
+                            out.applied.push(AppliedCommand { index: e.index, request_id: env.request_id, applied });
+                        }
+                        Err(err) => {
+                            // Only this node's API proposes, after decoding; keep going.
+                            warn!(index = e.index, %err, "undecodable entry skipped");
+                            self.state.note_index(e.index);
+                        }
+                    }
+                }
+                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    let cc: ConfChangeV2 = if e.get_entry_type() == EntryType::EntryConfChangeV2 {
+                        ConfChangeV2::parse_from_bytes(&e.data).map_err(raft::Error::CodecError)?
+                    } else {
+                        // Legacy v1 change (never proposed by us): convert by hand.
+                        let v1 = raft::prelude::ConfChange::parse_from_bytes(&e.data)
+                            .map_err(raft::Error::CodecError)?;
+                        let mut single = ConfChangeSingle::default();
+                        single.node_id = v1.node_id;
+                        single.set_change_type(v1.get_change_type());
+                        let mut v2 = ConfChangeV2::default();
+                        v2.set_changes(vec![single].into());
+                        v2.set_context(v1.context.clone());
+                        v2
+                    };
+                    let ctx: BTreeMap<NodeId, String> = serde_json::from_slice(&cc.context).unwrap_or_default();
+                    for (id, addr) in &ctx {
+                        self.addresses.insert(*id, addr.clone());
+                    }
+                    let cs = self.raw.apply_conf_change(&cc)?;
+                    self.raw.mut_store().set_conf_state(cs.clone())?;
+                    let voters = cs.voters.clone();
+                    let addrs = self.addresses.clone();
+                    self.state.set_members(e.index, &voters, &addrs);
+                    out.members_changed = true;
+                    // A new node starts with an empty conf state: raft-rs can neither apply a
+                    // joint change on a zero-voter config nor restore a snapshot whose conf
+                    // state lacks it. So snapshot right after every membership change; the
+                    // leader then catches the new node up with a snapshot that includes it.
+                    self.compact_now()?;
+                    info!(index = e.index, voters = ?cs.voters, outgoing = ?cs.voters_outgoing, "conf change applied");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn maybe_compact(&mut self) -> Result<(), NodeError> {
+        let snap_index = self.raw.store().current_snapshot().get_metadata().index;
+        if self.state.applied_index >= snap_index + self.cfg.snapshot_entries {
+            self.compact_now()?;
+        }
+        Ok(())
+    }
+
+    /// Snapshot the state machine at the applied index and drop the log before it.
+    pub fn compact_now(&mut self) -> Result<(), NodeError> {
+        let applied = self.state.applied_index;
+        let snap_index = self.raw.store().current_snapshot().get_metadata().index;
+        if applied > snap_index && applied <= self.raw.store().last_index_cached() {
+            let data = self.state.snapshot_bytes();
+            self.raw.mut_store().compact(applied, data)?;
+            self.raw.mut_store().sync()?;
+            self.counters.snapshots_taken += 1;
+            self.counters.fsyncs += 1;
+            info!(index = applied, "log compacted behind a state snapshot");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,286 @@
+//! Deterministic in-memory network harness for the controller's raft replicas.
+//!
+//! Ticks by hand; links can be cut, nodes isolated, and everything healed. Each node gets a
+//! fixed election timeout (raft-rs's randomised range is one value wide), so every run
+//! elects the same leader in the same term. Storage is real sled in temp dirs.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use phalanx_controller::{Replica, ReplicaConfig};
+use phalanx_proto::{Command, Envelope, NodeId};
+use raft::prelude::Message;
+use tempfile::TempDir;
+
+struct Net {
+    nodes: BTreeMap<NodeId, Replica>,
+    dirs: BTreeMap<NodeId, TempDir>,
+    cut: BTreeSet<(NodeId, NodeId)>,
+    isolated: BTreeSet<NodeId>,
+    queue: VecDeque<Message>,
+    snapshot_entries: u64,
+}
+
+fn cfg(id: NodeId, snapshot_entries: u64) -> ReplicaConfig {
+    let mut c = ReplicaConfig::new(id);
+    c.election_tick = 10 + 3 * id as usize;
+    c.election_tick_max = c.election_tick + 1;
+    c.heartbeat_tick = 2;
+    c.snapshot_entries = snapshot_entries;
+    c
+}
+
+impl Net {
+    fn new(n: u64, snapshot_entries: u64) -> Net {
+        let voters: Vec<NodeId> = (1..=n).collect();
+        let mut net = Net {
+            nodes: BTreeMap::new(),
+            dirs: BTreeMap::new(),
+            cut: BTreeSet::new(),
+            isolated: BTreeSet::new(),
+            queue: VecDeque::new(),
+            snapshot_entries,
+        };
+        for id in 1..=n {
+            let dir = tempfile::tempdir().unwrap();
+            let r = Replica::open(dir.path(), cfg(id, snapshot_entries), &voters, BTreeMap::new()).unwrap();
+            net.nodes.insert(id, r);
+            net.dirs.insert(id, dir);
+        }
+        net
+    }
+
+    /// A brand-new node with empty storage that waits to be added.
+    fn add_empty(&mut self, id: NodeId) {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Replica::open(dir.path(), cfg(id, self.snapshot_entries), &[], BTreeMap::new()).unwrap();
+        self.nodes.insert(id, r);
+        self.dirs.insert(id, dir);
+    }
+
+    /// Close a node and open it again from its directory (a crash and restart).
+    fn restart(&mut self, id: NodeId) {
+        let voters: Vec<NodeId> = Vec::new();
+        self.nodes.remove(&id);
+        let dir = self.dirs[&id].path().to_path_buf();
+        let r = Replica::open(&dir, cfg(id, self.snapshot_entries), &voters, BTreeMap::new()).unwrap();
+        self.nodes.insert(id, r);
+    }
+
+    fn link_ok(&self, from: NodeId, to: NodeId) -> bool {
+        !self.isolated.contains(&from)
+            && !self.isolated.contains(&to)
+            && !self.cut.contains(&(from, to))
+            && !self.cut.contains(&(to, from))
+    }
+
+    /// Deliver messages until the network is quiet.
+    fn settle(&mut self) {
+        for _ in 0..10_000 {
+            let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+            for id in ids {
+                let out = self.nodes.get_mut(&id).unwrap().on_ready().unwrap();
+                self.queue.extend(out.messages);
+            }
+            let Some(m) = self.queue.pop_front() else {
+                if self.nodes.values().all(|n| !n.raw.has_ready()) {
+                    return;
+                }
+                continue;
+            };
+            if self.link_ok(m.from, m.to) {
+                if let Some(n) = self.nodes.get_mut(&m.to) {
+                    n.step(m).unwrap();
+                }
+            }
+        }
+        panic!("network did not settle");
+    }
+
+    fn tick(&mut self, ticks: usize) {
+        for _ in 0..ticks {
+            for n in self.nodes.values_mut() {
+                n.tick();
+            }
+            self.settle();
+        }
+    }
+
+    fn leader(&self) -> Option<NodeId> {
+        let leaders: Vec<NodeId> =
+            self.nodes.iter().filter(|(_, n)| n.is_leader()).map(|(id, _)| *id).collect();
+        // Several may think they lead (an isolated old leader); the highest term wins.
+        leaders.into_iter().max_by_key(|id| self.nodes[id].term())
+    }
+
+    fn elect(&mut self) -> NodeId {
+        for _ in 0..200 {
+            self.tick(1);
+            if let Some(l) = self.leader() {
+                if !self.isolated.contains(&l) {
+                    return l;
+                }
+            }
+        }
+        panic!("no leader elected");
+    }
+
+    fn put(&mut self, on: NodeId, rid: &str, key: &str, value: &str) {
+        let env = Envelope {
+            request_id: rid.into(),
+            command: Command::SetAnnotation { key: key.into(), value: value.into() },
+        };
+        self.nodes.get_mut(&on).unwrap().propose(&env).unwrap();
+        self.settle();
+    }
+
+    fn value(&self, on: NodeId, key: &str) -> Option<String> {
+        self.nodes[&on].state.annotations.get(key).cloned()
+    }
+}
+
+#[test]
+fn election_elects_one_leader_all_agree() {
+    let mut net = Net::new(3, 1_000);
+    let l = net.elect();
+    assert_eq!(l, 1, "node 1 has the shortest fixed election timeout");
+    net.tick(5);
+    let term = net.nodes[&l].term();
+    for n in net.nodes.values() {
+        assert_eq!(n.leader_id(), l);
+        assert_eq!(n.term(), term);
+    }
+    assert_eq!(net.nodes[&l].counters.elections_won, 1);
+}
+
+#[test]
+fn partitioned_minority_cannot_commit_and_healed_node_catches_up() {
+    let mut net = Net::new(3, 1_000);
+    let old = net.elect();
+    net.put(old, "r0", "k", "before");
+    assert_eq!(net.value(3, "k").as_deref(), Some("before"));
+
+    net.isolated.insert(old);
+    let old_commit = net.nodes[&old].commit_index();
+    // The isolated leader accepts the proposal into its log but can never commit it.
+    net.put(old, "r-minority", "k", "minority");
+    net.tick(60);
+    assert_eq!(net.nodes[&old].commit_index(), old_commit, "minority committed");
+    assert_eq!(net.value(old, "k").as_deref(), Some("before"));
+    assert!(!net.nodes[&old].is_leader(), "check_quorum must step the isolated leader down");
+
+    let new = net.elect();
+    assert_ne!(new, old);
+    net.put(new, "r1", "k", "majority");
+    for id in [1, 2, 3].into_iter().filter(|i| *i != old) {
+        assert_eq!(net.value(id, "k").as_deref(), Some("majority"));
+    }
+
+    net.isolated.clear();
+    net.tick(30);
+    assert_eq!(net.value(old, "k").as_deref(), Some("majority"), "healed node caught up");
+    assert_eq!(net.nodes[&old].applied_index(), net.nodes[&new].applied_index());
+    assert_eq!(net.nodes[&old].state, net.nodes[&new].state);
+}
+
+#[test]
+fn cut_link_between_followers_still_commits() {
+    let mut net = Net::new(3, 1_000);
+    let l = net.elect();
+    let others: Vec<NodeId> = (1..=3).filter(|i| *i != l).collect();
+    net.cut.insert((others[0], others[1]));
+    net.put(l, "r", "k", "v");
+    net.tick(5);
+    for id in 1..=3 {
+        assert_eq!(net.value(id, "k").as_deref(), Some("v"));
+    }
+}
+
+#[test]
+fn lagging_node_is_brought_back_by_snapshot() {
+    let mut net = Net::new(3, 5);
+    let l = net.elect();
+    let lagger = (1..=3).find(|i| *i != l).unwrap();
+    net.isolated.insert(lagger);
+    for i in 0..30 {
+        net.put(l, &format!("r{i}"), &format!("k{i}"), &format!("v{i}"));
+    }
+    net.tick(3);
+    let leader_first = net.nodes[&l].raw.store().first_index_cached();
+    assert!(leader_first > 2, "leader compacted its log (first index {leader_first})");
+    assert!(net.nodes[&l].counters.snapshots_taken >= 1);
+    net.isolated.clear();
+    net.tick(30);
+    let n = &net.nodes[&lagger];
+    assert!(n.counters.snapshots_installed >= 1, "the lagging node must install a snapshot");
+    assert_eq!(net.value(lagger, "k29").as_deref(), Some("v29"));
+    assert_eq!(n.state, net.nodes[&l].state);
+
+    // And it survives a restart from disk with the installed snapshot.
+    net.restart(lagger);
+    net.tick(10);
+    assert_eq!(net.value(lagger, "k0").as_deref(), Some("v0"));
+    assert_eq!(net.value(lagger, "k29").as_deref(), Some("v29"));
+}
+
+#[test]
+fn membership_change_adds_and_removes_through_joint_consensus() {
+    let mut net = Net::new(3, 1_000);
+    let l = net.elect();
+    net.put(l, "r0", "k", "v0");
+    net.add_empty(4);
+    net.nodes.get_mut(&l).unwrap().propose_member_change(true, 4, "127.0.0.1:9004").unwrap();
+    net.tick(20);
+    for n in net.nodes.values() {
+        assert_eq!(n.voters(), vec![1, 2, 3, 4], "node {} voters", n.id());
+        assert!(n.raw.store().conf_state().voters_outgoing.is_empty(), "joint state was left");
+    }
+    assert_eq!(net.value(4, "k").as_deref(), Some("v0"), "new node caught up");
+    assert_eq!(net.nodes[&4].state.members.len(), 4);
+    assert_eq!(net.nodes[&4].addresses.get(&4).map(String::as_str), Some("127.0.0.1:9004"));
+
+    // Remove a follower; with it gone, the other three still commit.
+    let victim = (1..=3).find(|i| *i != l).unwrap();
+    net.nodes.get_mut(&l).unwrap().propose_member_change(false, victim, "").unwrap();
+    net.tick(20);
+    let expect: Vec<NodeId> = (1..=4).filter(|i| *i != victim).collect();
+    assert_eq!(net.nodes[&l].voters(), expect);
+    net.isolated.insert(victim);
+    net.put(l, "r1", "k", "v1");
+    for id in &expect {
+        assert_eq!(net.value(*id, "k").as_deref(), Some("v1"));
+    }
+}
+
+#[test]
+fn duplicate_request_id_applies_once_even_across_leaders() {
+    let mut net = Net::new(3, 1_000);
+    let l = net.elect();
+    net.put(l, "req-1", "k", "first");
+    net.put(l, "req-2", "k", "second");
+    // A client that timed out retries req-1 on another leader.
+    net.isolated.insert(l);
+    let l2 = net.elect();
+    net.put(l2, "req-1", "k", "first");
+    assert_eq!(net.value(l2, "k").as_deref(), Some("second"), "the retry must not apply again");
+    let (first_index, _) = net.nodes[&l2].state.lookup_request("req-1").unwrap();
+    assert!(first_index < net.nodes[&l2].applied_index());
+}
+
+#[test]
+fn full_restart_keeps_committed_state() {
+    let mut net = Net::new(3, 4);
+    let l = net.elect();
+    for i in 0..10 {
+        net.put(l, &format!("r{i}"), &format!("k{i}"), "v");
+    }
+    net.tick(2);
+    let before = net.nodes[&l].state.clone();
+    for id in 1..=3 {
+        net.restart(id);
+    }
+    net.elect();
+    net.tick(10);
+    for id in 1..=3 {
+        assert_eq!(net.nodes[&id].state.annotations, before.annotations, "node {id}");
+    }
+}
