@@ -89,8 +89,11 @@ fn bit_identical_across_distributions_and_worlds() {
         let tol = max * M as f64 * 2f64.powi(-60) + r.abs() * 2f64.powi(-23);
         assert!((single[i] as f64 - r).abs() <= tol, "elem {i}: {} vs {r}", single[i]);
     }
-    // and the plain f32 ring does differ from it for some distribution (sanity:
-    // the test data is sensitive to order)
+    // sanity: the data is order-sensitive for plain f32 summation, so the
+    // bit-identity above is not an accident of benign inputs
+    let fwd: Vec<u32> = (0..LEN).map(|i| grads.iter().map(|g| g[i]).sum::<f32>().to_bits()).collect();
+    let rev: Vec<u32> = (0..LEN).map(|i| grads.iter().rev().map(|g| g[i]).sum::<f32>().to_bits()).collect();
+    assert_ne!(fwd, rev, "test data should make f32 summation order-dependent");
 }
 
 #[test]
