@@ -1,1 +1,78 @@
-fn main() {}
+//! `phalanx`: the operator and training CLI. The only crate that knows clap.
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+mod bench;
+mod train;
+
+#[derive(Parser, Debug)]
+#[command(name = "phalanx", version, about = "Fault-tolerant, deterministic GPT training across (emulated) GPUs")]
+#[command(propagate_version = true)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Log filter (tracing EnvFilter syntax); `RUST_LOG` overrides it.
+    #[arg(long, global = true, default_value = "warn,phalanx=info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train a GPT with N local worker processes (emulated GPUs), deterministically.
+    Train(train::TrainCmd),
+    /// Run or manage one worker (one GPU).
+    #[command(subcommand)]
+    Worker(WorkerCmd),
+    /// List the GPU models that can be emulated and the CUDA devices present.
+    Devices(train::DevicesCmd),
+    /// Benchmarks (see docs/benchmarks.md).
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum WorkerCmd {
+    /// Run one data-parallel worker: rank R of a world of N, with explicit peers or the
+    /// stdio rendezvous used by `phalanx train`.
+    Run(train::WorkerRunCmd),
+}
+
+fn init_tracing(format: LogFormat, filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format, &cli.log);
+    let json_logs = matches!(cli.log_format, LogFormat::Json);
+    let res = match cli.command {
+        Command::Train(c) => train::train(c, json_logs),
+        Command::Worker(WorkerCmd::Run(c)) => train::worker_run(c),
+        Command::Devices(c) => train::devices(c),
+        Command::Bench(c) => bench::run(c),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

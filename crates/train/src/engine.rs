@@ -82,6 +82,12 @@ impl Engine {
         Ok(Self { spec, model, sampler, train, val, params, decay, opt })
     }
 
+    /// Inputs and targets of training micro-batch `micro` of `step`.
+    pub fn train_batch(&self, step: u64, micro: usize) -> Result<(Tensor, Tensor), TrainError> {
+        let offsets = self.sampler.micro_offsets(step, micro, self.train.len());
+        self.batch(&self.train, &offsets)
+    }
+
     fn batch(&self, data: &[u8], offsets: &[usize]) -> Result<(Tensor, Tensor), TrainError> {
         let t = self.spec.model.ctx_len as usize;
         let mut x = Vec::with_capacity(offsets.len() * t);
@@ -101,8 +107,7 @@ impl Engine {
     /// Forward and backward of micro-batch `micro` of `step`; writes its gradient (of the
     /// micro-batch's mean loss) into `grad` and returns the loss.
     pub fn micro_grad(&self, step: u64, micro: usize, grad: &mut [f32]) -> Result<f64, TrainError> {
-        let offsets = self.sampler.micro_offsets(step, micro, self.train.len());
-        let (x, y) = self.batch(&self.train, &offsets)?;
+        let (x, y) = self.train_batch(step, micro)?;
         let loss = self.model.loss(&x, &y)?;
         loss.f_backward()?;
         self.model.take_grads(grad)?;

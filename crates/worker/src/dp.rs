@@ -54,6 +54,7 @@ pub fn train(
     let mine = assign(m_total, world, rank);
     let n = engine.params.len();
     let mut bufs: Vec<Vec<f32>> = mine.clone().map(|_| vec![0f32; n]).collect();
+    let mut mean = vec![0f32; n];
     let mut losses = Vec::with_capacity(engine.spec.steps as usize);
     let start = Instant::now();
     for step in 0..engine.spec.steps {
@@ -63,7 +64,7 @@ pub fn train(
             local_losses.push((m, engine.micro_grad(step, m, &mut bufs[k])?));
         }
         let refs: Vec<&[f32]> = bufs.iter().map(|b| b.as_slice()).collect();
-        let mean = deterministic::reduce_mean(group, &refs, m_total, opts.op_timeout)?;
+        deterministic::reduce_mean(group, &refs, m_total, &mut mean, opts.op_timeout)?;
         let loss = mean_in_index_order(group, &local_losses, m_total, opts.op_timeout)?;
         let stats = engine.apply(&mean)?;
         losses.push(loss);
@@ -85,7 +86,7 @@ pub fn train(
 
     // Every replica must hold the same bits; a mismatch is silent data corruption.
     let sha = engine.params_sha256();
-    let all = group.all_gather(sha.as_bytes(), opts.op_timeout)?;
+    let all = group.all_gather_within(sha.as_bytes(), opts.op_timeout)?;
     for (r, theirs) in all.iter().enumerate() {
         if theirs.as_slice() != all[0].as_slice() {
             return Err(WorkerError::Diverged {
@@ -123,7 +124,7 @@ fn mean_in_index_order(
         bytes.extend_from_slice(&v.to_le_bytes());
     }
     let mut slots = vec![None; total];
-    for (r, part) in group.all_gather(&bytes, timeout)?.iter().enumerate() {
+    for (r, part) in group.all_gather_within(&bytes, timeout)?.iter().enumerate() {
         if part.len() % 16 != 0 {
             return Err(WorkerError::Protocol(format!("rank {r} sent a loss record of {} bytes", part.len())));
         }
