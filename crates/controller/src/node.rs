@@ -77,6 +77,8 @@ pub struct ReadyOutput {
     /// A conf change was applied: the new voter set.
     pub members_changed: bool,
     pub snapshot_installed: bool,
+    /// Confirmed ReadIndex requests: serve each once `applied_index >= index`.
+    pub read_states: Vec<raft::ReadState>,
 }
 
 /// Counters for telemetry (`/v1/metrics`).
@@ -239,6 +241,7 @@ impl Replica {
             self.last_role = ss.raft_state;
         }
         out.messages.extend(rd.take_messages());
+        out.read_states = rd.take_read_states();
 
         if !rd.snapshot().is_empty() {
             let snap = rd.snapshot().clone();

@@ -347,6 +347,25 @@ impl raft::Storage for SledStorage {
     }
 }
 
+/// Raw sled baseline for the benchmark: one writer appending a 64-byte entry and making it
+/// durable (insert, flush, fsync) per operation. Returns operations per second.
+pub fn bench_raw_sled(dir: &Path, duration: std::time::Duration) -> Result<f64, StorageError> {
+    let mut s = SledStorage::open(dir)?;
+    s.initialize(&[1])?;
+    let t0 = std::time::Instant::now();
+    let mut n = 0u64;
+    while t0.elapsed() < duration {
+        n += 1;
+        let mut e = Entry::default();
+        e.index = n;
+        e.term = 1;
+        e.data = vec![0u8; 64].into();
+        s.append(&[e], None)?;
+        s.sync()?;
+    }
+    Ok(n as f64 / t0.elapsed().as_secs_f64())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,377 @@
+//! End-to-end tests of the raft-replicated controller: real `phalanx controller start`
+//! processes on 127.0.0.1, killed with SIGKILL.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use phalanx_controller::client::{http_once, Client};
+use phalanx_proto::{Command, DeviceSpec, Event, JobInfo, StatusResponse, WorkerInfo};
+use phalanx_tests::{free_port, phalanx, run_with_timeout, stderr_of, KillOnDrop};
+
+const TOKEN: &str = "e2e-secret-token";
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    token_file: PathBuf,
+    addrs: BTreeMap<u64, String>,
+    procs: BTreeMap<u64, KillOnDrop>,
+    extra: Vec<String>,
+}
+
+impl Cluster {
+    fn start(n: u64, extra: &[&str]) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+        let addrs = (1..=n).map(|id| (id, format!("127.0.0.1:{}", free_port()))).collect();
+        let mut c = Cluster { dir, token_file, addrs, procs: BTreeMap::new(), extra: extra.iter().map(|s| s.to_string()).collect() };
+        for id in 1..=n {
+            c.start_node(id);
+        }
+        c
+    }
+
+    fn data_dir(&self, id: u64) -> PathBuf {
+        self.dir.path().join(format!("node{id}"))
+    }
+
+    fn start_node(&mut self, id: u64) {
+        let peers: Vec<String> = self.addrs.iter().map(|(i, a)| format!("{i}={a}")).collect();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("node{id}.log")))
+            .unwrap();
+        let child = phalanx()
+            .args(["--log", "info", "controller", "start", "--id", &id.to_string(), "--listen", &self.addrs[&id]])
+            .args(["--peers", &peers.join(",")])
+            .arg("--data-dir")
+            .arg(self.data_dir(id))
+            .arg("--token-file")
+            .arg(&self.token_file)
+            .args(&self.extra)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn phalanx controller start");
+        self.procs.insert(id, KillOnDrop(child));
+    }
+
+    /// SIGKILL one node.
+    fn kill(&mut self, id: u64) {
+        if let Some(mut p) = self.procs.remove(&id) {
+            let _ = p.0.kill();
+            let _ = p.0.wait();
+        }
+    }
+
+    fn log(&self, id: u64) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("node{id}.log"))).unwrap_or_default()
+    }
+
+    fn client(&self) -> Client {
+        Client::new(self.addrs.values().cloned().collect(), TOKEN.into()).unwrap()
+    }
+
+    fn status(&self, id: u64) -> Option<StatusResponse> {
+        let (code, body) = http_once(&self.addrs[&id], "GET", "/v1/status", TOKEN, None, Duration::from_millis(500)).ok()?;
+        (code == 200).then(|| serde_json::from_slice(&body).ok()).flatten()
+    }
+
+    fn wait_leader(&self, timeout: Duration, above_term: u64, exclude: Option<u64>) -> (u64, u64) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            for id in self.addrs.keys().filter(|i| Some(**i) != exclude) {
+                if let Some(s) = self.status(*id) {
+                    if s.role == "leader" && s.term > above_term {
+                        return (s.node_id, s.term);
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let logs: Vec<String> = self.addrs.keys().map(|i| format!("--- node {i}\n{}", tail(&self.log(*i), 2000))).collect();
+        panic!("no leader above term {above_term} within {timeout:?}\n{}", logs.join("\n"));
+    }
+
+    fn cli_target(&self) -> Vec<String> {
+        vec![
+            "--controllers".into(),
+            self.addrs.values().cloned().collect::<Vec<_>>().join(","),
+            "--token-file".into(),
+            self.token_file.display().to_string(),
+        ]
+    }
+}
+
+fn tail(s: &str, n: usize) -> &str {
+    let start = s.len().saturating_sub(n);
+    let mut i = start;
+    while !s.is_char_boundary(i) {
+        i += 1;
+    }
+    &s[i..]
+}
+
+fn register(c: &Client, id: &str) {
+    let r = c
+        .command(Command::RegisterWorker {
+            id: id.into(),
+            address: format!("127.0.0.1:{}", 20000 + id.len()),
+            device: DeviceSpec { kind: "cpu-emulated".into(), index: 0, memory_bytes: 1 << 30 },
+        })
+        .expect("register worker");
+    assert!(r.outcome.is_applied(), "{r:?}");
+}
+
+fn write_job(dir: &Path) -> PathBuf {
+    let out = run_with_timeout(
+        {
+            let mut c = phalanx();
+            c.args(["job", "init", "--model", "tiny", "--steps", "60"]);
+            c
+        },
+        Duration::from_secs(20),
+    );
+    assert!(out.status.success(), "job init: {}", stderr_of(&out));
+    let p = dir.join("job.toml");
+    std::fs::write(&p, &out.stdout).unwrap();
+    p
+}
+
+#[test]
+fn controller_sigkill_leader_new_leader_within_1s_and_cli_writes_succeed() {
+    let mut c = Cluster::start(3, &[]);
+    let (leader, term) = c.wait_leader(Duration::from_secs(15), 0, None);
+    register(&c.client(), "w0");
+
+    let t0 = Instant::now();
+    c.kill(leader);
+    let (new_leader, _) = c.wait_leader(Duration::from_secs(5), term, Some(leader));
+    let took = t0.elapsed();
+    assert_ne!(new_leader, leader);
+    assert!(took < Duration::from_secs(1), "re-election took {took:?} (must be < 1 s)");
+
+    // A CLI write through all three addresses (one of them dead) succeeds.
+    let job = write_job(c.dir.path());
+    let mut cmd = phalanx();
+    cmd.args(["job", "submit"]).arg(&job).args(c.cli_target());
+    let out = run_with_timeout(cmd, Duration::from_secs(30));
+    assert!(out.status.success(), "job submit after failover: {}", stderr_of(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("submitted"));
+
+    // The killed node restarts and rejoins as a follower of the new leader.
+    c.start_node(leader);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(s) = c.status(leader) {
+            if s.role == "follower" && s.leader_id != 0 && s.job.is_some() {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "restarted node did not rejoin:\n{}", tail(&c.log(leader), 3000));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn controller_restart_all_keeps_workers_job_and_events() {
+    let mut c = Cluster::start(3, &["--snapshot-entries", "5"]);
+    c.wait_leader(Duration::from_secs(15), 0, None);
+    let client = c.client();
+    for w in ["a", "b", "c"] {
+        register(&client, w);
+    }
+    let job = write_job(c.dir.path());
+    let mut cmd = phalanx();
+    cmd.args(["job", "submit"]).arg(&job).args(c.cli_target());
+    let out = run_with_timeout(cmd, Duration::from_secs(30));
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let mut cmd = phalanx();
+    cmd.args(["worker", "drain", "b", "--reason", "host maintenance"]).args(c.cli_target());
+    let out = run_with_timeout(cmd, Duration::from_secs(30));
+    assert!(out.status.success(), "{}", stderr_of(&out));
+
+    let workers: Vec<WorkerInfo> = client.get("/v1/workers").unwrap();
+    let job: Option<JobInfo> = client.get("/v1/job").unwrap();
+    let events: Vec<Event> = client.get("/v1/events?limit=1000").unwrap();
+    assert!(events.iter().any(|e| e.kind == "worker_draining" && e.reason.contains("host maintenance")));
+
+    for id in 1..=3 {
+        c.kill(id);
+    }
+    for id in 1..=3 {
+        c.start_node(id);
+    }
+    c.wait_leader(Duration::from_secs(15), 0, None);
+    let client = c.client();
+    let workers2: Vec<WorkerInfo> = client.get("/v1/workers").unwrap();
+    let job2: Option<JobInfo> = client.get("/v1/job").unwrap();
+    let events2: Vec<Event> = client.get("/v1/events?limit=1000").unwrap();
+    assert_eq!(workers2, workers);
+    assert_eq!(job2, job);
+    assert_eq!(events2[..events.len()], events[..], "events survive (new ones may follow)");
+}
+
+#[test]
+fn controller_wiped_follower_rejoins_by_snapshot() {
+    let mut c = Cluster::start(3, &["--snapshot-entries", "20"]);
+    let (leader, _) = c.wait_leader(Duration::from_secs(15), 0, None);
+    let client = c.client();
+    for i in 0..60 {
+        let r = client.command(Command::SetAnnotation { key: format!("k{i}"), value: "v".into() }).unwrap();
+        assert!(r.outcome.is_applied());
+    }
+    let follower = (1..=3).find(|i| *i != leader).unwrap();
+    c.kill(follower);
+    std::fs::remove_dir_all(c.data_dir(follower)).unwrap();
+    for i in 60..70 {
+        client.command(Command::SetAnnotation { key: format!("k{i}"), value: "v".into() }).unwrap();
+    }
+    let target = c.status(leader).unwrap().commit_index;
+    c.start_node(follower);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let metrics = http_once(&c.addrs[&follower], "GET", "/v1/metrics", TOKEN, None, Duration::from_millis(500))
+            .ok()
+            .and_then(|(code, b)| (code == 200).then(|| serde_json::from_slice::<serde_json::Value>(&b).ok()).flatten());
+        let st = c.status(follower);
+        if let (Some(m), Some(s)) = (metrics, st) {
+            if m["snapshots_installed"].as_u64().unwrap_or(0) >= 1 && s.applied_index >= target {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "wiped follower did not rejoin by snapshot:\n{}", tail(&c.log(follower), 3000));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn controller_wrong_token_and_malformed_requests_are_rejected() {
+    let c = Cluster::start(3, &[]);
+    c.wait_leader(Duration::from_secs(15), 0, None);
+    let addr = &c.addrs[&1];
+    let (code, body) = http_once(addr, "GET", "/v1/status", "wrong-token", None, Duration::from_secs(2)).unwrap();
+    assert_eq!(code, 401);
+    assert!(String::from_utf8_lossy(&body).contains("unauthorized"));
+
+    // The CLI says 401 clearly.
+    let bad = c.dir.path().join("bad-token");
+    std::fs::write(&bad, "nope\n").unwrap();
+    let mut cmd = phalanx();
+    cmd.args(["status", "--controllers", addr, "--token-file"]).arg(&bad);
+    let out = run_with_timeout(cmd, Duration::from_secs(20));
+    assert!(!out.status.success());
+    assert!(stderr_of(&out).contains("401"), "{}", stderr_of(&out));
+
+    // Malformed JSON is a 400, garbage bytes get a 4xx, and the node lives on.
+    let (code, _) = http_once(addr, "POST", "/v1/command", TOKEN, Some(b"{not json"), Duration::from_secs(2)).unwrap();
+    assert_eq!(code, 400);
+    {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"\x00\x01garbage that is not http\r\n\r\n").unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 4"), "{:?}", String::from_utf8_lossy(&buf));
+    }
+    // A peer connection with a wrong token is dropped and logged.
+    {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        let hs = br#"{"from":9,"token":"nope"}"#;
+        let mut frame = b"PHXR".to_vec();
+        frame.extend_from_slice(&(hs.len() as u32).to_be_bytes());
+        frame.extend_from_slice(hs);
+        s.write_all(&frame).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !c.log(1).contains("wrong cluster token") {
+        assert!(Instant::now() < deadline, "rejection not logged:\n{}", tail(&c.log(1), 2000));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(c.status(1).is_some(), "node survived bad input");
+}
+
+#[test]
+fn controller_cluster_up_status_and_operator_verbs() {
+    let dir = tempfile::tempdir().unwrap();
+    let cdir = dir.path().join("local-cluster");
+    let up = phalanx()
+        .args(["cluster", "up", "--controllers", "3", "--dir"])
+        .arg(&cdir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut up = KillOnDrop(up);
+    let d = cdir.display().to_string();
+    let run = |args: &[&str]| {
+        let mut cmd = phalanx();
+        cmd.args(args).args(["--dir", &d]);
+        run_with_timeout(cmd, Duration::from_secs(30))
+    };
+    // Wait for a leader through the CLI.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if cdir.join("cluster.json").exists() {
+            let out = run(&["status", "--json"]);
+            if out.status.success() {
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                if v["leader_id"].as_u64().unwrap_or(0) != 0 && v["members"].as_array().map(|m| m.len()) == Some(3) {
+                    break v;
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "cluster up: no leader");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for k in ["leader_id", "term", "members", "commit_index", "workers", "job"] {
+        assert!(status.get(k).is_some(), "status --json lacks {k}: {status}");
+    }
+
+    // A malformed job file gets an error naming the field.
+    let bad = dir.path().join("bad.toml");
+    let good = write_job(dir.path());
+    std::fs::write(&bad, std::fs::read_to_string(&good).unwrap().replace("steps = 60", "steps = 0")).unwrap();
+    let out = run(&["job", "submit", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(stderr_of(&out).contains("`steps`"), "{}", stderr_of(&out));
+
+    let token = std::fs::read_to_string(cdir.join("token")).unwrap().trim().to_string();
+    let addrs: Vec<String> = status["members"].as_array().unwrap().iter().map(|m| m["address"].as_str().unwrap().to_string()).collect();
+    let client = Client::new(addrs, token).unwrap();
+    register(&client, "w0");
+    register(&client, "w1");
+
+    let out = run(&["job", "submit", good.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let out = run(&["job", "status", "--json"]);
+    let job: JobInfo = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(job.plan.unwrap().ranks, vec!["w0", "w1"]);
+    let out = run(&["worker", "drain", "w1"]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let out = run(&["events"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("worker_draining") && text.contains("REASON"), "{text}");
+    let out = run(&["checkpoint", "list"]);
+    assert!(out.status.success());
+    let out = run(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("leader:") && text.contains("draining"), "{text}");
+
+    let out = run_with_timeout(
+        {
+            let mut c = phalanx();
+            c.args(["cluster", "down", "--dir", &d]);
+            c
+        },
+        Duration::from_secs(20),
+    );
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(up.wait_timeout(Duration::from_secs(10)).is_some(), "cluster up did not exit after cluster down");
+}
