@@ -25,7 +25,7 @@ TORCH_LIBS = ["libc10.so", "libtorch_cpu.so", "libtorch.so", "libgomp.so.1"]
 NVIDIA_LIBS = ["libcudart.so.13", "libcupti.so.13"]
 
 root = Path(__file__).resolve().parent.parent
-dest = root / ".libtorch"
+dest = Path(os.environ.get("PHALANX_LIBTORCH_DIR", root / ".libtorch")).resolve()
 cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "phalanx" / "wheels"
 
 
@@ -62,10 +62,15 @@ def download(spec):
 
 
 def main():
+    if "--check" in sys.argv[1:]:
+        if have_everything():
+            say(f"libtorch OK in {dest} ({STAMP})")
+            return
+        sys.exit(f"[setup] error: libtorch 2.11.0 is missing or incomplete in {dest}; run `just setup`")
     if have_everything():
         say(f"libtorch already in {dest} ({STAMP})")
         return
-    tmp = root / ".libtorch.tmp"
+    tmp = dest.parent / (dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "lib").mkdir(parents=True)
 

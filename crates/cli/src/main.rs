@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod bench;
+mod ctl;
 mod train;
 
 #[derive(Parser, Debug)]
@@ -38,6 +39,22 @@ enum Command {
     /// Benchmarks (see docs/benchmarks.md).
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// Run or manage a controller node (raft-replicated cluster state).
+    #[command(subcommand)]
+    Controller(ctl::ControllerCmd),
+    /// Start or stop a local controller cluster.
+    #[command(subcommand)]
+    Cluster(ctl::ClusterCmd),
+    /// Show the controllers, the leader, the workers and the job.
+    Status(ctl::StatusCmd),
+    /// Write, submit, inspect or cancel a training job.
+    #[command(subcommand)]
+    Job(ctl::JobCmd),
+    /// The checkpoint catalog.
+    #[command(subcommand)]
+    Checkpoint(ctl::CheckpointCmd),
+    /// The controller's decisions and their reasons.
+    Events(ctl::EventsCmd),
 }
 
 #[derive(Subcommand, Debug)]
@@ -45,13 +62,19 @@ enum WorkerCmd {
     /// Run one data-parallel worker: rank R of a world of N, with explicit peers or the
     /// stdio rendezvous used by `phalanx train`.
     Run(train::WorkerRunCmd),
+    /// Drain a worker: it leaves the plan gracefully (replicated through the controller).
+    Drain(ctl::DrainCmd),
 }
 
 fn init_tracing(format: LogFormat, filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal;
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => b.init(),
         LogFormat::Json => b.json().init(),
@@ -67,6 +90,13 @@ fn main() -> ExitCode {
         Command::Worker(WorkerCmd::Run(c)) => train::worker_run(c),
         Command::Devices(c) => train::devices(c),
         Command::Bench(c) => bench::run(c),
+        Command::Worker(WorkerCmd::Drain(c)) => ctl::drain(c),
+        Command::Controller(c) => ctl::controller(c),
+        Command::Cluster(c) => ctl::cluster(c),
+        Command::Status(c) => ctl::status(c),
+        Command::Job(c) => ctl::job(c),
+        Command::Checkpoint(c) => ctl::checkpoint(c),
+        Command::Events(c) => ctl::events(c),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
