@@ -71,7 +71,7 @@ impl ServerConfig {
             data_dir,
             token,
             join: false,
-            tick_ms: 20,
+            tick_ms: 10,
             election_tick: 10,
             heartbeat_tick: 2,
             snapshot_entries: 1_000,

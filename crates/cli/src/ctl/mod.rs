@@ -78,7 +78,7 @@ pub struct StartArgs {
     #[arg(long)]
     join: bool,
     /// Raft tick in milliseconds (election after 10-20 ticks, heartbeat every 2).
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 10)]
     tick_ms: u64,
     /// Snapshot the state and compact the log every this many entries.
     #[arg(long, default_value_t = 1000)]
