@@ -39,6 +39,9 @@ pub struct CheckpointerConfig {
     pub retain_count: usize,
     /// How long dropping the checkpointer waits for queued writes to finish.
     pub shutdown_timeout_ms: u64,
+    /// Threads that share the staging memcpy in [`AsyncCheckpointer::snapshot`] (the
+    /// training thread is one of them). Only sections above 1 Mi elements are split.
+    pub staging_copy_threads: usize,
     /// Chaos hook: makes writes fail with a disk-full error.
     pub fault: Option<FaultInjector>,
 }
@@ -57,6 +60,7 @@ impl CheckpointerConfig {
             layout: Vec::new(),
             retain_count: 0,
             shutdown_timeout_ms: 30_000,
+            staging_copy_threads: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
             fault: None,
         }
     }
@@ -112,11 +116,13 @@ pub enum WaitError {
 
 /// State handed over by shared ownership: no copy at all on the training thread.
 ///
-/// Contract: the writer holds these `Arc`s until the shard is durable. The training loop
-/// must not mutate through them (it cannot, without `Arc::get_mut` / `Arc::make_mut`);
-/// if it calls `Arc::make_mut` before the write finished, that call copies the buffer on
-/// the training thread — so hand over buffers the trainer is about to replace anyway
-/// (double buffering), or use [`AsyncCheckpointer::snapshot`] (staging copy).
+/// Contract: the writer thread copies the owned sections into a pooled staging buffer
+/// first thing and then drops these `Arc`s (see [`AsyncCheckpointer::wait_released`]);
+/// serialising and writing happen from the staging copy. The training loop keeps reading
+/// its state (forward/backward) meanwhile; it must not mutate it before the release — it
+/// cannot anyway without `Arc::make_mut`, which would copy on the training thread if the
+/// writer still held a reference. So: snapshot at the step boundary, run forward/backward,
+/// `wait_released` (normally already true), then `Arc::make_mut` for the optimizer step.
 #[derive(Clone, Debug)]
 pub struct SharedRankState {
     pub step: u64,
@@ -175,7 +181,9 @@ impl Job {
 
 #[derive(Clone, Debug)]
 enum StepStatus {
-    Pending,
+    /// Accepted, not yet durable. `released`: the writer holds no reference to the
+    /// caller's buffers any more (always true for staged snapshots).
+    Pending { released: bool },
     Durable(ShardRecord),
     GaveUp(String),
 }
@@ -196,7 +204,7 @@ impl Tracker {
             let victim = self
                 .steps
                 .iter()
-                .find(|(_, s)| !matches!(s, StepStatus::Pending))
+                .find(|(_, s)| !matches!(s, StepStatus::Pending { .. }))
                 .map(|(k, _)| *k);
             match victim {
                 Some(k) => {
@@ -293,15 +301,24 @@ impl AsyncCheckpointer {
         let cfg = Arc::new(cfg);
         let shared = Arc::new(Shared::default());
         let (tx, rx) = mpsc::channel::<Job>();
+        let (staged_tx, staged_rx) = mpsc::channel::<Job>();
         let (events_tx, events_rx) = mpsc::channel();
         let handle = {
             let thread_cfg = cfg.clone();
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name(format!("ckpt-writer-{}", cfg.rank))
-                .spawn(move || writer_main(&thread_cfg, shared, rx, events_tx))
+                .spawn(move || writer_main(&thread_cfg, shared, staged_rx, events_tx))
                 .map_err(CheckpointError::io("spawn writer thread", &cfg.root))?
         };
+        {
+            let thread_cfg = cfg.clone();
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name(format!("ckpt-stager-{}", cfg.rank))
+                .spawn(move || stager_main(&thread_cfg, &shared, rx, staged_tx))
+                .map_err(CheckpointError::io("spawn stager thread", &cfg.root))?;
+        }
         Ok((Self { cfg, shared, tx: Some(tx), handle: Some(handle) }, events_rx))
     }
 
@@ -309,7 +326,7 @@ impl AsyncCheckpointer {
         &self.cfg
     }
 
-    fn reserve(&self, step: u64) -> std::result::Result<(), SnapshotError> {
+    fn reserve(&self, step: u64, released: bool) -> std::result::Result<(), SnapshotError> {
         let mut g = self.shared.lock();
         if g.stopping || g.finished || self.tx.is_none() {
             return Err(SnapshotError::Closed { step });
@@ -317,11 +334,11 @@ impl AsyncCheckpointer {
         if g.in_flight >= self.cfg.max_in_flight {
             return Err(SnapshotError::Busy { step, in_flight: g.in_flight });
         }
-        if matches!(g.steps.get(&step), Some(StepStatus::Pending)) {
+        if matches!(g.steps.get(&step), Some(StepStatus::Pending { .. })) {
             return Err(SnapshotError::DuplicateStep { step });
         }
         g.in_flight += 1;
-        g.steps.insert(step, StepStatus::Pending);
+        g.steps.insert(step, StepStatus::Pending { released });
         g.prune();
         Ok(())
     }
@@ -347,11 +364,12 @@ impl AsyncCheckpointer {
     /// snapshots are still being written.
     pub fn snapshot(&self, state: &RankState<'_>) -> std::result::Result<(), SnapshotError> {
         validate_rank_state(state, self.cfg.world, self.cfg.rank)?;
-        self.reserve(state.step)?;
+        self.reserve(state.step, true)?;
         let mut buf = self.shared.pool().pop().unwrap_or_default();
-        copy_into(&mut buf.params, &state.params[state.range.clone()]);
-        copy_into(&mut buf.m, state.m);
-        copy_into(&mut buf.v, state.v);
+        let threads = self.cfg.staging_copy_threads;
+        copy_into(&mut buf.params, &state.params[state.range.clone()], threads);
+        copy_into(&mut buf.m, state.m, threads);
+        copy_into(&mut buf.v, state.v, threads);
         buf.extra.clear();
         buf.extra.extend_from_slice(state.extra);
         self.submit(Job {
@@ -378,7 +396,7 @@ impl AsyncCheckpointer {
             extra: &state.extra,
         };
         validate_rank_state(&view, self.cfg.world, self.cfg.rank)?;
-        self.reserve(state.step)?;
+        self.reserve(state.step, false)?;
         self.submit(Job {
             step: state.step,
             seed: state.seed,
@@ -399,14 +417,33 @@ impl AsyncCheckpointer {
     pub fn wait_durable(&self, step: u64, timeout: Duration) -> std::result::Result<ShardRecord, WaitError> {
         let started = Instant::now();
         let (g, _) = self.shared.wait_until(timeout, |t| {
-            t.finished || !matches!(t.steps.get(&step), Some(StepStatus::Pending))
+            t.finished || !matches!(t.steps.get(&step), Some(StepStatus::Pending { .. }))
         });
         match g.steps.get(&step) {
             Some(StepStatus::Durable(r)) => Ok(r.clone()),
             Some(StepStatus::GaveUp(e)) => Err(WaitError::GaveUp { step, error: e.clone() }),
             None => Err(WaitError::UnknownStep { step }),
-            Some(StepStatus::Pending) if g.finished => Err(WaitError::WriterStopped { step }),
-            Some(StepStatus::Pending) => Err(WaitError::Timeout { step, waited_ms: started.elapsed().as_millis() as u64 }),
+            Some(StepStatus::Pending { .. }) if g.finished => Err(WaitError::WriterStopped { step }),
+            Some(StepStatus::Pending { .. }) => Err(WaitError::Timeout { step, waited_ms: started.elapsed().as_millis() as u64 }),
+        }
+    }
+
+    /// Waits until the writer holds no reference to the buffers handed over by
+    /// [`snapshot_shared`](Self::snapshot_shared) for `step` (it copied them into staging),
+    /// so `Arc::make_mut` on them no longer copies. Call it right before the optimizer
+    /// step mutates the state; the copy normally finished during forward/backward.
+    pub fn wait_released(&self, step: u64, timeout: Duration) -> std::result::Result<(), WaitError> {
+        let started = Instant::now();
+        let (g, _) = self.shared.wait_until(timeout, |t| {
+            t.finished || !matches!(t.steps.get(&step), Some(StepStatus::Pending { released: false }))
+        });
+        match g.steps.get(&step) {
+            None => Err(WaitError::UnknownStep { step }),
+            Some(StepStatus::Pending { released: false }) if g.finished => Err(WaitError::WriterStopped { step }),
+            Some(StepStatus::Pending { released: false }) => {
+                Err(WaitError::Timeout { step, waited_ms: started.elapsed().as_millis() as u64 })
+            }
+            Some(_) => Ok(()),
         }
     }
 
@@ -450,9 +487,40 @@ impl Drop for AsyncCheckpointer {
     }
 }
 
-fn copy_into(dst: &mut Vec<f32>, src: &[f32]) {
-    dst.clear();
-    dst.extend_from_slice(src);
+const PARALLEL_COPY_MIN_ELEMENTS: usize = 1 << 20;
+
+/// `dst = src`, reusing `dst`'s allocation; large copies are split over `threads`.
+fn copy_into(dst: &mut Vec<f32>, src: &[f32], threads: usize) {
+    if threads <= 1 || src.len() < PARALLEL_COPY_MIN_ELEMENTS {
+        dst.clear();
+        dst.extend_from_slice(src);
+        return;
+    }
+    // Same length as last time (the usual case): no fill, just the copy.
+    dst.resize(src.len(), 0.0);
+    let chunk = src.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let mut pieces = dst.chunks_mut(chunk).zip(src.chunks(chunk));
+        let first = pieces.next();
+        for (d, s) in pieces {
+            scope.spawn(move || d.copy_from_slice(s));
+        }
+        if let Some((d, s)) = first {
+            d.copy_from_slice(s);
+        }
+    });
+}
+
+/// Stages shared-ownership snapshots as soon as they arrive (even while the writer is busy
+/// with an earlier one), then hands every job to the writer. Ends when the checkpointer
+/// drops its sender; dropping `out` then ends the writer.
+fn stager_main(cfg: &CheckpointerConfig, shared: &Shared, rx: Receiver<Job>, out: Sender<Job>) {
+    while let Ok(job) = rx.recv() {
+        let job = stage_shared(cfg, shared, job);
+        if out.send(job).is_err() {
+            break;
+        }
+    }
 }
 
 fn writer_main(cfg: &CheckpointerConfig, shared: Arc<Shared>, rx: Receiver<Job>, events: Sender<CheckpointEvent>) {
@@ -460,6 +528,28 @@ fn writer_main(cfg: &CheckpointerConfig, shared: Arc<Shared>, rx: Receiver<Job>,
     while let Ok(job) = rx.recv() {
         process_job(cfg, &shared, &events, job);
     }
+}
+
+/// Copies a shared-ownership snapshot into a staging buffer and drops the caller's `Arc`s,
+/// so the training thread can mutate its buffers again without a copy.
+fn stage_shared(cfg: &CheckpointerConfig, shared: &Shared, mut job: Job) -> Job {
+    if let Payload::Shared(state) = &job.payload {
+        let mut buf = shared.pool().pop().unwrap_or_default();
+        let threads = cfg.staging_copy_threads;
+        copy_into(&mut buf.params, &state.params[job.range.clone()], threads);
+        copy_into(&mut buf.m, &state.m, threads);
+        copy_into(&mut buf.v, &state.v, threads);
+        buf.extra.clear();
+        buf.extra.extend_from_slice(&state.extra);
+        job.payload = Payload::Staged(buf); // drops the Arcs
+        let mut g = shared.lock();
+        if let Some(StepStatus::Pending { released }) = g.steps.get_mut(&job.step) {
+            *released = true;
+        }
+        drop(g);
+        shared.cv.notify_all();
+    }
+    job
 }
 
 fn process_job(cfg: &CheckpointerConfig, shared: &Shared, events: &Sender<CheckpointEvent>, job: Job) {

@@ -410,3 +410,29 @@ fn write_failure_surfaces_as_event_on_unwritable_root() {
     let ev = drain(&events);
     assert!(ev.iter().any(|e| matches!(e, CheckpointEvent::Failed { error, .. } if error.contains("not-a-dir"))), "{ev:?}");
 }
+
+#[test]
+fn shared_snapshot_releases_buffers_before_the_write_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let fault = FaultInjector::new();
+    let mut cfg = CheckpointerConfig::new(dir.path(), 1, 0);
+    cfg.fault = Some(fault.clone());
+    cfg.initial_backoff_ms = 50;
+    cfg.max_backoff_ms = 50;
+    cfg.max_attempts = 10;
+    let (ckpt, _events) = AsyncCheckpointer::spawn(cfg).unwrap();
+    let g = global(3000, 15);
+    let mut params = Arc::new(g.params.clone());
+    let (m, v) = (Arc::new(g.m.clone()), Arc::new(g.v.clone()));
+    // The write keeps failing for a while, but the buffers are released right away.
+    fault.fail_next_attempts(3);
+    ckpt.snapshot_shared(SharedRankState { step: 1, seed: 7, params: params.clone(), range: 0..3000, m: m.clone(), v, opt_step: 1, extra: vec![] })
+        .unwrap();
+    ckpt.wait_released(1, Duration::from_secs(10)).unwrap();
+    assert_eq!(Arc::strong_count(&params), 1, "writer dropped its reference");
+    Arc::make_mut(&mut params).iter_mut().for_each(|p| *p = 0.0); // no copy, mutation allowed
+    assert!(matches!(ckpt.wait_durable(1, Duration::from_millis(1)), Err(WaitError::Timeout { .. })));
+    let rec = ckpt.wait_durable(1, Duration::from_secs(10)).unwrap();
+    assert_eq!(rec.params_section_sha256, params_sha256(&g.params), "the snapshot, not the mutation");
+    assert!(matches!(ckpt.wait_released(5, Duration::from_millis(1)), Err(WaitError::UnknownStep { step: 5 })));
+}
