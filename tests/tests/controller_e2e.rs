@@ -26,8 +26,16 @@ impl Cluster {
         let dir = tempfile::tempdir().unwrap();
         let token_file = dir.path().join("token");
         std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
-        let addrs = (1..=n).map(|id| (id, format!("127.0.0.1:{}", free_port()))).collect();
-        let mut c = Cluster { dir, token_file, addrs, procs: BTreeMap::new(), extra: extra.iter().map(|s| s.to_string()).collect() };
+        let addrs = (1..=n)
+            .map(|id| (id, format!("127.0.0.1:{}", free_port())))
+            .collect();
+        let mut c = Cluster {
+            dir,
+            token_file,
+            addrs,
+            procs: BTreeMap::new(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
         for id in 1..=n {
             c.start_node(id);
         }
@@ -46,7 +54,16 @@ impl Cluster {
             .open(self.dir.path().join(format!("node{id}.log")))
             .unwrap();
         let child = phalanx()
-            .args(["--log", "info", "controller", "start", "--id", &id.to_string(), "--listen", &self.addrs[&id]])
+            .args([
+                "--log",
+                "info",
+                "controller",
+                "start",
+                "--id",
+                &id.to_string(),
+                "--listen",
+                &self.addrs[&id],
+            ])
             .args(["--peers", &peers.join(",")])
             .arg("--data-dir")
             .arg(self.data_dir(id))
@@ -78,8 +95,18 @@ impl Cluster {
     }
 
     fn status(&self, id: u64) -> Option<StatusResponse> {
-        let (code, body) = http_once(&self.addrs[&id], "GET", "/v1/status", TOKEN, None, Duration::from_millis(500)).ok()?;
-        (code == 200).then(|| serde_json::from_slice(&body).ok()).flatten()
+        let (code, body) = http_once(
+            &self.addrs[&id],
+            "GET",
+            "/v1/status",
+            TOKEN,
+            None,
+            Duration::from_millis(500),
+        )
+        .ok()?;
+        (code == 200)
+            .then(|| serde_json::from_slice(&body).ok())
+            .flatten()
     }
 
     fn wait_leader(&self, timeout: Duration, above_term: u64, exclude: Option<u64>) -> (u64, u64) {
@@ -94,8 +121,15 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        let logs: Vec<String> = self.addrs.keys().map(|i| format!("--- node {i}\n{}", tail(&self.log(*i), 2000))).collect();
-        panic!("no leader above term {above_term} within {timeout:?}\n{}", logs.join("\n"));
+        let logs: Vec<String> = self
+            .addrs
+            .keys()
+            .map(|i| format!("--- node {i}\n{}", tail(&self.log(*i), 2000)))
+            .collect();
+        panic!(
+            "no leader above term {above_term} within {timeout:?}\n{}",
+            logs.join("\n")
+        );
     }
 
     fn cli_target(&self) -> Vec<String> {
@@ -122,7 +156,11 @@ fn register(c: &Client, id: &str) {
         .command(Command::RegisterWorker {
             id: id.into(),
             address: format!("127.0.0.1:{}", 20000 + id.len()),
-            device: DeviceSpec { kind: "cpu-emulated".into(), index: 0, memory_bytes: 1 << 30 },
+            device: DeviceSpec {
+                kind: "cpu-emulated".into(),
+                index: 0,
+                memory_bytes: 1 << 30,
+            },
         })
         .expect("register worker");
     assert!(r.outcome.is_applied(), "{r:?}");
@@ -154,14 +192,21 @@ fn controller_sigkill_leader_new_leader_within_1s_and_cli_writes_succeed() {
     let (new_leader, _) = c.wait_leader(Duration::from_secs(5), term, Some(leader));
     let took = t0.elapsed();
     assert_ne!(new_leader, leader);
-    assert!(took < Duration::from_secs(1), "re-election took {took:?} (must be < 1 s)");
+    assert!(
+        took < Duration::from_secs(1),
+        "re-election took {took:?} (must be < 1 s)"
+    );
 
     // A CLI write through all three addresses (one of them dead) succeeds.
     let job = write_job(c.dir.path());
     let mut cmd = phalanx();
     cmd.args(["job", "submit"]).arg(&job).args(c.cli_target());
     let out = run_with_timeout(cmd, Duration::from_secs(30));
-    assert!(out.status.success(), "job submit after failover: {}", stderr_of(&out));
+    assert!(
+        out.status.success(),
+        "job submit after failover: {}",
+        stderr_of(&out)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("submitted"));
 
     // The killed node restarts and rejoins as a follower of the new leader.
@@ -173,14 +218,29 @@ fn controller_sigkill_leader_new_leader_within_1s_and_cli_writes_succeed() {
                 break;
             }
         }
-        assert!(Instant::now() < deadline, "restarted node did not rejoin:\n{}", tail(&c.log(leader), 3000));
+        assert!(
+            Instant::now() < deadline,
+            "restarted node did not rejoin:\n{}",
+            tail(&c.log(leader), 3000)
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 #[test]
 fn controller_restart_all_keeps_workers_job_and_events() {
-    let mut c = Cluster::start(3, &["--snapshot-entries", "5"]);
+    // Long leases: no heartbeats are sent, and lease decisions would add events.
+    let mut c = Cluster::start(
+        3,
+        &[
+            "--snapshot-entries",
+            "5",
+            "--suspect-after-ms",
+            "600000",
+            "--fail-after-ms",
+            "900000",
+        ],
+    );
     c.wait_leader(Duration::from_secs(15), 0, None);
     let client = c.client();
     for w in ["a", "b", "c"] {
@@ -192,14 +252,17 @@ fn controller_restart_all_keeps_workers_job_and_events() {
     let out = run_with_timeout(cmd, Duration::from_secs(30));
     assert!(out.status.success(), "{}", stderr_of(&out));
     let mut cmd = phalanx();
-    cmd.args(["worker", "drain", "b", "--reason", "host maintenance"]).args(c.cli_target());
+    cmd.args(["worker", "drain", "b", "--reason", "host maintenance"])
+        .args(c.cli_target());
     let out = run_with_timeout(cmd, Duration::from_secs(30));
     assert!(out.status.success(), "{}", stderr_of(&out));
 
     let workers: Vec<WorkerInfo> = client.get("/v1/workers").unwrap();
     let job: Option<JobInfo> = client.get("/v1/job").unwrap();
     let events: Vec<Event> = client.get("/v1/events?limit=1000").unwrap();
-    assert!(events.iter().any(|e| e.kind == "worker_draining" && e.reason.contains("host maintenance")));
+    assert!(events
+        .iter()
+        .any(|e| e.kind == "worker_draining" && e.reason.contains("host maintenance")));
 
     for id in 1..=3 {
         c.kill(id);
@@ -214,7 +277,11 @@ fn controller_restart_all_keeps_workers_job_and_events() {
     let events2: Vec<Event> = client.get("/v1/events?limit=1000").unwrap();
     assert_eq!(workers2, workers);
     assert_eq!(job2, job);
-    assert_eq!(events2[..events.len()], events[..], "events survive (new ones may follow)");
+    assert_eq!(
+        events2[..events.len()],
+        events[..],
+        "events survive (new ones may follow)"
+    );
 }
 
 #[test]
@@ -223,29 +290,54 @@ fn controller_wiped_follower_rejoins_by_snapshot() {
     let (leader, _) = c.wait_leader(Duration::from_secs(15), 0, None);
     let client = c.client();
     for i in 0..60 {
-        let r = client.command(Command::SetAnnotation { key: format!("k{i}"), value: "v".into() }).unwrap();
+        let r = client
+            .command(Command::SetAnnotation {
+                key: format!("k{i}"),
+                value: "v".into(),
+            })
+            .unwrap();
         assert!(r.outcome.is_applied());
     }
     let follower = (1..=3).find(|i| *i != leader).unwrap();
     c.kill(follower);
     std::fs::remove_dir_all(c.data_dir(follower)).unwrap();
     for i in 60..70 {
-        client.command(Command::SetAnnotation { key: format!("k{i}"), value: "v".into() }).unwrap();
+        client
+            .command(Command::SetAnnotation {
+                key: format!("k{i}"),
+                value: "v".into(),
+            })
+            .unwrap();
     }
     let target = c.status(leader).unwrap().commit_index;
     c.start_node(follower);
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let metrics = http_once(&c.addrs[&follower], "GET", "/v1/metrics", TOKEN, None, Duration::from_millis(500))
-            .ok()
-            .and_then(|(code, b)| (code == 200).then(|| serde_json::from_slice::<serde_json::Value>(&b).ok()).flatten());
+        let metrics = http_once(
+            &c.addrs[&follower],
+            "GET",
+            "/v1/metrics",
+            TOKEN,
+            None,
+            Duration::from_millis(500),
+        )
+        .ok()
+        .and_then(|(code, b)| {
+            (code == 200)
+                .then(|| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .flatten()
+        });
         let st = c.status(follower);
         if let (Some(m), Some(s)) = (metrics, st) {
             if m["snapshots_installed"].as_u64().unwrap_or(0) >= 1 && s.applied_index >= target {
                 break;
             }
         }
-        assert!(Instant::now() < deadline, "wiped follower did not rejoin by snapshot:\n{}", tail(&c.log(follower), 3000));
+        assert!(
+            Instant::now() < deadline,
+            "wiped follower did not rejoin by snapshot:\n{}",
+            tail(&c.log(follower), 3000)
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -255,7 +347,15 @@ fn controller_wrong_token_and_malformed_requests_are_rejected() {
     let c = Cluster::start(3, &[]);
     c.wait_leader(Duration::from_secs(15), 0, None);
     let addr = &c.addrs[&1];
-    let (code, body) = http_once(addr, "GET", "/v1/status", "wrong-token", None, Duration::from_secs(2)).unwrap();
+    let (code, body) = http_once(
+        addr,
+        "GET",
+        "/v1/status",
+        "wrong-token",
+        None,
+        Duration::from_secs(2),
+    )
+    .unwrap();
     assert_eq!(code, 401);
     assert!(String::from_utf8_lossy(&body).contains("unauthorized"));
 
@@ -263,22 +363,36 @@ fn controller_wrong_token_and_malformed_requests_are_rejected() {
     let bad = c.dir.path().join("bad-token");
     std::fs::write(&bad, "nope\n").unwrap();
     let mut cmd = phalanx();
-    cmd.args(["status", "--controllers", addr, "--token-file"]).arg(&bad);
+    cmd.args(["status", "--controllers", addr, "--token-file"])
+        .arg(&bad);
     let out = run_with_timeout(cmd, Duration::from_secs(20));
     assert!(!out.status.success());
     assert!(stderr_of(&out).contains("401"), "{}", stderr_of(&out));
 
     // Malformed JSON is a 400, garbage bytes get a 4xx, and the node lives on.
-    let (code, _) = http_once(addr, "POST", "/v1/command", TOKEN, Some(b"{not json"), Duration::from_secs(2)).unwrap();
+    let (code, _) = http_once(
+        addr,
+        "POST",
+        "/v1/command",
+        TOKEN,
+        Some(b"{not json"),
+        Duration::from_secs(2),
+    )
+    .unwrap();
     assert_eq!(code, 400);
     {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(b"\x00\x01garbage that is not http\r\n\r\n").unwrap();
+        s.write_all(b"\x00\x01garbage that is not http\r\n\r\n")
+            .unwrap();
         let mut buf = Vec::new();
         let _ = s.read_to_end(&mut buf);
-        assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 4"), "{:?}", String::from_utf8_lossy(&buf));
+        assert!(
+            String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 4"),
+            "{:?}",
+            String::from_utf8_lossy(&buf)
+        );
     }
     // A peer connection with a wrong token is dropped and logged.
     {
@@ -292,7 +406,11 @@ fn controller_wrong_token_and_malformed_requests_are_rejected() {
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     while !c.log(1).contains("wrong cluster token") {
-        assert!(Instant::now() < deadline, "rejection not logged:\n{}", tail(&c.log(1), 2000));
+        assert!(
+            Instant::now() < deadline,
+            "rejection not logged:\n{}",
+            tail(&c.log(1), 2000)
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(c.status(1).is_some(), "node survived bad input");
@@ -323,7 +441,9 @@ fn controller_cluster_up_status_and_operator_verbs() {
             let out = run(&["status", "--json"]);
             if out.status.success() {
                 let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-                if v["leader_id"].as_u64().unwrap_or(0) != 0 && v["members"].as_array().map(|m| m.len()) == Some(3) {
+                if v["leader_id"].as_u64().unwrap_or(0) != 0
+                    && v["members"].as_array().map(|m| m.len()) == Some(3)
+                {
                     break v;
                 }
             }
@@ -331,23 +451,68 @@ fn controller_cluster_up_status_and_operator_verbs() {
         assert!(Instant::now() < deadline, "cluster up: no leader");
         std::thread::sleep(Duration::from_millis(100));
     };
-    for k in ["leader_id", "term", "members", "commit_index", "workers", "job"] {
+    for k in [
+        "leader_id",
+        "term",
+        "members",
+        "commit_index",
+        "workers",
+        "job",
+    ] {
         assert!(status.get(k).is_some(), "status --json lacks {k}: {status}");
     }
 
     // A malformed job file gets an error naming the field.
     let bad = dir.path().join("bad.toml");
     let good = write_job(dir.path());
-    std::fs::write(&bad, std::fs::read_to_string(&good).unwrap().replace("steps = 60", "steps = 0")).unwrap();
+    std::fs::write(
+        &bad,
+        std::fs::read_to_string(&good)
+            .unwrap()
+            .replace("steps = 60", "steps = 0"),
+    )
+    .unwrap();
     let out = run(&["job", "submit", bad.to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(stderr_of(&out).contains("`steps`"), "{}", stderr_of(&out));
 
-    let token = std::fs::read_to_string(cdir.join("token")).unwrap().trim().to_string();
-    let addrs: Vec<String> = status["members"].as_array().unwrap().iter().map(|m| m["address"].as_str().unwrap().to_string()).collect();
+    let token = std::fs::read_to_string(cdir.join("token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let addrs: Vec<String> = status["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["address"].as_str().unwrap().to_string())
+        .collect();
     let client = Client::new(addrs, token).unwrap();
     register(&client, "w0");
     register(&client, "w1");
+    // Keep both workers' leases alive, as real workers do.
+    let beating = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let hb = {
+        let beating = beating.clone();
+        let client = Client::new(
+            client.addrs().to_vec(),
+            std::fs::read_to_string(cdir.join("token"))
+                .unwrap()
+                .trim()
+                .to_string(),
+        )
+        .unwrap();
+        std::thread::spawn(move || {
+            while beating.load(std::sync::atomic::Ordering::Relaxed) {
+                for w in ["w0", "w1"] {
+                    let _ = client.post::<serde_json::Value>(
+                        "/v1/heartbeat",
+                        &serde_json::json!({"worker": w}),
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        })
+    };
 
     let out = run(&["job", "submit", good.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr_of(&out));
@@ -358,13 +523,21 @@ fn controller_cluster_up_status_and_operator_verbs() {
     assert!(out.status.success(), "{}", stderr_of(&out));
     let out = run(&["events"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("worker_draining") && text.contains("REASON"), "{text}");
+    assert!(
+        text.contains("worker_draining") && text.contains("REASON"),
+        "{text}"
+    );
     let out = run(&["checkpoint", "list"]);
     assert!(out.status.success());
     let out = run(&["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("leader:") && text.contains("draining"), "{text}");
+    assert!(
+        text.contains("leader:") && text.contains("draining"),
+        "{text}"
+    );
 
+    beating.store(false, std::sync::atomic::Ordering::Relaxed);
+    hb.join().unwrap();
     let out = run_with_timeout(
         {
             let mut c = phalanx();
@@ -374,5 +547,8 @@ fn controller_cluster_up_status_and_operator_verbs() {
         Duration::from_secs(20),
     );
     assert!(out.status.success(), "{}", stderr_of(&out));
-    assert!(up.wait_timeout(Duration::from_secs(10)).is_some(), "cluster up did not exit after cluster down");
+    assert!(
+        up.wait_timeout(Duration::from_secs(10)).is_some(),
+        "cluster up did not exit after cluster down"
+    );
 }

@@ -45,7 +45,10 @@ impl Proxy {
                         if cut2.load(Ordering::Relaxed) {
                             continue; // dropped
                         }
-                        let Ok(outbound) = TcpStream::connect_timeout(&target.parse().unwrap(), Duration::from_millis(300)) else {
+                        let Ok(outbound) = TcpStream::connect_timeout(
+                            &target.parse().unwrap(),
+                            Duration::from_millis(300),
+                        ) else {
                             continue;
                         };
                         for (mut a, mut b) in [
@@ -57,7 +60,8 @@ impl Proxy {
                                 a.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
                                 let mut buf = vec![0u8; 65536];
                                 loop {
-                                    if cut3.load(Ordering::Relaxed) || stop3.load(Ordering::Relaxed) {
+                                    if cut3.load(Ordering::Relaxed) || stop3.load(Ordering::Relaxed)
+                                    {
                                         break;
                                     }
                                     match a.read(&mut buf) {
@@ -67,7 +71,12 @@ impl Proxy {
                                                 break;
                                             }
                                         }
-                                        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                                        Err(e)
+                                            if matches!(
+                                                e.kind(),
+                                                std::io::ErrorKind::WouldBlock
+                                                    | std::io::ErrorKind::TimedOut
+                                            ) => {}
                                         Err(_) => break,
                                     }
                                 }
@@ -102,7 +111,9 @@ impl Net {
     fn new(n: u64) -> Net {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("token"), TOKEN).unwrap();
-        let real: BTreeMap<u64, String> = (1..=n).map(|i| (i, format!("127.0.0.1:{}", free_port()))).collect();
+        let real: BTreeMap<u64, String> = (1..=n)
+            .map(|i| (i, format!("127.0.0.1:{}", free_port())))
+            .collect();
         let mut links = BTreeMap::new();
         for from in 1..=n {
             for to in 1..=n {
@@ -111,7 +122,12 @@ impl Net {
                 }
             }
         }
-        let mut net = Net { dir, real, links, procs: BTreeMap::new() };
+        let mut net = Net {
+            dir,
+            real,
+            links,
+            procs: BTreeMap::new(),
+        };
         for id in 1..=n {
             net.start(id);
         }
@@ -122,11 +138,30 @@ impl Net {
         let peers: Vec<String> = self
             .real
             .keys()
-            .map(|j| if *j == id { format!("{j}={}", self.real[j]) } else { format!("{j}={}", self.links[&(id, *j)].addr) })
+            .map(|j| {
+                if *j == id {
+                    format!("{j}={}", self.real[j])
+                } else {
+                    format!("{j}={}", self.links[&(id, *j)].addr)
+                }
+            })
             .collect();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join(format!("node{id}.log"))).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("node{id}.log")))
+            .unwrap();
         let child = phalanx()
-            .args(["controller", "start", "--id", &id.to_string(), "--listen", &self.real[&id], "--peers", &peers.join(",")])
+            .args([
+                "controller",
+                "start",
+                "--id",
+                &id.to_string(),
+                "--listen",
+                &self.real[&id],
+                "--peers",
+                &peers.join(","),
+            ])
             .arg("--data-dir")
             .arg(self.dir.path().join(format!("node{id}")))
             .arg("--token-file")
@@ -157,7 +192,14 @@ impl Net {
     fn leader(&self) -> Option<u64> {
         let mut best: Option<(u64, u64)> = None;
         for (id, addr) in &self.real {
-            if let Ok((200, body)) = http_once(addr, "GET", "/v1/status", TOKEN, None, Duration::from_millis(300)) {
+            if let Ok((200, body)) = http_once(
+                addr,
+                "GET",
+                "/v1/status",
+                TOKEN,
+                None,
+                Duration::from_millis(300),
+            ) {
                 if let Ok(s) = serde_json::from_slice::<StatusResponse>(&body) {
                     if s.role == "leader" && best.is_none_or(|(t, _)| s.term > t) {
                         best = Some((s.term, *id));
@@ -213,7 +255,12 @@ fn linearizable(ops: &[Op]) -> Result<(), String> {
         if completed.iter().all(|i| done(*i)) {
             return Ok(());
         }
-        let min_ret = completed.iter().filter(|i| !done(**i)).filter_map(|i| ops[*i].ret).min().unwrap_or(u64::MAX);
+        let min_ret = completed
+            .iter()
+            .filter(|i| !done(**i))
+            .filter_map(|i| ops[*i].ret)
+            .min()
+            .unwrap_or(u64::MAX);
         for i in (0..n).rev() {
             if done(i) || ops[i].call > min_ret {
                 continue;
@@ -234,18 +281,47 @@ fn linearizable(ops: &[Op]) -> Result<(), String> {
             }
         }
     }
-    Err(format!("no linearization of {n} operations (explored {explored} states)"))
+    Err(format!(
+        "no linearization of {n} operations (explored {explored} states)"
+    ))
 }
 
 #[test]
 fn checker_accepts_linearizable_and_rejects_stale_reads() {
-    let w = |v, call, ret| Op { kind: OpKind::Write(v), call, ret };
-    let r = |v, call, ret| Op { kind: OpKind::Read(v), call, ret };
+    let w = |v, call, ret| Op {
+        kind: OpKind::Write(v),
+        call,
+        ret,
+    };
+    let r = |v, call, ret| Op {
+        kind: OpKind::Read(v),
+        call,
+        ret,
+    };
     assert!(linearizable(&[w(1, 0, Some(10)), r(Some(1), 11, Some(12))]).is_ok());
-    assert!(linearizable(&[w(1, 0, Some(10)), r(None, 5, Some(6))]).is_ok(), "concurrent read may see the old value");
-    assert!(linearizable(&[w(1, 0, Some(10)), w(2, 11, Some(20)), r(Some(1), 21, Some(22))]).is_err(), "stale read");
-    assert!(linearizable(&[w(1, 0, None), r(Some(1), 50, Some(51)), r(None, 60, Some(61))]).is_err());
-    assert!(linearizable(&[w(1, 0, None), r(None, 50, Some(51))]).is_ok(), "a failed write may never apply");
+    assert!(
+        linearizable(&[w(1, 0, Some(10)), r(None, 5, Some(6))]).is_ok(),
+        "concurrent read may see the old value"
+    );
+    assert!(
+        linearizable(&[
+            w(1, 0, Some(10)),
+            w(2, 11, Some(20)),
+            r(Some(1), 21, Some(22))
+        ])
+        .is_err(),
+        "stale read"
+    );
+    assert!(linearizable(&[
+        w(1, 0, None),
+        r(Some(1), 50, Some(51)),
+        r(None, 60, Some(61))
+    ])
+    .is_err());
+    assert!(
+        linearizable(&[w(1, 0, None), r(None, 50, Some(51))]).is_ok(),
+        "a failed write may never apply"
+    );
 }
 
 #[test]
@@ -270,18 +346,29 @@ fn controller_linearizable_under_leader_kill_and_partition() {
                 if (k + c) % 2 == 0 {
                     let v = c * 1_000_000 + k;
                     let call = now();
-                    let r = client.command(Command::SetAnnotation { key: "x".into(), value: v.to_string() });
+                    let r = client.command(Command::SetAnnotation {
+                        key: "x".into(),
+                        value: v.to_string(),
+                    });
                     let ret = match r {
                         Ok(resp) if resp.outcome.is_applied() => Some(now()),
                         _ => None,
                     };
-                    history.lock().unwrap().push(Op { kind: OpKind::Write(v), call, ret });
+                    history.lock().unwrap().push(Op {
+                        kind: OpKind::Write(v),
+                        call,
+                        ret,
+                    });
                 } else {
                     let call = now();
                     if let Ok(v) = client.get::<serde_json::Value>("/v1/annotations/x") {
                         let ret = now();
                         let val = v["value"].as_str().and_then(|s| s.parse::<u32>().ok());
-                        history.lock().unwrap().push(Op { kind: OpKind::Read(val), call, ret: Some(ret) });
+                        history.lock().unwrap().push(Op {
+                            kind: OpKind::Read(val),
+                            call,
+                            ret: Some(ret),
+                        });
                     }
                 }
             }
@@ -305,15 +392,35 @@ fn controller_linearizable_under_leader_kill_and_partition() {
     }
     let mut ops = history.lock().unwrap().clone();
     ops.sort_by_key(|o| o.call);
-    let writes_ok = ops.iter().filter(|o| matches!(o.kind, OpKind::Write(_)) && o.ret.is_some()).count();
-    let reads = ops.iter().filter(|o| matches!(o.kind, OpKind::Read(_))).count();
-    assert!(writes_ok >= 20 && reads >= 20, "too little progress: {writes_ok} writes, {reads} reads");
+    let writes_ok = ops
+        .iter()
+        .filter(|o| matches!(o.kind, OpKind::Write(_)) && o.ret.is_some())
+        .count();
+    let reads = ops
+        .iter()
+        .filter(|o| matches!(o.kind, OpKind::Read(_)))
+        .count();
+    assert!(
+        writes_ok >= 20 && reads >= 20,
+        "too little progress: {writes_ok} writes, {reads} reads"
+    );
     // Run the search on a big stack.
     let ops2 = ops.clone();
-    let verdict = std::thread::Builder::new().stack_size(64 << 20).spawn(move || linearizable(&ops2)).unwrap().join().unwrap();
+    let verdict = std::thread::Builder::new()
+        .stack_size(64 << 20)
+        .spawn(move || linearizable(&ops2))
+        .unwrap()
+        .join()
+        .unwrap();
     let mut counts: HashMap<&str, usize> = HashMap::new();
     for o in &ops {
-        *counts.entry(match (&o.kind, o.ret) { (OpKind::Write(_), Some(_)) => "write_ok", (OpKind::Write(_), None) => "write_unknown", _ => "read" }).or_default() += 1;
+        *counts
+            .entry(match (&o.kind, o.ret) {
+                (OpKind::Write(_), Some(_)) => "write_ok",
+                (OpKind::Write(_), None) => "write_unknown",
+                _ => "read",
+            })
+            .or_default() += 1;
     }
     eprintln!("history: {counts:?}; killed leader {l1}, isolated leader {l2}");
     if let Err(e) = verdict {

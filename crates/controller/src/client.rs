@@ -20,9 +20,18 @@ pub enum ClientError {
     #[error("unauthorized (401) from {addr}: {message}")]
     Unauthorized { addr: String, message: String },
     #[error("{addr} answered {status} {error}: {message}")]
-    Api { addr: String, status: u16, error: String, message: String },
+    Api {
+        addr: String,
+        status: u16,
+        error: String,
+        message: String,
+    },
     #[error("no controller answered within {deadline_ms} ms (tried {addrs}); last error: {last}")]
-    Unavailable { deadline_ms: u64, addrs: String, last: String },
+    Unavailable {
+        deadline_ms: u64,
+        addrs: String,
+        last: String,
+    },
     #[error("bad response from {addr}: {message}")]
     BadResponse { addr: String, message: String },
     #[error("no controller addresses given")]
@@ -43,8 +52,15 @@ static REQ_SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// A request id unique across processes: wall time, pid and a counter.
 pub fn new_request_id(prefix: &str) -> String {
-    let t = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    format!("{prefix}-{}-{t:x}-{}", std::process::id(), REQ_SEQ.fetch_add(1, Ordering::Relaxed))
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "{prefix}-{}-{t:x}-{}",
+        std::process::id(),
+        REQ_SEQ.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// One HTTP exchange with one address.
@@ -56,10 +72,12 @@ pub fn http_once(
     body: Option<&[u8]>,
     timeout: Duration,
 ) -> Result<(u16, Vec<u8>), std::io::Error> {
-    let sa = addr
-        .to_socket_addrs()?
-        .next()
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("bad address {addr}")))?;
+    let sa = addr.to_socket_addrs()?.next().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("bad address {addr}"),
+        )
+    })?;
     let mut s = TcpStream::connect_timeout(&sa, timeout.min(Duration::from_secs(1)))?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
@@ -80,13 +98,19 @@ pub fn http_once(
             return Ok(r);
         }
         if start.elapsed() > timeout {
-            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "response timed out"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "response timed out",
+            ));
         }
         let n = s.read(&mut chunk)?;
         if n == 0 {
             return match wire::parse_response(&buf, 64 << 20) {
                 Ok(Some(r)) => Ok(r),
-                _ => Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed mid-response")),
+                _ => Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "connection closed mid-response",
+                )),
             };
         }
         buf.extend_from_slice(&chunk[..n]);
@@ -112,7 +136,12 @@ impl Client {
     }
 
     /// Call the API, retrying across nodes until the deadline.
-    pub fn call(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<Vec<u8>, ClientError> {
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<Vec<u8>, ClientError> {
         let start = Instant::now();
         let mut last = String::from("none");
         let mut i = self.preferred.load(Ordering::Relaxed);
@@ -120,9 +149,19 @@ impl Client {
         let mut attempt = 0u32;
         while start.elapsed() < self.deadline {
             attempt += 1;
-            let addr = redirect.take().unwrap_or_else(|| self.addrs[i % self.addrs.len()].clone());
+            let addr = redirect
+                .take()
+                .unwrap_or_else(|| self.addrs[i % self.addrs.len()].clone());
             let remaining = self.deadline.saturating_sub(start.elapsed());
-            match http_once(&addr, method, path, &self.token, body, self.request_timeout.min(remaining.max(Duration::from_millis(100)))) {
+            match http_once(
+                &addr,
+                method,
+                path,
+                &self.token,
+                body,
+                self.request_timeout
+                    .min(remaining.max(Duration::from_millis(100))),
+            ) {
                 Ok((status, bytes)) if (200..300).contains(&status) => {
                     if let Some(pos) = self.addrs.iter().position(|a| *a == addr) {
                         self.preferred.store(pos, Ordering::Relaxed);
@@ -130,14 +169,20 @@ impl Client {
                     return Ok(bytes);
                 }
                 Ok((status, bytes)) => {
-                    let err: ErrorResponse = serde_json::from_slice(&bytes).unwrap_or(ErrorResponse {
-                        error: "unknown".into(),
-                        message: String::from_utf8_lossy(&bytes).into_owned(),
-                        leader_id: None,
-                        leader_address: None,
-                    });
+                    let err: ErrorResponse =
+                        serde_json::from_slice(&bytes).unwrap_or(ErrorResponse {
+                            error: "unknown".into(),
+                            message: String::from_utf8_lossy(&bytes).into_owned(),
+                            leader_id: None,
+                            leader_address: None,
+                        });
                     match status {
-                        401 => return Err(ClientError::Unauthorized { addr, message: err.message }),
+                        401 => {
+                            return Err(ClientError::Unauthorized {
+                                addr,
+                                message: err.message,
+                            })
+                        }
                         421 => {
                             last = format!("{addr}: not leader");
                             if let Some(a) = err.leader_address.filter(|a| !a.is_empty()) {
@@ -154,7 +199,12 @@ impl Client {
                             }
                         }
                         _ => {
-                            return Err(ClientError::Api { addr, status, error: err.error, message: err.message });
+                            return Err(ClientError::Api {
+                                addr,
+                                status,
+                                error: err.error,
+                                message: err.message,
+                            });
                         }
                     }
                 }
@@ -176,15 +226,23 @@ impl Client {
 
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         let bytes = self.call("GET", path, None)?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| ClientError::BadResponse { addr: "controller".into(), message: e.to_string() })
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::BadResponse {
+            addr: "controller".into(),
+            message: e.to_string(),
+        })
     }
 
-    pub fn post<T: DeserializeOwned>(&self, path: &str, body: &impl serde::Serialize) -> Result<T, ClientError> {
+    pub fn post<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &impl serde::Serialize,
+    ) -> Result<T, ClientError> {
         let body = serde_json::to_vec(body).unwrap_or_default();
         let bytes = self.call("POST", path, Some(&body))?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| ClientError::BadResponse { addr: "controller".into(), message: e.to_string() })
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::BadResponse {
+            addr: "controller".into(),
+            message: e.to_string(),
+        })
     }
 
     /// Submit a command with a fresh request id (kept across retries).
@@ -192,8 +250,18 @@ impl Client {
         self.command_with_id(new_request_id("cli"), command)
     }
 
-    pub fn command_with_id(&self, request_id: String, command: Command) -> Result<CommandResponse, ClientError> {
-        self.post("/v1/command", &Envelope { request_id, command })
+    pub fn command_with_id(
+        &self,
+        request_id: String,
+        command: Command,
+    ) -> Result<CommandResponse, ClientError> {
+        self.post(
+            "/v1/command",
+            &Envelope {
+                request_id,
+                command,
+            },
+        )
     }
 
     /// The status of every controller that answers (no retries), in address order.
@@ -201,16 +269,26 @@ impl Client {
         self.addrs
             .iter()
             .map(|a| {
-                let r = http_once(a, "GET", "/v1/status", &self.token, None, Duration::from_millis(800))
-                    .map_err(|e| e.to_string())
-                    .and_then(|(status, body)| {
-                        if status == 200 {
-                            serde_json::from_slice::<StatusResponse>(&body).map_err(|e| e.to_string())
-                        } else {
-                            let e: Option<ErrorResponse> = serde_json::from_slice(&body).ok();
-                            Err(format!("{status} {}", e.map(|e| e.message).unwrap_or_default()))
-                        }
-                    });
+                let r = http_once(
+                    a,
+                    "GET",
+                    "/v1/status",
+                    &self.token,
+                    None,
+                    Duration::from_millis(800),
+                )
+                .map_err(|e| e.to_string())
+                .and_then(|(status, body)| {
+                    if status == 200 {
+                        serde_json::from_slice::<StatusResponse>(&body).map_err(|e| e.to_string())
+                    } else {
+                        let e: Option<ErrorResponse> = serde_json::from_slice(&body).ok();
+                        Err(format!(
+                            "{status} {}",
+                            e.map(|e| e.message).unwrap_or_default()
+                        ))
+                    }
+                });
                 (a.clone(), r)
             })
             .collect()

@@ -8,5 +8,5 @@ pub mod server;
 pub mod storage;
 pub mod wire;
 
-pub use node::{Replica, ReplicaConfig, ReadyOutput, NodeError};
+pub use node::{NodeError, ReadyOutput, Replica, ReplicaConfig};
 pub use storage::{SledStorage, StorageError};

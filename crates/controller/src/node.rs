@@ -143,7 +143,9 @@ impl Replica {
             pre_vote: true,
             ..Default::default()
         };
-        raft_cfg.validate().map_err(|e| NodeError::Config(e.to_string()))?;
+        raft_cfg
+            .validate()
+            .map_err(|e| NodeError::Config(e.to_string()))?;
         let raw = RawNode::new(&raft_cfg, store, &raft_logger())?;
         let mut addresses = addresses;
         for m in &state.members {
@@ -151,7 +153,14 @@ impl Replica {
                 addresses.entry(m.id).or_insert_with(|| m.address.clone());
             }
         }
-        Ok(Replica { raw, state, cfg, addresses, counters: Counters::default(), last_role: StateRole::Follower })
+        Ok(Replica {
+            raw,
+            state,
+            cfg,
+            addresses,
+            counters: Counters::default(),
+            last_role: StateRole::Follower,
+        })
     }
 
     pub fn id(&self) -> NodeId {
@@ -207,15 +216,29 @@ impl Replica {
     }
 
     /// Add or remove a voter through joint consensus (ConfChangeV2, left automatically).
-    pub fn propose_member_change(&mut self, add: bool, id: NodeId, address: &str) -> Result<(), NodeError> {
-        let mut single = ConfChangeSingle::default();
-        single.node_id = id;
-        single.set_change_type(if add { ConfChangeType::AddNode } else { ConfChangeType::RemoveNode });
+    pub fn propose_member_change(
+        &mut self,
+        add: bool,
+        id: NodeId,
+        address: &str,
+    ) -> Result<(), NodeError> {
+        let mut single = ConfChangeSingle {
+            node_id: id,
+            ..Default::default()
+        };
+        single.set_change_type(if add {
+            ConfChangeType::AddNode
+        } else {
+            ConfChangeType::RemoveNode
+        });
         let mut cc = ConfChangeV2::default();
         cc.set_changes(vec![single].into());
         cc.set_transition(ConfChangeTransition::Implicit);
-        let ctx: BTreeMap<NodeId, String> =
-            if add { [(id, address.to_string())].into_iter().collect() } else { BTreeMap::new() };
+        let ctx: BTreeMap<NodeId, String> = if add {
+            [(id, address.to_string())].into_iter().collect()
+        } else {
+            BTreeMap::new()
+        };
         cc.set_context(serde_json::to_vec(&ctx).unwrap_or_default().into());
         self.raw.propose_conf_change(Vec::new(), cc)?;
         self.counters.proposals += 1;
@@ -285,7 +308,11 @@ impl Replica {
         Ok(out)
     }
 
-    fn apply_entries(&mut self, entries: Vec<Entry>, out: &mut ReadyOutput) -> Result<(), NodeError> {
+    fn apply_entries(
+        &mut self,
+        entries: Vec<Entry>,
+        out: &mut ReadyOutput,
+    ) -> Result<(), NodeError> {
         for e in entries {
             self.counters.commits += 1;
             match e.get_entry_type() {
@@ -298,7 +325,11 @@ impl Replica {
                         Ok(env) => {
                             let applied = self.state.apply(e.index, &env);
                             debug!(index = e.index, request_id = %env.request_id, "applied");
-                            out.applied.push(AppliedCommand { index: e.index, request_id: env.request_id, applied });
+                            out.applied.push(AppliedCommand {
+                                index: e.index,
+                                request_id: env.request_id,
+                                applied,
+                            });
                         }
                         Err(err) => {
                             // Only this node's API proposes, after decoding; keep going.
@@ -314,15 +345,18 @@ impl Replica {
                         // Legacy v1 change (never proposed by us): convert by hand.
                         let v1 = raft::prelude::ConfChange::parse_from_bytes(&e.data)
                             .map_err(raft::Error::CodecError)?;
-                        let mut single = ConfChangeSingle::default();
-                        single.node_id = v1.node_id;
+                        let mut single = ConfChangeSingle {
+                            node_id: v1.node_id,
+                            ..Default::default()
+                        };
                         single.set_change_type(v1.get_change_type());
                         let mut v2 = ConfChangeV2::default();
                         v2.set_changes(vec![single].into());
                         v2.set_context(v1.context.clone());
                         v2
                     };
-                    let ctx: BTreeMap<NodeId, String> = serde_json::from_slice(&cc.context).unwrap_or_default();
+                    let ctx: BTreeMap<NodeId, String> =
+                        serde_json::from_slice(&cc.context).unwrap_or_default();
                     for (id, addr) in &ctx {
                         self.addresses.insert(*id, addr.clone());
                     }

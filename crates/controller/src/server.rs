@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use phalanx_core::{LeaseConfig, Leases, StateLimits};
 use phalanx_proto::{
-    Assignment, Command, CommandResponse, ControllerMember, Envelope, ErrorResponse, HeartbeatRequest,
-    MemberChange, NodeId, StatusResponse, WorkerHealth, WorkerId,
+    Assignment, Command, CommandResponse, ControllerMember, Envelope, ErrorResponse,
+    HeartbeatRequest, MemberChange, NodeId, StatusResponse, WorkerHealth, WorkerId,
 };
 use protobuf::Message as PbMessage;
 use raft::prelude::Message;
@@ -34,7 +34,10 @@ pub enum ServerError {
     #[error(transparent)]
     Node(#[from] NodeError),
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: String, source: std::io::Error },
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("runtime: {0}")]
     Runtime(std::io::Error),
     #[error("invalid config: {0}")]
@@ -63,7 +66,13 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
-    pub fn new(id: NodeId, listen: String, peers: BTreeMap<NodeId, String>, data_dir: PathBuf, token: String) -> Self {
+    pub fn new(
+        id: NodeId,
+        listen: String,
+        peers: BTreeMap<NodeId, String>,
+        data_dir: PathBuf,
+        token: String,
+    ) -> Self {
         ServerConfig {
             id,
             listen,
@@ -92,7 +101,10 @@ impl ServerConfig {
             return bad("token: the cluster token is empty".into());
         }
         if !self.join && !self.peers.contains_key(&self.id) {
-            return bad(format!("peers: must include this node's own id {}", self.id));
+            return bad(format!(
+                "peers: must include this node's own id {}",
+                self.id
+            ));
         }
         if self.tick_ms == 0 || self.tick_ms > 10_000 {
             return bad(format!("tick_ms: {} (expected 1..=10000)", self.tick_ms));
@@ -110,7 +122,10 @@ impl ServerConfig {
 /// An API failure, mapped to an HTTP status.
 #[derive(Debug, Clone)]
 pub enum ApiError {
-    NotLeader { leader_id: NodeId, leader_address: Option<String> },
+    NotLeader {
+        leader_id: NodeId,
+        leader_address: Option<String>,
+    },
     NoLeader,
     Timeout,
     BadRequest(String),
@@ -127,7 +142,10 @@ impl ApiError {
             leader_address: None,
         };
         match self {
-            ApiError::NotLeader { leader_id, leader_address } => (
+            ApiError::NotLeader {
+                leader_id,
+                leader_address,
+            } => (
                 421,
                 ErrorResponse {
                     error: "not_leader".into(),
@@ -136,8 +154,17 @@ impl ApiError {
                     leader_address: leader_address.clone(),
                 },
             ),
-            ApiError::NoLeader => (503, e("no_leader", "no leader is known right now; retry".into())),
-            ApiError::Timeout => (504, e("timeout", "the request did not commit in time; retry with the same request id".into())),
+            ApiError::NoLeader => (
+                503,
+                e("no_leader", "no leader is known right now; retry".into()),
+            ),
+            ApiError::Timeout => (
+                504,
+                e(
+                    "timeout",
+                    "the request did not commit in time; retry with the same request id".into(),
+                ),
+            ),
             ApiError::BadRequest(m) => (400, e("bad_request", m.clone())),
             ApiError::NotFound(m) => (404, e("not_found", m.clone())),
             ApiError::Internal(m) => (500, e("internal", m.clone())),
@@ -151,13 +178,28 @@ type Query = Box<dyn FnOnce(&Replica) -> ApiResult + Send>;
 
 enum Input {
     Peer(Message),
-    Propose { env: Envelope, reply: Reply },
+    Propose {
+        env: Envelope,
+        reply: Reply,
+    },
     /// Linearizable read: ReadIndex on the leader, then the query once applied.
-    Read { query: Query, reply: Reply },
+    Read {
+        query: Query,
+        reply: Reply,
+    },
     /// Local (possibly stale) read on any node.
-    Local { query: Query, reply: Reply },
-    Heartbeat { worker: WorkerId, reply: Reply },
-    Member { change: MemberChange, reply: Reply },
+    Local {
+        query: Query,
+        reply: Reply,
+    },
+    Heartbeat {
+        worker: WorkerId,
+        reply: Reply,
+    },
+    Member {
+        change: MemberChange,
+        reply: Reply,
+    },
 }
 
 struct Waiter {
@@ -216,7 +258,10 @@ pub fn start(cfg: ServerConfig) -> Result<ControllerHandle, ServerError> {
         .map_err(ServerError::Runtime)?;
     let listener = runtime
         .block_on(TcpListener::bind(&cfg.listen))
-        .map_err(|e| ServerError::Bind { addr: cfg.listen.clone(), source: e })?;
+        .map_err(|e| ServerError::Bind {
+            addr: cfg.listen.clone(),
+            source: e,
+        })?;
     let local_addr = listener.local_addr().map_err(ServerError::Runtime)?;
 
     let mut rcfg = ReplicaConfig::new(cfg.id);
@@ -225,13 +270,21 @@ pub fn start(cfg: ServerConfig) -> Result<ControllerHandle, ServerError> {
     rcfg.heartbeat_tick = cfg.heartbeat_tick;
     rcfg.snapshot_entries = cfg.snapshot_entries;
     rcfg.limits = StateLimits::default();
-    let voters: Vec<NodeId> = if cfg.join { Vec::new() } else { cfg.peers.keys().copied().collect() };
+    let voters: Vec<NodeId> = if cfg.join {
+        Vec::new()
+    } else {
+        cfg.peers.keys().copied().collect()
+    };
     let replica = Replica::open(&cfg.data_dir, rcfg, &voters, cfg.peers.clone())?;
     info!(id = cfg.id, addr = %local_addr, voters = ?replica.voters(), term = replica.term(), "controller started");
 
     let (in_tx, in_rx) = std_mpsc::channel::<Input>();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let ctx = Arc::new(ConnCtx { inputs: in_tx, token: cfg.token.clone(), cfg: cfg.clone() });
+    let ctx = Arc::new(ConnCtx {
+        inputs: in_tx,
+        token: cfg.token.clone(),
+        cfg: cfg.clone(),
+    });
     runtime.spawn(accept_loop(listener, ctx));
 
     let handle = runtime.handle().clone();
@@ -246,7 +299,12 @@ pub fn start(cfg: ServerConfig) -> Result<ControllerHandle, ServerError> {
             }
         })
         .map_err(ServerError::Runtime)?;
-    Ok(ControllerHandle { local_addr, runtime: Some(runtime), raft_thread: Some(raft_thread), stop })
+    Ok(ControllerHandle {
+        local_addr,
+        runtime: Some(runtime),
+        raft_thread: Some(raft_thread),
+        stop,
+    })
 }
 
 // ------------------------------------------------------------------ raft loop
@@ -293,11 +351,18 @@ impl RaftLoop {
         if l == 0 {
             ApiError::NoLeader
         } else {
-            ApiError::NotLeader { leader_id: l, leader_address: self.r.addresses.get(&l).cloned() }
+            ApiError::NotLeader {
+                leader_id: l,
+                leader_address: self.r.addresses.get(&l).cloned(),
+            }
         }
     }
 
-    fn run(&mut self, inputs: std_mpsc::Receiver<Input>, stop: &std::sync::atomic::AtomicBool) -> Result<(), NodeError> {
+    fn run(
+        &mut self,
+        inputs: std_mpsc::Receiver<Input>,
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> Result<(), NodeError> {
         let tick = Duration::from_millis(self.cfg.tick_ms);
         let mut next_tick = Instant::now() + tick;
         let mut next_lease_check = Instant::now();
@@ -347,14 +412,29 @@ impl RaftLoop {
                     return Ok(());
                 }
                 if let Some((index, outcome)) = self.r.state.lookup_request(&env.request_id) {
-                    let resp = CommandResponse { outcome: outcome.clone(), index, duplicate: true };
+                    let resp = CommandResponse {
+                        outcome: outcome.clone(),
+                        index,
+                        duplicate: true,
+                    };
                     let _ = reply.send(Ok(serde_json::to_value(resp).unwrap_or_default()));
                     return Ok(());
                 }
+                if let Command::RegisterWorker { id, .. } = &env.command {
+                    // Registration starts the worker's lease.
+                    let now = self.now_ms();
+                    if let Some(l) = self.leases.as_mut() {
+                        l.heartbeat(id, now);
+                    }
+                }
                 match self.r.propose(&env) {
                     Ok(()) => {
-                        let deadline = Instant::now() + Duration::from_millis(self.cfg.request_timeout_ms);
-                        self.waiters.entry(env.request_id.clone()).or_default().push(Waiter { reply, deadline });
+                        let deadline =
+                            Instant::now() + Duration::from_millis(self.cfg.request_timeout_ms);
+                        self.waiters
+                            .entry(env.request_id.clone())
+                            .or_default()
+                            .push(Waiter { reply, deadline });
                     }
                     Err(e) => {
                         debug!(%e, "proposal dropped");
@@ -371,7 +451,15 @@ impl RaftLoop {
                 self.next_read += 1;
                 self.r.raw.read_index(id.to_be_bytes().to_vec());
                 let deadline = Instant::now() + Duration::from_millis(self.cfg.request_timeout_ms);
-                self.reads.insert(id, PendingRead { query, reply, deadline, index: None });
+                self.reads.insert(
+                    id,
+                    PendingRead {
+                        query,
+                        reply,
+                        deadline,
+                        index: None,
+                    },
+                );
             }
             Input::Local { query, reply } => {
                 let _ = reply.send(query(&self.r));
@@ -382,7 +470,9 @@ impl RaftLoop {
                     return Ok(());
                 }
                 if !self.r.state.workers.contains_key(&worker) {
-                    let _ = reply.send(Err(ApiError::NotFound(format!("worker {worker} is not registered"))));
+                    let _ = reply.send(Err(ApiError::NotFound(format!(
+                        "worker {worker} is not registered"
+                    ))));
                     return Ok(());
                 }
                 let now = self.now_ms();
@@ -400,15 +490,22 @@ impl RaftLoop {
                     "add" => true,
                     "remove" => false,
                     other => {
-                        let _ = reply.send(Err(ApiError::BadRequest(format!("action: {other:?} (expected add or remove)"))));
+                        let _ = reply.send(Err(ApiError::BadRequest(format!(
+                            "action: {other:?} (expected add or remove)"
+                        ))));
                         return Ok(());
                     }
                 };
                 if add && change.address.is_empty() {
-                    let _ = reply.send(Err(ApiError::BadRequest("address: required to add a member".into())));
+                    let _ = reply.send(Err(ApiError::BadRequest(
+                        "address: required to add a member".into(),
+                    )));
                     return Ok(());
                 }
-                match self.r.propose_member_change(add, change.id, &change.address) {
+                match self
+                    .r
+                    .propose_member_change(add, change.id, &change.address)
+                {
                     Ok(()) => {
                         let _ = reply.send(Ok(serde_json::json!({"proposed": true})));
                     }
@@ -435,7 +532,11 @@ impl RaftLoop {
             }
             for a in out.applied {
                 if let Some(ws) = self.waiters.remove(&a.request_id) {
-                    let resp = CommandResponse { outcome: a.applied.outcome.clone(), index: a.applied.index, duplicate: a.applied.duplicate };
+                    let resp = CommandResponse {
+                        outcome: a.applied.outcome.clone(),
+                        index: a.applied.index,
+                        duplicate: a.applied.duplicate,
+                    };
                     let v = serde_json::to_value(resp).unwrap_or_default();
                     for w in ws {
                         let _ = w.reply.send(Ok(v.clone()));
@@ -443,7 +544,12 @@ impl RaftLoop {
                 }
             }
             for rs in out.read_states {
-                let id = u64::from_be_bytes(rs.request_ctx.get(..8).and_then(|b| b.try_into().ok()).unwrap_or([0; 8]));
+                let id = u64::from_be_bytes(
+                    rs.request_ctx
+                        .get(..8)
+                        .and_then(|b| b.try_into().ok())
+                        .unwrap_or([0; 8]),
+                );
                 if let Some(p) = self.reads.get_mut(&id) {
                     p.index = Some(rs.index);
                 }
@@ -451,7 +557,12 @@ impl RaftLoop {
         }
         // Serve reads whose index has been applied.
         let applied = self.r.applied_index();
-        let ready: Vec<u64> = self.reads.iter().filter(|(_, p)| p.index.is_some_and(|i| i <= applied)).map(|(id, _)| *id).collect();
+        let ready: Vec<u64> = self
+            .reads
+            .iter()
+            .filter(|(_, p)| p.index.is_some_and(|i| i <= applied))
+            .map(|(id, _)| *id)
+            .collect();
         for id in ready {
             if let Some(p) = self.reads.remove(&id) {
                 let _ = p.reply.send((p.query)(&self.r));
@@ -471,7 +582,8 @@ impl RaftLoop {
             let token = self.cfg.token.clone();
             let from = self.cfg.id;
             let frame_max = self.cfg.frame_bytes_max;
-            self.rt.spawn(peer_sender(from, to, addr, token, rx, frame_max));
+            self.rt
+                .spawn(peer_sender(from, to, addr, token, rx, frame_max));
             self.peers.insert(to, tx);
         }
         if let Some(tx) = self.peers.get(&to) {
@@ -504,7 +616,9 @@ impl RaftLoop {
     }
 
     fn check_leases(&mut self) -> Result<(), NodeError> {
-        let Some(leases) = &self.leases else { return Ok(()) };
+        let Some(leases) = &self.leases else {
+            return Ok(());
+        };
         let now = self.now_ms();
         let decisions = leases.decide(now, &self.r.state.workers, &self.cfg.lease);
         for (worker, decision, reason) in decisions {
@@ -516,8 +630,17 @@ impl RaftLoop {
             }
             self.lease_seq += 1;
             let env = Envelope {
-                request_id: format!("lease-n{}-t{}-{}", self.cfg.id, self.r.term(), self.lease_seq),
-                command: Command::SetWorkerHealth { id: worker.clone(), health, reason },
+                request_id: format!(
+                    "lease-n{}-t{}-{}",
+                    self.cfg.id,
+                    self.r.term(),
+                    self.lease_seq
+                ),
+                command: Command::SetWorkerHealth {
+                    id: worker.clone(),
+                    health,
+                    reason,
+                },
             };
             info!(worker = %worker, health = health.as_str(), "lease decision");
             if self.r.propose(&env).is_ok() {
@@ -541,7 +664,12 @@ impl RaftLoop {
             *ws = keep;
             !ws.is_empty()
         });
-        let expired: Vec<u64> = self.reads.iter().filter(|(_, p)| p.deadline <= now).map(|(id, _)| *id).collect();
+        let expired: Vec<u64> = self
+            .reads
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
         for id in expired {
             if let Some(p) = self.reads.remove(&id) {
                 let _ = p.reply.send(Err(ApiError::Timeout));
@@ -563,17 +691,25 @@ async fn peer_sender(
     let mut conn: Option<TcpStream> = None;
     while let Some(m) = rx.recv().await {
         if conn.is_none() {
-            match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(&addr)).await {
-                Ok(Ok(mut s)) => {
+            if let Ok(Ok(mut s)) =
+                tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(&addr)).await
+            {
+                {
                     let _ = s.set_nodelay(true);
-                    let hs = serde_json::to_vec(&Handshake { from, token: token.clone() }).unwrap_or_default();
+                    let hs = serde_json::to_vec(&Handshake {
+                        from,
+                        token: token.clone(),
+                    })
+                    .unwrap_or_default();
                     let mut hello = PEER_MAGIC.to_vec();
                     hello.extend_from_slice(&wire::encode_frame(&hs));
-                    if tokio::time::timeout(Duration::from_secs(1), s.write_all(&hello)).await.is_ok_and(|r| r.is_ok()) {
+                    if tokio::time::timeout(Duration::from_secs(1), s.write_all(&hello))
+                        .await
+                        .is_ok_and(|r| r.is_ok())
+                    {
                         conn = Some(s);
                     }
                 }
-                _ => {}
             }
             if conn.is_none() {
                 // Unreachable: drop what is queued (raft retransmits) and back off a little.
@@ -585,7 +721,11 @@ async fn peer_sender(
         let bytes = match m.write_to_bytes() {
             Ok(b) if (b.len() as u64) <= frame_bytes_max => b,
             Ok(b) => {
-                warn!(to, len = b.len(), "message exceeds frame_bytes_max; dropped");
+                warn!(
+                    to,
+                    len = b.len(),
+                    "message exceeds frame_bytes_max; dropped"
+                );
                 continue;
             }
             Err(e) => {
@@ -595,7 +735,9 @@ async fn peer_sender(
         };
         let frame = wire::encode_frame(&bytes);
         let Some(s) = conn.as_mut() else { continue };
-        let ok = tokio::time::timeout(Duration::from_secs(2), s.write_all(&frame)).await.is_ok_and(|r| r.is_ok());
+        let ok = tokio::time::timeout(Duration::from_secs(2), s.write_all(&frame))
+            .await
+            .is_ok_and(|r| r.is_ok());
         if !ok {
             debug!(to, "peer write failed; reconnecting");
             conn = None;
@@ -629,8 +771,8 @@ fn token_eq(a: &str, b: &str) -> bool {
     // Constant-time in the length of the presented token.
     let (a, b) = (a.as_bytes(), b.as_bytes());
     let mut diff = (a.len() != b.len()) as u8;
-    for i in 0..a.len() {
-        diff |= a[i] ^ b.get(i).copied().unwrap_or(0);
+    for (i, x) in a.iter().enumerate() {
+        diff |= x ^ b.get(i).copied().unwrap_or(0);
     }
     diff == 0
 }
@@ -659,13 +801,19 @@ async fn handle_conn(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<ConnCtx>)
 
 async fn read_frame(stream: &mut TcpStream, max: u64, idle: Duration) -> Option<Vec<u8>> {
     let mut len = [0u8; 4];
-    tokio::time::timeout(idle, stream.read_exact(&mut len)).await.ok()?.ok()?;
+    tokio::time::timeout(idle, stream.read_exact(&mut len))
+        .await
+        .ok()?
+        .ok()?;
     let n = u32::from_be_bytes(len) as u64;
     if n > max {
         return None;
     }
     let mut buf = vec![0u8; n as usize];
-    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut buf)).await.ok()?.ok()?;
+    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
     Some(buf)
 }
 
@@ -690,7 +838,13 @@ async fn handle_peer(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<ConnCtx>)
         return;
     }
     debug!(%peer, from = hs.from, "peer connected");
-    while let Some(buf) = read_frame(&mut stream, ctx.cfg.frame_bytes_max, Duration::from_secs(30)).await {
+    while let Some(buf) = read_frame(
+        &mut stream,
+        ctx.cfg.frame_bytes_max,
+        Duration::from_secs(30),
+    )
+    .await
+    {
         match Message::parse_from_bytes(&buf) {
             Ok(m) => {
                 if m.from != hs.from {
@@ -726,11 +880,18 @@ async fn handle_http(stream: &mut TcpStream, peer: SocketAddr, ctx: Arc<ConnCtx>
             Ok(None) => {}
             Err(e) => {
                 let status = match e {
-                    wire::HttpError::BodyTooLarge { .. } | wire::HttpError::HeadersTooLarge(_) => 413,
+                    wire::HttpError::BodyTooLarge { .. } | wire::HttpError::HeadersTooLarge(_) => {
+                        413
+                    }
                     _ => 400,
                 };
                 warn!(%peer, %e, "bad HTTP request");
-                let body = ErrorResponse { error: "bad_request".into(), message: e.to_string(), leader_id: None, leader_address: None };
+                let body = ErrorResponse {
+                    error: "bad_request".into(),
+                    message: e.to_string(),
+                    leader_id: None,
+                    leader_address: None,
+                };
                 write_json(stream, status, &body).await;
                 return;
             }
@@ -740,13 +901,21 @@ async fn handle_http(stream: &mut TcpStream, peer: SocketAddr, ctx: Arc<ConnCtx>
             Ok(Ok(0)) | Ok(Err(_)) => return,
             Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
             Err(_) => {
-                let body = ErrorResponse { error: "timeout".into(), message: "request not received in time".into(), leader_id: None, leader_address: None };
+                let body = ErrorResponse {
+                    error: "timeout".into(),
+                    message: "request not received in time".into(),
+                    leader_id: None,
+                    leader_address: None,
+                };
                 write_json(stream, 408, &body).await;
                 return;
             }
         }
     };
-    let presented = req.header("authorization").and_then(|h| h.strip_prefix("Bearer ")).unwrap_or("");
+    let presented = req
+        .header("authorization")
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .unwrap_or("");
     if !token_eq(presented, &ctx.token) {
         warn!(%peer, method = %req.method, path = %req.path, "API call rejected: missing or wrong cluster token");
         let body = ErrorResponse {
@@ -771,7 +940,9 @@ async fn handle_http(stream: &mut TcpStream, peer: SocketAddr, ctx: Arc<ConnCtx>
 
 async fn call(ctx: &ConnCtx, make: impl FnOnce(Reply) -> Input, timeout: Duration) -> ApiResult {
     let (tx, rx) = oneshot::channel();
-    ctx.inputs.send(make(tx)).map_err(|_| ApiError::Internal("raft loop stopped".into()))?;
+    ctx.inputs
+        .send(make(tx))
+        .map_err(|_| ApiError::Internal("raft loop stopped".into()))?;
     match tokio::time::timeout(timeout, rx).await {
         Ok(Ok(r)) => r,
         Ok(Err(_)) => Err(ApiError::Internal("raft loop dropped the request".into())),
@@ -791,7 +962,10 @@ pub fn status_of(r: &Replica) -> StatusResponse {
     let members = r
         .voters()
         .into_iter()
-        .map(|id| ControllerMember { id, address: r.addresses.get(&id).cloned().unwrap_or_default() })
+        .map(|id| ControllerMember {
+            id,
+            address: r.addresses.get(&id).cloned().unwrap_or_default(),
+        })
         .collect();
     StatusResponse {
         node_id: r.id(),
@@ -811,15 +985,41 @@ pub fn status_of(r: &Replica) -> StatusResponse {
 fn assignment(r: &Replica, worker: &str) -> ApiResult {
     let s = &r.state;
     let Some(_w) = s.workers.get(worker) else {
-        return Err(ApiError::NotFound(format!("worker {worker} is not registered")));
+        return Err(ApiError::NotFound(format!(
+            "worker {worker} is not registered"
+        )));
     };
     let job = s.job.as_ref();
-    let plan = job.and_then(|j| if j.state.is_terminal() { None } else { j.plan.as_ref() });
-    let rank = plan.and_then(|p| p.ranks.iter().position(|id| id == worker)).map(|i| i as u32);
+    let plan = job.and_then(|j| {
+        if j.state.is_terminal() {
+            None
+        } else {
+            j.plan.as_ref()
+        }
+    });
+    let rank = plan
+        .and_then(|p| p.ranks.iter().position(|id| id == worker))
+        .map(|i| i as u32);
     let peers = plan
-        .map(|p| p.ranks.iter().map(|id| s.workers.get(id).map(|w| w.address.clone()).unwrap_or_default()).collect())
+        .map(|p| {
+            p.ranks
+                .iter()
+                .map(|id| {
+                    s.workers
+                        .get(id)
+                        .map(|w| w.address.clone())
+                        .unwrap_or_default()
+                })
+                .collect()
+        })
         .unwrap_or_default();
-    let resume_step = s.checkpoints.iter().filter(|c| c.durable).map(|c| c.step).max().unwrap_or(0);
+    let resume_step = s
+        .checkpoints
+        .iter()
+        .filter(|c| c.durable)
+        .map(|c| c.step)
+        .max()
+        .unwrap_or(0);
     to_json(&Assignment {
         worker: worker.to_string(),
         rank,
@@ -837,7 +1037,15 @@ async fn route(req: &wire::Request, ctx: &ConnCtx, timeout: Duration) -> ApiResu
     let read = |f: Query| call(ctx, move |reply| Input::Read { query: f, reply }, timeout);
     match (req.method.as_str(), path) {
         ("GET", "/v1/status") => {
-            call(ctx, |reply| Input::Local { query: Box::new(|r| to_json(&status_of(r))), reply }, timeout).await
+            call(
+                ctx,
+                |reply| Input::Local {
+                    query: Box::new(|r| to_json(&status_of(r))),
+                    reply,
+                },
+                timeout,
+            )
+            .await
         }
         ("GET", "/v1/metrics") => {
             call(
@@ -857,44 +1065,76 @@ async fn route(req: &wire::Request, ctx: &ConnCtx, timeout: Duration) -> ApiResu
         ("POST", "/v1/command") => {
             let env: Envelope = parse_body(req)?;
             if env.request_id.is_empty() || env.request_id.len() > 128 {
-                return Err(ApiError::BadRequest("request_id: expected 1..=128 bytes".into()));
+                return Err(ApiError::BadRequest(
+                    "request_id: expected 1..=128 bytes".into(),
+                ));
             }
             if let Command::SubmitJob { spec } = &env.command {
-                phalanx_core::validate_job(spec).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+                phalanx_core::validate_job(spec)
+                    .map_err(|e| ApiError::BadRequest(e.to_string()))?;
             }
             call(ctx, |reply| Input::Propose { env, reply }, timeout).await
         }
         ("POST", "/v1/heartbeat") => {
             let hb: HeartbeatRequest = parse_body(req)?;
-            call(ctx, |reply| Input::Heartbeat { worker: hb.worker, reply }, timeout).await
+            call(
+                ctx,
+                |reply| Input::Heartbeat {
+                    worker: hb.worker,
+                    reply,
+                },
+                timeout,
+            )
+            .await
         }
         ("POST", "/v1/members") => {
             let change: MemberChange = parse_body(req)?;
             call(ctx, |reply| Input::Member { change, reply }, timeout).await
         }
-        ("GET", "/v1/workers") => read(Box::new(|r| to_json(&r.state.workers.values().collect::<Vec<_>>()))).await,
+        ("GET", "/v1/workers") => {
+            read(Box::new(|r| {
+                to_json(&r.state.workers.values().collect::<Vec<_>>())
+            }))
+            .await
+        }
         ("GET", "/v1/job") => read(Box::new(|r| to_json(&r.state.job))).await,
         ("GET", "/v1/checkpoints") => read(Box::new(|r| to_json(&r.state.checkpoints))).await,
         ("GET", "/v1/events") => {
-            let limit: usize = req.query_param("limit").and_then(|l| l.parse().ok()).unwrap_or(100).min(10_000);
+            let limit: usize = req
+                .query_param("limit")
+                .and_then(|l| l.parse().ok())
+                .unwrap_or(100)
+                .min(10_000);
             read(Box::new(move |r| {
                 let n = r.state.events.len();
-                to_json(&r.state.events.iter().skip(n.saturating_sub(limit)).collect::<Vec<_>>())
+                to_json(
+                    &r.state
+                        .events
+                        .iter()
+                        .skip(n.saturating_sub(limit))
+                        .collect::<Vec<_>>(),
+                )
             }))
             .await
         }
         ("GET", p) if p.starts_with("/v1/annotations/") => {
             let key = p["/v1/annotations/".len()..].to_string();
-            read(Box::new(move |r| Ok(serde_json::json!({"key": key, "value": r.state.annotations.get(&key)})))).await
+            read(Box::new(move |r| {
+                Ok(serde_json::json!({"key": key, "value": r.state.annotations.get(&key)}))
+            }))
+            .await
         }
         ("GET", p) if p.starts_with("/v1/assignment/") => {
             let worker = p["/v1/assignment/".len()..].to_string();
             read(Box::new(move |r| assignment(r, &worker))).await
         }
-        (_, p) if p.starts_with("/v1/") => {
-            Err(ApiError::NotFound(format!("no route {} {}", req.method, req.path)))
-        }
-        _ => Err(ApiError::NotFound(format!("no route {} {}", req.method, req.path))),
+        (_, p) if p.starts_with("/v1/") => Err(ApiError::NotFound(format!(
+            "no route {} {}",
+            req.method, req.path
+        ))),
+        _ => Err(ApiError::NotFound(format!(
+            "no route {} {}",
+            req.method, req.path
+        ))),
     }
 }
-

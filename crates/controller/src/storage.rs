@@ -38,7 +38,10 @@ pub enum StorageError {
     #[error("sled at {path}: {source}")]
     Sled { path: PathBuf, source: sled::Error },
     #[error("fsync of {path}: {source}")]
-    Fsync { path: PathBuf, source: std::io::Error },
+    Fsync {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("corrupt record {key}: {message}")]
     Corrupt { key: String, message: String },
     #[error("entries not contiguous: last index {last}, append starts at {first}")]
@@ -68,9 +71,14 @@ pub struct SledStorage {
 
 impl SledStorage {
     pub fn open(dir: &Path) -> Result<Self, StorageError> {
-        let sled_err = |source| StorageError::Sled { path: dir.to_path_buf(), source };
-        std::fs::create_dir_all(dir)
-            .map_err(|e| StorageError::Fsync { path: dir.to_path_buf(), source: e })?;
+        let sled_err = |source| StorageError::Sled {
+            path: dir.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| StorageError::Fsync {
+            path: dir.to_path_buf(),
+            source: e,
+        })?;
         let db = sled::Config::new().path(dir).open().map_err(sled_err)?;
         let get = |key: &[u8]| db.get(key).map_err(sled_err);
         fn decode<M: PbMessage>(key: &[u8], v: Option<sled::IVec>) -> Result<M, StorageError> {
@@ -111,7 +119,10 @@ impl SledStorage {
     }
 
     fn sled_err(&self, source: sled::Error) -> StorageError {
-        StorageError::Sled { path: self.dir.clone(), source }
+        StorageError::Sled {
+            path: self.dir.clone(),
+            source,
+        }
     }
 
     pub fn is_initialized(&self) -> bool {
@@ -120,8 +131,10 @@ impl SledStorage {
 
     /// Bootstrap a brand-new node of the initial cluster with its voters.
     pub fn initialize(&mut self, voters: &[u64]) -> Result<(), StorageError> {
-        let mut cs = ConfState::default();
-        cs.voters = voters.to_vec();
+        let cs = ConfState {
+            voters: voters.to_vec(),
+            ..Default::default()
+        };
         self.set_conf_state(cs)?;
         self.sync()
     }
@@ -154,12 +167,19 @@ impl SledStorage {
     }
 
     /// Append entries, replacing any conflicting suffix, together with the hard state.
-    pub fn append(&mut self, entries: &[Entry], hs: Option<&HardState>) -> Result<(), StorageError> {
+    pub fn append(
+        &mut self,
+        entries: &[Entry],
+        hs: Option<&HardState>,
+    ) -> Result<(), StorageError> {
         let mut batch = sled::Batch::default();
         let mut new_last = self.last_index;
         if let Some(first) = entries.first() {
             if first.index > self.last_index + 1 {
-                return Err(StorageError::Gap { last: self.last_index, first: first.index });
+                return Err(StorageError::Gap {
+                    last: self.last_index,
+                    first: first.index,
+                });
             }
             for i in first.index..=self.last_index {
                 batch.remove(&entry_key(i));
@@ -189,7 +209,9 @@ impl SledStorage {
     }
 
     pub fn set_conf_state(&mut self, cs: ConfState) -> Result<(), StorageError> {
-        self.db.insert(KEY_CS, Self::encode(&cs)).map_err(|e| self.sled_err(e))?;
+        self.db
+            .insert(KEY_CS, Self::encode(&cs))
+            .map_err(|e| self.sled_err(e))?;
         self.conf_state = cs;
         Ok(())
     }
@@ -267,7 +289,10 @@ impl SledStorage {
 
 /// fsync every file under `dir` (sled keeps a `blobs/` subdirectory) and `dir` itself.
 fn fsync_tree(dir: &Path) -> Result<(), StorageError> {
-    let err = |path: &Path, source| StorageError::Fsync { path: path.to_path_buf(), source };
+    let err = |path: &Path, source| StorageError::Fsync {
+        path: path.to_path_buf(),
+        source,
+    };
     let rd = std::fs::read_dir(dir).map_err(|e| err(dir, e))?;
     for ent in rd {
         let ent = ent.map_err(|e| err(dir, e))?;
@@ -284,12 +309,17 @@ fn fsync_tree(dir: &Path) -> Result<(), StorageError> {
             }
         }
     }
-    File::open(dir).and_then(|f| f.sync_all()).map_err(|e| err(dir, e))
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| err(dir, e))
 }
 
 impl raft::Storage for SledStorage {
     fn initial_state(&self) -> raft::Result<RaftState> {
-        Ok(RaftState { hard_state: self.hard_state.clone(), conf_state: self.conf_state.clone() })
+        Ok(RaftState {
+            hard_state: self.hard_state.clone(),
+            conf_state: self.conf_state.clone(),
+        })
     }
 
     fn entries(
@@ -307,7 +337,8 @@ impl raft::Storage for SledStorage {
         }
         let mut out = Vec::with_capacity((high - low) as usize);
         for kv in self.db.range(entry_key(low)..entry_key(high)) {
-            let (_, v) = kv.map_err(|e| raft::Error::Store(RaftStorageError::Other(Box::new(e))))?;
+            let (_, v) =
+                kv.map_err(|e| raft::Error::Store(RaftStorageError::Other(Box::new(e))))?;
             out.push(Entry::parse_from_bytes(&v).map_err(raft::Error::CodecError)?);
         }
         if out.len() as u64 != high - low {
@@ -341,7 +372,9 @@ impl raft::Storage for SledStorage {
 
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
         if self.snapshot.get_metadata().index < request_index {
-            return Err(raft::Error::Store(RaftStorageError::SnapshotTemporarilyUnavailable));
+            return Err(raft::Error::Store(
+                RaftStorageError::SnapshotTemporarilyUnavailable,
+            ));
         }
         Ok(self.snapshot.clone())
     }
@@ -356,10 +389,12 @@ pub fn bench_raw_sled(dir: &Path, duration: std::time::Duration) -> Result<f64, 
     let mut n = 0u64;
     while t0.elapsed() < duration {
         n += 1;
-        let mut e = Entry::default();
-        e.index = n;
-        e.term = 1;
-        e.data = vec![0u8; 64].into();
+        let e = Entry {
+            index: n,
+            term: 1,
+            data: vec![0u8; 64].into(),
+            ..Default::default()
+        };
         s.append(&[e], None)?;
         s.sync()?;
     }
@@ -372,11 +407,12 @@ mod tests {
     use raft::Storage;
 
     fn ent(index: u64, term: u64) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e.data = format!("d{index}").into_bytes().into();
-        e
+        Entry {
+            index,
+            term,
+            data: format!("d{index}").into_bytes().into(),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -386,19 +422,24 @@ mod tests {
             let mut s = SledStorage::open(dir.path()).unwrap();
             assert!(!s.is_initialized());
             s.initialize(&[1, 2, 3]).unwrap();
-            s.append(&(1..=10).map(|i| ent(i, 1)).collect::<Vec<_>>(), None).unwrap();
+            s.append(&(1..=10).map(|i| ent(i, 1)).collect::<Vec<_>>(), None)
+                .unwrap();
             // A conflicting suffix from a new leader replaces 8..=10.
             s.append(&[ent(8, 2), ent(9, 2)], None).unwrap();
             assert_eq!(s.last_index().unwrap(), 9);
             assert_eq!(s.term(8).unwrap(), 2);
-            let mut hs = HardState::default();
-            hs.term = 2;
-            hs.commit = 6;
-            hs.vote = 1;
+            let hs = HardState {
+                term: 2,
+                commit: 6,
+                vote: 1,
+                ..Default::default()
+            };
             s.append(&[], Some(&hs)).unwrap();
             s.compact(5, b"state@5".to_vec()).unwrap();
             assert_eq!(s.first_index().unwrap(), 6);
-            assert!(s.entries(3, 6, None, GetEntriesContext::empty(false)).is_err());
+            assert!(s
+                .entries(3, 6, None, GetEntriesContext::empty(false))
+                .is_err());
             assert_eq!(s.term(5).unwrap(), 1);
             s.sync().unwrap();
         }
@@ -409,10 +450,20 @@ mod tests {
         assert_eq!(s.applied(), 5);
         assert_eq!(s.hard_state().commit, 6);
         assert_eq!(s.conf_state().voters, vec![1, 2, 3]);
-        let es = s.entries(6, 10, None, GetEntriesContext::empty(false)).unwrap();
-        assert_eq!(es.iter().map(|e| e.term).collect::<Vec<_>>(), vec![1, 1, 2, 2]);
+        let es = s
+            .entries(6, 10, None, GetEntriesContext::empty(false))
+            .unwrap();
+        assert_eq!(
+            es.iter().map(|e| e.term).collect::<Vec<_>>(),
+            vec![1, 1, 2, 2]
+        );
         assert_eq!(&s.snapshot(0, 2).unwrap().data[..], b"state@5");
         // A size limit still returns at least one entry.
-        assert_eq!(s.entries(6, 10, Some(1), GetEntriesContext::empty(false)).unwrap().len(), 1);
+        assert_eq!(
+            s.entries(6, 10, Some(1), GetEntriesContext::empty(false))
+                .unwrap()
+                .len(),
+            1
+        );
     }
 }

@@ -23,13 +23,19 @@ pub fn encode_frame(payload: &[u8]) -> Vec<u8> {
 
 /// Decode one frame from the start of `buf`: `Ok(None)` when more bytes are needed,
 /// `Ok(Some((payload, consumed)))` otherwise.
-pub fn decode_frame(buf: &[u8], frame_bytes_max: u64) -> Result<Option<(&[u8], usize)>, FrameError> {
+pub fn decode_frame(
+    buf: &[u8],
+    frame_bytes_max: u64,
+) -> Result<Option<(&[u8], usize)>, FrameError> {
     if buf.len() < 4 {
         return Ok(None);
     }
     let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as u64;
     if len > frame_bytes_max {
-        return Err(FrameError::TooLarge { len, max: frame_bytes_max });
+        return Err(FrameError::TooLarge {
+            len,
+            max: frame_bytes_max,
+        });
     }
     let end = 4 + len as usize;
     if buf.len() < end {
@@ -60,10 +66,16 @@ pub struct Request {
 
 impl Request {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
     pub fn query_param(&self, name: &str) -> Option<&str> {
-        self.query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -75,7 +87,10 @@ pub struct HttpLimits {
 
 impl Default for HttpLimits {
     fn default() -> Self {
-        HttpLimits { header_bytes_max: 16 * 1024, body_bytes_max: 1024 * 1024 }
+        HttpLimits {
+            header_bytes_max: 16 * 1024,
+            body_bytes_max: 1024 * 1024,
+        }
     }
 }
 
@@ -86,9 +101,9 @@ fn find_header_end(buf: &[u8]) -> Option<usize> {
 fn parse_headers(text: &str) -> Result<Vec<(String, String)>, HttpError> {
     let mut headers = Vec::new();
     for line in text.split("\r\n").filter(|l| !l.is_empty()) {
-        let (k, v) = line
-            .split_once(':')
-            .ok_or_else(|| HttpError::Malformed(format!("header line without ':': {:.60}", line)))?;
+        let (k, v) = line.split_once(':').ok_or_else(|| {
+            HttpError::Malformed(format!("header line without ':': {:.60}", line))
+        })?;
         if k.is_empty() || k.contains(' ') {
             return Err(HttpError::Malformed(format!("bad header name {:.60}", k)));
         }
@@ -98,11 +113,15 @@ fn parse_headers(text: &str) -> Result<Vec<(String, String)>, HttpError> {
 }
 
 fn content_length(headers: &[(String, String)], max: usize) -> Result<usize, HttpError> {
-    match headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("content-length")) {
+    match headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+    {
         None => Ok(0),
         Some((_, v)) => {
-            let len: usize =
-                v.parse().map_err(|_| HttpError::Malformed(format!("bad Content-Length {:.30}", v)))?;
+            let len: usize = v
+                .parse()
+                .map_err(|_| HttpError::Malformed(format!("bad Content-Length {:.30}", v)))?;
             if len > max {
                 return Err(HttpError::BodyTooLarge { len, max });
             }
@@ -126,22 +145,35 @@ pub fn parse_request(buf: &[u8], limits: HttpLimits) -> Result<Option<Request>, 
         .map_err(|_| HttpError::Malformed("headers are not UTF-8".into()))?;
     let (request_line, rest) = head.split_once("\r\n").unwrap_or((head, ""));
     let mut parts = request_line.split(' ');
-    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return Err(HttpError::Malformed(format!("bad request line {:.80}", request_line)));
+        return Err(HttpError::Malformed(format!(
+            "bad request line {:.80}",
+            request_line
+        )));
     };
     if !version.starts_with("HTTP/1.") {
-        return Err(HttpError::Malformed(format!("unsupported version {:.20}", version)));
+        return Err(HttpError::Malformed(format!(
+            "unsupported version {:.20}",
+            version
+        )));
     }
     if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
         return Err(HttpError::Malformed(format!("bad method {:.20}", method)));
     }
     if !target.starts_with('/') {
-        return Err(HttpError::Malformed("request target must start with '/'".into()));
+        return Err(HttpError::Malformed(
+            "request target must start with '/'".into(),
+        ));
     }
     let headers = parse_headers(rest)?;
-    if headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && !v.eq_ignore_ascii_case("identity")) {
-        return Err(HttpError::Malformed("chunked bodies are not supported; send Content-Length".into()));
+    if headers.iter().any(|(k, v)| {
+        k.eq_ignore_ascii_case("transfer-encoding") && !v.eq_ignore_ascii_case("identity")
+    }) {
+        return Err(HttpError::Malformed(
+            "chunked bodies are not supported; send Content-Length".into(),
+        ));
     }
     let len = content_length(&headers, limits.body_bytes_max)?;
     if buf.len() < head_end + len {
@@ -195,8 +227,13 @@ pub fn encode_response(status: u16, body: &[u8]) -> Vec<u8> {
 }
 
 /// Parse a complete response (the server closes the connection after it).
-pub fn parse_response(buf: &[u8], body_bytes_max: usize) -> Result<Option<(u16, Vec<u8>)>, HttpError> {
-    let Some(head_end) = find_header_end(buf) else { return Ok(None) };
+pub fn parse_response(
+    buf: &[u8],
+    body_bytes_max: usize,
+) -> Result<Option<(u16, Vec<u8>)>, HttpError> {
+    let Some(head_end) = find_header_end(buf) else {
+        return Ok(None);
+    };
     let head = std::str::from_utf8(&buf[..head_end - 4])
         .map_err(|_| HttpError::Malformed("response headers are not UTF-8".into()))?;
     let (status_line, rest) = head.split_once("\r\n").unwrap_or((head, ""));
@@ -227,20 +264,32 @@ mod tests {
         assert_eq!(r.query_param("x"), Some("1"));
         assert_eq!(r.header("authorization"), Some("Bearer t"));
         assert_eq!(r.body, b"{}");
-        assert_eq!(parse_request(&raw[..raw.len() - 1], HttpLimits::default()).unwrap(), None);
+        assert_eq!(
+            parse_request(&raw[..raw.len() - 1], HttpLimits::default()).unwrap(),
+            None
+        );
     }
 
     #[test]
     fn rejects_oversized_and_malformed() {
-        let lim = HttpLimits { header_bytes_max: 64, body_bytes_max: 10 };
+        let lim = HttpLimits {
+            header_bytes_max: 64,
+            body_bytes_max: 10,
+        };
         assert!(matches!(
             parse_request(b"POST / HTTP/1.1\r\nContent-Length: 11\r\n\r\n", lim),
             Err(HttpError::BodyTooLarge { .. })
         ));
-        assert!(matches!(parse_request(&[b'a'; 100], lim), Err(HttpError::HeadersTooLarge(_))));
+        assert!(matches!(
+            parse_request(&[b'a'; 100], lim),
+            Err(HttpError::HeadersTooLarge(_))
+        ));
         assert!(parse_request(b"GARBAGE\r\n\r\n", lim).is_err());
         assert!(parse_request(b"GET / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", lim).is_err());
-        assert!(matches!(decode_frame(&[0xff, 0xff, 0xff, 0xff], 1024), Err(FrameError::TooLarge { .. })));
+        assert!(matches!(
+            decode_frame(&[0xff, 0xff, 0xff, 0xff], 1024),
+            Err(FrameError::TooLarge { .. })
+        ));
     }
 
     #[test]

@@ -8,12 +8,26 @@ use phalanx_controller::server::{self, ControllerHandle, ServerConfig};
 use phalanx_proto::{Command, StatusResponse};
 
 fn free_addr() -> String {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string()
 }
 
 fn status(addr: &str) -> Option<StatusResponse> {
-    let (code, body) = http_once(addr, "GET", "/v1/status", "tok", None, Duration::from_millis(500)).ok()?;
-    (code == 200).then(|| serde_json::from_slice(&body).ok()).flatten()
+    let (code, body) = http_once(
+        addr,
+        "GET",
+        "/v1/status",
+        "tok",
+        None,
+        Duration::from_millis(500),
+    )
+    .ok()?;
+    (code == 200)
+        .then(|| serde_json::from_slice(&body).ok())
+        .flatten()
 }
 
 fn leader(peers: &BTreeMap<u64, String>, above: u64, skip: Option<u64>) -> (u64, u64) {
@@ -40,23 +54,61 @@ fn three_nodes_in_process_serve_writes_reads_and_fail_over() {
     let peers: BTreeMap<u64, String> = (1..=3).map(|i| (i, free_addr())).collect();
     let mut nodes: BTreeMap<u64, ControllerHandle> = BTreeMap::new();
     for id in 1..=3 {
-        let cfg = ServerConfig::new(id, peers[&id].clone(), peers.clone(), dir.path().join(format!("n{id}")), "tok".into());
+        let cfg = ServerConfig::new(
+            id,
+            peers[&id].clone(),
+            peers.clone(),
+            dir.path().join(format!("n{id}")),
+            "tok".into(),
+        );
         nodes.insert(id, server::start(cfg).unwrap());
     }
     let (l, term) = leader(&peers, 0, None);
     let client = Client::new(peers.values().cloned().collect(), "tok".into()).unwrap();
-    let r = client.command_with_id("req-a".into(), Command::SetAnnotation { key: "x".into(), value: "1".into() }).unwrap();
+    let r = client
+        .command_with_id(
+            "req-a".into(),
+            Command::SetAnnotation {
+                key: "x".into(),
+                value: "1".into(),
+            },
+        )
+        .unwrap();
     assert!(r.outcome.is_applied() && !r.duplicate);
-    let again = client.command_with_id("req-a".into(), Command::SetAnnotation { key: "x".into(), value: "1".into() }).unwrap();
+    let again = client
+        .command_with_id(
+            "req-a".into(),
+            Command::SetAnnotation {
+                key: "x".into(),
+                value: "1".into(),
+            },
+        )
+        .unwrap();
     assert!(again.duplicate);
     let v: serde_json::Value = client.get("/v1/annotations/x").unwrap();
     assert_eq!(v["value"], "1");
     // Wrong token.
-    let (code, _) = http_once(&peers[&1], "GET", "/v1/status", "bad", None, Duration::from_secs(1)).unwrap();
+    let (code, _) = http_once(
+        &peers[&1],
+        "GET",
+        "/v1/status",
+        "bad",
+        None,
+        Duration::from_secs(1),
+    )
+    .unwrap();
     assert_eq!(code, 401);
     // A follower redirects.
     let f = (1..=3).find(|i| *i != l).unwrap();
-    let (code, body) = http_once(&peers[&f], "GET", "/v1/job", "tok", None, Duration::from_secs(1)).unwrap();
+    let (code, body) = http_once(
+        &peers[&f],
+        "GET",
+        "/v1/job",
+        "tok",
+        None,
+        Duration::from_secs(1),
+    )
+    .unwrap();
     assert_eq!(code, 421, "{}", String::from_utf8_lossy(&body));
 
     let t0 = Instant::now();
@@ -64,7 +116,12 @@ fn three_nodes_in_process_serve_writes_reads_and_fail_over() {
     let (l2, _) = leader(&peers, term, Some(l));
     assert_ne!(l2, l);
     eprintln!("failover in {:?}", t0.elapsed());
-    let r = client.command(Command::SetAnnotation { key: "x".into(), value: "2".into() }).unwrap();
+    let r = client
+        .command(Command::SetAnnotation {
+            key: "x".into(),
+            value: "2".into(),
+        })
+        .unwrap();
     assert!(r.outcome.is_applied());
     let v: serde_json::Value = client.get("/v1/annotations/x").unwrap();
     assert_eq!(v["value"], "2");

@@ -42,7 +42,13 @@ impl Net {
         };
         for id in 1..=n {
             let dir = tempfile::tempdir().unwrap();
-            let r = Replica::open(dir.path(), cfg(id, snapshot_entries), &voters, BTreeMap::new()).unwrap();
+            let r = Replica::open(
+                dir.path(),
+                cfg(id, snapshot_entries),
+                &voters,
+                BTreeMap::new(),
+            )
+            .unwrap();
             net.nodes.insert(id, r);
             net.dirs.insert(id, dir);
         }
@@ -52,7 +58,13 @@ impl Net {
     /// A brand-new node with empty storage that waits to be added.
     fn add_empty(&mut self, id: NodeId) {
         let dir = tempfile::tempdir().unwrap();
-        let r = Replica::open(dir.path(), cfg(id, self.snapshot_entries), &[], BTreeMap::new()).unwrap();
+        let r = Replica::open(
+            dir.path(),
+            cfg(id, self.snapshot_entries),
+            &[],
+            BTreeMap::new(),
+        )
+        .unwrap();
         self.nodes.insert(id, r);
         self.dirs.insert(id, dir);
     }
@@ -62,7 +74,13 @@ impl Net {
         let voters: Vec<NodeId> = Vec::new();
         self.nodes.remove(&id);
         let dir = self.dirs[&id].path().to_path_buf();
-        let r = Replica::open(&dir, cfg(id, self.snapshot_entries), &voters, BTreeMap::new()).unwrap();
+        let r = Replica::open(
+            &dir,
+            cfg(id, self.snapshot_entries),
+            &voters,
+            BTreeMap::new(),
+        )
+        .unwrap();
         self.nodes.insert(id, r);
     }
 
@@ -106,8 +124,12 @@ impl Net {
     }
 
     fn leader(&self) -> Option<NodeId> {
-        let leaders: Vec<NodeId> =
-            self.nodes.iter().filter(|(_, n)| n.is_leader()).map(|(id, _)| *id).collect();
+        let leaders: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.is_leader())
+            .map(|(id, _)| *id)
+            .collect();
         // Several may think they lead (an isolated old leader); the highest term wins.
         leaders.into_iter().max_by_key(|id| self.nodes[id].term())
     }
@@ -127,7 +149,10 @@ impl Net {
     fn put(&mut self, on: NodeId, rid: &str, key: &str, value: &str) {
         let env = Envelope {
             request_id: rid.into(),
-            command: Command::SetAnnotation { key: key.into(), value: value.into() },
+            command: Command::SetAnnotation {
+                key: key.into(),
+                value: value.into(),
+            },
         };
         self.nodes.get_mut(&on).unwrap().propose(&env).unwrap();
         self.settle();
@@ -164,9 +189,16 @@ fn partitioned_minority_cannot_commit_and_healed_node_catches_up() {
     // The isolated leader accepts the proposal into its log but can never commit it.
     net.put(old, "r-minority", "k", "minority");
     net.tick(60);
-    assert_eq!(net.nodes[&old].commit_index(), old_commit, "minority committed");
+    assert_eq!(
+        net.nodes[&old].commit_index(),
+        old_commit,
+        "minority committed"
+    );
     assert_eq!(net.value(old, "k").as_deref(), Some("before"));
-    assert!(!net.nodes[&old].is_leader(), "check_quorum must step the isolated leader down");
+    assert!(
+        !net.nodes[&old].is_leader(),
+        "check_quorum must step the isolated leader down"
+    );
 
     let new = net.elect();
     assert_ne!(new, old);
@@ -177,8 +209,15 @@ fn partitioned_minority_cannot_commit_and_healed_node_catches_up() {
 
     net.isolated.clear();
     net.tick(30);
-    assert_eq!(net.value(old, "k").as_deref(), Some("majority"), "healed node caught up");
-    assert_eq!(net.nodes[&old].applied_index(), net.nodes[&new].applied_index());
+    assert_eq!(
+        net.value(old, "k").as_deref(),
+        Some("majority"),
+        "healed node caught up"
+    );
+    assert_eq!(
+        net.nodes[&old].applied_index(),
+        net.nodes[&new].applied_index()
+    );
     assert_eq!(net.nodes[&old].state, net.nodes[&new].state);
 }
 
@@ -206,12 +245,18 @@ fn lagging_node_is_brought_back_by_snapshot() {
     }
     net.tick(3);
     let leader_first = net.nodes[&l].raw.store().first_index_cached();
-    assert!(leader_first > 2, "leader compacted its log (first index {leader_first})");
+    assert!(
+        leader_first > 2,
+        "leader compacted its log (first index {leader_first})"
+    );
     assert!(net.nodes[&l].counters.snapshots_taken >= 1);
     net.isolated.clear();
     net.tick(30);
     let n = &net.nodes[&lagger];
-    assert!(n.counters.snapshots_installed >= 1, "the lagging node must install a snapshot");
+    assert!(
+        n.counters.snapshots_installed >= 1,
+        "the lagging node must install a snapshot"
+    );
     assert_eq!(net.value(lagger, "k29").as_deref(), Some("v29"));
     assert_eq!(n.state, net.nodes[&l].state);
 
@@ -228,19 +273,37 @@ fn membership_change_adds_and_removes_through_joint_consensus() {
     let l = net.elect();
     net.put(l, "r0", "k", "v0");
     net.add_empty(4);
-    net.nodes.get_mut(&l).unwrap().propose_member_change(true, 4, "127.0.0.1:9004").unwrap();
+    net.nodes
+        .get_mut(&l)
+        .unwrap()
+        .propose_member_change(true, 4, "127.0.0.1:9004")
+        .unwrap();
     net.tick(20);
     for n in net.nodes.values() {
         assert_eq!(n.voters(), vec![1, 2, 3, 4], "node {} voters", n.id());
-        assert!(n.raw.store().conf_state().voters_outgoing.is_empty(), "joint state was left");
+        assert!(
+            n.raw.store().conf_state().voters_outgoing.is_empty(),
+            "joint state was left"
+        );
     }
-    assert_eq!(net.value(4, "k").as_deref(), Some("v0"), "new node caught up");
+    assert_eq!(
+        net.value(4, "k").as_deref(),
+        Some("v0"),
+        "new node caught up"
+    );
     assert_eq!(net.nodes[&4].state.members.len(), 4);
-    assert_eq!(net.nodes[&4].addresses.get(&4).map(String::as_str), Some("127.0.0.1:9004"));
+    assert_eq!(
+        net.nodes[&4].addresses.get(&4).map(String::as_str),
+        Some("127.0.0.1:9004")
+    );
 
     // Remove a follower; with it gone, the other three still commit.
     let victim = (1..=3).find(|i| *i != l).unwrap();
-    net.nodes.get_mut(&l).unwrap().propose_member_change(false, victim, "").unwrap();
+    net.nodes
+        .get_mut(&l)
+        .unwrap()
+        .propose_member_change(false, victim, "")
+        .unwrap();
     net.tick(20);
     let expect: Vec<NodeId> = (1..=4).filter(|i| *i != victim).collect();
     assert_eq!(net.nodes[&l].voters(), expect);
@@ -261,7 +324,11 @@ fn duplicate_request_id_applies_once_even_across_leaders() {
     net.isolated.insert(l);
     let l2 = net.elect();
     net.put(l2, "req-1", "k", "first");
-    assert_eq!(net.value(l2, "k").as_deref(), Some("second"), "the retry must not apply again");
+    assert_eq!(
+        net.value(l2, "k").as_deref(),
+        Some("second"),
+        "the retry must not apply again"
+    );
     let (first_index, _) = net.nodes[&l2].state.lookup_request("req-1").unwrap();
     assert!(first_index < net.nodes[&l2].applied_index());
 }
@@ -281,6 +348,9 @@ fn full_restart_keeps_committed_state() {
     net.elect();
     net.tick(10);
     for id in 1..=3 {
-        assert_eq!(net.nodes[&id].state.annotations, before.annotations, "node {id}");
+        assert_eq!(
+            net.nodes[&id].state.annotations, before.annotations,
+            "node {id}"
+        );
     }
 }

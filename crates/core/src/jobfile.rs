@@ -17,11 +17,20 @@ pub enum JobFileError {
     #[error("job file is not valid TOML: {0}")]
     Syntax(String),
     #[error("job file: missing field `{field}` ({expected})")]
-    Missing { field: &'static str, expected: &'static str },
+    Missing {
+        field: &'static str,
+        expected: &'static str,
+    },
     #[error("job file: field `{field}` has the wrong type: expected {expected}")]
-    Type { field: String, expected: &'static str },
+    Type {
+        field: String,
+        expected: &'static str,
+    },
     #[error("job file: field `{field}` is invalid: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
     #[error("job file: unknown field `{field}` (known fields: {known})")]
     Unknown { field: String, known: String },
 }
@@ -39,26 +48,42 @@ const FIELDS: &[(&str, &str)] = &[
 ];
 
 fn expected_of(field: &'static str) -> &'static str {
-    FIELDS.iter().find(|(f, _)| *f == field).map(|(_, e)| *e).unwrap_or("a value")
+    FIELDS
+        .iter()
+        .find(|(f, _)| *f == field)
+        .map(|(_, e)| *e)
+        .unwrap_or("a value")
 }
 
 fn get_str(t: &toml::Table, field: &'static str) -> Result<String, JobFileError> {
     match t.get(field) {
-        None => Err(JobFileError::Missing { field, expected: expected_of(field) }),
+        None => Err(JobFileError::Missing {
+            field,
+            expected: expected_of(field),
+        }),
         Some(toml::Value::String(s)) => Ok(s.clone()),
-        Some(_) => Err(JobFileError::Type { field: field.into(), expected: "a string" }),
+        Some(_) => Err(JobFileError::Type {
+            field: field.into(),
+            expected: "a string",
+        }),
     }
 }
 
 fn get_u64(t: &toml::Table, field: &'static str) -> Result<u64, JobFileError> {
     match t.get(field) {
-        None => Err(JobFileError::Missing { field, expected: expected_of(field) }),
+        None => Err(JobFileError::Missing {
+            field,
+            expected: expected_of(field),
+        }),
         Some(toml::Value::Integer(i)) if *i >= 0 => Ok(*i as u64),
         Some(toml::Value::Integer(i)) => Err(JobFileError::Invalid {
             field,
             message: format!("{i} is negative; expected {}", expected_of(field)),
         }),
-        Some(_) => Err(JobFileError::Type { field: field.into(), expected: expected_of(field) }),
+        Some(_) => Err(JobFileError::Type {
+            field: field.into(),
+            expected: expected_of(field),
+        }),
     }
 }
 
@@ -79,7 +104,11 @@ pub fn parse_job_toml(text: &str) -> Result<JobSpec, JobFileError> {
         if !FIELDS.iter().any(|(f, _)| f == key) {
             return Err(JobFileError::Unknown {
                 field: key.clone(),
-                known: FIELDS.iter().map(|(f, _)| *f).collect::<Vec<_>>().join(", "),
+                known: FIELDS
+                    .iter()
+                    .map(|(f, _)| *f)
+                    .collect::<Vec<_>>()
+                    .join(", "),
             });
         }
     }
@@ -104,20 +133,36 @@ pub fn validate_job(spec: &JobSpec) -> Result<(), JobFileError> {
     if spec.name.is_empty() || spec.name.len() > NAME_BYTES_MAX {
         return inv("name", format!("expected 1..={NAME_BYTES_MAX} characters"));
     }
-    if !spec.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-        return inv("name", format!("{:?}: use letters, digits, '-', '_' or '.'", spec.name));
+    if !spec
+        .name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return inv(
+            "name",
+            format!("{:?}: use letters, digits, '-', '_' or '.'", spec.name),
+        );
     }
     if !MODELS.contains(&spec.model.as_str()) {
-        return inv("model", format!("{:?}: expected one of {}", spec.model, MODELS.join(", ")));
+        return inv(
+            "model",
+            format!("{:?}: expected one of {}", spec.model, MODELS.join(", ")),
+        );
     }
     if spec.corpus.trim().is_empty() {
-        return inv("corpus", "expected a file path or a builtin: corpus name".into());
+        return inv(
+            "corpus",
+            "expected a file path or a builtin: corpus name".into(),
+        );
     }
     if spec.steps == 0 || spec.steps > STEPS_MAX {
         return inv("steps", format!("{}: expected 1..={STEPS_MAX}", spec.steps));
     }
     if spec.world_size_min == 0 || spec.world_size_min > WORLD_SIZE_MAX {
-        return inv("world_size_min", format!("{}: expected 1..={WORLD_SIZE_MAX}", spec.world_size_min));
+        return inv(
+            "world_size_min",
+            format!("{}: expected 1..={WORLD_SIZE_MAX}", spec.world_size_min),
+        );
     }
     if spec.world_size_max < spec.world_size_min || spec.world_size_max > WORLD_SIZE_MAX {
         return inv(
@@ -129,7 +174,10 @@ pub fn validate_job(spec: &JobSpec) -> Result<(), JobFileError> {
         );
     }
     if spec.global_batch == 0 || spec.global_batch > GLOBAL_BATCH_MAX {
-        return inv("global_batch", format!("{}: expected 1..={GLOBAL_BATCH_MAX}", spec.global_batch));
+        return inv(
+            "global_batch",
+            format!("{}: expected 1..={GLOBAL_BATCH_MAX}", spec.global_batch),
+        );
     }
     if spec.global_batch < spec.world_size_max {
         return inv(
@@ -143,7 +191,10 @@ pub fn validate_job(spec: &JobSpec) -> Result<(), JobFileError> {
     if spec.checkpoint_interval_steps > spec.steps {
         return inv(
             "checkpoint_interval_steps",
-            format!("{} is larger than steps ({})", spec.checkpoint_interval_steps, spec.steps),
+            format!(
+                "{} is larger than steps ({})",
+                spec.checkpoint_interval_steps, spec.steps
+            ),
         );
     }
     Ok(())
@@ -225,12 +276,24 @@ mod tests {
             ("steps = 60", "steps = \"sixty\"", "`steps`"),
             ("steps = 60\n", "", "`steps`"),
             ("model = \"tiny\"", "model = \"gpt5\"", "`model`"),
-            ("world_size_min = 1", "world_size_min = 9", "`world_size_max`"),
-            ("world_size_min = 1", "world_size_min = 0", "`world_size_min`"),
+            (
+                "world_size_min = 1",
+                "world_size_min = 9",
+                "`world_size_max`",
+            ),
+            (
+                "world_size_min = 1",
+                "world_size_min = 0",
+                "`world_size_min`",
+            ),
             ("global_batch = 16", "global_batch = 2", "`global_batch`"),
             ("seed = 7", "seed = 7\nsede = 8", "`sede`"),
             ("name = \"tiny-60\"", "name = \"bad name!\"", "`name`"),
-            ("checkpoint_interval_steps = 15", "checkpoint_interval_steps = 61", "`checkpoint_interval_steps`"),
+            (
+                "checkpoint_interval_steps = 15",
+                "checkpoint_interval_steps = 61",
+                "`checkpoint_interval_steps`",
+            ),
         ];
         for (from, to, field) in cases {
             let err = with(from, to).unwrap_err().to_string();
@@ -240,7 +303,10 @@ mod tests {
 
     #[test]
     fn syntax_error_is_an_error_not_a_panic() {
-        assert!(matches!(parse_job_toml("steps = = 3"), Err(JobFileError::Syntax(_))));
+        assert!(matches!(
+            parse_job_toml("steps = = 3"),
+            Err(JobFileError::Syntax(_))
+        ));
         assert!(parse_job_toml("").is_err());
     }
 

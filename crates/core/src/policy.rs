@@ -26,24 +26,35 @@ pub fn place(
     current: Option<&Plan>,
     workers: &BTreeMap<WorkerId, WorkerInfo>,
 ) -> (PlacementDecision, Reason) {
-    let placeable: Vec<&WorkerId> =
-        workers.values().filter(|w| w.health.placeable()).map(|w| &w.id).collect();
+    let placeable: Vec<&WorkerId> = workers
+        .values()
+        .filter(|w| w.health.placeable())
+        .map(|w| &w.id)
+        .collect();
     let min = spec.world_size_min as usize;
     let max = spec.world_size_max as usize;
     if placeable.len() < min {
         return (
             PlacementDecision::Wait,
-            format!("{} placeable workers, job needs at least {min}", placeable.len()),
+            format!(
+                "{} placeable workers, job needs at least {min}",
+                placeable.len()
+            ),
         );
     }
     if let Some(plan) = current {
-        let all_alive = plan
-            .ranks
-            .iter()
-            .all(|id| workers.get(id).map(|w| w.health.placeable()).unwrap_or(false));
+        let all_alive = plan.ranks.iter().all(|id| {
+            workers
+                .get(id)
+                .map(|w| w.health.placeable())
+                .unwrap_or(false)
+        });
         let can_grow = plan.ranks.len() < max && placeable.len() > plan.ranks.len();
         if all_alive && !can_grow {
-            return (PlacementDecision::Keep, "every rank's worker is placeable".into());
+            return (
+                PlacementDecision::Keep,
+                "every rank's worker is placeable".into(),
+            );
         }
     }
     let mut ranks: Vec<WorkerId> = Vec::with_capacity(max);
@@ -81,7 +92,11 @@ pub struct LeaseConfig {
 
 impl Default for LeaseConfig {
     fn default() -> Self {
-        LeaseConfig { suspect_after_ms: 2_000, fail_after_ms: 5_000, grace_ms: 3_000 }
+        LeaseConfig {
+            suspect_after_ms: 2_000,
+            fail_after_ms: 5_000,
+            grace_ms: 3_000,
+        }
     }
 }
 
@@ -112,7 +127,10 @@ pub struct Leases {
 
 impl Leases {
     pub fn new(now_ms: u64) -> Self {
-        Leases { leader_since_ms: now_ms, last_heartbeat_ms: BTreeMap::new() }
+        Leases {
+            leader_since_ms: now_ms,
+            last_heartbeat_ms: BTreeMap::new(),
+        }
     }
 
     pub fn heartbeat(&mut self, worker: &str, now_ms: u64) {
@@ -131,7 +149,10 @@ impl Leases {
         for w in workers.values() {
             let judged = matches!(
                 w.health,
-                WorkerHealth::Joining | WorkerHealth::Healthy | WorkerHealth::Suspect | WorkerHealth::Spare
+                WorkerHealth::Joining
+                    | WorkerHealth::Healthy
+                    | WorkerHealth::Suspect
+                    | WorkerHealth::Spare
             );
             if !judged {
                 continue;
@@ -146,7 +167,10 @@ impl Leases {
                 out.push((
                     w.id.clone(),
                     LeaseDecision::MarkFailed,
-                    format!("no heartbeat for {silent_ms} ms (fail_after_ms {})", cfg.fail_after_ms),
+                    format!(
+                        "no heartbeat for {silent_ms} ms (fail_after_ms {})",
+                        cfg.fail_after_ms
+                    ),
                 ));
             } else if silent_ms >= cfg.suspect_after_ms {
                 if w.health != WorkerHealth::Suspect {
@@ -160,7 +184,11 @@ impl Leases {
                     ));
                 }
             } else if w.health == WorkerHealth::Suspect && heard.is_some() {
-                out.push((w.id.clone(), LeaseDecision::MarkHealthy, "heartbeats resumed".into()));
+                out.push((
+                    w.id.clone(),
+                    LeaseDecision::MarkHealthy,
+                    "heartbeats resumed".into(),
+                ));
             }
         }
         out
@@ -198,7 +226,9 @@ mod tests {
     }
 
     fn workers(ws: &[(&str, WorkerHealth)]) -> BTreeMap<WorkerId, WorkerInfo> {
-        ws.iter().map(|(id, h)| (id.to_string(), worker(id, *h))).collect()
+        ws.iter()
+            .map(|(id, h)| (id.to_string(), worker(id, *h)))
+            .collect()
     }
 
     #[test]
@@ -211,15 +241,28 @@ mod tests {
             ("c", WorkerHealth::Healthy),
             ("d", WorkerHealth::Spare),
         ]);
-        let plan = Plan { epoch: 1, ranks: vec!["c".into(), "b".into(), "a".into()], reason: String::new() };
+        let plan = Plan {
+            epoch: 1,
+            ranks: vec!["c".into(), "b".into(), "a".into()],
+            reason: String::new(),
+        };
         let (d, reason) = place(&spec(2, 3), Some(&plan), &ws);
-        assert_eq!(d, PlacementDecision::NewPlan { ranks: vec!["c".into(), "a".into(), "d".into()] });
+        assert_eq!(
+            d,
+            PlacementDecision::NewPlan {
+                ranks: vec!["c".into(), "a".into(), "d".into()]
+            }
+        );
         assert!(reason.contains("re-shard"), "{reason}");
     }
 
     #[test]
     fn leases_respect_grace_then_fail() {
-        let cfg = LeaseConfig { suspect_after_ms: 100, fail_after_ms: 300, grace_ms: 500 };
+        let cfg = LeaseConfig {
+            suspect_after_ms: 100,
+            fail_after_ms: 300,
+            grace_ms: 500,
+        };
         let ws = workers(&[("a", WorkerHealth::Healthy), ("b", WorkerHealth::Healthy)]);
         let mut l = Leases::new(1_000);
         assert!(l.decide(1_400, &ws, &cfg).is_empty(), "grace period");
@@ -229,6 +272,9 @@ mod tests {
         assert_eq!(d.len(), 2);
         assert!(d.iter().all(|(_, d, _)| *d == LeaseDecision::MarkSuspect));
         let d = l.decide(1_900, &ws, &cfg);
-        assert!(d.iter().all(|(_, d, _)| *d == LeaseDecision::MarkFailed), "{d:?}");
+        assert!(
+            d.iter().all(|(_, d, _)| *d == LeaseDecision::MarkFailed),
+            "{d:?}"
+        );
     }
 }

@@ -78,7 +78,10 @@ fn no(m: impl Into<String>) -> Outcome {
 
 impl ClusterState {
     pub fn new(limits: StateLimits) -> Self {
-        ClusterState { limits, ..Default::default() }
+        ClusterState {
+            limits,
+            ..Default::default()
+        }
     }
 
     pub fn snapshot_bytes(&self) -> Vec<u8> {
@@ -105,11 +108,16 @@ impl ClusterState {
     pub fn apply(&mut self, index: u64, env: &Envelope) -> Applied {
         self.note_index(index);
         if let Some((first, outcome)) = self.applied_requests.get(&env.request_id) {
-            return Applied { outcome: outcome.clone(), index: *first, duplicate: true };
+            return Applied {
+                outcome: outcome.clone(),
+                index: *first,
+                duplicate: true,
+            };
         }
         let outcome = self.apply_command(index, &env.command);
         if !env.request_id.is_empty() {
-            self.applied_requests.insert(env.request_id.clone(), (index, outcome.clone()));
+            self.applied_requests
+                .insert(env.request_id.clone(), (index, outcome.clone()));
             self.applied_order.push_back(env.request_id.clone());
             while self.applied_order.len() > self.limits.request_ids_max {
                 if let Some(old) = self.applied_order.pop_front() {
@@ -117,11 +125,20 @@ impl ClusterState {
                 }
             }
         }
-        Applied { outcome, index, duplicate: false }
+        Applied {
+            outcome,
+            index,
+            duplicate: false,
+        }
     }
 
     /// Record a committed membership change (addresses come from the conf change context).
-    pub fn set_members(&mut self, index: u64, voters: &[NodeId], addresses: &BTreeMap<NodeId, String>) {
+    pub fn set_members(
+        &mut self,
+        index: u64,
+        voters: &[NodeId],
+        addresses: &BTreeMap<NodeId, String>,
+    ) {
         self.note_index(index);
         let mut members: Vec<ControllerMember> = voters
             .iter()
@@ -130,7 +147,12 @@ impl ClusterState {
                 address: addresses
                     .get(id)
                     .cloned()
-                    .or_else(|| self.members.iter().find(|m| m.id == *id).map(|m| m.address.clone()))
+                    .or_else(|| {
+                        self.members
+                            .iter()
+                            .find(|m| m.id == *id)
+                            .map(|m| m.address.clone())
+                    })
                     .unwrap_or_default(),
             })
             .collect();
@@ -138,14 +160,25 @@ impl ClusterState {
         if members != self.members {
             let ids: Vec<String> = members.iter().map(|m| m.id.to_string()).collect();
             self.members = members;
-            self.event(index, "members", "controllers", format!("voters now [{}]", ids.join(", ")));
+            self.event(
+                index,
+                "members",
+                "controllers",
+                format!("voters now [{}]", ids.join(", ")),
+            );
         }
     }
 
     fn event(&mut self, index: u64, kind: &str, subject: &str, reason: String) {
         let seq = self.next_event_seq;
         self.next_event_seq += 1;
-        self.events.push_back(Event { seq, index, kind: kind.into(), subject: subject.into(), reason });
+        self.events.push_back(Event {
+            seq,
+            index,
+            kind: kind.into(),
+            subject: subject.into(),
+            reason,
+        });
         while self.events.len() > self.limits.events_max {
             self.events.pop_front();
         }
@@ -162,13 +195,22 @@ impl ClusterState {
                 if key.is_empty() || self.too_long(key) || self.too_long(value) {
                     return no("annotation key must be 1..=text_bytes_max bytes, value at most text_bytes_max");
                 }
-                if !self.annotations.contains_key(key) && self.annotations.len() >= self.limits.annotations_max {
-                    return no(format!("annotations_max ({}) reached", self.limits.annotations_max));
+                if !self.annotations.contains_key(key)
+                    && self.annotations.len() >= self.limits.annotations_max
+                {
+                    return no(format!(
+                        "annotations_max ({}) reached",
+                        self.limits.annotations_max
+                    ));
                 }
                 self.annotations.insert(key.clone(), value.clone());
                 ok(format!("annotation {key} set"))
             }
-            Command::RegisterWorker { id, address, device } => {
+            Command::RegisterWorker {
+                id,
+                address,
+                device,
+            } => {
                 if id.is_empty() || self.too_long(id) || self.too_long(address) {
                     return no("worker id must be 1..=text_bytes_max bytes");
                 }
@@ -184,7 +226,10 @@ impl ClusterState {
                     }
                     None => {
                         if self.workers.len() >= self.limits.workers_max {
-                            return no(format!("workers_max ({}) reached", self.limits.workers_max));
+                            return no(format!(
+                                "workers_max ({}) reached",
+                                self.limits.workers_max
+                            ));
                         }
                         self.workers.insert(
                             id.clone(),
@@ -235,14 +280,23 @@ impl ClusterState {
                 }
                 w.health = WorkerHealth::Draining;
                 w.health_reason = reason.clone();
-                self.event(index, "worker_draining", id, format!("operator drain: {reason}"));
+                self.event(
+                    index,
+                    "worker_draining",
+                    id,
+                    format!("operator drain: {reason}"),
+                );
                 self.replan(index);
                 ok(format!("worker {id} draining"))
             }
             Command::SubmitJob { spec } => {
                 if let Some(j) = &self.job {
                     if !j.state.is_terminal() {
-                        return no(format!("job {} is {}; cancel it first", j.spec.name, j.state.as_str()));
+                        return no(format!(
+                            "job {} is {}; cancel it first",
+                            j.spec.name,
+                            j.state.as_str()
+                        ));
                     }
                 }
                 if let Err(e) = validate_job(spec) {
@@ -255,7 +309,12 @@ impl ClusterState {
                     progress_step: 0,
                     rank_steps: Vec::new(),
                 });
-                self.event(index, "job_submitted", &spec.name, format!("{} steps of {}", spec.steps, spec.model));
+                self.event(
+                    index,
+                    "job_submitted",
+                    &spec.name,
+                    format!("{} steps of {}", spec.steps, spec.model),
+                );
                 self.replan(index);
                 ok(format!("job {} submitted", spec.name))
             }
@@ -266,17 +325,32 @@ impl ClusterState {
                     self.event(index, "job_cancelled", &name, reason.clone());
                     ok(format!("job {name} cancelled"))
                 }
-                Some(j) => no(format!("job {} is already {}", j.spec.name, j.state.as_str())),
+                Some(j) => no(format!(
+                    "job {} is already {}",
+                    j.spec.name,
+                    j.state.as_str()
+                )),
                 None => no("no job"),
             },
-            Command::ReportProgress { worker, epoch, step } => {
-                let Some(j) = &mut self.job else { return no("no job") };
+            Command::ReportProgress {
+                worker,
+                epoch,
+                step,
+            } => {
+                let Some(j) = &mut self.job else {
+                    return no("no job");
+                };
                 if j.state != JobState::Running {
                     return no(format!("job is {}", j.state.as_str()));
                 }
-                let Some(plan) = &j.plan else { return no("no plan") };
+                let Some(plan) = &j.plan else {
+                    return no("no plan");
+                };
                 if plan.epoch != *epoch {
-                    return no(format!("stale epoch {epoch}; current epoch is {}", plan.epoch));
+                    return no(format!(
+                        "stale epoch {epoch}; current epoch is {}",
+                        plan.epoch
+                    ));
                 }
                 let Some(rank) = plan.ranks.iter().position(|w| w == worker) else {
                     return no(format!("worker {worker} has no rank in epoch {epoch}"));
@@ -289,15 +363,29 @@ impl ClusterState {
                     j.state = JobState::Completed;
                     let name = j.spec.name.clone();
                     let steps = j.spec.steps;
-                    self.event(index, "job_completed", &name, format!("all ranks reached step {steps}"));
+                    self.event(
+                        index,
+                        "job_completed",
+                        &name,
+                        format!("all ranks reached step {steps}"),
+                    );
                 }
                 ok(format!("progress {step}"))
             }
-            Command::RecordCheckpoint { step, epoch, shards, durable } => {
+            Command::RecordCheckpoint {
+                step,
+                epoch,
+                shards,
+                durable,
+            } => {
                 if shards.len() > 65_536 {
                     return no("too many shards");
                 }
-                if let Some(c) = self.checkpoints.iter_mut().find(|c| c.step == *step && c.epoch == *epoch) {
+                if let Some(c) = self
+                    .checkpoints
+                    .iter_mut()
+                    .find(|c| c.step == *step && c.epoch == *epoch)
+                {
                     c.shards = shards.clone();
                     c.durable |= *durable;
                 } else {
@@ -345,7 +433,11 @@ impl ClusterState {
                 let j = self.job.as_mut().expect("checked above");
                 let epoch = j.plan.as_ref().map(|p| p.epoch + 1).unwrap_or(1);
                 j.rank_steps = vec![j.progress_step; ranks.len()];
-                j.plan = Some(Plan { epoch, ranks: ranks.clone(), reason: reason.clone() });
+                j.plan = Some(Plan {
+                    epoch,
+                    ranks: ranks.clone(),
+                    reason: reason.clone(),
+                });
                 j.state = JobState::Running;
                 for w in self.workers.values_mut() {
                     if ranks.contains(&w.id) {
@@ -358,7 +450,12 @@ impl ClusterState {
                         w.health_reason = format!("not needed by epoch {epoch}");
                     }
                 }
-                self.event(index, "plan", &name, format!("epoch {epoch}: {reason} [{}]", ranks.join(", ")));
+                self.event(
+                    index,
+                    "plan",
+                    &name,
+                    format!("epoch {epoch}: {reason} [{}]", ranks.join(", ")),
+                );
             }
         }
     }
@@ -370,11 +467,18 @@ mod tests {
     use phalanx_proto::{DeviceSpec, JobSpec};
 
     fn env(id: &str, command: Command) -> Envelope {
-        Envelope { request_id: id.into(), command }
+        Envelope {
+            request_id: id.into(),
+            command,
+        }
     }
 
     fn reg(id: &str) -> Command {
-        Command::RegisterWorker { id: id.into(), address: format!("127.0.0.1:7{id}"), device: DeviceSpec::default() }
+        Command::RegisterWorker {
+            id: id.into(),
+            address: format!("127.0.0.1:7{id}"),
+            device: DeviceSpec::default(),
+        }
     }
 
     fn spec() -> JobSpec {
@@ -384,13 +488,43 @@ mod tests {
     #[test]
     fn duplicate_request_id_applies_once() {
         let mut s = ClusterState::new(StateLimits::default());
-        let a = s.apply(1, &env("r1", Command::SetAnnotation { key: "k".into(), value: "1".into() }));
-        s.apply(2, &env("r2", Command::SetAnnotation { key: "k".into(), value: "2".into() }));
-        let again = s.apply(3, &env("r1", Command::SetAnnotation { key: "k".into(), value: "1".into() }));
+        let a = s.apply(
+            1,
+            &env(
+                "r1",
+                Command::SetAnnotation {
+                    key: "k".into(),
+                    value: "1".into(),
+                },
+            ),
+        );
+        s.apply(
+            2,
+            &env(
+                "r2",
+                Command::SetAnnotation {
+                    key: "k".into(),
+                    value: "2".into(),
+                },
+            ),
+        );
+        let again = s.apply(
+            3,
+            &env(
+                "r1",
+                Command::SetAnnotation {
+                    key: "k".into(),
+                    value: "1".into(),
+                },
+            ),
+        );
         assert!(again.duplicate);
         assert_eq!(again.index, 1);
         assert_eq!(again.outcome, a.outcome);
-        assert_eq!(s.annotations["k"], "2", "the retry must not overwrite the later write");
+        assert_eq!(
+            s.annotations["k"], "2",
+            "the retry must not overwrite the later write"
+        );
     }
 
     #[test]
@@ -414,24 +548,68 @@ mod tests {
         assert!(!again.outcome.is_applied());
         s.apply(
             next(),
-            &env("fail-b", Command::SetWorkerHealth { id: "b".into(), health: WorkerHealth::Failed, reason: "no heartbeat".into() }),
+            &env(
+                "fail-b",
+                Command::SetWorkerHealth {
+                    id: "b".into(),
+                    health: WorkerHealth::Failed,
+                    reason: "no heartbeat".into(),
+                },
+            ),
         );
         let plan = s.job.as_ref().unwrap().plan.clone().unwrap();
         assert_eq!(plan.epoch, 2);
         assert_eq!(plan.ranks, vec!["a", "c"]);
         // A stale epoch report is rejected.
-        let stale = s.apply(next(), &env("p0", Command::ReportProgress { worker: "a".into(), epoch: 1, step: 5 }));
+        let stale = s.apply(
+            next(),
+            &env(
+                "p0",
+                Command::ReportProgress {
+                    worker: "a".into(),
+                    epoch: 1,
+                    step: 5,
+                },
+            ),
+        );
         assert!(!stale.outcome.is_applied());
-        s.apply(next(), &env("p1", Command::ReportProgress { worker: "a".into(), epoch: 2, step: 20 }));
+        s.apply(
+            next(),
+            &env(
+                "p1",
+                Command::ReportProgress {
+                    worker: "a".into(),
+                    epoch: 2,
+                    step: 20,
+                },
+            ),
+        );
         assert_eq!(s.job.as_ref().unwrap().state, JobState::Running);
-        s.apply(next(), &env("p2", Command::ReportProgress { worker: "c".into(), epoch: 2, step: 20 }));
+        s.apply(
+            next(),
+            &env(
+                "p2",
+                Command::ReportProgress {
+                    worker: "c".into(),
+                    epoch: 2,
+                    step: 20,
+                },
+            ),
+        );
         assert_eq!(s.job.as_ref().unwrap().state, JobState::Completed);
-        assert!(s.events.iter().any(|e| e.kind == "worker_failed" && e.reason.contains("no heartbeat")));
+        assert!(s
+            .events
+            .iter()
+            .any(|e| e.kind == "worker_failed" && e.reason.contains("no heartbeat")));
     }
 
     #[test]
     fn snapshot_roundtrip_and_bounded_event_log() {
-        let limits = StateLimits { events_max: 5, request_ids_max: 3, ..Default::default() };
+        let limits = StateLimits {
+            events_max: 5,
+            request_ids_max: 3,
+            ..Default::default()
+        };
         let mut s = ClusterState::new(limits);
         for i in 1..=20u64 {
             s.apply(i, &env(&format!("r{i}"), reg(&format!("w{i}"))));
@@ -450,10 +628,31 @@ mod tests {
         s.apply(1, &env("1", reg("a")));
         s.apply(2, &env("2", reg("b")));
         s.apply(3, &env("3", Command::SubmitJob { spec: spec() }));
-        s.apply(4, &env("4", Command::DrainWorker { id: "a".into(), reason: "maintenance".into() }));
+        s.apply(
+            4,
+            &env(
+                "4",
+                Command::DrainWorker {
+                    id: "a".into(),
+                    reason: "maintenance".into(),
+                },
+            ),
+        );
         assert_eq!(s.workers["a"].health, WorkerHealth::Draining);
-        assert_eq!(s.job.as_ref().unwrap().plan.as_ref().unwrap().ranks, vec!["b"]);
-        let unknown = s.apply(5, &env("5", Command::DrainWorker { id: "zz".into(), reason: String::new() }));
+        assert_eq!(
+            s.job.as_ref().unwrap().plan.as_ref().unwrap().ranks,
+            vec!["b"]
+        );
+        let unknown = s.apply(
+            5,
+            &env(
+                "5",
+                Command::DrainWorker {
+                    id: "zz".into(),
+                    reason: String::new(),
+                },
+            ),
+        );
         assert!(!unknown.outcome.is_applied());
     }
 }

@@ -44,7 +44,10 @@ impl WorkerHealth {
 
     /// Can this worker be given a rank in a new plan?
     pub fn placeable(self) -> bool {
-        matches!(self, WorkerHealth::Joining | WorkerHealth::Healthy | WorkerHealth::Spare)
+        matches!(
+            self,
+            WorkerHealth::Joining | WorkerHealth::Healthy | WorkerHealth::Spare
+        )
     }
 }
 
@@ -165,17 +168,44 @@ pub struct ControllerMember {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Command {
-    RegisterWorker { id: WorkerId, address: String, device: DeviceSpec },
+    RegisterWorker {
+        id: WorkerId,
+        address: String,
+        device: DeviceSpec,
+    },
     /// Decided by the leader's failure policy or by an operator.
-    SetWorkerHealth { id: WorkerId, health: WorkerHealth, reason: String },
-    DrainWorker { id: WorkerId, reason: String },
-    SubmitJob { spec: JobSpec },
-    CancelJob { reason: String },
-    ReportProgress { worker: WorkerId, epoch: u64, step: u64 },
-    RecordCheckpoint { step: u64, epoch: u64, shards: Vec<CheckpointShard>, durable: bool },
+    SetWorkerHealth {
+        id: WorkerId,
+        health: WorkerHealth,
+        reason: String,
+    },
+    DrainWorker {
+        id: WorkerId,
+        reason: String,
+    },
+    SubmitJob {
+        spec: JobSpec,
+    },
+    CancelJob {
+        reason: String,
+    },
+    ReportProgress {
+        worker: WorkerId,
+        epoch: u64,
+        step: u64,
+    },
+    RecordCheckpoint {
+        step: u64,
+        epoch: u64,
+        shards: Vec<CheckpointShard>,
+        durable: bool,
+    },
     /// A free-form key/value annotation of the cluster (also the register that the
     /// linearizability test reads and writes).
-    SetAnnotation { key: String, value: String },
+    SetAnnotation {
+        key: String,
+        value: String,
+    },
     /// A no-op that orders a read after every write committed before it.
     ReadBarrier,
 }
@@ -191,9 +221,13 @@ pub struct Envelope {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Outcome {
-    Applied { message: String },
+    Applied {
+        message: String,
+    },
     /// The command was valid to replicate but the state machine refused it.
-    Rejected { reason: String },
+    Rejected {
+        reason: String,
+    },
 }
 
 impl Outcome {
@@ -288,7 +322,10 @@ mod tests {
 
     #[test]
     fn command_json_is_tagged() {
-        let c = Command::DrainWorker { id: "w1".into(), reason: "maint".into() };
+        let c = Command::DrainWorker {
+            id: "w1".into(),
+            reason: "maint".into(),
+        };
         let s = serde_json::to_string(&c).unwrap();
         assert!(s.contains("\"type\":\"drain_worker\""), "{s}");
         let back: Command = serde_json::from_str(&s).unwrap();

@@ -32,7 +32,12 @@ pub fn phalanx() -> Command {
 
 /// Run a command to completion within `timeout`; kill it and fail if it overruns.
 pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Output {
-    let mut child = KillOnDrop(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn phalanx"));
+    let mut child = KillOnDrop(
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn phalanx"),
+    );
     let mut out = child.0.stdout.take().unwrap();
     let mut err = child.0.stderr.take().unwrap();
     let t_out = std::thread::spawn(move || {
@@ -48,7 +53,11 @@ pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Output {
     let Some(status) = child.wait_timeout(timeout) else {
         panic!("command did not finish within {timeout:?}: {cmd:?}");
     };
-    Output { status, stdout: t_out.join().unwrap(), stderr: t_err.join().unwrap() }
+    Output {
+        status,
+        stdout: t_out.join().unwrap(),
+        stderr: t_err.join().unwrap(),
+    }
 }
 
 /// A child process killed when dropped, so a failing test leaves nothing behind.
@@ -76,7 +85,11 @@ impl KillOnDrop {
 
 /// A free loopback port (bound then released; good enough for tests).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn stderr_of(o: &Output) -> String {

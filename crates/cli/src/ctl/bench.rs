@@ -52,7 +52,13 @@ struct Summary {
 fn summary(mut v: Vec<f64>) -> Summary {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     let q = |p: f64| v[((v.len() as f64 - 1.0) * p).round() as usize];
-    Summary { samples: v.len(), median_ms: q(0.5), p99_ms: q(0.99), min_ms: v[0], max_ms: v[v.len() - 1] }
+    Summary {
+        samples: v.len(),
+        median_ms: q(0.5),
+        p99_ms: q(0.99),
+        min_ms: v[0],
+        max_ms: v[v.len() - 1],
+    }
 }
 
 const TOKEN: &str = "bench-token";
@@ -71,7 +77,12 @@ impl Cluster {
             let l = std::net::TcpListener::bind("127.0.0.1:0")?;
             peers.insert(id, l.local_addr()?.to_string());
         }
-        let mut c = Cluster { dir: dir.to_path_buf(), peers, nodes: BTreeMap::new(), tick_ms };
+        let mut c = Cluster {
+            dir: dir.to_path_buf(),
+            peers,
+            nodes: BTreeMap::new(),
+            tick_ms,
+        };
         for id in 1..=n {
             c.start(id)?;
         }
@@ -79,7 +90,13 @@ impl Cluster {
     }
 
     fn start(&mut self, id: NodeId) -> Result<()> {
-        let mut cfg = ServerConfig::new(id, self.peers[&id].clone(), self.peers.clone(), self.dir.join(format!("node{id}")), TOKEN.into());
+        let mut cfg = ServerConfig::new(
+            id,
+            self.peers[&id].clone(),
+            self.peers.clone(),
+            self.dir.join(format!("node{id}")),
+            TOKEN.into(),
+        );
         cfg.tick_ms = self.tick_ms;
         // sled releases its directory lock shortly after the old instance stops.
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -99,12 +116,27 @@ impl Cluster {
     }
 
     fn status(&self, id: NodeId) -> Option<StatusResponse> {
-        let (code, body) = http_once(&self.peers[&id], "GET", "/v1/status", TOKEN, None, Duration::from_millis(300)).ok()?;
-        (code == 200).then(|| serde_json::from_slice(&body).ok()).flatten()
+        let (code, body) = http_once(
+            &self.peers[&id],
+            "GET",
+            "/v1/status",
+            TOKEN,
+            None,
+            Duration::from_millis(300),
+        )
+        .ok()?;
+        (code == 200)
+            .then(|| serde_json::from_slice(&body).ok())
+            .flatten()
     }
 
     /// The leader that every live node agrees on.
-    fn wait_leader(&self, timeout: Duration, above_term: u64, exclude: Option<NodeId>) -> Result<(NodeId, u64)> {
+    fn wait_leader(
+        &self,
+        timeout: Duration,
+        above_term: u64,
+        exclude: Option<NodeId>,
+    ) -> Result<(NodeId, u64)> {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             for id in self.peers.keys().filter(|i| Some(**i) != exclude) {
@@ -120,7 +152,10 @@ impl Cluster {
     }
 
     fn client(&self) -> Result<Client> {
-        Ok(Client::new(self.peers.values().cloned().collect(), TOKEN.into())?)
+        Ok(Client::new(
+            self.peers.values().cloned().collect(),
+            TOKEN.into(),
+        )?)
     }
 }
 
@@ -137,7 +172,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
 
     // ---- throughput: 3 durable nodes vs raw sled on one node
-    eprintln!("throughput: {} clients for {} s on 3 controllers", a.clients, a.seconds);
+    eprintln!(
+        "throughput: {} clients for {} s on 3 controllers",
+        a.clients, a.seconds
+    );
     let mut cluster = Cluster::new(&dir.join("tput"), 3, a.tick_ms)?;
     cluster.wait_leader(Duration::from_secs(10), 0, None)?;
     let done = Arc::new(AtomicBool::new(false));
@@ -151,7 +189,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let mut i = 0u64;
             while !done.load(Ordering::Relaxed) {
                 i += 1;
-                let cmd = Command::SetAnnotation { key: format!("c{c}"), value: i.to_string() };
+                let cmd = Command::SetAnnotation {
+                    key: format!("c{c}"),
+                    value: i.to_string(),
+                };
                 match client.command(cmd) {
                     Ok(r) if r.outcome.is_applied() => {
                         count.fetch_add(1, Ordering::Relaxed);
@@ -180,7 +221,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
 
     let raw_dir = dir.join("raw-sled");
     let raw_per_s = raw_sled(&raw_dir, a.seconds)?;
-    eprintln!("  committed commands/s: {cmds_per_s:.0}   raw sled insert+flush+fsync/s: {raw_per_s:.0}");
+    eprintln!(
+        "  committed commands/s: {cmds_per_s:.0}   raw sled insert+flush+fsync/s: {raw_per_s:.0}"
+    );
 
     // ---- re-election
     eprintln!("re-election: {} leader kills", a.kills);
@@ -197,16 +240,23 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 h.stop();
             }
         });
-        let (new_leader, new_term) = cluster.wait_leader(Duration::from_secs(10), term, Some(leader))?;
+        let (new_leader, new_term) =
+            cluster.wait_leader(Duration::from_secs(10), term, Some(leader))?;
         let ms = t_kill.elapsed().as_secs_f64() * 1e3;
         samples.push(ms);
         let _ = stopper.join();
-        eprintln!("  kill {:>2}: node {leader} -> node {new_leader} in {ms:.0} ms", k + 1);
+        eprintln!(
+            "  kill {:>2}: node {leader} -> node {new_leader} in {ms:.0} ms",
+            k + 1
+        );
         cluster.start(leader)?;
         // Let the restarted node rejoin as a follower before the next kill.
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if cluster.status(leader).is_some_and(|s| s.leader_id == new_leader && s.role == "follower") {
+            if cluster
+                .status(leader)
+                .is_some_and(|s| s.leader_id == new_leader && s.role == "follower")
+            {
                 break;
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -221,7 +271,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
     }
     let reelection = summary(samples);
-    eprintln!("  re-election median {:.0} ms, p99 {:.0} ms", reelection.median_ms, reelection.p99_ms);
+    eprintln!(
+        "  re-election median {:.0} ms, p99 {:.0} ms",
+        reelection.median_ms, reelection.p99_ms
+    );
 
     let result = serde_json::json!({
         "bench": "controller",
@@ -244,5 +297,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
 /// One writer doing what the raft storage does per Ready, without raft: insert, flush,
 /// fsync of the sled files.
 fn raw_sled(dir: &Path, seconds: u64) -> Result<f64> {
-    Ok(phalanx_controller::storage::bench_raw_sled(dir, Duration::from_secs(seconds))?)
+    Ok(phalanx_controller::storage::bench_raw_sled(
+        dir,
+        Duration::from_secs(seconds),
+    )?)
 }

@@ -10,7 +10,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
 use phalanx_controller::client::Client;
 use phalanx_controller::server::{self, ServerConfig};
-use phalanx_proto::{CheckpointInfo, Command, CommandResponse, Event, JobInfo, NodeId, StatusResponse};
+use phalanx_proto::{
+    CheckpointInfo, Command, CommandResponse, Event, JobInfo, NodeId, StatusResponse,
+};
 use serde::{Deserialize, Serialize};
 
 pub mod bench;
@@ -197,8 +199,13 @@ fn cluster_file(dir: &Path) -> PathBuf {
 
 fn read_cluster(dir: &Path) -> Result<ClusterFile> {
     let p = cluster_file(dir);
-    let text = std::fs::read_to_string(&p)
-        .with_context(|| format!("reading {} (is a cluster up in {}?)", p.display(), dir.display()))?;
+    let text = std::fs::read_to_string(&p).with_context(|| {
+        format!(
+            "reading {} (is a cluster up in {}?)",
+            p.display(),
+            dir.display()
+        )
+    })?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
 }
 
@@ -210,7 +217,8 @@ fn write_cluster(dir: &Path, c: &ClusterFile) -> Result<()> {
 }
 
 fn read_token(path: &Path) -> Result<String> {
-    let t = std::fs::read_to_string(path).with_context(|| format!("reading token file {}", path.display()))?;
+    let t = std::fs::read_to_string(path)
+        .with_context(|| format!("reading token file {}", path.display()))?;
     let t = t.trim().to_string();
     if t.is_empty() {
         bail!("token file {} is empty", path.display());
@@ -224,7 +232,12 @@ impl Target {
             let d = PathBuf::from("./local-cluster");
             (self.controllers.is_empty() && cluster_file(&d).exists()).then_some(d)
         });
-        let mut addrs: Vec<String> = self.controllers.iter().filter(|s| !s.is_empty()).cloned().collect();
+        let mut addrs: Vec<String> = self
+            .controllers
+            .iter()
+            .filter(|s| !s.is_empty())
+            .cloned()
+            .collect();
         let mut token_file = self.token_file.clone();
         if let Some(d) = &dir {
             let c = read_cluster(d)?;
@@ -238,8 +251,9 @@ impl Target {
         }
         let token = match token_file {
             Some(f) => read_token(&f)?,
-            None => std::env::var("PHALANX_TOKEN")
-                .map_err(|_| anyhow!("no token: pass --token-file F, --dir DIR or set PHALANX_TOKEN"))?,
+            None => std::env::var("PHALANX_TOKEN").map_err(|_| {
+                anyhow!("no token: pass --token-file F, --dir DIR or set PHALANX_TOKEN")
+            })?,
         };
         Ok(Client::new(addrs, token)?)
     }
@@ -257,7 +271,11 @@ fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
         }
     }
     let line = |cells: Vec<String>| {
-        let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{:<width$}", c, width = w[i])).collect();
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{:<width$}", c, width = w[i]))
+            .collect();
         s.join("  ").trim_end().to_string()
     };
     let mut out = vec![line(headers.iter().map(|s| s.to_string()).collect())];
@@ -276,7 +294,11 @@ fn report(resp: &CommandResponse, json: bool) -> Result<()> {
     if json {
         print_json(resp)?;
     } else {
-        let dup = if resp.duplicate { " (duplicate request, applied once)" } else { "" };
+        let dup = if resp.duplicate {
+            " (duplicate request, applied once)"
+        } else {
+            ""
+        };
         println!("{} at index {}{dup}", resp.outcome.message(), resp.index);
     }
     if !resp.outcome.is_applied() {
@@ -291,21 +313,43 @@ pub fn controller(cmd: ControllerCmd) -> Result<()> {
     match cmd {
         ControllerCmd::Start(a) => start(a),
         ControllerCmd::Bench(a) => bench::run(a),
-        ControllerCmd::Add { id, address, target } => {
+        ControllerCmd::Add {
+            id,
+            address,
+            target,
+        } => {
             let c = target.client()?;
             let v: serde_json::Value = c.post(
                 "/v1/members",
-                &phalanx_proto::MemberChange { action: "add".into(), id, address },
+                &phalanx_proto::MemberChange {
+                    action: "add".into(),
+                    id,
+                    address,
+                },
             )?;
-            if target.json { print_json(&v) } else { println!("proposed: add controller {id}"); Ok(()) }
+            if target.json {
+                print_json(&v)
+            } else {
+                println!("proposed: add controller {id}");
+                Ok(())
+            }
         }
         ControllerCmd::Remove { id, target } => {
             let c = target.client()?;
             let v: serde_json::Value = c.post(
                 "/v1/members",
-                &phalanx_proto::MemberChange { action: "remove".into(), id, address: String::new() },
+                &phalanx_proto::MemberChange {
+                    action: "remove".into(),
+                    id,
+                    address: String::new(),
+                },
             )?;
-            if target.json { print_json(&v) } else { println!("proposed: remove controller {id}"); Ok(()) }
+            if target.json {
+                print_json(&v)
+            } else {
+                println!("proposed: remove controller {id}");
+                Ok(())
+            }
         }
     }
 }
@@ -316,7 +360,9 @@ fn parse_peers(peers: &[String]) -> Result<BTreeMap<NodeId, String>> {
         let (id, addr) = p
             .split_once('=')
             .ok_or_else(|| anyhow!("--peers: {p:?} is not ID=ADDR"))?;
-        let id: NodeId = id.parse().map_err(|_| anyhow!("--peers: {id:?} is not a node id"))?;
+        let id: NodeId = id
+            .parse()
+            .map_err(|_| anyhow!("--peers: {id:?} is not a node id"))?;
         if addr.is_empty() {
             bail!("--peers: node {id} has an empty address");
         }
@@ -339,7 +385,12 @@ fn start(a: StartArgs) -> Result<()> {
     cfg.lease.suspect_after_ms = a.suspect_after_ms;
     cfg.lease.fail_after_ms = a.fail_after_ms;
     let h = server::start(cfg)?;
-    eprintln!("controller {} listening on {} (data in {})", a.id, h.local_addr, a.data_dir.display());
+    eprintln!(
+        "controller {} listening on {} (data in {})",
+        a.id,
+        h.local_addr,
+        a.data_dir.display()
+    );
     h.wait();
     bail!("controller {} stopped (see the log above)", a.id)
 }
@@ -356,10 +407,27 @@ fn free_port() -> Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-fn spawn_node(exe: &Path, n: &NodeEntry, peers: &str, token_file: &Path) -> Result<std::process::Child> {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(&n.log)?;
+fn spawn_node(
+    exe: &Path,
+    n: &NodeEntry,
+    peers: &str,
+    token_file: &Path,
+) -> Result<std::process::Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&n.log)?;
     let child = std::process::Command::new(exe)
-        .args(["controller", "start", "--id", &n.id.to_string(), "--listen", &n.address, "--peers", peers])
+        .args([
+            "controller",
+            "start",
+            "--id",
+            &n.id.to_string(),
+            "--listen",
+            &n.address,
+            "--peers",
+            peers,
+        ])
         .arg("--data-dir")
         .arg(&n.data_dir)
         .arg("--token-file")
@@ -374,7 +442,11 @@ fn spawn_node(exe: &Path, n: &NodeEntry, peers: &str, token_file: &Path) -> Resu
 
 pub fn cluster(cmd: ClusterCmd) -> Result<()> {
     match cmd {
-        ClusterCmd::Up { controllers, dir, base_port } => cluster_up(controllers, &dir, base_port),
+        ClusterCmd::Up {
+            controllers,
+            dir,
+            base_port,
+        } => cluster_up(controllers, &dir, base_port),
         ClusterCmd::Down { dir } => cluster_down(&dir),
     }
 }
@@ -386,7 +458,9 @@ fn cluster_up(n: u32, dir: &Path, base_port: u16) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = dir.canonicalize()?;
     if let Ok(old) = read_cluster(&dir) {
-        if phalanx_controller::proc::is_alive(old.supervisor_pid) && old.supervisor_pid != std::process::id() {
+        if phalanx_controller::proc::is_alive(old.supervisor_pid)
+            && old.supervisor_pid != std::process::id()
+        {
             bail!("a cluster is already up in {} (supervisor pid {}); run `phalanx cluster down --dir {}`", dir.display(), old.supervisor_pid, dir.display());
         }
     }
@@ -403,7 +477,10 @@ fn cluster_up(n: u32, dir: &Path, base_port: u16) -> Result<()> {
     let previous = read_cluster(&dir).ok();
     let mut nodes = Vec::new();
     for id in 1..=n as NodeId {
-        let address = match previous.as_ref().and_then(|p| p.controllers.iter().find(|c| c.id == id)) {
+        let address = match previous
+            .as_ref()
+            .and_then(|p| p.controllers.iter().find(|c| c.id == id))
+        {
             Some(p) => p.address.clone(),
             None if base_port != 0 => format!("127.0.0.1:{}", base_port as u64 + id - 1),
             None => format!("127.0.0.1:{}", free_port()?),
@@ -416,7 +493,11 @@ fn cluster_up(n: u32, dir: &Path, base_port: u16) -> Result<()> {
             pid: 0,
         });
     }
-    let peers: String = nodes.iter().map(|n| format!("{}={}", n.id, n.address)).collect::<Vec<_>>().join(",");
+    let peers: String = nodes
+        .iter()
+        .map(|n| format!("{}={}", n.id, n.address))
+        .collect::<Vec<_>>()
+        .join(",");
     let exe = std::env::current_exe()?;
     let mut children = Vec::new();
     for node in nodes.iter_mut() {
@@ -424,18 +505,43 @@ fn cluster_up(n: u32, dir: &Path, base_port: u16) -> Result<()> {
         node.pid = c.id();
         children.push(Some(c));
     }
-    let mut cf = ClusterFile { token_file: token_file.clone(), supervisor_pid: std::process::id(), controllers: nodes.clone() };
+    let mut cf = ClusterFile {
+        token_file: token_file.clone(),
+        supervisor_pid: std::process::id(),
+        controllers: nodes.clone(),
+    };
     write_cluster(&dir, &cf)?;
-    println!("{}", table(
-        &["ID", "ADDRESS", "PID", "DATA", "LOG"],
-        &nodes.iter().map(|n| vec![n.id.to_string(), n.address.clone(), n.pid.to_string(), n.data_dir.display().to_string(), n.log.display().to_string()]).collect::<Vec<_>>(),
-    ));
+    println!(
+        "{}",
+        table(
+            &["ID", "ADDRESS", "PID", "DATA", "LOG"],
+            &nodes
+                .iter()
+                .map(|n| vec![
+                    n.id.to_string(),
+                    n.address.clone(),
+                    n.pid.to_string(),
+                    n.data_dir.display().to_string(),
+                    n.log.display().to_string()
+                ])
+                .collect::<Vec<_>>(),
+        )
+    );
     println!("token file: {}", token_file.display());
-    println!("controllers: {}", nodes.iter().map(|n| n.address.as_str()).collect::<Vec<_>>().join(","));
+    println!(
+        "controllers: {}",
+        nodes
+            .iter()
+            .map(|n| n.address.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
     println!("try: phalanx status --dir {}", dir.display());
     println!("supervising (a crashed controller restarts after 1 s); Ctrl-C or `phalanx cluster down --dir {}` stops the cluster", dir.display());
 
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let stop = rt.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut tick = tokio::time::interval(Duration::from_millis(200));
@@ -505,7 +611,15 @@ fn cluster_down(dir: &Path) -> Result<()> {
             killed += 1;
         }
     }
-    println!("cluster in {} stopped{}", dir.display(), if killed > 0 { format!(" ({killed} controllers killed)") } else { String::new() });
+    println!(
+        "cluster in {} stopped{}",
+        dir.display(),
+        if killed > 0 {
+            format!(" ({killed} controllers killed)")
+        } else {
+            String::new()
+        }
+    );
     Ok(())
 }
 
@@ -537,9 +651,15 @@ pub fn status(cmd: StatusCmd) -> Result<()> {
     let all = client.status_all();
     let ok: Vec<&StatusResponse> = all.iter().filter_map(|(_, r)| r.as_ref().ok()).collect();
     if ok.is_empty() {
-        let errs: Vec<String> = all.iter().map(|(a, r)| format!("{a}: {}", r.as_ref().err().cloned().unwrap_or_default())).collect();
+        let errs: Vec<String> = all
+            .iter()
+            .map(|(a, r)| format!("{a}: {}", r.as_ref().err().cloned().unwrap_or_default()))
+            .collect();
         if errs.iter().any(|e| e.contains("401")) {
-            bail!("unauthorized (401): wrong cluster token ({})", errs.join("; "));
+            bail!(
+                "unauthorized (401): wrong cluster token ({})",
+                errs.join("; ")
+            );
         }
         bail!("no controller answered: {}", errs.join("; "));
     }
@@ -564,11 +684,24 @@ pub fn status(cmd: StatusCmd) -> Result<()> {
                 applied_index: Some(s.applied_index),
                 error: None,
             },
-            Err(e) => NodeView { address: a.clone(), reachable: false, node_id: None, role: None, term: None, commit_index: None, applied_index: None, error: Some(e.clone()) },
+            Err(e) => NodeView {
+                address: a.clone(),
+                reachable: false,
+                node_id: None,
+                role: None,
+                term: None,
+                commit_index: None,
+                applied_index: None,
+                error: Some(e.clone()),
+            },
         })
         .collect();
     let view = ClusterStatus {
-        leader_id: if best.role == "leader" { best.node_id } else { best.leader_id },
+        leader_id: if best.role == "leader" {
+            best.node_id
+        } else {
+            best.leader_id
+        },
         term: best.term,
         members: best.members.clone(),
         commit_index: best.commit_index,
@@ -579,28 +712,60 @@ pub fn status(cmd: StatusCmd) -> Result<()> {
     if cmd.target.json {
         return print_json(&view);
     }
-    let leader = if view.leader_id == 0 { "none".to_string() } else { view.leader_id.to_string() };
-    println!("leader: {leader}   term: {}   commit index: {}   members: {}", view.term, view.commit_index, view.members.len());
+    let leader = if view.leader_id == 0 {
+        "none".to_string()
+    } else {
+        view.leader_id.to_string()
+    };
+    println!(
+        "leader: {leader}   term: {}   commit index: {}   members: {}",
+        view.term,
+        view.commit_index,
+        view.members.len()
+    );
     println!();
-    println!("{}", table(
-        &["NODE", "ADDRESS", "ROLE", "TERM", "COMMIT", "APPLIED"],
-        &view.nodes.iter().map(|n| vec![
-            n.node_id.map(|i| i.to_string()).unwrap_or("?".into()),
-            n.address.clone(),
-            n.role.clone().unwrap_or_else(|| format!("unreachable ({})", n.error.clone().unwrap_or_default())),
-            n.term.map(|t| t.to_string()).unwrap_or_default(),
-            n.commit_index.map(|t| t.to_string()).unwrap_or_default(),
-            n.applied_index.map(|t| t.to_string()).unwrap_or_default(),
-        ]).collect::<Vec<_>>(),
-    ));
+    println!(
+        "{}",
+        table(
+            &["NODE", "ADDRESS", "ROLE", "TERM", "COMMIT", "APPLIED"],
+            &view
+                .nodes
+                .iter()
+                .map(|n| vec![
+                    n.node_id.map(|i| i.to_string()).unwrap_or("?".into()),
+                    n.address.clone(),
+                    n.role.clone().unwrap_or_else(|| format!(
+                        "unreachable ({})",
+                        n.error.clone().unwrap_or_default()
+                    )),
+                    n.term.map(|t| t.to_string()).unwrap_or_default(),
+                    n.commit_index.map(|t| t.to_string()).unwrap_or_default(),
+                    n.applied_index.map(|t| t.to_string()).unwrap_or_default(),
+                ])
+                .collect::<Vec<_>>(),
+        )
+    );
     println!();
     if view.workers.is_empty() {
         println!("workers: none registered");
     } else {
-        println!("{}", table(
-            &["WORKER", "ADDRESS", "DEVICE", "HEALTH", "REASON"],
-            &view.workers.iter().map(|w| vec![w.id.clone(), w.address.clone(), format!("{}:{}", w.device.kind, w.device.index), w.health.as_str().into(), w.health_reason.clone()]).collect::<Vec<_>>(),
-        ));
+        println!(
+            "{}",
+            table(
+                &["WORKER", "ADDRESS", "DEVICE", "HEALTH", "REASON"],
+                &view
+                    .workers
+                    .iter()
+                    .map(|w| vec![
+                        w.id.clone(),
+                        w.address.clone(),
+                        format!("{}:{}", w.device.kind, w.device.index),
+                        w.health.as_str().into(),
+                        w.health_reason.clone()
+                    ])
+                    .collect::<Vec<_>>(),
+            )
+        );
     }
     println!();
     print_job(view.job.as_ref());
@@ -618,10 +783,27 @@ fn print_job(job: Option<&JobInfo>) {
                 j.spec.model,
                 j.progress_step,
                 j.spec.steps,
-                j.plan.as_ref().map(|p| p.epoch.to_string()).unwrap_or("-".into())
+                j.plan
+                    .as_ref()
+                    .map(|p| p.epoch.to_string())
+                    .unwrap_or("-".into())
             );
             if let Some(p) = &j.plan {
-                let rows: Vec<Vec<String>> = p.ranks.iter().enumerate().map(|(r, w)| vec![r.to_string(), w.clone(), j.rank_steps.get(r).map(|s| s.to_string()).unwrap_or_default()]).collect();
+                let rows: Vec<Vec<String>> = p
+                    .ranks
+                    .iter()
+                    .enumerate()
+                    .map(|(r, w)| {
+                        vec![
+                            r.to_string(),
+                            w.clone(),
+                            j.rank_steps
+                                .get(r)
+                                .map(|s| s.to_string())
+                                .unwrap_or_default(),
+                        ]
+                    })
+                    .collect();
                 println!("{}", table(&["RANK", "WORKER", "STEP"], &rows));
             }
         }
@@ -636,15 +818,22 @@ pub fn job(cmd: JobCmd) -> Result<()> {
             Ok(())
         }
         JobCmd::Submit { file, target } => {
-            let text = std::fs::read_to_string(&file).with_context(|| format!("reading job file {}", file.display()))?;
-            let spec = phalanx_core::parse_job_toml(&text).map_err(|e| anyhow!("{}: {e}", file.display()))?;
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading job file {}", file.display()))?;
+            let spec = phalanx_core::parse_job_toml(&text)
+                .map_err(|e| anyhow!("{}: {e}", file.display()))?;
             let c = target.client()?;
             report(&c.command(Command::SubmitJob { spec })?, target.json)
         }
         JobCmd::Status { target } => {
             let c = target.client()?;
             let job: Option<JobInfo> = c.get("/v1/job")?;
-            if target.json { print_json(&job) } else { print_job(job.as_ref()); Ok(()) }
+            if target.json {
+                print_json(&job)
+            } else {
+                print_job(job.as_ref());
+                Ok(())
+            }
         }
         JobCmd::Cancel { reason, target } => {
             let c = target.client()?;
@@ -655,7 +844,13 @@ pub fn job(cmd: JobCmd) -> Result<()> {
 
 pub fn drain(cmd: DrainCmd) -> Result<()> {
     let c = cmd.target.client()?;
-    report(&c.command(Command::DrainWorker { id: cmd.id, reason: cmd.reason })?, cmd.target.json)
+    report(
+        &c.command(Command::DrainWorker {
+            id: cmd.id,
+            reason: cmd.reason,
+        })?,
+        cmd.target.json,
+    )
 }
 
 pub fn checkpoint(cmd: CheckpointCmd) -> Result<()> {
@@ -669,10 +864,21 @@ pub fn checkpoint(cmd: CheckpointCmd) -> Result<()> {
         println!("no checkpoints");
         return Ok(());
     }
-    println!("{}", table(
-        &["STEP", "EPOCH", "SHARDS", "BYTES", "DURABLE"],
-        &cps.iter().map(|c| vec![c.step.to_string(), c.epoch.to_string(), c.shards.len().to_string(), c.shards.iter().map(|s| s.bytes).sum::<u64>().to_string(), if c.durable { "yes".into() } else { "no".into() }]).collect::<Vec<_>>(),
-    ));
+    println!(
+        "{}",
+        table(
+            &["STEP", "EPOCH", "SHARDS", "BYTES", "DURABLE"],
+            &cps.iter()
+                .map(|c| vec![
+                    c.step.to_string(),
+                    c.epoch.to_string(),
+                    c.shards.len().to_string(),
+                    c.shards.iter().map(|s| s.bytes).sum::<u64>().to_string(),
+                    if c.durable { "yes".into() } else { "no".into() }
+                ])
+                .collect::<Vec<_>>(),
+        )
+    );
     Ok(())
 }
 
@@ -686,9 +892,20 @@ pub fn events(cmd: EventsCmd) -> Result<()> {
         println!("no events");
         return Ok(());
     }
-    println!("{}", table(
-        &["SEQ", "INDEX", "KIND", "SUBJECT", "REASON"],
-        &evs.iter().map(|e| vec![e.seq.to_string(), e.index.to_string(), e.kind.clone(), e.subject.clone(), e.reason.clone()]).collect::<Vec<_>>(),
-    ));
+    println!(
+        "{}",
+        table(
+            &["SEQ", "INDEX", "KIND", "SUBJECT", "REASON"],
+            &evs.iter()
+                .map(|e| vec![
+                    e.seq.to_string(),
+                    e.index.to_string(),
+                    e.kind.clone(),
+                    e.subject.clone(),
+                    e.reason.clone()
+                ])
+                .collect::<Vec<_>>(),
+        )
+    );
     Ok(())
 }
