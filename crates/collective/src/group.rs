@@ -1,5 +1,6 @@
 //! The async group: rendezvous and ring collectives over TCP.
 
+use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::time::Duration;
@@ -153,34 +154,40 @@ async fn read_exact_by(
     }
 }
 
+/// Write all of `bufs` (header + payload) with vectored writes, so that a
+/// frame costs no copy into an intermediate buffer.
+async fn write_all_vectored(s: &mut TcpStream, mut bufs: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+    while !bufs.is_empty() {
+        let n = s.write_vectored(bufs).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut bufs, n);
+    }
+    Ok(())
+}
+
 /// The outbound link (to the right neighbour); only written after rendezvous.
 struct TxLink {
     stream: TcpStream,
     peer: Peer,
     seq: u64,
-    buf: Vec<u8>,
 }
 
 impl TxLink {
-    /// Start a data frame; append the payload to the returned buffer.
-    fn begin(&mut self) -> &mut Vec<u8> {
-        self.buf.clear();
-        self.buf.resize(HEADER_BYTES, 0);
-        &mut self.buf
-    }
-
-    /// Patch the header and send the frame started by [`TxLink::begin`].
-    async fn finish(&mut self, op: &'static str, dl: Deadline) -> Result<()> {
-        self.seq += 1;
-        let payload_bytes = (self.buf.len() - HEADER_BYTES) as u32;
-        let h = frame::encode_header(&FrameHeader { tag: Tag::Data, seq: self.seq, payload_bytes });
-        self.buf[..HEADER_BYTES].copy_from_slice(&h);
-        write_all_by(&mut self.stream, &self.buf, op, self.peer, dl).await
-    }
-
+    /// Send one data frame: header and payload in one vectored write.
     async fn send(&mut self, payload: &[u8], op: &'static str, dl: Deadline) -> Result<()> {
-        self.begin().extend_from_slice(payload);
-        self.finish(op, dl).await
+        let payload_bytes = u32::try_from(payload.len()).map_err(|_| {
+            frame_err(op, self.peer, frame::FrameError::TooLarge { payload_bytes: payload.len() as u64, frame_bytes_max: u32::MAX as usize })
+        })?;
+        self.seq += 1;
+        let h = frame::encode_header(&FrameHeader { tag: Tag::Data, seq: self.seq, payload_bytes });
+        let mut bufs = [IoSlice::new(&h), IoSlice::new(payload)];
+        match tokio::time::timeout_at(dl.at, write_all_vectored(&mut self.stream, &mut bufs)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(map_io(op, self.peer, e)),
+            Err(_) => Err(timeout_err(op, self.peer, dl.started)),
+        }
     }
 }
 
@@ -189,26 +196,80 @@ struct RxLink {
     stream: TcpStream,
     peer: Peer,
     seq: u64,
-    buf: Vec<u8>,
+    /// Scratch for payloads that are combined rather than stored; `u64` backing
+    /// so that it can be viewed as any element type without misalignment.
+    buf: Vec<u64>,
     frame_bytes_max: usize,
 }
 
 impl RxLink {
-    /// Receive the next data frame; `expected` is the exact payload size when known.
-    async fn recv(&mut self, expected: Option<usize>, op: &'static str, dl: Deadline) -> Result<&[u8]> {
+    /// Read and check the next data frame header; `expected` is the exact
+    /// payload size when known. Returns the payload size.
+    async fn recv_header(&mut self, expected: Option<usize>, op: &'static str, dl: Deadline) -> Result<usize> {
         let mut hb = [0u8; HEADER_BYTES];
         read_exact_by(&mut self.stream, &mut hb, op, self.peer, dl).await?;
         let h = frame::decode_header(&hb, self.frame_bytes_max).map_err(|e| frame_err(op, self.peer, e))?;
         self.seq += 1;
         frame::check_header(&h, Tag::Data, self.seq, expected).map_err(|e| frame_err(op, self.peer, e))?;
-        self.buf.resize(h.payload_bytes as usize, 0);
-        read_exact_by(&mut self.stream, &mut self.buf, op, self.peer, dl).await?;
-        Ok(&self.buf)
+        Ok(h.payload_bytes as usize)
+    }
+
+    /// Receive the next data frame, whose payload must be exactly `dst.len()`
+    /// bytes, directly into `dst`.
+    async fn recv_into(&mut self, dst: &mut [u8], op: &'static str, dl: Deadline) -> Result<()> {
+        self.recv_header(Some(dst.len()), op, dl).await?;
+        read_exact_by(&mut self.stream, dst, op, self.peer, dl).await
+    }
+
+    /// Receive the next data frame into the scratch buffer (8-byte aligned).
+    async fn recv(&mut self, expected: Option<usize>, op: &'static str, dl: Deadline) -> Result<&[u8]> {
+        let n = self.recv_header(expected, op, dl).await?;
+        if self.buf.len() * 8 < n {
+            self.buf.resize(n.div_ceil(8), 0);
+        }
+        let dst = &mut bytes_of_mut(&mut self.buf[..])[..n];
+        read_exact_by(&mut self.stream, dst, op, self.peer, dl).await?;
+        Ok(&bytes_of(&self.buf[..])[..n])
     }
 }
 
+/// Plain-old-data numeric types: every bit pattern is a valid value and there
+/// is no padding, so a slice may be viewed as bytes and back.
+///
+/// # Safety
+/// Implement only for primitive integer and float types.
+pub(crate) unsafe trait Pod: Copy + Send + Sync + 'static {}
+// SAFETY: primitive numeric types have no padding and no invalid bit patterns.
+unsafe impl Pod for u64 {}
+// SAFETY: as above.
+unsafe impl Pod for i64 {}
+// SAFETY: as above.
+unsafe impl Pod for f32 {}
+// SAFETY: as above.
+unsafe impl Pod for f64 {}
+
+/// View a slice of plain numbers as its bytes (native byte order).
+fn bytes_of<T: Pod>(s: &[T]) -> &[u8] {
+    // SAFETY: T is Pod (no padding); u8 has alignment 1; same memory, same lifetime.
+    unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), std::mem::size_of_val(s)) }
+}
+
+/// Mutable byte view of a slice of plain numbers (any bytes written are valid).
+fn bytes_of_mut<T: Pod>(s: &mut [T]) -> &mut [u8] {
+    // SAFETY: T is Pod (every bit pattern valid, no padding); exclusive borrow.
+    unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(s)) }
+}
+
+/// View 8-byte-aligned bytes as `T`s. Panics if misaligned or not a multiple.
+fn cast_slice<T: Pod>(b: &[u8]) -> &[T] {
+    let sz = std::mem::size_of::<T>();
+    assert!(b.len() % sz == 0 && (b.as_ptr() as usize) % std::mem::align_of::<T>() == 0);
+    // SAFETY: checked alignment and length; T is Pod so any bytes are a valid T.
+    unsafe { std::slice::from_raw_parts(b.as_ptr().cast::<T>(), b.len() / sz) }
+}
+
 /// Element types the ring can reduce.
-pub(crate) trait Elem: Copy + Send + Sync {
+pub(crate) trait Elem: Pod {
     const BYTES: usize;
     fn write_le(self, out: &mut [u8]);
     fn read_le(b: &[u8]) -> Self;
@@ -308,7 +369,7 @@ impl Group {
         .await?;
         tracing::debug!(rank, world, "rendezvous complete");
         Ok(Group {
-            tx: Some(TxLink { stream: tx, peer: right, seq: 0, buf: Vec::new() }),
+            tx: Some(TxLink { stream: tx, peer: right, seq: 0 }),
             rx: Some(RxLink { stream: rx, peer: left, seq: 0, buf: Vec::new(), frame_bytes_max: fmax }),
             cfg,
             broken: None,
@@ -476,8 +537,9 @@ impl Group {
                     let mut v = Vec::with_capacity(total.min(64 << 20));
                     while v.len() < total {
                         let want = chunk.min(total - v.len());
-                        let p = rx.recv(Some(want), op, dl).await?;
-                        v.extend_from_slice(p);
+                        let at = v.len();
+                        v.resize(at + want, 0);
+                        rx.recv_into(&mut v[at..], op, dl).await?;
                     }
                     Ok::<Vec<u8>, CollectiveError>(v)
                 };
@@ -536,8 +598,7 @@ impl Group {
                 };
                 let recv_fut = async {
                     if receives && i < nchunks {
-                        let p = rx.recv(Some(rd.len()), op, dl).await?;
-                        rd.copy_from_slice(p);
+                        rx.recv_into(rd, op, dl).await?;
                     }
                     Ok::<(), CollectiveError>(())
                 };
@@ -572,27 +633,32 @@ async fn ring_step<T: Elem, F: Fn(T, T) -> T + Copy>(
     dl: Deadline,
 ) -> Result<()> {
     let send_fut = async {
+        let mut wire = Vec::new();
         for c in send.chunks(chunk) {
-            let buf = tx.begin();
-            let start = buf.len();
-            buf.resize(start + c.len() * T::BYTES, 0);
-            for (x, o) in c.iter().zip(buf[start..].chunks_exact_mut(T::BYTES)) {
-                x.write_le(o);
-            }
-            tx.finish(op, dl).await?;
+            tx.send(to_wire(c, &mut wire), op, dl).await?;
         }
         Ok::<(), CollectiveError>(())
     };
     let recv_fut = async {
         for c in recv.chunks_mut(chunk) {
-            let p = rx.recv(Some(c.len() * T::BYTES), op, dl).await?;
             match combine {
                 Some(f) => {
-                    for (d, b) in c.iter_mut().zip(p.chunks_exact(T::BYTES)) {
-                        *d = f(*d, T::read_le(b));
+                    let p = rx.recv(Some(c.len() * T::BYTES), op, dl).await?;
+                    if cfg!(target_endian = "little") {
+                        for (d, &b) in c.iter_mut().zip(cast_slice::<T>(p)) {
+                            *d = f(*d, b);
+                        }
+                    } else {
+                        for (d, b) in c.iter_mut().zip(p.chunks_exact(T::BYTES)) {
+                            *d = f(*d, T::read_le(b));
+                        }
                     }
                 }
+                None if cfg!(target_endian = "little") => {
+                    rx.recv_into(bytes_of_mut(c), op, dl).await?;
+                }
                 None => {
+                    let p = rx.recv(Some(c.len() * T::BYTES), op, dl).await?;
                     for (d, b) in c.iter_mut().zip(p.chunks_exact(T::BYTES)) {
                         *d = T::read_le(b);
                     }
@@ -603,6 +669,21 @@ async fn ring_step<T: Elem, F: Fn(T, T) -> T + Copy>(
     };
     tokio::try_join!(send_fut, recv_fut)?;
     Ok(())
+}
+
+/// Little-endian wire bytes of `c`: the memory itself on little-endian
+/// targets, else encoded into `scratch`.
+fn to_wire<'a, T: Elem>(c: &'a [T], scratch: &'a mut Vec<u8>) -> &'a [u8] {
+    if cfg!(target_endian = "little") {
+        bytes_of(c)
+    } else {
+        scratch.clear();
+        scratch.resize(c.len() * T::BYTES, 0);
+        for (x, o) in c.iter().zip(scratch.chunks_exact_mut(T::BYTES)) {
+            x.write_le(o);
+        }
+        scratch
+    }
 }
 
 async fn read_hello(s: &mut TcpStream, p: Peer, dl: Deadline, fmax: usize) -> Result<Hello> {
