@@ -45,7 +45,9 @@ pub enum CheckpointError {
         reason: String,
     },
     /// The reassembled parameters do not hash to the manifest's `params_sha256`.
-    #[error("checkpoint step {step}: params sha256 mismatch: manifest {expected}, loaded {actual}")]
+    #[error(
+        "checkpoint step {step}: params sha256 mismatch: manifest {expected}, loaded {actual}"
+    )]
     ParamsMismatch {
         step: u64,
         expected: String,

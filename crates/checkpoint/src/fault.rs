@@ -30,7 +30,9 @@ impl FaultInjector {
     }
 
     fn lock(&self) -> MutexGuard<'_, FaultState> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Every write fails with `StorageFull` until `duration` from now has passed.
@@ -94,7 +96,10 @@ impl FaultInjector {
 fn disk_full(path: &Path) -> io::Error {
     io::Error::new(
         io::ErrorKind::StorageFull,
-        format!("injected fault: no space left on device writing {}", path.display()),
+        format!(
+            "injected fault: no space left on device writing {}",
+            path.display()
+        ),
     )
 }
 
@@ -108,10 +113,12 @@ pub fn corrupt_shard(root: &Path, step: u64, rank: usize) -> Result<PathBuf> {
             .shards
             .get(rank)
             .map(|s| s.file.clone())
-            .ok_or_else(|| CheckpointError::InvalidInput(format!(
-                "checkpoint step {step} has {} shards, no rank {rank}",
-                manifest.shards.len()
-            )))?
+            .ok_or_else(|| {
+                CheckpointError::InvalidInput(format!(
+                    "checkpoint step {step} has {} shards, no rank {rank}",
+                    manifest.shards.len()
+                ))
+            })?
     } else {
         find_shard_file(&dir, rank)?
     };
@@ -121,18 +128,25 @@ pub fn corrupt_shard(root: &Path, step: u64, rank: usize) -> Result<PathBuf> {
         .write(true)
         .open(&path)
         .map_err(CheckpointError::io("open", &path))?;
-    let len = f.metadata().map_err(CheckpointError::io("stat", &path))?.len();
+    let len = f
+        .metadata()
+        .map_err(CheckpointError::io("stat", &path))?
+        .len();
     let at = if len > HEADER_LEN as u64 {
         HEADER_LEN as u64 + (len - HEADER_LEN as u64) / 2
     } else {
         len / 2
     };
     let mut byte = [0u8; 1];
-    f.seek(SeekFrom::Start(at)).map_err(CheckpointError::io("seek", &path))?;
-    f.read_exact(&mut byte).map_err(CheckpointError::io("read", &path))?;
+    f.seek(SeekFrom::Start(at))
+        .map_err(CheckpointError::io("seek", &path))?;
+    f.read_exact(&mut byte)
+        .map_err(CheckpointError::io("read", &path))?;
     byte[0] ^= 0xFF;
-    f.seek(SeekFrom::Start(at)).map_err(CheckpointError::io("seek", &path))?;
-    f.write_all(&byte).map_err(CheckpointError::io("write", &path))?;
+    f.seek(SeekFrom::Start(at))
+        .map_err(CheckpointError::io("seek", &path))?;
+    f.write_all(&byte)
+        .map_err(CheckpointError::io("write", &path))?;
     f.sync_all().map_err(CheckpointError::io("fsync", &path))?;
     tracing::warn!(path = %path.display(), offset = at, "corrupted checkpoint shard (fault injection)");
     Ok(path)

@@ -120,7 +120,10 @@ impl ShardHeader {
     /// Parses and validates a header. The error string says what is wrong.
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
         if bytes.len() < HEADER_LEN {
-            return Err(format!("{} bytes, shorter than the {HEADER_LEN}-byte header", bytes.len()));
+            return Err(format!(
+                "{} bytes, shorter than the {HEADER_LEN}-byte header",
+                bytes.len()
+            ));
         }
         let b = &bytes[..HEADER_LEN];
         if b[0..8] != MAGIC {
@@ -128,7 +131,9 @@ impl ShardHeader {
         }
         let version = le_u32(b, 8);
         if version != FORMAT_VERSION {
-            return Err(format!("format version {version}, this build reads {FORMAT_VERSION}"));
+            return Err(format!(
+                "format version {version}, this build reads {FORMAT_VERSION}"
+            ));
         }
         let header_len = le_u32(b, 12);
         if header_len as usize != HEADER_LEN {
@@ -178,7 +183,10 @@ impl ShardHeader {
             ));
         }
         if self.extra_len > MAX_EXTRA_BYTES {
-            return Err(format!("extra section {} bytes > {MAX_EXTRA_BYTES}", self.extra_len));
+            return Err(format!(
+                "extra section {} bytes > {MAX_EXTRA_BYTES}",
+                self.extra_len
+            ));
         }
         if self.file_len().is_none() {
             return Err("section lengths overflow".into());
@@ -188,8 +196,14 @@ impl ShardHeader {
 
     /// Total file length implied by the header, `None` on overflow.
     pub fn file_len(&self) -> Option<u64> {
-        let floats = self.params_len.checked_add(self.m_len)?.checked_add(self.v_len)?;
-        floats.checked_mul(4)?.checked_add(self.extra_len)?.checked_add(HEADER_LEN as u64)
+        let floats = self
+            .params_len
+            .checked_add(self.m_len)?
+            .checked_add(self.v_len)?;
+        floats
+            .checked_mul(4)?
+            .checked_add(self.extra_len)?
+            .checked_add(HEADER_LEN as u64)
     }
 
     pub fn range(&self) -> Range<usize> {
@@ -281,7 +295,11 @@ impl Manifest {
             return Err("world is 0".into());
         }
         if self.shards.len() != self.world {
-            return Err(format!("{} shard records for world {}", self.shards.len(), self.world));
+            return Err(format!(
+                "{} shard records for world {}",
+                self.shards.len(),
+                self.world
+            ));
         }
         let mut next = 0usize;
         for (i, s) in self.shards.iter().enumerate() {
@@ -296,7 +314,10 @@ impl Manifest {
             }
             let expected_name = shard_file_name(i, self.world);
             if s.file != expected_name {
-                return Err(format!("shard record {i} names file {:?}, expected {expected_name:?}", s.file));
+                return Err(format!(
+                    "shard record {i} names file {:?}, expected {expected_name:?}",
+                    s.file
+                ));
             }
             if s.range.start != next || s.range.end < s.range.start {
                 return Err(format!(
@@ -306,11 +327,17 @@ impl Manifest {
             }
             next = s.range.end;
             if s.sha256.len() != 64 || !s.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(format!("shard {i} sha256 {:?} is not 64 hex digits", s.sha256));
+                return Err(format!(
+                    "shard {i} sha256 {:?} is not 64 hex digits",
+                    s.sha256
+                ));
             }
         }
         if next != self.param_count {
-            return Err(format!("shard ranges end at {next}, param_count is {}", self.param_count));
+            return Err(format!(
+                "shard ranges end at {next}, param_count is {}",
+                self.param_count
+            ));
         }
         Ok(())
     }

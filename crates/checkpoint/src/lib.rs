@@ -65,15 +65,17 @@ mod writer;
 pub use error::{CheckpointError, Result};
 pub use fault::{corrupt_shard, FaultInjector};
 pub use format::{
-    crc32, parse_step_dir_name, shard_file_name, shard_range, step_dir, step_dir_name, LayoutEntry, Manifest,
-    ManifestSpec, ShardHeader, ShardRecord, FORMAT_VERSION, HEADER_LEN, MAGIC, MANIFEST_FILE, MAX_EXTRA_BYTES,
+    crc32, parse_step_dir_name, shard_file_name, shard_range, step_dir, step_dir_name, LayoutEntry,
+    Manifest, ManifestSpec, ShardHeader, ShardRecord, FORMAT_VERSION, HEADER_LEN, MAGIC,
+    MANIFEST_FILE, MAX_EXTRA_BYTES,
 };
 pub use load::{
-    latest_valid, list, load_range, load_resharded, params_sha256, read_manifest, scan, verify, CheckpointEntry,
-    LatestValid, LoadedState, ProblemKind, ShardProblem, VerifyReport,
+    latest_valid, list, load_range, load_resharded, params_sha256, read_manifest, scan, verify,
+    CheckpointEntry, LatestValid, LoadedState, ProblemKind, ShardProblem, VerifyReport,
 };
 pub use retention::{apply_retention, RetentionReport};
 pub use store::{commit_manifest, write_shard, RankState};
 pub use writer::{
-    AsyncCheckpointer, CheckpointEvent, CheckpointerConfig, SharedRankState, SnapshotError, WaitError,
+    AsyncCheckpointer, CheckpointEvent, CheckpointerConfig, SharedRankState, SnapshotError,
+    WaitError,
 };

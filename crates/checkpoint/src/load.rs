@@ -44,7 +44,11 @@ pub fn scan(root: &Path) -> Result<Vec<CheckpointEntry>> {
             continue;
         }
         let committed = dir.join(MANIFEST_FILE).is_file();
-        out.push(CheckpointEntry { step, dir, committed });
+        out.push(CheckpointEntry {
+            step,
+            dir,
+            committed,
+        });
     }
     out.sort_by_key(|e| e.step);
     Ok(out)
@@ -62,21 +66,31 @@ pub fn read_manifest(root: &Path, step: u64) -> Result<Manifest> {
     let bytes = match fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(CheckpointError::NotCommitted { root: root.to_path_buf(), step })
+            return Err(CheckpointError::NotCommitted {
+                root: root.to_path_buf(),
+                step,
+            })
         }
         Err(e) => return Err(CheckpointError::io("read", &path)(e)),
     };
-    let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| CheckpointError::BadManifest {
-        path: path.clone(),
-        reason: format!("not a valid manifest: {e}"),
-    })?;
+    let manifest: Manifest =
+        serde_json::from_slice(&bytes).map_err(|e| CheckpointError::BadManifest {
+            path: path.clone(),
+            reason: format!("not a valid manifest: {e}"),
+        })?;
     manifest
         .validate()
-        .map_err(|reason| CheckpointError::BadManifest { path: path.clone(), reason })?;
+        .map_err(|reason| CheckpointError::BadManifest {
+            path: path.clone(),
+            reason,
+        })?;
     if manifest.step != step {
         return Err(CheckpointError::BadManifest {
             path,
-            reason: format!("manifest says step {}, directory is step {step}", manifest.step),
+            reason: format!(
+                "manifest says step {}, directory is step {step}",
+                manifest.step
+            ),
         });
     }
     Ok(manifest)
@@ -85,12 +99,24 @@ pub fn read_manifest(root: &Path, step: u64) -> Result<Manifest> {
 /// What is wrong with one file of a checkpoint.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ProblemKind {
-    ManifestUnreadable { reason: String },
+    ManifestUnreadable {
+        reason: String,
+    },
     Missing,
-    ChecksumMismatch { expected: String, actual: String },
-    SizeMismatch { expected_bytes: u64, actual_bytes: u64 },
-    BadHeader { reason: String },
-    Unreadable { reason: String },
+    ChecksumMismatch {
+        expected: String,
+        actual: String,
+    },
+    SizeMismatch {
+        expected_bytes: u64,
+        actual_bytes: u64,
+    },
+    BadHeader {
+        reason: String,
+    },
+    Unreadable {
+        reason: String,
+    },
 }
 
 /// One corrupt or missing file, named so the caller can report it as an event.
@@ -106,16 +132,31 @@ impl fmt::Display for ShardProblem {
         let file = self.file.display();
         let step = self.step;
         match &self.kind {
-            ProblemKind::ManifestUnreadable { reason } => write!(f, "step {step}: {file}: manifest unreadable: {reason}"),
+            ProblemKind::ManifestUnreadable { reason } => {
+                write!(f, "step {step}: {file}: manifest unreadable: {reason}")
+            }
             ProblemKind::Missing => write!(f, "step {step}: {file}: missing"),
             ProblemKind::ChecksumMismatch { expected, actual } => {
-                write!(f, "step {step}: {file}: sha256 mismatch: expected {expected}, actual {actual}")
+                write!(
+                    f,
+                    "step {step}: {file}: sha256 mismatch: expected {expected}, actual {actual}"
+                )
             }
-            ProblemKind::SizeMismatch { expected_bytes, actual_bytes } => {
-                write!(f, "step {step}: {file}: {actual_bytes} bytes, expected {expected_bytes}")
+            ProblemKind::SizeMismatch {
+                expected_bytes,
+                actual_bytes,
+            } => {
+                write!(
+                    f,
+                    "step {step}: {file}: {actual_bytes} bytes, expected {expected_bytes}"
+                )
             }
-            ProblemKind::BadHeader { reason } => write!(f, "step {step}: {file}: bad header: {reason}"),
-            ProblemKind::Unreadable { reason } => write!(f, "step {step}: {file}: unreadable: {reason}"),
+            ProblemKind::BadHeader { reason } => {
+                write!(f, "step {step}: {file}: bad header: {reason}")
+            }
+            ProblemKind::Unreadable { reason } => {
+                write!(f, "step {step}: {file}: unreadable: {reason}")
+            }
         }
     }
 }
@@ -148,7 +189,9 @@ pub fn verify(root: &Path, step: u64) -> VerifyReport {
                 problems: vec![ShardProblem {
                     step,
                     file: dir.join(MANIFEST_FILE),
-                    kind: ProblemKind::ManifestUnreadable { reason: e.to_string() },
+                    kind: ProblemKind::ManifestUnreadable {
+                        reason: e.to_string(),
+                    },
                 }],
             }
         }
@@ -157,27 +200,49 @@ pub fn verify(root: &Path, step: u64) -> VerifyReport {
     for rec in &manifest.shards {
         let path = dir.join(&rec.file);
         if let Err(kind) = verify_shard_file(&path, rec) {
-            problems.push(ShardProblem { step, file: path, kind });
+            problems.push(ShardProblem {
+                step,
+                file: path,
+                kind,
+            });
         }
     }
-    VerifyReport { step, manifest: Some(manifest), problems }
+    VerifyReport {
+        step,
+        manifest: Some(manifest),
+        problems,
+    }
 }
 
 fn verify_shard_file(path: &Path, rec: &ShardRecord) -> std::result::Result<(), ProblemKind> {
     let mut f = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(ProblemKind::Missing),
-        Err(e) => return Err(ProblemKind::Unreadable { reason: e.to_string() }),
+        Err(e) => {
+            return Err(ProblemKind::Unreadable {
+                reason: e.to_string(),
+            })
+        }
     };
-    let len = f.metadata().map_err(|e| ProblemKind::Unreadable { reason: e.to_string() })?.len();
+    let len = f
+        .metadata()
+        .map_err(|e| ProblemKind::Unreadable {
+            reason: e.to_string(),
+        })?
+        .len();
     if len != rec.bytes {
-        return Err(ProblemKind::SizeMismatch { expected_bytes: rec.bytes, actual_bytes: len });
+        return Err(ProblemKind::SizeMismatch {
+            expected_bytes: rec.bytes,
+            actual_bytes: len,
+        });
     }
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 4 << 20];
     let mut head = Vec::with_capacity(HEADER_LEN);
     loop {
-        let n = f.read(&mut buf).map_err(|e| ProblemKind::Unreadable { reason: e.to_string() })?;
+        let n = f.read(&mut buf).map_err(|e| ProblemKind::Unreadable {
+            reason: e.to_string(),
+        })?;
         if n == 0 {
             break;
         }
@@ -189,21 +254,35 @@ fn verify_shard_file(path: &Path, rec: &ShardRecord) -> std::result::Result<(), 
     }
     let actual = hex::encode(hasher.finalize());
     if actual != rec.sha256 {
-        return Err(ProblemKind::ChecksumMismatch { expected: rec.sha256.clone(), actual });
+        return Err(ProblemKind::ChecksumMismatch {
+            expected: rec.sha256.clone(),
+            actual,
+        });
     }
     let header = ShardHeader::decode(&head).map_err(|reason| ProblemKind::BadHeader { reason })?;
     check_header_matches(&header, rec, len).map_err(|reason| ProblemKind::BadHeader { reason })
 }
 
-fn check_header_matches(h: &ShardHeader, rec: &ShardRecord, len: u64) -> std::result::Result<(), String> {
-    if h.step != rec.step || h.world as usize != rec.world || h.rank as usize != rec.rank || h.range() != rec.range {
+fn check_header_matches(
+    h: &ShardHeader,
+    rec: &ShardRecord,
+    len: u64,
+) -> std::result::Result<(), String> {
+    if h.step != rec.step
+        || h.world as usize != rec.world
+        || h.rank as usize != rec.rank
+        || h.range() != rec.range
+    {
         return Err(format!(
             "header says step {} rank {}/{} range {}..{}, manifest says step {} rank {}/{} range {}..{}",
             h.step, h.rank, h.world, h.range_start, h.range_end, rec.step, rec.rank, rec.world, rec.range.start, rec.range.end
         ));
     }
     if h.file_len() != Some(len) {
-        return Err(format!("header implies {:?} bytes, file has {len}", h.file_len()));
+        return Err(format!(
+            "header implies {:?} bytes, file has {len}",
+            h.file_len()
+        ));
     }
     Ok(())
 }
@@ -263,9 +342,16 @@ pub struct LoadedState {
 
 /// Loads checkpoint `step` for rank `new_rank` of `new_world`, whose optimizer range is
 /// `shard_range(param_count, new_world, new_rank)`. Any old world size to any new one.
-pub fn load_resharded(root: &Path, step: u64, new_world: usize, new_rank: usize) -> Result<LoadedState> {
+pub fn load_resharded(
+    root: &Path,
+    step: u64,
+    new_world: usize,
+    new_rank: usize,
+) -> Result<LoadedState> {
     if new_world == 0 || new_rank >= new_world {
-        return Err(CheckpointError::InvalidInput(format!("rank {new_rank} of world {new_world}")));
+        return Err(CheckpointError::InvalidInput(format!(
+            "rank {new_rank} of world {new_world}"
+        )));
     }
     let manifest = read_manifest(root, step)?;
     let range = shard_range(manifest.param_count, new_world, new_rank);
@@ -281,7 +367,13 @@ pub fn load_range(root: &Path, step: u64, range: Range<usize>) -> Result<LoadedS
 
 fn load_range_with(root: &Path, manifest: Manifest, range: Range<usize>) -> Result<LoadedState> {
     let step = manifest.step;
-    let span = tracing::info_span!("ckpt_load", step, old_world = manifest.world, start = range.start, end = range.end);
+    let span = tracing::info_span!(
+        "ckpt_load",
+        step,
+        old_world = manifest.world,
+        start = range.start,
+        end = range.end
+    );
     let _enter = span.enter();
     if range.start > range.end || range.end > manifest.param_count {
         return Err(CheckpointError::InvalidInput(format!(
@@ -307,11 +399,22 @@ fn load_range_with(root: &Path, manifest: Manifest, range: Range<usize>) -> Resu
         }
         let actual = hex::encode(Sha256::digest(&bytes));
         if actual != rec.sha256 {
-            return Err(CheckpointError::ChecksumMismatch { path, expected: rec.sha256.clone(), actual });
+            return Err(CheckpointError::ChecksumMismatch {
+                path,
+                expected: rec.sha256.clone(),
+                actual,
+            });
         }
-        let h = ShardHeader::decode(&bytes).map_err(|reason| CheckpointError::BadHeader { path: path.clone(), reason })?;
-        check_header_matches(&h, rec, bytes.len() as u64)
-            .map_err(|reason| CheckpointError::BadHeader { path: path.clone(), reason })?;
+        let h = ShardHeader::decode(&bytes).map_err(|reason| CheckpointError::BadHeader {
+            path: path.clone(),
+            reason,
+        })?;
+        check_header_matches(&h, rec, bytes.len() as u64).map_err(|reason| {
+            CheckpointError::BadHeader {
+                path: path.clone(),
+                reason,
+            }
+        })?;
         if h.param_count as usize != manifest.param_count || h.seed != manifest.seed {
             return Err(CheckpointError::Inconsistent {
                 step,
@@ -328,7 +431,10 @@ fn load_range_with(root: &Path, manifest: Manifest, range: Range<usize>) -> Resu
                 return Err(CheckpointError::Inconsistent {
                     step,
                     path,
-                    reason: format!("optimizer step {} differs from other shards' {o}", h.opt_step),
+                    reason: format!(
+                        "optimizer step {} differs from other shards' {o}",
+                        h.opt_step
+                    ),
                 })
             }
             Some(_) => {}
@@ -350,7 +456,11 @@ fn load_range_with(root: &Path, manifest: Manifest, range: Range<usize>) -> Resu
     if let Some(expected) = &manifest.params_sha256 {
         let actual = params_sha256(&params);
         if &actual != expected {
-            return Err(CheckpointError::ParamsMismatch { step, expected: expected.clone(), actual });
+            return Err(CheckpointError::ParamsMismatch {
+                step,
+                expected: expected.clone(),
+                actual,
+            });
         }
     }
     Ok(LoadedState {

@@ -29,7 +29,9 @@ pub struct RetentionReport {
 /// middle leaves an uncommitted directory, never a committed one with missing shards.
 pub fn apply_retention(root: &Path, retain_count: usize) -> Result<RetentionReport> {
     if retain_count == 0 {
-        return Err(CheckpointError::InvalidInput("retain_count must be at least 1".into()));
+        return Err(CheckpointError::InvalidInput(
+            "retain_count must be at least 1".into(),
+        ));
     }
     let span = tracing::info_span!("ckpt_retention", retain_count);
     let _enter = span.enter();
@@ -47,7 +49,11 @@ pub fn apply_retention(root: &Path, retain_count: usize) -> Result<RetentionRepo
     let kept_has_valid = kept.iter().rev().any(|e| verify(root, e.step).is_valid());
     let mut spare_older: Option<u64> = None;
     if !kept_has_valid {
-        spare_older = older.iter().rev().find(|e| verify(root, e.step).is_valid()).map(|e| e.step);
+        spare_older = older
+            .iter()
+            .rev()
+            .find(|e| verify(root, e.step).is_valid())
+            .map(|e| e.step);
     }
     for e in older {
         if Some(e.step) == spare_older {
@@ -57,7 +63,10 @@ pub fn apply_retention(root: &Path, retain_count: usize) -> Result<RetentionRepo
         delete_checkpoint_dir(root, &e.dir)?;
         report.deleted_steps.push(e.step);
     }
-    for e in entries.iter().filter(|e| !e.committed && e.step < newest_committed) {
+    for e in entries
+        .iter()
+        .filter(|e| !e.committed && e.step < newest_committed)
+    {
         delete_checkpoint_dir(root, &e.dir)?;
         report.deleted_partial_steps.push(e.step);
     }

@@ -54,7 +54,9 @@ pub(crate) struct ShardParts<'a> {
 
 pub(crate) fn validate_rank_state(state: &RankState<'_>, world: usize, rank: usize) -> Result<()> {
     if world == 0 || rank >= world {
-        return Err(CheckpointError::InvalidInput(format!("rank {rank} of world {world}")));
+        return Err(CheckpointError::InvalidInput(format!(
+            "rank {rank} of world {world}"
+        )));
     }
     let r = &state.range;
     if r.start > r.end || r.end > state.params.len() {
@@ -136,7 +138,12 @@ pub(crate) fn write_shard_parts(
     parts: &ShardParts<'_>,
     fault: Option<&FaultInjector>,
 ) -> Result<ShardRecord> {
-    let span = tracing::info_span!("ckpt_write_shard", step = parts.step, rank = parts.rank, world = parts.world);
+    let span = tracing::info_span!(
+        "ckpt_write_shard",
+        step = parts.step,
+        rank = parts.rank,
+        world = parts.world
+    );
     let _enter = span.enter();
     let started = Instant::now();
     if parts.world > u32::MAX as usize || parts.rank >= parts.world {
@@ -151,7 +158,8 @@ pub(crate) fn write_shard_parts(
     let path = dir.join(&name);
     let tmp = dir.join(format!(".{name}.tmp"));
     if let Some(f) = fault {
-        f.check_attempt(&path).map_err(CheckpointError::io("write", &path))?;
+        f.check_attempt(&path)
+            .map_err(CheckpointError::io("write", &path))?;
     }
     let header = parts.header();
     let result = (|| -> Result<(u64, String, String)> {
@@ -159,20 +167,38 @@ pub(crate) fn write_shard_parts(
         let mut file_hash = Sha256::new();
         let mut params_hash = Sha256::new();
         let head = header.encode();
-        file.write_all(&head).map_err(CheckpointError::io("write", &tmp))?;
+        file.write_all(&head)
+            .map_err(CheckpointError::io("write", &tmp))?;
         file_hash.update(head);
         let mut scratch = Vec::with_capacity(CHUNK_FLOATS * 4);
-        write_f32s(&mut file, &tmp, &mut file_hash, Some(&mut params_hash), parts.params, &mut scratch)?;
+        write_f32s(
+            &mut file,
+            &tmp,
+            &mut file_hash,
+            Some(&mut params_hash),
+            parts.params,
+            &mut scratch,
+        )?;
         if let Some(f) = fault {
-            f.check_deadline(&tmp).map_err(CheckpointError::io("write", &tmp))?;
+            f.check_deadline(&tmp)
+                .map_err(CheckpointError::io("write", &tmp))?;
         }
         write_f32s(&mut file, &tmp, &mut file_hash, None, parts.m, &mut scratch)?;
         write_f32s(&mut file, &tmp, &mut file_hash, None, parts.v, &mut scratch)?;
-        file.write_all(parts.extra).map_err(CheckpointError::io("write", &tmp))?;
+        file.write_all(parts.extra)
+            .map_err(CheckpointError::io("write", &tmp))?;
         file_hash.update(parts.extra);
-        file.sync_all().map_err(CheckpointError::io("fsync", &tmp))?;
-        let bytes = file.metadata().map_err(CheckpointError::io("stat", &tmp))?.len();
-        Ok((bytes, hex::encode(file_hash.finalize()), hex::encode(params_hash.finalize())))
+        file.sync_all()
+            .map_err(CheckpointError::io("fsync", &tmp))?;
+        let bytes = file
+            .metadata()
+            .map_err(CheckpointError::io("stat", &tmp))?
+            .len();
+        Ok((
+            bytes,
+            hex::encode(file_hash.finalize()),
+            hex::encode(params_hash.finalize()),
+        ))
     })();
     let (bytes, sha256, params_section_sha256) = match result {
         Ok(v) => v,
@@ -217,7 +243,8 @@ fn write_f32s(
         if let Some(h) = section_hash.as_deref_mut() {
             h.update(&scratch[..]);
         }
-        file.write_all(scratch).map_err(CheckpointError::io("write", path))?;
+        file.write_all(scratch)
+            .map_err(CheckpointError::io("write", path))?;
     }
     Ok(())
 }
@@ -225,7 +252,11 @@ fn write_f32s(
 /// Commits checkpoint `spec.step`: checks every shard file named by `shards` exists with
 /// the recorded length, then writes `manifest.json` durably. Call it once, after every
 /// rank's shard is durable. After this returns the checkpoint is listed and loadable.
-pub fn commit_manifest(root: &Path, spec: &ManifestSpec, mut shards: Vec<ShardRecord>) -> Result<Manifest> {
+pub fn commit_manifest(
+    root: &Path,
+    spec: &ManifestSpec,
+    mut shards: Vec<ShardRecord>,
+) -> Result<Manifest> {
     let span = tracing::info_span!("ckpt_commit_manifest", step = spec.step, world = spec.world);
     let _enter = span.enter();
     let dir = step_dir(root, spec.step);
@@ -248,10 +279,15 @@ pub fn commit_manifest(root: &Path, spec: &ManifestSpec, mut shards: Vec<ShardRe
     };
     manifest
         .validate()
-        .map_err(|reason| CheckpointError::BadManifest { path: path.clone(), reason })?;
+        .map_err(|reason| CheckpointError::BadManifest {
+            path: path.clone(),
+            reason,
+        })?;
     for s in &manifest.shards {
         let shard_path = dir.join(&s.file);
-        let len = fs::metadata(&shard_path).map_err(CheckpointError::io("stat", &shard_path))?.len();
+        let len = fs::metadata(&shard_path)
+            .map_err(CheckpointError::io("stat", &shard_path))?
+            .len();
         if len != s.bytes {
             return Err(CheckpointError::SizeMismatch {
                 path: shard_path,
@@ -275,7 +311,8 @@ pub(crate) fn write_file_durable(dir: &Path, name: &str, bytes: &[u8]) -> Result
     let tmp = dir.join(format!(".{name}.tmp"));
     let result = (|| -> Result<()> {
         let mut f = File::create(&tmp).map_err(CheckpointError::io("create", &tmp))?;
-        f.write_all(bytes).map_err(CheckpointError::io("write", &tmp))?;
+        f.write_all(bytes)
+            .map_err(CheckpointError::io("write", &tmp))?;
         f.sync_all().map_err(CheckpointError::io("fsync", &tmp))?;
         Ok(())
     })();

@@ -13,7 +13,9 @@ use crate::error::{CheckpointError, Result};
 use crate::fault::FaultInjector;
 use crate::format::{LayoutEntry, ManifestSpec, ShardRecord};
 use crate::retention::apply_retention;
-use crate::store::{commit_manifest, validate_rank_state, write_shard_parts, RankState, ShardParts};
+use crate::store::{
+    commit_manifest, validate_rank_state, write_shard_parts, RankState, ShardParts,
+};
 
 /// Configuration of an [`AsyncCheckpointer`]. Build with [`CheckpointerConfig::new`] and
 /// adjust fields.
@@ -60,7 +62,8 @@ impl CheckpointerConfig {
             layout: Vec::new(),
             retain_count: 0,
             shutdown_timeout_ms: 30_000,
-            staging_copy_threads: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
+            staging_copy_threads: std::thread::available_parallelism()
+                .map_or(1, |n| n.get().min(4)),
             fault: None,
         }
     }
@@ -71,13 +74,31 @@ impl CheckpointerConfig {
 pub enum CheckpointEvent {
     /// This rank's shard of `step` is durable (fsynced and renamed, directory fsynced);
     /// with `auto_commit` the manifest is committed too. `write_ms` counts all attempts.
-    Durable { step: u64, shard: ShardRecord, bytes: u64, write_ms: u64 },
+    Durable {
+        step: u64,
+        shard: ShardRecord,
+        bytes: u64,
+        write_ms: u64,
+    },
     /// Attempt `attempt` (1-based) failed.
-    Failed { step: u64, error: String, attempt: u32, disk_full: bool },
+    Failed {
+        step: u64,
+        error: String,
+        attempt: u32,
+        disk_full: bool,
+    },
     /// Attempt `next_attempt` starts after `backoff_ms`.
-    Retrying { step: u64, next_attempt: u32, backoff_ms: u64 },
+    Retrying {
+        step: u64,
+        next_attempt: u32,
+        backoff_ms: u64,
+    },
     /// Every attempt failed (or the writer was shutting down); the snapshot is dropped.
-    GaveUp { step: u64, attempts: u32, error: String },
+    GaveUp {
+        step: u64,
+        attempts: u32,
+        error: String,
+    },
     /// `auto_commit` wrote the manifest.
     Committed { step: u64, manifest_path: PathBuf },
     /// `auto_commit` retention deleted these older checkpoints.
@@ -183,7 +204,9 @@ impl Job {
 enum StepStatus {
     /// Accepted, not yet durable. `released`: the writer holds no reference to the
     /// caller's buffers any more (always true for staged snapshots).
-    Pending { released: bool },
+    Pending {
+        released: bool,
+    },
     Durable(ShardRecord),
     GaveUp(String),
 }
@@ -241,12 +264,20 @@ impl Shared {
             if now >= deadline {
                 return false;
             }
-            g = self.cv.wait_timeout(g, deadline - now).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+            g = self
+                .cv
+                .wait_timeout(g, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
         }
         true
     }
 
-    fn wait_until<F: FnMut(&Tracker) -> bool>(&self, timeout: Duration, mut done: F) -> (MutexGuard<'_, Tracker>, bool) {
+    fn wait_until<F: FnMut(&Tracker) -> bool>(
+        &self,
+        timeout: Duration,
+        mut done: F,
+    ) -> (MutexGuard<'_, Tracker>, bool) {
         let deadline = Instant::now() + timeout;
         let mut g = self.lock();
         loop {
@@ -257,7 +288,11 @@ impl Shared {
             if now >= deadline {
                 return (g, false);
             }
-            g = self.cv.wait_timeout(g, deadline - now).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+            g = self
+                .cv
+                .wait_timeout(g, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
         }
     }
 }
@@ -287,10 +322,15 @@ impl AsyncCheckpointer {
     /// fine: events are then discarded, `wait_durable` still works).
     pub fn spawn(cfg: CheckpointerConfig) -> Result<(Self, Receiver<CheckpointEvent>)> {
         if cfg.world == 0 || cfg.rank >= cfg.world {
-            return Err(CheckpointError::InvalidInput(format!("rank {} of world {}", cfg.rank, cfg.world)));
+            return Err(CheckpointError::InvalidInput(format!(
+                "rank {} of world {}",
+                cfg.rank, cfg.world
+            )));
         }
         if cfg.max_in_flight == 0 || cfg.max_attempts == 0 {
-            return Err(CheckpointError::InvalidInput("max_in_flight and max_attempts must be at least 1".into()));
+            return Err(CheckpointError::InvalidInput(
+                "max_in_flight and max_attempts must be at least 1".into(),
+            ));
         }
         if cfg.auto_commit && cfg.world != 1 {
             return Err(CheckpointError::InvalidInput(format!(
@@ -319,7 +359,15 @@ impl AsyncCheckpointer {
                 .spawn(move || stager_main(&thread_cfg, &shared, rx, staged_tx))
                 .map_err(CheckpointError::io("spawn stager thread", &cfg.root))?;
         }
-        Ok((Self { cfg, shared, tx: Some(tx), handle: Some(handle) }, events_rx))
+        Ok((
+            Self {
+                cfg,
+                shared,
+                tx: Some(tx),
+                handle: Some(handle),
+            },
+            events_rx,
+        ))
     }
 
     pub fn config(&self) -> &CheckpointerConfig {
@@ -332,7 +380,10 @@ impl AsyncCheckpointer {
             return Err(SnapshotError::Closed { step });
         }
         if g.in_flight >= self.cfg.max_in_flight {
-            return Err(SnapshotError::Busy { step, in_flight: g.in_flight });
+            return Err(SnapshotError::Busy {
+                step,
+                in_flight: g.in_flight,
+            });
         }
         if matches!(g.steps.get(&step), Some(StepStatus::Pending { .. })) {
             return Err(SnapshotError::DuplicateStep { step });
@@ -345,16 +396,13 @@ impl AsyncCheckpointer {
 
     fn submit(&self, job: Job) -> std::result::Result<(), SnapshotError> {
         let step = job.step;
-        let sent = self.tx.as_ref().map(|tx| tx.send(job));
-        match sent {
-            Some(Ok(())) => Ok(()),
-            _ => {
-                let mut g = self.shared.lock();
-                g.in_flight = g.in_flight.saturating_sub(1);
-                g.steps.remove(&step);
-                Err(SnapshotError::Closed { step })
-            }
+        if self.tx.as_ref().is_some_and(|tx| tx.send(job).is_ok()) {
+            return Ok(());
         }
+        let mut g = self.shared.lock();
+        g.in_flight = g.in_flight.saturating_sub(1);
+        g.steps.remove(&step);
+        Err(SnapshotError::Closed { step })
     }
 
     /// Copies this rank's sections (`params[range]`, `m`, `v`, `extra`) into a reusable
@@ -384,7 +432,10 @@ impl AsyncCheckpointer {
 
     /// Queues a write of state handed over by shared ownership: O(1) on the training
     /// thread. See [`SharedRankState`] for the contract.
-    pub fn snapshot_shared(&self, state: SharedRankState) -> std::result::Result<(), SnapshotError> {
+    pub fn snapshot_shared(
+        &self,
+        state: SharedRankState,
+    ) -> std::result::Result<(), SnapshotError> {
         let view = RankState {
             step: state.step,
             seed: state.seed,
@@ -414,17 +465,29 @@ impl AsyncCheckpointer {
 
     /// Waits until this rank's shard of `step` is durable (and committed, with
     /// `auto_commit`), it was given up, or `timeout` passes.
-    pub fn wait_durable(&self, step: u64, timeout: Duration) -> std::result::Result<ShardRecord, WaitError> {
+    pub fn wait_durable(
+        &self,
+        step: u64,
+        timeout: Duration,
+    ) -> std::result::Result<ShardRecord, WaitError> {
         let started = Instant::now();
         let (g, _) = self.shared.wait_until(timeout, |t| {
             t.finished || !matches!(t.steps.get(&step), Some(StepStatus::Pending { .. }))
         });
         match g.steps.get(&step) {
             Some(StepStatus::Durable(r)) => Ok(r.clone()),
-            Some(StepStatus::GaveUp(e)) => Err(WaitError::GaveUp { step, error: e.clone() }),
+            Some(StepStatus::GaveUp(e)) => Err(WaitError::GaveUp {
+                step,
+                error: e.clone(),
+            }),
             None => Err(WaitError::UnknownStep { step }),
-            Some(StepStatus::Pending { .. }) if g.finished => Err(WaitError::WriterStopped { step }),
-            Some(StepStatus::Pending { .. }) => Err(WaitError::Timeout { step, waited_ms: started.elapsed().as_millis() as u64 }),
+            Some(StepStatus::Pending { .. }) if g.finished => {
+                Err(WaitError::WriterStopped { step })
+            }
+            Some(StepStatus::Pending { .. }) => Err(WaitError::Timeout {
+                step,
+                waited_ms: started.elapsed().as_millis() as u64,
+            }),
         }
     }
 
@@ -432,24 +495,37 @@ impl AsyncCheckpointer {
     /// [`snapshot_shared`](Self::snapshot_shared) for `step` (it copied them into staging),
     /// so `Arc::make_mut` on them no longer copies. Call it right before the optimizer
     /// step mutates the state; the copy normally finished during forward/backward.
-    pub fn wait_released(&self, step: u64, timeout: Duration) -> std::result::Result<(), WaitError> {
+    pub fn wait_released(
+        &self,
+        step: u64,
+        timeout: Duration,
+    ) -> std::result::Result<(), WaitError> {
         let started = Instant::now();
         let (g, _) = self.shared.wait_until(timeout, |t| {
-            t.finished || !matches!(t.steps.get(&step), Some(StepStatus::Pending { released: false }))
+            t.finished
+                || !matches!(
+                    t.steps.get(&step),
+                    Some(StepStatus::Pending { released: false })
+                )
         });
         match g.steps.get(&step) {
             None => Err(WaitError::UnknownStep { step }),
-            Some(StepStatus::Pending { released: false }) if g.finished => Err(WaitError::WriterStopped { step }),
-            Some(StepStatus::Pending { released: false }) => {
-                Err(WaitError::Timeout { step, waited_ms: started.elapsed().as_millis() as u64 })
+            Some(StepStatus::Pending { released: false }) if g.finished => {
+                Err(WaitError::WriterStopped { step })
             }
+            Some(StepStatus::Pending { released: false }) => Err(WaitError::Timeout {
+                step,
+                waited_ms: started.elapsed().as_millis() as u64,
+            }),
             Some(_) => Ok(()),
         }
     }
 
     /// Waits until nothing is in flight; false on timeout.
     pub fn wait_idle(&self, timeout: Duration) -> bool {
-        self.shared.wait_until(timeout, |t| t.in_flight == 0 || t.finished).1
+        self.shared
+            .wait_until(timeout, |t| t.in_flight == 0 || t.finished)
+            .1
     }
 
     /// Stops accepting snapshots, lets queued ones finish (failing ones are not retried
@@ -473,8 +549,13 @@ impl AsyncCheckpointer {
             }
             Ok(())
         } else {
-            tracing::warn!(timeout_ms = timeout.as_millis() as u64, "checkpoint writer still busy at shutdown; detaching it");
-            Err(WaitError::ShutdownTimeout { waited_ms: timeout.as_millis() as u64 })
+            tracing::warn!(
+                timeout_ms = timeout.as_millis() as u64,
+                "checkpoint writer still busy at shutdown; detaching it"
+            );
+            Err(WaitError::ShutdownTimeout {
+                waited_ms: timeout.as_millis() as u64,
+            })
         }
     }
 }
@@ -523,7 +604,12 @@ fn stager_main(cfg: &CheckpointerConfig, shared: &Shared, rx: Receiver<Job>, out
     }
 }
 
-fn writer_main(cfg: &CheckpointerConfig, shared: Arc<Shared>, rx: Receiver<Job>, events: Sender<CheckpointEvent>) {
+fn writer_main(
+    cfg: &CheckpointerConfig,
+    shared: Arc<Shared>,
+    rx: Receiver<Job>,
+    events: Sender<CheckpointEvent>,
+) {
     let _guard = FinishGuard(shared.clone());
     while let Ok(job) = rx.recv() {
         process_job(cfg, &shared, &events, job);
@@ -552,7 +638,12 @@ fn stage_shared(cfg: &CheckpointerConfig, shared: &Shared, mut job: Job) -> Job 
     job
 }
 
-fn process_job(cfg: &CheckpointerConfig, shared: &Shared, events: &Sender<CheckpointEvent>, job: Job) {
+fn process_job(
+    cfg: &CheckpointerConfig,
+    shared: &Shared,
+    events: &Sender<CheckpointEvent>,
+    job: Job,
+) {
     let step = job.step;
     let started = Instant::now();
     let parts = job.parts(cfg.world, cfg.rank);
@@ -565,13 +656,25 @@ fn process_job(cfg: &CheckpointerConfig, shared: &Shared, events: &Sender<Checkp
             Err(e) => {
                 let error = e.to_string();
                 tracing::warn!(step, attempt, %error, "checkpoint write failed");
-                let _ = events.send(CheckpointEvent::Failed { step, error: error.clone(), attempt, disk_full: e.is_disk_full() });
+                let _ = events.send(CheckpointEvent::Failed {
+                    step,
+                    error: error.clone(),
+                    attempt,
+                    disk_full: e.is_disk_full(),
+                });
                 if attempt >= cfg.max_attempts || shared.lock().stopping {
                     break Err(error);
                 }
                 let shift = (attempt - 1).min(20);
-                let backoff_ms = cfg.initial_backoff_ms.saturating_mul(1u64 << shift).min(cfg.max_backoff_ms);
-                let _ = events.send(CheckpointEvent::Retrying { step, next_attempt: attempt + 1, backoff_ms });
+                let backoff_ms = cfg
+                    .initial_backoff_ms
+                    .saturating_mul(1u64 << shift)
+                    .min(cfg.max_backoff_ms);
+                let _ = events.send(CheckpointEvent::Retrying {
+                    step,
+                    next_attempt: attempt + 1,
+                    backoff_ms,
+                });
                 if shared.sleep_unless_stopping(Duration::from_millis(backoff_ms)) {
                     break Err(format!("{error} (writer shutting down, not retried)"));
                 }
@@ -579,21 +682,32 @@ fn process_job(cfg: &CheckpointerConfig, shared: &Shared, events: &Sender<Checkp
             }
         }
     };
-    drop(parts);
     let write_ms = started.elapsed().as_millis() as u64;
     let status = match outcome {
         Ok((rec, committed)) => {
-            let _ = events.send(CheckpointEvent::Durable { step, bytes: rec.bytes, shard: rec.clone(), write_ms });
+            let _ = events.send(CheckpointEvent::Durable {
+                step,
+                bytes: rec.bytes,
+                shard: rec.clone(),
+                write_ms,
+            });
             if let Some(manifest_path) = committed {
-                let _ = events.send(CheckpointEvent::Committed { step, manifest_path });
+                let _ = events.send(CheckpointEvent::Committed {
+                    step,
+                    manifest_path,
+                });
                 if cfg.retain_count > 0 {
                     match apply_retention(&cfg.root, cfg.retain_count) {
                         Ok(r) if !r.deleted_steps.is_empty() => {
-                            let _ = events.send(CheckpointEvent::RetentionApplied { deleted_steps: r.deleted_steps });
+                            let _ = events.send(CheckpointEvent::RetentionApplied {
+                                deleted_steps: r.deleted_steps,
+                            });
                         }
                         Ok(_) => {}
                         Err(e) => {
-                            let _ = events.send(CheckpointEvent::RetentionFailed { error: e.to_string() });
+                            let _ = events.send(CheckpointEvent::RetentionFailed {
+                                error: e.to_string(),
+                            });
                         }
                     }
                 }
@@ -602,7 +716,11 @@ fn process_job(cfg: &CheckpointerConfig, shared: &Shared, events: &Sender<Checkp
         }
         Err(error) => {
             tracing::error!(step, attempts = attempt, %error, "checkpoint given up");
-            let _ = events.send(CheckpointEvent::GaveUp { step, attempts: attempt, error: error.clone() });
+            let _ = events.send(CheckpointEvent::GaveUp {
+                step,
+                attempts: attempt,
+                error: error.clone(),
+            });
             StepStatus::GaveUp(error)
         }
     };
@@ -618,7 +736,10 @@ fn process_job(cfg: &CheckpointerConfig, shared: &Shared, events: &Sender<Checkp
     shared.cv.notify_all();
 }
 
-fn attempt_write(cfg: &CheckpointerConfig, parts: &ShardParts<'_>) -> Result<(ShardRecord, Option<PathBuf>)> {
+fn attempt_write(
+    cfg: &CheckpointerConfig,
+    parts: &ShardParts<'_>,
+) -> Result<(ShardRecord, Option<PathBuf>)> {
     let rec = write_shard_parts(&cfg.root, parts, cfg.fault.as_ref())?;
     if !cfg.auto_commit {
         return Ok((rec, None));

@@ -38,7 +38,10 @@ fn bits(x: &[f32]) -> Vec<u32> {
 }
 
 fn layout() -> Vec<LayoutEntry> {
-    vec![("wte".into(), vec![4, 8], 0), ("ln.bias".into(), vec![8], 32)]
+    vec![
+        ("wte".into(), vec![4, 8], 0),
+        ("ln.bias".into(), vec![8], 32),
+    ]
 }
 
 /// Writes checkpoint `step` of `g` as `world` ranks and commits it.
@@ -76,8 +79,14 @@ fn round_trip_single_rank() {
     let dir = tempfile::tempdir().unwrap();
     let g = global(1000, 1);
     let manifest = save(dir.path(), &g, 5, 1);
-    assert_eq!(manifest.params_sha256.as_deref(), Some(params_sha256(&g.params).as_str()));
-    assert_eq!(manifest.shards[0].params_section_sha256, params_sha256(&g.params));
+    assert_eq!(
+        manifest.params_sha256.as_deref(),
+        Some(params_sha256(&g.params).as_str())
+    );
+    assert_eq!(
+        manifest.shards[0].params_section_sha256,
+        params_sha256(&g.params)
+    );
     let listed: Vec<u64> = list(dir.path()).unwrap().iter().map(|e| e.step).collect();
     assert_eq!(listed, vec![5]);
     assert!(verify(dir.path(), 5).is_valid());
@@ -85,20 +94,30 @@ fn round_trip_single_rank() {
     assert_eq!(bits(&loaded.params), bits(&g.params));
     assert_eq!(bits(&loaded.m), bits(&g.m));
     assert_eq!(bits(&loaded.v), bits(&g.v));
-    assert_eq!((loaded.step, loaded.seed, loaded.opt_step, loaded.old_world), (5, 7, 5, 1));
+    assert_eq!(
+        (loaded.step, loaded.seed, loaded.opt_step, loaded.old_world),
+        (5, 7, 5, 1)
+    );
     assert_eq!(loaded.extras, vec![b"{\"rank\":0,\"cursor\":5}".to_vec()]);
     assert_eq!(loaded.layout, layout());
     // The header on disk parses and matches.
     let bytes = fs::read(step_dir(dir.path(), 5).join("shard-0-of-1.bin")).unwrap();
     let h = ShardHeader::decode(&bytes).unwrap();
-    assert_eq!((h.step, h.world, h.rank, h.range_start, h.range_end), (5, 1, 0, 0, 1000));
+    assert_eq!(
+        (h.step, h.world, h.rank, h.range_start, h.range_end),
+        (5, 1, 0, 0, 1000)
+    );
 }
 
 #[test]
 fn reshard_any_world_to_any_world_is_bit_exact() {
     let n = 1013; // prime: uneven splits everywhere
     let g = global(n, 2);
-    for (old_world, new_worlds) in [(4usize, vec![1usize, 2, 3, 4, 5]), (3, vec![4, 1, 7]), (1, vec![3])] {
+    for (old_world, new_worlds) in [
+        (4usize, vec![1usize, 2, 3, 4, 5]),
+        (3, vec![4, 1, 7]),
+        (1, vec![3]),
+    ] {
         let dir = tempfile::tempdir().unwrap();
         save(dir.path(), &g, 10, old_world);
         for new_world in new_worlds {
@@ -106,9 +125,21 @@ fn reshard_any_world_to_any_world_is_bit_exact() {
                 let loaded = load_resharded(dir.path(), 10, new_world, new_rank).unwrap();
                 let r = shard_range(n, new_world, new_rank);
                 assert_eq!(loaded.range, r);
-                assert_eq!(bits(&loaded.params), bits(&g.params), "{old_world}->{new_world}");
-                assert_eq!(bits(&loaded.m), bits(&g.m[r.clone()]), "{old_world}->{new_world} rank {new_rank}");
-                assert_eq!(bits(&loaded.v), bits(&g.v[r]), "{old_world}->{new_world} rank {new_rank}");
+                assert_eq!(
+                    bits(&loaded.params),
+                    bits(&g.params),
+                    "{old_world}->{new_world}"
+                );
+                assert_eq!(
+                    bits(&loaded.m),
+                    bits(&g.m[r.clone()]),
+                    "{old_world}->{new_world} rank {new_rank}"
+                );
+                assert_eq!(
+                    bits(&loaded.v),
+                    bits(&g.v[r]),
+                    "{old_world}->{new_world} rank {new_rank}"
+                );
                 assert_eq!(loaded.extras.len(), old_world);
             }
         }
@@ -137,15 +168,26 @@ fn corrupt_shard_is_detected_and_latest_valid_falls_back() {
     assert!(!report.is_valid());
     assert_eq!(report.problems.len(), 1);
     assert_eq!(report.problems[0].file, path);
-    assert!(matches!(report.problems[0].kind, ProblemKind::ChecksumMismatch { .. }));
+    assert!(matches!(
+        report.problems[0].kind,
+        ProblemKind::ChecksumMismatch { .. }
+    ));
     let latest = latest_valid(dir.path()).unwrap();
     assert_eq!(latest.step(), Some(10));
     assert_eq!(latest.skipped.len(), 1);
     let shown = latest.skipped[0].to_string();
-    assert!(shown.contains("step 20") && shown.contains("shard-2-of-4.bin") && shown.contains("sha256 mismatch"), "{shown}");
+    assert!(
+        shown.contains("step 20")
+            && shown.contains("shard-2-of-4.bin")
+            && shown.contains("sha256 mismatch"),
+        "{shown}"
+    );
     // Loading the corrupt one fails with a typed error naming the shard.
     let err = load_resharded(dir.path(), 20, 1, 0).unwrap_err();
-    assert!(matches!(err, CheckpointError::ChecksumMismatch { .. }), "{err}");
+    assert!(
+        matches!(err, CheckpointError::ChecksumMismatch { .. }),
+        "{err}"
+    );
     assert!(err.to_string().contains("shard-2-of-4.bin"));
 }
 
@@ -162,12 +204,22 @@ fn missing_shard_and_truncated_manifest_are_skipped() {
     fs::write(&manifest, &text[..text.len() / 2]).unwrap();
     let latest = latest_valid(dir.path()).unwrap();
     assert_eq!(latest.step(), Some(1));
-    let kinds: Vec<_> = latest.skipped.iter().map(|p| (p.step, p.kind.clone())).collect();
+    let kinds: Vec<_> = latest
+        .skipped
+        .iter()
+        .map(|p| (p.step, p.kind.clone()))
+        .collect();
     assert_eq!(kinds[0], (3, ProblemKind::Missing));
     assert_eq!(kinds[1].0, 2);
     assert!(matches!(kinds[1].1, ProblemKind::ManifestUnreadable { .. }));
-    assert!(matches!(read_manifest(dir.path(), 2), Err(CheckpointError::BadManifest { .. })));
-    assert!(matches!(load_resharded(dir.path(), 3, 1, 0), Err(CheckpointError::Io { .. })));
+    assert!(matches!(
+        read_manifest(dir.path(), 2),
+        Err(CheckpointError::BadManifest { .. })
+    ));
+    assert!(matches!(
+        load_resharded(dir.path(), 3, 1, 0),
+        Err(CheckpointError::Io { .. })
+    ));
 }
 
 #[test]
@@ -179,7 +231,10 @@ fn truncated_shard_is_a_size_mismatch() {
     let bytes = fs::read(&shard).unwrap();
     fs::write(&shard, &bytes[..bytes.len() - 3]).unwrap();
     let report = verify(dir.path(), 4);
-    assert!(matches!(report.problems[0].kind, ProblemKind::SizeMismatch { .. }));
+    assert!(matches!(
+        report.problems[0].kind,
+        ProblemKind::SizeMismatch { .. }
+    ));
     assert!(latest_valid(dir.path()).unwrap().manifest.is_none());
 }
 
@@ -191,13 +246,32 @@ fn partial_checkpoint_without_manifest_is_never_listed() {
     // Step 2: both shards durable, manifest never committed.
     for rank in 0..2 {
         let range = shard_range(100, 2, rank);
-        let state = RankState { step: 2, seed: 7, params: &g.params, range: range.clone(), m: &g.m[range.clone()], v: &g.v[range], opt_step: 2, extra: b"" };
+        let state = RankState {
+            step: 2,
+            seed: 7,
+            params: &g.params,
+            range: range.clone(),
+            m: &g.m[range.clone()],
+            v: &g.v[range],
+            opt_step: 2,
+            extra: b"",
+        };
         write_shard(dir.path(), 2, rank, &state, None).unwrap();
     }
-    assert_eq!(list(dir.path()).unwrap().iter().map(|e| e.step).collect::<Vec<_>>(), vec![1]);
+    assert_eq!(
+        list(dir.path())
+            .unwrap()
+            .iter()
+            .map(|e| e.step)
+            .collect::<Vec<_>>(),
+        vec![1]
+    );
     assert_eq!(scan(dir.path()).unwrap().len(), 2);
     assert_eq!(latest_valid(dir.path()).unwrap().step(), Some(1));
-    assert!(matches!(load_resharded(dir.path(), 2, 1, 0), Err(CheckpointError::NotCommitted { step: 2, .. })));
+    assert!(matches!(
+        load_resharded(dir.path(), 2, 1, 0),
+        Err(CheckpointError::NotCommitted { step: 2, .. })
+    ));
     // A newer partial directory is not touched by retention; an older one is.
     let r = apply_retention(dir.path(), 1).unwrap();
     assert!(r.deleted_partial_steps.is_empty());
@@ -209,22 +283,68 @@ fn commit_refuses_incomplete_or_inconsistent_records() {
     let dir = tempfile::tempdir().unwrap();
     let g = global(100, 8);
     let range = shard_range(100, 2, 0);
-    let state = RankState { step: 3, seed: 7, params: &g.params, range: range.clone(), m: &g.m[range.clone()], v: &g.v[range], opt_step: 3, extra: b"" };
+    let state = RankState {
+        step: 3,
+        seed: 7,
+        params: &g.params,
+        range: range.clone(),
+        m: &g.m[range.clone()],
+        v: &g.v[range],
+        opt_step: 3,
+        extra: b"",
+    };
     let rec = write_shard(dir.path(), 2, 0, &state, None).unwrap();
-    let spec = ManifestSpec { step: 3, world: 2, param_count: 100, seed: 7, layout: vec![], params_sha256: None };
-    assert!(matches!(commit_manifest(dir.path(), &spec, vec![rec.clone()]), Err(CheckpointError::BadManifest { .. })));
+    let spec = ManifestSpec {
+        step: 3,
+        world: 2,
+        param_count: 100,
+        seed: 7,
+        layout: vec![],
+        params_sha256: None,
+    };
+    assert!(matches!(
+        commit_manifest(dir.path(), &spec, vec![rec.clone()]),
+        Err(CheckpointError::BadManifest { .. })
+    ));
     let mut forged = rec.clone();
     forged.rank = 1;
     forged.file = shard_file_name(1, 2);
     forged.range = 50..100;
     let err = commit_manifest(dir.path(), &spec, vec![rec, forged]).unwrap_err();
-    assert!(matches!(err, CheckpointError::Io { op: "stat", .. }), "{err}");
+    assert!(
+        matches!(err, CheckpointError::Io { op: "stat", .. }),
+        "{err}"
+    );
     assert!(list(dir.path()).unwrap().is_empty());
     // Bad arguments are typed errors.
-    let bad = RankState { step: 3, seed: 7, params: &g.params, range: 90..120, m: &[], v: &[], opt_step: 0, extra: b"" };
-    assert!(matches!(write_shard(dir.path(), 2, 0, &bad, None), Err(CheckpointError::InvalidInput(_))));
-    let state = RankState { step: 3, seed: 7, params: &g.params, range: 0..10, m: &g.m[..10], v: &g.v[..10], opt_step: 0, extra: b"" };
-    assert!(matches!(write_shard(dir.path(), 2, 2, &state, None), Err(CheckpointError::InvalidInput(_))));
+    let bad = RankState {
+        step: 3,
+        seed: 7,
+        params: &g.params,
+        range: 90..120,
+        m: &[],
+        v: &[],
+        opt_step: 0,
+        extra: b"",
+    };
+    assert!(matches!(
+        write_shard(dir.path(), 2, 0, &bad, None),
+        Err(CheckpointError::InvalidInput(_))
+    ));
+    let state = RankState {
+        step: 3,
+        seed: 7,
+        params: &g.params,
+        range: 0..10,
+        m: &g.m[..10],
+        v: &g.v[..10],
+        opt_step: 0,
+        extra: b"",
+    };
+    assert!(matches!(
+        write_shard(dir.path(), 2, 2, &state, None),
+        Err(CheckpointError::InvalidInput(_))
+    ));
 }
 
 #[test]
@@ -278,8 +398,17 @@ fn async_snapshot_round_trip_and_auto_commit_with_retention() {
     let (ckpt, events) = AsyncCheckpointer::spawn(cfg).unwrap();
     let mut g = global(4096, 10);
     for step in 1..=4u64 {
-        ckpt.snapshot(&RankState { step, seed: 7, params: &g.params, range: 0..4096, m: &g.m, v: &g.v, opt_step: step, extra: b"x" })
-            .unwrap();
+        ckpt.snapshot(&RankState {
+            step,
+            seed: 7,
+            params: &g.params,
+            range: 0..4096,
+            m: &g.m,
+            v: &g.v,
+            opt_step: step,
+            extra: b"x",
+        })
+        .unwrap();
         // The training thread may mutate right away: the snapshot is a copy.
         let saved = g.params.clone();
         g.params.iter_mut().for_each(|p| *p += 1.0);
@@ -291,10 +420,23 @@ fn async_snapshot_round_trip_and_auto_commit_with_retention() {
     let steps: Vec<u64> = list(dir.path()).unwrap().iter().map(|e| e.step).collect();
     assert_eq!(steps, vec![3, 4]);
     let ev = drain(&events);
-    assert_eq!(ev.iter().filter(|e| matches!(e, CheckpointEvent::Durable { .. })).count(), 4);
-    assert_eq!(ev.iter().filter(|e| matches!(e, CheckpointEvent::Committed { .. })).count(), 4);
+    assert_eq!(
+        ev.iter()
+            .filter(|e| matches!(e, CheckpointEvent::Durable { .. }))
+            .count(),
+        4
+    );
+    assert_eq!(
+        ev.iter()
+            .filter(|e| matches!(e, CheckpointEvent::Committed { .. }))
+            .count(),
+        4
+    );
     assert!(ev.iter().any(|e| matches!(e, CheckpointEvent::RetentionApplied { deleted_steps } if deleted_steps == &vec![1])));
-    assert_eq!(ckpt.wait_durable(99, Duration::from_millis(1)), Err(WaitError::UnknownStep { step: 99 }));
+    assert_eq!(
+        ckpt.wait_durable(99, Duration::from_millis(1)),
+        Err(WaitError::UnknownStep { step: 99 })
+    );
     ckpt.close(Duration::from_secs(10)).unwrap();
 }
 
@@ -306,7 +448,8 @@ fn async_shared_snapshot_per_rank_then_controller_commit() {
     let world = 3;
     let mut writers = Vec::new();
     for rank in 0..world {
-        let (ckpt, _events) = AsyncCheckpointer::spawn(CheckpointerConfig::new(dir.path(), world, rank)).unwrap();
+        let (ckpt, _events) =
+            AsyncCheckpointer::spawn(CheckpointerConfig::new(dir.path(), world, rank)).unwrap();
         let r = shard_range(999, world, rank);
         ckpt.snapshot_shared(SharedRankState {
             step: 8,
@@ -321,9 +464,22 @@ fn async_shared_snapshot_per_rank_then_controller_commit() {
         .unwrap();
         writers.push(ckpt);
     }
-    let records: Vec<ShardRecord> = writers.iter().map(|w| w.wait_durable(8, Duration::from_secs(10)).unwrap()).collect();
-    assert!(list(dir.path()).unwrap().is_empty(), "not committed before the controller says so");
-    let spec = ManifestSpec { step: 8, world, param_count: 999, seed: 7, layout: vec![], params_sha256: Some(params_sha256(&g.params)) };
+    let records: Vec<ShardRecord> = writers
+        .iter()
+        .map(|w| w.wait_durable(8, Duration::from_secs(10)).unwrap())
+        .collect();
+    assert!(
+        list(dir.path()).unwrap().is_empty(),
+        "not committed before the controller says so"
+    );
+    let spec = ManifestSpec {
+        step: 8,
+        world,
+        param_count: 999,
+        seed: 7,
+        layout: vec![],
+        params_sha256: Some(params_sha256(&g.params)),
+    };
     commit_manifest(dir.path(), &spec, records).unwrap();
     let loaded = load_resharded(dir.path(), 8, 2, 1).unwrap();
     assert_eq!(bits(&loaded.params), bits(&g.params));
@@ -343,18 +499,48 @@ fn injected_disk_full_retries_then_succeeds_without_panic() {
     let (ckpt, events) = AsyncCheckpointer::spawn(cfg).unwrap();
     let g = global(2048, 12);
     fault.disk_full_for(Duration::from_millis(150));
-    ckpt.snapshot(&RankState { step: 1, seed: 7, params: &g.params, range: 0..2048, m: &g.m, v: &g.v, opt_step: 1, extra: b"" })
-        .unwrap();
+    ckpt.snapshot(&RankState {
+        step: 1,
+        seed: 7,
+        params: &g.params,
+        range: 0..2048,
+        m: &g.m,
+        v: &g.v,
+        opt_step: 1,
+        extra: b"",
+    })
+    .unwrap();
     let rec = ckpt.wait_durable(1, Duration::from_secs(10)).unwrap();
     assert_eq!(rec.params_section_sha256, params_sha256(&g.params));
     let ev = drain(&events);
-    let failed = ev.iter().filter(|e| matches!(e, CheckpointEvent::Failed { disk_full: true, .. })).count();
-    let retrying = ev.iter().filter(|e| matches!(e, CheckpointEvent::Retrying { .. })).count();
+    let failed = ev
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                CheckpointEvent::Failed {
+                    disk_full: true,
+                    ..
+                }
+            )
+        })
+        .count();
+    let retrying = ev
+        .iter()
+        .filter(|e| matches!(e, CheckpointEvent::Retrying { .. }))
+        .count();
     assert!(failed >= 2 && retrying == failed, "{ev:?}");
-    assert!(matches!(ev.last(), Some(CheckpointEvent::Committed { step: 1, .. })), "{ev:?}");
+    assert!(
+        matches!(ev.last(), Some(CheckpointEvent::Committed { step: 1, .. })),
+        "{ev:?}"
+    );
     assert!(fault.injected_count() >= 2);
     // No temp files left behind, and the checkpoint verifies.
-    let leftovers: Vec<_> = fs::read_dir(step_dir(dir.path(), 1)).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().ends_with(".tmp")).collect();
+    let leftovers: Vec<_> = fs::read_dir(step_dir(dir.path(), 1))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
     assert!(leftovers.is_empty());
     assert_eq!(latest_valid(dir.path()).unwrap().step(), Some(1));
 }
@@ -371,18 +557,52 @@ fn persistent_failure_gives_up_with_an_event_and_busy_never_blocks() {
     cfg.max_in_flight = 1;
     let (ckpt, events) = AsyncCheckpointer::spawn(cfg).unwrap();
     let g = global(64, 13);
-    let state = |step| RankState { step, seed: 7, params: &g.params, range: 0..64, m: &g.m, v: &g.v, opt_step: step, extra: b"" };
+    let state = |step| RankState {
+        step,
+        seed: 7,
+        params: &g.params,
+        range: 0..64,
+        m: &g.m,
+        v: &g.v,
+        opt_step: step,
+        extra: b"",
+    };
     fault.fail_next_attempts(3);
     ckpt.snapshot(&state(1)).unwrap();
-    assert!(matches!(ckpt.snapshot(&state(2)), Err(SnapshotError::Busy { step: 2, in_flight: 1 })));
-    assert!(matches!(ckpt.wait_durable(1, Duration::from_millis(1)), Err(WaitError::Timeout { step: 1, .. })));
-    assert!(matches!(ckpt.wait_durable(1, Duration::from_secs(10)), Err(WaitError::GaveUp { step: 1, .. })));
+    assert!(matches!(
+        ckpt.snapshot(&state(2)),
+        Err(SnapshotError::Busy {
+            step: 2,
+            in_flight: 1
+        })
+    ));
+    assert!(matches!(
+        ckpt.wait_durable(1, Duration::from_millis(1)),
+        Err(WaitError::Timeout { step: 1, .. })
+    ));
+    assert!(matches!(
+        ckpt.wait_durable(1, Duration::from_secs(10)),
+        Err(WaitError::GaveUp { step: 1, .. })
+    ));
     let ev = drain(&events);
-    assert!(matches!(ev.last(), Some(CheckpointEvent::GaveUp { step: 1, attempts: 3, .. })), "{ev:?}");
+    assert!(
+        matches!(
+            ev.last(),
+            Some(CheckpointEvent::GaveUp {
+                step: 1,
+                attempts: 3,
+                ..
+            })
+        ),
+        "{ev:?}"
+    );
     // The writer is still alive: the next snapshot succeeds.
     ckpt.snapshot(&state(2)).unwrap();
     ckpt.wait_durable(2, Duration::from_secs(10)).unwrap();
-    assert!(list(dir.path()).unwrap().is_empty(), "no auto commit configured");
+    assert!(
+        list(dir.path()).unwrap().is_empty(),
+        "no auto commit configured"
+    );
     drop(ckpt); // Drop shuts down within its timeout.
 }
 
@@ -405,10 +625,28 @@ fn write_failure_surfaces_as_event_on_unwritable_root() {
     cfg.initial_backoff_ms = 1;
     let (ckpt, events) = AsyncCheckpointer::spawn(cfg).unwrap();
     let g = global(8, 14);
-    ckpt.snapshot(&RankState { step: 1, seed: 0, params: &g.params, range: 0..8, m: &g.m, v: &g.v, opt_step: 0, extra: b"" }).unwrap();
-    assert!(matches!(ckpt.wait_durable(1, Duration::from_secs(10)), Err(WaitError::GaveUp { .. })));
+    ckpt.snapshot(&RankState {
+        step: 1,
+        seed: 0,
+        params: &g.params,
+        range: 0..8,
+        m: &g.m,
+        v: &g.v,
+        opt_step: 0,
+        extra: b"",
+    })
+    .unwrap();
+    assert!(matches!(
+        ckpt.wait_durable(1, Duration::from_secs(10)),
+        Err(WaitError::GaveUp { .. })
+    ));
     let ev = drain(&events);
-    assert!(ev.iter().any(|e| matches!(e, CheckpointEvent::Failed { error, .. } if error.contains("not-a-dir"))), "{ev:?}");
+    assert!(
+        ev.iter().any(
+            |e| matches!(e, CheckpointEvent::Failed { error, .. } if error.contains("not-a-dir"))
+        ),
+        "{ev:?}"
+    );
 }
 
 #[test]
@@ -426,13 +664,36 @@ fn shared_snapshot_releases_buffers_before_the_write_finishes() {
     let (m, v) = (Arc::new(g.m.clone()), Arc::new(g.v.clone()));
     // The write keeps failing for a while, but the buffers are released right away.
     fault.fail_next_attempts(3);
-    ckpt.snapshot_shared(SharedRankState { step: 1, seed: 7, params: params.clone(), range: 0..3000, m: m.clone(), v, opt_step: 1, extra: vec![] })
-        .unwrap();
+    ckpt.snapshot_shared(SharedRankState {
+        step: 1,
+        seed: 7,
+        params: params.clone(),
+        range: 0..3000,
+        m: m.clone(),
+        v,
+        opt_step: 1,
+        extra: vec![],
+    })
+    .unwrap();
     ckpt.wait_released(1, Duration::from_secs(10)).unwrap();
-    assert_eq!(Arc::strong_count(&params), 1, "writer dropped its reference");
+    assert_eq!(
+        Arc::strong_count(&params),
+        1,
+        "writer dropped its reference"
+    );
     Arc::make_mut(&mut params).iter_mut().for_each(|p| *p = 0.0); // no copy, mutation allowed
-    assert!(matches!(ckpt.wait_durable(1, Duration::from_millis(1)), Err(WaitError::Timeout { .. })));
+    assert!(matches!(
+        ckpt.wait_durable(1, Duration::from_millis(1)),
+        Err(WaitError::Timeout { .. })
+    ));
     let rec = ckpt.wait_durable(1, Duration::from_secs(10)).unwrap();
-    assert_eq!(rec.params_section_sha256, params_sha256(&g.params), "the snapshot, not the mutation");
-    assert!(matches!(ckpt.wait_released(5, Duration::from_millis(1)), Err(WaitError::UnknownStep { step: 5 })));
+    assert_eq!(
+        rec.params_section_sha256,
+        params_sha256(&g.params),
+        "the snapshot, not the mutation"
+    );
+    assert!(matches!(
+        ckpt.wait_released(5, Duration::from_millis(1)),
+        Err(WaitError::UnknownStep { step: 5 })
+    ));
 }

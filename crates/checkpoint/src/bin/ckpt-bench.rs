@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use phalanx_checkpoint::{
-    apply_retention, commit_manifest, shard_range, write_shard, AsyncCheckpointer, CheckpointerConfig, ManifestSpec,
-    RankState, SharedRankState,
+    apply_retention, commit_manifest, shard_range, write_shard, AsyncCheckpointer,
+    CheckpointerConfig, ManifestSpec, RankState, SharedRankState,
 };
 
 struct Args {
@@ -25,7 +25,13 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut a = Args { params: 10_000_000, world: 1, iters: 5, dir: None, out: None };
+    let mut a = Args {
+        params: 10_000_000,
+        world: 1,
+        iters: 5,
+        dir: None,
+        out: None,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
@@ -81,7 +87,8 @@ fn run() -> Result<(), String> {
         Some(d) => d.clone(),
         None => {
             let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target");
-            std::fs::create_dir_all(&target).map_err(|e| format!("create {}: {e}", target.display()))?;
+            std::fs::create_dir_all(&target)
+                .map_err(|e| format!("create {}: {e}", target.display()))?;
             let t = tempfile::Builder::new()
                 .prefix("ckpt-bench-")
                 .tempdir_in(&target)
@@ -95,8 +102,14 @@ fn run() -> Result<(), String> {
     let world = args.world;
     let range = shard_range(n, world, 0);
     let params: Vec<f32> = (0..n).map(|i| (i as f32 * 1e-3).sin()).collect();
-    let m: Vec<f32> = range.clone().map(|i| (i as f32 * 7e-4).cos() * 1e-2).collect();
-    let v: Vec<f32> = range.clone().map(|i| (i as f32 * 3e-4).sin().abs() * 1e-4).collect();
+    let m: Vec<f32> = range
+        .clone()
+        .map(|i| (i as f32 * 7e-4).cos() * 1e-2)
+        .collect();
+    let v: Vec<f32> = range
+        .clone()
+        .map(|i| (i as f32 * 3e-4).sin().abs() * 1e-4)
+        .collect();
     let extra = br#"{"sampler_cursor":123,"rng":[1,2,3,4]}"#.to_vec();
     let state_bytes = 12 * range.len() + extra.len();
     let params_arc = Arc::new(params.clone());
@@ -126,22 +139,48 @@ fn run() -> Result<(), String> {
         let warm = iter == 0;
         // (1) Synchronous save: serialise + write + fsync shard, commit manifest.
         step += 1;
-        let state = RankState { step, seed: 1, params: &params, range: range.clone(), m: &m, v: &v, opt_step: step, extra: &extra };
+        let state = RankState {
+            step,
+            seed: 1,
+            params: &params,
+            range: range.clone(),
+            m: &m,
+            v: &v,
+            opt_step: step,
+            extra: &extra,
+        };
         let t = Instant::now();
         let rec = write_shard(&root, world, 0, &state, None).map_err(|e| e.to_string())?;
         if world == 1 {
-            let spec = ManifestSpec { step, world, param_count: n, seed: 1, layout: vec![], params_sha256: None };
+            let spec = ManifestSpec {
+                step,
+                world,
+                param_count: n,
+                seed: 1,
+                layout: vec![],
+                params_sha256: None,
+            };
             commit_manifest(&root, &spec, vec![rec]).map_err(|e| e.to_string())?;
         }
         let sync = t.elapsed();
 
         // (2) Async, staging copy: the stall is the snapshot() call.
         step += 1;
-        let state = RankState { step, seed: 1, params: &params, range: range.clone(), m: &m, v: &v, opt_step: step, extra: &extra };
+        let state = RankState {
+            step,
+            seed: 1,
+            params: &params,
+            range: range.clone(),
+            m: &m,
+            v: &v,
+            opt_step: step,
+            extra: &extra,
+        };
         let t = Instant::now();
         ckpt.snapshot(&state).map_err(|e| e.to_string())?;
         let staged = t.elapsed();
-        ckpt.wait_durable(step, wait_timeout).map_err(|e| e.to_string())?;
+        ckpt.wait_durable(step, wait_timeout)
+            .map_err(|e| e.to_string())?;
         let staged_durable = t.elapsed();
 
         // (3) Async, shared ownership (Arc hand-over).
@@ -159,9 +198,11 @@ fn run() -> Result<(), String> {
         })
         .map_err(|e| e.to_string())?;
         let shared = t.elapsed();
-        ckpt.wait_released(step, wait_timeout).map_err(|e| e.to_string())?;
+        ckpt.wait_released(step, wait_timeout)
+            .map_err(|e| e.to_string())?;
         let shared_released = t.elapsed();
-        ckpt.wait_durable(step, wait_timeout).map_err(|e| e.to_string())?;
+        ckpt.wait_durable(step, wait_timeout)
+            .map_err(|e| e.to_string())?;
         let shared_durable = t.elapsed();
 
         // Baseline: one single-threaded memcpy of the same bytes into a warm buffer.
@@ -201,7 +242,8 @@ fn run() -> Result<(), String> {
             released_ms.push(ms(shared_released));
         }
     }
-    ckpt.close(Duration::from_secs(60)).map_err(|e| e.to_string())?;
+    ckpt.close(Duration::from_secs(60))
+        .map_err(|e| e.to_string())?;
 
     let sync = median(&mut sync_ms);
     let staged = median(&mut staged_ms);
@@ -215,9 +257,15 @@ fn run() -> Result<(), String> {
     println!();
     println!("| method                          | training-thread stall (median) | stall / sync | time to durable |");
     println!("|---------------------------------|-------------------------------:|-------------:|----------------:|");
-    println!("| synchronous save (write+fsync)  | {sync:>27.2} ms | {:>12.3} | {sync:>12.1} ms |", 1.0);
+    println!(
+        "| synchronous save (write+fsync)  | {sync:>27.2} ms | {:>12.3} | {sync:>12.1} ms |",
+        1.0
+    );
     println!("| async snapshot(), staging copy  | {staged:>27.3} ms | {ratio_staged:>12.4} | {staged_durable:>12.1} ms |");
-    println!("|   (memcpy baseline, 1 thread)   | {memcpy:>27.3} ms | {:>12.4} |                 |", memcpy / sync);
+    println!(
+        "|   (memcpy baseline, 1 thread)   | {memcpy:>27.3} ms | {:>12.4} |                 |",
+        memcpy / sync
+    );
     println!("| async snapshot_shared(), Arc    | {shared:>27.4} ms | {ratio_shared:>12.5} | {shared_durable:>12.1} ms |");
     println!(
         "shared: buffers released (staged off-thread) after {released:.1} ms; the trainer may read them meanwhile and must not mutate before"
