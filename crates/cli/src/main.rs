@@ -3,6 +3,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod agent;
 mod bench;
 mod ctl;
 mod train;
@@ -62,6 +63,9 @@ enum WorkerCmd {
     /// Run one data-parallel worker: rank R of a world of N, with explicit peers or the
     /// stdio rendezvous used by `phalanx train`.
     Run(train::WorkerRunCmd),
+    /// Start a worker agent that registers with the controllers, heartbeats and trains
+    /// whatever rank its plan epoch gives it.
+    Start(agent::WorkerStartCmd),
     /// Drain a worker: it leaves the plan gracefully (replicated through the controller).
     Drain(ctl::DrainCmd),
 }
@@ -88,6 +92,7 @@ fn main() -> ExitCode {
     let res = match cli.command {
         Command::Train(c) => train::train(c, json_logs),
         Command::Worker(WorkerCmd::Run(c)) => train::worker_run(c),
+        Command::Worker(WorkerCmd::Start(c)) => agent::start(c),
         Command::Devices(c) => train::devices(c),
         Command::Bench(c) => bench::run(c),
         Command::Worker(WorkerCmd::Drain(c)) => ctl::drain(c),

@@ -24,7 +24,27 @@ pub struct TrainSpec {
     pub optim: AdamWConfig,
 }
 
+/// Defaults shared by `phalanx train` and controller-run jobs, so that both paths have
+/// one definition of the training math.
+pub const DEFAULT_MICRO_BATCH: usize = 2;
+pub const DEFAULT_VAL_FRACTION: f64 = 0.1;
+pub const DEFAULT_VAL_MICRO_BATCHES: usize = 8;
+
 impl TrainSpec {
+    /// A spec with the default optimizer, split and validation settings.
+    pub fn with_defaults(model: ModelConfig, seed: u64, steps: u64, global_batch: usize, micro_batch: usize) -> Self {
+        Self {
+            model,
+            seed,
+            steps,
+            global_batch,
+            micro_batch,
+            val_fraction: DEFAULT_VAL_FRACTION,
+            val_micro_batches: DEFAULT_VAL_MICRO_BATCHES,
+            optim: AdamWConfig::for_steps(steps),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), TrainError> {
         self.model.validate()?;
         self.optim.validate()?;
@@ -140,6 +160,60 @@ impl Engine {
         Ok(StepStats { grad_norm, lr })
     }
 
+    /// Completed optimizer steps: the next step to train.
+    pub fn step(&self) -> u64 {
+        self.opt.step
+    }
+
+    /// Bytes of this rank's whole training state (step, parameters, AdamW moments):
+    /// what a survivor sends a new or lagging rank.
+    pub fn state_bytes_len(&self) -> usize {
+        8 + 4 * (self.params.len() + self.opt.m.len() + self.opt.v.len())
+    }
+
+    pub fn export_state(&self, out: &mut [u8]) -> Result<(), TrainError> {
+        if out.len() != self.state_bytes_len() {
+            return Err(TrainError::Config(format!("state buffer of {} bytes, expected {}", out.len(), self.state_bytes_len())));
+        }
+        out[..8].copy_from_slice(&self.opt.step.to_le_bytes());
+        let mut off = 8;
+        for x in self.params.iter().chain(&self.opt.m).chain(&self.opt.v) {
+            out[off..off + 4].copy_from_slice(&x.to_le_bytes());
+            off += 4;
+        }
+        Ok(())
+    }
+
+    pub fn import_state(&mut self, bytes: &[u8]) -> Result<(), TrainError> {
+        if bytes.len() != self.state_bytes_len() {
+            return Err(TrainError::Config(format!("state of {} bytes, expected {}", bytes.len(), self.state_bytes_len())));
+        }
+        self.opt.step = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+        let mut it = bytes[8..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")));
+        for x in self.params.iter_mut().chain(self.opt.m.iter_mut()).chain(self.opt.v.iter_mut()) {
+            *x = it.next().expect("length checked");
+        }
+        self.model.write_params(&self.params)
+    }
+
+    /// Replaces the state with parameters and moments loaded from a checkpoint.
+    pub fn load_checkpoint_state(&mut self, step: u64, params: Vec<f32>, m: Vec<f32>, v: Vec<f32>) -> Result<(), TrainError> {
+        let n = self.params.len();
+        if params.len() != n || m.len() != n || v.len() != n {
+            return Err(TrainError::Config(format!(
+                "checkpoint holds {}/{}/{} values, the model has {n}",
+                params.len(),
+                m.len(),
+                v.len()
+            )));
+        }
+        self.params = params;
+        self.opt.m = m;
+        self.opt.v = v;
+        self.opt.step = step;
+        self.model.write_params(&self.params)
+    }
+
     /// SHA-256 of the parameters' little-endian f32 bytes in name-sorted order.
     pub fn params_sha256(&self) -> String {
         params_sha256(&self.params)
@@ -227,5 +301,25 @@ mod tests {
         }
         assert!(losses[29] < losses[0] - 1.0, "{losses:?}");
         assert!(e.val_loss(0).unwrap() < losses[0]);
+    }
+
+    #[test]
+    fn state_export_import_round_trips() {
+        let mut a = engine(5, 3);
+        let n = a.params.len();
+        let mut g = vec![0f32; n];
+        a.micro_grad(0, 0, &mut g).unwrap();
+        a.apply(&g).unwrap();
+        let mut buf = vec![0u8; a.state_bytes_len()];
+        a.export_state(&mut buf).unwrap();
+        let mut b = engine(6, 3);
+        b.import_state(&buf).unwrap();
+        assert_eq!(b.step(), 1);
+        assert_eq!(a.params_sha256(), b.params_sha256());
+        // The model's tensors follow the imported parameters.
+        let mut from_model = vec![0f32; n];
+        b.model.read_params(&mut from_model).unwrap();
+        assert_eq!(params_sha256(&from_model), a.params_sha256());
+        assert!(b.import_state(&buf[1..]).is_err());
     }
 }

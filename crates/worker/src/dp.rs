@@ -37,6 +37,80 @@ pub struct DpOptions {
     pub op_timeout: Duration,
 }
 
+/// One rank's step machinery for a fixed group: the buffers of its micro-batch gradients.
+pub struct Stepper {
+    mine: std::ops::Range<usize>,
+    micro_total: usize,
+    bufs: Vec<Vec<f32>>,
+    mean: Vec<f32>,
+    pub op_timeout: Duration,
+}
+
+impl Stepper {
+    pub fn new(engine: &Engine, group: &BlockingGroup, op_timeout: Duration) -> Result<Self, WorkerError> {
+        let (rank, world) = (group.rank(), group.world());
+        let micro_total = engine.spec.micro_batches();
+        if world > micro_total {
+            return Err(WorkerError::Protocol(format!(
+                "world size {world} exceeds the {micro_total} micro-batches of a step; lower the world size or the micro-batch"
+            )));
+        }
+        let mine = assign(micro_total, world, rank);
+        let n = engine.params.len();
+        Ok(Self { bufs: mine.clone().map(|_| vec![0f32; n]).collect(), mine, micro_total, mean: vec![0f32; n], op_timeout })
+    }
+
+    /// Trains step `engine.step()`: local micro-batch gradients, the deterministic mean
+    /// across the group, then clip + AdamW on every rank. A failure leaves the engine's
+    /// parameters untouched unless every collective of the step has completed, so a step
+    /// is either applied whole or redone.
+    pub fn step(&mut self, engine: &mut Engine, group: &mut BlockingGroup) -> Result<StepReport, WorkerError> {
+        let t0 = Instant::now();
+        let step = engine.step();
+        let mut local_losses = Vec::with_capacity(self.mine.len());
+        for (k, m) in self.mine.clone().enumerate() {
+            local_losses.push((m, engine.micro_grad(step, m, &mut self.bufs[k])?));
+        }
+        let refs: Vec<&[f32]> = self.bufs.iter().map(|b| b.as_slice()).collect();
+        deterministic::reduce_mean(group, &refs, self.micro_total, &mut self.mean, self.op_timeout)?;
+        let loss = mean_in_index_order(group, &local_losses, self.micro_total, self.op_timeout)?;
+        let stats = engine.apply(&self.mean)?;
+        Ok(StepReport { step, loss, lr: stats.lr, grad_norm: stats.grad_norm, step_ms: t0.elapsed().as_secs_f64() * 1e3 })
+    }
+}
+
+/// Mean validation loss over the spec's validation micro-batches, shared out over the group.
+pub fn validation_loss(engine: &Engine, group: &mut BlockingGroup, timeout: Duration) -> Result<f64, WorkerError> {
+    let world = group.world();
+    let v_total = engine.spec.val_micro_batches.max(world);
+    let mine: Vec<(usize, f64)> = assign(v_total, world, group.rank())
+        .map(|m| engine.val_loss(m).map(|l| (m, l)))
+        .collect::<Result<_, _>>()?;
+    mean_in_index_order(group, &mine, v_total, timeout)
+}
+
+/// Every replica's parameter hash; `Err(Diverged)` names the first rank that differs from
+/// the majority (silent data corruption).
+pub fn check_replicas(engine: &Engine, group: &mut BlockingGroup, timeout: Duration) -> Result<String, WorkerError> {
+    let sha = engine.params_sha256();
+    let all = group.all_gather_within(sha.as_bytes(), timeout)?;
+    let majority = all
+        .iter()
+        .max_by_key(|h| (all.iter().filter(|o| o == h).count(), std::cmp::Reverse(all.iter().position(|o| o == *h))))
+        .cloned()
+        .unwrap_or_default();
+    for (r, theirs) in all.iter().enumerate() {
+        if *theirs != majority {
+            return Err(WorkerError::Diverged {
+                rank: r,
+                ours: String::from_utf8_lossy(&majority).into_owned(),
+                theirs: String::from_utf8_lossy(theirs).into_owned(),
+            });
+        }
+    }
+    Ok(sha)
+}
+
 /// Trains `engine.spec.steps` steps as rank `group.rank()` of `group.world()`.
 pub fn train(
     engine: &mut Engine,
@@ -44,69 +118,29 @@ pub fn train(
     opts: &DpOptions,
     on_step: &mut dyn FnMut(&StepReport),
 ) -> Result<RunResult, WorkerError> {
-    let (rank, world) = (group.rank(), group.world());
-    let m_total = engine.spec.micro_batches();
-    if world > m_total {
-        return Err(WorkerError::Protocol(format!(
-            "world size {world} exceeds the {m_total} micro-batches of a step; lower --workers or --micro-batch"
-        )));
-    }
-    let mine = assign(m_total, world, rank);
-    let n = engine.params.len();
-    let mut bufs: Vec<Vec<f32>> = mine.clone().map(|_| vec![0f32; n]).collect();
-    let mut mean = vec![0f32; n];
+    let mut stepper = Stepper::new(engine, group, opts.op_timeout)?;
     let mut losses = Vec::with_capacity(engine.spec.steps as usize);
     let start = Instant::now();
-    for step in 0..engine.spec.steps {
-        let t0 = Instant::now();
-        let mut local_losses = Vec::with_capacity(mine.len());
-        for (k, m) in mine.clone().enumerate() {
-            local_losses.push((m, engine.micro_grad(step, m, &mut bufs[k])?));
-        }
-        let refs: Vec<&[f32]> = bufs.iter().map(|b| b.as_slice()).collect();
-        deterministic::reduce_mean(group, &refs, m_total, &mut mean, opts.op_timeout)?;
-        let loss = mean_in_index_order(group, &local_losses, m_total, opts.op_timeout)?;
-        let stats = engine.apply(&mean)?;
-        losses.push(loss);
-        on_step(&StepReport {
-            step,
-            loss,
-            lr: stats.lr,
-            grad_norm: stats.grad_norm,
-            step_ms: t0.elapsed().as_secs_f64() * 1e3,
-        });
+    while engine.step() < engine.spec.steps {
+        let report = stepper.step(engine, group)?;
+        losses.push(report.loss);
+        on_step(&report);
     }
     let train_s = start.elapsed().as_secs_f64();
-
-    let v_total = engine.spec.val_micro_batches.max(world);
-    let val_mine: Vec<(usize, f64)> = assign(v_total, world, rank)
-        .map(|m| engine.val_loss(m).map(|l| (m, l)))
-        .collect::<Result<_, _>>()?;
-    let val_loss = mean_in_index_order(group, &val_mine, v_total, opts.op_timeout)?;
-
+    let val_loss = validation_loss(engine, group, opts.op_timeout)?;
     // Every replica must hold the same bits; a mismatch is silent data corruption.
-    let sha = engine.params_sha256();
-    let all = group.all_gather_within(sha.as_bytes(), opts.op_timeout)?;
-    for (r, theirs) in all.iter().enumerate() {
-        if theirs.as_slice() != all[0].as_slice() {
-            return Err(WorkerError::Diverged {
-                rank: r,
-                ours: String::from_utf8_lossy(&all[0]).into_owned(),
-                theirs: String::from_utf8_lossy(theirs).into_owned(),
-            });
-        }
-    }
+    let sha = check_replicas(engine, group, opts.op_timeout)?;
     Ok(RunResult {
         steps: engine.spec.steps,
-        workers: world,
+        workers: group.world(),
         initial_loss: losses.first().copied().unwrap_or(f64::NAN),
         final_loss: losses.last().copied().unwrap_or(f64::NAN),
         val_loss,
-        tokens_per_sec: (engine.spec.tokens_per_step() * engine.spec.steps) as f64 / train_s.max(1e-9),
+        tokens_per_sec: (engine.spec.tokens_per_step() * losses.len() as u64) as f64 / train_s.max(1e-9),
         train_s,
         losses,
         params_sha256: sha,
-        param_count: n,
+        param_count: engine.params.len(),
     })
 }
 

@@ -5,6 +5,7 @@
 //! (fixed-point) all-reduce, and every rank applies the same AdamW update. The result
 //! does not depend on the world size.
 //! [`rendezvous`] is the small stdio protocol by which `phalanx train` starts workers.
+pub mod agent;
 pub mod dp;
 pub mod rendezvous;
 
@@ -20,4 +21,10 @@ pub enum WorkerError {
     Rendezvous(String),
     #[error("protocol: {0}")]
     Protocol(String),
+    #[error("controller: {0}")]
+    Controller(String),
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+    #[error("epoch {epoch} was superseded by a newer plan")]
+    Superseded { epoch: u64 },
 }

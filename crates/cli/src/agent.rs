@@ -1,0 +1,83 @@
+//! `phalanx worker start`: a worker agent that joins a cluster through its controllers.
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use phalanx_train::device::DeviceRequest;
+use phalanx_worker::agent::{self, AgentConfig};
+
+use crate::ctl::Target;
+
+#[derive(Args, Debug)]
+pub struct WorkerStartCmd {
+    /// This worker's id (unique in the cluster), e.g. `w0`.
+    #[arg(long)]
+    pub id: String,
+    #[command(flatten)]
+    pub target: Target,
+    /// Device: `emulated[:MODEL]` (see `phalanx devices`) or `cuda:N`.
+    #[arg(long, default_value = "emulated:H100-SXM-80GB")]
+    pub device: String,
+    /// Override an emulated GPU's memory capacity, in GiB.
+    #[arg(long)]
+    pub memory_gib: Option<f64>,
+    /// Address for collective traffic from peers.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// Directory of the job's checkpoints, shared by the workers (default: DIR/checkpoints
+    /// with --dir).
+    #[arg(long)]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Committed checkpoints to keep.
+    #[arg(long, default_value_t = 3)]
+    pub checkpoint_retain: usize,
+    #[arg(long, default_value_t = 200)]
+    pub heartbeat_interval_ms: u64,
+    /// Bound on every collective; a dead or hung peer is detected within it.
+    #[arg(long, default_value_t = 3_000)]
+    pub op_timeout_ms: u64,
+    #[arg(long, default_value_t = 10_000)]
+    pub rendezvous_timeout_ms: u64,
+    /// Compare parameter hashes across replicas every N steps (0 disables).
+    #[arg(long, default_value_t = 1)]
+    pub sdc_check_interval: u64,
+    /// Exit when the job completes or is cancelled.
+    #[arg(long)]
+    pub exit_when_done: bool,
+    /// Exit with an error after this many seconds (0: run until stopped).
+    #[arg(long, default_value_t = 0)]
+    pub lifetime_max_s: u64,
+}
+
+pub fn start(cmd: WorkerStartCmd) -> Result<()> {
+    let device = DeviceRequest::parse(&cmd.device, cmd.memory_gib)?;
+    let torch_device = device.activate()?;
+    let client = cmd.target.client()?;
+    let checkpoint_root = match (&cmd.checkpoint_dir, cmd.target.dir()) {
+        (Some(d), _) => d.clone(),
+        (None, Some(d)) => d.join("checkpoints"),
+        (None, None) => anyhow::bail!("pass --checkpoint-dir (or --dir of a local cluster)"),
+    };
+    std::fs::create_dir_all(&checkpoint_root).with_context(|| format!("creating {}", checkpoint_root.display()))?;
+    let listener = TcpListener::bind(cmd.listen).with_context(|| format!("binding {}", cmd.listen))?;
+    let cfg = AgentConfig {
+        id: cmd.id,
+        client: Arc::new(client),
+        device,
+        torch_device,
+        listener,
+        checkpoint_root,
+        checkpoint_retain: cmd.checkpoint_retain,
+        heartbeat_interval: Duration::from_millis(cmd.heartbeat_interval_ms),
+        op_timeout: Duration::from_millis(cmd.op_timeout_ms),
+        rendezvous_timeout: Duration::from_millis(cmd.rendezvous_timeout_ms),
+        sdc_check_interval: cmd.sdc_check_interval,
+        exit_when_done: cmd.exit_when_done,
+        lifetime_max: Duration::from_secs(cmd.lifetime_max_s),
+    };
+    agent::run(cfg)?;
+    Ok(())
+}

@@ -1,0 +1,408 @@
+//! The worker agent: a long-lived process that joins the cluster through the controller.
+//!
+//! It registers with its device and listen address, heartbeats (leader-local leases), and
+//! polls its assignment. For each plan epoch in which it holds a rank it forms a
+//! collective group fenced by a group id derived from `(job, epoch)` — a worker still in
+//! an older epoch cannot connect to the new group — agrees on the state with its peers,
+//! and trains until the job ends or a newer epoch supersedes this one.
+//!
+//! State agreement at the start of an epoch ([`sync_state`]): every rank tells the others
+//! whether it holds training state, at which step and with which parameter hash. The
+//! lowest rank among those at the highest step is the source, and it broadcasts its state
+//! to every rank that differs. Only when no rank holds state (every worker is new, or all
+//! were restarted) is the newest valid checkpoint read from disk; a corrupt newest
+//! checkpoint falls back to the previous one. Since training is deterministic, a step that
+//! was in flight when a peer died is simply redone, and the final parameters are the same
+//! bits as a run without faults.
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use phalanx_checkpoint::{self as ckpt, AsyncCheckpointer, CheckpointEvent, CheckpointerConfig, RankState, ShardRecord};
+use phalanx_collective::{BlockingGroup, GroupConfig};
+use phalanx_controller::client::{new_request_id, Client};
+use phalanx_proto::{Assignment, Command, DeviceSpec, HeartbeatRequest, JobSpec, JobState};
+use phalanx_train::data::{default_corpus_spec, Corpus};
+use phalanx_train::engine::{Engine, TrainSpec, DEFAULT_MICRO_BATCH};
+use phalanx_train::ModelConfig;
+use tracing::{info, warn};
+
+use crate::dp::{check_replicas, validation_loss, Stepper};
+use crate::WorkerError;
+
+pub struct AgentConfig {
+    pub id: String,
+    pub client: Arc<Client>,
+    pub device: phalanx_train::device::DeviceRequest,
+    pub torch_device: tch::Device,
+    pub listener: TcpListener,
+    /// Where the job's checkpoints live (shared by every worker of a local cluster).
+    pub checkpoint_root: PathBuf,
+    /// Keep this many committed checkpoints.
+    pub checkpoint_retain: usize,
+    pub heartbeat_interval: Duration,
+    pub op_timeout: Duration,
+    pub rendezvous_timeout: Duration,
+    /// Compare parameter hashes across replicas every this many steps (0: never).
+    pub sdc_check_interval: u64,
+    /// Exit once the job is completed or cancelled.
+    pub exit_when_done: bool,
+    /// Bound on the agent's whole life (0: unbounded).
+    pub lifetime_max: Duration,
+}
+
+/// The training math of a controller-run job: the same defaults as `phalanx train`.
+pub fn train_spec(job: &JobSpec) -> Result<TrainSpec, WorkerError> {
+    let model = ModelConfig::named(&job.model)?;
+    let spec = TrainSpec::with_defaults(model, job.seed, job.steps, job.global_batch as usize, DEFAULT_MICRO_BATCH);
+    spec.validate()?;
+    Ok(spec)
+}
+
+/// The corpus a job names: `default` (or `builtin:default`) is the default corpus.
+pub fn corpus_spec(job: &JobSpec) -> String {
+    match job.corpus.trim() {
+        "" | "default" | "builtin:default" => default_corpus_spec(),
+        other => other.to_string(),
+    }
+}
+
+/// Latest assignment seen by the background poller.
+#[derive(Default)]
+struct Shared {
+    epoch: AtomicU64,
+    stop: AtomicBool,
+}
+
+pub fn run(cfg: AgentConfig) -> Result<(), WorkerError> {
+    let started = Instant::now();
+    let client = cfg.client.clone();
+    let addr = cfg.listener.local_addr().map_err(|e| WorkerError::Rendezvous(format!("listener: {e}")))?;
+    let device = match &cfg.device {
+        phalanx_train::device::DeviceRequest::Emulated { memory_bytes, .. } => {
+            DeviceSpec { kind: "cpu-emulated".into(), index: 0, memory_bytes: *memory_bytes }
+        }
+        phalanx_train::device::DeviceRequest::Cuda(n) => DeviceSpec { kind: "cuda".into(), index: *n as u32, memory_bytes: 0 },
+    };
+    let reg = Command::RegisterWorker { id: cfg.id.clone(), address: addr.to_string(), device };
+    client.command_with_id(new_request_id(&format!("register-{}", cfg.id)), reg).map_err(ctl)?;
+    info!(worker = %cfg.id, %addr, "registered");
+
+    let shared = Arc::new(Shared::default());
+    let hb = spawn_heartbeat(client.clone(), cfg.id.clone(), shared.clone(), cfg.heartbeat_interval);
+    let progress = spawn_progress(client.clone(), cfg.id.clone());
+
+    let mut engine: Option<(JobSpec, Engine)> = None;
+    let mut backoff = Duration::from_millis(100);
+    let result = loop {
+        if cfg.lifetime_max > Duration::ZERO && started.elapsed() > cfg.lifetime_max {
+            break Err(WorkerError::Protocol(format!("lifetime bound of {} s reached", cfg.lifetime_max.as_secs())));
+        }
+        let a: Assignment = match client.get(&format!("/v1/assignment/{}", cfg.id)) {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "assignment poll failed");
+                std::thread::sleep(backoff);
+                continue;
+            }
+        };
+        shared.epoch.fetch_max(a.epoch, Ordering::SeqCst);
+        match a.job_state {
+            Some(JobState::Completed | JobState::Cancelled) if cfg.exit_when_done => break Ok(()),
+            _ => {}
+        }
+        let (Some(rank), Some(job), Some(JobState::Running)) = (a.rank, a.job.clone(), a.job_state) else {
+            std::thread::sleep(cfg.heartbeat_interval);
+            continue;
+        };
+        match run_epoch(&cfg, &a, rank as usize, &job, &mut engine, &shared, &progress) {
+            Ok(()) => backoff = Duration::from_millis(100),
+            Err(e) => {
+                warn!(epoch = a.epoch, error = %e, "epoch ended with an error; waiting for the next plan");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    };
+    shared.stop.store(true, Ordering::SeqCst);
+    drop(progress);
+    let _ = hb.join();
+    result
+}
+
+fn ctl(e: phalanx_controller::client::ClientError) -> WorkerError {
+    WorkerError::Controller(e.to_string())
+}
+
+fn spawn_heartbeat(client: Arc<Client>, id: String, shared: Arc<Shared>, every: Duration) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let body = HeartbeatRequest { worker: id.clone() };
+        while !shared.stop.load(Ordering::SeqCst) {
+            if let Err(e) = client.post::<serde_json::Value>("/v1/heartbeat", &body) {
+                warn!(error = %e, "heartbeat failed");
+            }
+            if let Ok(a) = client.get::<Assignment>(&format!("/v1/assignment/{id}")) {
+                shared.epoch.fetch_max(a.epoch, Ordering::SeqCst);
+            }
+            std::thread::sleep(every);
+        }
+    })
+}
+
+/// Reports progress off the training thread; only the newest step per epoch is sent.
+fn spawn_progress(client: Arc<Client>, id: String) -> mpsc::Sender<(u64, u64)> {
+    let (tx, rx) = mpsc::channel::<(u64, u64)>();
+    std::thread::spawn(move || {
+        while let Ok(mut latest) = rx.recv() {
+            while let Ok(newer) = rx.try_recv() {
+                latest = newer;
+            }
+            let (epoch, step) = latest;
+            let cmd = Command::ReportProgress { worker: id.clone(), epoch, step };
+            if let Err(e) = client.command_with_id(new_request_id(&format!("progress-{id}-{epoch}-{step}")), cmd) {
+                warn!(error = %e, epoch, step, "progress report failed");
+            }
+        }
+    });
+    tx
+}
+
+fn group_id(job: &JobSpec, epoch: u64) -> u64 {
+    phalanx_train::sampler::hash4(job.seed, epoch, job.steps, job.name.bytes().fold(0u64, |h, b| h.wrapping_mul(131).wrapping_add(u64::from(b))))
+}
+
+fn run_epoch(
+    cfg: &AgentConfig,
+    a: &Assignment,
+    rank: usize,
+    job: &JobSpec,
+    engine_slot: &mut Option<(JobSpec, Engine)>,
+    shared: &Shared,
+    progress: &mpsc::Sender<(u64, u64)>,
+) -> Result<(), WorkerError> {
+    let world = a.world_size as usize;
+    let peers: Vec<SocketAddr> = a
+        .peers
+        .iter()
+        .map(|p| p.parse().map_err(|e| WorkerError::Protocol(format!("peer address `{p}`: {e}"))))
+        .collect::<Result<_, _>>()?;
+    crate::rendezvous::validate_peers(&peers, rank, world, None)?;
+
+    // A new job (or none yet): build its engine. Its state counts as "none" until trained.
+    let mut fresh = false;
+    if engine_slot.as_ref().map(|(j, _)| j != job).unwrap_or(true) {
+        let spec = train_spec(job)?;
+        let corpus = Corpus::load(&corpus_spec(job))?;
+        let (train, val) = corpus.split(spec.val_fraction, spec.model.ctx_len)?;
+        *engine_slot = Some((job.clone(), Engine::new(spec, train, val, cfg.torch_device)?));
+        fresh = true;
+    }
+    let (_, engine) = engine_slot.as_mut().expect("engine built above");
+    let listener = cfg.listener.try_clone().map_err(|e| WorkerError::Rendezvous(format!("listener: {e}")))?;
+    let mut gc = GroupConfig::new(rank, peers);
+    gc.group_id = group_id(job, a.epoch);
+    gc.rendezvous_timeout = cfg.rendezvous_timeout;
+    gc.op_timeout = cfg.op_timeout;
+    let mut group = BlockingGroup::connect(gc, listener)?;
+    info!(epoch = a.epoch, rank, world, "group formed");
+
+    // A freshly built engine holds only the seed's initial state, which counts as none: if
+    // nobody holds state, the newest checkpoint wins over step 0.
+    sync_state(engine, &mut group, !fresh, &cfg.checkpoint_root, cfg.op_timeout)?;
+    let mut stepper = Stepper::new(engine, &group, cfg.op_timeout)?;
+    let mut writer = Checkpointing::new(cfg, job, world, rank)?;
+    let _ = progress.send((a.epoch, engine.step()));
+
+    while engine.step() < engine.spec.steps {
+        if shared.epoch.load(Ordering::SeqCst) > a.epoch {
+            return Err(WorkerError::Superseded { epoch: a.epoch });
+        }
+        if cfg.sdc_check_interval > 0 && engine.step() % cfg.sdc_check_interval == 0 {
+            check_replicas(engine, &mut group, cfg.op_timeout)?;
+        }
+        let report = stepper.step(engine, &mut group)?;
+        let _ = progress.send((a.epoch, report.step + 1));
+        if rank == 0 {
+            info!(epoch = a.epoch, step = report.step + 1, loss = report.loss, ms = report.step_ms, "step");
+        }
+        if job.checkpoint_interval_steps > 0 && engine.step() % job.checkpoint_interval_steps == 0 {
+            writer.snapshot(engine);
+        }
+        writer.commit_ready(engine, &mut group, a.epoch, cfg)?;
+    }
+    let val = validation_loss(engine, &mut group, cfg.op_timeout)?;
+    let sha = check_replicas(engine, &mut group, cfg.op_timeout)?;
+    info!(epoch = a.epoch, rank, val_loss = val, params_sha256 = %sha, "job finished");
+    if rank == 0 {
+        let key = format!("job/{}/params_sha256", job.name);
+        let _ = cfg.client.command(Command::SetAnnotation { key, value: sha.clone() });
+    }
+    let _ = progress.send((a.epoch, engine.step()));
+    // Wait for the controller to see the end, so that we do not retrain a finished job.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        match cfg.client.get::<Assignment>(&format!("/v1/assignment/{}", cfg.id)) {
+            Ok(now) if now.job_state != Some(JobState::Running) || now.epoch != a.epoch => return Ok(()),
+            _ => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+    Ok(())
+}
+
+/// Agrees on one training state across the group (see the module docs).
+pub fn sync_state(
+    engine: &mut Engine,
+    group: &mut BlockingGroup,
+    has_state: bool,
+    checkpoint_root: &std::path::Path,
+    timeout: Duration,
+) -> Result<(), WorkerError> {
+    let mut mine = Vec::with_capacity(9 + 64);
+    mine.push(u8::from(has_state));
+    mine.extend_from_slice(&engine.step().to_le_bytes());
+    mine.extend_from_slice(engine.params_sha256().as_bytes());
+    let all = group.all_gather_within(&mine, timeout)?;
+    let parsed: Vec<(bool, u64, &[u8])> = all
+        .iter()
+        .map(|b| {
+            if b.len() < 9 {
+                return Err(WorkerError::Protocol(format!("state announcement of {} bytes", b.len())));
+            }
+            Ok((b[0] == 1, u64::from_le_bytes(b[1..9].try_into().expect("8 bytes")), &b[9..]))
+        })
+        .collect::<Result<_, _>>()?;
+    let best = parsed.iter().filter(|p| p.0).map(|p| p.1).max();
+    let Some(best) = best else {
+        // Nobody holds state: the newest valid checkpoint, or the seed's initial state.
+        let latest = ckpt::latest_valid(checkpoint_root).map_err(|e| WorkerError::Checkpoint(e.to_string()))?;
+        for p in &latest.skipped {
+            warn!(problem = %p, "skipping a corrupt or incomplete checkpoint");
+        }
+        if let Some(m) = latest.manifest {
+            let st = ckpt::load_range(checkpoint_root, m.step, 0..m.param_count).map_err(|e| WorkerError::Checkpoint(e.to_string()))?;
+            engine.load_checkpoint_state(st.opt_step, st.params, st.m, st.v)?;
+            info!(step = m.step, "resumed from checkpoint (no survivor held state)");
+        }
+        return Ok(());
+    };
+    let src = parsed.iter().position(|p| p.0 && p.1 == best).expect("best exists");
+    let needs = parsed.iter().any(|p| !(p.0 && p.1 == best && p.2 == parsed[src].2));
+    if !needs {
+        return Ok(());
+    }
+    let mut buf = vec![0u8; engine.state_bytes_len()];
+    if group.rank() == src {
+        engine.export_state(&mut buf)?;
+    }
+    group.broadcast_within(&mut buf, src, timeout.max(Duration::from_secs(10)))?;
+    if group.rank() != src {
+        engine.import_state(&buf)?;
+        info!(step = best, from_rank = src, "state received from a peer");
+    }
+    Ok(())
+}
+
+/// The rank's asynchronous checkpointing for one epoch. Rank 0 commits a checkpoint's
+/// manifest once every rank's shard is durable (learned through a small all-gather at a
+/// step boundary) and records it in the controller through Raft.
+struct Checkpointing {
+    writer: AsyncCheckpointer,
+    events: mpsc::Receiver<CheckpointEvent>,
+    /// This rank's shards that became durable since the last exchange.
+    durable: Vec<ShardRecord>,
+    root: PathBuf,
+    world: usize,
+    seed: u64,
+}
+
+impl Checkpointing {
+    fn new(cfg: &AgentConfig, job: &JobSpec, world: usize, rank: usize) -> Result<Self, WorkerError> {
+        let mut c = CheckpointerConfig::new(cfg.checkpoint_root.clone(), world, rank);
+        c.retain_count = cfg.checkpoint_retain;
+        let (writer, events) = AsyncCheckpointer::spawn(c).map_err(|e| WorkerError::Checkpoint(e.to_string()))?;
+        Ok(Self { writer, events, durable: Vec::new(), root: cfg.checkpoint_root.clone(), world, seed: job.seed })
+    }
+
+    fn snapshot(&mut self, engine: &Engine) {
+        let range = ckpt::shard_range(engine.params.len(), self.world, self.rank());
+        let st = RankState {
+            step: engine.step(),
+            seed: self.seed,
+            params: &engine.params,
+            range: range.clone(),
+            m: &engine.opt.m[range.clone()],
+            v: &engine.opt.v[range],
+            opt_step: engine.opt.step,
+            extra: &[],
+        };
+        if let Err(e) = self.writer.snapshot(&st) {
+            warn!(error = %e, "checkpoint snapshot refused; training goes on");
+        }
+    }
+
+    fn rank(&self) -> usize {
+        self.writer.config().rank
+    }
+
+    /// Drains writer events; when some rank has a durable shard, ranks exchange their
+    /// newest durable shard records and rank 0 commits every step all ranks hold.
+    fn commit_ready(&mut self, engine: &Engine, group: &mut BlockingGroup, epoch: u64, cfg: &AgentConfig) -> Result<(), WorkerError> {
+        while let Ok(ev) = self.events.try_recv() {
+            match ev {
+                CheckpointEvent::Durable { shard, .. } => self.durable.push(shard),
+                CheckpointEvent::Failed { step, error, attempt, .. } => warn!(step, attempt, %error, "checkpoint write failed"),
+                CheckpointEvent::GaveUp { step, error, .. } => warn!(step, %error, "checkpoint given up"),
+                _ => {}
+            }
+        }
+        let mine = std::mem::take(&mut self.durable);
+        let any_local = u8::from(!mine.is_empty());
+        let flags = group.all_gather_within(&[any_local], cfg.op_timeout)?;
+        if flags.iter().all(|f| f.first() == Some(&0)) {
+            return Ok(());
+        }
+        let body = serde_json::to_vec(&mine).map_err(|e| WorkerError::Protocol(e.to_string()))?;
+        let all = group.all_gather_within(&body, cfg.op_timeout)?;
+        if group.rank() != 0 {
+            return Ok(());
+        }
+        let mut by_step: std::collections::BTreeMap<u64, Vec<ShardRecord>> = Default::default();
+        for part in &all {
+            let recs: Vec<ShardRecord> = serde_json::from_slice(part).map_err(|e| WorkerError::Protocol(format!("shard records: {e}")))?;
+            for r in recs {
+                by_step.entry(r.step).or_default().push(r);
+            }
+        }
+        for (step, shards) in by_step {
+            if shards.len() != self.world {
+                warn!(step, have = shards.len(), world = self.world, "incomplete checkpoint shard set; not committed");
+                continue;
+            }
+            let spec = ckpt::ManifestSpec {
+                step,
+                world: self.world,
+                param_count: engine.params.len(),
+                seed: self.seed,
+                layout: Vec::new(),
+                params_sha256: None,
+            };
+            let manifest = ckpt::commit_manifest(&self.root, &spec, shards).map_err(|e| WorkerError::Checkpoint(e.to_string()))?;
+            let recorded = manifest
+                .shards
+                .iter()
+                .map(|s| phalanx_proto::CheckpointShard { rank: s.rank as u32, path: format!("{}/{}", ckpt::step_dir_name(step), s.file), bytes: s.bytes, sha256: s.sha256.clone() })
+                .collect();
+            let cmd = Command::RecordCheckpoint { step, epoch, shards: recorded, durable: true };
+            if let Err(e) = cfg.client.command(cmd) {
+                warn!(step, error = %e, "recording the checkpoint in the controller failed");
+            }
+            if let Err(e) = ckpt::apply_retention(&self.root, cfg.checkpoint_retain) {
+                warn!(error = %e, "checkpoint retention failed");
+            }
+            info!(step, "checkpoint committed");
+        }
+        Ok(())
+    }
+}
