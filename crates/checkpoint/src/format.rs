@@ -326,6 +326,16 @@ impl Manifest {
                 ));
             }
             next = s.range.end;
+            let min_bytes = (s.range.len() as u64)
+                .checked_mul(12)
+                .and_then(|b| b.checked_add(HEADER_LEN as u64));
+            if min_bytes.is_none_or(|min| s.bytes < min) {
+                return Err(format!(
+                    "shard {i} records {} bytes, too few for {} elements",
+                    s.bytes,
+                    s.range.len()
+                ));
+            }
             if s.sha256.len() != 64 || !s.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(format!(
                     "shard {i} sha256 {:?} is not 64 hex digits",

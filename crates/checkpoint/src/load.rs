@@ -382,6 +382,21 @@ fn load_range_with(root: &Path, manifest: Manifest, range: Range<usize>) -> Resu
         )));
     }
     let dir = step_dir(root, step);
+    // Sizes first: allocations below are bounded by what is really on disk, not by
+    // whatever a damaged manifest claims.
+    for rec in &manifest.shards {
+        let path = dir.join(&rec.file);
+        let len = fs::metadata(&path)
+            .map_err(CheckpointError::io("stat", &path))?
+            .len();
+        if len != rec.bytes {
+            return Err(CheckpointError::SizeMismatch {
+                path,
+                expected_bytes: rec.bytes,
+                actual_bytes: len,
+            });
+        }
+    }
     let mut params = vec![0f32; manifest.param_count];
     let mut m = vec![0f32; range.len()];
     let mut v = vec![0f32; range.len()];

@@ -154,6 +154,7 @@ pub(crate) fn write_shard_parts(
     }
     let dir = step_dir(root, parts.step);
     create_dir_durable(root, &dir)?;
+    uncommit_if_committed(&dir, parts.step)?;
     let name = shard_file_name(parts.rank, parts.world);
     let path = dir.join(&name);
     let tmp = dir.join(format!(".{name}.tmp"));
@@ -303,6 +304,21 @@ pub fn commit_manifest(
     write_file_durable(&dir, MANIFEST_FILE, &json)?;
     tracing::info!(step = spec.step, world = spec.world, "checkpoint committed");
     Ok(manifest)
+}
+
+/// Rewriting a shard of a committed checkpoint (e.g. re-running steps after a rollback)
+/// first removes its manifest, durably, so the directory is never committed while its
+/// shards are being replaced. The checkpoint is committed again by `commit_manifest`.
+fn uncommit_if_committed(dir: &Path, step: u64) -> Result<()> {
+    let manifest = dir.join(MANIFEST_FILE);
+    match fs::remove_file(&manifest) {
+        Ok(()) => {
+            tracing::warn!(step, dir = %dir.display(), "rewriting a committed checkpoint: manifest removed until recommitted");
+            sync_dir(dir)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(CheckpointError::io("remove", &manifest)(e)),
+    }
 }
 
 /// Writes `bytes` to `dir/name` via a temp file, fsync, rename, fsync(dir).

@@ -697,3 +697,57 @@ fn shared_snapshot_releases_buffers_before_the_write_finishes() {
         Err(WaitError::UnknownStep { step: 5 })
     ));
 }
+
+#[test]
+fn rewriting_a_committed_step_uncommits_it_until_recommitted() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = global(100, 16);
+    save(dir.path(), &g, 1, 2);
+    save(dir.path(), &g, 2, 2);
+    let other = global(100, 17);
+    let range = shard_range(100, 2, 0);
+    let state = RankState {
+        step: 2,
+        seed: 7,
+        params: &other.params,
+        range: range.clone(),
+        m: &other.m[range.clone()],
+        v: &other.v[range],
+        opt_step: 2,
+        extra: b"",
+    };
+    write_shard(dir.path(), 2, 0, &state, None).unwrap();
+    assert_eq!(
+        list(dir.path())
+            .unwrap()
+            .iter()
+            .map(|e| e.step)
+            .collect::<Vec<_>>(),
+        vec![1]
+    );
+    assert_eq!(latest_valid(dir.path()).unwrap().step(), Some(1));
+    save(dir.path(), &other, 2, 2);
+    let loaded = load_resharded(dir.path(), 2, 1, 0).unwrap();
+    assert_eq!(bits(&loaded.params), bits(&other.params));
+}
+
+#[test]
+fn manifest_claiming_a_huge_model_is_an_error_not_an_allocation() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = global(100, 18);
+    save(dir.path(), &g, 1, 1);
+    let path = step_dir(dir.path(), 1).join(MANIFEST_FILE);
+    let mut m: Manifest = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    m.param_count = 1 << 50;
+    m.shards[0].range = 0..(1 << 50);
+    m.shards[0].bytes = u64::MAX / 2;
+    fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
+    assert!(load_resharded(dir.path(), 1, 1, 0).is_err());
+    m.shards[0].bytes = 128 + 12 * (1u64 << 50);
+    fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
+    assert!(matches!(
+        load_resharded(dir.path(), 1, 1, 0),
+        Err(CheckpointError::SizeMismatch { .. })
+    ));
+    assert!(!verify(dir.path(), 1).is_valid());
+}
