@@ -148,9 +148,16 @@ async fn reduce_mean_inner(
         .map_err(|e| CollectiveError::InvalidArgument { reason: format!("reduce_mean: {e}") })?;
     // (c) encode + local exact sum; the extra last slot counts micro-batches
     let mut sums = std::mem::take(&mut group.scratch_i64);
-    sums.clear();
+    // (reused across calls at the same length: no zero-fill, the first
+    // micro-batch is encoded by assignment)
     sums.resize(n + 1, 0);
-    fixed_point::encode_sum(local_micro_grads, k, &mut sums[..n]);
+    match local_micro_grads.split_first() {
+        Some((first, rest)) => {
+            fixed_point::encode_assign(first, k, &mut sums[..n]);
+            fixed_point::encode_sum(rest, k, &mut sums[..n]);
+        }
+        None => sums[..n].fill(0),
+    }
     sums[n] = local_micro_grads.len() as i64;
     // (d) exact all-reduce
     let r = group.all_reduce_sum_i64_within(&mut sums, timeout).await;

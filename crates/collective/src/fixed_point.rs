@@ -10,6 +10,30 @@
 
 use crate::error::NonFiniteLocation;
 
+/// Define `fn $name` that runs the `#[inline(always)]` kernel through a copy
+/// compiled for AVX2 when the CPU has it (runtime check), else the baseline
+/// build. Same source, same results: the kernels use only integer ops and
+/// correctly rounded IEEE ops, which do not depend on the instruction set.
+macro_rules! multiversion {
+    ($(#[$m:meta])* fn $name:ident($($a:ident: $t:ty),*) $(-> $r:ty)? = $kernel:ident) => {
+        $(#[$m])*
+        fn $name($($a: $t),*) $(-> $r)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2")]
+                unsafe fn avx2($($a: $t),*) $(-> $r)? {
+                    $kernel($($a),*)
+                }
+                if std::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU supports AVX2 (checked just above).
+                    return unsafe { avx2($($a),*) };
+                }
+            }
+            $kernel($($a),*)
+        }
+    };
+}
+
 /// Sums of `M` encoded values are kept at or below `2^SUM_BITS` (+ M/2 from
 /// rounding), well inside `i64`.
 pub const SUM_BITS: i32 = 61;
@@ -23,29 +47,38 @@ pub struct MaxAbs {
     pub non_finite: Option<NonFiniteLocation>,
 }
 
+/// Max of `|x|` as IEEE bits (sign cleared). For non-NaN values the integer
+/// order of these bits is the order of `|x|`; anything `>= 0x7f80_0000` is
+/// infinite or NaN. Integer max has no NaN special cases, so this vectorizes.
+#[inline(always)]
+fn max_abs_bits_kernel(g: &[f32]) -> u32 {
+    let mut m = 0u32;
+    for &x in g {
+        m = m.max(x.to_bits() & 0x7fff_ffff);
+    }
+    m
+}
+
+multiversion!(fn max_abs_bits(g: &[f32]) -> u32 = max_abs_bits_kernel);
+
 /// Scan micro-gradients for max |g| and non-finite values.
 pub fn max_abs(micro_grads: &[&[f32]]) -> MaxAbs {
     let mut max = 0.0f32;
     let mut non_finite = None;
     for (mb, g) in micro_grads.iter().enumerate() {
-        let mut m = 0.0f32;
-        let mut bad = false;
-        for &x in g.iter() {
-            bad |= !x.is_finite();
-            m = m.max(x.abs());
+        let bits = max_abs_bits(g);
+        if bits < 0x7f80_0000 {
+            max = max.max(f32::from_bits(bits));
+            continue;
         }
-        if bad && non_finite.is_none() {
+        // slow path: some value is NaN or infinite
+        if non_finite.is_none() {
             if let Some((i, &v)) = g.iter().enumerate().find(|(_, v)| !v.is_finite()) {
                 non_finite = Some(NonFiniteLocation { micro_batch: mb, element: i, value: v });
             }
         }
-        if m.is_finite() {
-            max = max.max(m);
-        } else {
-            // recompute over finite values only
-            let mf = g.iter().filter(|v| v.is_finite()).fold(0.0f32, |a, v| a.max(v.abs()));
-            max = max.max(mf);
-        }
+        let mf = g.iter().filter(|v| v.is_finite()).fold(0.0f32, |a, v| a.max(v.abs()));
+        max = max.max(mf);
     }
     MaxAbs { max_abs: max as f64, non_finite }
 }
@@ -105,15 +138,110 @@ pub fn encode_one(g: f32, scale: f64) -> i64 {
     i + i64::from(frac >= 0.5) - i64::from(frac <= -0.5)
 }
 
+/// [`encode_one`] computed on the f32 bits with integer operations only:
+/// `g = ±m * 2^e` with a 24-bit integer `m`, so `g * 2^k` is `m` shifted left
+/// (exact) or right with round-half-away-from-zero. Identical results to
+/// [`encode_one`] for every finite `g` with `|g * 2^k| < 2^62`, and it
+/// vectorizes (no float→i64 conversion, which x86 lacks before AVX-512).
+#[inline(always)]
+pub(crate) fn encode_bits(g: f32, k: i32) -> i64 {
+    let b = g.to_bits();
+    let biased = ((b >> 23) & 0xff) as i64;
+    let frac = (b & 0x7f_ffff) as u64;
+    let normal = biased != 0;
+    let m = if normal { frac | 0x80_0000 } else { frac };
+    // g = m * 2^(max(biased,1) - 150)
+    let sh = biased.max(1) - 150 + k as i64;
+    let left = m << sh.clamp(0, 63) as u64;
+    let d = (-sh).clamp(0, 63) as u64;
+    let right = (m + ((1u64 << d) >> 1)) >> d;
+    let mag = (if sh >= 0 { left } else { right }) as i64;
+    if b >> 31 != 0 {
+        mag.wrapping_neg()
+    } else {
+        mag
+    }
+}
+
+multiversion!(fn encode_add_simd(g: &[f32], k: i32, out: &mut [i64]) = encode_add_kernel);
+multiversion!(fn encode_assign_simd(g: &[f32], k: i32, out: &mut [i64]) = encode_assign_kernel);
+multiversion!(fn decode_simd(sums: &[i64], scale: f64, m: f64, out: &mut [f32]) = decode_kernel);
+
+#[inline(always)]
+fn encode_add_kernel(g: &[f32], k: i32, out: &mut [i64]) {
+    for (o, &x) in out.iter_mut().zip(g.iter()) {
+        *o = o.wrapping_add(encode_bits(x, k));
+    }
+}
+
+#[inline(always)]
+fn encode_assign_kernel(g: &[f32], k: i32, out: &mut [i64]) {
+    for (o, &x) in out.iter_mut().zip(g.iter()) {
+        *o = encode_bits(x, k);
+    }
+}
+
+/// Whether [`encode_bits`] is exact for every value of `g` at exponent `k`
+/// (all finite and `|g * 2^k| < 2^62`); otherwise use the float path, which
+/// saturates like before.
+fn bits_path_ok(g: &[f32], k: i32) -> bool {
+    // |g| <= f32::from_bits(max_abs_bits) < 2^(e+1); need 2^(e+1+k) <= 2^62.
+    let bits = max_abs_bits(g);
+    if bits >= 0x7f80_0000 {
+        return false;
+    }
+    let e = ((bits >> 23) as i64).max(1) - 127;
+    e + 1 + k as i64 <= 62
+}
+
 /// `out[i] += sum over micro-batches of round(g[i] * 2^k)` (wrapping, though
 /// with a scale from [`choose_scale_exp`] it never wraps). All micro-grads must
 /// have `out.len()` elements (shorter ones contribute only their prefix).
 pub fn encode_sum(micro_grads: &[&[f32]], k: i32, out: &mut [i64]) {
-    let scale = pow2(k);
     for g in micro_grads {
+        encode_add(g, k, out);
+    }
+}
+
+/// `out[i] += round(g[i] * 2^k)` for one micro-gradient.
+pub(crate) fn encode_add(g: &[f32], k: i32, out: &mut [i64]) {
+    if bits_path_ok(g, k) {
+        encode_add_simd(g, k, out)
+    } else {
+        let scale = pow2(k);
         for (o, &x) in out.iter_mut().zip(g.iter()) {
             *o = o.wrapping_add(encode_one(x, scale));
         }
+    }
+}
+
+/// `out[i] = round(g[i] * 2^k)` (no need to zero `out` first).
+pub(crate) fn encode_assign(g: &[f32], k: i32, out: &mut [i64]) {
+    if bits_path_ok(g, k) {
+        encode_assign_simd(g, k, out)
+    } else {
+        let scale = pow2(k);
+        for (o, &x) in out.iter_mut().zip(g.iter()) {
+            *o = encode_one(x, scale);
+        }
+    }
+}
+
+/// `s as f64`, correctly rounded, from two exact 32-bit halves: the high half
+/// times 2^32 and the low half are both exact in f64, so their sum is one
+/// correctly rounded operation — the same bits as `s as f64`, but it
+/// vectorizes without AVX-512.
+#[inline(always)]
+fn i64_to_f64(s: i64) -> f64 {
+    let hi = (s >> 32) as i32 as f64 * 4294967296.0;
+    let lo = (s as u64 & 0xffff_ffff) as u32 as f64;
+    hi + lo
+}
+
+#[inline(always)]
+fn decode_kernel(sums: &[i64], scale: f64, m: f64, out: &mut [f32]) {
+    for (o, &s) in out.iter_mut().zip(sums.iter()) {
+        *o = ((i64_to_f64(s) / scale) / m) as f32;
     }
 }
 
@@ -121,9 +249,7 @@ pub fn encode_sum(micro_grads: &[&[f32]], k: i32, out: &mut [i64]) {
 pub fn decode(sums: &[i64], k: i32, total_micro_batches: usize, out: &mut [f32]) {
     let scale = pow2(k);
     let m = total_micro_batches.max(1) as f64;
-    for (o, &s) in out.iter_mut().zip(sums.iter()) {
-        *o = ((s as f64 / scale) / m) as f32;
-    }
+    decode_simd(sums, scale, m, out)
 }
 
 /// Convenience: the whole pipeline on one machine (for tests and reference).
@@ -194,6 +320,68 @@ mod tests {
             let g = f32::from_bits(s & 0xbfff_ffff); // finite, |g| < 2
             let sc = pow2(40);
             assert_eq!(encode_one(g, sc), (g as f64 * sc).round() as i64, "{g}");
+        }
+    }
+
+    #[test]
+    fn encode_bits_matches_encode_one() {
+        let mut s = 0x1234_5678u32;
+        let mut specials = vec![0.0f32, -0.0, f32::MIN_POSITIVE, -f32::MIN_POSITIVE, f32::from_bits(1), f32::from_bits(0x8000_0001), 0.5, -0.5, 1.5, -2.5];
+        specials.extend([f32::MAX, -f32::MAX, 1e-40, -3e-39]);
+        for k in -160..=200 {
+            let sc = pow2(k);
+            let ok = |g: f32| (g.abs() as f64) * sc < 2f64.powi(62);
+            for &g in &specials {
+                if ok(g) {
+                    assert_eq!(encode_bits(g, k), encode_one(g, sc), "g {g} k {k}");
+                }
+            }
+            for _ in 0..3000 {
+                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+                let g = f32::from_bits(s);
+                if g.is_finite() && ok(g) {
+                    assert_eq!(encode_bits(g, k), encode_one(g, sc), "g {g} k {k}");
+                }
+            }
+        }
+        // exact halves in the lowest kept bit
+        for k in 0..30 {
+            for m in 0..4096u32 {
+                let g = m as f32 / (1u32 << 12) as f32 / pow2(k - 12) as f32;
+                for g in [g, -g] {
+                    assert_eq!(encode_bits(g, k), encode_one(g, pow2(k)), "g {g} k {k}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn simd_paths_match_scalar() {
+        let mut s = 7u32;
+        let g: Vec<f32> = (0..10_007)
+            .map(|_| {
+                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+                f32::from_bits(s & 0xbfff_ffff) * 1e-3
+            })
+            .collect();
+        let m = max_abs(&[&g]);
+        let exact = g.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+        assert_eq!(m.max_abs, exact as f64);
+        let k = choose_scale_exp(m.max_abs, 3).unwrap();
+        let mut a = vec![5i64; g.len()];
+        encode_sum(&[&g, &g], k, &mut a);
+        let sc = pow2(k);
+        for (i, &x) in g.iter().enumerate() {
+            assert_eq!(a[i], 5 + 2 * encode_one(x, sc));
+        }
+        let mut b = vec![0i64; g.len()];
+        encode_assign(&g, k, &mut b);
+        let mut sums: Vec<i64> = b.iter().map(|v| v * 3).collect();
+        sums.extend([i64::MAX, i64::MIN, -1, 1 << 62, (1 << 53) + 1, -(1 << 53) - 3]);
+        let mut out = vec![0f32; sums.len()];
+        decode(&sums, k, 3, &mut out);
+        for (i, &v) in sums.iter().enumerate() {
+            assert_eq!(out[i].to_bits(), ((((v as f64) / sc) / 3.0) as f32).to_bits(), "{v}");
         }
     }
 
