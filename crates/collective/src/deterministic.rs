@@ -28,9 +28,15 @@
 //!
 //! * 2x the bytes on the wire compared with an f32 all-reduce (i64 per
 //!   element), plus one tiny max all-reduce (7 f64s) for the scale and checks;
-//! * an encode pass (multiply, round, add per element per micro-batch) and a
-//!   decode pass, both O(n) and memory-bound;
-//! * an i64 scratch buffer of `n + 1` elements.
+//! * encoding (integer shift-and-round of the f32 bits, vectorised) and
+//!   decoding, both O(n); they are fused into the ring — each chunk of local
+//!   values is encoded just before it is sent or combined with a received
+//!   partial sum, and each fully reduced chunk is decoded into `out` as it
+//!   passes through the all-gather — so there are no separate passes;
+//! * an i64 scratch buffer of `n + 1` elements, kept in the group and reused.
+//!
+//! Because `out` is written during the all-gather, it holds unspecified
+//! values when an error is returned.
 //!
 //! # Precision
 //!
@@ -148,19 +154,13 @@ async fn reduce_mean_inner(
         .map_err(|e| CollectiveError::InvalidArgument { reason: format!("reduce_mean: {e}") })?;
     // (c) encode + local exact sum; the extra last slot counts micro-batches
     let mut sums = std::mem::take(&mut group.scratch_i64);
-    // (reused across calls at the same length: no zero-fill, the first
-    // micro-batch is encoded by assignment)
+    // (reused across calls at the same length: no zero-fill)
     sums.resize(n + 1, 0);
-    match local_micro_grads.split_first() {
-        Some((first, rest)) => {
-            fixed_point::encode_assign(first, k, &mut sums[..n]);
-            fixed_point::encode_sum(rest, k, &mut sums[..n]);
-        }
-        None => sums[..n].fill(0),
-    }
-    sums[n] = local_micro_grads.len() as i64;
-    // (d) exact all-reduce
-    let r = group.all_reduce_sum_i64_within(&mut sums, timeout).await;
+    // (d) exact all-reduce with the encode fused into the first sends and
+    // combines and the decode (e) into the all-gather
+    let enc = fixed_point::Encoder::new(local_micro_grads, k);
+    let count = local_micro_grads.len() as i64;
+    let r = group.fixed_mean_ring(local_micro_grads, enc, count, k, total_micro_batches, &mut sums, out, timeout).await;
     let sums = ScratchGuard { group, buf: sums };
     r?;
     if sums[n] != total_micro_batches as i64 {
@@ -171,8 +171,6 @@ async fn reduce_mean_inner(
             ),
         });
     }
-    // (e) decode
-    fixed_point::decode(&sums[..n], k, total_micro_batches, out);
     tracing::debug!(k, gmax, "reduce_mean done");
     Ok(())
 }

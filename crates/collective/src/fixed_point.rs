@@ -165,12 +165,20 @@ pub(crate) fn encode_bits(g: f32, k: i32) -> i64 {
 
 multiversion!(fn encode_add_simd(g: &[f32], k: i32, out: &mut [i64]) = encode_add_kernel);
 multiversion!(fn encode_assign_simd(g: &[f32], k: i32, out: &mut [i64]) = encode_assign_kernel);
+multiversion!(fn encode_add_from_simd(g: &[f32], k: i32, base: &[i64], out: &mut [i64]) = encode_add_from_kernel);
 multiversion!(fn decode_simd(sums: &[i64], scale: f64, m: f64, out: &mut [f32]) = decode_kernel);
 
 #[inline(always)]
 fn encode_add_kernel(g: &[f32], k: i32, out: &mut [i64]) {
     for (o, &x) in out.iter_mut().zip(g.iter()) {
         *o = o.wrapping_add(encode_bits(x, k));
+    }
+}
+
+#[inline(always)]
+fn encode_add_from_kernel(g: &[f32], k: i32, base: &[i64], out: &mut [i64]) {
+    for ((o, &b), &x) in out.iter_mut().zip(base).zip(g) {
+        *o = b.wrapping_add(encode_bits(x, k));
     }
 }
 
@@ -215,14 +223,58 @@ pub(crate) fn encode_add(g: &[f32], k: i32, out: &mut [i64]) {
     }
 }
 
-/// `out[i] = round(g[i] * 2^k)` (no need to zero `out` first).
-pub(crate) fn encode_assign(g: &[f32], k: i32, out: &mut [i64]) {
-    if bits_path_ok(g, k) {
-        encode_assign_simd(g, k, out)
-    } else {
-        let scale = pow2(k);
-        for (o, &x) in out.iter_mut().zip(g.iter()) {
-            *o = encode_one(x, scale);
+/// Encodes micro-gradients at a fixed exponent, checking once up front
+/// whether the fast integer path is exact for all of them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Encoder {
+    k: i32,
+    fast: bool,
+}
+
+impl Encoder {
+    pub(crate) fn new(micro_grads: &[&[f32]], k: i32) -> Self {
+        Encoder { k, fast: micro_grads.iter().all(|g| bits_path_ok(g, k)) }
+    }
+
+    /// `out[i] = base[i] + round(g[i] * 2^k)` (wrapping).
+    pub(crate) fn add_from(&self, g: &[f32], base: &[i64], out: &mut [i64]) {
+        if self.fast {
+            encode_add_from_simd(g, self.k, base, out)
+        } else {
+            let scale = pow2(self.k);
+            for ((o, &b), &x) in out.iter_mut().zip(base).zip(g) {
+                *o = b.wrapping_add(encode_one(x, scale));
+            }
+        }
+    }
+
+    /// `out[j] = base[j] + sum over micro-batches of round(g[r.start + j] * 2^k)`
+    /// for `r = range`, or just the encoded sum when `base` is `None`.
+    pub(crate) fn sum_range(&self, micro_grads: &[&[f32]], range: std::ops::Range<usize>, base: Option<&[i64]>, out: &mut [i64]) {
+        let mut gs = micro_grads.iter().map(|g| &g[range.clone()]);
+        match (base, gs.next()) {
+            (Some(b), Some(g)) => self.add_from(g, b, out),
+            (Some(b), None) => out.copy_from_slice(&b[..out.len()]),
+            (None, Some(g)) if self.fast => encode_assign_simd(g, self.k, out),
+            (None, Some(g)) => {
+                out.fill(0);
+                self.add_from_self(g, out)
+            }
+            (None, None) => out.fill(0),
+        }
+        for g in gs {
+            self.add_from_self(g, out);
+        }
+    }
+
+    fn add_from_self(&self, g: &[f32], out: &mut [i64]) {
+        if self.fast {
+            encode_add_simd(g, self.k, out)
+        } else {
+            let scale = pow2(self.k);
+            for (o, &x) in out.iter_mut().zip(g) {
+                *o = o.wrapping_add(encode_one(x, scale));
+            }
         }
     }
 }
@@ -375,7 +427,16 @@ mod tests {
             assert_eq!(a[i], 5 + 2 * encode_one(x, sc));
         }
         let mut b = vec![0i64; g.len()];
-        encode_assign(&g, k, &mut b);
+        let enc = Encoder::new(&[&g], k);
+        enc.sum_range(&[&g], 0..g.len(), None, &mut b);
+        for (i, &x) in g.iter().enumerate() {
+            assert_eq!(b[i], encode_one(x, sc));
+        }
+        let mut c = vec![0i64; 100];
+        enc.sum_range(&[&g, &g], 50..150, Some(&a[50..150]), &mut c);
+        for (j, &x) in g[50..150].iter().enumerate() {
+            assert_eq!(c[j], a[50 + j] + 2 * encode_one(x, sc));
+        }
         let mut sums: Vec<i64> = b.iter().map(|v| v * 3).collect();
         sums.extend([i64::MAX, i64::MIN, -1, 1 << 62, (1 << 53) + 1, -(1 << 53) - 3]);
         let mut out = vec![0f32; sums.len()];

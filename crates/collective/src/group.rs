@@ -315,6 +315,45 @@ fn split_two<T>(data: &mut [T], a: Range<usize>, b: Range<usize>) -> (&[T], &mut
     }
 }
 
+/// Disjoint mutable borrows of two ranges.
+fn split_two_mut<T>(data: &mut [T], a: Range<usize>, b: Range<usize>) -> (&mut [T], &mut [T]) {
+    if a.end <= b.start {
+        let (lo, hi) = data.split_at_mut(b.start);
+        (&mut lo[a], &mut hi[..b.len()])
+    } else {
+        let (lo, hi) = data.split_at_mut(a.start);
+        (&mut hi[..a.len()], &mut lo[b])
+    }
+}
+
+/// `dst` = local encoded values of the global index range `r` (indices
+/// `>= glen` are the micro-batch count slot), plus `base` when given.
+fn local_encode(
+    enc: &crate::fixed_point::Encoder,
+    grads: &[&[f32]],
+    count: i64,
+    glen: usize,
+    r: Range<usize>,
+    base: Option<&[i64]>,
+    dst: &mut [i64],
+) {
+    let gr = r.start.min(glen)..r.end.min(glen);
+    let m = gr.len();
+    enc.sum_range(grads, gr, base.map(|b| &b[..m]), &mut dst[..m]);
+    if r.end > glen {
+        dst[m] = base.map_or(0, |b| b[m]).wrapping_add(count);
+    }
+}
+
+/// Decode `src` (global indices from `start`, count slot skipped) into
+/// `out_seg`, which begins at global index `seg_start`.
+fn decode_range(src: &[i64], start: usize, glen: usize, k: i32, total: usize, out_seg: &mut [f32], seg_start: usize) {
+    let m = (start + src.len()).min(glen).saturating_sub(start);
+    if m > 0 {
+        crate::fixed_point::decode(&src[..m], k, total, &mut out_seg[start - seg_start..][..m]);
+    }
+}
+
 fn nan_max(a: f64, b: f64) -> f64 {
     if a.is_nan() || b.is_nan() {
         f64::NAN
@@ -456,6 +495,125 @@ impl Group {
                 let recv = segment((rank + n - s) % n, n, len);
                 let (sd, rd) = split_two(data, send, recv);
                 ring_step::<T, F>(tx, rx, sd, rd, chunk, None, op, dl).await?;
+            }
+            Ok(())
+        }
+        .instrument(span)
+        .await;
+        self.poison(r)
+    }
+
+    /// The exact fixed-point ring of [`crate::deterministic`], with encoding
+    /// and decoding fused into the transfers: `sums` (length `out.len() + 1`,
+    /// contents ignored) ends holding the global integer sums, the last slot
+    /// the sum of `count`s, and `out` the decoded mean. Same ring, segments
+    /// and integer additions as `all_reduce_sum_i64` on the encoded vector, so
+    /// the same bits; but the local values are encoded chunk by chunk just
+    /// before they are sent or combined (no separate encode pass, no zeroed
+    /// buffer) and every chunk is decoded while still in cache.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn fixed_mean_ring(
+        &mut self,
+        grads: &[&[f32]],
+        enc: crate::fixed_point::Encoder,
+        count: i64,
+        k: i32,
+        total_micro_batches: usize,
+        sums: &mut [i64],
+        out: &mut [f32],
+        timeout: Duration,
+    ) -> Result<()> {
+        self.check_usable()?;
+        let (rank, n) = (self.cfg.rank, self.cfg.world);
+        let op = "all_reduce_sum_i64";
+        let glen = out.len();
+        let len = sums.len();
+        assert_eq!(len, glen + 1, "fixed_mean_ring: sums must have out.len() + 1 slots");
+        let chunk = self.chunk_elems(8);
+        let dl = Deadline::after(timeout);
+        let span = tracing::debug_span!("fixed_mean_ring", rank, world = n, elems = len);
+        let (Some(tx), Some(rx)) = (self.tx.as_mut(), self.rx.as_mut()) else {
+            // world 1: nothing to exchange
+            local_encode(&enc, grads, count, glen, 0..len, None, sums);
+            decode_range(sums, 0, glen, k, total_micro_batches, out, 0);
+            return Ok(());
+        };
+        let r = async {
+            let mut enc_buf: Vec<i64> = Vec::new();
+            // reduce-scatter
+            for s in 0..n - 1 {
+                let send_r = segment((rank + n - s) % n, n, len);
+                let recv_r = segment((rank + 2 * n - s - 1) % n, n, len);
+                let (sd, rd) = split_two(sums, send_r.clone(), recv_r.clone());
+                let send_fut = async {
+                    let mut wire = Vec::new();
+                    for (ci, c) in sd.chunks(chunk).enumerate() {
+                        if s == 0 {
+                            // own contribution: encoded just before sending
+                            let start = send_r.start + ci * chunk;
+                            enc_buf.resize(c.len(), 0);
+                            local_encode(&enc, grads, count, glen, start..start + c.len(), None, &mut enc_buf);
+                            tx.send(to_wire(&enc_buf, &mut wire), op, dl).await?;
+                        } else {
+                            tx.send(to_wire(c, &mut wire), op, dl).await?;
+                        }
+                    }
+                    Ok::<(), CollectiveError>(())
+                };
+                let recv_fut = async {
+                    let mut be = Vec::new();
+                    for (ci, c) in rd.chunks_mut(chunk).enumerate() {
+                        let start = recv_r.start + ci * chunk;
+                        let p = rx.recv(Some(c.len() * 8), op, dl).await?;
+                        let base: &[i64] = if cfg!(target_endian = "little") {
+                            cast_slice(p)
+                        } else {
+                            be.clear();
+                            be.extend(p.chunks_exact(8).map(i64::read_le));
+                            &be
+                        };
+                        // received partial sum + own contribution, encoded here
+                        local_encode(&enc, grads, count, glen, start..start + c.len(), Some(base), c);
+                    }
+                    Ok::<(), CollectiveError>(())
+                };
+                tokio::try_join!(send_fut, recv_fut)?;
+            }
+            // all-gather, decoding every chunk as it passes
+            for s in 0..n - 1 {
+                let send_r = segment((rank + 1 + n - s) % n, n, len);
+                let recv_r = segment((rank + n - s) % n, n, len);
+                let (sd, rd) = split_two(sums, send_r.clone(), recv_r.clone());
+                let clip = |r: &Range<usize>| r.start.min(glen)..r.end.min(glen);
+                let (os, or) = split_two_mut(out, clip(&send_r), clip(&recv_r));
+                let send_fut = async {
+                    let mut wire = Vec::new();
+                    for (ci, c) in sd.chunks(chunk).enumerate() {
+                        tx.send(to_wire(c, &mut wire), op, dl).await?;
+                        if s == 0 {
+                            // our own fully reduced segment
+                            let start = send_r.start + ci * chunk;
+                            decode_range(c, start, glen, k, total_micro_batches, os, send_r.start);
+                        }
+                    }
+                    Ok::<(), CollectiveError>(())
+                };
+                let recv_fut = async {
+                    for (ci, c) in rd.chunks_mut(chunk).enumerate() {
+                        let start = recv_r.start + ci * chunk;
+                        if cfg!(target_endian = "little") {
+                            rx.recv_into(bytes_of_mut(c), op, dl).await?;
+                        } else {
+                            let p = rx.recv(Some(c.len() * 8), op, dl).await?;
+                            for (d, b) in c.iter_mut().zip(p.chunks_exact(8)) {
+                                *d = i64::read_le(b);
+                            }
+                        }
+                        decode_range(c, start, glen, k, total_micro_batches, or, recv_r.start);
+                    }
+                    Ok::<(), CollectiveError>(())
+                };
+                tokio::try_join!(send_fut, recv_fut)?;
             }
             Ok(())
         }
