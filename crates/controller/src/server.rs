@@ -270,7 +270,16 @@ pub fn start(cfg: ServerConfig) -> Result<ControllerHandle, ServerError> {
     rcfg.heartbeat_tick = cfg.heartbeat_tick;
     rcfg.snapshot_entries = cfg.snapshot_entries;
     rcfg.limits = StateLimits::default();
-    let voters: Vec<NodeId> = if cfg.join {
+    // A node of an existing cluster that lost its data dir must not rejoin as if it were
+    // bootstrapping: the leader still believes it holds the log it had acked (raft-rs
+    // would panic on the leader's commit index). It starts empty and has itself removed
+    // and re-added, so the leader catches it up from a snapshot.
+    let fresh = !crate::storage::SledStorage::has_data(&cfg.data_dir);
+    let rejoin = !cfg.join && fresh && cluster_exists(&cfg);
+    if rejoin {
+        warn!(id = cfg.id, "empty data dir but the cluster exists: rejoining through a membership change");
+    }
+    let voters: Vec<NodeId> = if cfg.join || rejoin {
         Vec::new()
     } else {
         cfg.peers.keys().copied().collect()
@@ -289,22 +298,92 @@ pub fn start(cfg: ServerConfig) -> Result<ControllerHandle, ServerError> {
 
     let handle = runtime.handle().clone();
     let stop2 = stop.clone();
+    // While rejoining, leader messages meant for the node's old self (commit indexes it no
+    // longer has) are dropped until the old membership is gone.
+    let gate = Arc::new(std::sync::atomic::AtomicBool::new(!rejoin));
+    let gate2 = gate.clone();
     let cfg2 = cfg.clone();
     let raft_thread = std::thread::Builder::new()
         .name(format!("raft-{}", cfg.id))
         .spawn(move || {
-            let mut lp = RaftLoop::new(replica, cfg2, handle);
+            let mut lp = RaftLoop::new(replica, cfg2, handle, gate2);
             if let Err(e) = lp.run(in_rx, &stop2) {
                 error!(%e, "raft loop stopped on a fatal error");
             }
         })
         .map_err(ServerError::Runtime)?;
+    if rejoin {
+        let cfg3 = cfg.clone();
+        let gate3 = gate.clone();
+        std::thread::spawn(move || rejoin_cluster(&cfg3, &gate3));
+    }
     Ok(ControllerHandle {
         local_addr,
         runtime: Some(runtime),
         raft_thread: Some(raft_thread),
         stop,
     })
+}
+
+fn other_peers(cfg: &ServerConfig) -> Vec<String> {
+    cfg.peers.iter().filter(|(id, _)| **id != cfg.id).map(|(_, a)| a.clone()).collect()
+}
+
+/// Does any other controller report a cluster with committed entries?
+fn cluster_exists(cfg: &ServerConfig) -> bool {
+    other_peers(cfg).iter().any(|a| {
+        crate::client::http_once(a, "GET", "/v1/status", &cfg.token, None, Duration::from_millis(500))
+            .ok()
+            .filter(|(code, _)| *code == 200)
+            .and_then(|(_, b)| serde_json::from_slice::<StatusResponse>(&b).ok())
+            .is_some_and(|s| s.commit_index > 0)
+    })
+}
+
+/// Remove this node's id from the cluster, then add it back (each a joint-consensus change).
+fn rejoin_cluster(cfg: &ServerConfig, gate: &std::sync::atomic::AtomicBool) {
+    let Ok(mut client) = crate::client::Client::new(other_peers(cfg), cfg.token.clone()) else {
+        return;
+    };
+    client.deadline = Duration::from_secs(5);
+    let address = cfg.peers.get(&cfg.id).cloned().unwrap_or_else(|| cfg.listen.clone());
+    let members_of = |client: &crate::client::Client| -> Option<Vec<NodeId>> {
+        for a in client.addrs() {
+            let Ok((200, b)) =
+                crate::client::http_once(a, "GET", "/v1/status", &cfg.token, None, Duration::from_millis(500))
+            else {
+                continue;
+            };
+            if let Ok(s) = serde_json::from_slice::<StatusResponse>(&b) {
+                if s.role == "leader" {
+                    return Some(s.members.iter().map(|m| m.id).collect());
+                }
+            }
+        }
+        None
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (action, want_member) in [("remove", false), ("add", true)] {
+        loop {
+            if Instant::now() > deadline {
+                error!(id = cfg.id, action, "rejoin did not complete in 60 s");
+                return;
+            }
+            if members_of(&client).is_some_and(|m| m.contains(&cfg.id) == want_member) {
+                if !want_member {
+                    // Let the leader leave the joint config (which still lists this id).
+                    std::thread::sleep(Duration::from_millis(500));
+                    gate.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                break;
+            }
+            let change = MemberChange { action: action.into(), id: cfg.id, address: address.clone() };
+            let r: Result<serde_json::Value, _> = client.post("/v1/members", &change);
+            info!(id = cfg.id, action, ok = r.is_ok(), "rejoin membership change proposed");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    info!(id = cfg.id, "rejoined the cluster; catching up from a snapshot");
 }
 
 // ------------------------------------------------------------------ raft loop
@@ -322,10 +401,16 @@ struct RaftLoop {
     lease_seq: u64,
     start: Instant,
     was_leader: bool,
+    peer_gate: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl RaftLoop {
-    fn new(r: Replica, cfg: ServerConfig, rt: tokio::runtime::Handle) -> Self {
+    fn new(
+        r: Replica,
+        cfg: ServerConfig,
+        rt: tokio::runtime::Handle,
+        peer_gate: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Self {
         RaftLoop {
             r,
             cfg,
@@ -339,6 +424,7 @@ impl RaftLoop {
             lease_seq: 0,
             start: Instant::now(),
             was_leader: false,
+            peer_gate,
         }
     }
 
@@ -405,7 +491,11 @@ impl RaftLoop {
 
     fn handle(&mut self, input: Input) -> Result<(), NodeError> {
         match input {
-            Input::Peer(m) => self.r.step(m)?,
+            Input::Peer(m) => {
+                if self.peer_gate.load(std::sync::atomic::Ordering::Relaxed) {
+                    self.r.step(m)?
+                }
+            }
             Input::Propose { env, reply } => {
                 if !self.r.is_leader() {
                     let _ = reply.send(Err(self.not_leader()));

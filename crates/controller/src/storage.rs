@@ -118,6 +118,11 @@ impl SledStorage {
         })
     }
 
+    /// Does `dir` hold a sled database already (without opening it)?
+    pub fn has_data(dir: &Path) -> bool {
+        dir.join("db").exists() || dir.join("conf").exists()
+    }
+
     fn sled_err(&self, source: sled::Error) -> StorageError {
         StorageError::Sled {
             path: self.dir.clone(),
