@@ -81,3 +81,5 @@ pub fn free_port() -> u16 {
 pub fn stderr_of(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+pub mod cluster;

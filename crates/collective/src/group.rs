@@ -873,41 +873,76 @@ fn check_hello(got: Hello, mine: Hello, p: Peer) -> Result<()> {
     Err(CollectiveError::Handshake { peer_rank: p.rank, peer_addr: p.addr, reason })
 }
 
+/// Connects to the right neighbour and exchanges hellos, retrying until the deadline: the
+/// neighbour may not listen yet, may still be in an older group (it then drops us), or a
+/// stale connection may be refused. Only the deadline ends the attempts; the error then
+/// carries the last reason.
 async fn connect_right(p: Peer, hello: Hello, dl: Deadline, fmax: usize) -> Result<TcpStream> {
     let op = "rendezvous(connect)";
-    let mut s = loop {
-        match tokio::time::timeout_at(dl.at, TcpStream::connect(p.addr)).await {
-            Ok(Ok(s)) => break s,
-            Ok(Err(e)) => {
-                tracing::trace!(peer = p.rank, error = %e, "connect failed, retrying");
+    let mut last: Option<CollectiveError> = None;
+    loop {
+        if Instant::now() >= dl.at {
+            return Err(deadline_err(last, op, p, dl));
+        }
+        let attempt = async {
+            let mut s = match tokio::time::timeout_at(dl.at, TcpStream::connect(p.addr)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return Err(map_io(op, p, e)),
+                Err(_) => return Err(timeout_err(op, p, dl.started)),
+            };
+            s.set_nodelay(true).map_err(|e| map_io(op, p, e))?;
+            write_hello(&mut s, hello, p, dl).await?;
+            let got = read_hello(&mut s, p, dl, fmax).await?;
+            check_hello(got, hello, p)?;
+            Ok(s)
+        };
+        match attempt.await {
+            Ok(s) => return Ok(s),
+            Err(e) => {
+                tracing::trace!(peer = p.rank, error = %e, "connect attempt failed, retrying");
+                last = Some(e);
                 let next = (Instant::now() + Duration::from_millis(25)).min(dl.at);
                 tokio::time::sleep_until(next).await;
-                if Instant::now() >= dl.at {
-                    return Err(timeout_err(op, p, dl.started));
-                }
             }
-            Err(_) => return Err(timeout_err(op, p, dl.started)),
         }
-    };
-    s.set_nodelay(true).map_err(|e| map_io(op, p, e))?;
-    write_hello(&mut s, hello, p, dl).await?;
-    let got = read_hello(&mut s, p, dl, fmax).await?;
-    check_hello(got, hello, p)?;
-    Ok(s)
+    }
 }
 
+/// At the rendezvous deadline: a handshake refusal is the more useful error (the peer is
+/// there but in another group); anything else is a timeout naming the peer.
+fn deadline_err(last: Option<CollectiveError>, op: &'static str, p: Peer, dl: Deadline) -> CollectiveError {
+    match last {
+        Some(e @ CollectiveError::Handshake { .. }) => e,
+        _ => timeout_err(op, p, dl.started),
+    }
+}
+
+/// Accepts the left neighbour: connections that close early, speak garbage or belong to
+/// another group (a worker of an older epoch) are dropped and accepting goes on until the
+/// deadline, so one stale connection cannot fail the rendezvous.
 async fn accept_left(l: &TcpListener, p: Peer, hello: Hello, dl: Deadline, fmax: usize) -> Result<TcpStream> {
     let op = "rendezvous(accept)";
-    let mut s = match tokio::time::timeout_at(dl.at, l.accept()).await {
-        Ok(Ok((s, _))) => s,
-        Ok(Err(e)) => return Err(map_io(op, p, e)),
-        Err(_) => return Err(timeout_err(op, p, dl.started)),
-    };
-    s.set_nodelay(true).map_err(|e| map_io(op, p, e))?;
-    let got = read_hello(&mut s, p, dl, fmax).await?;
-    check_hello(got, hello, p)?;
-    write_hello(&mut s, hello, p, dl).await?;
-    Ok(s)
+    let mut last: Option<CollectiveError> = None;
+    loop {
+        let mut s = match tokio::time::timeout_at(dl.at, l.accept()).await {
+            Ok(Ok((s, _))) => s,
+            Ok(Err(e)) => return Err(map_io(op, p, e)),
+            Err(_) => return Err(deadline_err(last, op, p, dl)),
+        };
+        let attempt = async {
+            s.set_nodelay(true).map_err(|e| map_io(op, p, e))?;
+            let got = read_hello(&mut s, p, dl, fmax).await?;
+            check_hello(got, hello, p)?;
+            write_hello(&mut s, hello, p, dl).await
+        };
+        match attempt.await {
+            Ok(()) => return Ok(s),
+            Err(e) => {
+                tracing::debug!(peer = p.rank, error = %e, "dropping an incoming connection");
+                last = Some(e);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

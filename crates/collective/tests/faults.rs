@@ -166,13 +166,13 @@ fn handshake_rejects_wrong_group() {
             })
         })
         .collect();
-    for h in handles {
-        let e = h.join().unwrap();
-        assert!(
-            matches!(e, CollectiveError::Handshake { .. } | CollectiveError::PeerClosed { .. } | CollectiveError::Io { .. }),
-            "{e:?}"
-        );
+    // Each side drops the other's connection and keeps trying until its deadline; the
+    // accepting side names the group mismatch.
+    let errs: Vec<CollectiveError> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for e in &errs {
+        assert!(matches!(e, CollectiveError::Handshake { .. } | CollectiveError::Timeout { .. }), "{e:?}");
     }
+    assert!(errs.iter().any(|e| matches!(e, CollectiveError::Handshake { .. })), "{errs:?}");
 }
 
 #[test]

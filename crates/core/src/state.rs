@@ -191,6 +191,21 @@ impl ClusterState {
     fn apply_command(&mut self, index: u64, cmd: &Command) -> Outcome {
         match cmd {
             Command::ReadBarrier => ok("read barrier"),
+            Command::ReportResult { worker, epoch, params_sha256 } => {
+                let Some(j) = &mut self.job else {
+                    return no("no job");
+                };
+                if j.plan.as_ref().map(|p| p.epoch) != Some(*epoch) {
+                    return no(format!("stale epoch {epoch}"));
+                }
+                if params_sha256.len() != 64 || !params_sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return no("params_sha256 must be 64 hex digits");
+                }
+                j.params_sha256 = Some(params_sha256.clone());
+                let name = j.spec.name.clone();
+                self.event(index, "job_result", &name, format!("params_sha256 {params_sha256} (reported by {worker}, epoch {epoch})"));
+                ok("result recorded")
+            }
             Command::SetAnnotation { key, value } => {
                 if key.is_empty() || self.too_long(key) || self.too_long(value) {
                     return no("annotation key must be 1..=text_bytes_max bytes, value at most text_bytes_max");
@@ -308,6 +323,7 @@ impl ClusterState {
                     plan: None,
                     progress_step: 0,
                     rank_steps: Vec::new(),
+                    params_sha256: None,
                 });
                 self.event(
                     index,

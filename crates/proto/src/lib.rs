@@ -129,6 +129,9 @@ pub struct JobInfo {
     pub progress_step: u64,
     /// Latest step reported per rank of the current plan.
     pub rank_steps: Vec<u64>,
+    /// SHA-256 of the final parameters (name-sorted LE f32 bytes), once the job finished.
+    #[serde(default)]
+    pub params_sha256: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -193,6 +196,12 @@ pub enum Command {
         worker: WorkerId,
         epoch: u64,
         step: u64,
+    },
+    /// Rank 0's final result: the parameters' SHA-256 after the last step.
+    ReportResult {
+        worker: WorkerId,
+        epoch: u64,
+        params_sha256: String,
     },
     RecordCheckpoint {
         step: u64,

@@ -121,6 +121,9 @@ pub fn run(cfg: AgentConfig) -> Result<(), WorkerError> {
             Ok(()) => backoff = Duration::from_millis(100),
             Err(e) => {
                 warn!(epoch = a.epoch, error = %e, "epoch ended with an error; waiting for the next plan");
+                if !matches!(e, WorkerError::Superseded { .. }) {
+                    report_dead_peers(&client, &cfg.id, &a, rank as usize);
+                }
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
@@ -130,6 +133,32 @@ pub fn run(cfg: AgentConfig) -> Result<(), WorkerError> {
     drop(progress);
     let _ = hb.join();
     result
+}
+
+/// After a collective failed, tells the controller which peers are certainly dead: their
+/// listener refuses connections (the process is gone). A stopped (hung) process still has
+/// its socket open; the leader's lease catches that case.
+fn report_dead_peers(client: &Client, me: &str, a: &Assignment, my_rank: usize) {
+    let Ok(Some(job)) = client.get::<Option<phalanx_proto::JobInfo>>("/v1/job") else { return };
+    let Some(plan) = job.plan.filter(|p| p.epoch == a.epoch) else { return };
+    for (rank, addr) in a.peers.iter().enumerate() {
+        if rank == my_rank {
+            continue;
+        }
+        let Ok(sa) = addr.parse::<SocketAddr>() else { continue };
+        let refused = matches!(
+            std::net::TcpStream::connect_timeout(&sa, Duration::from_millis(300)),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+        );
+        if !refused {
+            continue;
+        }
+        let Some(id) = plan.ranks.get(rank) else { continue };
+        let reason = format!("rank {rank} lost in epoch {}: connection refused at {addr} (reported by {me})", a.epoch);
+        warn!(worker = %id, %reason, "reporting a dead peer");
+        let cmd = Command::SetWorkerHealth { id: id.clone(), health: phalanx_proto::WorkerHealth::Failed, reason };
+        let _ = client.command_with_id(new_request_id(&format!("dead-{id}-{}", a.epoch)), cmd);
+    }
 }
 
 fn ctl(e: phalanx_controller::client::ClientError) -> WorkerError {
@@ -232,12 +261,15 @@ fn run_epoch(
         }
         writer.commit_ready(engine, &mut group, a.epoch, cfg)?;
     }
+    writer.flush(engine, &mut group, a.epoch, cfg)?;
     let val = validation_loss(engine, &mut group, cfg.op_timeout)?;
     let sha = check_replicas(engine, &mut group, cfg.op_timeout)?;
     info!(epoch = a.epoch, rank, val_loss = val, params_sha256 = %sha, "job finished");
     if rank == 0 {
-        let key = format!("job/{}/params_sha256", job.name);
-        let _ = cfg.client.command(Command::SetAnnotation { key, value: sha.clone() });
+        let cmd = Command::ReportResult { worker: cfg.id.clone(), epoch: a.epoch, params_sha256: sha.clone() };
+        if let Err(e) = cfg.client.command(cmd) {
+            warn!(error = %e, "reporting the result failed");
+        }
     }
     let _ = progress.send((a.epoch, engine.step()));
     // Wait for the controller to see the end, so that we do not retrain a finished job.
@@ -340,6 +372,14 @@ impl Checkpointing {
         if let Err(e) = self.writer.snapshot(&st) {
             warn!(error = %e, "checkpoint snapshot refused; training goes on");
         }
+    }
+
+    /// Waits (bounded) for this rank's queued snapshots, then commits what is complete.
+    fn flush(&mut self, engine: &Engine, group: &mut BlockingGroup, epoch: u64, cfg: &AgentConfig) -> Result<(), WorkerError> {
+        if !self.writer.wait_idle(Duration::from_secs(30)) {
+            warn!("checkpoint writes still pending after 30 s");
+        }
+        self.commit_ready(engine, group, epoch, cfg)
     }
 
     fn rank(&self) -> usize {

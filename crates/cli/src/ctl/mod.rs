@@ -227,7 +227,15 @@ fn read_token(path: &Path) -> Result<String> {
 }
 
 impl Target {
-    fn client(&self) -> Result<Client> {
+    /// The cluster directory in use, if any (explicit, or ./local-cluster by default).
+    pub(crate) fn dir(&self) -> Option<PathBuf> {
+        self.dir.clone().or_else(|| {
+            let d = PathBuf::from("./local-cluster");
+            (self.controllers.is_empty() && cluster_file(&d).exists()).then_some(d)
+        })
+    }
+
+    pub(crate) fn client(&self) -> Result<Client> {
         let dir = self.dir.clone().or_else(|| {
             let d = PathBuf::from("./local-cluster");
             (self.controllers.is_empty() && cluster_file(&d).exists()).then_some(d)

@@ -1,0 +1,169 @@
+//! A local cluster for end-to-end tests: 3 controllers (`phalanx cluster up`) and worker
+//! agents (`phalanx worker start`), all real processes on 127.0.0.1.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::{phalanx, run_with_timeout, KillOnDrop};
+
+pub struct LocalCluster {
+    pub dir: tempfile::TempDir,
+    _up: KillOnDrop,
+    pub workers: BTreeMap<String, KillOnDrop>,
+}
+
+/// A tiny-model job: `steps` steps, global batch 8 (4 micro-batches of 2), seed 7.
+pub fn job_toml(name: &str, steps: u64, checkpoint_interval: u64, world_min: u32, world_max: u32) -> String {
+    format!(
+        "name = \"{name}\"\nmodel = \"tiny\"\ncorpus = \"default\"\nsteps = {steps}\nglobal_batch = 8\nseed = 7\n\
+         checkpoint_interval_steps = {checkpoint_interval}\nworld_size_min = {world_min}\nworld_size_max = {world_max}\n"
+    )
+}
+
+impl LocalCluster {
+    pub fn start(workers: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut up = phalanx();
+        up.args(["cluster", "up", "--controllers=3"])
+            .arg(format!("--dir={}", dir.path().join("c").display()))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("cluster-up.log")).unwrap());
+        let up = KillOnDrop(up.spawn().expect("spawn cluster up"));
+        let mut c = Self { dir, _up: up, workers: BTreeMap::new() };
+        c.wait_for(Duration::from_secs(30), "a controller leader", |c| {
+            c.status().map(|s| s["leader_id"].as_u64().unwrap_or(0) != 0).unwrap_or(false)
+        });
+        for i in 0..workers {
+            c.start_worker(&format!("w{i}"));
+        }
+        c
+    }
+
+    pub fn cluster_dir(&self) -> PathBuf {
+        self.dir.path().join("c")
+    }
+
+    pub fn start_worker(&mut self, id: &str) {
+        let mut w = phalanx();
+        w.args(["worker", "start", "--exit-when-done", "--lifetime-max-s=600", "--op-timeout-ms=2000"])
+            .arg(format!("--id={id}"))
+            .arg(format!("--dir={}", self.cluster_dir().display()))
+            .env("RUST_LOG", "warn,phalanx_worker=info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.path().join(format!("{id}.log"))).unwrap());
+        self.workers.insert(id.to_string(), KillOnDrop(w.spawn().expect("spawn worker")));
+    }
+
+    pub fn pid(&self, id: &str) -> u32 {
+        self.workers[id].0.id()
+    }
+
+    pub fn signal(&self, id: &str, sig: &str) {
+        let st = std::process::Command::new("kill").arg(format!("-{sig}")).arg(self.pid(id).to_string()).status().unwrap();
+        assert!(st.success(), "kill -{sig} {id}");
+    }
+
+    fn ctl(&self, args: &[&str]) -> std::process::Output {
+        let mut c = phalanx();
+        c.args(args).arg(format!("--dir={}", self.cluster_dir().display()));
+        run_with_timeout(c, Duration::from_secs(60))
+    }
+
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        assert!(out.status.success(), "phalanx {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn status(&self) -> Option<Value> {
+        let out = self.ctl(&["status", "--json"]);
+        out.status.success().then(|| serde_json::from_slice(&out.stdout).ok()).flatten()
+    }
+
+    pub fn submit(&self, toml: &str) {
+        let f = self.dir.path().join("job.toml");
+        std::fs::write(&f, toml).unwrap();
+        self.ctl_ok(&["job", "submit", f.to_str().unwrap()]);
+    }
+
+    pub fn job(&self) -> Option<Value> {
+        self.status().map(|s| s["job"].clone()).filter(|j| !j.is_null())
+    }
+
+    pub fn wait_for(&self, timeout: Duration, what: &str, mut f: impl FnMut(&Self) -> bool) {
+        let t0 = Instant::now();
+        while t0.elapsed() < timeout {
+            if f(self) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("timed out after {timeout:?} waiting for {what}\n{}", self.logs());
+    }
+
+    pub fn wait_step(&self, step: u64, timeout: Duration) {
+        self.wait_for(timeout, &format!("job progress to reach step {step}"), |c| {
+            c.job().map(|j| j["progress_step"].as_u64().unwrap_or(0) >= step).unwrap_or(false)
+        });
+    }
+
+    /// Waits for the job to complete with a result; returns the job.
+    pub fn wait_done(&self, timeout: Duration) -> Value {
+        let mut last = Value::Null;
+        self.wait_for(timeout, "the job to complete", |c| match c.job() {
+            Some(j) if j["state"] == "completed" && j["params_sha256"].is_string() => {
+                last = j;
+                true
+            }
+            _ => false,
+        });
+        last
+    }
+
+    pub fn events(&self) -> Value {
+        serde_json::from_str(&self.ctl_ok(&["events", "--json"])).unwrap()
+    }
+
+    /// Every worker's and controller's log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        for e in std::fs::read_dir(self.dir.path()).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.extension().map(|x| x == "log").unwrap_or(false) {
+                let text = std::fs::read_to_string(&p).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                s += &format!("--- {} (last lines)\n{}\n", p.display(), tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+            }
+        }
+        s
+    }
+
+    pub fn checkpoint_root(&self) -> PathBuf {
+        self.cluster_dir().join("checkpoints")
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        self.workers.clear();
+        let mut c = phalanx();
+        c.args(["cluster", "down"]).arg(format!("--dir={}", self.cluster_dir().display()));
+        let _ = c.stdout(Stdio::null()).stderr(Stdio::null()).status();
+    }
+}
+
+/// `phalanx train` of the same math as [`job_toml`], the fault-free reference.
+pub fn reference_sha(steps: u64, dir: &Path) -> String {
+    let summary = dir.join(format!("reference-{steps}.json"));
+    let mut c = phalanx();
+    c.args(["train", "--plain", "--workers=2", "--model=tiny", "--seed=7", "--global-batch=8"])
+        .arg(format!("--steps={steps}"))
+        .arg(format!("--summary={}", summary.display()));
+    let out = run_with_timeout(c, Duration::from_secs(300));
+    assert!(out.status.success(), "reference run failed: {}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&std::fs::read(summary).unwrap()).unwrap();
+    v["params_sha256"].as_str().unwrap().to_string()
+}
