@@ -1,6 +1,5 @@
 //! A local cluster for end-to-end tests: 3 controllers (`phalanx cluster up`) and worker
 //! agents (`phalanx worker start`), all real processes on 127.0.0.1.
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -12,7 +11,6 @@ use crate::{phalanx, run_with_timeout, KillOnDrop};
 pub struct LocalCluster {
     pub dir: tempfile::TempDir,
     _up: KillOnDrop,
-    pub workers: BTreeMap<String, KillOnDrop>,
 }
 
 /// A tiny-model job: `steps` steps, global batch 8 (4 micro-batches of 2), seed 7.
@@ -24,46 +22,40 @@ pub fn job_toml(name: &str, steps: u64, checkpoint_interval: u64, world_min: u32
 }
 
 impl LocalCluster {
-    pub fn start(workers: usize) -> Self {
+    /// `phalanx cluster up --controllers 3 --workers N` (fault hooks on); exited workers
+    /// are restarted after `worker_restart_s` seconds when it is not 0.
+    pub fn start(workers: usize, worker_restart_s: u64) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut up = phalanx();
         up.args(["cluster", "up", "--controllers=3"])
+            .arg(format!("--workers={workers}"))
+            .arg(format!("--worker-restart-s={worker_restart_s}"))
             .arg(format!("--dir={}", dir.path().join("c").display()))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.path().join("cluster-up.log")).unwrap());
         let up = KillOnDrop(up.spawn().expect("spawn cluster up"));
-        let mut c = Self { dir, _up: up, workers: BTreeMap::new() };
+        let c = Self { dir, _up: up };
         c.wait_for(Duration::from_secs(30), "a controller leader", |c| {
             c.status().map(|s| s["leader_id"].as_u64().unwrap_or(0) != 0).unwrap_or(false)
         });
-        for i in 0..workers {
-            c.start_worker(&format!("w{i}"));
-        }
+        c.wait_for(Duration::from_secs(60), "every worker to register", |c| {
+            c.status().map(|s| s["workers"].as_array().map(|w| w.len()) == Some(workers)).unwrap_or(false)
+        });
         c
+    }
+
+    /// `phalanx fault inject --target TARGET --kind KIND [extra...]`.
+    pub fn inject(&self, target: &str, kind: &str, extra: &[&str]) {
+        let mut args = vec!["fault", "inject", "--kind", kind];
+        if !target.is_empty() {
+            args.extend(["--target", target]);
+        }
+        args.extend(extra);
+        self.ctl_ok(&args);
     }
 
     pub fn cluster_dir(&self) -> PathBuf {
         self.dir.path().join("c")
-    }
-
-    pub fn start_worker(&mut self, id: &str) {
-        let mut w = phalanx();
-        w.args(["worker", "start", "--exit-when-done", "--lifetime-max-s=600", "--op-timeout-ms=2000"])
-            .arg(format!("--id={id}"))
-            .arg(format!("--dir={}", self.cluster_dir().display()))
-            .env("RUST_LOG", "warn,phalanx_worker=info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(self.dir.path().join(format!("{id}.log"))).unwrap());
-        self.workers.insert(id.to_string(), KillOnDrop(w.spawn().expect("spawn worker")));
-    }
-
-    pub fn pid(&self, id: &str) -> u32 {
-        self.workers[id].0.id()
-    }
-
-    pub fn signal(&self, id: &str, sig: &str) {
-        let st = std::process::Command::new("kill").arg(format!("-{sig}")).arg(self.pid(id).to_string()).status().unwrap();
-        assert!(st.success(), "kill -{sig} {id}");
     }
 
     fn ctl(&self, args: &[&str]) -> std::process::Output {
@@ -130,7 +122,8 @@ impl LocalCluster {
     /// Every worker's and controller's log, for failure messages.
     pub fn logs(&self) -> String {
         let mut s = String::new();
-        for e in std::fs::read_dir(self.dir.path()).into_iter().flatten().flatten() {
+        let dirs = [self.dir.path().to_path_buf(), self.cluster_dir()];
+        for e in dirs.iter().flat_map(|d| std::fs::read_dir(d).into_iter().flatten().flatten()) {
             let p = e.path();
             if p.extension().map(|x| x == "log").unwrap_or(false) {
                 let text = std::fs::read_to_string(&p).unwrap_or_default();
@@ -148,7 +141,6 @@ impl LocalCluster {
 
 impl Drop for LocalCluster {
     fn drop(&mut self) {
-        self.workers.clear();
         let mut c = phalanx();
         c.args(["cluster", "down"]).arg(format!("--dir={}", self.cluster_dir().display()));
         let _ = c.stdout(Stdio::null()).stderr(Stdio::null()).status();

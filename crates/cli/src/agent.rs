@@ -47,6 +47,10 @@ pub struct WorkerStartCmd {
     /// Exit when the job completes or is cancelled.
     #[arg(long)]
     pub exit_when_done: bool,
+    /// Fault-injection inbox (chaos testing; `phalanx cluster up` sets it). Without it the
+    /// worker has no fault hooks.
+    #[arg(long)]
+    pub fault_inbox: Option<PathBuf>,
     /// Exit with an error after this many seconds (0: run until stopped).
     #[arg(long, default_value_t = 0)]
     pub lifetime_max_s: u64,
@@ -77,6 +81,7 @@ pub fn start(cmd: WorkerStartCmd) -> Result<()> {
         sdc_check_interval: cmd.sdc_check_interval,
         exit_when_done: cmd.exit_when_done,
         lifetime_max: Duration::from_secs(cmd.lifetime_max_s),
+        fault_inbox: cmd.fault_inbox,
     };
     agent::run(cfg)?;
     Ok(())

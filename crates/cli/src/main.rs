@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 mod agent;
 mod bench;
+mod fault;
 mod ctl;
 mod train;
 
@@ -37,6 +38,9 @@ enum Command {
     Worker(WorkerCmd),
     /// List the GPU models that can be emulated and the CUDA devices present.
     Devices(train::DevicesCmd),
+    /// Fault injection into a local cluster (chaos testing).
+    #[command(subcommand)]
+    Fault(fault::FaultCmd),
     /// Benchmarks (see docs/benchmarks.md).
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -95,6 +99,7 @@ fn main() -> ExitCode {
         Command::Worker(WorkerCmd::Start(c)) => agent::start(c),
         Command::Devices(c) => train::devices(c),
         Command::Bench(c) => bench::run(c),
+        Command::Fault(c) => fault::run(c),
         Command::Worker(WorkerCmd::Drain(c)) => ctl::drain(c),
         Command::Controller(c) => ctl::controller(c),
         Command::Cluster(c) => ctl::cluster(c),

@@ -399,13 +399,16 @@ impl Group {
         let hello = Hello { group_id: cfg.group_id, rank: rank as u32, world: world as u32 };
         let fmax = cfg.frame_bytes_max;
         let (tx, rx) = async {
-            tokio::try_join!(
-                connect_right(right, hello, dl, fmax),
-                accept_left(&listener, left, hello, dl, fmax)
-            )
+            tokio::join!(connect_right(right, hello, dl, fmax), accept_left(&listener, left, hello, dl, fmax))
         }
         .instrument(span)
-        .await?;
+        .await;
+        // Both halves end by the deadline; a handshake refusal explains more than a timeout.
+        let (tx, rx) = match (tx, rx) {
+            (Ok(tx), Ok(rx)) => (tx, rx),
+            (Err(e @ CollectiveError::Handshake { .. }), _) | (_, Err(e @ CollectiveError::Handshake { .. })) => return Err(e),
+            (Err(e), _) | (_, Err(e)) => return Err(e),
+        };
         tracing::debug!(rank, world, "rendezvous complete");
         Ok(Group {
             tx: Some(TxLink { stream: tx, peer: right, seq: 0 }),

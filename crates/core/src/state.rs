@@ -191,6 +191,13 @@ impl ClusterState {
     fn apply_command(&mut self, index: u64, cmd: &Command) -> Outcome {
         match cmd {
             Command::ReadBarrier => ok("read barrier"),
+            Command::RecordFault { target, kind } => {
+                if self.too_long(target) || self.too_long(kind) {
+                    return no("fault target and kind must be at most text_bytes_max bytes");
+                }
+                self.event(index, "fault_injected", target, kind.clone());
+                ok("fault recorded")
+            }
             Command::ReportResult { worker, epoch, params_sha256 } => {
                 let Some(j) = &mut self.job else {
                     return no("no job");

@@ -197,6 +197,11 @@ pub enum Command {
         epoch: u64,
         step: u64,
     },
+    /// An operator (or a chaos scenario) injected a fault; recorded for the event log.
+    RecordFault {
+        target: String,
+        kind: String,
+    },
     /// Rank 0's final result: the parameters' SHA-256 after the last step.
     ReportResult {
         worker: WorkerId,

@@ -30,6 +30,7 @@ use phalanx_train::ModelConfig;
 use tracing::{info, warn};
 
 use crate::dp::{check_replicas, validation_loss, Stepper};
+use crate::fault::{Fault, FaultInbox, FaultKind};
 use crate::WorkerError;
 
 pub struct AgentConfig {
@@ -51,6 +52,9 @@ pub struct AgentConfig {
     pub exit_when_done: bool,
     /// Bound on the agent's whole life (0: unbounded).
     pub lifetime_max: Duration,
+    /// Chaos hooks: a JSON-lines file of faults to inject (see [`crate::fault`]). `None` in
+    /// production: such a worker has no hook and ignores nothing because it reads nothing.
+    pub fault_inbox: Option<PathBuf>,
 }
 
 /// The training math of a controller-run job: the same defaults as `phalanx train`.
@@ -69,11 +73,17 @@ pub fn corpus_spec(job: &JobSpec) -> String {
     }
 }
 
-/// Latest assignment seen by the background poller.
+/// What the background threads share with the training loop.
 #[derive(Default)]
 struct Shared {
+    /// Newest plan epoch seen.
     epoch: AtomicU64,
     stop: AtomicBool,
+    /// Injected faults not yet acted on by the training loop.
+    faults: std::sync::Mutex<Vec<Fault>>,
+    /// An injected slowdown: (factor, until).
+    slow: std::sync::Mutex<Option<(f64, Instant)>>,
+    disk: ckpt::FaultInjector,
 }
 
 pub fn run(cfg: AgentConfig) -> Result<(), WorkerError> {
@@ -91,7 +101,8 @@ pub fn run(cfg: AgentConfig) -> Result<(), WorkerError> {
     info!(worker = %cfg.id, %addr, "registered");
 
     let shared = Arc::new(Shared::default());
-    let hb = spawn_heartbeat(client.clone(), cfg.id.clone(), shared.clone(), cfg.heartbeat_interval);
+    let inbox = cfg.fault_inbox.as_ref().map(|p| FaultInbox::new(p.clone()));
+    let hb = spawn_heartbeat(client.clone(), cfg.id.clone(), shared.clone(), cfg.heartbeat_interval, inbox);
     let progress = spawn_progress(client.clone(), cfg.id.clone());
 
     let mut engine: Option<(JobSpec, Engine)> = None;
@@ -121,8 +132,12 @@ pub fn run(cfg: AgentConfig) -> Result<(), WorkerError> {
             Ok(()) => backoff = Duration::from_millis(100),
             Err(e) => {
                 warn!(epoch = a.epoch, error = %e, "epoch ended with an error; waiting for the next plan");
-                if !matches!(e, WorkerError::Superseded { .. }) {
-                    report_dead_peers(&client, &cfg.id, &a, rank as usize);
+                match &e {
+                    WorkerError::Superseded { .. } | WorkerError::Quarantined(_) => {}
+                    WorkerError::Diverged { rank: odd, ours, theirs } => {
+                        report_corrupt_replica(&client, &cfg.id, &a, *odd, ours, theirs);
+                    }
+                    _ => report_dead_peers(&client, &cfg.id, &a, rank as usize),
                 }
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -133,6 +148,51 @@ pub fn run(cfg: AgentConfig) -> Result<(), WorkerError> {
     drop(progress);
     let _ = hb.join();
     result
+}
+
+/// Acts on an injected fault at a step boundary.
+fn inject(cfg: &AgentConfig, engine: &mut Engine, f: &Fault) -> Result<(), WorkerError> {
+    match f.kind {
+        FaultKind::Crash => {
+            // A software bug: the process dies with a non-zero status.
+            eprintln!("injected fault: crash at step {}", engine.step());
+            std::process::exit(3);
+        }
+        FaultKind::Ecc => {
+            let reason = format!("uncorrectable memory (ECC) error reported by the device at step {}", engine.step());
+            let cmd = Command::SetWorkerHealth { id: cfg.id.clone(), health: phalanx_proto::WorkerHealth::Quarantined, reason: reason.clone() };
+            cfg.client.command_with_id(new_request_id(&format!("ecc-{}", cfg.id)), cmd).map_err(ctl)?;
+            Err(WorkerError::Quarantined(reason))
+        }
+        FaultKind::Sdc => {
+            // Silent data corruption: one bit of one parameter flips on this replica only.
+            let i = (f.seq as usize).wrapping_mul(7919) % engine.params.len();
+            engine.params[i] = f32::from_bits(engine.params[i].to_bits() ^ (1 << 22));
+            engine.model.write_params(&engine.params)?;
+            Ok(())
+        }
+        FaultKind::Slow | FaultKind::DiskFull => Ok(()),
+    }
+}
+
+/// Silent data corruption found by the replica check: quarantine the odd one out. The
+/// lowest rank that is not the odd one reports, so the report is made once.
+fn report_corrupt_replica(client: &Client, me: &str, a: &Assignment, odd: usize, majority: &str, theirs: &str) {
+    let Ok(Some(job)) = client.get::<Option<phalanx_proto::JobInfo>>("/v1/job") else { return };
+    let Some(plan) = job.plan.filter(|p| p.epoch == a.epoch) else { return };
+    let reporter = if odd == 0 { 1 } else { 0 };
+    if plan.ranks.get(reporter).map(String::as_str) != Some(me) {
+        return;
+    }
+    let Some(id) = plan.ranks.get(odd) else { return };
+    let reason = format!(
+        "silent data corruption: rank {odd}'s parameters hash to {}…, the other replicas to {}…",
+        &theirs[..theirs.len().min(12)],
+        &majority[..majority.len().min(12)]
+    );
+    warn!(worker = %id, %reason, "quarantining a corrupt replica");
+    let cmd = Command::SetWorkerHealth { id: id.clone(), health: phalanx_proto::WorkerHealth::Quarantined, reason };
+    let _ = client.command_with_id(new_request_id(&format!("sdc-{id}-{}", a.epoch)), cmd);
 }
 
 /// After a collective failed, tells the controller which peers are certainly dead: their
@@ -165,10 +225,29 @@ fn ctl(e: phalanx_controller::client::ClientError) -> WorkerError {
     WorkerError::Controller(e.to_string())
 }
 
-fn spawn_heartbeat(client: Arc<Client>, id: String, shared: Arc<Shared>, every: Duration) -> std::thread::JoinHandle<()> {
+fn spawn_heartbeat(
+    client: Arc<Client>,
+    id: String,
+    shared: Arc<Shared>,
+    every: Duration,
+    mut inbox: Option<FaultInbox>,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let body = HeartbeatRequest { worker: id.clone() };
         while !shared.stop.load(Ordering::SeqCst) {
+            if let Some(inbox) = inbox.as_mut() {
+                for f in inbox.poll() {
+                    warn!(worker = %id, fault = ?f.kind, "fault injected");
+                    match f.kind {
+                        // Acted on at once, off the training thread.
+                        FaultKind::DiskFull => shared.disk.disk_full_for(f.duration()),
+                        FaultKind::Slow => {
+                            *shared.slow.lock().unwrap_or_else(|p| p.into_inner()) = Some((f.factor.max(1.0), Instant::now() + f.duration()))
+                        }
+                        _ => shared.faults.lock().unwrap_or_else(|p| p.into_inner()).push(f),
+                    }
+                }
+            }
             if let Err(e) = client.post::<serde_json::Value>("/v1/heartbeat", &body) {
                 warn!(error = %e, "heartbeat failed");
             }
@@ -241,18 +320,29 @@ fn run_epoch(
     // nobody holds state, the newest checkpoint wins over step 0.
     sync_state(engine, &mut group, !fresh, &cfg.checkpoint_root, cfg.op_timeout)?;
     let mut stepper = Stepper::new(engine, &group, cfg.op_timeout)?;
-    let mut writer = Checkpointing::new(cfg, job, world, rank)?;
+    let mut writer = Checkpointing::new(cfg, job, world, rank, &shared.disk)?;
     let _ = progress.send((a.epoch, engine.step()));
 
     while engine.step() < engine.spec.steps {
         if shared.epoch.load(Ordering::SeqCst) > a.epoch {
             return Err(WorkerError::Superseded { epoch: a.epoch });
         }
+        let pending: Vec<Fault> = std::mem::take(&mut *shared.faults.lock().unwrap_or_else(|p| p.into_inner()));
+        for f in pending {
+            inject(cfg, engine, &f)?;
+        }
         if cfg.sdc_check_interval > 0 && engine.step() % cfg.sdc_check_interval == 0 {
             check_replicas(engine, &mut group, cfg.op_timeout)?;
         }
         let report = stepper.step(engine, &mut group)?;
         let _ = progress.send((a.epoch, report.step + 1));
+        let slow = *shared.slow.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((factor, until)) = slow {
+            if Instant::now() < until {
+                // A thermal straggler: this rank's step takes `factor` times as long.
+                std::thread::sleep(Duration::from_secs_f64(report.step_ms / 1e3 * (factor - 1.0)));
+            }
+        }
         if rank == 0 {
             info!(epoch = a.epoch, step = report.step + 1, loss = report.loss, ms = report.step_ms, "step");
         }
@@ -350,9 +440,10 @@ struct Checkpointing {
 }
 
 impl Checkpointing {
-    fn new(cfg: &AgentConfig, job: &JobSpec, world: usize, rank: usize) -> Result<Self, WorkerError> {
+    fn new(cfg: &AgentConfig, job: &JobSpec, world: usize, rank: usize, disk: &ckpt::FaultInjector) -> Result<Self, WorkerError> {
         let mut c = CheckpointerConfig::new(cfg.checkpoint_root.clone(), world, rank);
         c.retain_count = cfg.checkpoint_retain;
+        c.fault = Some(disk.clone());
         let (writer, events) = AsyncCheckpointer::spawn(c).map_err(|e| WorkerError::Checkpoint(e.to_string()))?;
         Ok(Self { writer, events, durable: Vec::new(), root: cfg.checkpoint_root.clone(), world, seed: job.seed })
     }

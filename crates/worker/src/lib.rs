@@ -7,6 +7,7 @@
 //! [`rendezvous`] is the small stdio protocol by which `phalanx train` starts workers.
 pub mod agent;
 pub mod dp;
+pub mod fault;
 pub mod rendezvous;
 
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +26,8 @@ pub enum WorkerError {
     Controller(String),
     #[error("checkpoint: {0}")]
     Checkpoint(String),
+    #[error("this worker is quarantined: {0}")]
+    Quarantined(String),
     #[error("epoch {epoch} was superseded by a newer plan")]
     Superseded { epoch: u64 },
 }

@@ -104,6 +104,22 @@ pub enum ClusterCmd {
         /// First port; 0 picks free ports.
         #[arg(long, default_value_t = 0)]
         base_port: u16,
+        /// Worker agents (emulated GPUs) to start, `w0`, `w1`, ...
+        #[arg(long, default_value_t = 0)]
+        workers: u32,
+        /// Extra workers beyond the job's maximum world size: they wait as spares.
+        #[arg(long, default_value_t = 0)]
+        spares: u32,
+        /// Emulated GPU model of every worker.
+        #[arg(long, default_value = "emulated:H100-SXM-80GB")]
+        device: String,
+        /// Restart a worker that exited after this many seconds (0: never), as a node
+        /// supervisor would; restarted workers rejoin and the world grows back.
+        #[arg(long, default_value_t = 0)]
+        worker_restart_s: u64,
+        /// Start workers without the fault-injection hooks (a production-like cluster).
+        #[arg(long)]
+        no_fault_injection: bool,
     },
     /// Stop the cluster started by `cluster up` in DIR.
     Down {
@@ -187,17 +203,35 @@ struct NodeEntry {
 }
 
 #[derive(Debug, Serialize, Deserialize, Clone)]
-struct ClusterFile {
-    token_file: PathBuf,
-    supervisor_pid: u32,
+pub(crate) struct WorkerEntry {
+    pub id: String,
+    pub pid: u32,
+    pub log: PathBuf,
+    /// The worker's fault inbox, when fault injection is enabled.
+    pub fault_inbox: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize, Deserialize, Clone)]
+pub(crate) struct ClusterFile {
+    pub token_file: PathBuf,
+    pub supervisor_pid: u32,
     controllers: Vec<NodeEntry>,
+    #[serde(default)]
+    pub workers: Vec<WorkerEntry>,
+}
+
+impl ClusterFile {
+    /// Pid of controller `id`.
+    pub fn controller_pid(&self, id: NodeId) -> Option<u32> {
+        self.controllers.iter().find(|c| c.id == id).map(|c| c.pid)
+    }
 }
 
 fn cluster_file(dir: &Path) -> PathBuf {
     dir.join("cluster.json")
 }
 
-fn read_cluster(dir: &Path) -> Result<ClusterFile> {
+pub(crate) fn read_cluster(dir: &Path) -> Result<ClusterFile> {
     let p = cluster_file(dir);
     let text = std::fs::read_to_string(&p).with_context(|| {
         format!(
@@ -454,12 +488,46 @@ pub fn cluster(cmd: ClusterCmd) -> Result<()> {
             controllers,
             dir,
             base_port,
-        } => cluster_up(controllers, &dir, base_port),
+            workers,
+            spares,
+            device,
+            worker_restart_s,
+            no_fault_injection,
+        } => cluster_up(
+            controllers,
+            &dir,
+            base_port,
+            &WorkersSpec { count: workers + spares, device, restart_after: Duration::from_secs(worker_restart_s), faults: !no_fault_injection },
+        ),
         ClusterCmd::Down { dir } => cluster_down(&dir),
     }
 }
 
-fn cluster_up(n: u32, dir: &Path, base_port: u16) -> Result<()> {
+struct WorkersSpec {
+    count: u32,
+    device: String,
+    restart_after: Duration,
+    faults: bool,
+}
+
+fn spawn_worker(exe: &Path, dir: &Path, w: &WorkerEntry, device: &str) -> Result<std::process::Child> {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(&w.log)?;
+    let mut c = std::process::Command::new(exe);
+    c.args(["worker", "start", "--id", &w.id, "--device", device])
+        .arg("--dir")
+        .arg(dir)
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,phalanx_worker=info".into()));
+    if let Some(inbox) = &w.fault_inbox {
+        c.arg("--fault-inbox").arg(inbox);
+    }
+    c.stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting worker {}", w.id))
+}
+
+fn cluster_up(n: u32, dir: &Path, base_port: u16, ws: &WorkersSpec) -> Result<()> {
     if !(1..=7).contains(&n) {
         bail!("--controllers: {n} (expected 1..=7; 3 or 5 tolerate 1 or 2 failures)");
     }
@@ -517,7 +585,27 @@ fn cluster_up(n: u32, dir: &Path, base_port: u16) -> Result<()> {
         token_file: token_file.clone(),
         supervisor_pid: std::process::id(),
         controllers: nodes.clone(),
+        workers: Vec::new(),
     };
+    write_cluster(&dir, &cf)?;
+    let mut worker_children = Vec::new();
+    if ws.count > 0 {
+        std::fs::create_dir_all(dir.join("faults"))?;
+        std::fs::create_dir_all(dir.join("checkpoints"))?;
+    }
+    for i in 0..ws.count {
+        let id = format!("w{i}");
+        let mut w = WorkerEntry {
+            log: dir.join(format!("{id}.log")),
+            fault_inbox: ws.faults.then(|| dir.join("faults").join(format!("{id}.jsonl"))),
+            id,
+            pid: 0,
+        };
+        let c = spawn_worker(&exe, &dir, &w, &ws.device)?;
+        w.pid = c.id();
+        cf.workers.push(w);
+        worker_children.push(Some(c));
+    }
     write_cluster(&dir, &cf)?;
     println!(
         "{}",
@@ -544,6 +632,9 @@ fn cluster_up(n: u32, dir: &Path, base_port: u16) -> Result<()> {
             .collect::<Vec<_>>()
             .join(",")
     );
+    for w in &cf.workers {
+        println!("worker {}  pid {}  log {}", w.id, w.pid, w.log.display());
+    }
     println!("try: phalanx status --dir {}", dir.display());
     println!("supervising (a crashed controller restarts after 1 s); Ctrl-C or `phalanx cluster down --dir {}` stops the cluster", dir.display());
 
@@ -554,11 +645,33 @@ fn cluster_up(n: u32, dir: &Path, base_port: u16) -> Result<()> {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         let mut dead_since: Vec<Option<Instant>> = vec![None; nodes.len()];
+        let mut worker_dead_since: Vec<Option<Instant>> = vec![None; worker_children.len()];
         loop {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => return Ok::<_, anyhow::Error>("interrupt"),
                 _ = term.recv() => return Ok("terminate"),
                 _ = tick.tick() => {
+                    for (i, slot) in worker_children.iter_mut().enumerate() {
+                        let exited = slot.as_mut().and_then(|c| c.try_wait().ok().flatten());
+                        if let Some(status) = exited {
+                            eprintln!("worker {} exited ({status})", cf.workers[i].id);
+                            *slot = None;
+                            worker_dead_since[i] = Some(Instant::now());
+                        }
+                        let due = worker_dead_since[i].is_some_and(|t| t.elapsed() >= ws.restart_after);
+                        if slot.is_none() && ws.restart_after > Duration::ZERO && due {
+                            match spawn_worker(&exe, &dir, &cf.workers[i], &ws.device) {
+                                Ok(c) => {
+                                    eprintln!("worker {} restarted (pid {})", cf.workers[i].id, c.id());
+                                    cf.workers[i].pid = c.id();
+                                    let _ = write_cluster(&dir, &cf);
+                                    *slot = Some(c);
+                                    worker_dead_since[i] = None;
+                                }
+                                Err(e) => eprintln!("restarting worker {}: {e:#}", cf.workers[i].id),
+                            }
+                        }
+                    }
                     for (i, slot) in children.iter_mut().enumerate() {
                         let exited = match slot.as_mut() {
                             Some(c) => c.try_wait().ok().flatten().map(|s| s.to_string()),
@@ -586,7 +699,11 @@ fn cluster_up(n: u32, dir: &Path, base_port: u16) -> Result<()> {
             }
         }
     })?;
-    eprintln!("{stop}: stopping controllers");
+    eprintln!("{stop}: stopping workers and controllers");
+    for c in worker_children.iter_mut().flatten() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
     for c in children.iter_mut().flatten() {
         phalanx_controller::proc::terminate(c.id());
     }
@@ -613,6 +730,12 @@ fn cluster_down(dir: &Path) -> Result<()> {
         }
     }
     let mut killed = 0;
+    for w in &c.workers {
+        if w.pid != 0 && phalanx_controller::proc::is_alive(w.pid) {
+            phalanx_controller::proc::kill(w.pid);
+            killed += 1;
+        }
+    }
     for n in &c.controllers {
         if n.pid != 0 && phalanx_controller::proc::is_alive(n.pid) {
             phalanx_controller::proc::kill(n.pid);
@@ -623,7 +746,7 @@ fn cluster_down(dir: &Path) -> Result<()> {
         "cluster in {} stopped{}",
         dir.display(),
         if killed > 0 {
-            format!(" ({killed} controllers killed)")
+            format!(" ({killed} processes killed)")
         } else {
             String::new()
         }
