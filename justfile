@@ -15,10 +15,10 @@ setup:
 build: setup
     cargo build --release -p phalanx-cli
 
-# Train a tiny GPT across 4 emulated GPUs on the default corpus.
+# The demo: a local cluster (3 controllers, 4 emulated GPUs + 1 spare) trains a GPT while
+# a worker is killed, another hangs and the controller leader is killed; then a summary.
 run: build
-    ./target/release/phalanx train --workers 4 --model small --steps 60 --seed 7 --summary target/run-summary.json
-    @echo "summary written to target/run-summary.json"
+    ./target/release/phalanx demo --summary target/demo-summary.json
 
 # Every test: unit, integration and end-to-end (real processes).
 test: setup

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 mod agent;
 mod bench;
+mod demo;
 mod fault;
 mod ctl;
 mod train;
@@ -38,6 +39,8 @@ enum Command {
     Worker(WorkerCmd),
     /// List the GPU models that can be emulated and the CUDA devices present.
     Devices(train::DevicesCmd),
+    /// The demo of `just run`: a local cluster trains through injected faults.
+    Demo(demo::DemoCmd),
     /// Fault injection into a local cluster (chaos testing).
     #[command(subcommand)]
     Fault(fault::FaultCmd),
@@ -100,6 +103,7 @@ fn main() -> ExitCode {
         Command::Devices(c) => train::devices(c),
         Command::Bench(c) => bench::run(c),
         Command::Fault(c) => fault::run(c),
+        Command::Demo(c) => demo::run(c),
         Command::Worker(WorkerCmd::Drain(c)) => ctl::drain(c),
         Command::Controller(c) => ctl::controller(c),
         Command::Cluster(c) => ctl::cluster(c),

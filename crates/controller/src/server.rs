@@ -330,13 +330,16 @@ fn other_peers(cfg: &ServerConfig) -> Vec<String> {
 }
 
 /// Does any other controller report a cluster with committed entries?
+/// Did this node lose data it had acknowledged? True when a leader of the running cluster
+/// records a non-zero matched index for it. A node that merely starts late in a brand-new
+/// cluster has acknowledged nothing (matched 0) and joins normally.
 fn cluster_exists(cfg: &ServerConfig) -> bool {
     other_peers(cfg).iter().any(|a| {
         crate::client::http_once(a, "GET", "/v1/status", &cfg.token, None, Duration::from_millis(500))
             .ok()
             .filter(|(code, _)| *code == 200)
             .and_then(|(_, b)| serde_json::from_slice::<StatusResponse>(&b).ok())
-            .is_some_and(|s| s.commit_index > 0)
+            .is_some_and(|s| s.role == "leader" && s.matched.get(&cfg.id).copied().unwrap_or(0) > 0)
     })
 }
 
@@ -1069,6 +1072,11 @@ pub fn status_of(r: &Replica) -> StatusResponse {
         job: r.state.job.clone(),
         checkpoints: r.state.checkpoints.len(),
         events: r.state.events.len(),
+        matched: if r.role() == "leader" {
+            r.raw.raft.prs().iter().map(|(id, pr)| (*id, pr.matched)).collect()
+        } else {
+            Default::default()
+        },
     }
 }
 

@@ -296,6 +296,10 @@ pub struct StatusResponse {
     pub job: Option<JobInfo>,
     pub checkpoints: usize,
     pub events: usize,
+    /// On the leader: the highest log index each member has acknowledged. A member at 0
+    /// never stored anything (a fresh node), as opposed to one that lost its data.
+    #[serde(default)]
+    pub matched: std::collections::BTreeMap<NodeId, u64>,
 }
 
 /// `POST /v1/heartbeat` (leader-local, not replicated).

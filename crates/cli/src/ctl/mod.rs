@@ -221,6 +221,10 @@ pub(crate) struct ClusterFile {
 }
 
 impl ClusterFile {
+    pub fn controller_addresses(&self) -> Vec<String> {
+        self.controllers.iter().map(|c| c.address.clone()).collect()
+    }
+
     /// Pid of controller `id`.
     pub fn controller_pid(&self, id: NodeId) -> Option<u32> {
         self.controllers.iter().find(|c| c.id == id).map(|c| c.pid)
