@@ -25,12 +25,18 @@ test: setup
     cargo build --release -p phalanx-cli
     PHALANX_BIN="$PWD/target/release/phalanx" cargo test --release --workspace -- --test-threads 2
 
-# Benchmarks; results go to bench-out/ and are documented in docs/benchmarks.md.
+# Benchmarks, each a ratio measured side by side in one run; results land in bench-out/
+# and are explained in docs/benchmarks.md.
 bench: build
-    cargo build --release -p phalanx-collective --bins
+    cargo build --release -p phalanx-collective -p phalanx-checkpoint --bins
     mkdir -p bench-out
-    ./target/release/phalanx bench train --model small --steps 8 --out bench-out/train.json
-    ./target/release/collective-bench --bytes 40000000 --out bench-out/collective.json
+    ./target/release/phalanx bench train --model small --steps 8 --rounds 3 --out bench-out/train.json
+    ./target/release/collective-bench --bytes 40000000 --worlds 2,4 --iters 5 --out bench-out/collective.json
+    ./target/release/ckpt-bench --params 10000000 --iters 5 --out bench-out/checkpoint.json
+    ./target/release/phalanx controller bench --kills 30 --seconds 5 --out bench-out/controller.json
+    ./target/release/phalanx demo --dir target/bench-spare --workers 5 --steps 200 --faults kill:rank:1@60 --summary bench-out/mttr-spare.json
+    ./target/release/phalanx demo --dir target/bench-nospare --workers 4 --steps 200 --faults kill:rank:1@60 --summary bench-out/mttr-nospare.json
+    ./target/release/phalanx demo --dir target/bench-perminute --model small --workers 5 --steps 1500 --fault-every-s 60 --summary bench-out/fault-per-minute.json
 
 # Format and lint.
 lint:

@@ -30,6 +30,63 @@ pub struct DemoCmd {
     /// Write the summary as JSON here.
     #[arg(long, default_value = "target/demo-summary.json")]
     summary: PathBuf,
+    /// Workers to start (the job uses at most 4; the rest are spares).
+    #[arg(long, default_value_t = 5)]
+    workers: u32,
+    /// The fault schedule, `KIND:TARGET@STEP[:FOR]`, comma-separated (`phalanx fault
+    /// inject` kinds and targets). Default: kill rank 1 at 1/5 of the steps, hang rank 2
+    /// for 10 s at 2/5, kill the controller leader at 3/5.
+    #[arg(long, value_delimiter = ',')]
+    faults: Vec<String>,
+    /// Instead of a schedule by step: kill a rank (cycling 0..3) every this many seconds.
+    #[arg(long)]
+    fault_every_s: Option<u64>,
+}
+
+/// One scheduled fault.
+struct Planned {
+    kind: String,
+    target: String,
+    at: Trigger,
+    for_: Option<String>,
+}
+
+enum Trigger {
+    Step(u64),
+    Secs(u64),
+}
+
+fn parse_fault(s: &str) -> Result<Planned> {
+    let bad = || anyhow!("bad --faults entry `{s}`: expected KIND:TARGET@STEP[:FOR], e.g. kill:rank:1@60 or hang:rank:2@120:10s");
+    let (head, tail) = s.split_once('@').ok_or_else(bad)?;
+    let (kind, target) = head.split_once(':').ok_or_else(bad)?;
+    let (step, for_) = match tail.split_once(':') {
+        Some((st, f)) => (st, Some(f.to_string())),
+        None => (tail, None),
+    };
+    Ok(Planned { kind: kind.into(), target: target.into(), at: Trigger::Step(step.parse().map_err(|_| bad())?), for_ })
+}
+
+impl DemoCmd {
+    fn schedule(&self) -> Result<Vec<Planned>> {
+        if let Some(every) = self.fault_every_s {
+            if every == 0 {
+                bail!("--fault-every-s must be positive");
+            }
+            return Ok((1..=64)
+                .map(|i| Planned { kind: "kill".into(), target: format!("rank:{}", i % 4), at: Trigger::Secs(every * i), for_: None })
+                .collect());
+        }
+        if !self.faults.is_empty() {
+            return self.faults.iter().map(|f| parse_fault(f)).collect();
+        }
+        let n = self.steps;
+        Ok(vec![
+            Planned { kind: "kill".into(), target: "rank:1".into(), at: Trigger::Step(n / 5), for_: None },
+            Planned { kind: "hang".into(), target: "rank:2".into(), at: Trigger::Step(n * 2 / 5), for_: Some("10s".into()) },
+            Planned { kind: "kill".into(), target: "controller:leader".into(), at: Trigger::Step(n * 3 / 5), for_: None },
+        ])
+    }
 }
 
 #[derive(Serialize, Clone)]
@@ -54,6 +111,8 @@ struct DemoSummary {
     wall_s: f64,
     effective_training_time: f64,
     final_epoch: u64,
+    /// Mean wall time per step before the first fault.
+    step_ms_before_faults: f64,
     params_sha256: String,
     reference_params_sha256: String,
     bit_identical: bool,
@@ -99,18 +158,25 @@ pub fn run(cmd: DemoCmd) -> Result<()> {
     let _ = std::fs::remove_dir_all(&cmd.dir);
     std::fs::create_dir_all(&cmd.dir)?;
     let dir = cmd.dir.canonicalize()?;
-    println!("== starting a local cluster in {}: 3 controllers, 4 emulated GPUs + 1 spare", dir.display());
+    let schedule = cmd.schedule()?;
+    println!(
+        "== starting a local cluster in {}: 3 controllers, {} emulated GPUs ({} spare)",
+        dir.display(),
+        cmd.workers,
+        cmd.workers.saturating_sub(4)
+    );
     let up = Command::new(&exe)
-        .args(["cluster", "up", "--controllers=3", "--workers=5", "--worker-restart-s=5", "--dir"])
+        .args(["cluster", "up", "--controllers=3", "--worker-restart-s=5", "--dir"])
+        .arg(format!("--workers={}", cmd.workers))
         .arg(&dir)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.with_extension("up.log"))?)
         .spawn()?;
     let cluster = Cluster { up, dir: dir.clone(), exe: exe.clone() };
     let client = wait("the cluster file", Duration::from_secs(30), || client_for(&dir).ok())?;
-    wait("a leader and 5 registered workers", Duration::from_secs(60), || {
+    wait("a leader and every worker registered", Duration::from_secs(60), || {
         let st: StatusResponse = client.get("/v1/status").ok()?;
-        (st.leader_id != 0 && st.workers.len() == 5).then_some(())
+        (st.leader_id != 0 && st.workers.len() == cmd.workers as usize).then_some(())
     })?;
 
     // The fault-free reference, computed alongside by `phalanx train`.
@@ -139,15 +205,29 @@ pub fn run(cmd: DemoCmd) -> Result<()> {
     println!("== job submitted: {} model, {} steps, global batch 8, seed {}", cmd.model, cmd.steps, cmd.seed);
     let started = Instant::now();
 
-    let plan = [
-        (cmd.steps / 5, "kill", "rank:1", vec![]),
-        (cmd.steps * 2 / 5, "hang", "rank:2", vec!["--for", "10s"]),
-        (cmd.steps * 3 / 5, "kill", "controller:leader", vec![]),
-    ];
     let mut reports = Vec::new();
-    for (at, kind, target, extra) in plan {
-        wait(&format!("step {at}"), Duration::from_secs(600), || job(&client).filter(|j| j.progress_step >= at).map(|_| ()))?;
+    // Mean time per step before the first fault (includes the job's start-up).
+    let mut step_ms: Option<f64> = None;
+    for Planned { kind, target, at, for_ } in &schedule {
+        let (kind, target) = (kind.as_str(), target.as_str());
+        let extra: Vec<String> = for_.iter().flat_map(|f| ["--for".to_string(), f.clone()]).collect();
+        let reached = wait("the next fault's trigger", Duration::from_secs(900), || {
+            let j = job(&client)?;
+            if j.state == JobState::Completed {
+                return Some(false);
+            }
+            match at {
+                Trigger::Step(s) => (j.progress_step >= *s).then_some(true),
+                Trigger::Secs(s) => (started.elapsed() >= Duration::from_secs(*s)).then_some(true),
+            }
+        })?;
+        if !reached {
+            break;
+        }
         let before = job(&client).ok_or_else(|| anyhow!("the job vanished"))?;
+        if step_ms.is_none() && before.progress_step > 0 {
+            step_ms = Some(started.elapsed().as_secs_f64() * 1e3 / before.progress_step as f64);
+        }
         let seen_events = events(&client).last().map(|e| e.seq).unwrap_or(0);
         let high = before.rank_steps.iter().copied().max().unwrap_or(0);
         let old_leader = client.get::<StatusResponse>("/v1/status").map(|s| s.leader_id).unwrap_or(0);
@@ -224,6 +304,7 @@ pub fn run(cmd: DemoCmd) -> Result<()> {
         wall_s: wall,
         effective_training_time: ((wall - lost) / wall).max(0.0),
         final_epoch: done.plan.as_ref().map(|p| p.epoch).unwrap_or(0),
+        step_ms_before_faults: step_ms.unwrap_or(f64::NAN),
         bit_identical: sha == reference_sha,
         params_sha256: sha,
         reference_params_sha256: reference_sha,
@@ -249,7 +330,7 @@ fn print_summary(s: &DemoSummary) {
         );
     }
     println!("wall time {:.1} s; effective training time {:.1}% (wall time minus recovery windows)", s.wall_s, s.effective_training_time * 100.0);
-    println!("final plan epoch {}", s.final_epoch);
+    println!("final plan epoch {}; {:.1} ms per step before the first fault", s.final_epoch, s.step_ms_before_faults);
     println!("params_sha256 {}", s.params_sha256);
     println!("reference     {} (phalanx train, no faults)", s.reference_params_sha256);
     println!("bit-identical to the fault-free run: {}", if s.bit_identical { "yes" } else { "NO" });

@@ -134,6 +134,9 @@ pub fn run(cfg: AgentConfig) -> Result<(), WorkerError> {
                 warn!(epoch = a.epoch, error = %e, "epoch ended with an error; waiting for the next plan");
                 match &e {
                     WorkerError::Superseded { .. } | WorkerError::Quarantined(_) => {}
+                    // Nobody can tell which replica is right: every rank drops its state, so
+                    // the group restarts from the newest valid checkpoint and redoes the steps.
+                    WorkerError::NoMajority { .. } => engine = None,
                     WorkerError::Diverged { rank: odd, ours, theirs } => {
                         report_corrupt_replica(&client, &cfg.id, &a, *odd, ours, theirs);
                     }

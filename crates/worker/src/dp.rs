@@ -99,6 +99,10 @@ pub fn check_replicas(engine: &Engine, group: &mut BlockingGroup, timeout: Durat
         .max_by_key(|h| (all.iter().filter(|o| o == h).count(), std::cmp::Reverse(all.iter().position(|o| o == *h))))
         .cloned()
         .unwrap_or_default();
+    let agreeing = all.iter().filter(|h| **h == majority).count();
+    if agreeing < all.len() && agreeing * 2 <= all.len() {
+        return Err(WorkerError::NoMajority { hashes: all.iter().map(|h| String::from_utf8_lossy(h).into_owned()).collect() });
+    }
     for (r, theirs) in all.iter().enumerate() {
         if *theirs != majority {
             return Err(WorkerError::Diverged {

@@ -26,6 +26,8 @@ pub enum WorkerError {
     Controller(String),
     #[error("checkpoint: {0}")]
     Checkpoint(String),
+    #[error("replicas diverged with no majority ({hashes:?}); rolling back to the newest checkpoint")]
+    NoMajority { hashes: Vec<String> },
     #[error("this worker is quarantined: {0}")]
     Quarantined(String),
     #[error("epoch {epoch} was superseded by a newer plan")]
