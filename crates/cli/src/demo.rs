@@ -166,8 +166,9 @@ pub fn run(cmd: DemoCmd) -> Result<()> {
         cmd.workers.saturating_sub(4)
     );
     let up = Command::new(&exe)
-        .args(["cluster", "up", "--controllers=3", "--worker-restart-s=5", "--dir"])
+        .args(["cluster", "up", "--controllers=3", "--worker-restart-s=5"])
         .arg(format!("--workers={}", cmd.workers))
+        .arg("--dir")
         .arg(&dir)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.with_extension("up.log"))?)
@@ -245,33 +246,37 @@ pub fn run(cmd: DemoCmd) -> Result<()> {
         println!("-- step {}: {injected}", before.progress_step);
         // Detection: the first decision about a worker or the plan after the fault. A
         // controller leader change is detected by the election.
-        let mut detected_by = String::new();
-        let mut detect_s = 0.0;
-        let mut low = u64::MAX;
-        let recovered = wait("recovery", Duration::from_secs(120), || {
-            if detected_by.is_empty() {
-                if target.starts_with("controller") {
-                    let st: StatusResponse = client.get("/v1/status").ok()?;
-                    if st.leader_id != 0 && st.leader_id != old_leader {
-                        detected_by = format!("Raft election: node {} leads term {}", st.leader_id, st.term);
-                        detect_s = t0.elapsed().as_secs_f64();
-                    }
-                } else if let Some(e) = events(&client)
-                    .into_iter()
-                    .find(|e| e.seq > seen_events && (e.kind.starts_with("worker_") || e.kind == "plan"))
-                {
-                    detected_by = format!("{}: {}", e.kind, e.reason);
-                    detect_s = t0.elapsed().as_secs_f64();
-                }
-            }
+        // Detection: the first decision about a worker or the plan after the fault; a
+        // controller leader change is detected by the election.
+        let mut detected: Option<(String, f64, u64)> = None;
+        wait("recovery", Duration::from_secs(120), || {
             let j = job(&client)?;
-            if let Some(m) = j.rank_steps.iter().copied().min() {
-                low = low.min(m);
-            }
-            (j.progress_step > high || j.state == JobState::Completed).then_some(())
-        });
-        recovered?;
+            let Some((_, _, high_at_detection)) = &detected else {
+                let by = if target.starts_with("controller") {
+                    let st: StatusResponse = client.get("/v1/status").ok()?;
+                    (st.leader_id != 0 && st.leader_id != old_leader)
+                        .then(|| format!("Raft election: node {} leads term {}", st.leader_id, st.term))
+                } else {
+                    events(&client)
+                        .into_iter()
+                        .find(|e| e.seq > seen_events && (e.kind.starts_with("worker_") || e.kind == "plan"))
+                        .map(|e| format!("{}: {}", e.kind, e.reason))
+                };
+                let high_now = j.rank_steps.iter().copied().max().unwrap_or(0).max(high);
+                detected = by.map(|b| (b, t0.elapsed().as_secs_f64(), high_now));
+                return None;
+            };
+            (j.progress_step > *high_at_detection || j.state == JobState::Completed).then_some(())
+        })?;
         let mttr = t0.elapsed().as_secs_f64();
+        let (detected_by, detect_s, high_at_detection) = detected.unwrap_or_default();
+        // Steps redone: the newest step reached before the fault minus where the next epoch
+        // resumed (from the `resumed` event of rank 0).
+        let resumed = events(&client)
+            .into_iter()
+            .filter(|e| e.seq > seen_events && e.kind == "resumed")
+            .filter_map(|e| e.reason.split("at step ").nth(1)?.split(' ').next()?.parse::<u64>().ok())
+            .min();
         let rep = FaultReport {
             fault: kind.to_string(),
             target: target.to_string(),
@@ -279,9 +284,9 @@ pub fn run(cmd: DemoCmd) -> Result<()> {
             detected_by,
             detect_s,
             mttr_s: mttr,
-            steps_redone: high.saturating_sub(low.min(high)),
+            steps_redone: resumed.map(|r| high_at_detection.saturating_sub(r)).unwrap_or(0),
         };
-        println!("   detected in {:.2} s by {}; training past step {high} again after {mttr:.2} s", rep.detect_s, rep.detected_by);
+        println!("   detected in {:.2} s by {}; training again after {mttr:.2} s", rep.detect_s, rep.detected_by);
         reports.push(rep);
     }
     let done = wait("the job to complete", Duration::from_secs(900), || {

@@ -191,6 +191,20 @@ impl ClusterState {
     fn apply_command(&mut self, index: u64, cmd: &Command) -> Outcome {
         match cmd {
             Command::ReadBarrier => ok("read barrier"),
+            Command::ReportResume { worker, epoch, step, source } => {
+                if self.too_long(source) {
+                    return no("source must be at most text_bytes_max bytes");
+                }
+                let Some(j) = &self.job else {
+                    return no("no job");
+                };
+                if j.plan.as_ref().map(|p| p.epoch) != Some(*epoch) {
+                    return no(format!("stale epoch {epoch}"));
+                }
+                let name = j.spec.name.clone();
+                self.event(index, "resumed", &name, format!("epoch {epoch} resumed at step {step} from {source} (reported by {worker})"));
+                ok("resume recorded")
+            }
             Command::RecordFault { target, kind } => {
                 if self.too_long(target) || self.too_long(kind) {
                     return no("fault target and kind must be at most text_bytes_max bytes");

@@ -197,6 +197,14 @@ pub enum Command {
         epoch: u64,
         step: u64,
     },
+    /// Rank 0 of a new epoch tells where the group's state came from.
+    ReportResume {
+        worker: WorkerId,
+        epoch: u64,
+        step: u64,
+        /// `peer rank R`, `checkpoint step S` or `initial state`.
+        source: String,
+    },
     /// An operator (or a chaos scenario) injected a fault; recorded for the event log.
     RecordFault {
         target: String,

@@ -321,7 +321,13 @@ fn run_epoch(
 
     // A freshly built engine holds only the seed's initial state, which counts as none: if
     // nobody holds state, the newest checkpoint wins over step 0.
-    sync_state(engine, &mut group, !fresh, &cfg.checkpoint_root, cfg.op_timeout)?;
+    let source = sync_state(engine, &mut group, !fresh, &cfg.checkpoint_root, cfg.op_timeout)?;
+    if rank == 0 {
+        let cmd = Command::ReportResume { worker: cfg.id.clone(), epoch: a.epoch, step: engine.step(), source };
+        if let Err(e) = cfg.client.command(cmd) {
+            warn!(error = %e, "reporting the resume point failed");
+        }
+    }
     let mut stepper = Stepper::new(engine, &group, cfg.op_timeout)?;
     let mut writer = Checkpointing::new(cfg, job, world, rank, &shared.disk)?;
     let _ = progress.send((a.epoch, engine.step()));
@@ -376,14 +382,15 @@ fn run_epoch(
     Ok(())
 }
 
-/// Agrees on one training state across the group (see the module docs).
+/// Agrees on one training state across the group (see the module docs); returns where
+/// the state came from.
 pub fn sync_state(
     engine: &mut Engine,
     group: &mut BlockingGroup,
     has_state: bool,
     checkpoint_root: &std::path::Path,
     timeout: Duration,
-) -> Result<(), WorkerError> {
+) -> Result<String, WorkerError> {
     let mut mine = Vec::with_capacity(9 + 64);
     mine.push(u8::from(has_state));
     mine.extend_from_slice(&engine.step().to_le_bytes());
@@ -409,13 +416,15 @@ pub fn sync_state(
             let st = ckpt::load_range(checkpoint_root, m.step, 0..m.param_count).map_err(|e| WorkerError::Checkpoint(e.to_string()))?;
             engine.load_checkpoint_state(st.opt_step, st.params, st.m, st.v)?;
             info!(step = m.step, "resumed from checkpoint (no survivor held state)");
+            return Ok(format!("checkpoint step {}", m.step));
         }
-        return Ok(());
+        return Ok("the seed's initial state".into());
     };
     let src = parsed.iter().position(|p| p.0 && p.1 == best).expect("best exists");
+    let source = format!("peer rank {src} (in memory)");
     let needs = parsed.iter().any(|p| !(p.0 && p.1 == best && p.2 == parsed[src].2));
     if !needs {
-        return Ok(());
+        return Ok(source);
     }
     let mut buf = vec![0u8; engine.state_bytes_len()];
     if group.rank() == src {
@@ -426,7 +435,7 @@ pub fn sync_state(
         engine.import_state(&buf)?;
         info!(step = best, from_rank = src, "state received from a peer");
     }
-    Ok(())
+    Ok(source)
 }
 
 /// The rank's asynchronous checkpointing for one epoch. Rank 0 commits a checkpoint's
