@@ -1,14 +1,16 @@
 //! Shared helpers of the end-to-end tests: they run the real `phalanx` binary as separate
 //! processes on 127.0.0.1.
 use std::path::PathBuf;
-use std::process::{Child, Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// The `phalanx` binary under test: `$PHALANX_BIN` (set by `just test`), else the release
-/// build in this workspace. A missing binary fails the test with instructions.
+/// build of this workspace. A missing binary fails the test with instructions.
 pub fn phalanx_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("PHALANX_BIN") {
-        return PathBuf::from(p);
+        let p = PathBuf::from(p);
+        assert!(p.exists(), "PHALANX_BIN={} does not exist", p.display());
+        return p;
     }
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/phalanx");
     assert!(
@@ -22,32 +24,39 @@ pub fn phalanx_bin() -> PathBuf {
 pub fn phalanx() -> Command {
     let mut c = Command::new(phalanx_bin());
     c.env_remove("RUST_LOG");
+    c.env_remove("PHALANX_CONTROLLERS");
+    c.env_remove("PHALANX_TOKEN");
     c
 }
 
-/// Runs a command to completion within `timeout`, killing it if it overruns.
+/// Run a command to completion within `timeout`; kill it and fail if it overruns.
 pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Output {
-    let child = cmd
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn phalanx");
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
+    let mut child = KillOnDrop(
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn phalanx"),
+    );
+    let mut out = child.0.stdout.take().unwrap();
+    let mut err = child.0.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut out, &mut b);
+        b
     });
-    match rx.recv_timeout(timeout) {
-        Ok(out) => out.expect("wait for phalanx"),
-        Err(_) => {
-            kill_pid(pid);
-            panic!("command did not finish within {timeout:?}: {cmd:?}");
-        }
+    let t_err = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut err, &mut b);
+        b
+    });
+    let Some(status) = child.wait_timeout(timeout) else {
+        panic!("command did not finish within {timeout:?}: {cmd:?}");
+    };
+    Output {
+        status,
+        stdout: t_out.join().unwrap(),
+        stderr: t_err.join().unwrap(),
     }
-}
-
-fn kill_pid(pid: u32) {
-    let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
 }
 
 /// A child process killed when dropped, so a failing test leaves nothing behind.
@@ -75,7 +84,11 @@ impl KillOnDrop {
 
 /// A free loopback port (bound then released; good enough for tests).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn stderr_of(o: &Output) -> String {

@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 
 use phalanx_controller::client::{http_once, Client};
 use phalanx_proto::{Command, DeviceSpec, Event, JobInfo, StatusResponse, WorkerInfo};
-mod controller_support;
-use controller_support::{free_port, phalanx, run_with_timeout, stderr_of, KillOnDrop};
+use phalanx_tests::{free_port, phalanx, run_with_timeout, stderr_of, KillOnDrop};
 
 const TOKEN: &str = "e2e-secret-token";
 

@@ -18,8 +18,7 @@ use std::time::{Duration, Instant};
 
 use phalanx_controller::client::{http_once, Client};
 use phalanx_proto::{Command, StatusResponse};
-mod controller_support;
-use controller_support::{free_port, phalanx, KillOnDrop};
+use phalanx_tests::{free_port, phalanx, KillOnDrop};
 
 const TOKEN: &str = "lin-token";
 

@@ -85,8 +85,20 @@ fn silent_data_corruption_is_caught_and_the_replica_quarantined() {
 }
 
 #[test]
-fn a_slow_worker_does_not_change_the_result() {
-    scenario("slow", 5, 0, |c| c.inject("rank:0", "slow", &["--factor", "4", "--for", "3s"]));
+fn a_persistent_straggler_is_swapped_for_the_spare() {
+    // Long enough that the slow rank is still training when the policy decides.
+    let steps = 600;
+    let c = LocalCluster::start(5, 0);
+    c.submit(&job_toml("slow", steps, 100, 3, 4));
+    c.wait_step(30, LIMIT);
+    let slow = ranks(&c.job().unwrap())[0].clone();
+    c.inject("rank:0", "slow", &["--factor", "4", "--for", "120s"]);
+    c.wait_for(LIMIT, "the straggler to leave the plan", |c| c.job().map(|j| !ranks(&j).contains(&slow)).unwrap_or(false));
+    let job = c.wait_done(LIMIT);
+    assert_eq!(job["params_sha256"].as_str().unwrap(), reference_sha(steps, c.dir.path()), "{}", c.logs());
+    assert_eq!(ranks(&job).len(), 4);
+    let ev = event_kinds(&c);
+    assert!(ev.iter().any(|e| e.contains("straggler") && e.contains("the median")), "{ev:#?}");
 }
 
 #[test]

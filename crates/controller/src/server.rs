@@ -59,6 +59,7 @@ pub struct ServerConfig {
     pub heartbeat_tick: usize,
     pub snapshot_entries: u64,
     pub lease: LeaseConfig,
+    pub stragglers: phalanx_core::StragglerConfig,
     pub request_timeout_ms: u64,
     pub frame_bytes_max: u64,
     pub http: HttpLimits,
@@ -85,6 +86,7 @@ impl ServerConfig {
             heartbeat_tick: 2,
             snapshot_entries: 1_000,
             lease: LeaseConfig::default(),
+            stragglers: phalanx_core::StragglerConfig::default(),
             request_timeout_ms: 3_000,
             frame_bytes_max: 64 << 20,
             http: HttpLimits::default(),
@@ -194,6 +196,7 @@ enum Input {
     },
     Heartbeat {
         worker: WorkerId,
+        compute_ms: Option<f64>,
         reply: Reply,
     },
     Member {
@@ -401,6 +404,10 @@ struct RaftLoop {
     next_read: u64,
     leases: Option<Leases>,
     lease_inflight: BTreeMap<WorkerId, (WorkerHealth, Instant)>,
+    /// Leader-local: each worker's latest compute time per micro-batch, from heartbeats.
+    compute_ms: BTreeMap<WorkerId, f64>,
+    stragglers: phalanx_core::Stragglers,
+    straggler_checked: Instant,
     lease_seq: u64,
     start: Instant,
     was_leader: bool,
@@ -424,6 +431,9 @@ impl RaftLoop {
             next_read: 1,
             leases: None,
             lease_inflight: BTreeMap::new(),
+            compute_ms: BTreeMap::new(),
+            stragglers: Default::default(),
+            straggler_checked: Instant::now(),
             lease_seq: 0,
             start: Instant::now(),
             was_leader: false,
@@ -557,7 +567,7 @@ impl RaftLoop {
             Input::Local { query, reply } => {
                 let _ = reply.send(query(&self.r));
             }
-            Input::Heartbeat { worker, reply } => {
+            Input::Heartbeat { worker, compute_ms, reply } => {
                 if !self.r.is_leader() {
                     let _ = reply.send(Err(self.not_leader()));
                     return Ok(());
@@ -571,6 +581,9 @@ impl RaftLoop {
                 let now = self.now_ms();
                 if let Some(l) = self.leases.as_mut() {
                     l.heartbeat(&worker, now);
+                }
+                if let Some(t) = compute_ms.filter(|t| t.is_finite() && *t >= 0.0) {
+                    self.compute_ms.insert(worker, t);
                 }
                 let _ = reply.send(Ok(serde_json::json!({"ok": true})));
             }
@@ -691,6 +704,8 @@ impl RaftLoop {
             // Fresh leases: this leader has heard no heartbeat yet; the grace period keeps
             // it from failing healthy workers.
             self.leases = Some(Leases::new(self.now_ms()));
+            self.compute_ms.clear();
+            self.stragglers = Default::default();
             self.lease_inflight.clear();
         }
         if !leader && self.was_leader {
@@ -740,7 +755,31 @@ impl RaftLoop {
                 self.lease_inflight.insert(worker, (health, Instant::now()));
             }
         }
+        self.check_stragglers();
         Ok(())
+    }
+
+    /// Twice a second: a rank whose compute time stays far above the plan's median is
+    /// drained, so the placement swaps a spare in.
+    fn check_stragglers(&mut self) {
+        if self.straggler_checked.elapsed() < Duration::from_millis(500) {
+            return;
+        }
+        self.straggler_checked = Instant::now();
+        let Some(plan) = self.r.state.job.as_ref().filter(|j| j.state == phalanx_proto::JobState::Running).and_then(|j| j.plan.clone()) else {
+            return;
+        };
+        let decisions = self.stragglers.observe(&plan, &self.compute_ms, &self.r.state.workers, &self.cfg.stragglers);
+        for (worker, reason) in decisions {
+            self.lease_seq += 1;
+            let env = Envelope {
+                request_id: format!("straggler-n{}-t{}-{}", self.cfg.id, self.r.term(), self.lease_seq),
+                command: Command::SetWorkerHealth { id: worker.clone(), health: WorkerHealth::Draining, reason },
+            };
+            info!(worker = %worker, "straggler decision");
+            let _ = self.r.propose(&env);
+            self.compute_ms.remove(&worker);
+        }
     }
 
     fn expire_waiters(&mut self) {
@@ -1179,6 +1218,7 @@ async fn route(req: &wire::Request, ctx: &ConnCtx, timeout: Duration) -> ApiResu
                 ctx,
                 |reply| Input::Heartbeat {
                     worker: hb.worker,
+                    compute_ms: hb.compute_ms,
                     reply,
                 },
                 timeout,

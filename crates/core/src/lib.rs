@@ -8,5 +8,5 @@ pub mod policy;
 pub mod state;
 
 pub use jobfile::{job_template, parse_job_toml, validate_job, JobFileError};
-pub use policy::{LeaseConfig, LeaseDecision, Leases, PlacementDecision, Reason};
+pub use policy::{LeaseConfig, LeaseDecision, Leases, PlacementDecision, Reason, StragglerConfig, Stragglers};
 pub use state::{Applied, ClusterState, SnapshotError, StateLimits};

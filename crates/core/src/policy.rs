@@ -195,9 +195,136 @@ impl Leases {
     }
 }
 
+/// Straggler detection: a rank's compute time against the median of the plan's ranks.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StragglerConfig {
+    /// Slow when compute time exceeds `threshold` × the median.
+    pub threshold: f64,
+    /// Hysteresis: the slow count resets only below `clear_below` × the median, so a rank
+    /// hovering around the threshold is not flapped in and out.
+    pub clear_below: f64,
+    /// Consecutive slow observations before a decision, so a brief blip is no failure.
+    pub consecutive: u32,
+    /// Fewer ranks than this give no meaningful median.
+    pub ranks_min: usize,
+}
+
+impl Default for StragglerConfig {
+    fn default() -> Self {
+        StragglerConfig { threshold: 2.0, clear_below: 1.3, consecutive: 6, ranks_min: 3 }
+    }
+}
+
+/// Leader-local straggler state (like leases, never replicated).
+#[derive(Debug, Clone, Default)]
+pub struct Stragglers {
+    slow_count: BTreeMap<WorkerId, u32>,
+}
+
+impl Stragglers {
+    /// One observation of the plan's ranks' compute times. Returns the workers to swap out
+    /// (only when a spare can take the rank; otherwise a slow rank is kept, since the
+    /// job is better off slow than smaller) with the reason.
+    pub fn observe(
+        &mut self,
+        plan: &Plan,
+        compute_ms: &BTreeMap<WorkerId, f64>,
+        workers: &BTreeMap<WorkerId, WorkerInfo>,
+        cfg: &StragglerConfig,
+    ) -> Vec<(WorkerId, Reason)> {
+        let mut samples: Vec<(&WorkerId, f64)> = plan
+            .ranks
+            .iter()
+            .filter_map(|id| compute_ms.get(id).map(|&t| (id, t)))
+            .filter(|(_, t)| t.is_finite() && *t > 0.0)
+            .collect();
+        self.slow_count.retain(|id, _| plan.ranks.contains(id));
+        if samples.len() < cfg.ranks_min {
+            return Vec::new();
+        }
+        let mut sorted: Vec<f64> = samples.iter().map(|(_, t)| *t).collect();
+        sorted.sort_by(|a, b| a.total_cmp(b));
+        let median = sorted[sorted.len() / 2];
+        let spares = workers.values().filter(|w| w.health == WorkerHealth::Spare).count();
+        let mut out = Vec::new();
+        samples.sort_by(|a, b| b.1.total_cmp(&a.1));
+        for (id, t) in samples {
+            let ratio = t / median;
+            let count = self.slow_count.entry(id.clone()).or_insert(0);
+            if ratio > cfg.threshold {
+                *count += 1;
+            } else if ratio < cfg.clear_below {
+                *count = 0;
+            }
+            if *count >= cfg.consecutive && out.len() < spares {
+                out.push((
+                    id.clone(),
+                    format!(
+                        "straggler: compute {t:.1} ms per micro-batch, {ratio:.1}x the median {median:.1} ms, \
+                         for {count} consecutive checks (threshold {}x); swapped for a spare",
+                        cfg.threshold
+                    ),
+                ));
+                *count = 0;
+            }
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn straggler_world(health_of_spare: WorkerHealth) -> (Plan, BTreeMap<WorkerId, WorkerInfo>) {
+        let mk = |id: &str, health| WorkerInfo {
+            id: id.into(),
+            address: String::new(),
+            device: Default::default(),
+            health,
+            health_reason: String::new(),
+            registered_index: 0,
+        };
+        let plan = Plan { epoch: 1, ranks: vec!["a".into(), "b".into(), "c".into(), "d".into()], reason: String::new() };
+        let mut w = BTreeMap::new();
+        for id in ["a", "b", "c", "d"] {
+            w.insert(id.to_string(), mk(id, WorkerHealth::Healthy));
+        }
+        w.insert("e".to_string(), mk("e", health_of_spare));
+        (plan, w)
+    }
+
+    #[test]
+    fn a_persistent_straggler_is_swapped_but_a_blip_is_not() {
+        let (plan, workers) = straggler_world(WorkerHealth::Spare);
+        let cfg = StragglerConfig { consecutive: 3, ..Default::default() };
+        let mut s = Stragglers::default();
+        let times = |slow: f64| -> BTreeMap<WorkerId, f64> {
+            [("a", 10.0), ("b", 11.0), ("c", 10.5), ("d", slow)].iter().map(|(k, v)| (k.to_string(), *v)).collect()
+        };
+        // A blip: two slow checks, then back to normal; no decision.
+        assert!(s.observe(&plan, &times(40.0), &workers, &cfg).is_empty());
+        assert!(s.observe(&plan, &times(40.0), &workers, &cfg).is_empty());
+        assert!(s.observe(&plan, &times(10.0), &workers, &cfg).is_empty());
+        // Hovering between clear_below and threshold holds the count.
+        assert!(s.observe(&plan, &times(40.0), &workers, &cfg).is_empty());
+        assert!(s.observe(&plan, &times(17.0), &workers, &cfg).is_empty());
+        assert!(s.observe(&plan, &times(40.0), &workers, &cfg).is_empty());
+        let d = s.observe(&plan, &times(40.0), &workers, &cfg);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].0, "d");
+        assert!(d[0].1.contains("3.6x the median 11.0 ms"), "{}", d[0].1);
+    }
+
+    #[test]
+    fn without_a_spare_a_straggler_is_kept() {
+        let (plan, workers) = straggler_world(WorkerHealth::Failed);
+        let cfg = StragglerConfig { consecutive: 1, ..Default::default() };
+        let mut s = Stragglers::default();
+        let times: BTreeMap<WorkerId, f64> =
+            [("a", 10.0), ("b", 10.0), ("c", 10.0), ("d", 50.0)].iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        assert!(s.observe(&plan, &times, &workers, &cfg).is_empty());
+    }
     use phalanx_proto::DeviceSpec;
 
     fn worker(id: &str, health: WorkerHealth) -> WorkerInfo {

@@ -311,9 +311,13 @@ pub struct StatusResponse {
 }
 
 /// `POST /v1/heartbeat` (leader-local, not replicated).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HeartbeatRequest {
     pub worker: WorkerId,
+    /// The worker's recent compute time per micro-batch (forward + backward), in ms: the
+    /// leader's straggler policy compares it across the ranks of the plan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compute_ms: Option<f64>,
 }
 
 /// `GET /v1/assignment/{worker}`.

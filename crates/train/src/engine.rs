@@ -154,8 +154,7 @@ impl Engine {
         if !grad_norm.is_finite() {
             return Err(TrainError::NonFinite { what: "gradient norm".into(), step: self.opt.step });
         }
-        let decay = &self.decay;
-        AdamW::update_range(&self.spec.optim, &mut self.opt, &mut self.params, mean_grad, &|i| decay[i], clip);
+        AdamW::update_range(&self.spec.optim, &mut self.opt, &mut self.params, mean_grad, &self.decay, clip);
         self.model.write_params(&self.params)?;
         Ok(StepStats { grad_norm, lr })
     }

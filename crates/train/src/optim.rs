@@ -105,12 +105,16 @@ impl AdamW {
     /// One step over `state.range`. `params` and `grads` are the full flat vectors;
     /// `decay[i]` says whether flat element `i` gets weight decay (matrices yes; biases,
     /// norms no). `clip` multiplies the gradient first.
+    ///
+    /// The range is processed in runs of equal `decay`, so the inner loop is branch-free
+    /// and vectorises; vector `sqrt` and division are correctly rounded like the scalar
+    /// ones, so the bits do not depend on the vector width.
     pub fn update_range(
         cfg: &AdamWConfig,
         state: &mut AdamWState,
         params: &mut [f32],
         grads: &[f32],
-        decay: &dyn Fn(usize) -> bool,
+        decay: &[bool],
         clip: f32,
     ) {
         let lr = cfg.lr_at(state.step);
@@ -118,23 +122,33 @@ impl AdamW {
         let t = state.step as i32;
         let bc1 = 1.0 - cfg.beta1.powi(t);
         let bc2 = 1.0 - cfg.beta2.powi(t);
-        let (b1, b2) = (cfg.beta1, cfg.beta2);
+        let (b1, b2, eps) = (cfg.beta1, cfg.beta2, cfg.eps);
+        let lr_wd = lr * cfg.weight_decay;
         let start = state.range.start;
-        for k in 0..state.range.len() {
-            let i = start + k;
-            let g = grads[i] * clip;
-            let m = b1 * state.m[k] + (1.0 - b1) * g;
-            let v = b2 * state.v[k] + (1.0 - b2) * g * g;
-            state.m[k] = m;
-            state.v[k] = v;
-            let mhat = m / bc1;
-            let vhat = v / bc2;
-            let mut p = params[i];
-            if decay(i) {
-                p -= lr * cfg.weight_decay * p;
+        let mut k = 0;
+        let n = state.range.len();
+        while k < n {
+            let d = decay[start + k];
+            let mut end = k + 1;
+            while end < n && decay[start + end] == d {
+                end += 1;
             }
-            p -= lr * mhat / (vhat.sqrt() + cfg.eps);
-            params[i] = p;
+            let (p, g) = (&mut params[start + k..start + end], &grads[start + k..start + end]);
+            let (m, v) = (&mut state.m[k..end], &mut state.v[k..end]);
+            for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                let g = g * clip;
+                let mm = b1 * *m + (1.0 - b1) * g;
+                let vv = b2 * *v + (1.0 - b2) * g * g;
+                *m = mm;
+                *v = vv;
+                let mut x = *p;
+                if d {
+                    x -= lr_wd * x;
+                }
+                x -= lr * (mm / bc1) / ((vv / bc2).sqrt() + eps);
+                *p = x;
+            }
+            k = end;
         }
     }
 }
@@ -182,7 +196,7 @@ mod tests {
         let mut st = AdamWState::new(0..n);
         for gs in &g {
             let g32: Vec<f32> = gs.iter().map(|&x| x as f32).collect();
-            AdamW::update_range(&cfg, &mut st, &mut p32, &g32, &|i| decay[i], 1.0);
+            AdamW::update_range(&cfg, &mut st, &mut p32, &g32, &decay, 1.0);
         }
         for i in 0..n {
             assert!((p32[i] as f64 - p64[i]).abs() < 1e-5, "i={i}: {} vs {}", p32[i], p64[i]);
@@ -195,15 +209,16 @@ mod tests {
         let cfg = AdamWConfig::for_steps(5);
         let n = 50;
         let g = grads(n, 5);
+        let decay: Vec<bool> = (0..n).map(|i| i % 7 < 4).collect();
         let mut whole: Vec<f32> = (0..n).map(|i| i as f32 / 50.0).collect();
         let mut sharded = whole.clone();
         let mut st = AdamWState::new(0..n);
         let mut shards = [AdamWState::new(0..17), AdamWState::new(17..33), AdamWState::new(33..50)];
         for gs in &g {
             let g32: Vec<f32> = gs.iter().map(|&x| x as f32).collect();
-            AdamW::update_range(&cfg, &mut st, &mut whole, &g32, &|_| true, 0.5);
+            AdamW::update_range(&cfg, &mut st, &mut whole, &g32, &decay, 0.5);
             for s in shards.iter_mut() {
-                AdamW::update_range(&cfg, s, &mut sharded, &g32, &|_| true, 0.5);
+                AdamW::update_range(&cfg, s, &mut sharded, &g32, &decay, 0.5);
             }
         }
         assert_eq!(whole.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),

@@ -83,6 +83,8 @@ struct Shared {
     faults: std::sync::Mutex<Vec<Fault>>,
     /// An injected slowdown: (factor, until).
     slow: std::sync::Mutex<Option<(f64, Instant)>>,
+    /// Latest compute time per micro-batch (f64 bits), sent with heartbeats.
+    compute_ms: AtomicU64,
     disk: ckpt::FaultInjector,
 }
 
@@ -236,8 +238,9 @@ fn spawn_heartbeat(
     mut inbox: Option<FaultInbox>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        let body = HeartbeatRequest { worker: id.clone() };
         while !shared.stop.load(Ordering::SeqCst) {
+            let t = f64::from_bits(shared.compute_ms.load(Ordering::Relaxed));
+            let body = HeartbeatRequest { worker: id.clone(), compute_ms: (t > 0.0).then_some(t) };
             if let Some(inbox) = inbox.as_mut() {
                 for f in inbox.poll() {
                     warn!(worker = %id, fault = ?f.kind, "fault injected");
@@ -343,15 +346,14 @@ fn run_epoch(
         if cfg.sdc_check_interval > 0 && engine.step() % cfg.sdc_check_interval == 0 {
             check_replicas(engine, &mut group, cfg.op_timeout)?;
         }
+        let slow = *shared.slow.lock().unwrap_or_else(|p| p.into_inner());
+        stepper.slow_factor = match slow {
+            Some((factor, until)) if Instant::now() < until => factor,
+            _ => 1.0,
+        };
         let report = stepper.step(engine, &mut group)?;
         let _ = progress.send((a.epoch, report.step + 1));
-        let slow = *shared.slow.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((factor, until)) = slow {
-            if Instant::now() < until {
-                // A thermal straggler: this rank's step takes `factor` times as long.
-                std::thread::sleep(Duration::from_secs_f64(report.step_ms / 1e3 * (factor - 1.0)));
-            }
-        }
+        shared.compute_ms.store(report.compute_ms.to_bits(), Ordering::Relaxed);
         if rank == 0 {
             info!(epoch = a.epoch, step = report.step + 1, loss = report.loss, ms = report.step_ms, "step");
         }

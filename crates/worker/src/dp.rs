@@ -16,6 +16,9 @@ pub struct StepReport {
     pub lr: f32,
     pub grad_norm: f64,
     pub step_ms: f64,
+    /// Forward + backward time per local micro-batch (0 when the rank had none).
+    #[serde(default)]
+    pub compute_ms: f64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -44,6 +47,9 @@ pub struct Stepper {
     bufs: Vec<Vec<f32>>,
     mean: Vec<f32>,
     pub op_timeout: Duration,
+    /// An emulated slow device (thermal throttling, fault injection): compute takes this
+    /// many times as long. 1 is a healthy device.
+    pub slow_factor: f64,
 }
 
 impl Stepper {
@@ -57,7 +63,7 @@ impl Stepper {
         }
         let mine = assign(micro_total, world, rank);
         let n = engine.params.len();
-        Ok(Self { bufs: mine.clone().map(|_| vec![0f32; n]).collect(), mine, micro_total, mean: vec![0f32; n], op_timeout })
+        Ok(Self { bufs: mine.clone().map(|_| vec![0f32; n]).collect(), mine, micro_total, mean: vec![0f32; n], op_timeout, slow_factor: 1.0 })
     }
 
     /// Trains step `engine.step()`: local micro-batch gradients, the deterministic mean
@@ -71,11 +77,18 @@ impl Stepper {
         for (k, m) in self.mine.clone().enumerate() {
             local_losses.push((m, engine.micro_grad(step, m, &mut self.bufs[k])?));
         }
+        let mut compute = t0.elapsed();
+        if self.slow_factor > 1.0 {
+            let extra = compute.mul_f64(self.slow_factor - 1.0);
+            std::thread::sleep(extra);
+            compute += extra;
+        }
+        let compute_ms = compute.as_secs_f64() * 1e3 / self.mine.len().max(1) as f64;
         let refs: Vec<&[f32]> = self.bufs.iter().map(|b| b.as_slice()).collect();
         deterministic::reduce_mean(group, &refs, self.micro_total, &mut self.mean, self.op_timeout)?;
         let loss = mean_in_index_order(group, &local_losses, self.micro_total, self.op_timeout)?;
         let stats = engine.apply(&self.mean)?;
-        Ok(StepReport { step, loss, lr: stats.lr, grad_norm: stats.grad_norm, step_ms: t0.elapsed().as_secs_f64() * 1e3 })
+        Ok(StepReport { step, loss, lr: stats.lr, grad_norm: stats.grad_norm, step_ms: t0.elapsed().as_secs_f64() * 1e3, compute_ms })
     }
 }
 
