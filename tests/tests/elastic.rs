@@ -41,6 +41,11 @@ fn killing_a_worker_swaps_in_the_spare() {
     let (_c, job) = scenario("kill", 5, 0, |c| c.inject("worker:w1", "kill", &[]));
     let r = ranks(&job);
     assert!(!r.contains(&"w1".to_string()) && r.contains(&"w4".to_string()) && r.len() == 4, "{r:?}");
+    // The survivors held the state: no disk read, at most the in-flight step redone.
+    let rec = &job["recoveries"][0];
+    assert!(rec["source"].as_str().unwrap().contains("peer rank"), "{rec}");
+    assert!(rec["steps_redone"].as_u64().unwrap() <= 1, "{rec}");
+    assert!(rec["mttr_ms"].as_u64().is_some(), "{rec}");
 }
 
 #[test]
@@ -110,15 +115,22 @@ fn a_full_disk_during_checkpoints_is_retried() {
 
 #[test]
 fn a_corrupt_newest_checkpoint_and_all_workers_killed_resume_from_the_previous_one() {
-    let (c, _job) = scenario("corrupt", 4, 3, |c| {
-        c.wait_step(65, LIMIT);
-        // Checkpoints at 20, 40, 60 are committed: corrupt the newest, then kill everyone.
-        c.wait_for(LIMIT, "checkpoint 60", |c| c.checkpoint_root().join("step-0000000060/manifest.json").exists());
-        c.inject("", "corrupt-checkpoint", &["--step", "60"]);
+    let mut corrupted = 0;
+    let (c, job) = scenario("corrupt", 4, 3, |c| {
+        c.wait_for(LIMIT, "two committed checkpoints", |c| c.checkpoint_root().join("step-0000000040/manifest.json").exists());
+        // Kill everyone (the supervisor restarts them after 3 s), then corrupt the newest
+        // committed checkpoint before they are back.
         for w in ["w0", "w1", "w2", "w3"] {
             c.inject(&format!("worker:{w}"), "kill", &[]);
         }
+        let out = c.ctl_ok(&["fault", "inject", "--kind", "corrupt-checkpoint"]);
+        corrupted = out.split("step ").nth(1).and_then(|s| s.split(':').next()).and_then(|s| s.parse().ok()).expect("corrupted step");
     });
-    let log: String = (0..4).map(|i| std::fs::read_to_string(c.cluster_dir().join(format!("w{i}.log"))).unwrap_or_default()).collect();
-    assert!(log.contains("resumed from checkpoint") && log.contains("step=40"), "{}", c.logs());
+    let recs = job["recoveries"].as_array().unwrap();
+    let want = format!("checkpoint step {}", corrupted - 20);
+    let rec = recs.iter().find(|r| r["source"] == want.as_str());
+    let rec = rec.unwrap_or_else(|| panic!("no recovery from {want} (corrupted {corrupted}): {recs:?}\n{}", c.logs()));
+    assert!(rec["steps_redone"].as_u64().unwrap() >= 20, "{rec}");
+    let ev = event_kinds(&c);
+    assert!(ev.iter().any(|e| e.contains("fault_injected") && e.contains("corrupt")), "{ev:#?}");
 }

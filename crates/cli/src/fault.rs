@@ -117,6 +117,10 @@ fn inject(c: InjectCmd) -> Result<()> {
         };
         let path = phalanx_checkpoint::corrupt_shard(&root, step, 0)?;
         println!("corrupted checkpoint step {step}: {}", path.display());
+        let record = phalanx_proto::Command::RecordFault { target: format!("checkpoint step {step}"), kind: "corrupt-checkpoint".into() };
+        if let Err(e) = c.cluster.client().and_then(|cl| Ok(cl.command(record)?)) {
+            eprintln!("warning: the fault was injected but could not be recorded in the event log: {e}");
+        }
         return Ok(());
     }
     let target = c.target.as_deref().ok_or_else(|| anyhow!("--target is required for --kind {:?}", c.kind))?;

@@ -748,6 +748,7 @@ impl RaftLoop {
                     id: worker.clone(),
                     health,
                     reason,
+                    address: None,
                 },
             };
             info!(worker = %worker, health = health.as_str(), "lease decision");
@@ -774,7 +775,7 @@ impl RaftLoop {
             self.lease_seq += 1;
             let env = Envelope {
                 request_id: format!("straggler-n{}-t{}-{}", self.cfg.id, self.r.term(), self.lease_seq),
-                command: Command::SetWorkerHealth { id: worker.clone(), health: WorkerHealth::Draining, reason },
+                command: Command::SetWorkerHealth { id: worker.clone(), health: WorkerHealth::Draining, reason, address: None },
             };
             info!(worker = %worker, "straggler decision");
             let _ = self.r.propose(&env);

@@ -69,6 +69,10 @@ pub struct ClusterState {
     pub applied_index: u64,
 }
 
+/// Recoveries and checkpoint stalls kept per job.
+const RECOVERIES_MAX: usize = 256;
+const STALLS_MAX: usize = 64;
+
 fn ok(m: impl Into<String>) -> Outcome {
     Outcome::Applied { message: m.into() }
 }
@@ -191,18 +195,42 @@ impl ClusterState {
     fn apply_command(&mut self, index: u64, cmd: &Command) -> Outcome {
         match cmd {
             Command::ReadBarrier => ok("read barrier"),
-            Command::ReportResume { worker, epoch, step, source } => {
+            Command::ReportResume { worker, epoch, step, source, steps_redone, mttr_ms } => {
                 if self.too_long(source) {
                     return no("source must be at most text_bytes_max bytes");
                 }
-                let Some(j) = &self.job else {
+                let Some(j) = &mut self.job else {
                     return no("no job");
                 };
                 if j.plan.as_ref().map(|p| p.epoch) != Some(*epoch) {
                     return no(format!("stale epoch {epoch}"));
                 }
+                if j.recoveries.iter().any(|r| r.epoch == *epoch) {
+                    return no(format!("epoch {epoch}'s resume is already recorded"));
+                }
+                // The old plan's committed watermark bounds the redone steps from below when
+                // no reporting rank remembers the steps it had done (all workers new).
+                let steps_redone = (*steps_redone).max(j.progress_step.saturating_sub(*step));
+                if *epoch > 1 {
+                    j.recoveries.push(phalanx_proto::Recovery {
+                        epoch: *epoch,
+                        source: source.clone(),
+                        resumed_at_step: *step,
+                        steps_redone,
+                        mttr_ms: *mttr_ms,
+                    });
+                    if j.recoveries.len() > RECOVERIES_MAX {
+                        j.recoveries.remove(0);
+                    }
+                }
                 let name = j.spec.name.clone();
-                self.event(index, "resumed", &name, format!("epoch {epoch} resumed at step {step} from {source} (reported by {worker})"));
+                let mttr = mttr_ms.map(|m| format!(", {m} ms after its last step")).unwrap_or_default();
+                self.event(
+                    index,
+                    "resumed",
+                    &name,
+                    format!("epoch {epoch} resumed at step {step} from {source}, {steps_redone} steps redone{mttr} (reported by {worker})"),
+                );
                 ok("resume recorded")
             }
             Command::RecordFault { target, kind } => {
@@ -285,10 +313,13 @@ impl ClusterState {
                 self.replan(index);
                 ok(msg)
             }
-            Command::SetWorkerHealth { id, health, reason } => {
+            Command::SetWorkerHealth { id, health, reason, address } => {
                 let Some(w) = self.workers.get_mut(id) else {
                     return no(format!("unknown worker {id}"));
                 };
+                if let Some(a) = address.as_ref().filter(|a| **a != w.address) {
+                    return no(format!("stale report about worker {id} at {a}; it is now at {}", w.address));
+                }
                 if self.limits.text_bytes_max < reason.len() {
                     return no("reason too long");
                 }
@@ -345,6 +376,8 @@ impl ClusterState {
                     progress_step: 0,
                     rank_steps: Vec::new(),
                     params_sha256: None,
+                    recoveries: Vec::new(),
+                    checkpoint_stall_us: Vec::new(),
                 });
                 self.event(
                     index,
@@ -414,9 +447,16 @@ impl ClusterState {
                 epoch,
                 shards,
                 durable,
+                stall_us,
             } => {
                 if shards.len() > 65_536 {
                     return no("too many shards");
+                }
+                if let (Some(us), Some(j)) = (stall_us, self.job.as_mut()) {
+                    j.checkpoint_stall_us.push(*us);
+                    if j.checkpoint_stall_us.len() > STALLS_MAX {
+                        j.checkpoint_stall_us.remove(0);
+                    }
                 }
                 if let Some(c) = self
                     .checkpoints
@@ -591,6 +631,7 @@ mod tests {
                     id: "b".into(),
                     health: WorkerHealth::Failed,
                     reason: "no heartbeat".into(),
+                    address: None,
                 },
             ),
         );

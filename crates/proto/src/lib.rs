@@ -132,6 +132,27 @@ pub struct JobInfo {
     /// SHA-256 of the final parameters (name-sorted LE f32 bytes), once the job finished.
     #[serde(default)]
     pub params_sha256: Option<String>,
+    /// Every recovery of this job: one per plan epoch after the first (newest last, bounded).
+    #[serde(default)]
+    pub recoveries: Vec<Recovery>,
+    /// How long training was blocked by each recent checkpoint snapshot, in µs (bounded).
+    #[serde(default)]
+    pub checkpoint_stall_us: Vec<u64>,
+}
+
+/// How the job came back after an interruption (measured by the first rank that resumed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recovery {
+    pub epoch: u64,
+    /// Where the state came from: a peer in memory, a checkpoint, or the initial state.
+    pub source: String,
+    pub resumed_at_step: u64,
+    /// Steps trained again: the newest step the reporting rank had completed before the
+    /// interruption minus the resume step.
+    pub steps_redone: u64,
+    /// From the reporting rank's last completed step before the interruption to its first
+    /// step after it: an upper bound of the time from fault to the next committed step.
+    pub mttr_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -181,6 +202,10 @@ pub enum Command {
         id: WorkerId,
         health: WorkerHealth,
         reason: String,
+        /// When set, the decision is about the worker registered at this address; a report
+        /// about an earlier incarnation (restarted since, at a new address) is refused.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        address: Option<String>,
     },
     DrainWorker {
         id: WorkerId,
@@ -204,6 +229,10 @@ pub enum Command {
         step: u64,
         /// `peer rank R`, `checkpoint step S` or `initial state`.
         source: String,
+        #[serde(default)]
+        steps_redone: u64,
+        #[serde(default)]
+        mttr_ms: Option<u64>,
     },
     /// An operator (or a chaos scenario) injected a fault; recorded for the event log.
     RecordFault {
@@ -221,6 +250,9 @@ pub enum Command {
         epoch: u64,
         shards: Vec<CheckpointShard>,
         durable: bool,
+        /// How long the reporting rank's training loop was blocked by the snapshot, in µs.
+        #[serde(default)]
+        stall_us: Option<u64>,
     },
     /// A free-form key/value annotation of the cluster (also the register that the
     /// linearizability test reads and writes).

@@ -108,6 +108,8 @@ pub fn run(cfg: AgentConfig) -> Result<(), WorkerError> {
     let progress = spawn_progress(client.clone(), cfg.id.clone());
 
     let mut engine: Option<(JobSpec, Engine)> = None;
+    // When and at which step this worker last completed a step (for the MTTR it reports).
+    let mut last_step: Option<(Instant, u64)> = None;
     let mut backoff = Duration::from_millis(100);
     let result = loop {
         if cfg.lifetime_max > Duration::ZERO && started.elapsed() > cfg.lifetime_max {
@@ -130,7 +132,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), WorkerError> {
             std::thread::sleep(cfg.heartbeat_interval);
             continue;
         };
-        match run_epoch(&cfg, &a, rank as usize, &job, &mut engine, &shared, &progress) {
+        match run_epoch(&cfg, &a, rank as usize, &job, &mut engine, &shared, &progress, &mut last_step) {
             Ok(()) => backoff = Duration::from_millis(100),
             Err(e) => {
                 warn!(epoch = a.epoch, error = %e, "epoch ended with an error; waiting for the next plan");
@@ -165,7 +167,7 @@ fn inject(cfg: &AgentConfig, engine: &mut Engine, f: &Fault) -> Result<(), Worke
         }
         FaultKind::Ecc => {
             let reason = format!("uncorrectable memory (ECC) error reported by the device at step {}", engine.step());
-            let cmd = Command::SetWorkerHealth { id: cfg.id.clone(), health: phalanx_proto::WorkerHealth::Quarantined, reason: reason.clone() };
+            let cmd = Command::SetWorkerHealth { id: cfg.id.clone(), health: phalanx_proto::WorkerHealth::Quarantined, reason: reason.clone(), address: None };
             cfg.client.command_with_id(new_request_id(&format!("ecc-{}", cfg.id)), cmd).map_err(ctl)?;
             Err(WorkerError::Quarantined(reason))
         }
@@ -196,7 +198,8 @@ fn report_corrupt_replica(client: &Client, me: &str, a: &Assignment, odd: usize,
         &majority[..majority.len().min(12)]
     );
     warn!(worker = %id, %reason, "quarantining a corrupt replica");
-    let cmd = Command::SetWorkerHealth { id: id.clone(), health: phalanx_proto::WorkerHealth::Quarantined, reason };
+    let addr = a.peers.get(odd).cloned();
+    let cmd = Command::SetWorkerHealth { id: id.clone(), health: phalanx_proto::WorkerHealth::Quarantined, reason, address: addr };
     let _ = client.command_with_id(new_request_id(&format!("sdc-{id}-{}", a.epoch)), cmd);
 }
 
@@ -221,7 +224,7 @@ fn report_dead_peers(client: &Client, me: &str, a: &Assignment, my_rank: usize) 
         let Some(id) = plan.ranks.get(rank) else { continue };
         let reason = format!("rank {rank} lost in epoch {}: connection refused at {addr} (reported by {me})", a.epoch);
         warn!(worker = %id, %reason, "reporting a dead peer");
-        let cmd = Command::SetWorkerHealth { id: id.clone(), health: phalanx_proto::WorkerHealth::Failed, reason };
+        let cmd = Command::SetWorkerHealth { id: id.clone(), health: phalanx_proto::WorkerHealth::Failed, reason, address: Some(addr.clone()) };
         let _ = client.command_with_id(new_request_id(&format!("dead-{id}-{}", a.epoch)), cmd);
     }
 }
@@ -287,6 +290,7 @@ fn group_id(job: &JobSpec, epoch: u64) -> u64 {
     phalanx_train::sampler::hash4(job.seed, epoch, job.steps, job.name.bytes().fold(0u64, |h, b| h.wrapping_mul(131).wrapping_add(u64::from(b))))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_epoch(
     cfg: &AgentConfig,
     a: &Assignment,
@@ -295,6 +299,7 @@ fn run_epoch(
     engine_slot: &mut Option<(JobSpec, Engine)>,
     shared: &Shared,
     progress: &mpsc::Sender<(u64, u64)>,
+    last_step: &mut Option<(Instant, u64)>,
 ) -> Result<(), WorkerError> {
     let world = a.world_size as usize;
     let peers: Vec<SocketAddr> = a
@@ -325,12 +330,11 @@ fn run_epoch(
     // A freshly built engine holds only the seed's initial state, which counts as none: if
     // nobody holds state, the newest checkpoint wins over step 0.
     let source = sync_state(engine, &mut group, !fresh, &cfg.checkpoint_root, cfg.op_timeout)?;
-    if rank == 0 {
-        let cmd = Command::ReportResume { worker: cfg.id.clone(), epoch: a.epoch, step: engine.step(), source };
-        if let Err(e) = cfg.client.command(cmd) {
-            warn!(error = %e, "reporting the resume point failed");
-        }
-    }
+    let resume_step = engine.step();
+    // Where the epoch resumed is reported after its first step, by every rank that trained
+    // before (it can time the interruption) or by rank 0; the first report is kept.
+    let mut resume_report = (last_step.is_some() || rank == 0).then_some(source);
+    let interrupted_at = *last_step;
     let mut stepper = Stepper::new(engine, &group, cfg.op_timeout)?;
     let mut writer = Checkpointing::new(cfg, job, world, rank, &shared.disk)?;
     let _ = progress.send((a.epoch, engine.step()));
@@ -353,12 +357,31 @@ fn run_epoch(
         };
         let report = stepper.step(engine, &mut group)?;
         let _ = progress.send((a.epoch, report.step + 1));
+        *last_step = Some((Instant::now(), report.step + 1));
+        if let Some(source) = resume_report.take() {
+            let cmd = Command::ReportResume {
+                worker: cfg.id.clone(),
+                epoch: a.epoch,
+                step: resume_step,
+                source,
+                steps_redone: interrupted_at.map(|(_, s)| s.saturating_sub(resume_step)).unwrap_or(0),
+                mttr_ms: interrupted_at.map(|(t, _)| t.elapsed().as_millis() as u64),
+            };
+            if let Err(e) = cfg.client.command_with_id(format!("resume-{}-{}-{}", job.name, a.epoch, cfg.id), cmd) {
+                warn!(error = %e, "reporting the resume point failed");
+            }
+        }
         shared.compute_ms.store(report.compute_ms.to_bits(), Ordering::Relaxed);
         if rank == 0 {
             info!(epoch = a.epoch, step = report.step + 1, loss = report.loss, ms = report.step_ms, "step");
         }
         if job.checkpoint_interval_steps > 0 && engine.step() % job.checkpoint_interval_steps == 0 {
+            let t = Instant::now();
             writer.snapshot(engine);
+            writer.stalls.push((engine.step(), t.elapsed().as_micros() as u64));
+            if writer.stalls.len() > 8 {
+                writer.stalls.remove(0);
+            }
         }
         writer.commit_ready(engine, &mut group, a.epoch, cfg)?;
     }
@@ -448,6 +471,8 @@ struct Checkpointing {
     events: mpsc::Receiver<CheckpointEvent>,
     /// This rank's shards that became durable since the last exchange.
     durable: Vec<ShardRecord>,
+    /// (step, µs the training loop was blocked by its snapshot), for the controller.
+    stalls: Vec<(u64, u64)>,
     root: PathBuf,
     world: usize,
     seed: u64,
@@ -459,7 +484,7 @@ impl Checkpointing {
         c.retain_count = cfg.checkpoint_retain;
         c.fault = Some(disk.clone());
         let (writer, events) = AsyncCheckpointer::spawn(c).map_err(|e| WorkerError::Checkpoint(e.to_string()))?;
-        Ok(Self { writer, events, durable: Vec::new(), root: cfg.checkpoint_root.clone(), world, seed: job.seed })
+        Ok(Self { writer, events, durable: Vec::new(), stalls: Vec::new(), root: cfg.checkpoint_root.clone(), world, seed: job.seed })
     }
 
     fn snapshot(&mut self, engine: &Engine) {
@@ -539,7 +564,9 @@ impl Checkpointing {
                 .iter()
                 .map(|s| phalanx_proto::CheckpointShard { rank: s.rank as u32, path: format!("{}/{}", ckpt::step_dir_name(step), s.file), bytes: s.bytes, sha256: s.sha256.clone() })
                 .collect();
-            let cmd = Command::RecordCheckpoint { step, epoch, shards: recorded, durable: true };
+            let stall_us = self.stalls.iter().find(|(s, _)| *s == step).map(|(_, us)| *us);
+            self.stalls.retain(|(s, _)| *s > step);
+            let cmd = Command::RecordCheckpoint { step, epoch, shards: recorded, durable: true, stall_us };
             if let Err(e) = cfg.client.command(cmd) {
                 warn!(step, error = %e, "recording the checkpoint in the controller failed");
             }

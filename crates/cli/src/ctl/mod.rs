@@ -941,6 +941,36 @@ fn print_job(job: Option<&JobInfo>) {
                     .collect();
                 println!("{}", table(&["RANK", "WORKER", "STEP"], &rows));
             }
+            if let Some(sha) = &j.params_sha256 {
+                println!("params_sha256: {sha}");
+            }
+            if !j.recoveries.is_empty() {
+                println!();
+                let rows: Vec<Vec<String>> = j
+                    .recoveries
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            r.epoch.to_string(),
+                            r.resumed_at_step.to_string(),
+                            r.steps_redone.to_string(),
+                            r.mttr_ms.map(|m| format!("{:.2}", m as f64 / 1e3)).unwrap_or("-".into()),
+                            r.source.clone(),
+                        ]
+                    })
+                    .collect();
+                println!("{}", table(&["EPOCH", "RESUMED AT", "REDONE", "MTTR s", "STATE FROM"], &rows));
+            }
+            if !j.checkpoint_stall_us.is_empty() {
+                let mut v = j.checkpoint_stall_us.clone();
+                v.sort_unstable();
+                println!(
+                    "checkpoint stall: median {:.2} ms, max {:.2} ms over the last {} checkpoints",
+                    v[v.len() / 2] as f64 / 1e3,
+                    v[v.len() - 1] as f64 / 1e3,
+                    v.len()
+                );
+            }
         }
     }
 }
