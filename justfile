@@ -30,7 +30,7 @@ test: setup
 bench: build
     cargo build --release -p phalanx-collective -p phalanx-checkpoint --bins
     mkdir -p bench-out
-    ./target/release/phalanx bench train --model small --steps 8 --rounds 3 --out bench-out/train.json
+    ./target/release/phalanx bench train --model small --steps 20 --rounds 5 --out bench-out/train.json
     ./target/release/collective-bench --bytes 40000000 --worlds 2,4 --iters 5 --out bench-out/collective.json
     ./target/release/ckpt-bench --params 10000000 --iters 5 --out bench-out/checkpoint.json
     ./target/release/phalanx controller bench --kills 30 --seconds 5 --out bench-out/controller.json

@@ -179,9 +179,12 @@ impl Gpt {
         check_len("parameter", flat.len(), self.layout.total)?;
         tch::no_grad(|| -> Result<(), TrainError> {
             for (slot, t) in self.layout.slots.iter().zip(&self.params) {
-                let src = Tensor::f_from_slice(&flat[slot.offset..slot.offset + slot.numel])?
-                    .f_view(slot.shape.as_slice())?
-                    .f_to_device(self.device)?;
+                let src = &flat[slot.offset..slot.offset + slot.numel];
+                if let Some(dst) = cpu_f32_mut(t, slot.numel) {
+                    dst.copy_from_slice(src);
+                    continue;
+                }
+                let src = Tensor::f_from_slice(src)?.f_view(slot.shape.as_slice())?.f_to_device(self.device)?;
                 let mut t = t.shallow_clone();
                 t.f_copy_(&src)?;
             }
@@ -226,6 +229,21 @@ fn var(base: &nn::Path, dotted: &str, shape: &[i64], init: nn::Init) -> Result<T
     };
     let path = rest.iter().fold(base.sub(*first), |p, s| p.sub(*s));
     Ok(path.f_var(leaf, shape, init)?)
+}
+
+/// The storage of a contiguous f32 CPU tensor as a slice, so that parameters are written
+/// with one memcpy instead of a temporary tensor and a copy. `None` for other tensors
+/// (CUDA, other layouts), which take the general path.
+fn cpu_f32_mut(t: &Tensor, numel: usize) -> Option<&mut [f32]> {
+    let ok = t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous() && t.numel() == numel;
+    if !ok || numel == 0 {
+        return None;
+    }
+    // SAFETY: the tensor is a contiguous f32 CPU tensor of `numel` elements that owns its
+    // storage (a parameter of our VarStore); nothing else reads or writes it while the
+    // optimizer loads parameters (no autograd graph is alive between steps), and the slice
+    // does not outlive this call's use of it.
+    Some(unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, numel) })
 }
 
 fn check_len(what: &str, got: usize, want: usize) -> Result<(), TrainError> {
