@@ -43,7 +43,7 @@ fn killing_a_worker_swaps_in_the_spare() {
     assert!(!r.contains(&"w1".to_string()) && r.contains(&"w4".to_string()) && r.len() == 4, "{r:?}");
     // The survivors held the state: no disk read, at most the in-flight step redone.
     let rec = &job["recoveries"][0];
-    assert!(rec["source"].as_str().unwrap().contains("peer rank"), "{rec}");
+    assert!(rec["source"].as_str().unwrap().starts_with("peers in memory"), "{rec}");
     assert!(rec["steps_redone"].as_u64().unwrap() <= 1, "{rec}");
     assert!(rec["mttr_ms"].as_u64().is_some(), "{rec}");
 }
@@ -52,7 +52,7 @@ fn killing_a_worker_swaps_in_the_spare() {
 fn a_hung_worker_is_replaced_and_fenced_out() {
     let (c, _job) = scenario("hang", 5, 0, |c| c.inject("worker:w2", "hang", &["--for", "12s"]));
     let ev = event_kinds(&c);
-    assert!(ev.iter().any(|e| e.contains("worker_failed") && e.contains("w2")), "{ev:#?}");
+    assert!(ev.iter().any(|e| (e.contains("worker_failed") || e.contains("worker_suspect")) && e.contains("w2")), "{ev:#?}");
 }
 
 #[test]

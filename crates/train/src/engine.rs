@@ -6,7 +6,8 @@ use tch::{Device, Tensor};
 use crate::config::ModelConfig;
 use crate::model::Gpt;
 use crate::optim::{clip_factor, AdamW, AdamWConfig, AdamWState};
-use crate::sampler::Sampler;
+use crate::sampler::{assign, Sampler};
+use std::ops::Range;
 use crate::TrainError;
 
 /// Everything that defines a training run's math. Two runs with equal `TrainSpec`s and
@@ -73,7 +74,10 @@ pub struct Engine {
     /// The master copy of the parameters, in layout order.
     pub params: Vec<f32>,
     decay: Vec<bool>,
+    /// This rank's optimizer shard (the whole vector when not sharded).
     pub opt: AdamWState,
+    /// A replica of the previous rank's shard (ZeRO-1 with one buddy), when sharded.
+    pub buddy: Option<AdamWState>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -99,7 +103,7 @@ impl Engine {
         let decay = model.layout.decay_mask();
         let opt = AdamWState::new(0..params.len());
         let sampler = Sampler::new(spec.seed, ctx, spec.global_batch, spec.micro_batch)?;
-        Ok(Self { spec, model, sampler, train, val, params, decay, opt })
+        Ok(Self { spec, model, sampler, train, val, params, decay, opt, buddy: None })
     }
 
     /// Inputs and targets of training micro-batch `micro` of `step`.
@@ -146,8 +150,10 @@ impl Engine {
         Ok(loss.f_double_value(&[])?)
     }
 
-    /// Clips the mean gradient by global norm, runs AdamW over this rank's optimizer range
-    /// and loads the new parameters into the model.
+    /// Clips the mean gradient by global norm and runs AdamW over this rank's optimizer
+    /// shards: its own range and, under sharding, its buddy's. Only the parameters of those
+    /// ranges change; the caller gathers the rest from their owners and then calls
+    /// [`Engine::sync_model`].
     pub fn apply(&mut self, mean_grad: &[f32]) -> Result<StepStats, TrainError> {
         let lr = self.spec.optim.lr_at(self.opt.step);
         let (grad_norm, clip) = clip_factor(mean_grad, self.spec.optim.grad_clip_norm);
@@ -155,8 +161,15 @@ impl Engine {
             return Err(TrainError::NonFinite { what: "gradient norm".into(), step: self.opt.step });
         }
         AdamW::update_range(&self.spec.optim, &mut self.opt, &mut self.params, mean_grad, &self.decay, clip);
-        self.model.write_params(&self.params)?;
+        if let Some(b) = self.buddy.as_mut() {
+            AdamW::update_range(&self.spec.optim, b, &mut self.params, mean_grad, &self.decay, clip);
+        }
         Ok(StepStats { grad_norm, lr })
+    }
+
+    /// Loads the flat parameters into the model's tensors.
+    pub fn sync_model(&self) -> Result<(), TrainError> {
+        self.model.write_params(&self.params)
     }
 
     /// Completed optimizer steps: the next step to train.
@@ -164,53 +177,69 @@ impl Engine {
         self.opt.step
     }
 
-    /// Bytes of this rank's whole training state (step, parameters, AdamW moments):
-    /// what a survivor sends a new or lagging rank.
-    pub fn state_bytes_len(&self) -> usize {
-        8 + 4 * (self.params.len() + self.opt.m.len() + self.opt.v.len())
+    /// ZeRO-1 ranges of rank `rank` of `world`: its own slice of the flat vector and, when
+    /// `world > 1`, the slice of the rank before it, whose moments it keeps a replica of so
+    /// that any single failure leaves every slice held by a survivor.
+    pub fn shard_ranges(&self, world: usize, rank: usize) -> (Range<usize>, Option<Range<usize>>) {
+        let n = self.params.len();
+        let own = assign(n, world, rank);
+        let buddy = (world > 1).then(|| assign(n, world, (rank + world - 1) % world));
+        (own, buddy)
     }
 
-    pub fn export_state(&self, out: &mut [u8]) -> Result<(), TrainError> {
-        if out.len() != self.state_bytes_len() {
-            return Err(TrainError::Config(format!("state buffer of {} bytes, expected {}", out.len(), self.state_bytes_len())));
+    /// Sets this rank's optimizer shards (their moments come from the caller).
+    pub fn set_shards(&mut self, own: AdamWState, buddy: Option<AdamWState>) -> Result<(), TrainError> {
+        let n = self.params.len();
+        for s in std::iter::once(&own).chain(buddy.as_ref()) {
+            if s.range.end > n || s.m.len() != s.range.len() || s.v.len() != s.range.len() || s.step != own.step {
+                return Err(TrainError::Config(format!("optimizer shard {:?} does not fit {n} parameters", s.range)));
+            }
         }
-        out[..8].copy_from_slice(&self.opt.step.to_le_bytes());
-        let mut off = 8;
-        for x in self.params.iter().chain(&self.opt.m).chain(&self.opt.v) {
-            out[off..off + 4].copy_from_slice(&x.to_le_bytes());
-            off += 4;
-        }
+        self.opt = own;
+        self.buddy = buddy;
         Ok(())
     }
 
-    pub fn import_state(&mut self, bytes: &[u8]) -> Result<(), TrainError> {
-        if bytes.len() != self.state_bytes_len() {
-            return Err(TrainError::Config(format!("state of {} bytes, expected {}", bytes.len(), self.state_bytes_len())));
-        }
-        self.opt.step = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
-        let mut it = bytes[8..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")));
-        for x in self.params.iter_mut().chain(self.opt.m.iter_mut()).chain(self.opt.v.iter_mut()) {
-            *x = it.next().expect("length checked");
-        }
-        self.model.write_params(&self.params)
+    /// Shards of `world`/`rank` with zero moments at the current step: the optimizer
+    /// state of a run that has not stepped yet.
+    pub fn zero_shards(&mut self, world: usize, rank: usize) -> Result<(), TrainError> {
+        let step = self.opt.step;
+        let (own, buddy) = self.shard_ranges(world, rank);
+        let mk = |r: Range<usize>| AdamWState { m: vec![0.0; r.len()], v: vec![0.0; r.len()], range: r, step };
+        self.set_shards(mk(own), buddy.map(mk))
     }
 
-    /// Replaces the state with parameters and moments loaded from a checkpoint.
-    pub fn load_checkpoint_state(&mut self, step: u64, params: Vec<f32>, m: Vec<f32>, v: Vec<f32>) -> Result<(), TrainError> {
-        let n = self.params.len();
-        if params.len() != n || m.len() != n || v.len() != n {
-            return Err(TrainError::Config(format!(
-                "checkpoint holds {}/{}/{} values, the model has {n}",
-                params.len(),
-                m.len(),
-                v.len()
-            )));
+    /// This rank's optimizer shards, serialised: per shard its range, then the parameters,
+    /// `m` and `v` of that range. After [`Engine::apply`] these ranges hold the new step's
+    /// values even if gathering the other ranges failed, so they are what a rank can vouch
+    /// for when the group has to agree on a state.
+    pub fn shards_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for s in std::iter::once(&self.opt).chain(self.buddy.as_ref()) {
+            out.extend_from_slice(&(s.range.start as u64).to_le_bytes());
+            out.extend_from_slice(&(s.range.end as u64).to_le_bytes());
+            for x in self.params[s.range.clone()].iter().chain(&s.m).chain(&s.v) {
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    /// Back to the seed's initial parameters at step 0 (the shards are set by the caller).
+    pub fn reset_to_initial(&mut self) -> Result<(), TrainError> {
+        self.params = crate::model::init_params(&self.spec.model, &self.model.layout, self.spec.seed);
+        self.opt.step = 0;
+        self.sync_model()
+    }
+
+    /// Replaces parameters and step (from a checkpoint); the shards are set by the caller.
+    pub fn load_params(&mut self, step: u64, params: Vec<f32>) -> Result<(), TrainError> {
+        if params.len() != self.params.len() {
+            return Err(TrainError::Config(format!("checkpoint holds {} parameters, the model has {}", params.len(), self.params.len())));
         }
         self.params = params;
-        self.opt.m = m;
-        self.opt.v = v;
         self.opt.step = step;
-        self.model.write_params(&self.params)
+        self.sync_model()
     }
 
     /// SHA-256 of the parameters' little-endian f32 bytes in name-sorted order.
@@ -296,6 +325,7 @@ mod tests {
                 }
             }
             e.apply(&mean).unwrap();
+            e.sync_model().unwrap();
             losses.push(l);
         }
         assert!(losses[29] < losses[0] - 1.0, "{losses:?}");
@@ -303,22 +333,43 @@ mod tests {
     }
 
     #[test]
-    fn state_export_import_round_trips() {
+    fn loaded_parameters_reach_the_model() {
         let mut a = engine(5, 3);
         let n = a.params.len();
         let mut g = vec![0f32; n];
         a.micro_grad(0, 0, &mut g).unwrap();
         a.apply(&g).unwrap();
-        let mut buf = vec![0u8; a.state_bytes_len()];
-        a.export_state(&mut buf).unwrap();
         let mut b = engine(6, 3);
-        b.import_state(&buf).unwrap();
+        b.load_params(a.step(), a.params.clone()).unwrap();
         assert_eq!(b.step(), 1);
         assert_eq!(a.params_sha256(), b.params_sha256());
-        // The model's tensors follow the imported parameters.
         let mut from_model = vec![0f32; n];
         b.model.read_params(&mut from_model).unwrap();
         assert_eq!(params_sha256(&from_model), a.params_sha256());
-        assert!(b.import_state(&buf[1..]).is_err());
+        assert!(b.load_params(1, vec![0.0; 3]).is_err());
+        b.reset_to_initial().unwrap();
+        assert_eq!((b.step(), b.params_sha256()), (0, engine(6, 3).params_sha256()));
+    }
+
+    #[test]
+    fn sharded_updates_with_a_buddy_match_the_whole_update() {
+        let mut whole = engine(9, 3);
+        let n = whole.params.len();
+        let mut g = vec![0f32; n];
+        whole.micro_grad(0, 0, &mut g).unwrap();
+        let mut shards: Vec<Engine> = (0..3).map(|_| engine(9, 3)).collect();
+        for (r, e) in shards.iter_mut().enumerate() {
+            e.zero_shards(3, r).unwrap();
+            e.apply(&g).unwrap();
+        }
+        whole.apply(&g).unwrap();
+        // Each rank's own range and its buddy's range hold the whole update's bits.
+        for (r, e) in shards.iter().enumerate() {
+            let (own, buddy) = e.shard_ranges(3, r);
+            for range in std::iter::once(own).chain(buddy) {
+                assert!(e.params[range.clone()].iter().zip(&whole.params[range]).all(|(a, b)| a.to_bits() == b.to_bits()));
+            }
+        }
+        assert_eq!(shards[1].shards_bytes().len(), 2 * 16 + 12 * (shards[1].opt.range.len() + shards[1].buddy.as_ref().unwrap().range.len()));
     }
 }

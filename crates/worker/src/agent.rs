@@ -25,7 +25,9 @@ use phalanx_collective::{BlockingGroup, GroupConfig};
 use phalanx_controller::client::{new_request_id, Client};
 use phalanx_proto::{Assignment, Command, DeviceSpec, HeartbeatRequest, JobSpec, JobState};
 use phalanx_train::data::{default_corpus_spec, Corpus};
-use phalanx_train::engine::{Engine, TrainSpec, DEFAULT_MICRO_BATCH};
+use phalanx_train::engine::{params_sha256, Engine, TrainSpec, DEFAULT_MICRO_BATCH};
+use phalanx_train::optim::AdamWState;
+use std::ops::Range;
 use phalanx_train::ModelConfig;
 use tracing::{info, warn};
 
@@ -107,7 +109,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), WorkerError> {
     let hb = spawn_heartbeat(client.clone(), cfg.id.clone(), shared.clone(), cfg.heartbeat_interval, inbox);
     let progress = spawn_progress(client.clone(), cfg.id.clone());
 
-    let mut engine: Option<(JobSpec, Engine)> = None;
+    let mut engine: Option<Slot> = None;
     // When and at which step this worker last completed a step (for the MTTR it reports).
     let mut last_step: Option<(Instant, u64)> = None;
     let mut backoff = Duration::from_millis(100);
@@ -286,6 +288,14 @@ fn spawn_progress(client: Arc<Client>, id: String) -> mpsc::Sender<(u64, u64)> {
     tx
 }
 
+/// The worker's training state for one job.
+struct Slot {
+    job: JobSpec,
+    engine: Engine,
+    /// The engine holds a state agreed with a group (not just the freshly built one).
+    agreed: bool,
+}
+
 fn group_id(job: &JobSpec, epoch: u64) -> u64 {
     phalanx_train::sampler::hash4(job.seed, epoch, job.steps, job.name.bytes().fold(0u64, |h, b| h.wrapping_mul(131).wrapping_add(u64::from(b))))
 }
@@ -296,7 +306,7 @@ fn run_epoch(
     a: &Assignment,
     rank: usize,
     job: &JobSpec,
-    engine_slot: &mut Option<(JobSpec, Engine)>,
+    engine_slot: &mut Option<Slot>,
     shared: &Shared,
     progress: &mpsc::Sender<(u64, u64)>,
     last_step: &mut Option<(Instant, u64)>,
@@ -310,15 +320,14 @@ fn run_epoch(
     crate::rendezvous::validate_peers(&peers, rank, world, None)?;
 
     // A new job (or none yet): build its engine. Its state counts as "none" until trained.
-    let mut fresh = false;
-    if engine_slot.as_ref().map(|(j, _)| j != job).unwrap_or(true) {
+    if engine_slot.as_ref().map(|sl| sl.job != *job).unwrap_or(true) {
         let spec = train_spec(job)?;
         let corpus = Corpus::load(&corpus_spec(job))?;
         let (train, val) = corpus.split(spec.val_fraction, spec.model.ctx_len)?;
-        *engine_slot = Some((job.clone(), Engine::new(spec, train, val, cfg.torch_device)?));
-        fresh = true;
+        *engine_slot = Some(Slot { job: job.clone(), engine: Engine::new(spec, train, val, cfg.torch_device)?, agreed: false });
     }
-    let (_, engine) = engine_slot.as_mut().expect("engine built above");
+    let slot = engine_slot.as_mut().expect("engine built above");
+    let engine = &mut slot.engine;
     let listener = cfg.listener.try_clone().map_err(|e| WorkerError::Rendezvous(format!("listener: {e}")))?;
     let mut gc = GroupConfig::new(rank, peers);
     gc.group_id = group_id(job, a.epoch);
@@ -327,9 +336,11 @@ fn run_epoch(
     let mut group = BlockingGroup::connect(gc, listener)?;
     info!(epoch = a.epoch, rank, world, "group formed");
 
-    // A freshly built engine holds only the seed's initial state, which counts as none: if
-    // nobody holds state, the newest checkpoint wins over step 0.
-    let source = sync_state(engine, &mut group, !fresh, &cfg.checkpoint_root, cfg.op_timeout)?;
+    // Only a state this worker agreed on with a group (and trained or loaded since) counts;
+    // an engine that was merely built holds the seed's initial state, which counts as none,
+    // so that if nobody holds state the newest checkpoint wins over step 0.
+    let source = sync_state(engine, &mut group, slot.agreed, &cfg.checkpoint_root, cfg.op_timeout)?;
+    slot.agreed = true;
     let resume_step = engine.step();
     // Where the epoch resumed is reported after its first step, by every rank that trained
     // before (it can time the interruption) or by rank 0; the first report is kept.
@@ -409,6 +420,14 @@ fn run_epoch(
 
 /// Agrees on one training state across the group (see the module docs); returns where
 /// the state came from.
+///
+/// Parameters come from one source rank (the lowest at the highest step). Optimizer
+/// moments are sharded (ZeRO-1, each rank also keeping a replica of the previous rank's
+/// shard): every rank at that step contributes the shards it holds, and each rank takes its
+/// new own and buddy slices from them. When the survivors' shards do not cover the whole
+/// vector (two neighbours lost at once), or nobody holds state, every rank reads the newest
+/// valid checkpoint instead; all ranks see the same announcements, so they all decide
+/// alike.
 pub fn sync_state(
     engine: &mut Engine,
     group: &mut BlockingGroup,
@@ -416,6 +435,7 @@ pub fn sync_state(
     checkpoint_root: &std::path::Path,
     timeout: Duration,
 ) -> Result<String, WorkerError> {
+    let (world, rank) = (group.world(), group.rank());
     let mut mine = Vec::with_capacity(9 + 64);
     mine.push(u8::from(has_state));
     mine.extend_from_slice(&engine.step().to_le_bytes());
@@ -430,37 +450,124 @@ pub fn sync_state(
             Ok((b[0] == 1, u64::from_le_bytes(b[1..9].try_into().expect("8 bytes")), &b[9..]))
         })
         .collect::<Result<_, _>>()?;
-    let best = parsed.iter().filter(|p| p.0).map(|p| p.1).max();
-    let Some(best) = best else {
-        // Nobody holds state: the newest valid checkpoint, or the seed's initial state.
-        let latest = ckpt::latest_valid(checkpoint_root).map_err(|e| WorkerError::Checkpoint(e.to_string()))?;
-        for p in &latest.skipped {
-            warn!(problem = %p, "skipping a corrupt or incomplete checkpoint");
+    let Some(best) = parsed.iter().filter(|p| p.0).map(|p| p.1).max() else {
+        return load_from_checkpoint(engine, world, rank, checkpoint_root);
+    };
+    // Every rank at `best` vouches for the parameters and moments of its own and buddy
+    // ranges (valid even when its last parameter gather failed); together they must cover
+    // the whole vector.
+    let at_best = parsed[rank].0 && parsed[rank].1 == best;
+    let contribution = if at_best { engine.shards_bytes() } else { Vec::new() };
+    let parts = group.all_gather_within(&contribution, timeout)?;
+    let n = engine.params.len();
+    let mut shards = Vec::new();
+    let mut holders = Vec::new();
+    for (r, part) in parts.iter().enumerate() {
+        let got = parse_shards(part, n).map_err(|e| WorkerError::Protocol(format!("rank {r}'s state shards: {e}")))?;
+        if !got.is_empty() {
+            holders.push(r);
         }
-        if let Some(m) = latest.manifest {
-            let st = ckpt::load_range(checkpoint_root, m.step, 0..m.param_count).map_err(|e| WorkerError::Checkpoint(e.to_string()))?;
-            engine.load_checkpoint_state(st.opt_step, st.params, st.m, st.v)?;
-            info!(step = m.step, "resumed from checkpoint (no survivor held state)");
-            return Ok(format!("checkpoint step {}", m.step));
+        shards.extend(got);
+    }
+    if !covers(&shards, 0..n) {
+        warn!(step = best, "the survivors' shards do not cover the model; rolling back to a checkpoint");
+        return load_from_checkpoint(engine, world, rank, checkpoint_root);
+    }
+    let params = assemble(&shards, 0..n, |s| &s.1);
+    if params_sha256(&params) != engine.params_sha256() || engine.step() != best {
+        engine.load_params(best, params)?;
+        info!(step = best, from = ?holders, "state received from peers");
+    }
+    let (own, buddy) = engine.shard_ranges(world, rank);
+    let take = |range: Range<usize>| AdamWState {
+        m: assemble(&shards, range.clone(), |s| &s.2),
+        v: assemble(&shards, range.clone(), |s| &s.3),
+        range,
+        step: best,
+    };
+    engine.set_shards(take(own), buddy.map(take))?;
+    Ok(format!("peers in memory (ranks {holders:?} at step {best})"))
+}
+
+/// (range, params, m, v) of one shard received from a peer.
+type Shard = (Range<usize>, Vec<f32>, Vec<f32>, Vec<f32>);
+
+fn parse_shards(mut b: &[u8], n: usize) -> Result<Vec<Shard>, String> {
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        if b.len() < 16 {
+            return Err(format!("{} trailing bytes", b.len()));
         }
+        let start = u64::from_le_bytes(b[..8].try_into().expect("8 bytes")) as usize;
+        let end = u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")) as usize;
+        if start > end || end > n {
+            return Err(format!("range {start}..{end} outside 0..{n}"));
+        }
+        let len = end - start;
+        let need = 16 + 12 * len;
+        if b.len() < need {
+            return Err(format!("range {start}..{end} needs {need} bytes, {} left", b.len()));
+        }
+        let f = |k: usize| {
+            let at = 16 + 4 * len * k;
+            b[at..at + 4 * len].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect::<Vec<f32>>()
+        };
+        out.push((start..end, f(0), f(1), f(2)));
+        b = &b[need..];
+    }
+    Ok(out)
+}
+
+fn covers(shards: &[Shard], want: Range<usize>) -> bool {
+    let mut ranges: Vec<&Range<usize>> = shards.iter().map(|s| &s.0).filter(|r| !r.is_empty()).collect();
+    ranges.sort_by_key(|r| r.start);
+    let mut next = want.start;
+    for r in ranges {
+        if r.start > next {
+            break;
+        }
+        next = next.max(r.end);
+    }
+    next >= want.end
+}
+
+/// The values of `range`, each element taken from a shard that holds it (replicas are
+/// identical, so any will do).
+fn assemble(shards: &[Shard], range: Range<usize>, pick: impl Fn(&Shard) -> &Vec<f32>) -> Vec<f32> {
+    let mut out = vec![0f32; range.len()];
+    for s in shards {
+        let lo = s.0.start.max(range.start);
+        let hi = s.0.end.min(range.end);
+        if lo < hi {
+            out[lo - range.start..hi - range.start].copy_from_slice(&pick(s)[lo - s.0.start..hi - s.0.start]);
+        }
+    }
+    out
+}
+
+/// Nobody can serve the state: the newest valid checkpoint (skipping corrupt ones), or the
+/// seed's initial state when there is none.
+fn load_from_checkpoint(engine: &mut Engine, world: usize, rank: usize, root: &std::path::Path) -> Result<String, WorkerError> {
+    let ck = |e: phalanx_checkpoint::CheckpointError| WorkerError::Checkpoint(e.to_string());
+    let latest = ckpt::latest_valid(root).map_err(ck)?;
+    for p in &latest.skipped {
+        warn!(problem = %p, "skipping a corrupt or incomplete checkpoint");
+    }
+    let (own, buddy) = engine.shard_ranges(world, rank);
+    let Some(m) = latest.manifest else {
+        engine.reset_to_initial()?;
+        engine.zero_shards(world, rank)?;
         return Ok("the seed's initial state".into());
     };
-    let src = parsed.iter().position(|p| p.0 && p.1 == best).expect("best exists");
-    let source = format!("peer rank {src} (in memory)");
-    let needs = parsed.iter().any(|p| !(p.0 && p.1 == best && p.2 == parsed[src].2));
-    if !needs {
-        return Ok(source);
-    }
-    let mut buf = vec![0u8; engine.state_bytes_len()];
-    if group.rank() == src {
-        engine.export_state(&mut buf)?;
-    }
-    group.broadcast_within(&mut buf, src, timeout.max(Duration::from_secs(10)))?;
-    if group.rank() != src {
-        engine.import_state(&buf)?;
-        info!(step = best, from_rank = src, "state received from a peer");
-    }
-    Ok(source)
+    let load = |range: Range<usize>| ckpt::load_range(root, m.step, range).map_err(ck);
+    let st = load(own)?;
+    let b = buddy.map(load).transpose()?;
+    let own_shard = AdamWState { range: st.range.clone(), m: st.m, v: st.v, step: st.opt_step };
+    engine.load_params(st.opt_step, st.params)?;
+    let buddy_shard = b.map(|l| AdamWState { range: l.range, m: l.m, v: l.v, step: l.opt_step });
+    engine.set_shards(own_shard, buddy_shard)?;
+    info!(step = m.step, "state loaded from checkpoint (no survivor could serve it)");
+    Ok(format!("checkpoint step {}", m.step))
 }
 
 /// The rank's asynchronous checkpointing for one epoch. Rank 0 commits a checkpoint's
@@ -488,14 +595,14 @@ impl Checkpointing {
     }
 
     fn snapshot(&mut self, engine: &Engine) {
-        let range = ckpt::shard_range(engine.params.len(), self.world, self.rank());
+        // ZeRO-1: the rank's own optimizer shard is exactly its checkpoint shard.
         let st = RankState {
             step: engine.step(),
             seed: self.seed,
             params: &engine.params,
-            range: range.clone(),
-            m: &engine.opt.m[range.clone()],
-            v: &engine.opt.v[range],
+            range: engine.opt.range.clone(),
+            m: &engine.opt.m,
+            v: &engine.opt.v,
             opt_step: engine.opt.step,
             extra: &[],
         };
@@ -510,10 +617,6 @@ impl Checkpointing {
             warn!("checkpoint writes still pending after 30 s");
         }
         self.commit_ready(engine, group, epoch, cfg)
-    }
-
-    fn rank(&self) -> usize {
-        self.writer.config().rank
     }
 
     /// Drains writer events; when some rank has a durable shard, ranks exchange their
@@ -576,5 +679,40 @@ impl Checkpointing {
             info!(step, "checkpoint committed");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shard(r: Range<usize>) -> Shard {
+        let p = r.clone().map(|i| i as f32 * 10.0).collect();
+        let m = r.clone().map(|i| i as f32).collect();
+        let v = r.clone().map(|i| -(i as f32)).collect();
+        (r, p, m, v)
+    }
+
+    #[test]
+    fn shards_round_trip_cover_and_assemble() {
+        let shards = vec![shard(0..4), shard(3..7), shard(7..10)];
+        assert!(covers(&shards, 0..10));
+        assert!(!covers(&shards[..2], 0..10));
+        assert!(!covers(&[shard(0..3), shard(4..10)], 0..10));
+        assert_eq!(assemble(&shards, 2..8, |s| &s.2), vec![2.0, 3.0, 4.0, 5.0, 6.0, 7.0]);
+        assert_eq!(assemble(&shards, 2..8, |s| &s.3), vec![-2.0, -3.0, -4.0, -5.0, -6.0, -7.0]);
+        assert_eq!(assemble(&shards, 0..2, |s| &s.1), vec![0.0, 10.0]);
+    }
+
+    #[test]
+    fn malformed_shard_bytes_are_errors() {
+        let mut b = Vec::new();
+        b.extend_from_slice(&2u64.to_le_bytes());
+        b.extend_from_slice(&4u64.to_le_bytes());
+        b.extend_from_slice(&[0u8; 24]);
+        assert_eq!(parse_shards(&b, 10).unwrap().len(), 1);
+        assert!(parse_shards(&b[..30], 10).unwrap_err().contains("needs"));
+        assert!(parse_shards(&b, 3).unwrap_err().contains("outside"));
+        assert!(parse_shards(&b[..5], 10).unwrap_err().contains("trailing"));
     }
 }

@@ -63,6 +63,12 @@ impl Stepper {
         }
         let mine = assign(micro_total, world, rank);
         let n = engine.params.len();
+        if engine.opt.range != engine.shard_ranges(world, rank).0 {
+            return Err(WorkerError::Protocol(format!(
+                "optimizer shard {:?} is not rank {rank}'s of world {world}; agree on the state first",
+                engine.opt.range
+            )));
+        }
         Ok(Self { bufs: mine.clone().map(|_| vec![0f32; n]).collect(), mine, micro_total, mean: vec![0f32; n], op_timeout, slow_factor: 1.0 })
     }
 
@@ -88,8 +94,35 @@ impl Stepper {
         deterministic::reduce_mean(group, &refs, self.micro_total, &mut self.mean, self.op_timeout)?;
         let loss = mean_in_index_order(group, &local_losses, self.micro_total, self.op_timeout)?;
         let stats = engine.apply(&self.mean)?;
+        gather_params(engine, group, self.op_timeout)?;
+        engine.sync_model()?;
         Ok(StepReport { step, loss, lr: stats.lr, grad_norm: stats.grad_norm, step_ms: t0.elapsed().as_secs_f64() * 1e3, compute_ms })
     }
+}
+
+/// ZeRO-1: every rank updated the parameters of its own range; gather the others' so that
+/// every rank holds the whole new vector (the same bits everywhere).
+fn gather_params(engine: &mut Engine, group: &mut BlockingGroup, timeout: Duration) -> Result<(), WorkerError> {
+    let world = group.world();
+    if world == 1 {
+        return Ok(());
+    }
+    let own = engine.opt.range.clone();
+    let mut bytes = Vec::with_capacity(own.len() * 4);
+    for x in &engine.params[own] {
+        bytes.extend_from_slice(&x.to_le_bytes());
+    }
+    let parts = group.all_gather_within(&bytes, timeout)?;
+    for (r, part) in parts.iter().enumerate() {
+        let range = engine.shard_ranges(world, r).0;
+        if part.len() != range.len() * 4 {
+            return Err(WorkerError::Protocol(format!("rank {r} sent {} parameter bytes for range {range:?}", part.len())));
+        }
+        for (x, c) in engine.params[range].iter_mut().zip(part.chunks_exact(4)) {
+            *x = f32::from_le_bytes(c.try_into().expect("4 bytes"));
+        }
+    }
+    Ok(())
 }
 
 /// Mean validation loss over the spec's validation micro-batches, shared out over the group.
@@ -135,6 +168,7 @@ pub fn train(
     opts: &DpOptions,
     on_step: &mut dyn FnMut(&StepReport),
 ) -> Result<RunResult, WorkerError> {
+    engine.zero_shards(group.world(), group.rank())?;
     let mut stepper = Stepper::new(engine, group, opts.op_timeout)?;
     let mut losses = Vec::with_capacity(engine.spec.steps as usize);
     let start = Instant::now();
