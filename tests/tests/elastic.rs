@@ -134,3 +134,27 @@ fn a_corrupt_newest_checkpoint_and_all_workers_killed_resume_from_the_previous_o
     let ev = event_kinds(&c);
     assert!(ev.iter().any(|e| e.contains("fault_injected") && e.contains("corrupt")), "{ev:#?}");
 }
+
+#[test]
+fn a_partitioned_worker_is_replaced_and_rejoins_when_the_partition_heals() {
+    let mut cut = String::new();
+    let (c, _job) = scenario("partition", 5, 0, |c| {
+        cut = ranks(&c.job().unwrap())[1].clone();
+        c.inject("rank:1", "partition", &["--for", "4s"]);
+        c.wait_for(LIMIT, "the partitioned worker to leave the plan", |c| {
+            c.job().map(|j| !ranks(&j).contains(&cut) || j["state"] == "completed").unwrap_or(false)
+        });
+    });
+    // After the partition heals, the worker registers again and is placeable once more.
+    c.wait_for(LIMIT, "the partitioned worker to rejoin", |c| {
+        c.status().and_then(|s| {
+            s["workers"].as_array()?.iter().find(|w| w["id"] == cut.as_str()).map(|w| {
+                matches!(w["health"].as_str(), Some("joining" | "healthy" | "spare"))
+            })
+        }) == Some(true)
+    });
+    let ev = event_kinds(&c);
+    assert!(ev.iter().any(|e| e.contains("fault_injected") && e.contains("partition")), "{ev:#?}");
+    assert!(ev.iter().any(|e| e.contains("worker_suspect") && e.contains(cut.as_str())), "{ev:#?}");
+    assert!(ev.iter().any(|e| e.contains("worker_registered") && e.contains(cut.as_str())), "{ev:#?}");
+}

@@ -39,6 +39,8 @@ pub enum Kind {
     Sdc,
     /// Checkpoint writes fail with "disk full" for --for.
     DiskFull,
+    /// Cut the worker off from controllers and peers for --for.
+    Partition,
     /// Flip bytes in a committed checkpoint's shard (--step, default the newest).
     CorruptCheckpoint,
 }
@@ -51,7 +53,7 @@ pub struct InjectCmd {
     target: Option<String>,
     #[arg(long, value_enum)]
     kind: Kind,
-    /// Duration of hang, slow and disk-full, e.g. `5s`, `800ms`.
+    /// Duration of hang, slow, disk-full and partition, e.g. `5s`, `800ms`.
     #[arg(long = "for", value_parser = parse_duration)]
     for_: Option<Duration>,
     /// Slowdown factor of `slow`.
@@ -174,9 +176,10 @@ fn inject(c: InjectCmd) -> Result<()> {
                 Kind::Ecc => FaultKind::Ecc,
                 Kind::Sdc => FaultKind::Sdc,
                 Kind::DiskFull => FaultKind::DiskFull,
+                Kind::Partition => FaultKind::Partition,
                 _ => unreachable!("handled above"),
             };
-            if matches!(kind, FaultKind::Slow | FaultKind::DiskFull) && for_ms.is_none() {
+            if matches!(kind, FaultKind::Slow | FaultKind::DiskFull | FaultKind::Partition) && for_ms.is_none() {
                 bail!("--kind {:?} needs --for DURATION", c.kind);
             }
             let seq = std::fs::metadata(&inbox).map(|m| m.len()).unwrap_or(0);

@@ -88,6 +88,14 @@ struct Shared {
     /// Latest compute time per micro-batch (f64 bits), sent with heartbeats.
     compute_ms: AtomicU64,
     disk: ckpt::FaultInjector,
+    /// An injected network partition lasts until this instant.
+    partitioned_until: std::sync::Mutex<Option<Instant>>,
+}
+
+impl Shared {
+    fn partitioned(&self) -> bool {
+        self.partitioned_until.lock().unwrap_or_else(|p| p.into_inner()).is_some_and(|t| Instant::now() < t)
+    }
 }
 
 pub fn run(cfg: AgentConfig) -> Result<(), WorkerError> {
@@ -100,7 +108,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), WorkerError> {
         }
         phalanx_train::device::DeviceRequest::Cuda(n) => DeviceSpec { kind: "cuda".into(), index: *n as u32, memory_bytes: 0 },
     };
-    let reg = Command::RegisterWorker { id: cfg.id.clone(), address: addr.to_string(), device };
+    let reg = Command::RegisterWorker { id: cfg.id.clone(), address: addr.to_string(), device: device.clone() };
     client.command_with_id(new_request_id(&format!("register-{}", cfg.id)), reg).map_err(ctl)?;
     info!(worker = %cfg.id, %addr, "registered");
 
@@ -113,9 +121,25 @@ pub fn run(cfg: AgentConfig) -> Result<(), WorkerError> {
     // When and at which step this worker last completed a step (for the MTTR it reports).
     let mut last_step: Option<(Instant, u64)> = None;
     let mut backoff = Duration::from_millis(100);
+    let mut was_partitioned = false;
     let result = loop {
         if cfg.lifetime_max > Duration::ZERO && started.elapsed() > cfg.lifetime_max {
             break Err(WorkerError::Protocol(format!("lifetime bound of {} s reached", cfg.lifetime_max.as_secs())));
+        }
+        if shared.partitioned() {
+            std::thread::sleep(cfg.heartbeat_interval);
+            was_partitioned = true;
+            continue;
+        }
+        if std::mem::take(&mut was_partitioned) {
+            // The partition healed: the leader has failed us meanwhile; join again.
+            let reg = Command::RegisterWorker { id: cfg.id.clone(), address: addr.to_string(), device: device.clone() };
+            if let Err(e) = client.command_with_id(new_request_id(&format!("reregister-{}", cfg.id)), reg) {
+                warn!(error = %e, "re-registering after the partition failed");
+                was_partitioned = true;
+                continue;
+            }
+            info!(worker = %cfg.id, "partition healed; registered again");
         }
         let a: Assignment = match client.get(&format!("/v1/assignment/{}", cfg.id)) {
             Ok(a) => a,
@@ -146,6 +170,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), WorkerError> {
                     WorkerError::Diverged { rank: odd, ours, theirs } => {
                         report_corrupt_replica(&client, &cfg.id, &a, *odd, ours, theirs);
                     }
+                    _ if shared.partitioned() => {}
                     _ => report_dead_peers(&client, &cfg.id, &a, rank as usize),
                 }
                 std::thread::sleep(backoff);
@@ -180,7 +205,7 @@ fn inject(cfg: &AgentConfig, engine: &mut Engine, f: &Fault) -> Result<(), Worke
             engine.model.write_params(&engine.params)?;
             Ok(())
         }
-        FaultKind::Slow | FaultKind::DiskFull => Ok(()),
+        FaultKind::Slow | FaultKind::DiskFull | FaultKind::Partition => Ok(()),
     }
 }
 
@@ -244,6 +269,11 @@ fn spawn_heartbeat(
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         while !shared.stop.load(Ordering::SeqCst) {
+            if shared.partitioned() {
+                // Cut off: nothing reaches the controllers.
+                std::thread::sleep(every);
+                continue;
+            }
             let t = f64::from_bits(shared.compute_ms.load(Ordering::Relaxed));
             let body = HeartbeatRequest { worker: id.clone(), compute_ms: (t > 0.0).then_some(t) };
             if let Some(inbox) = inbox.as_mut() {
@@ -252,6 +282,9 @@ fn spawn_heartbeat(
                     match f.kind {
                         // Acted on at once, off the training thread.
                         FaultKind::DiskFull => shared.disk.disk_full_for(f.duration()),
+                        FaultKind::Partition => {
+                            *shared.partitioned_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + f.duration())
+                        }
                         FaultKind::Slow => {
                             *shared.slow.lock().unwrap_or_else(|p| p.into_inner()) = Some((f.factor.max(1.0), Instant::now() + f.duration()))
                         }
@@ -353,6 +386,9 @@ fn run_epoch(
     while engine.step() < engine.spec.steps {
         if shared.epoch.load(Ordering::SeqCst) > a.epoch {
             return Err(WorkerError::Superseded { epoch: a.epoch });
+        }
+        if shared.partitioned() {
+            return Err(WorkerError::Rendezvous("cut off by a network partition".into()));
         }
         let pending: Vec<Fault> = std::mem::take(&mut *shared.faults.lock().unwrap_or_else(|p| p.into_inner()));
         for f in pending {

@@ -23,6 +23,9 @@ pub enum FaultKind {
     Slow,
     /// Checkpoint writes fail with a disk-full error for `for_ms`.
     DiskFull,
+    /// The worker is cut off from the controllers and its peers for `for_ms`: no
+    /// heartbeats, its collective group is dropped, it joins no group; then it re-registers.
+    Partition,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
