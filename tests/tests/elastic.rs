@@ -46,6 +46,9 @@ fn killing_a_worker_swaps_in_the_spare() {
     assert!(rec["source"].as_str().unwrap().starts_with("peers in memory"), "{rec}");
     assert!(rec["steps_redone"].as_u64().unwrap() <= 1, "{rec}");
     assert!(rec["mttr_ms"].as_u64().is_some(), "{rec}");
+    // Enough to compute the effective training time shown by `job status`.
+    let (start, end) = (job["started_at_ms"].as_u64().unwrap(), job["finished_at_ms"].as_u64().unwrap());
+    assert!(end > start + rec["mttr_ms"].as_u64().unwrap(), "{job}");
 }
 
 #[test]

@@ -10,3 +10,52 @@ pub mod state;
 pub use jobfile::{job_template, parse_job_toml, validate_job, JobFileError};
 pub use policy::{LeaseConfig, LeaseDecision, Leases, PlacementDecision, Reason, StragglerConfig, Stragglers};
 pub use state::{Applied, ClusterState, SnapshotError, StateLimits};
+
+/// Effective training time of a finished job: wall time from the start of training to its
+/// end, minus the recovery windows its workers measured, over that wall time. `None` until
+/// the job has both timestamps.
+pub fn effective_training_time(job: &phalanx_proto::JobInfo) -> Option<f64> {
+    let (start, end) = (job.started_at_ms?, job.finished_at_ms?);
+    let wall = end.checked_sub(start).filter(|w| *w > 0)? as f64;
+    let lost: u64 = job.recoveries.iter().filter_map(|r| r.mttr_ms).sum();
+    Some(((wall - lost as f64) / wall).clamp(0.0, 1.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use phalanx_proto::{JobInfo, JobSpec, JobState, Recovery};
+
+    #[test]
+    fn effective_training_time_subtracts_the_recovery_windows() {
+        let spec = JobSpec {
+            name: "j".into(),
+            model: "tiny".into(),
+            corpus: "default".into(),
+            steps: 10,
+            global_batch: 8,
+            seed: 1,
+            checkpoint_interval_steps: 0,
+            world_size_min: 1,
+            world_size_max: 1,
+        };
+        let rec = |ms| Recovery { epoch: 2, source: "peers".into(), resumed_at_step: 1, steps_redone: 0, mttr_ms: ms };
+        let mut job = JobInfo {
+            spec,
+            state: JobState::Completed,
+            plan: None,
+            progress_step: 10,
+            rank_steps: vec![],
+            params_sha256: None,
+            recoveries: vec![rec(Some(1_000)), rec(None), rec(Some(1_000))],
+            checkpoint_stall_us: vec![],
+            started_at_ms: Some(10_000),
+            finished_at_ms: None,
+        };
+        assert_eq!(effective_training_time(&job), None);
+        job.finished_at_ms = Some(30_000);
+        assert!((effective_training_time(&job).unwrap() - 0.9).abs() < 1e-12);
+        job.finished_at_ms = Some(5_000);
+        assert_eq!(effective_training_time(&job), None);
+    }
+}

@@ -195,7 +195,7 @@ impl ClusterState {
     fn apply_command(&mut self, index: u64, cmd: &Command) -> Outcome {
         match cmd {
             Command::ReadBarrier => ok("read barrier"),
-            Command::ReportResume { worker, epoch, step, source, steps_redone, mttr_ms } => {
+            Command::ReportResume { worker, epoch, step, source, steps_redone, mttr_ms, at_ms } => {
                 if self.too_long(source) {
                     return no("source must be at most text_bytes_max bytes");
                 }
@@ -207,6 +207,9 @@ impl ClusterState {
                 }
                 if j.recoveries.iter().any(|r| r.epoch == *epoch) {
                     return no(format!("epoch {epoch}'s resume is already recorded"));
+                }
+                if j.started_at_ms.is_none() {
+                    j.started_at_ms = *at_ms;
                 }
                 // The old plan's committed watermark bounds the redone steps from below when
                 // no reporting rank remembers the steps it had done (all workers new).
@@ -240,7 +243,7 @@ impl ClusterState {
                 self.event(index, "fault_injected", target, kind.clone());
                 ok("fault recorded")
             }
-            Command::ReportResult { worker, epoch, params_sha256 } => {
+            Command::ReportResult { worker, epoch, params_sha256, finished_at_ms } => {
                 let Some(j) = &mut self.job else {
                     return no("no job");
                 };
@@ -251,6 +254,7 @@ impl ClusterState {
                     return no("params_sha256 must be 64 hex digits");
                 }
                 j.params_sha256 = Some(params_sha256.clone());
+                j.finished_at_ms = j.finished_at_ms.or(*finished_at_ms);
                 let name = j.spec.name.clone();
                 self.event(index, "job_result", &name, format!("params_sha256 {params_sha256} (reported by {worker}, epoch {epoch})"));
                 ok("result recorded")
@@ -378,6 +382,8 @@ impl ClusterState {
                     params_sha256: None,
                     recoveries: Vec::new(),
                     checkpoint_stall_us: Vec::new(),
+                    started_at_ms: None,
+                    finished_at_ms: None,
                 });
                 self.event(
                     index,

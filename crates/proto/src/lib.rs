@@ -138,6 +138,11 @@ pub struct JobInfo {
     /// How long training was blocked by each recent checkpoint snapshot, in µs (bounded).
     #[serde(default)]
     pub checkpoint_stall_us: Vec<u64>,
+    /// Wall clock (ms since the Unix epoch, from the workers) when training began and ended.
+    #[serde(default)]
+    pub started_at_ms: Option<u64>,
+    #[serde(default)]
+    pub finished_at_ms: Option<u64>,
 }
 
 /// How the job came back after an interruption (measured by the first rank that resumed).
@@ -233,6 +238,9 @@ pub enum Command {
         steps_redone: u64,
         #[serde(default)]
         mttr_ms: Option<u64>,
+        /// The reporting worker's wall clock (ms since the Unix epoch) when the epoch began.
+        #[serde(default)]
+        at_ms: Option<u64>,
     },
     /// An operator (or a chaos scenario) injected a fault; recorded for the event log.
     RecordFault {
@@ -244,6 +252,9 @@ pub enum Command {
         worker: WorkerId,
         epoch: u64,
         params_sha256: String,
+        /// The reporting worker's wall clock (ms since the Unix epoch) at the end.
+        #[serde(default)]
+        finished_at_ms: Option<u64>,
     },
     RecordCheckpoint {
         step: u64,

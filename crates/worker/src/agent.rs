@@ -321,6 +321,11 @@ fn spawn_progress(client: Arc<Client>, id: String) -> mpsc::Sender<(u64, u64)> {
     tx
 }
 
+/// Wall clock in ms since the Unix epoch (for reports only; never for training math).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
 /// The worker's training state for one job.
 struct Slot {
     job: JobSpec,
@@ -379,6 +384,7 @@ fn run_epoch(
     // before (it can time the interruption) or by rank 0; the first report is kept.
     let mut resume_report = (last_step.is_some() || rank == 0).then_some(source);
     let interrupted_at = *last_step;
+    let epoch_began_ms = unix_ms();
     let mut stepper = Stepper::new(engine, &group, cfg.op_timeout)?;
     let mut writer = Checkpointing::new(cfg, job, world, rank, &shared.disk)?;
     let _ = progress.send((a.epoch, engine.step()));
@@ -413,6 +419,7 @@ fn run_epoch(
                 source,
                 steps_redone: interrupted_at.map(|(_, s)| s.saturating_sub(resume_step)).unwrap_or(0),
                 mttr_ms: interrupted_at.map(|(t, _)| t.elapsed().as_millis() as u64),
+                at_ms: Some(epoch_began_ms),
             };
             if let Err(e) = cfg.client.command_with_id(format!("resume-{}-{}-{}", job.name, a.epoch, cfg.id), cmd) {
                 warn!(error = %e, "reporting the resume point failed");
@@ -437,7 +444,7 @@ fn run_epoch(
     let sha = check_replicas(engine, &mut group, cfg.op_timeout)?;
     info!(epoch = a.epoch, rank, val_loss = val, params_sha256 = %sha, "job finished");
     if rank == 0 {
-        let cmd = Command::ReportResult { worker: cfg.id.clone(), epoch: a.epoch, params_sha256: sha.clone() };
+        let cmd = Command::ReportResult { worker: cfg.id.clone(), epoch: a.epoch, params_sha256: sha.clone(), finished_at_ms: Some(unix_ms()) };
         if let Err(e) = cfg.client.command(cmd) {
             warn!(error = %e, "reporting the result failed");
         }

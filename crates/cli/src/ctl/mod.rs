@@ -961,6 +961,9 @@ fn print_job(job: Option<&JobInfo>) {
                     .collect();
                 println!("{}", table(&["EPOCH", "RESUMED AT", "REDONE", "MTTR s", "STATE FROM"], &rows));
             }
+            if let Some(e) = phalanx_core::effective_training_time(j) {
+                println!("effective training time: {:.1}% (training wall time minus the recovery windows)", e * 100.0);
+            }
             if !j.checkpoint_stall_us.is_empty() {
                 let mut v = j.checkpoint_stall_us.clone();
                 v.sort_unstable();
