@@ -14,7 +14,13 @@ pub struct LocalCluster {
 }
 
 /// A tiny-model job: `steps` steps, global batch 8 (4 micro-batches of 2), seed 7.
-pub fn job_toml(name: &str, steps: u64, checkpoint_interval: u64, world_min: u32, world_max: u32) -> String {
+pub fn job_toml(
+    name: &str,
+    steps: u64,
+    checkpoint_interval: u64,
+    world_min: u32,
+    world_max: u32,
+) -> String {
     format!(
         "name = \"{name}\"\nmodel = \"tiny\"\ncorpus = \"default\"\nsteps = {steps}\nglobal_batch = 8\nseed = 7\n\
          checkpoint_interval_steps = {checkpoint_interval}\nworld_size_min = {world_min}\nworld_size_max = {world_max}\n"
@@ -36,10 +42,14 @@ impl LocalCluster {
         let up = KillOnDrop(up.spawn().expect("spawn cluster up"));
         let c = Self { dir, _up: up };
         c.wait_for(Duration::from_secs(30), "a controller leader", |c| {
-            c.status().map(|s| s["leader_id"].as_u64().unwrap_or(0) != 0).unwrap_or(false)
+            c.status()
+                .map(|s| s["leader_id"].as_u64().unwrap_or(0) != 0)
+                .unwrap_or(false)
         });
         c.wait_for(Duration::from_secs(60), "every worker to register", |c| {
-            c.status().map(|s| s["workers"].as_array().map(|w| w.len()) == Some(workers)).unwrap_or(false)
+            c.status()
+                .map(|s| s["workers"].as_array().map(|w| w.len()) == Some(workers))
+                .unwrap_or(false)
         });
         c
     }
@@ -60,19 +70,27 @@ impl LocalCluster {
 
     fn ctl(&self, args: &[&str]) -> std::process::Output {
         let mut c = phalanx();
-        c.args(args).arg(format!("--dir={}", self.cluster_dir().display()));
+        c.args(args)
+            .arg(format!("--dir={}", self.cluster_dir().display()));
         run_with_timeout(c, Duration::from_secs(60))
     }
 
     pub fn ctl_ok(&self, args: &[&str]) -> String {
         let out = self.ctl(args);
-        assert!(out.status.success(), "phalanx {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "phalanx {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     pub fn status(&self) -> Option<Value> {
         let out = self.ctl(&["status", "--json"]);
-        out.status.success().then(|| serde_json::from_slice(&out.stdout).ok()).flatten()
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).ok())
+            .flatten()
     }
 
     pub fn submit(&self, toml: &str) {
@@ -82,7 +100,9 @@ impl LocalCluster {
     }
 
     pub fn job(&self) -> Option<Value> {
-        self.status().map(|s| s["job"].clone()).filter(|j| !j.is_null())
+        self.status()
+            .map(|s| s["job"].clone())
+            .filter(|j| !j.is_null())
     }
 
     pub fn wait_for(&self, timeout: Duration, what: &str, mut f: impl FnMut(&Self) -> bool) {
@@ -93,13 +113,22 @@ impl LocalCluster {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("timed out after {timeout:?} waiting for {what}\n{}", self.logs());
+        panic!(
+            "timed out after {timeout:?} waiting for {what}\n{}",
+            self.logs()
+        );
     }
 
     pub fn wait_step(&self, step: u64, timeout: Duration) {
-        self.wait_for(timeout, &format!("job progress to reach step {step}"), |c| {
-            c.job().map(|j| j["progress_step"].as_u64().unwrap_or(0) >= step).unwrap_or(false)
-        });
+        self.wait_for(
+            timeout,
+            &format!("job progress to reach step {step}"),
+            |c| {
+                c.job()
+                    .map(|j| j["progress_step"].as_u64().unwrap_or(0) >= step)
+                    .unwrap_or(false)
+            },
+        );
     }
 
     /// Waits for the job to complete with a result; returns the job.
@@ -123,12 +152,19 @@ impl LocalCluster {
     pub fn logs(&self) -> String {
         let mut s = String::new();
         let dirs = [self.dir.path().to_path_buf(), self.cluster_dir()];
-        for e in dirs.iter().flat_map(|d| std::fs::read_dir(d).into_iter().flatten().flatten()) {
+        for e in dirs
+            .iter()
+            .flat_map(|d| std::fs::read_dir(d).into_iter().flatten().flatten())
+        {
             let p = e.path();
             if p.extension().map(|x| x == "log").unwrap_or(false) {
                 let text = std::fs::read_to_string(&p).unwrap_or_default();
                 let tail: Vec<&str> = text.lines().rev().take(15).collect();
-                s += &format!("--- {} (last lines)\n{}\n", p.display(), tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+                s += &format!(
+                    "--- {} (last lines)\n{}\n",
+                    p.display(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
             }
         }
         s
@@ -142,7 +178,8 @@ impl LocalCluster {
 impl Drop for LocalCluster {
     fn drop(&mut self) {
         let mut c = phalanx();
-        c.args(["cluster", "down"]).arg(format!("--dir={}", self.cluster_dir().display()));
+        c.args(["cluster", "down"])
+            .arg(format!("--dir={}", self.cluster_dir().display()));
         let _ = c.stdout(Stdio::null()).stderr(Stdio::null()).status();
     }
 }
@@ -151,11 +188,22 @@ impl Drop for LocalCluster {
 pub fn reference_sha(steps: u64, dir: &Path) -> String {
     let summary = dir.join(format!("reference-{steps}.json"));
     let mut c = phalanx();
-    c.args(["train", "--plain", "--workers=2", "--model=tiny", "--seed=7", "--global-batch=8"])
-        .arg(format!("--steps={steps}"))
-        .arg(format!("--summary={}", summary.display()));
+    c.args([
+        "train",
+        "--plain",
+        "--workers=2",
+        "--model=tiny",
+        "--seed=7",
+        "--global-batch=8",
+    ])
+    .arg(format!("--steps={steps}"))
+    .arg(format!("--summary={}", summary.display()));
     let out = run_with_timeout(c, Duration::from_secs(300));
-    assert!(out.status.success(), "reference run failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "reference run failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&std::fs::read(summary).unwrap()).unwrap();
     v["params_sha256"].as_str().unwrap().to_string()
 }

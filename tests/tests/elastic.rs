@@ -18,44 +18,83 @@ fn reference() -> &'static str {
 
 /// Runs a job on `workers` workers (world 3..=4), injects `fault` at step 30, and checks
 /// the result. Returns the cluster (for more checks) and the final job.
-fn scenario(name: &str, workers: usize, restart_s: u64, fault: impl FnOnce(&LocalCluster)) -> (LocalCluster, Value) {
+fn scenario(
+    name: &str,
+    workers: usize,
+    restart_s: u64,
+    fault: impl FnOnce(&LocalCluster),
+) -> (LocalCluster, Value) {
     let c = LocalCluster::start(workers, restart_s);
     c.submit(&job_toml(name, STEPS, 20, 3, 4));
     c.wait_step(30, LIMIT);
     fault(&c);
     let job = c.wait_done(LIMIT);
-    assert_eq!(job["params_sha256"].as_str().unwrap(), reference(), "{name}: not bit-identical\n{}", c.logs());
+    assert_eq!(
+        job["params_sha256"].as_str().unwrap(),
+        reference(),
+        "{name}: not bit-identical\n{}",
+        c.logs()
+    );
     (c, job)
 }
 
 fn ranks(job: &Value) -> Vec<String> {
-    job["plan"]["ranks"].as_array().unwrap().iter().map(|r| r.as_str().unwrap().to_string()).collect()
+    job["plan"]["ranks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap().to_string())
+        .collect()
 }
 
 fn event_kinds(c: &LocalCluster) -> Vec<String> {
-    c.events().as_array().unwrap().iter().map(|e| format!("{} {} {}", e["kind"], e["subject"], e["reason"])).collect()
+    c.events()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| format!("{} {} {}", e["kind"], e["subject"], e["reason"]))
+        .collect()
 }
 
 #[test]
 fn killing_a_worker_swaps_in_the_spare() {
     let (_c, job) = scenario("kill", 5, 0, |c| c.inject("worker:w1", "kill", &[]));
     let r = ranks(&job);
-    assert!(!r.contains(&"w1".to_string()) && r.contains(&"w4".to_string()) && r.len() == 4, "{r:?}");
+    assert!(
+        !r.contains(&"w1".to_string()) && r.contains(&"w4".to_string()) && r.len() == 4,
+        "{r:?}"
+    );
     // The survivors held the state: no disk read, at most the in-flight step redone.
     let rec = &job["recoveries"][0];
-    assert!(rec["source"].as_str().unwrap().starts_with("peers in memory"), "{rec}");
+    assert!(
+        rec["source"]
+            .as_str()
+            .unwrap()
+            .starts_with("peers in memory"),
+        "{rec}"
+    );
     assert!(rec["steps_redone"].as_u64().unwrap() <= 1, "{rec}");
     assert!(rec["mttr_ms"].as_u64().is_some(), "{rec}");
     // Enough to compute the effective training time shown by `job status`.
-    let (start, end) = (job["started_at_ms"].as_u64().unwrap(), job["finished_at_ms"].as_u64().unwrap());
+    let (start, end) = (
+        job["started_at_ms"].as_u64().unwrap(),
+        job["finished_at_ms"].as_u64().unwrap(),
+    );
     assert!(end > start + rec["mttr_ms"].as_u64().unwrap(), "{job}");
 }
 
 #[test]
 fn a_hung_worker_is_replaced_and_fenced_out() {
-    let (c, _job) = scenario("hang", 5, 0, |c| c.inject("worker:w2", "hang", &["--for", "12s"]));
+    let (c, _job) = scenario("hang", 5, 0, |c| {
+        c.inject("worker:w2", "hang", &["--for", "12s"])
+    });
     let ev = event_kinds(&c);
-    assert!(ev.iter().any(|e| (e.contains("worker_failed") || e.contains("worker_suspect")) && e.contains("w2")), "{ev:#?}");
+    assert!(
+        ev.iter().any(
+            |e| (e.contains("worker_failed") || e.contains("worker_suspect")) && e.contains("w2")
+        ),
+        "{ev:#?}"
+    );
 }
 
 #[test]
@@ -64,17 +103,31 @@ fn without_a_spare_the_world_shrinks_then_grows_back() {
     c.submit(&job_toml("shrink", STEPS, 20, 3, 4));
     c.wait_step(30, LIMIT);
     c.inject("worker:w2", "kill", &[]);
-    c.wait_for(LIMIT, "a plan of 3 ranks", |c| c.job().map(|j| ranks(&j).len() == 3).unwrap_or(false));
+    c.wait_for(LIMIT, "a plan of 3 ranks", |c| {
+        c.job().map(|j| ranks(&j).len() == 3).unwrap_or(false)
+    });
     c.wait_for(LIMIT, "a plan of 4 ranks again", |c| {
-        c.job().map(|j| ranks(&j).len() == 4 && j["plan"]["epoch"].as_u64() >= Some(3) || j["state"] == "completed").unwrap_or(false)
+        c.job()
+            .map(|j| {
+                ranks(&j).len() == 4 && j["plan"]["epoch"].as_u64() >= Some(3)
+                    || j["state"] == "completed"
+            })
+            .unwrap_or(false)
     });
     let job = c.wait_done(LIMIT);
-    assert_eq!(job["params_sha256"].as_str().unwrap(), reference(), "{}", c.logs());
+    assert_eq!(
+        job["params_sha256"].as_str().unwrap(),
+        reference(),
+        "{}",
+        c.logs()
+    );
 }
 
 #[test]
 fn killing_the_controller_leader_does_not_stop_training() {
-    scenario("leader", 5, 0, |c| c.inject("controller:leader", "kill", &[]));
+    scenario("leader", 5, 0, |c| {
+        c.inject("controller:leader", "kill", &[])
+    });
 }
 
 #[test]
@@ -82,14 +135,21 @@ fn an_ecc_error_quarantines_the_worker() {
     let (c, job) = scenario("ecc", 5, 0, |c| c.inject("rank:1", "ecc", &[]));
     assert_eq!(ranks(&job).len(), 4);
     let ev = event_kinds(&c);
-    assert!(ev.iter().any(|e| e.contains("quarantined") || e.contains("ECC")), "{ev:#?}");
+    assert!(
+        ev.iter()
+            .any(|e| e.contains("quarantined") || e.contains("ECC")),
+        "{ev:#?}"
+    );
 }
 
 #[test]
 fn silent_data_corruption_is_caught_and_the_replica_quarantined() {
     let (c, _job) = scenario("sdc", 5, 0, |c| c.inject("rank:2", "sdc", &[]));
     let ev = event_kinds(&c);
-    assert!(ev.iter().any(|e| e.contains("silent data corruption")), "{ev:#?}");
+    assert!(
+        ev.iter().any(|e| e.contains("silent data corruption")),
+        "{ev:#?}"
+    );
 }
 
 #[test]
@@ -101,41 +161,75 @@ fn a_persistent_straggler_is_swapped_for_the_spare() {
     c.wait_step(30, LIMIT);
     let slow = ranks(&c.job().unwrap())[0].clone();
     c.inject("rank:0", "slow", &["--factor", "4", "--for", "120s"]);
-    c.wait_for(LIMIT, "the straggler to leave the plan", |c| c.job().map(|j| !ranks(&j).contains(&slow)).unwrap_or(false));
+    c.wait_for(LIMIT, "the straggler to leave the plan", |c| {
+        c.job().map(|j| !ranks(&j).contains(&slow)).unwrap_or(false)
+    });
     let job = c.wait_done(LIMIT);
-    assert_eq!(job["params_sha256"].as_str().unwrap(), reference_sha(steps, c.dir.path()), "{}", c.logs());
+    assert_eq!(
+        job["params_sha256"].as_str().unwrap(),
+        reference_sha(steps, c.dir.path()),
+        "{}",
+        c.logs()
+    );
     assert_eq!(ranks(&job).len(), 4);
     let ev = event_kinds(&c);
-    assert!(ev.iter().any(|e| e.contains("straggler") && e.contains("the median")), "{ev:#?}");
+    assert!(
+        ev.iter()
+            .any(|e| e.contains("straggler") && e.contains("the median")),
+        "{ev:#?}"
+    );
 }
 
 #[test]
 fn a_full_disk_during_checkpoints_is_retried() {
-    let (c, _job) = scenario("diskfull", 5, 0, |c| c.inject("rank:0", "disk-full", &["--for", "2s"]));
+    let (c, _job) = scenario("diskfull", 5, 0, |c| {
+        c.inject("rank:0", "disk-full", &["--for", "2s"])
+    });
     let cps: Value = serde_json::from_str(&c.ctl_ok(&["checkpoint", "list", "--json"])).unwrap();
-    assert!(cps.as_array().map(|a| !a.is_empty()).unwrap_or(false), "no checkpoint recorded: {cps}");
+    assert!(
+        cps.as_array().map(|a| !a.is_empty()).unwrap_or(false),
+        "no checkpoint recorded: {cps}"
+    );
 }
 
 #[test]
 fn a_corrupt_newest_checkpoint_and_all_workers_killed_resume_from_the_previous_one() {
     let mut corrupted = 0;
     let (c, job) = scenario("corrupt", 4, 3, |c| {
-        c.wait_for(LIMIT, "two committed checkpoints", |c| c.checkpoint_root().join("step-0000000040/manifest.json").exists());
+        c.wait_for(LIMIT, "two committed checkpoints", |c| {
+            c.checkpoint_root()
+                .join("step-0000000040/manifest.json")
+                .exists()
+        });
         // Kill everyone (the supervisor restarts them after 3 s), then corrupt the newest
         // committed checkpoint before they are back.
         for w in ["w0", "w1", "w2", "w3"] {
             c.inject(&format!("worker:{w}"), "kill", &[]);
         }
         let out = c.ctl_ok(&["fault", "inject", "--kind", "corrupt-checkpoint"]);
-        corrupted = out.split("step ").nth(1).and_then(|s| s.split(':').next()).and_then(|s| s.parse().ok()).expect("corrupted step");
+        corrupted = out
+            .split("step ")
+            .nth(1)
+            .and_then(|s| s.split(':').next())
+            .and_then(|s| s.parse().ok())
+            .expect("corrupted step");
     });
     let recs = job["recoveries"].as_array().unwrap();
     let want = format!("checkpoint step {}", corrupted - 20);
     let rec = recs.iter().find(|r| r["source"] == want.as_str());
-    let rec = rec.unwrap_or_else(|| panic!("no recovery from {want} (corrupted {corrupted}): {recs:?}\n{}", c.logs()));
+    let rec = rec.unwrap_or_else(|| {
+        panic!(
+            "no recovery from {want} (corrupted {corrupted}): {recs:?}\n{}",
+            c.logs()
+        )
+    });
     assert!(rec["steps_redone"].as_u64().unwrap() >= 20, "{rec}");
     let ev = event_kinds(&c);
-    assert!(ev.iter().any(|e| e.contains("fault_injected") && e.contains("corrupt")), "{ev:#?}");
+    assert!(
+        ev.iter()
+            .any(|e| e.contains("fault_injected") && e.contains("corrupt")),
+        "{ev:#?}"
+    );
 }
 
 #[test]
@@ -145,19 +239,35 @@ fn a_partitioned_worker_is_replaced_and_rejoins_when_the_partition_heals() {
         cut = ranks(&c.job().unwrap())[1].clone();
         c.inject("rank:1", "partition", &["--for", "4s"]);
         c.wait_for(LIMIT, "the partitioned worker to leave the plan", |c| {
-            c.job().map(|j| !ranks(&j).contains(&cut) || j["state"] == "completed").unwrap_or(false)
+            c.job()
+                .map(|j| !ranks(&j).contains(&cut) || j["state"] == "completed")
+                .unwrap_or(false)
         });
     });
     // After the partition heals, the worker registers again and is placeable once more.
     c.wait_for(LIMIT, "the partitioned worker to rejoin", |c| {
         c.status().and_then(|s| {
-            s["workers"].as_array()?.iter().find(|w| w["id"] == cut.as_str()).map(|w| {
-                matches!(w["health"].as_str(), Some("joining" | "healthy" | "spare"))
-            })
+            s["workers"]
+                .as_array()?
+                .iter()
+                .find(|w| w["id"] == cut.as_str())
+                .map(|w| matches!(w["health"].as_str(), Some("joining" | "healthy" | "spare")))
         }) == Some(true)
     });
     let ev = event_kinds(&c);
-    assert!(ev.iter().any(|e| e.contains("fault_injected") && e.contains("partition")), "{ev:#?}");
-    assert!(ev.iter().any(|e| e.contains("worker_suspect") && e.contains(cut.as_str())), "{ev:#?}");
-    assert!(ev.iter().any(|e| e.contains("worker_registered") && e.contains(cut.as_str())), "{ev:#?}");
+    assert!(
+        ev.iter()
+            .any(|e| e.contains("fault_injected") && e.contains("partition")),
+        "{ev:#?}"
+    );
+    assert!(
+        ev.iter()
+            .any(|e| e.contains("worker_suspect") && e.contains(cut.as_str())),
+        "{ev:#?}"
+    );
+    assert!(
+        ev.iter()
+            .any(|e| e.contains("worker_registered") && e.contains(cut.as_str())),
+        "{ev:#?}"
+    );
 }

@@ -8,7 +8,10 @@ const LIMIT: Duration = Duration::from_secs(300);
 
 /// `phalanx train --model tiny --seed 7` (unless `extra` sets them) for 30 steps.
 fn train(workers: usize, extra: &[&str], dir: &std::path::Path) -> Value {
-    let summary = dir.join(format!("summary-{workers}-{}.json", extra.join("_").replace(['-', '='], "")));
+    let summary = dir.join(format!(
+        "summary-{workers}-{}.json",
+        extra.join("_").replace(['-', '='], "")
+    ));
     let mut c = phalanx();
     c.args(["train", "--plain", "--model=tiny"])
         .args((!extra.iter().any(|a| a.starts_with("--steps"))).then_some("--steps=30"))
@@ -17,7 +20,11 @@ fn train(workers: usize, extra: &[&str], dir: &std::path::Path) -> Value {
         .arg(format!("--summary={}", summary.display()))
         .args(extra);
     let out = run_with_timeout(c, LIMIT);
-    assert!(out.status.success(), "train --workers {workers} failed:\n{}", stderr_of(&out));
+    assert!(
+        out.status.success(),
+        "train --workers {workers} failed:\n{}",
+        stderr_of(&out)
+    );
     serde_json::from_slice(&std::fs::read(&summary).unwrap()).unwrap()
 }
 
@@ -30,7 +37,12 @@ fn parameters_are_bit_identical_for_one_to_four_workers() {
     for (i, r) in runs.iter().enumerate() {
         assert_eq!(r["workers"], i + 1);
         assert_eq!(r["steps"], 30);
-        assert_eq!(r["params_sha256"].as_str().unwrap(), sha0, "workers={} differs", i + 1);
+        assert_eq!(
+            r["params_sha256"].as_str().unwrap(),
+            sha0,
+            "workers={} differs",
+            i + 1
+        );
         // Losses are reduced in micro-batch order, so they agree to the bit too.
         assert_eq!(r["losses"], runs[0]["losses"]);
         assert_eq!(r["val_loss"], runs[0]["val_loss"]);
@@ -49,9 +61,19 @@ fn loss_falls_on_the_default_corpus() {
     );
     // A uniform guess over 256 bytes costs ln 256 ≈ 5.55 nats.
     assert!((first - 256f64.ln()).abs() < 0.3, "initial loss {first}");
-    assert!(last < first - 1.5, "loss did not fall enough: {first} -> {last}");
-    assert!(val < first - 1.0, "validation loss {val} vs initial {first}");
-    assert!(r["corpus"]["spec"].as_str().unwrap().contains("torch"), "{}", r["corpus"]);
+    assert!(
+        last < first - 1.5,
+        "loss did not fall enough: {first} -> {last}"
+    );
+    assert!(
+        val < first - 1.0,
+        "validation loss {val} vs initial {first}"
+    );
+    assert!(
+        r["corpus"]["spec"].as_str().unwrap().contains("torch"),
+        "{}",
+        r["corpus"]
+    );
     assert_eq!(r["corpus"]["sha256"].as_str().unwrap().len(), 64);
 }
 
@@ -71,12 +93,19 @@ fn explicitly_started_workers_match_phalanx_train() {
     let summary = dir.path().join("manual.json");
     let spawn = |rank: usize| {
         let mut c = phalanx();
-        c.args(["worker", "run", "--world=2", "--model=tiny", "--steps=5", "--seed=7"])
-            .arg(format!("--rank={rank}"))
-            .arg(format!("--peers={peers}"))
-            .arg(format!("--summary={}", summary.display()))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
+        c.args([
+            "worker",
+            "run",
+            "--world=2",
+            "--model=tiny",
+            "--steps=5",
+            "--seed=7",
+        ])
+        .arg(format!("--rank={rank}"))
+        .arg(format!("--peers={peers}"))
+        .arg(format!("--summary={}", summary.display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
         KillOnDrop(c.spawn().unwrap())
     };
     let (mut w0, mut w1) = (spawn(0), spawn(1));
@@ -97,7 +126,10 @@ fn train_fails(args: &[&str]) -> String {
 #[test]
 fn a_missing_corpus_is_a_clear_error() {
     let e = train_fails(&["--data=/nonexistent/corpus.txt"]);
-    assert!(e.contains("/nonexistent/corpus.txt") && e.contains("does not exist"), "{e}");
+    assert!(
+        e.contains("/nonexistent/corpus.txt") && e.contains("does not exist"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -114,9 +146,19 @@ fn an_empty_corpus_is_a_clear_error() {
 
 #[test]
 fn a_model_that_does_not_fit_the_emulated_gpu_is_refused() {
-    let e = train_fails(&["--model=base", "--device=emulated:A100-80GB", "--memory-gib=0.05"]);
-    assert!(e.contains("out of device memory") && e.contains("A100-80GB"), "{e}");
-    assert!(e.contains("need") && e.contains("the device has 53687091 bytes"), "{e}");
+    let e = train_fails(&[
+        "--model=base",
+        "--device=emulated:A100-80GB",
+        "--memory-gib=0.05",
+    ]);
+    assert!(
+        e.contains("out of device memory") && e.contains("A100-80GB"),
+        "{e}"
+    );
+    assert!(
+        e.contains("need") && e.contains("the device has 53687091 bytes"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -126,33 +168,55 @@ fn bad_flags_name_what_is_wrong() {
     let e = train_fails(&["--workers=5"]);
     assert!(e.contains("--workers 5 exceeds the 4 micro-batches"), "{e}");
     let e = train_fails(&["--global-batch=6", "--micro-batch=4"]);
-    assert!(e.contains("global_batch 6 must be a positive multiple of micro_batch 4"), "{e}");
+    assert!(
+        e.contains("global_batch 6 must be a positive multiple of micro_batch 4"),
+        "{e}"
+    );
 }
 
 #[test]
 fn unreachable_peers_fail_within_the_rendezvous_timeout() {
     let peers = format!("127.0.0.1:{},127.0.0.1:{}", free_port(), free_port());
     let mut c = phalanx();
-    c.args(["worker", "run", "--rank=0", "--world=2", "--steps=2", "--rendezvous-timeout-ms=1500"])
-        .arg(format!("--peers={peers}"));
+    c.args([
+        "worker",
+        "run",
+        "--rank=0",
+        "--world=2",
+        "--steps=2",
+        "--rendezvous-timeout-ms=1500",
+    ])
+    .arg(format!("--peers={peers}"));
     let t0 = std::time::Instant::now();
     let out = run_with_timeout(c, Duration::from_secs(60));
     let took = t0.elapsed();
     assert!(!out.status.success());
     let e = stderr_of(&out);
-    assert!(e.contains("rank 1") || e.contains(peers.split(',').nth(1).unwrap()), "{e}");
+    assert!(
+        e.contains("rank 1") || e.contains(peers.split(',').nth(1).unwrap()),
+        "{e}"
+    );
     // Start-up (loading the corpus, building the model) plus the 1.5 s bound.
     assert!(took < Duration::from_secs(20), "took {took:?}");
 }
 
 #[test]
 fn help_is_useful_on_every_command() {
-    for args in [&["--help"][..], &["train", "--help"], &["worker", "run", "--help"], &["devices", "--help"], &["bench", "train", "--help"]] {
+    for args in [
+        &["--help"][..],
+        &["train", "--help"],
+        &["worker", "run", "--help"],
+        &["devices", "--help"],
+        &["bench", "train", "--help"],
+    ] {
         let mut c = phalanx();
         c.args(args);
         let out = run_with_timeout(c, Duration::from_secs(30));
         assert!(out.status.success(), "{args:?}");
-        assert!(String::from_utf8_lossy(&out.stdout).contains("Usage"), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Usage"),
+            "{args:?}"
+        );
     }
 }
 
@@ -163,7 +227,12 @@ fn devices_lists_the_catalogue() {
     let out = run_with_timeout(c, Duration::from_secs(30));
     assert!(out.status.success());
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let names: Vec<&str> = v["emulated"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = v["emulated"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
     for n in ["H100-SXM-80GB", "H200-141GB", "A100-80GB"] {
         assert!(names.contains(&n), "{names:?}");
     }
@@ -181,13 +250,17 @@ fn cuda_without_its_library_is_a_clear_error_not_a_crash() {
         // A GPU machine with PyTorch's libtorch_cuda.so on the default search path.
         return;
     }
-    assert!(e.contains("CUDA") && (e.contains("libtorch_cuda.so") || e.contains("device")), "{e}");
+    assert!(
+        e.contains("CUDA") && (e.contains("libtorch_cuda.so") || e.contains("device")),
+        "{e}"
+    );
     assert!(!e.contains("panicked"), "{e}");
 }
 
 #[test]
 fn a_missing_libtorch_points_at_just_setup() {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/setup_libtorch.py");
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/setup_libtorch.py");
     let out = std::process::Command::new("python3")
         .arg(script)
         .arg("--check")
@@ -196,5 +269,8 @@ fn a_missing_libtorch_points_at_just_setup() {
         .expect("python3");
     assert!(!out.status.success());
     let e = stderr_of(&out);
-    assert!(e.contains("just setup") && e.contains("/nonexistent/libtorch"), "{e}");
+    assert!(
+        e.contains("just setup") && e.contains("/nonexistent/libtorch"),
+        "{e}"
+    );
 }

@@ -65,8 +65,10 @@ pub fn start(cmd: WorkerStartCmd) -> Result<()> {
         (None, Some(d)) => d.join("checkpoints"),
         (None, None) => anyhow::bail!("pass --checkpoint-dir (or --dir of a local cluster)"),
     };
-    std::fs::create_dir_all(&checkpoint_root).with_context(|| format!("creating {}", checkpoint_root.display()))?;
-    let listener = TcpListener::bind(cmd.listen).with_context(|| format!("binding {}", cmd.listen))?;
+    std::fs::create_dir_all(&checkpoint_root)
+        .with_context(|| format!("creating {}", checkpoint_root.display()))?;
+    let listener =
+        TcpListener::bind(cmd.listen).with_context(|| format!("binding {}", cmd.listen))?;
     let cfg = AgentConfig {
         id: cmd.id,
         client: Arc::new(client),

@@ -86,8 +86,14 @@ fn bench_train(b: BenchTrain) -> Result<()> {
     for round in 0..b.rounds {
         // The bare loop: tch's own AdamW over the VarStore, one forward/backward per step.
         let engine = Engine::new(spec.clone(), train.clone(), val.clone(), tch::Device::Cpu)?;
-        let mut opt = tch::nn::AdamW { beta1: 0.9, beta2: 0.95, wd: 0.1, eps: 1e-8, amsgrad: false }
-            .build(&engine.model.vs, 3e-3)?;
+        let mut opt = tch::nn::AdamW {
+            beta1: 0.9,
+            beta2: 0.95,
+            wd: 0.1,
+            eps: 1e-8,
+            amsgrad: false,
+        }
+        .build(&engine.model.vs, 3e-3)?;
         let t0 = Instant::now();
         for step in 0..b.steps {
             let (x, y) = engine.train_batch(step, 0)?;
@@ -123,10 +129,15 @@ fn bench_train(b: BenchTrain) -> Result<()> {
         if !st.success() {
             bail!("phalanx train failed with {st}");
         }
-        let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary)?).context("reading the train summary")?;
-        let tps = s["tokens_per_sec"].as_f64().context("summary has no tokens_per_sec")?;
+        let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary)?)
+            .context("reading the train summary")?;
+        let tps = s["tokens_per_sec"]
+            .as_f64()
+            .context("summary has no tokens_per_sec")?;
         ours.push(tps);
-        println!("round {round}: bare tch {bare_tps:.0} tokens/s, phalanx --workers 1 {tps:.0} tokens/s");
+        println!(
+            "round {round}: bare tch {bare_tps:.0} tokens/s, phalanx --workers 1 {tps:.0} tokens/s"
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
     let r = TrainBenchResult {
@@ -138,7 +149,10 @@ fn bench_train(b: BenchTrain) -> Result<()> {
         bare_tch_tokens_per_sec: bare,
         phalanx_tokens_per_sec: ours,
     };
-    println!("(a) phalanx train --workers 1 / bare tch loop, tokens/s: {:.3} (goal >= 0.98)", r.ratio_median);
+    println!(
+        "(a) phalanx train --workers 1 / bare tch loop, tokens/s: {:.3} (goal >= 0.98)",
+        r.ratio_median
+    );
     if let Some(p) = &b.out {
         write_json(p, &r)?;
     }

@@ -57,14 +57,21 @@ enum Trigger {
 }
 
 fn parse_fault(s: &str) -> Result<Planned> {
-    let bad = || anyhow!("bad --faults entry `{s}`: expected KIND:TARGET@STEP[:FOR], e.g. kill:rank:1@60 or hang:rank:2@120:10s");
+    let bad = || {
+        anyhow!("bad --faults entry `{s}`: expected KIND:TARGET@STEP[:FOR], e.g. kill:rank:1@60 or hang:rank:2@120:10s")
+    };
     let (head, tail) = s.split_once('@').ok_or_else(bad)?;
     let (kind, target) = head.split_once(':').ok_or_else(bad)?;
     let (step, for_) = match tail.split_once(':') {
         Some((st, f)) => (st, Some(f.to_string())),
         None => (tail, None),
     };
-    Ok(Planned { kind: kind.into(), target: target.into(), at: Trigger::Step(step.parse().map_err(|_| bad())?), for_ })
+    Ok(Planned {
+        kind: kind.into(),
+        target: target.into(),
+        at: Trigger::Step(step.parse().map_err(|_| bad())?),
+        for_,
+    })
 }
 
 impl DemoCmd {
@@ -74,7 +81,12 @@ impl DemoCmd {
                 bail!("--fault-every-s must be positive");
             }
             return Ok((1..=64)
-                .map(|i| Planned { kind: "kill".into(), target: format!("rank:{}", i % 4), at: Trigger::Secs(every * i), for_: None })
+                .map(|i| Planned {
+                    kind: "kill".into(),
+                    target: format!("rank:{}", i % 4),
+                    at: Trigger::Secs(every * i),
+                    for_: None,
+                })
                 .collect());
         }
         if !self.faults.is_empty() {
@@ -82,9 +94,24 @@ impl DemoCmd {
         }
         let n = self.steps;
         Ok(vec![
-            Planned { kind: "kill".into(), target: "rank:1".into(), at: Trigger::Step(n / 5), for_: None },
-            Planned { kind: "hang".into(), target: "rank:2".into(), at: Trigger::Step(n * 2 / 5), for_: Some("10s".into()) },
-            Planned { kind: "kill".into(), target: "controller:leader".into(), at: Trigger::Step(n * 3 / 5), for_: None },
+            Planned {
+                kind: "kill".into(),
+                target: "rank:1".into(),
+                at: Trigger::Step(n / 5),
+                for_: None,
+            },
+            Planned {
+                kind: "hang".into(),
+                target: "rank:2".into(),
+                at: Trigger::Step(n * 2 / 5),
+                for_: Some("10s".into()),
+            },
+            Planned {
+                kind: "kill".into(),
+                target: "controller:leader".into(),
+                at: Trigger::Step(n * 3 / 5),
+                for_: None,
+            },
         ])
     }
 }
@@ -126,7 +153,11 @@ struct Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let _ = Command::new(&self.exe).args(["cluster", "down", "--dir"]).arg(&self.dir).stdout(Stdio::null()).status();
+        let _ = Command::new(&self.exe)
+            .args(["cluster", "down", "--dir"])
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .status();
         let _ = self.up.kill();
         let _ = self.up.wait();
     }
@@ -173,12 +204,22 @@ pub fn run(cmd: DemoCmd) -> Result<()> {
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.with_extension("up.log"))?)
         .spawn()?;
-    let cluster = Cluster { up, dir: dir.clone(), exe: exe.clone() };
-    let client = wait("the cluster file", Duration::from_secs(30), || client_for(&dir).ok())?;
-    wait("a leader and every worker registered", Duration::from_secs(60), || {
-        let st: StatusResponse = client.get("/v1/status").ok()?;
-        (st.leader_id != 0 && st.workers.len() == cmd.workers as usize).then_some(())
+    let cluster = Cluster {
+        up,
+        dir: dir.clone(),
+        exe: exe.clone(),
+    };
+    let client = wait("the cluster file", Duration::from_secs(30), || {
+        client_for(&dir).ok()
     })?;
+    wait(
+        "a leader and every worker registered",
+        Duration::from_secs(60),
+        || {
+            let st: StatusResponse = client.get("/v1/status").ok()?;
+            (st.leader_id != 0 && st.workers.len() == cmd.workers as usize).then_some(())
+        },
+    )?;
 
     // The fault-free reference, computed alongside by `phalanx train`.
     let ref_summary = dir.join("reference.json");
@@ -201,17 +242,30 @@ pub fn run(cmd: DemoCmd) -> Result<()> {
             cmd.model, cmd.steps, cmd.seed
         ),
     )?;
-    let spec = phalanx_core::parse_job_toml(&std::fs::read_to_string(&job_file)?).map_err(|e| anyhow!("{e}"))?;
+    let spec = phalanx_core::parse_job_toml(&std::fs::read_to_string(&job_file)?)
+        .map_err(|e| anyhow!("{e}"))?;
     client.command(phalanx_proto::Command::SubmitJob { spec })?;
-    println!("== job submitted: {} model, {} steps, global batch 8, seed {}", cmd.model, cmd.steps, cmd.seed);
+    println!(
+        "== job submitted: {} model, {} steps, global batch 8, seed {}",
+        cmd.model, cmd.steps, cmd.seed
+    );
     let started = Instant::now();
 
     let mut reports = Vec::new();
     // Mean time per step before the first fault (includes the job's start-up).
     let mut step_ms: Option<f64> = None;
-    for Planned { kind, target, at, for_ } in &schedule {
+    for Planned {
+        kind,
+        target,
+        at,
+        for_,
+    } in &schedule
+    {
         let (kind, target) = (kind.as_str(), target.as_str());
-        let extra: Vec<String> = for_.iter().flat_map(|f| ["--for".to_string(), f.clone()]).collect();
+        let extra: Vec<String> = for_
+            .iter()
+            .flat_map(|f| ["--for".to_string(), f.clone()])
+            .collect();
         let reached = wait("the next fault's trigger", Duration::from_secs(900), || {
             let j = job(&client)?;
             if j.state == JobState::Completed {
@@ -231,7 +285,10 @@ pub fn run(cmd: DemoCmd) -> Result<()> {
         }
         let seen_events = events(&client).last().map(|e| e.seq).unwrap_or(0);
         let high = before.rank_steps.iter().copied().max().unwrap_or(0);
-        let old_leader = client.get::<StatusResponse>("/v1/status").map(|s| s.leader_id).unwrap_or(0);
+        let old_leader = client
+            .get::<StatusResponse>("/v1/status")
+            .map(|s| s.leader_id)
+            .unwrap_or(0);
         let t0 = Instant::now();
         let out = Command::new(&exe)
             .args(["fault", "inject", "--kind", kind, "--target", target])
@@ -240,7 +297,10 @@ pub fn run(cmd: DemoCmd) -> Result<()> {
             .arg(&dir)
             .output()?;
         if !out.status.success() {
-            bail!("fault inject failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "fault inject failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         let injected = String::from_utf8_lossy(&out.stdout).trim().to_string();
         println!("-- step {}: {injected}", before.progress_step);
@@ -254,12 +314,19 @@ pub fn run(cmd: DemoCmd) -> Result<()> {
             let Some((_, _, high_at_detection)) = &detected else {
                 let by = if target.starts_with("controller") {
                     let st: StatusResponse = client.get("/v1/status").ok()?;
-                    (st.leader_id != 0 && st.leader_id != old_leader)
-                        .then(|| format!("Raft election: node {} leads term {}", st.leader_id, st.term))
+                    (st.leader_id != 0 && st.leader_id != old_leader).then(|| {
+                        format!(
+                            "Raft election: node {} leads term {}",
+                            st.leader_id, st.term
+                        )
+                    })
                 } else {
                     events(&client)
                         .into_iter()
-                        .find(|e| e.seq > seen_events && (e.kind.starts_with("worker_") || e.kind == "plan"))
+                        .find(|e| {
+                            e.seq > seen_events
+                                && (e.kind.starts_with("worker_") || e.kind == "plan")
+                        })
                         .map(|e| format!("{}: {}", e.kind, e.reason))
                 };
                 let high_now = j.rank_steps.iter().copied().max().unwrap_or(0).max(high);
@@ -275,7 +342,15 @@ pub fn run(cmd: DemoCmd) -> Result<()> {
         let resumed = events(&client)
             .into_iter()
             .filter(|e| e.seq > seen_events && e.kind == "resumed")
-            .filter_map(|e| e.reason.split("at step ").nth(1)?.split(' ').next()?.parse::<u64>().ok())
+            .filter_map(|e| {
+                e.reason
+                    .split("at step ")
+                    .nth(1)?
+                    .split(' ')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
             .min();
         let rep = FaultReport {
             fault: kind.to_string(),
@@ -284,9 +359,14 @@ pub fn run(cmd: DemoCmd) -> Result<()> {
             detected_by,
             detect_s,
             mttr_s: mttr,
-            steps_redone: resumed.map(|r| high_at_detection.saturating_sub(r)).unwrap_or(0),
+            steps_redone: resumed
+                .map(|r| high_at_detection.saturating_sub(r))
+                .unwrap_or(0),
         };
-        println!("   detected in {:.2} s by {}; training again after {mttr:.2} s", rep.detect_s, rep.detected_by);
+        println!(
+            "   detected in {:.2} s by {}; training again after {mttr:.2} s",
+            rep.detect_s, rep.detected_by
+        );
         reports.push(rep);
     }
     let done = wait("the job to complete", Duration::from_secs(900), || {
@@ -297,7 +377,8 @@ pub fn run(cmd: DemoCmd) -> Result<()> {
     if !st.success() {
         bail!("the reference `phalanx train` failed ({st})");
     }
-    let rv: serde_json::Value = serde_json::from_slice(&std::fs::read(&ref_summary)?).context("reading the reference summary")?;
+    let rv: serde_json::Value = serde_json::from_slice(&std::fs::read(&ref_summary)?)
+        .context("reading the reference summary")?;
     let reference_sha = rv["params_sha256"].as_str().unwrap_or_default().to_string();
     let sha = done.params_sha256.clone().unwrap_or_default();
     let lost: f64 = reports.iter().map(|r| r.mttr_s).sum();
@@ -327,18 +408,34 @@ pub fn run(cmd: DemoCmd) -> Result<()> {
 fn print_summary(s: &DemoSummary) {
     println!();
     println!("== summary");
-    println!("{:<6} {:<20} {:>7} {:>9} {:>8} {:>7}  DETECTED BY", "FAULT", "TARGET", "AT STEP", "DETECT s", "MTTR s", "REDONE");
+    println!(
+        "{:<6} {:<20} {:>7} {:>9} {:>8} {:>7}  DETECTED BY",
+        "FAULT", "TARGET", "AT STEP", "DETECT s", "MTTR s", "REDONE"
+    );
     for f in &s.faults {
         println!(
             "{:<6} {:<20} {:>7} {:>9.2} {:>8.2} {:>7}  {}",
             f.fault, f.target, f.at_step, f.detect_s, f.mttr_s, f.steps_redone, f.detected_by
         );
     }
-    println!("wall time {:.1} s; effective training time {:.1}% (wall time minus recovery windows)", s.wall_s, s.effective_training_time * 100.0);
-    println!("final plan epoch {}; {:.1} ms per step before the first fault", s.final_epoch, s.step_ms_before_faults);
+    println!(
+        "wall time {:.1} s; effective training time {:.1}% (wall time minus recovery windows)",
+        s.wall_s,
+        s.effective_training_time * 100.0
+    );
+    println!(
+        "final plan epoch {}; {:.1} ms per step before the first fault",
+        s.final_epoch, s.step_ms_before_faults
+    );
     println!("params_sha256 {}", s.params_sha256);
-    println!("reference     {} (phalanx train, no faults)", s.reference_params_sha256);
-    println!("bit-identical to the fault-free run: {}", if s.bit_identical { "yes" } else { "NO" });
+    println!(
+        "reference     {} (phalanx train, no faults)",
+        s.reference_params_sha256
+    );
+    println!(
+        "bit-identical to the fault-free run: {}",
+        if s.bit_identical { "yes" } else { "NO" }
+    );
 }
 
 fn client_for(dir: &Path) -> Result<Client> {

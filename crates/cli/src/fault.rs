@@ -68,8 +68,13 @@ pub struct InjectCmd {
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len()));
-    let v: f64 = num.parse().map_err(|_| format!("bad duration `{s}`: expected e.g. 5s, 800ms, 2m"))?;
+    let (num, unit) = s.split_at(
+        s.find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(s.len()),
+    );
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("bad duration `{s}`: expected e.g. 5s, 800ms, 2m"))?;
     let secs = match unit {
         "ms" => v / 1e3,
         "s" | "" => v,
@@ -106,7 +111,9 @@ fn signal(pid: u32, sig: i32) -> Result<()> {
 }
 
 fn inject(c: InjectCmd) -> Result<()> {
-    let dir = c.cluster.dir().ok_or_else(|| anyhow!("fault injection needs a local cluster: pass --dir DIR (from `phalanx cluster up`)"))?;
+    let dir = c.cluster.dir().ok_or_else(|| {
+        anyhow!("fault injection needs a local cluster: pass --dir DIR (from `phalanx cluster up`)")
+    })?;
     let cluster = read_cluster(&dir)?;
     if c.kind == Kind::CorruptCheckpoint {
         let root = dir.join("checkpoints");
@@ -119,37 +126,70 @@ fn inject(c: InjectCmd) -> Result<()> {
         };
         let path = phalanx_checkpoint::corrupt_shard(&root, step, 0)?;
         println!("corrupted checkpoint step {step}: {}", path.display());
-        let record = phalanx_proto::Command::RecordFault { target: format!("checkpoint step {step}"), kind: "corrupt-checkpoint".into() };
+        let record = phalanx_proto::Command::RecordFault {
+            target: format!("checkpoint step {step}"),
+            kind: "corrupt-checkpoint".into(),
+        };
         if let Err(e) = c.cluster.client().and_then(|cl| Ok(cl.command(record)?)) {
-            eprintln!("warning: the fault was injected but could not be recorded in the event log: {e}");
+            eprintln!(
+                "warning: the fault was injected but could not be recorded in the event log: {e}"
+            );
         }
         return Ok(());
     }
-    let target = c.target.as_deref().ok_or_else(|| anyhow!("--target is required for --kind {:?}", c.kind))?;
+    let target = c
+        .target
+        .as_deref()
+        .ok_or_else(|| anyhow!("--target is required for --kind {:?}", c.kind))?;
     let client = c.cluster.client()?;
     // Resolve the target to (name, pid, inbox).
-    let (name, pid, inbox): (String, u32, Option<PathBuf>) = if let Some(which) = target.strip_prefix("controller:") {
+    let (name, pid, inbox): (String, u32, Option<PathBuf>) = if let Some(which) =
+        target.strip_prefix("controller:")
+    {
         let id = if which == "leader" {
             let all = client.status_all();
-            let leader = all.iter().filter_map(|(_, r)| r.as_ref().ok()).map(|s| s.leader_id).find(|&l| l != 0);
+            let leader = all
+                .iter()
+                .filter_map(|(_, r)| r.as_ref().ok())
+                .map(|s| s.leader_id)
+                .find(|&l| l != 0);
             leader.ok_or_else(|| anyhow!("no controller knows a leader right now"))?
         } else {
-            which.parse().map_err(|_| anyhow!("--target controller:{which}: expected `leader` or a node id"))?
+            which.parse().map_err(|_| {
+                anyhow!("--target controller:{which}: expected `leader` or a node id")
+            })?
         };
-        let pid = cluster.controller_pid(id).ok_or_else(|| anyhow!("controller {id} is not in {}", dir.display()))?;
+        let pid = cluster
+            .controller_pid(id)
+            .ok_or_else(|| anyhow!("controller {id} is not in {}", dir.display()))?;
         (format!("controller {id}"), pid, None)
     } else {
         let id = if let Some(r) = target.strip_prefix("rank:") {
-            let r: usize = r.parse().map_err(|_| anyhow!("--target rank:{r}: expected a number"))?;
+            let r: usize = r
+                .parse()
+                .map_err(|_| anyhow!("--target rank:{r}: expected a number"))?;
             let job: Option<phalanx_proto::JobInfo> = client.get("/v1/job")?;
-            let plan = job.and_then(|j| j.plan).ok_or_else(|| anyhow!("no job plan: rank {r} names nobody"))?;
-            plan.ranks.get(r).cloned().ok_or_else(|| anyhow!("rank {r} is not in plan epoch {} ({} ranks)", plan.epoch, plan.ranks.len()))?
+            let plan = job
+                .and_then(|j| j.plan)
+                .ok_or_else(|| anyhow!("no job plan: rank {r} names nobody"))?;
+            plan.ranks.get(r).cloned().ok_or_else(|| {
+                anyhow!(
+                    "rank {r} is not in plan epoch {} ({} ranks)",
+                    plan.epoch,
+                    plan.ranks.len()
+                )
+            })?
         } else if let Some(id) = target.strip_prefix("worker:") {
             id.to_string()
         } else {
             bail!("--target `{target}`: expected worker:ID, rank:R, controller:leader or controller:ID");
         };
-        let w = cluster.workers.iter().find(|w| w.id == id).ok_or_else(|| anyhow!("worker {id} was not started by the cluster in {}", dir.display()))?;
+        let w = cluster.workers.iter().find(|w| w.id == id).ok_or_else(|| {
+            anyhow!(
+                "worker {id} was not started by the cluster in {}",
+                dir.display()
+            )
+        })?;
         (format!("worker {id}"), w.pid, w.fault_inbox.clone())
     };
     let for_ms = c.for_.map(|d| d.as_millis() as u64);
@@ -160,7 +200,14 @@ fn inject(c: InjectCmd) -> Result<()> {
             if let Some(ms) = for_ms {
                 let exe = std::env::current_exe()?;
                 std::process::Command::new(exe)
-                    .args(["fault", "resume", "--pid", &pid.to_string(), "--after-ms", &ms.to_string()])
+                    .args([
+                        "fault",
+                        "resume",
+                        "--pid",
+                        &pid.to_string(),
+                        "--after-ms",
+                        &ms.to_string(),
+                    ])
                     .stdin(std::process::Stdio::null())
                     .stdout(std::process::Stdio::null())
                     .stderr(std::process::Stdio::null())
@@ -169,7 +216,8 @@ fn inject(c: InjectCmd) -> Result<()> {
             }
         }
         kind => {
-            let inbox = inbox.ok_or_else(|| anyhow!("refused: {name} runs without fault-injection hooks"))?;
+            let inbox = inbox
+                .ok_or_else(|| anyhow!("refused: {name} runs without fault-injection hooks"))?;
             let kind = match kind {
                 Kind::Slow => FaultKind::Slow,
                 Kind::Crash => FaultKind::Crash,
@@ -179,12 +227,24 @@ fn inject(c: InjectCmd) -> Result<()> {
                 Kind::Partition => FaultKind::Partition,
                 _ => unreachable!("handled above"),
             };
-            if matches!(kind, FaultKind::Slow | FaultKind::DiskFull | FaultKind::Partition) && for_ms.is_none() {
+            if matches!(
+                kind,
+                FaultKind::Slow | FaultKind::DiskFull | FaultKind::Partition
+            ) && for_ms.is_none()
+            {
                 bail!("--kind {:?} needs --for DURATION", c.kind);
             }
             let seq = std::fs::metadata(&inbox).map(|m| m.len()).unwrap_or(0);
-            let f = Fault { seq, kind, factor: c.factor, for_ms: for_ms.unwrap_or(0) };
-            let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&inbox)
+            let f = Fault {
+                seq,
+                kind,
+                factor: c.factor,
+                for_ms: for_ms.unwrap_or(0),
+            };
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&inbox)
                 .with_context(|| format!("opening {}", inbox.display()))?;
             writeln!(file, "{}", serde_json::to_string(&f)?)?;
         }
@@ -194,8 +254,13 @@ fn inject(c: InjectCmd) -> Result<()> {
         (k, Some(ms)) => format!("{k:?} for {ms} ms").to_lowercase(),
         (k, None) => format!("{k:?}").to_lowercase(),
     };
-    if let Err(e) = client.command(phalanx_proto::Command::RecordFault { target: name.clone(), kind: detail }) {
-        eprintln!("warning: the fault was injected but could not be recorded in the event log: {e}");
+    if let Err(e) = client.command(phalanx_proto::Command::RecordFault {
+        target: name.clone(),
+        kind: detail,
+    }) {
+        eprintln!(
+            "warning: the fault was injected but could not be recorded in the event log: {e}"
+        );
     }
     println!("injected {:?} into {name} (pid {pid})", c.kind);
     Ok(())

@@ -5,13 +5,17 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 mod agent;
 mod bench;
+mod ctl;
 mod demo;
 mod fault;
-mod ctl;
 mod train;
 
 #[derive(Parser, Debug)]
-#[command(name = "phalanx", version, about = "Fault-tolerant, deterministic GPT training across (emulated) GPUs")]
+#[command(
+    name = "phalanx",
+    version,
+    about = "Fault-tolerant, deterministic GPT training across (emulated) GPUs"
+)]
 #[command(propagate_version = true)]
 struct Cli {
     /// Log format on stderr.

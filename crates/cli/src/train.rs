@@ -259,15 +259,20 @@ pub fn train(cmd: TrainCmd, json_logs: bool) -> Result<()> {
     let bar = interactive.then(|| {
         let b = indicatif::ProgressBar::new(spec.steps);
         b.set_style(
-            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps  {msg}  [{elapsed_precise}<{eta_precise}]")
-                .expect("static template"),
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} steps  {msg}  [{elapsed_precise}<{eta_precise}]",
+            )
+            .expect("static template"),
         );
         b
     });
     let step_budget = Duration::from_millis(cmd.train.op_timeout_ms * 4 + 120_000);
     let result = group.drive(step_budget, |ev| {
         if let WorkerEvent::Step(s) = ev {
-            let msg = format!("loss {:.4}  lr {:.2e}  |g| {:.3}  {:.0} ms/step", s.loss, s.lr, s.grad_norm, s.step_ms);
+            let msg = format!(
+                "loss {:.4}  lr {:.2e}  |g| {:.3}  {:.0} ms/step",
+                s.loss, s.lr, s.grad_norm, s.step_ms
+            );
             match &bar {
                 Some(b) => {
                     b.set_position(s.step + 1);
@@ -295,7 +300,12 @@ pub fn train(cmd: TrainCmd, json_logs: bool) -> Result<()> {
             global_batch: spec.global_batch,
             micro_batch: spec.micro_batch,
             device: device.describe(),
-            corpus: CorpusInfo { spec: corpus.spec.clone(), files: corpus.files.len(), bytes: corpus.bytes.len(), sha256: corpus.sha256.clone() },
+            corpus: CorpusInfo {
+                spec: corpus.spec.clone(),
+                files: corpus.files.len(),
+                bytes: corpus.bytes.len(),
+                sha256: corpus.sha256.clone(),
+            },
             initial_loss: result.initial_loss,
             final_loss: result.final_loss,
             val_loss: result.val_loss,
@@ -304,7 +314,10 @@ pub fn train(cmd: TrainCmd, json_logs: bool) -> Result<()> {
             wall_s: wall.elapsed().as_secs_f64(),
             params_sha256: result.params_sha256.clone(),
             losses: result.losses.clone(),
-            reproduce: format!("phalanx train --workers {n} {}", cmd.train.to_args().join(" ")),
+            reproduce: format!(
+                "phalanx train --workers {n} {}",
+                cmd.train.to_args().join(" ")
+            ),
         };
         write_json(path, &s)?;
     }
@@ -384,7 +397,11 @@ impl LocalGroup {
             stderr_tail.push(tail);
             children.push(child);
         }
-        let mut g = Self { children, rx, stderr_tail };
+        let mut g = Self {
+            children,
+            rx,
+            stderr_tail,
+        };
         g.rendezvous(Duration::from_millis(args.rendezvous_timeout_ms))?;
         Ok(g)
     }
@@ -396,41 +413,80 @@ impl LocalGroup {
         while addrs.iter().any(Option::is_none) {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.rx.recv_timeout(left) {
-                Ok((rank, Line::Event(WorkerEvent::Listening { addr, .. }))) => addrs[rank] = Some(addr),
-                Ok((rank, Line::Event(WorkerEvent::Error { message, .. }))) => return Err(self.fail(rank, &message)),
-                Ok((rank, Line::Closed)) => return Err(self.fail(rank, "exited before announcing its address")),
+                Ok((rank, Line::Event(WorkerEvent::Listening { addr, .. }))) => {
+                    addrs[rank] = Some(addr)
+                }
+                Ok((rank, Line::Event(WorkerEvent::Error { message, .. }))) => {
+                    return Err(self.fail(rank, &message))
+                }
+                Ok((rank, Line::Closed)) => {
+                    return Err(self.fail(rank, "exited before announcing its address"))
+                }
                 Ok(_) => {}
                 Err(_) => {
                     let missing: Vec<usize> = (0..n).filter(|&r| addrs[r].is_none()).collect();
-                    return Err(self.fail(missing[0], &format!("workers {missing:?} did not announce an address within {} ms", timeout.as_millis())));
+                    return Err(self.fail(
+                        missing[0],
+                        &format!(
+                            "workers {missing:?} did not announce an address within {} ms",
+                            timeout.as_millis()
+                        ),
+                    ));
                 }
             }
         }
-        let list = PeerList { peers: addrs.into_iter().map(|a| a.expect("all announced")).collect() };
+        let list = PeerList {
+            peers: addrs
+                .into_iter()
+                .map(|a| a.expect("all announced"))
+                .collect(),
+        };
         let line = serde_json::to_string(&list)? + "\n";
         for (rank, c) in self.children.iter_mut().enumerate() {
-            let stdin = c.stdin.as_mut().ok_or_else(|| anyhow!("worker {rank} has no stdin"))?;
-            stdin.write_all(line.as_bytes()).and_then(|_| stdin.flush()).with_context(|| format!("sending peers to worker {rank}"))?;
+            let stdin = c
+                .stdin
+                .as_mut()
+                .ok_or_else(|| anyhow!("worker {rank} has no stdin"))?;
+            stdin
+                .write_all(line.as_bytes())
+                .and_then(|_| stdin.flush())
+                .with_context(|| format!("sending peers to worker {rank}"))?;
         }
         Ok(())
     }
 
     /// Waits for rank 0's result, passing events on; `idle` bounds the gap between events.
-    fn drive(&mut self, idle: Duration, mut on_event: impl FnMut(&WorkerEvent)) -> Result<RunResult> {
+    fn drive(
+        &mut self,
+        idle: Duration,
+        mut on_event: impl FnMut(&WorkerEvent),
+    ) -> Result<RunResult> {
         let n = self.children.len();
         let mut done: Vec<Option<RunResult>> = vec![None; n];
         while done.iter().any(Option::is_none) {
             match self.rx.recv_timeout(idle) {
-                Ok((rank, Line::Event(WorkerEvent::Done { result, .. }))) => done[rank] = Some(result),
-                Ok((rank, Line::Event(WorkerEvent::Error { message, .. }))) => return Err(self.fail(rank, &message)),
-                Ok((rank, Line::Closed)) if done[rank].is_none() => return Err(self.fail(rank, "exited without a result")),
+                Ok((rank, Line::Event(WorkerEvent::Done { result, .. }))) => {
+                    done[rank] = Some(result)
+                }
+                Ok((rank, Line::Event(WorkerEvent::Error { message, .. }))) => {
+                    return Err(self.fail(rank, &message))
+                }
+                Ok((rank, Line::Closed)) if done[rank].is_none() => {
+                    return Err(self.fail(rank, "exited without a result"))
+                }
                 Ok((_, Line::Event(ev))) => on_event(&ev),
                 Ok(_) => {}
-                Err(_) => return Err(self.fail(0, &format!("no progress from any worker for {} s", idle.as_secs()))),
+                Err(_) => {
+                    return Err(self.fail(
+                        0,
+                        &format!("no progress from any worker for {} s", idle.as_secs()),
+                    ))
+                }
             }
         }
         for (rank, c) in self.children.iter_mut().enumerate() {
-            let st = wait_timeout(c, Duration::from_secs(30)).with_context(|| format!("waiting for worker {rank} to exit"))?;
+            let st = wait_timeout(c, Duration::from_secs(30))
+                .with_context(|| format!("waiting for worker {rank} to exit"))?;
             if !st.success() {
                 bail!("worker {rank} exited with {st} after reporting its result");
             }
@@ -442,7 +498,10 @@ impl LocalGroup {
     fn fail(&mut self, rank: usize, why: &str) -> anyhow::Error {
         kill_all(&mut self.children);
         std::thread::sleep(Duration::from_millis(100));
-        let tail = self.stderr_tail[rank].lock().map(|t| t.join("\n")).unwrap_or_default();
+        let tail = self.stderr_tail[rank]
+            .lock()
+            .map(|t| t.join("\n"))
+            .unwrap_or_default();
         if tail.is_empty() {
             anyhow!("worker {rank}: {why}")
         } else {
@@ -485,7 +544,10 @@ pub fn worker_run(cmd: WorkerRunCmd) -> Result<()> {
     let res = worker_inner(&cmd);
     if let Err(e) = &res {
         if cmd.stdio_rendezvous {
-            rendezvous::emit(&WorkerEvent::Error { rank, message: format!("{e:#}") });
+            rendezvous::emit(&WorkerEvent::Error {
+                rank,
+                message: format!("{e:#}"),
+            });
         }
     }
     res
@@ -507,7 +569,10 @@ fn worker_inner(cmd: &WorkerRunCmd) -> Result<()> {
     let listen = match (cmd.listen, cmd.stdio_rendezvous) {
         (Some(a), _) => a,
         (None, true) => "127.0.0.1:0".parse().expect("literal address"),
-        (None, false) => *cmd.peers.get(rank).ok_or_else(|| anyhow!("--peers has no entry for rank {rank}"))?,
+        (None, false) => *cmd
+            .peers
+            .get(rank)
+            .ok_or_else(|| anyhow!("--peers has no entry for rank {rank}"))?,
     };
     let listener = TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
     let addr = listener.local_addr()?;
@@ -526,15 +591,29 @@ fn worker_inner(cmd: &WorkerRunCmd) -> Result<()> {
     tracing::info!(rank, world, %addr, "group formed");
 
     let report = cmd.stdio_rendezvous && rank == 0;
-    let result = dp::train(&mut engine, &mut group, &DpOptions { op_timeout }, &mut |s| {
-        if report {
-            rendezvous::emit(&WorkerEvent::Step(s.clone()));
-        } else if rank == 0 {
-            println!("step {:>5}  loss {:.4}  lr {:.2e}  {:.0} ms", s.step + 1, s.loss, s.lr, s.step_ms);
-        }
-    })?;
+    let result = dp::train(
+        &mut engine,
+        &mut group,
+        &DpOptions { op_timeout },
+        &mut |s| {
+            if report {
+                rendezvous::emit(&WorkerEvent::Step(s.clone()));
+            } else if rank == 0 {
+                println!(
+                    "step {:>5}  loss {:.4}  lr {:.2e}  {:.0} ms",
+                    s.step + 1,
+                    s.loss,
+                    s.lr,
+                    s.step_ms
+                );
+            }
+        },
+    )?;
     if cmd.stdio_rendezvous {
-        rendezvous::emit(&WorkerEvent::Done { rank, result: result.clone() });
+        rendezvous::emit(&WorkerEvent::Done {
+            rank,
+            result: result.clone(),
+        });
     }
     if let (0, Some(path)) = (rank, &cmd.summary) {
         write_json(path, &result)?;
@@ -559,9 +638,15 @@ pub fn devices(cmd: DevicesCmd) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    println!("{:<16} {:>12} {:>9} {:>10} {:>16}", "EMULATED MODEL", "BF16 TFLOP/s", "HBM GiB", "HBM TB/s", "INTERCONNECT GB/s");
+    println!(
+        "{:<16} {:>12} {:>9} {:>10} {:>16}",
+        "EMULATED MODEL", "BF16 TFLOP/s", "HBM GiB", "HBM TB/s", "INTERCONNECT GB/s"
+    );
     for s in CATALOGUE {
-        println!("{:<16} {:>12.0} {:>9.0} {:>10.2} {:>16.0}", s.name, s.bf16_tflops, s.hbm_gib, s.hbm_tb_per_s, s.interconnect_gb_per_s);
+        println!(
+            "{:<16} {:>12.0} {:>9.0} {:>10.2} {:>16.0}",
+            s.name, s.bf16_tflops, s.hbm_gib, s.hbm_tb_per_s, s.interconnect_gb_per_s
+        );
     }
     println!();
     match cuda {

@@ -32,8 +32,18 @@ impl BlockingGroup {
             .map_err(|source| CollectiveError::Runtime { source })?;
         let group = rt.block_on(async {
             let listen_addr = listener.local_addr().ok();
-            let peer_addr = listen_addr.unwrap_or_else(|| cfg.peers.get(cfg.rank).copied().unwrap_or(([127, 0, 0, 1], 0).into()));
-            let io = |source| CollectiveError::Io { op: "rendezvous(listen)", peer_rank: cfg.rank, peer_addr, source };
+            let peer_addr = listen_addr.unwrap_or_else(|| {
+                cfg.peers
+                    .get(cfg.rank)
+                    .copied()
+                    .unwrap_or(([127, 0, 0, 1], 0).into())
+            });
+            let io = |source| CollectiveError::Io {
+                op: "rendezvous(listen)",
+                peer_rank: cfg.rank,
+                peer_addr,
+                source,
+            };
             listener.set_nonblocking(true).map_err(io)?;
             let l = tokio::net::TcpListener::from_std(listener).map_err(io)?;
             Group::connect(cfg, l).await
@@ -73,31 +83,41 @@ impl BlockingGroup {
         self.rt.block_on(self.group.all_reduce_sum_i64(data))
     }
     pub fn all_reduce_sum_i64_within(&mut self, data: &mut [i64], timeout: Duration) -> Result<()> {
-        self.rt.block_on(self.group.all_reduce_sum_i64_within(data, timeout))
+        self.rt
+            .block_on(self.group.all_reduce_sum_i64_within(data, timeout))
     }
     pub fn all_reduce_sum_f32(&mut self, data: &mut [f32]) -> Result<()> {
         self.rt.block_on(self.group.all_reduce_sum_f32(data))
     }
     pub fn all_reduce_sum_f32_within(&mut self, data: &mut [f32], timeout: Duration) -> Result<()> {
-        self.rt.block_on(self.group.all_reduce_sum_f32_within(data, timeout))
+        self.rt
+            .block_on(self.group.all_reduce_sum_f32_within(data, timeout))
     }
     pub fn all_reduce_max_f64(&mut self, data: &mut [f64]) -> Result<()> {
         self.rt.block_on(self.group.all_reduce_max_f64(data))
     }
     pub fn all_reduce_max_f64_within(&mut self, data: &mut [f64], timeout: Duration) -> Result<()> {
-        self.rt.block_on(self.group.all_reduce_max_f64_within(data, timeout))
+        self.rt
+            .block_on(self.group.all_reduce_max_f64_within(data, timeout))
     }
     pub fn all_gather(&mut self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
         self.rt.block_on(self.group.all_gather(bytes))
     }
     pub fn all_gather_within(&mut self, bytes: &[u8], timeout: Duration) -> Result<Vec<Vec<u8>>> {
-        self.rt.block_on(self.group.all_gather_within(bytes, timeout))
+        self.rt
+            .block_on(self.group.all_gather_within(bytes, timeout))
     }
     pub fn broadcast(&mut self, buf: &mut [u8], root: usize) -> Result<()> {
         self.rt.block_on(self.group.broadcast(buf, root))
     }
-    pub fn broadcast_within(&mut self, buf: &mut [u8], root: usize, timeout: Duration) -> Result<()> {
-        self.rt.block_on(self.group.broadcast_within(buf, root, timeout))
+    pub fn broadcast_within(
+        &mut self,
+        buf: &mut [u8],
+        root: usize,
+        timeout: Duration,
+    ) -> Result<()> {
+        self.rt
+            .block_on(self.group.broadcast_within(buf, root, timeout))
     }
     pub fn barrier(&mut self) -> Result<()> {
         self.rt.block_on(self.group.barrier())

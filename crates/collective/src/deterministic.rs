@@ -115,7 +115,11 @@ async fn reduce_mean_inner(
     let shape_bad = local_micro_grads.iter().any(|g| g.len() != n);
     let flag = |b: bool| if b { (rank + 1) as f64 } else { 0.0 };
     // Non-finite is flagged with -(rank) so that max picks the lowest rank.
-    let nf_flag = if local.non_finite.is_some() { -(rank as f64) } else { f64::NEG_INFINITY };
+    let nf_flag = if local.non_finite.is_some() {
+        -(rank as f64)
+    } else {
+        f64::NEG_INFINITY
+    };
     let mut stats = [
         local.max_abs,
         nf_flag,
@@ -131,27 +135,43 @@ async fn reduce_mean_inner(
         let source_rank = (-nf) as usize;
         return Err(CollectiveError::NonFinite {
             source_rank,
-            location: if source_rank == rank { local.non_finite } else { None },
+            location: if source_rank == rank {
+                local.non_finite
+            } else {
+                None
+            },
         });
     }
     if shape > 0.0 {
         return Err(CollectiveError::InvalidArgument {
-            reason: format!("reduce_mean: rank {} passed a micro-gradient whose length differs from out.len()", shape as usize - 1),
+            reason: format!(
+                "reduce_mean: rank {} passed a micro-gradient whose length differs from out.len()",
+                shape as usize - 1
+            ),
         });
     }
     if nmax != -nmin_neg {
         return Err(CollectiveError::InvalidArgument {
-            reason: format!("reduce_mean: ranks disagree on gradient length ({} vs {})", -nmin_neg, nmax),
+            reason: format!(
+                "reduce_mean: ranks disagree on gradient length ({} vs {})",
+                -nmin_neg, nmax
+            ),
         });
     }
     if mmax != -mmin_neg {
         return Err(CollectiveError::InvalidArgument {
-            reason: format!("reduce_mean: ranks disagree on total_micro_batches ({} vs {})", -mmin_neg, mmax),
+            reason: format!(
+                "reduce_mean: ranks disagree on total_micro_batches ({} vs {})",
+                -mmin_neg, mmax
+            ),
         });
     }
     // (b) scale
-    let k = fixed_point::choose_scale_exp(gmax, total_micro_batches)
-        .map_err(|e| CollectiveError::InvalidArgument { reason: format!("reduce_mean: {e}") })?;
+    let k = fixed_point::choose_scale_exp(gmax, total_micro_batches).map_err(|e| {
+        CollectiveError::InvalidArgument {
+            reason: format!("reduce_mean: {e}"),
+        }
+    })?;
     // (c) encode + local exact sum; the extra last slot counts micro-batches
     let mut sums = std::mem::take(&mut group.scratch_i64);
     // (reused across calls at the same length: no zero-fill)
@@ -160,7 +180,18 @@ async fn reduce_mean_inner(
     // combines and the decode (e) into the all-gather
     let enc = fixed_point::Encoder::new(local_micro_grads, k);
     let count = local_micro_grads.len() as i64;
-    let r = group.fixed_mean_ring(local_micro_grads, enc, count, k, total_micro_batches, &mut sums, out, timeout).await;
+    let r = group
+        .fixed_mean_ring(
+            local_micro_grads,
+            enc,
+            count,
+            k,
+            total_micro_batches,
+            &mut sums,
+            out,
+            timeout,
+        )
+        .await;
     let sums = ScratchGuard { group, buf: sums };
     r?;
     if sums[n] != total_micro_batches as i64 {

@@ -74,13 +74,23 @@ pub fn max_abs(micro_grads: &[&[f32]]) -> MaxAbs {
         // slow path: some value is NaN or infinite
         if non_finite.is_none() {
             if let Some((i, &v)) = g.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-                non_finite = Some(NonFiniteLocation { micro_batch: mb, element: i, value: v });
+                non_finite = Some(NonFiniteLocation {
+                    micro_batch: mb,
+                    element: i,
+                    value: v,
+                });
             }
         }
-        let mf = g.iter().filter(|v| v.is_finite()).fold(0.0f32, |a, v| a.max(v.abs()));
+        let mf = g
+            .iter()
+            .filter(|v| v.is_finite())
+            .fold(0.0f32, |a, v| a.max(v.abs()));
         max = max.max(mf);
     }
-    MaxAbs { max_abs: max as f64, non_finite }
+    MaxAbs {
+        max_abs: max as f64,
+        non_finite,
+    }
 }
 
 /// Errors choosing a scale (bad inputs).
@@ -96,7 +106,10 @@ pub enum ScaleError {
 
 /// Choose `k` such that `M * global_max_abs * 2^k <= 2^SUM_BITS`, as large as
 /// possible (maximal precision). `global_max_abs == 0` gives `k = 0`.
-pub fn choose_scale_exp(global_max_abs: f64, total_micro_batches: usize) -> Result<i32, ScaleError> {
+pub fn choose_scale_exp(
+    global_max_abs: f64,
+    total_micro_batches: usize,
+) -> Result<i32, ScaleError> {
     if total_micro_batches == 0 {
         return Err(ScaleError::ZeroMicroBatches);
     }
@@ -107,7 +120,7 @@ pub fn choose_scale_exp(global_max_abs: f64, total_micro_batches: usize) -> Resu
         return Ok(0);
     }
     let x = total_micro_batches as f64 * global_max_abs; // rounding up is harmless: see below
-    // e = smallest integer with 2^e >= x (x is a normal f64 here)
+                                                         // e = smallest integer with 2^e >= x (x is a normal f64 here)
     let bits = x.to_bits();
     let exp = ((bits >> 52) & 0x7ff) as i64 - 1023;
     let mant = bits & ((1u64 << 52) - 1);
@@ -233,7 +246,10 @@ pub(crate) struct Encoder {
 
 impl Encoder {
     pub(crate) fn new(micro_grads: &[&[f32]], k: i32) -> Self {
-        Encoder { k, fast: micro_grads.iter().all(|g| bits_path_ok(g, k)) }
+        Encoder {
+            k,
+            fast: micro_grads.iter().all(|g| bits_path_ok(g, k)),
+        }
     }
 
     /// `out[i] = base[i] + round(g[i] * 2^k)` (wrapping).
@@ -250,7 +266,13 @@ impl Encoder {
 
     /// `out[j] = base[j] + sum over micro-batches of round(g[r.start + j] * 2^k)`
     /// for `r = range`, or just the encoded sum when `base` is `None`.
-    pub(crate) fn sum_range(&self, micro_grads: &[&[f32]], range: std::ops::Range<usize>, base: Option<&[i64]>, out: &mut [i64]) {
+    pub(crate) fn sum_range(
+        &self,
+        micro_grads: &[&[f32]],
+        range: std::ops::Range<usize>,
+        base: Option<&[i64]>,
+        out: &mut [i64],
+    ) {
         let mut gs = micro_grads.iter().map(|g| &g[range.clone()]);
         match (base, gs.next()) {
             (Some(b), Some(g)) => self.add_from(g, b, out),
@@ -324,10 +346,19 @@ mod tests {
 
     #[test]
     fn scale_bounds() {
-        for &(max, m) in &[(1.0, 1usize), (3.0, 7), (f32::MAX as f64, 1 << 20), (1e-45, 1), (0.5, 1000)] {
+        for &(max, m) in &[
+            (1.0, 1usize),
+            (3.0, 7),
+            (f32::MAX as f64, 1 << 20),
+            (1e-45, 1),
+            (0.5, 1000),
+        ] {
             let k = choose_scale_exp(max, m).unwrap();
             let bound = m as f64 * (max * pow2(k));
-            assert!(bound <= 2f64.powi(61) * (1.0 + 1e-12), "max {max} m {m} k {k}");
+            assert!(
+                bound <= 2f64.powi(61) * (1.0 + 1e-12),
+                "max {max} m {m} k {k}"
+            );
             // maximal: one more bit would exceed
             assert!(m as f64 * max * 2.0 * pow2(k) > 2f64.powi(60));
         }
@@ -347,7 +378,11 @@ mod tests {
         encode_sum(&[&c], k, &mut s1);
         let mut s2 = vec![0i64; 100];
         encode_sum(&[&b, &a], k, &mut s2);
-        let sums: Vec<i64> = s1.iter().zip(&s2).map(|(x, y)| x.wrapping_add(*y)).collect();
+        let sums: Vec<i64> = s1
+            .iter()
+            .zip(&s2)
+            .map(|(x, y)| x.wrapping_add(*y))
+            .collect();
         let mut out = vec![0f32; 100];
         decode(&sums, k, 3, &mut out);
         assert_eq!(
@@ -356,15 +391,35 @@ mod tests {
         );
         for i in 0..100 {
             let r = (a[i] as f64 + b[i] as f64 + c[i] as f64) / 3.0;
-            assert!((out[i] as f64 - r).abs() <= 1e-6 * r.abs() + 1e-15, "{i}: {} vs {r}", out[i]);
+            assert!(
+                (out[i] as f64 - r).abs() <= 1e-6 * r.abs() + 1e-15,
+                "{i}: {} vs {r}",
+                out[i]
+            );
         }
     }
 
     #[test]
     fn encode_one_matches_round() {
         let scale = pow2(20);
-        for &g in &[0.0f32, -0.0, 1.0, -1.0, 0.5e-6, 1.5 / (1 << 20) as f32, -2.5 / (1 << 20) as f32, 0.49999997, 3.3e-7, -7.77e-7, 123.456] {
-            assert_eq!(encode_one(g, scale), (g as f64 * scale).round() as i64, "{g}");
+        for &g in &[
+            0.0f32,
+            -0.0,
+            1.0,
+            -1.0,
+            0.5e-6,
+            1.5 / (1 << 20) as f32,
+            -2.5 / (1 << 20) as f32,
+            0.49999997,
+            3.3e-7,
+            -7.77e-7,
+            123.456,
+        ] {
+            assert_eq!(
+                encode_one(g, scale),
+                (g as f64 * scale).round() as i64,
+                "{g}"
+            );
         }
         let mut s = 1u32;
         for _ in 0..100_000 {
@@ -378,7 +433,18 @@ mod tests {
     #[test]
     fn encode_bits_matches_encode_one() {
         let mut s = 0x1234_5678u32;
-        let mut specials = vec![0.0f32, -0.0, f32::MIN_POSITIVE, -f32::MIN_POSITIVE, f32::from_bits(1), f32::from_bits(0x8000_0001), 0.5, -0.5, 1.5, -2.5];
+        let mut specials = vec![
+            0.0f32,
+            -0.0,
+            f32::MIN_POSITIVE,
+            -f32::MIN_POSITIVE,
+            f32::from_bits(1),
+            f32::from_bits(0x8000_0001),
+            0.5,
+            -0.5,
+            1.5,
+            -2.5,
+        ];
         specials.extend([f32::MAX, -f32::MAX, 1e-40, -3e-39]);
         for k in -160..=200 {
             let sc = pow2(k);
@@ -438,11 +504,22 @@ mod tests {
             assert_eq!(c[j], a[50 + j] + 2 * encode_one(x, sc));
         }
         let mut sums: Vec<i64> = b.iter().map(|v| v * 3).collect();
-        sums.extend([i64::MAX, i64::MIN, -1, 1 << 62, (1 << 53) + 1, -(1 << 53) - 3]);
+        sums.extend([
+            i64::MAX,
+            i64::MIN,
+            -1,
+            1 << 62,
+            (1 << 53) + 1,
+            -(1 << 53) - 3,
+        ]);
         let mut out = vec![0f32; sums.len()];
         decode(&sums, k, 3, &mut out);
         for (i, &v) in sums.iter().enumerate() {
-            assert_eq!(out[i].to_bits(), ((((v as f64) / sc) / 3.0) as f32).to_bits(), "{v}");
+            assert_eq!(
+                out[i].to_bits(),
+                ((((v as f64) / sc) / 3.0) as f32).to_bits(),
+                "{v}"
+            );
         }
     }
 

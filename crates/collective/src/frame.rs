@@ -137,7 +137,10 @@ pub fn encode_frame(tag: Tag, seq: u64, payload: &[u8]) -> Result<Vec<u8>, Frame
 
 /// Decode one frame from the front of `buf`. Returns the header, the payload
 /// and the number of bytes consumed.
-pub fn decode_frame(buf: &[u8], frame_bytes_max: usize) -> Result<(FrameHeader, &[u8], usize), FrameError> {
+pub fn decode_frame(
+    buf: &[u8],
+    frame_bytes_max: usize,
+) -> Result<(FrameHeader, &[u8], usize), FrameError> {
     let h = decode_header(buf, frame_bytes_max)?;
     let total = HEADER_BYTES + h.payload_bytes as usize;
     match buf.get(HEADER_BYTES..total) {
@@ -229,29 +232,60 @@ mod tests {
         assert_eq!(h.seq, 7);
         assert_eq!(p, b"hello");
         assert_eq!(n, f.len());
-        let hello = Hello { group_id: 9, rank: 2, world: 5 };
+        let hello = Hello {
+            group_id: 9,
+            rank: 2,
+            world: 5,
+        };
         assert_eq!(Hello::decode(&hello.encode()).unwrap(), hello);
     }
 
     #[test]
     fn malformed() {
         let f = encode_frame(Tag::Data, 1, &[0u8; 64]).unwrap();
-        assert!(matches!(decode_frame(&f[..10], 1024), Err(FrameError::Truncated { .. })));
-        assert!(matches!(decode_frame(&f[..30], 1024), Err(FrameError::Truncated { .. })));
-        assert!(matches!(decode_frame(&f, 63), Err(FrameError::TooLarge { .. })));
+        assert!(matches!(
+            decode_frame(&f[..10], 1024),
+            Err(FrameError::Truncated { .. })
+        ));
+        assert!(matches!(
+            decode_frame(&f[..30], 1024),
+            Err(FrameError::Truncated { .. })
+        ));
+        assert!(matches!(
+            decode_frame(&f, 63),
+            Err(FrameError::TooLarge { .. })
+        ));
         let mut bad = f.clone();
         bad[0] = b'X';
-        assert!(matches!(decode_frame(&bad, 1024), Err(FrameError::BadMagic { .. })));
+        assert!(matches!(
+            decode_frame(&bad, 1024),
+            Err(FrameError::BadMagic { .. })
+        ));
         let mut bad = f.clone();
         bad[4] = 99;
-        assert!(matches!(decode_frame(&bad, 1024), Err(FrameError::UnknownTag { tag: 99 })));
+        assert!(matches!(
+            decode_frame(&bad, 1024),
+            Err(FrameError::UnknownTag { tag: 99 })
+        ));
         let mut bad = f.clone();
         bad[6] = 1;
-        assert!(matches!(decode_frame(&bad, 1024), Err(FrameError::ReservedNonZero { .. })));
+        assert!(matches!(
+            decode_frame(&bad, 1024),
+            Err(FrameError::ReservedNonZero { .. })
+        ));
         let (h, _, _) = decode_frame(&f, 1024).unwrap();
-        assert!(matches!(check_header(&h, Tag::Data, 2, None), Err(FrameError::SequenceMismatch { .. })));
-        assert!(matches!(check_header(&h, Tag::Hello, 1, None), Err(FrameError::UnexpectedTag { .. })));
-        assert!(matches!(check_header(&h, Tag::Data, 1, Some(8)), Err(FrameError::PayloadSize { .. })));
+        assert!(matches!(
+            check_header(&h, Tag::Data, 2, None),
+            Err(FrameError::SequenceMismatch { .. })
+        ));
+        assert!(matches!(
+            check_header(&h, Tag::Hello, 1, None),
+            Err(FrameError::UnexpectedTag { .. })
+        ));
+        assert!(matches!(
+            check_header(&h, Tag::Data, 1, Some(8)),
+            Err(FrameError::PayloadSize { .. })
+        ));
         assert!(check_header(&h, Tag::Data, 1, Some(64)).is_ok());
         assert!(Hello::decode(&[0u8; 3]).is_err());
     }

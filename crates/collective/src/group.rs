@@ -67,13 +67,23 @@ impl GroupConfig {
             return bad(format!("world {} too large", self.world));
         }
         if self.rank >= self.world {
-            return bad(format!("rank {} out of range for world {}", self.rank, self.world));
+            return bad(format!(
+                "rank {} out of range for world {}",
+                self.rank, self.world
+            ));
         }
         if self.peers.len() != self.world {
-            return bad(format!("peers has {} addresses, world is {}", self.peers.len(), self.world));
+            return bad(format!(
+                "peers has {} addresses, world is {}",
+                self.peers.len(),
+                self.world
+            ));
         }
         if self.frame_bytes_max < 64 || self.frame_bytes_max > u32::MAX as usize {
-            return bad(format!("frame_bytes_max {} must be in 64..=u32::MAX", self.frame_bytes_max));
+            return bad(format!(
+                "frame_bytes_max {} must be in 64..=u32::MAX",
+                self.frame_bytes_max
+            ));
         }
         if self.chunk_bytes < 8 {
             return bad(format!("chunk_bytes {} must be >= 8", self.chunk_bytes));
@@ -93,9 +103,18 @@ fn map_io(op: &'static str, p: Peer, e: std::io::Error) -> CollectiveError {
     use std::io::ErrorKind::*;
     match e.kind() {
         UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe | NotConnected => {
-            CollectiveError::PeerClosed { op, peer_rank: p.rank, peer_addr: p.addr }
+            CollectiveError::PeerClosed {
+                op,
+                peer_rank: p.rank,
+                peer_addr: p.addr,
+            }
         }
-        _ => CollectiveError::Io { op, peer_rank: p.rank, peer_addr: p.addr, source: e },
+        _ => CollectiveError::Io {
+            op,
+            peer_rank: p.rank,
+            peer_addr: p.addr,
+            source: e,
+        },
     }
 }
 
@@ -109,7 +128,12 @@ fn timeout_err(op: &'static str, p: Peer, started: Instant) -> CollectiveError {
 }
 
 fn frame_err(op: &'static str, p: Peer, source: frame::FrameError) -> CollectiveError {
-    CollectiveError::Frame { op, peer_rank: p.rank, peer_addr: p.addr, source }
+    CollectiveError::Frame {
+        op,
+        peer_rank: p.rank,
+        peer_addr: p.addr,
+        source,
+    }
 }
 
 /// Deadline for one op (start time kept for the error message).
@@ -122,7 +146,10 @@ struct Deadline {
 impl Deadline {
     fn after(d: Duration) -> Self {
         let started = Instant::now();
-        Deadline { started, at: started + d }
+        Deadline {
+            started,
+            at: started + d,
+        }
     }
 }
 
@@ -156,7 +183,10 @@ async fn read_exact_by(
 
 /// Write all of `bufs` (header + payload) with vectored writes, so that a
 /// frame costs no copy into an intermediate buffer.
-async fn write_all_vectored(s: &mut TcpStream, mut bufs: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+async fn write_all_vectored(
+    s: &mut TcpStream,
+    mut bufs: &mut [IoSlice<'_>],
+) -> std::io::Result<()> {
     while !bufs.is_empty() {
         let n = s.write_vectored(bufs).await?;
         if n == 0 {
@@ -178,12 +208,24 @@ impl TxLink {
     /// Send one data frame: header and payload in one vectored write.
     async fn send(&mut self, payload: &[u8], op: &'static str, dl: Deadline) -> Result<()> {
         let payload_bytes = u32::try_from(payload.len()).map_err(|_| {
-            frame_err(op, self.peer, frame::FrameError::TooLarge { payload_bytes: payload.len() as u64, frame_bytes_max: u32::MAX as usize })
+            frame_err(
+                op,
+                self.peer,
+                frame::FrameError::TooLarge {
+                    payload_bytes: payload.len() as u64,
+                    frame_bytes_max: u32::MAX as usize,
+                },
+            )
         })?;
         self.seq += 1;
-        let h = frame::encode_header(&FrameHeader { tag: Tag::Data, seq: self.seq, payload_bytes });
+        let h = frame::encode_header(&FrameHeader {
+            tag: Tag::Data,
+            seq: self.seq,
+            payload_bytes,
+        });
         let mut bufs = [IoSlice::new(&h), IoSlice::new(payload)];
-        match tokio::time::timeout_at(dl.at, write_all_vectored(&mut self.stream, &mut bufs)).await {
+        match tokio::time::timeout_at(dl.at, write_all_vectored(&mut self.stream, &mut bufs)).await
+        {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(map_io(op, self.peer, e)),
             Err(_) => Err(timeout_err(op, self.peer, dl.started)),
@@ -205,12 +247,19 @@ struct RxLink {
 impl RxLink {
     /// Read and check the next data frame header; `expected` is the exact
     /// payload size when known. Returns the payload size.
-    async fn recv_header(&mut self, expected: Option<usize>, op: &'static str, dl: Deadline) -> Result<usize> {
+    async fn recv_header(
+        &mut self,
+        expected: Option<usize>,
+        op: &'static str,
+        dl: Deadline,
+    ) -> Result<usize> {
         let mut hb = [0u8; HEADER_BYTES];
         read_exact_by(&mut self.stream, &mut hb, op, self.peer, dl).await?;
-        let h = frame::decode_header(&hb, self.frame_bytes_max).map_err(|e| frame_err(op, self.peer, e))?;
+        let h = frame::decode_header(&hb, self.frame_bytes_max)
+            .map_err(|e| frame_err(op, self.peer, e))?;
         self.seq += 1;
-        frame::check_header(&h, Tag::Data, self.seq, expected).map_err(|e| frame_err(op, self.peer, e))?;
+        frame::check_header(&h, Tag::Data, self.seq, expected)
+            .map_err(|e| frame_err(op, self.peer, e))?;
         Ok(h.payload_bytes as usize)
     }
 
@@ -222,7 +271,12 @@ impl RxLink {
     }
 
     /// Receive the next data frame into the scratch buffer (8-byte aligned).
-    async fn recv(&mut self, expected: Option<usize>, op: &'static str, dl: Deadline) -> Result<&[u8]> {
+    async fn recv(
+        &mut self,
+        expected: Option<usize>,
+        op: &'static str,
+        dl: Deadline,
+    ) -> Result<&[u8]> {
         let n = self.recv_header(expected, op, dl).await?;
         if self.buf.len() * 8 < n {
             self.buf.resize(n.div_ceil(8), 0);
@@ -347,7 +401,15 @@ fn local_encode(
 
 /// Decode `src` (global indices from `start`, count slot skipped) into
 /// `out_seg`, which begins at global index `seg_start`.
-fn decode_range(src: &[i64], start: usize, glen: usize, k: i32, total: usize, out_seg: &mut [f32], seg_start: usize) {
+fn decode_range(
+    src: &[i64],
+    start: usize,
+    glen: usize,
+    k: i32,
+    total: usize,
+    out_seg: &mut [f32],
+    seg_start: usize,
+) {
     let m = (start + src.len()).min(glen).saturating_sub(start);
     if m > 0 {
         crate::fixed_point::decode(&src[..m], k, total, &mut out_seg[start - seg_start..][..m]);
@@ -391,28 +453,58 @@ impl Group {
         let (rank, world) = (cfg.rank, cfg.world);
         let span = tracing::debug_span!("rendezvous", rank, world);
         if world == 1 {
-            return Ok(Group { cfg, tx: None, rx: None, broken: None, scratch_i64: Vec::new() });
+            return Ok(Group {
+                cfg,
+                tx: None,
+                rx: None,
+                broken: None,
+                scratch_i64: Vec::new(),
+            });
         }
         let dl = Deadline::after(cfg.rendezvous_timeout);
-        let right = Peer { rank: (rank + 1) % world, addr: cfg.peers[(rank + 1) % world] };
-        let left = Peer { rank: (rank + world - 1) % world, addr: cfg.peers[(rank + world - 1) % world] };
-        let hello = Hello { group_id: cfg.group_id, rank: rank as u32, world: world as u32 };
+        let right = Peer {
+            rank: (rank + 1) % world,
+            addr: cfg.peers[(rank + 1) % world],
+        };
+        let left = Peer {
+            rank: (rank + world - 1) % world,
+            addr: cfg.peers[(rank + world - 1) % world],
+        };
+        let hello = Hello {
+            group_id: cfg.group_id,
+            rank: rank as u32,
+            world: world as u32,
+        };
         let fmax = cfg.frame_bytes_max;
         let (tx, rx) = async {
-            tokio::join!(connect_right(right, hello, dl, fmax), accept_left(&listener, left, hello, dl, fmax))
+            tokio::join!(
+                connect_right(right, hello, dl, fmax),
+                accept_left(&listener, left, hello, dl, fmax)
+            )
         }
         .instrument(span)
         .await;
         // Both halves end by the deadline; a handshake refusal explains more than a timeout.
         let (tx, rx) = match (tx, rx) {
             (Ok(tx), Ok(rx)) => (tx, rx),
-            (Err(e @ CollectiveError::Handshake { .. }), _) | (_, Err(e @ CollectiveError::Handshake { .. })) => return Err(e),
+            (Err(e @ CollectiveError::Handshake { .. }), _)
+            | (_, Err(e @ CollectiveError::Handshake { .. })) => return Err(e),
             (Err(e), _) | (_, Err(e)) => return Err(e),
         };
         tracing::debug!(rank, world, "rendezvous complete");
         Ok(Group {
-            tx: Some(TxLink { stream: tx, peer: right, seq: 0 }),
-            rx: Some(RxLink { stream: rx, peer: left, seq: 0, buf: Vec::new(), frame_bytes_max: fmax }),
+            tx: Some(TxLink {
+                stream: tx,
+                peer: right,
+                seq: 0,
+            }),
+            rx: Some(RxLink {
+                stream: rx,
+                peer: left,
+                seq: 0,
+                buf: Vec::new(),
+                frame_bytes_max: fmax,
+            }),
             cfg,
             broken: None,
             scratch_i64: Vec::new(),
@@ -531,7 +623,11 @@ impl Group {
         let op = "all_reduce_sum_i64";
         let glen = out.len();
         let len = sums.len();
-        assert_eq!(len, glen + 1, "fixed_mean_ring: sums must have out.len() + 1 slots");
+        assert_eq!(
+            len,
+            glen + 1,
+            "fixed_mean_ring: sums must have out.len() + 1 slots"
+        );
         let chunk = self.chunk_elems(8);
         let dl = Deadline::after(timeout);
         let span = tracing::debug_span!("fixed_mean_ring", rank, world = n, elems = len);
@@ -555,7 +651,15 @@ impl Group {
                             // own contribution: encoded just before sending
                             let start = send_r.start + ci * chunk;
                             enc_buf.resize(c.len(), 0);
-                            local_encode(&enc, grads, count, glen, start..start + c.len(), None, &mut enc_buf);
+                            local_encode(
+                                &enc,
+                                grads,
+                                count,
+                                glen,
+                                start..start + c.len(),
+                                None,
+                                &mut enc_buf,
+                            );
                             tx.send(to_wire(&enc_buf, &mut wire), op, dl).await?;
                         } else {
                             tx.send(to_wire(c, &mut wire), op, dl).await?;
@@ -576,7 +680,15 @@ impl Group {
                             &be
                         };
                         // received partial sum + own contribution, encoded here
-                        local_encode(&enc, grads, count, glen, start..start + c.len(), Some(base), c);
+                        local_encode(
+                            &enc,
+                            grads,
+                            count,
+                            glen,
+                            start..start + c.len(),
+                            Some(base),
+                            c,
+                        );
                     }
                     Ok::<(), CollectiveError>(())
                 };
@@ -630,8 +742,13 @@ impl Group {
         let t = self.cfg.op_timeout;
         self.all_reduce_sum_i64_within(data, t).await
     }
-    pub async fn all_reduce_sum_i64_within(&mut self, data: &mut [i64], timeout: Duration) -> Result<()> {
-        self.ring_all_reduce("all_reduce_sum_i64", data, i64::wrapping_add, timeout).await
+    pub async fn all_reduce_sum_i64_within(
+        &mut self,
+        data: &mut [i64],
+        timeout: Duration,
+    ) -> Result<()> {
+        self.ring_all_reduce("all_reduce_sum_i64", data, i64::wrapping_add, timeout)
+            .await
     }
 
     /// Plain f32 sum (ring order; identical on all ranks but depends on world).
@@ -639,8 +756,13 @@ impl Group {
         let t = self.cfg.op_timeout;
         self.all_reduce_sum_f32_within(data, t).await
     }
-    pub async fn all_reduce_sum_f32_within(&mut self, data: &mut [f32], timeout: Duration) -> Result<()> {
-        self.ring_all_reduce("all_reduce_sum_f32", data, |a, b| a + b, timeout).await
+    pub async fn all_reduce_sum_f32_within(
+        &mut self,
+        data: &mut [f32],
+        timeout: Duration,
+    ) -> Result<()> {
+        self.ring_all_reduce("all_reduce_sum_f32", data, |a, b| a + b, timeout)
+            .await
     }
 
     /// Element-wise max (NaN propagates).
@@ -648,8 +770,13 @@ impl Group {
         let t = self.cfg.op_timeout;
         self.all_reduce_max_f64_within(data, t).await
     }
-    pub async fn all_reduce_max_f64_within(&mut self, data: &mut [f64], timeout: Duration) -> Result<()> {
-        self.ring_all_reduce("all_reduce_max_f64", data, nan_max, timeout).await
+    pub async fn all_reduce_max_f64_within(
+        &mut self,
+        data: &mut [f64],
+        timeout: Duration,
+    ) -> Result<()> {
+        self.ring_all_reduce("all_reduce_max_f64", data, nan_max, timeout)
+            .await
     }
 
     /// Gather one byte string (any length) from every rank; index = rank.
@@ -657,11 +784,20 @@ impl Group {
         let t = self.cfg.op_timeout;
         self.all_gather_within(bytes, t).await
     }
-    pub async fn all_gather_within(&mut self, bytes: &[u8], timeout: Duration) -> Result<Vec<Vec<u8>>> {
+    pub async fn all_gather_within(
+        &mut self,
+        bytes: &[u8],
+        timeout: Duration,
+    ) -> Result<Vec<Vec<u8>>> {
         self.all_gather_op("all_gather", bytes, timeout).await
     }
 
-    async fn all_gather_op(&mut self, op: &'static str, bytes: &[u8], timeout: Duration) -> Result<Vec<Vec<u8>>> {
+    async fn all_gather_op(
+        &mut self,
+        op: &'static str,
+        bytes: &[u8],
+        timeout: Duration,
+    ) -> Result<Vec<Vec<u8>>> {
         self.check_usable()?;
         let (rank, n) = (self.cfg.rank, self.cfg.world);
         let mut blobs: Vec<Vec<u8>> = vec![Vec::new(); n];
@@ -681,7 +817,8 @@ impl Group {
                 let recv_idx = (rank + 2 * n - s - 1) % n;
                 let send_blob = &blobs[send_idx];
                 let send_fut = async {
-                    tx.send(&(send_blob.len() as u64).to_le_bytes(), op, dl).await?;
+                    tx.send(&(send_blob.len() as u64).to_le_bytes(), op, dl)
+                        .await?;
                     for c in send_blob.chunks(chunk) {
                         tx.send(c, op, dl).await?;
                     }
@@ -693,7 +830,14 @@ impl Group {
                     lb.copy_from_slice(p);
                     let total = u64::from_le_bytes(lb);
                     let total = usize::try_from(total).map_err(|_| {
-                        frame_err(op, rx.peer, frame::FrameError::TooLarge { payload_bytes: total, frame_bytes_max: usize::MAX })
+                        frame_err(
+                            op,
+                            rx.peer,
+                            frame::FrameError::TooLarge {
+                                payload_bytes: total,
+                                frame_bytes_max: usize::MAX,
+                            },
+                        )
                     })?;
                     let mut v = Vec::with_capacity(total.min(64 << 20));
                     while v.len() < total {
@@ -720,11 +864,18 @@ impl Group {
         let t = self.cfg.op_timeout;
         self.broadcast_within(buf, root, t).await
     }
-    pub async fn broadcast_within(&mut self, buf: &mut [u8], root: usize, timeout: Duration) -> Result<()> {
+    pub async fn broadcast_within(
+        &mut self,
+        buf: &mut [u8],
+        root: usize,
+        timeout: Duration,
+    ) -> Result<()> {
         self.check_usable()?;
         let (rank, n) = (self.cfg.rank, self.cfg.world);
         if root >= n {
-            return Err(CollectiveError::InvalidArgument { reason: format!("broadcast root {root} out of range for world {n}") });
+            return Err(CollectiveError::InvalidArgument {
+                reason: format!("broadcast root {root} out of range for world {n}"),
+            });
         }
         if n == 1 || buf.is_empty() {
             return Ok(());
@@ -778,7 +929,9 @@ impl Group {
         self.barrier_within(t).await
     }
     pub async fn barrier_within(&mut self, timeout: Duration) -> Result<()> {
-        self.all_gather_op("barrier", &[], timeout).await.map(|_| ())
+        self.all_gather_op("barrier", &[], timeout)
+            .await
+            .map(|_| ())
     }
 }
 
@@ -852,14 +1005,16 @@ async fn read_hello(s: &mut TcpStream, p: Peer, dl: Deadline, fmax: usize) -> Re
     let mut hb = [0u8; HEADER_BYTES];
     read_exact_by(s, &mut hb, op, p, dl).await?;
     let h = frame::decode_header(&hb, fmax).map_err(|e| frame_err(op, p, e))?;
-    frame::check_header(&h, Tag::Hello, 0, Some(frame::HELLO_BYTES)).map_err(|e| frame_err(op, p, e))?;
+    frame::check_header(&h, Tag::Hello, 0, Some(frame::HELLO_BYTES))
+        .map_err(|e| frame_err(op, p, e))?;
     let mut pb = [0u8; frame::HELLO_BYTES];
     read_exact_by(s, &mut pb, op, p, dl).await?;
     Hello::decode(&pb).map_err(|e| frame_err(op, p, e))
 }
 
 async fn write_hello(s: &mut TcpStream, hello: Hello, p: Peer, dl: Deadline) -> Result<()> {
-    let f = frame::encode_frame(Tag::Hello, 0, &hello.encode()).map_err(|e| frame_err("rendezvous", p, e))?;
+    let f = frame::encode_frame(Tag::Hello, 0, &hello.encode())
+        .map_err(|e| frame_err("rendezvous", p, e))?;
     write_all_by(s, &f, "rendezvous", p, dl).await
 }
 
@@ -869,11 +1024,18 @@ fn check_hello(got: Hello, mine: Hello, p: Peer) -> Result<()> {
     } else if got.world != mine.world {
         format!("world {} != ours {}", got.world, mine.world)
     } else if got.rank as usize != p.rank {
-        format!("peer says it is rank {}, expected rank {}", got.rank, p.rank)
+        format!(
+            "peer says it is rank {}, expected rank {}",
+            got.rank, p.rank
+        )
     } else {
         return Ok(());
     };
-    Err(CollectiveError::Handshake { peer_rank: p.rank, peer_addr: p.addr, reason })
+    Err(CollectiveError::Handshake {
+        peer_rank: p.rank,
+        peer_addr: p.addr,
+        reason,
+    })
 }
 
 /// Connects to the right neighbour and exchanges hellos, retrying until the deadline: the
@@ -913,7 +1075,12 @@ async fn connect_right(p: Peer, hello: Hello, dl: Deadline, fmax: usize) -> Resu
 
 /// At the rendezvous deadline: a handshake refusal is the more useful error (the peer is
 /// there but in another group); anything else is a timeout naming the peer.
-fn deadline_err(last: Option<CollectiveError>, op: &'static str, p: Peer, dl: Deadline) -> CollectiveError {
+fn deadline_err(
+    last: Option<CollectiveError>,
+    op: &'static str,
+    p: Peer,
+    dl: Deadline,
+) -> CollectiveError {
     match last {
         Some(e @ CollectiveError::Handshake { .. }) => e,
         _ => timeout_err(op, p, dl.started),
@@ -923,7 +1090,13 @@ fn deadline_err(last: Option<CollectiveError>, op: &'static str, p: Peer, dl: De
 /// Accepts the left neighbour: connections that close early, speak garbage or belong to
 /// another group (a worker of an older epoch) are dropped and accepting goes on until the
 /// deadline, so one stale connection cannot fail the rendezvous.
-async fn accept_left(l: &TcpListener, p: Peer, hello: Hello, dl: Deadline, fmax: usize) -> Result<TcpStream> {
+async fn accept_left(
+    l: &TcpListener,
+    p: Peer,
+    hello: Hello,
+    dl: Deadline,
+    fmax: usize,
+) -> Result<TcpStream> {
     let op = "rendezvous(accept)";
     let mut last: Option<CollectiveError> = None;
     loop {

@@ -60,4 +60,6 @@ pub mod group;
 pub use blocking::BlockingGroup;
 pub use error::{CollectiveError, NonFiniteLocation, Result};
 pub use frame::FrameError;
-pub use group::{Group, GroupConfig, DEFAULT_CHUNK_BYTES, DEFAULT_FRAME_BYTES_MAX, DEFAULT_GROUP_ID};
+pub use group::{
+    Group, GroupConfig, DEFAULT_CHUNK_BYTES, DEFAULT_FRAME_BYTES_MAX, DEFAULT_GROUP_ID,
+};

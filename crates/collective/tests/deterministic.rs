@@ -76,7 +76,10 @@ fn bit_identical_across_distributions_and_worlds() {
             for (rank, o) in out.iter().enumerate() {
                 let a: Vec<u32> = o.iter().map(|x| x.to_bits()).collect();
                 let b: Vec<u32> = single.iter().map(|x| x.to_bits()).collect();
-                assert!(a == b, "world {world} {kind} rank {rank} differs from the single-process result");
+                assert!(
+                    a == b,
+                    "world {world} {kind} rank {rank} differs from the single-process result"
+                );
                 seen += 1;
             }
         }
@@ -87,13 +90,24 @@ fn bit_identical_across_distributions_and_worlds() {
     for i in 0..LEN {
         let r: f64 = grads.iter().map(|g| g[i] as f64).sum::<f64>() / M as f64;
         let tol = max * M as f64 * 2f64.powi(-60) + r.abs() * 2f64.powi(-23);
-        assert!((single[i] as f64 - r).abs() <= tol, "elem {i}: {} vs {r}", single[i]);
+        assert!(
+            (single[i] as f64 - r).abs() <= tol,
+            "elem {i}: {} vs {r}",
+            single[i]
+        );
     }
     // sanity: the data is order-sensitive for plain f32 summation, so the
     // bit-identity above is not an accident of benign inputs
-    let fwd: Vec<u32> = (0..LEN).map(|i| grads.iter().map(|g| g[i]).sum::<f32>().to_bits()).collect();
-    let rev: Vec<u32> = (0..LEN).map(|i| grads.iter().rev().map(|g| g[i]).sum::<f32>().to_bits()).collect();
-    assert_ne!(fwd, rev, "test data should make f32 summation order-dependent");
+    let fwd: Vec<u32> = (0..LEN)
+        .map(|i| grads.iter().map(|g| g[i]).sum::<f32>().to_bits())
+        .collect();
+    let rev: Vec<u32> = (0..LEN)
+        .map(|i| grads.iter().rev().map(|g| g[i]).sum::<f32>().to_bits())
+        .collect();
+    assert_ne!(
+        fwd, rev,
+        "test data should make f32 summation order-dependent"
+    );
 }
 
 #[test]
@@ -119,7 +133,10 @@ fn non_finite_is_a_typed_error_on_every_rank() {
     });
     for (rank, e) in out.iter().enumerate() {
         match e {
-            CollectiveError::NonFinite { source_rank, location } => {
+            CollectiveError::NonFinite {
+                source_rank,
+                location,
+            } => {
                 assert_eq!(*source_rank, 1);
                 if rank == 1 {
                     let l = location.expect("location on the source rank");
@@ -144,6 +161,9 @@ fn micro_batch_count_mismatch_is_reported_everywhere() {
         deterministic::reduce_mean(g, &[&v], 3, &mut out, Duration::from_secs(10)).unwrap_err()
     });
     for e in out {
-        assert!(matches!(e, CollectiveError::InvalidArgument { .. }), "{e:?}");
+        assert!(
+            matches!(e, CollectiveError::InvalidArgument { .. }),
+            "{e:?}"
+        );
     }
 }

@@ -11,7 +11,11 @@ use phalanx_collective::{BlockingGroup, CollectiveError, DEFAULT_GROUP_ID};
 /// A hand-written rank 1 of a world of 2: performs the handshakes, returns
 /// (outbound to rank 0, inbound from rank 0).
 fn fake_rank1(l1: &TcpListener, addr0: std::net::SocketAddr) -> (TcpStream, TcpStream) {
-    let hello = Hello { group_id: DEFAULT_GROUP_ID, rank: 1, world: 2 };
+    let hello = Hello {
+        group_id: DEFAULT_GROUP_ID,
+        rank: 1,
+        world: 2,
+    };
     let f = frame::encode_frame(Tag::Hello, 0, &hello.encode()).unwrap();
     let mut out = TcpStream::connect(addr0).unwrap();
     out.write_all(&f).unwrap();
@@ -48,13 +52,23 @@ fn killed_peer_mid_op_is_peer_closed() {
     let (mut out, inb) = fake_rank1(&l1, addrs[0]);
     // send one valid chunk of the first step, then die
     let chunk = vec![0u8; 64 << 10];
-    out.write_all(&frame::encode_frame(Tag::Data, 1, &chunk).unwrap()).unwrap();
+    out.write_all(&frame::encode_frame(Tag::Data, 1, &chunk).unwrap())
+        .unwrap();
     std::thread::sleep(Duration::from_millis(100));
     drop(out);
     drop(inb);
     let (e, elapsed, again) = t.join().unwrap();
     match &e {
-        CollectiveError::PeerClosed { peer_rank, peer_addr, .. } | CollectiveError::Io { peer_rank, peer_addr, .. } => {
+        CollectiveError::PeerClosed {
+            peer_rank,
+            peer_addr,
+            ..
+        }
+        | CollectiveError::Io {
+            peer_rank,
+            peer_addr,
+            ..
+        } => {
             assert_eq!(*peer_rank, 1);
             assert_eq!(*peer_addr, addrs[1]);
         }
@@ -96,7 +110,10 @@ fn killed_real_peer_errors_everywhere_within_timeout() {
     for (rank, r) in res[..2].iter().enumerate() {
         let (e, t) = r.as_ref().unwrap();
         assert!(
-            matches!(e, CollectiveError::PeerClosed { .. } | CollectiveError::Io { .. }),
+            matches!(
+                e,
+                CollectiveError::PeerClosed { .. } | CollectiveError::Io { .. }
+            ),
             "rank {rank}: {e:?}"
         );
         named_dead |= e.peer_rank() == Some(2);
@@ -125,7 +142,12 @@ fn silent_peer_times_out_naming_it() {
     let (e, elapsed) = t.join().unwrap();
     drop((out, inb));
     match &e {
-        CollectiveError::Timeout { peer_rank, peer_addr, after_ms, .. } => {
+        CollectiveError::Timeout {
+            peer_rank,
+            peer_addr,
+            after_ms,
+            ..
+        } => {
             assert_eq!(*peer_rank, 1);
             assert_eq!(*peer_addr, addrs[1]);
             assert!(*after_ms >= 600);
@@ -146,8 +168,14 @@ fn absent_peer_fails_rendezvous_within_timeout() {
     let start = Instant::now();
     let e = BlockingGroup::connect(c, l0).unwrap_err();
     let elapsed = start.elapsed();
-    assert!(matches!(e, CollectiveError::Timeout { peer_rank: 1, .. }), "{e:?}");
-    assert!(elapsed >= Duration::from_millis(700) && elapsed < Duration::from_millis(2700), "{elapsed:?}");
+    assert!(
+        matches!(e, CollectiveError::Timeout { peer_rank: 1, .. }),
+        "{e:?}"
+    );
+    assert!(
+        elapsed >= Duration::from_millis(700) && elapsed < Duration::from_millis(2700),
+        "{elapsed:?}"
+    );
 }
 
 #[test]
@@ -170,9 +198,19 @@ fn handshake_rejects_wrong_group() {
     // accepting side names the group mismatch.
     let errs: Vec<CollectiveError> = handles.into_iter().map(|h| h.join().unwrap()).collect();
     for e in &errs {
-        assert!(matches!(e, CollectiveError::Handshake { .. } | CollectiveError::Timeout { .. }), "{e:?}");
+        assert!(
+            matches!(
+                e,
+                CollectiveError::Handshake { .. } | CollectiveError::Timeout { .. }
+            ),
+            "{e:?}"
+        );
     }
-    assert!(errs.iter().any(|e| matches!(e, CollectiveError::Handshake { .. })), "{errs:?}");
+    assert!(
+        errs.iter()
+            .any(|e| matches!(e, CollectiveError::Handshake { .. })),
+        "{errs:?}"
+    );
 }
 
 #[test]
@@ -180,7 +218,10 @@ fn bad_config_is_rejected() {
     let (mut ls, addrs) = listeners(1);
     let mut c = cfg(3, addrs);
     c.world = 1;
-    assert!(matches!(BlockingGroup::connect(c, ls.pop().unwrap()), Err(CollectiveError::InvalidArgument { .. })));
+    assert!(matches!(
+        BlockingGroup::connect(c, ls.pop().unwrap()),
+        Err(CollectiveError::InvalidArgument { .. })
+    ));
 }
 
 #[test]
@@ -205,7 +246,14 @@ fn garbage_frame_is_a_frame_error() {
     let e = t.join().unwrap();
     drop((out, inb));
     assert!(
-        matches!(e, CollectiveError::Frame { peer_rank: 1, source: frame::FrameError::TooLarge { .. }, .. }),
+        matches!(
+            e,
+            CollectiveError::Frame {
+                peer_rank: 1,
+                source: frame::FrameError::TooLarge { .. },
+                ..
+            }
+        ),
         "{e:?}"
     );
 }

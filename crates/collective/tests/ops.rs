@@ -11,7 +11,9 @@ fn all_reduce_sum_i64_worlds_1_to_5() {
             let r = g.rank() as i64;
             let mut res = Vec::new();
             for &len in LENS {
-                let mut v: Vec<i64> = (0..len as i64).map(|i| i * 1000 + r + if i == 0 { i64::MAX } else { 0 }).collect();
+                let mut v: Vec<i64> = (0..len as i64)
+                    .map(|i| i * 1000 + r + if i == 0 { i64::MAX } else { 0 })
+                    .collect();
                 g.all_reduce_sum_i64(&mut v).unwrap();
                 res.push(v);
             }
@@ -44,7 +46,9 @@ fn all_reduce_f32_and_max_f64_worlds_1_to_5() {
             for &len in LENS {
                 let mut v: Vec<f32> = (0..len).map(|i| (i % 97) as f32 + r as f32).collect();
                 g.all_reduce_sum_f32(&mut v).unwrap();
-                let mut m: Vec<f64> = (0..len).map(|i| ((i * 7 + r * 13) % 11) as f64 - 5.0).collect();
+                let mut m: Vec<f64> = (0..len)
+                    .map(|i| ((i * 7 + r * 13) % 11) as f64 - 5.0)
+                    .collect();
                 g.all_reduce_max_f64(&mut m).unwrap();
                 res.push((v, m));
             }
@@ -55,7 +59,11 @@ fn all_reduce_f32_and_max_f64_worlds_1_to_5() {
                 .map(|i| (0..world).map(|r| (i % 97) as f32 + r as f32).sum())
                 .collect();
             let em: Vec<f64> = (0..len)
-                .map(|i| (0..world).map(|r| ((i * 7 + r * 13) % 11) as f64 - 5.0).fold(f64::MIN, f64::max))
+                .map(|i| {
+                    (0..world)
+                        .map(|r| ((i * 7 + r * 13) % 11) as f64 - 5.0)
+                        .fold(f64::MIN, f64::max)
+                })
                 .collect();
             for res in &out {
                 assert_eq!(res[li].0, ev, "f32 world {world} len {len}");
@@ -83,7 +91,11 @@ fn all_gather_broadcast_barrier_worlds_1_to_5() {
             let mut bcasts = Vec::new();
             for root in 0..w {
                 for &len in &[0usize, 1, 99, 100, 101, 1000] {
-                    let mut buf: Vec<u8> = if r == root { (0..len).map(|i| (i * 7 + root) as u8).collect() } else { vec![0u8; len] };
+                    let mut buf: Vec<u8> = if r == root {
+                        (0..len).map(|i| (i * 7 + root) as u8).collect()
+                    } else {
+                        vec![0u8; len]
+                    };
                     g.broadcast(&mut buf, root).unwrap();
                     bcasts.push(buf);
                 }

@@ -280,7 +280,10 @@ pub fn start(cfg: ServerConfig) -> Result<ControllerHandle, ServerError> {
     let fresh = !crate::storage::SledStorage::has_data(&cfg.data_dir);
     let rejoin = !cfg.join && fresh && cluster_exists(&cfg);
     if rejoin {
-        warn!(id = cfg.id, "empty data dir but the cluster exists: rejoining through a membership change");
+        warn!(
+            id = cfg.id,
+            "empty data dir but the cluster exists: rejoining through a membership change"
+        );
     }
     let voters: Vec<NodeId> = if cfg.join || rejoin {
         Vec::new()
@@ -329,7 +332,11 @@ pub fn start(cfg: ServerConfig) -> Result<ControllerHandle, ServerError> {
 }
 
 fn other_peers(cfg: &ServerConfig) -> Vec<String> {
-    cfg.peers.iter().filter(|(id, _)| **id != cfg.id).map(|(_, a)| a.clone()).collect()
+    cfg.peers
+        .iter()
+        .filter(|(id, _)| **id != cfg.id)
+        .map(|(_, a)| a.clone())
+        .collect()
 }
 
 /// Does any other controller report a cluster with committed entries?
@@ -338,11 +345,18 @@ fn other_peers(cfg: &ServerConfig) -> Vec<String> {
 /// cluster has acknowledged nothing (matched 0) and joins normally.
 fn cluster_exists(cfg: &ServerConfig) -> bool {
     other_peers(cfg).iter().any(|a| {
-        crate::client::http_once(a, "GET", "/v1/status", &cfg.token, None, Duration::from_millis(500))
-            .ok()
-            .filter(|(code, _)| *code == 200)
-            .and_then(|(_, b)| serde_json::from_slice::<StatusResponse>(&b).ok())
-            .is_some_and(|s| s.role == "leader" && s.matched.get(&cfg.id).copied().unwrap_or(0) > 0)
+        crate::client::http_once(
+            a,
+            "GET",
+            "/v1/status",
+            &cfg.token,
+            None,
+            Duration::from_millis(500),
+        )
+        .ok()
+        .filter(|(code, _)| *code == 200)
+        .and_then(|(_, b)| serde_json::from_slice::<StatusResponse>(&b).ok())
+        .is_some_and(|s| s.role == "leader" && s.matched.get(&cfg.id).copied().unwrap_or(0) > 0)
     })
 }
 
@@ -352,12 +366,21 @@ fn rejoin_cluster(cfg: &ServerConfig, gate: &std::sync::atomic::AtomicBool) {
         return;
     };
     client.deadline = Duration::from_secs(5);
-    let address = cfg.peers.get(&cfg.id).cloned().unwrap_or_else(|| cfg.listen.clone());
+    let address = cfg
+        .peers
+        .get(&cfg.id)
+        .cloned()
+        .unwrap_or_else(|| cfg.listen.clone());
     let members_of = |client: &crate::client::Client| -> Option<Vec<NodeId>> {
         for a in client.addrs() {
-            let Ok((200, b)) =
-                crate::client::http_once(a, "GET", "/v1/status", &cfg.token, None, Duration::from_millis(500))
-            else {
+            let Ok((200, b)) = crate::client::http_once(
+                a,
+                "GET",
+                "/v1/status",
+                &cfg.token,
+                None,
+                Duration::from_millis(500),
+            ) else {
                 continue;
             };
             if let Ok(s) = serde_json::from_slice::<StatusResponse>(&b) {
@@ -383,13 +406,25 @@ fn rejoin_cluster(cfg: &ServerConfig, gate: &std::sync::atomic::AtomicBool) {
                 }
                 break;
             }
-            let change = MemberChange { action: action.into(), id: cfg.id, address: address.clone() };
+            let change = MemberChange {
+                action: action.into(),
+                id: cfg.id,
+                address: address.clone(),
+            };
             let r: Result<serde_json::Value, _> = client.post("/v1/members", &change);
-            info!(id = cfg.id, action, ok = r.is_ok(), "rejoin membership change proposed");
+            info!(
+                id = cfg.id,
+                action,
+                ok = r.is_ok(),
+                "rejoin membership change proposed"
+            );
             std::thread::sleep(Duration::from_millis(300));
         }
     }
-    info!(id = cfg.id, "rejoined the cluster; catching up from a snapshot");
+    info!(
+        id = cfg.id,
+        "rejoined the cluster; catching up from a snapshot"
+    );
 }
 
 // ------------------------------------------------------------------ raft loop
@@ -567,7 +602,11 @@ impl RaftLoop {
             Input::Local { query, reply } => {
                 let _ = reply.send(query(&self.r));
             }
-            Input::Heartbeat { worker, compute_ms, reply } => {
+            Input::Heartbeat {
+                worker,
+                compute_ms,
+                reply,
+            } => {
                 if !self.r.is_leader() {
                     let _ = reply.send(Err(self.not_leader()));
                     return Ok(());
@@ -767,15 +806,37 @@ impl RaftLoop {
             return;
         }
         self.straggler_checked = Instant::now();
-        let Some(plan) = self.r.state.job.as_ref().filter(|j| j.state == phalanx_proto::JobState::Running).and_then(|j| j.plan.clone()) else {
+        let Some(plan) = self
+            .r
+            .state
+            .job
+            .as_ref()
+            .filter(|j| j.state == phalanx_proto::JobState::Running)
+            .and_then(|j| j.plan.clone())
+        else {
             return;
         };
-        let decisions = self.stragglers.observe(&plan, &self.compute_ms, &self.r.state.workers, &self.cfg.stragglers);
+        let decisions = self.stragglers.observe(
+            &plan,
+            &self.compute_ms,
+            &self.r.state.workers,
+            &self.cfg.stragglers,
+        );
         for (worker, reason) in decisions {
             self.lease_seq += 1;
             let env = Envelope {
-                request_id: format!("straggler-n{}-t{}-{}", self.cfg.id, self.r.term(), self.lease_seq),
-                command: Command::SetWorkerHealth { id: worker.clone(), health: WorkerHealth::Draining, reason, address: None },
+                request_id: format!(
+                    "straggler-n{}-t{}-{}",
+                    self.cfg.id,
+                    self.r.term(),
+                    self.lease_seq
+                ),
+                command: Command::SetWorkerHealth {
+                    id: worker.clone(),
+                    health: WorkerHealth::Draining,
+                    reason,
+                    address: None,
+                },
             };
             info!(worker = %worker, "straggler decision");
             let _ = self.r.propose(&env);
@@ -1113,7 +1174,12 @@ pub fn status_of(r: &Replica) -> StatusResponse {
         checkpoints: r.state.checkpoints.len(),
         events: r.state.events.len(),
         matched: if r.role() == "leader" {
-            r.raw.raft.prs().iter().map(|(id, pr)| (*id, pr.matched)).collect()
+            r.raw
+                .raft
+                .prs()
+                .iter()
+                .map(|(id, pr)| (*id, pr.matched))
+                .collect()
         } else {
             Default::default()
         },

@@ -8,7 +8,9 @@ pub mod policy;
 pub mod state;
 
 pub use jobfile::{job_template, parse_job_toml, validate_job, JobFileError};
-pub use policy::{LeaseConfig, LeaseDecision, Leases, PlacementDecision, Reason, StragglerConfig, Stragglers};
+pub use policy::{
+    LeaseConfig, LeaseDecision, Leases, PlacementDecision, Reason, StragglerConfig, Stragglers,
+};
 pub use state::{Applied, ClusterState, SnapshotError, StateLimits};
 
 /// Effective training time of a finished job: wall time from the start of training to its
@@ -39,7 +41,13 @@ mod tests {
             world_size_min: 1,
             world_size_max: 1,
         };
-        let rec = |ms| Recovery { epoch: 2, source: "peers".into(), resumed_at_step: 1, steps_redone: 0, mttr_ms: ms };
+        let rec = |ms| Recovery {
+            epoch: 2,
+            source: "peers".into(),
+            resumed_at_step: 1,
+            steps_redone: 0,
+            mttr_ms: ms,
+        };
         let mut job = JobInfo {
             spec,
             state: JobState::Completed,

@@ -211,7 +211,12 @@ pub struct StragglerConfig {
 
 impl Default for StragglerConfig {
     fn default() -> Self {
-        StragglerConfig { threshold: 2.0, clear_below: 1.3, consecutive: 6, ranks_min: 3 }
+        StragglerConfig {
+            threshold: 2.0,
+            clear_below: 1.3,
+            consecutive: 6,
+            ranks_min: 3,
+        }
     }
 }
 
@@ -245,7 +250,10 @@ impl Stragglers {
         let mut sorted: Vec<f64> = samples.iter().map(|(_, t)| *t).collect();
         sorted.sort_by(|a, b| a.total_cmp(b));
         let median = sorted[sorted.len() / 2];
-        let spares = workers.values().filter(|w| w.health == WorkerHealth::Spare).count();
+        let spares = workers
+            .values()
+            .filter(|w| w.health == WorkerHealth::Spare)
+            .count();
         let mut out = Vec::new();
         samples.sort_by(|a, b| b.1.total_cmp(&a.1));
         for (id, t) in samples {
@@ -285,7 +293,11 @@ mod tests {
             health_reason: String::new(),
             registered_index: 0,
         };
-        let plan = Plan { epoch: 1, ranks: vec!["a".into(), "b".into(), "c".into(), "d".into()], reason: String::new() };
+        let plan = Plan {
+            epoch: 1,
+            ranks: vec!["a".into(), "b".into(), "c".into(), "d".into()],
+            reason: String::new(),
+        };
         let mut w = BTreeMap::new();
         for id in ["a", "b", "c", "d"] {
             w.insert(id.to_string(), mk(id, WorkerHealth::Healthy));
@@ -297,10 +309,16 @@ mod tests {
     #[test]
     fn a_persistent_straggler_is_swapped_but_a_blip_is_not() {
         let (plan, workers) = straggler_world(WorkerHealth::Spare);
-        let cfg = StragglerConfig { consecutive: 3, ..Default::default() };
+        let cfg = StragglerConfig {
+            consecutive: 3,
+            ..Default::default()
+        };
         let mut s = Stragglers::default();
         let times = |slow: f64| -> BTreeMap<WorkerId, f64> {
-            [("a", 10.0), ("b", 11.0), ("c", 10.5), ("d", slow)].iter().map(|(k, v)| (k.to_string(), *v)).collect()
+            [("a", 10.0), ("b", 11.0), ("c", 10.5), ("d", slow)]
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect()
         };
         // A blip: two slow checks, then back to normal; no decision.
         assert!(s.observe(&plan, &times(40.0), &workers, &cfg).is_empty());
@@ -319,10 +337,15 @@ mod tests {
     #[test]
     fn without_a_spare_a_straggler_is_kept() {
         let (plan, workers) = straggler_world(WorkerHealth::Failed);
-        let cfg = StragglerConfig { consecutive: 1, ..Default::default() };
+        let cfg = StragglerConfig {
+            consecutive: 1,
+            ..Default::default()
+        };
         let mut s = Stragglers::default();
-        let times: BTreeMap<WorkerId, f64> =
-            [("a", 10.0), ("b", 10.0), ("c", 10.0), ("d", 50.0)].iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        let times: BTreeMap<WorkerId, f64> = [("a", 10.0), ("b", 10.0), ("c", 10.0), ("d", 50.0)]
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect();
         assert!(s.observe(&plan, &times, &workers, &cfg).is_empty());
     }
     use phalanx_proto::DeviceSpec;

@@ -195,7 +195,15 @@ impl ClusterState {
     fn apply_command(&mut self, index: u64, cmd: &Command) -> Outcome {
         match cmd {
             Command::ReadBarrier => ok("read barrier"),
-            Command::ReportResume { worker, epoch, step, source, steps_redone, mttr_ms, at_ms } => {
+            Command::ReportResume {
+                worker,
+                epoch,
+                step,
+                source,
+                steps_redone,
+                mttr_ms,
+                at_ms,
+            } => {
                 if self.too_long(source) {
                     return no("source must be at most text_bytes_max bytes");
                 }
@@ -227,7 +235,9 @@ impl ClusterState {
                     }
                 }
                 let name = j.spec.name.clone();
-                let mttr = mttr_ms.map(|m| format!(", {m} ms after its last step")).unwrap_or_default();
+                let mttr = mttr_ms
+                    .map(|m| format!(", {m} ms after its last step"))
+                    .unwrap_or_default();
                 self.event(
                     index,
                     "resumed",
@@ -243,20 +253,32 @@ impl ClusterState {
                 self.event(index, "fault_injected", target, kind.clone());
                 ok("fault recorded")
             }
-            Command::ReportResult { worker, epoch, params_sha256, finished_at_ms } => {
+            Command::ReportResult {
+                worker,
+                epoch,
+                params_sha256,
+                finished_at_ms,
+            } => {
                 let Some(j) = &mut self.job else {
                     return no("no job");
                 };
                 if j.plan.as_ref().map(|p| p.epoch) != Some(*epoch) {
                     return no(format!("stale epoch {epoch}"));
                 }
-                if params_sha256.len() != 64 || !params_sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                if params_sha256.len() != 64
+                    || !params_sha256.bytes().all(|b| b.is_ascii_hexdigit())
+                {
                     return no("params_sha256 must be 64 hex digits");
                 }
                 j.params_sha256 = Some(params_sha256.clone());
                 j.finished_at_ms = j.finished_at_ms.or(*finished_at_ms);
                 let name = j.spec.name.clone();
-                self.event(index, "job_result", &name, format!("params_sha256 {params_sha256} (reported by {worker}, epoch {epoch})"));
+                self.event(
+                    index,
+                    "job_result",
+                    &name,
+                    format!("params_sha256 {params_sha256} (reported by {worker}, epoch {epoch})"),
+                );
                 ok("result recorded")
             }
             Command::SetAnnotation { key, value } => {
@@ -317,12 +339,20 @@ impl ClusterState {
                 self.replan(index);
                 ok(msg)
             }
-            Command::SetWorkerHealth { id, health, reason, address } => {
+            Command::SetWorkerHealth {
+                id,
+                health,
+                reason,
+                address,
+            } => {
                 let Some(w) = self.workers.get_mut(id) else {
                     return no(format!("unknown worker {id}"));
                 };
                 if let Some(a) = address.as_ref().filter(|a| **a != w.address) {
-                    return no(format!("stale report about worker {id} at {a}; it is now at {}", w.address));
+                    return no(format!(
+                        "stale report about worker {id} at {a}; it is now at {}",
+                        w.address
+                    ));
                 }
                 if self.limits.text_bytes_max < reason.len() {
                     return no("reason too long");

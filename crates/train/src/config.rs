@@ -92,8 +92,16 @@ mod tests {
     fn named_sizes_are_roughly_what_the_names_say() {
         let n = |m: &str| ModelConfig::named(m).unwrap().param_count();
         assert!((80_000..200_000).contains(&n("tiny")), "tiny {}", n("tiny"));
-        assert!((700_000..1_500_000).contains(&n("small")), "small {}", n("small"));
-        assert!((8_000_000..14_000_000).contains(&n("base")), "base {}", n("base"));
+        assert!(
+            (700_000..1_500_000).contains(&n("small")),
+            "small {}",
+            n("small")
+        );
+        assert!(
+            (8_000_000..14_000_000).contains(&n("base")),
+            "base {}",
+            n("base")
+        );
         assert!((80_000_000..130_000_000).contains(&n("gpt2-124m")));
     }
 

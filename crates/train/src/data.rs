@@ -57,7 +57,12 @@ impl Corpus {
             )));
         }
         let sha256 = hex::encode(Sha256::digest(&bytes));
-        Ok(Self { bytes, files, sha256, spec: spec.to_string() })
+        Ok(Self {
+            bytes,
+            files,
+            sha256,
+            spec: spec.to_string(),
+        })
     }
 
     /// Splits into train and validation: the last `val_fraction` of the bytes validate.
@@ -82,7 +87,10 @@ impl Corpus {
                 need
             )));
         }
-        Ok((self.bytes[..n_train].to_vec(), self.bytes[n_train..].to_vec()))
+        Ok((
+            self.bytes[..n_train].to_vec(),
+            self.bytes[n_train..].to_vec(),
+        ))
     }
 }
 
@@ -109,7 +117,9 @@ fn resolve(spec: &str) -> Result<Vec<PathBuf>, TrainError> {
     }
     files.sort();
     if files.is_empty() {
-        return Err(TrainError::Corpus(format!("corpus `{spec}` matches no files")));
+        return Err(TrainError::Corpus(format!(
+            "corpus `{spec}` matches no files"
+        )));
     }
     Ok(files)
 }
@@ -169,18 +179,32 @@ mod tests {
     fn missing_and_empty_corpora_are_clear_errors() {
         let d = tempfile::tempdir().unwrap();
         let missing = d.path().join("nope.txt");
-        let e = Corpus::load(missing.to_str().unwrap()).unwrap_err().to_string();
-        assert!(e.contains("does not exist") && e.contains("nope.txt"), "{e}");
+        let e = Corpus::load(missing.to_str().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("does not exist") && e.contains("nope.txt"),
+            "{e}"
+        );
         std::fs::write(d.path().join("empty.txt"), "").unwrap();
-        let e = Corpus::load(d.path().join("empty.txt").to_str().unwrap()).unwrap_err().to_string();
+        let e = Corpus::load(d.path().join("empty.txt").to_str().unwrap())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("empty"), "{e}");
-        let e = Corpus::load(&format!("{}/*.zzz", d.path().display())).unwrap_err().to_string();
+        let e = Corpus::load(&format!("{}/*.zzz", d.path().display()))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("matches no files"), "{e}");
     }
 
     #[test]
     fn split_keeps_the_tail_for_validation_and_checks_size() {
-        let c = Corpus { bytes: (0..100u8).collect(), files: vec![], sha256: String::new(), spec: "x".into() };
+        let c = Corpus {
+            bytes: (0..100u8).collect(),
+            files: vec![],
+            sha256: String::new(),
+            spec: "x".into(),
+        };
         let (tr, va) = c.split(0.1, 8).unwrap();
         assert_eq!(tr.len(), 90);
         assert_eq!(va, (90..100u8).collect::<Vec<_>>());

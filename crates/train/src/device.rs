@@ -21,17 +21,47 @@ pub struct GpuSpec {
 }
 
 pub const CATALOGUE: &[GpuSpec] = &[
-    GpuSpec { name: "H100-SXM-80GB", bf16_tflops: 989.0, hbm_gib: 80.0, hbm_tb_per_s: 3.35, interconnect_gb_per_s: 900.0 },
-    GpuSpec { name: "H200-141GB", bf16_tflops: 989.0, hbm_gib: 141.0, hbm_tb_per_s: 4.8, interconnect_gb_per_s: 900.0 },
-    GpuSpec { name: "A100-80GB", bf16_tflops: 312.0, hbm_gib: 80.0, hbm_tb_per_s: 2.039, interconnect_gb_per_s: 600.0 },
-    GpuSpec { name: "B200-180GB", bf16_tflops: 2250.0, hbm_gib: 180.0, hbm_tb_per_s: 8.0, interconnect_gb_per_s: 1800.0 },
+    GpuSpec {
+        name: "H100-SXM-80GB",
+        bf16_tflops: 989.0,
+        hbm_gib: 80.0,
+        hbm_tb_per_s: 3.35,
+        interconnect_gb_per_s: 900.0,
+    },
+    GpuSpec {
+        name: "H200-141GB",
+        bf16_tflops: 989.0,
+        hbm_gib: 141.0,
+        hbm_tb_per_s: 4.8,
+        interconnect_gb_per_s: 900.0,
+    },
+    GpuSpec {
+        name: "A100-80GB",
+        bf16_tflops: 312.0,
+        hbm_gib: 80.0,
+        hbm_tb_per_s: 2.039,
+        interconnect_gb_per_s: 600.0,
+    },
+    GpuSpec {
+        name: "B200-180GB",
+        bf16_tflops: 2250.0,
+        hbm_gib: 180.0,
+        hbm_tb_per_s: 8.0,
+        interconnect_gb_per_s: 1800.0,
+    },
 ];
 
 pub fn spec_named(name: &str) -> Result<&'static GpuSpec, TrainError> {
-    CATALOGUE.iter().find(|s| s.name.eq_ignore_ascii_case(name)).ok_or_else(|| {
-        let names: Vec<_> = CATALOGUE.iter().map(|s| s.name).collect();
-        TrainError::Device(format!("unknown GPU model `{name}`; known: {}", names.join(", ")))
-    })
+    CATALOGUE
+        .iter()
+        .find(|s| s.name.eq_ignore_ascii_case(name))
+        .ok_or_else(|| {
+            let names: Vec<_> = CATALOGUE.iter().map(|s| s.name).collect();
+            TrainError::Device(format!(
+                "unknown GPU model `{name}`; known: {}",
+                names.join(", ")
+            ))
+        })
 }
 
 /// What `--device` asks for.
@@ -39,7 +69,10 @@ pub fn spec_named(name: &str) -> Result<&'static GpuSpec, TrainError> {
 pub enum DeviceRequest {
     /// An emulated GPU of this spec; `memory_bytes` is its capacity (the spec's HBM,
     /// unless overridden to emulate a smaller part).
-    Emulated { spec: &'static GpuSpec, memory_bytes: u64 },
+    Emulated {
+        spec: &'static GpuSpec,
+        memory_bytes: u64,
+    },
     Cuda(usize),
 }
 
@@ -47,7 +80,11 @@ impl DeviceRequest {
     /// Parses `emulated`, `emulated:MODEL` or `cuda:N`. `memory_gib` overrides an emulated
     /// device's capacity.
     pub fn parse(s: &str, memory_gib: Option<f64>) -> Result<Self, TrainError> {
-        let bad = || TrainError::Device(format!("bad device `{s}`: expected `emulated[:MODEL]` or `cuda:N`"));
+        let bad = || {
+            TrainError::Device(format!(
+                "bad device `{s}`: expected `emulated[:MODEL]` or `cuda:N`"
+            ))
+        };
         if let Some(rest) = s.strip_prefix("cuda:") {
             let n = rest.parse::<usize>().map_err(|_| bad())?;
             return Ok(Self::Cuda(n));
@@ -58,9 +95,14 @@ impl DeviceRequest {
         };
         let gib = memory_gib.unwrap_or(spec.hbm_gib);
         if !(gib.is_finite() && gib > 0.0) {
-            return Err(TrainError::Device(format!("memory capacity {gib} GiB must be positive")));
+            return Err(TrainError::Device(format!(
+                "memory capacity {gib} GiB must be positive"
+            )));
         }
-        Ok(Self::Emulated { spec, memory_bytes: (gib * (1u64 << 30) as f64) as u64 })
+        Ok(Self::Emulated {
+            spec,
+            memory_bytes: (gib * (1u64 << 30) as f64) as u64,
+        })
     }
 
     pub fn describe(&self) -> String {
@@ -155,7 +197,10 @@ impl MemoryEstimate {
     }
 
     pub fn total_bytes(&self) -> u64 {
-        self.weights_and_grads_bytes + self.optimizer_bytes + self.reduction_bytes + self.activation_bytes
+        self.weights_and_grads_bytes
+            + self.optimizer_bytes
+            + self.reduction_bytes
+            + self.activation_bytes
     }
 
     pub fn describe(&self) -> String {
@@ -208,7 +253,11 @@ fn dlopen_global(path: &str) -> Result<(), String> {
         // SAFETY: dlerror returns a thread-local C string or null.
         let msg = unsafe {
             let e = libc::dlerror();
-            if e.is_null() { "unknown dlopen error".to_string() } else { std::ffi::CStr::from_ptr(e).to_string_lossy().into_owned() }
+            if e.is_null() {
+                "unknown dlopen error".to_string()
+            } else {
+                std::ffi::CStr::from_ptr(e).to_string_lossy().into_owned()
+            }
         };
         return Err(msg);
     }
@@ -218,7 +267,10 @@ fn dlopen_global(path: &str) -> Result<(), String> {
 /// Asks Python where PyTorch lives, with a bound on the wait.
 fn python_torch_lib_dir() -> Option<String> {
     let mut child = std::process::Command::new("python3")
-        .args(["-c", "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))"])
+        .args([
+            "-c",
+            "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))",
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -249,13 +301,20 @@ mod tests {
 
     #[test]
     fn parses_device_requests() {
-        assert!(matches!(DeviceRequest::parse("cuda:1", None).unwrap(), DeviceRequest::Cuda(1)));
-        let DeviceRequest::Emulated { spec, memory_bytes } = DeviceRequest::parse("emulated:h200-141gb", None).unwrap() else {
+        assert!(matches!(
+            DeviceRequest::parse("cuda:1", None).unwrap(),
+            DeviceRequest::Cuda(1)
+        ));
+        let DeviceRequest::Emulated { spec, memory_bytes } =
+            DeviceRequest::parse("emulated:h200-141gb", None).unwrap()
+        else {
             panic!()
         };
         assert_eq!(spec.name, "H200-141GB");
         assert_eq!(memory_bytes, 141 << 30);
-        let e = DeviceRequest::parse("emulated:Z80", None).unwrap_err().to_string();
+        let e = DeviceRequest::parse("emulated:Z80", None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("Z80") && e.contains("H100-SXM-80GB"), "{e}");
         assert!(DeviceRequest::parse("tpu", None).is_err());
         assert!(DeviceRequest::parse("emulated", Some(-1.0)).is_err());
@@ -267,7 +326,10 @@ mod tests {
         let dev = DeviceRequest::parse("emulated:A100-80GB", Some(0.01)).unwrap();
         let est = MemoryEstimate::new(&cfg, 4, 2);
         let e = dev.check_fits(&est).unwrap_err().to_string();
-        assert!(e.contains(&est.total_bytes().to_string()) && e.contains(&(10737418u64).to_string()), "{e}");
+        assert!(
+            e.contains(&est.total_bytes().to_string()) && e.contains(&(10737418u64).to_string()),
+            "{e}"
+        );
         let big = DeviceRequest::parse("emulated:A100-80GB", None).unwrap();
         big.check_fits(&est).unwrap();
     }
@@ -276,7 +338,12 @@ mod tests {
     fn catalogue_has_the_required_parts() {
         for n in ["H100-SXM-80GB", "H200-141GB", "A100-80GB"] {
             let s = spec_named(n).unwrap();
-            assert!(s.bf16_tflops > 0.0 && s.hbm_gib > 0.0 && s.hbm_tb_per_s > 0.0 && s.interconnect_gb_per_s > 0.0);
+            assert!(
+                s.bf16_tflops > 0.0
+                    && s.hbm_gib > 0.0
+                    && s.hbm_tb_per_s > 0.0
+                    && s.interconnect_gb_per_s > 0.0
+            );
         }
     }
 }

@@ -7,8 +7,8 @@ use crate::config::ModelConfig;
 use crate::model::Gpt;
 use crate::optim::{clip_factor, AdamW, AdamWConfig, AdamWState};
 use crate::sampler::{assign, Sampler};
-use std::ops::Range;
 use crate::TrainError;
+use std::ops::Range;
 
 /// Everything that defines a training run's math. Two runs with equal `TrainSpec`s and
 /// corpora produce bit-identical parameters, whatever the world size.
@@ -33,7 +33,13 @@ pub const DEFAULT_VAL_MICRO_BATCHES: usize = 8;
 
 impl TrainSpec {
     /// A spec with the default optimizer, split and validation settings.
-    pub fn with_defaults(model: ModelConfig, seed: u64, steps: u64, global_batch: usize, micro_batch: usize) -> Self {
+    pub fn with_defaults(
+        model: ModelConfig,
+        seed: u64,
+        steps: u64,
+        global_batch: usize,
+        micro_batch: usize,
+    ) -> Self {
         Self {
             model,
             seed,
@@ -52,7 +58,12 @@ impl TrainSpec {
         if self.steps == 0 {
             return Err(TrainError::Config("steps must be at least 1".into()));
         }
-        Sampler::new(self.seed, self.model.ctx_len as usize, self.global_batch, self.micro_batch)?;
+        Sampler::new(
+            self.seed,
+            self.model.ctx_len as usize,
+            self.global_batch,
+            self.micro_batch,
+        )?;
         Ok(())
     }
 
@@ -87,7 +98,12 @@ pub struct StepStats {
 }
 
 impl Engine {
-    pub fn new(spec: TrainSpec, train: Vec<u8>, val: Vec<u8>, device: Device) -> Result<Self, TrainError> {
+    pub fn new(
+        spec: TrainSpec,
+        train: Vec<u8>,
+        val: Vec<u8>,
+        device: Device,
+    ) -> Result<Self, TrainError> {
         spec.validate()?;
         let ctx = spec.model.ctx_len as usize;
         if train.len() <= ctx || val.len() <= ctx {
@@ -103,7 +119,17 @@ impl Engine {
         let decay = model.layout.decay_mask();
         let opt = AdamWState::new(0..params.len());
         let sampler = Sampler::new(spec.seed, ctx, spec.global_batch, spec.micro_batch)?;
-        Ok(Self { spec, model, sampler, train, val, params, decay, opt, buddy: None })
+        Ok(Self {
+            spec,
+            model,
+            sampler,
+            train,
+            val,
+            params,
+            decay,
+            opt,
+            buddy: None,
+        })
     }
 
     /// Inputs and targets of training micro-batch `micro` of `step`.
@@ -137,7 +163,10 @@ impl Engine {
         self.model.take_grads(grad)?;
         let v = loss.f_double_value(&[])?;
         if !v.is_finite() {
-            return Err(TrainError::NonFinite { what: format!("loss of micro-batch {micro}"), step });
+            return Err(TrainError::NonFinite {
+                what: format!("loss of micro-batch {micro}"),
+                step,
+            });
         }
         Ok(v)
     }
@@ -158,11 +187,28 @@ impl Engine {
         let lr = self.spec.optim.lr_at(self.opt.step);
         let (grad_norm, clip) = clip_factor(mean_grad, self.spec.optim.grad_clip_norm);
         if !grad_norm.is_finite() {
-            return Err(TrainError::NonFinite { what: "gradient norm".into(), step: self.opt.step });
+            return Err(TrainError::NonFinite {
+                what: "gradient norm".into(),
+                step: self.opt.step,
+            });
         }
-        AdamW::update_range(&self.spec.optim, &mut self.opt, &mut self.params, mean_grad, &self.decay, clip);
+        AdamW::update_range(
+            &self.spec.optim,
+            &mut self.opt,
+            &mut self.params,
+            mean_grad,
+            &self.decay,
+            clip,
+        );
         if let Some(b) = self.buddy.as_mut() {
-            AdamW::update_range(&self.spec.optim, b, &mut self.params, mean_grad, &self.decay, clip);
+            AdamW::update_range(
+                &self.spec.optim,
+                b,
+                &mut self.params,
+                mean_grad,
+                &self.decay,
+                clip,
+            );
         }
         Ok(StepStats { grad_norm, lr })
     }
@@ -188,11 +234,22 @@ impl Engine {
     }
 
     /// Sets this rank's optimizer shards (their moments come from the caller).
-    pub fn set_shards(&mut self, own: AdamWState, buddy: Option<AdamWState>) -> Result<(), TrainError> {
+    pub fn set_shards(
+        &mut self,
+        own: AdamWState,
+        buddy: Option<AdamWState>,
+    ) -> Result<(), TrainError> {
         let n = self.params.len();
         for s in std::iter::once(&own).chain(buddy.as_ref()) {
-            if s.range.end > n || s.m.len() != s.range.len() || s.v.len() != s.range.len() || s.step != own.step {
-                return Err(TrainError::Config(format!("optimizer shard {:?} does not fit {n} parameters", s.range)));
+            if s.range.end > n
+                || s.m.len() != s.range.len()
+                || s.v.len() != s.range.len()
+                || s.step != own.step
+            {
+                return Err(TrainError::Config(format!(
+                    "optimizer shard {:?} does not fit {n} parameters",
+                    s.range
+                )));
             }
         }
         self.opt = own;
@@ -205,7 +262,12 @@ impl Engine {
     pub fn zero_shards(&mut self, world: usize, rank: usize) -> Result<(), TrainError> {
         let step = self.opt.step;
         let (own, buddy) = self.shard_ranges(world, rank);
-        let mk = |r: Range<usize>| AdamWState { m: vec![0.0; r.len()], v: vec![0.0; r.len()], range: r, step };
+        let mk = |r: Range<usize>| AdamWState {
+            m: vec![0.0; r.len()],
+            v: vec![0.0; r.len()],
+            range: r,
+            step,
+        };
         self.set_shards(mk(own), buddy.map(mk))
     }
 
@@ -227,7 +289,8 @@ impl Engine {
 
     /// Back to the seed's initial parameters at step 0 (the shards are set by the caller).
     pub fn reset_to_initial(&mut self) -> Result<(), TrainError> {
-        self.params = crate::model::init_params(&self.spec.model, &self.model.layout, self.spec.seed);
+        self.params =
+            crate::model::init_params(&self.spec.model, &self.model.layout, self.spec.seed);
         self.opt.step = 0;
         self.sync_model()
     }
@@ -235,7 +298,11 @@ impl Engine {
     /// Replaces parameters and step (from a checkpoint); the shards are set by the caller.
     pub fn load_params(&mut self, step: u64, params: Vec<f32>) -> Result<(), TrainError> {
         if params.len() != self.params.len() {
-            return Err(TrainError::Config(format!("checkpoint holds {} parameters, the model has {}", params.len(), self.params.len())));
+            return Err(TrainError::Config(format!(
+                "checkpoint holds {} parameters, the model has {}",
+                params.len(),
+                self.params.len()
+            )));
         }
         self.params = params;
         self.opt.step = step;
@@ -275,7 +342,9 @@ mod tests {
     }
 
     fn text() -> Vec<u8> {
-        "the quick brown fox jumps over the lazy dog. ".repeat(200).into_bytes()
+        "the quick brown fox jumps over the lazy dog. "
+            .repeat(200)
+            .into_bytes()
     }
 
     fn engine(seed: u64, steps: u64) -> Engine {
@@ -290,7 +359,13 @@ mod tests {
         assert_eq!(a.params_sha256(), b.params_sha256());
         assert_ne!(a.params_sha256(), c.params_sha256());
         assert_eq!(a.params.len() as i64, a.spec.model.param_count());
-        let names: Vec<&str> = a.model.layout.slots.iter().map(|s| s.name.as_str()).collect();
+        let names: Vec<&str> = a
+            .model
+            .layout
+            .slots
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
         assert_eq!(names.first(), Some(&"h00.attn.c_attn.bias"), "{names:?}");
         assert!(names.contains(&"wte.weight") && names.windows(2).all(|w| w[0] < w[1]));
     }
@@ -348,7 +423,10 @@ mod tests {
         assert_eq!(params_sha256(&from_model), a.params_sha256());
         assert!(b.load_params(1, vec![0.0; 3]).is_err());
         b.reset_to_initial().unwrap();
-        assert_eq!((b.step(), b.params_sha256()), (0, engine(6, 3).params_sha256()));
+        assert_eq!(
+            (b.step(), b.params_sha256()),
+            (0, engine(6, 3).params_sha256())
+        );
     }
 
     #[test]
@@ -367,9 +445,16 @@ mod tests {
         for (r, e) in shards.iter().enumerate() {
             let (own, buddy) = e.shard_ranges(3, r);
             for range in std::iter::once(own).chain(buddy) {
-                assert!(e.params[range.clone()].iter().zip(&whole.params[range]).all(|(a, b)| a.to_bits() == b.to_bits()));
+                assert!(e.params[range.clone()]
+                    .iter()
+                    .zip(&whole.params[range])
+                    .all(|(a, b)| a.to_bits() == b.to_bits()));
             }
         }
-        assert_eq!(shards[1].shards_bytes().len(), 2 * 16 + 12 * (shards[1].opt.range.len() + shards[1].buddy.as_ref().unwrap().range.len()));
+        assert_eq!(
+            shards[1].shards_bytes().len(),
+            2 * 16
+                + 12 * (shards[1].opt.range.len() + shards[1].buddy.as_ref().unwrap().range.len())
+        );
     }
 }

@@ -26,7 +26,12 @@ pub enum TrainError {
     Device(String),
     #[error("out of device memory on {device}: need {need_bytes} bytes ({need_gib:.3} GiB) for {what}, the device has {have_bytes} bytes ({have_gib:.3} GiB)",
         need_gib = *need_bytes as f64 / GIB, have_gib = *have_bytes as f64 / GIB)]
-    OutOfMemory { device: String, what: String, need_bytes: u64, have_bytes: u64 },
+    OutOfMemory {
+        device: String,
+        what: String,
+        need_bytes: u64,
+        have_bytes: u64,
+    },
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),
     #[error("non-finite {what} at step {step}")]

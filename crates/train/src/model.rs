@@ -115,12 +115,33 @@ impl Gpt {
         for (name, t) in &named {
             let shape = t.size();
             let numel = shape.iter().product::<i64>() as usize;
-            slots.push(ParamSlot { name: name.clone(), shape: shape.clone(), offset, numel, decay: shape.len() >= 2 });
+            slots.push(ParamSlot {
+                name: name.clone(),
+                shape: shape.clone(),
+                offset,
+                numel,
+                decay: shape.len() >= 2,
+            });
             offset += numel;
         }
-        let layout = Layout { slots, total: offset };
+        let layout = Layout {
+            slots,
+            total: offset,
+        };
         let params = named.into_iter().map(|(_, t)| t).collect();
-        let model = Self { cfg: cfg.clone(), vs, device, wte, wpe, blocks, lnf_w, lnf_b, head, params, layout };
+        let model = Self {
+            cfg: cfg.clone(),
+            vs,
+            device,
+            wte,
+            wpe,
+            blocks,
+            lnf_w,
+            lnf_b,
+            head,
+            params,
+            layout,
+        };
         let init = init_params(cfg, &model.layout, seed);
         model.write_params(&init)?;
         Ok(model)
@@ -151,10 +172,19 @@ impl Gpt {
                 .f_view([b, t, 3, nh, d / nh])?
                 .f_permute([2, 0, 3, 1, 4])?;
             let (q, k, v) = (qkv.f_get(0)?, qkv.f_get(1)?, qkv.f_get(2)?);
-            let y = Tensor::f_scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, false)?
-                .f_transpose(1, 2)?
-                .f_contiguous()?
-                .f_view([b, t, d])?;
+            let y = Tensor::f_scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                None::<Tensor>,
+                0.0,
+                true,
+                None,
+                false,
+            )?
+            .f_transpose(1, 2)?
+            .f_contiguous()?
+            .f_view([b, t, d])?;
             x = x.f_add(&y.f_linear(&blk.proj_w, Some(&blk.proj_b))?)?;
             let h = x.f_layer_norm([d], Some(&blk.ln2_w), Some(&blk.ln2_b), 1e-5, false)?;
             let h = h
@@ -171,7 +201,13 @@ impl Gpt {
     pub fn loss(&self, idx: &Tensor, targets: &Tensor) -> Result<Tensor, TrainError> {
         let logits = self.forward(idx)?;
         let v = self.cfg.vocab_size;
-        Ok(logits.f_view([-1, v])?.f_cross_entropy_loss(&targets.f_view([-1])?, None::<Tensor>, tch::Reduction::Mean, -100, 0.0)?)
+        Ok(logits.f_view([-1, v])?.f_cross_entropy_loss(
+            &targets.f_view([-1])?,
+            None::<Tensor>,
+            tch::Reduction::Mean,
+            -100,
+            0.0,
+        )?)
     }
 
     /// Copies the flat parameter vector into the model's tensors.
@@ -184,7 +220,9 @@ impl Gpt {
                     dst.copy_from_slice(src);
                     continue;
                 }
-                let src = Tensor::f_from_slice(src)?.f_view(slot.shape.as_slice())?.f_to_device(self.device)?;
+                let src = Tensor::f_from_slice(src)?
+                    .f_view(slot.shape.as_slice())?
+                    .f_to_device(self.device)?;
                 let mut t = t.shallow_clone();
                 t.f_copy_(&src)?;
             }
@@ -235,7 +273,10 @@ fn var(base: &nn::Path, dotted: &str, shape: &[i64], init: nn::Init) -> Result<T
 /// with one memcpy instead of a temporary tensor and a copy. `None` for other tensors
 /// (CUDA, other layouts), which take the general path.
 fn cpu_f32_mut(t: &Tensor, numel: usize) -> Option<&mut [f32]> {
-    let ok = t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous() && t.numel() == numel;
+    let ok = t.device() == Device::Cpu
+        && t.kind() == Kind::Float
+        && t.is_contiguous()
+        && t.numel() == numel;
     if !ok || numel == 0 {
         return None;
     }
@@ -248,7 +289,9 @@ fn cpu_f32_mut(t: &Tensor, numel: usize) -> Option<&mut [f32]> {
 
 fn check_len(what: &str, got: usize, want: usize) -> Result<(), TrainError> {
     if got != want {
-        return Err(TrainError::Config(format!("{what} buffer holds {got} values, the model has {want}")));
+        return Err(TrainError::Config(format!(
+            "{what} buffer holds {got} values, the model has {want}"
+        )));
     }
     Ok(())
 }
@@ -266,7 +309,11 @@ pub fn init_params(cfg: &ModelConfig, layout: &Layout, seed: u64) -> Vec<f32> {
         } else if s.name.contains("ln_") {
             dst.fill(1.0);
         } else {
-            let std = if s.name.ends_with("c_proj.weight") { resid_std } else { 0.02 };
+            let std = if s.name.ends_with("c_proj.weight") {
+                resid_std
+            } else {
+                0.02
+            };
             // Box–Muller from two uniforms in (0, 1].
             for x in dst.iter_mut() {
                 let u1: f64 = 1.0 - rng.gen::<f64>();

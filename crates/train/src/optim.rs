@@ -53,7 +53,10 @@ impl AdamWConfig {
             return bad("beta1/beta2", "must be in [0, 1)");
         }
         if !(self.eps > 0.0) || !(self.weight_decay >= 0.0) || !(self.grad_clip_norm >= 0.0) {
-            return bad("eps/weight_decay/grad_clip_norm", "must be non-negative (eps positive)");
+            return bad(
+                "eps/weight_decay/grad_clip_norm",
+                "must be non-negative (eps positive)",
+            );
         }
         Ok(())
     }
@@ -74,7 +77,11 @@ impl AdamWConfig {
 /// The clip factor for a gradient: `min(1, clip / norm)`. The norm is summed in f64 in
 /// index order, so every rank holding the same gradient gets the same factor.
 pub fn clip_factor(grad: &[f32], clip_norm: f32) -> (f64, f32) {
-    let norm = grad.iter().map(|&g| f64::from(g) * f64::from(g)).sum::<f64>().sqrt();
+    let norm = grad
+        .iter()
+        .map(|&g| f64::from(g) * f64::from(g))
+        .sum::<f64>()
+        .sqrt();
     if clip_norm > 0.0 && norm > f64::from(clip_norm) {
         (norm, (f64::from(clip_norm) / (norm + 1e-6)) as f32)
     } else {
@@ -95,7 +102,12 @@ pub struct AdamWState {
 impl AdamWState {
     pub fn new(range: Range<usize>) -> Self {
         let n = range.len();
-        Self { range, m: vec![0.0; n], v: vec![0.0; n], step: 0 }
+        Self {
+            range,
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+            step: 0,
+        }
     }
 }
 
@@ -133,7 +145,10 @@ impl AdamW {
             while end < n && decay[start + end] == d {
                 end += 1;
             }
-            let (p, g) = (&mut params[start + k..start + end], &grads[start + k..start + end]);
+            let (p, g) = (
+                &mut params[start + k..start + end],
+                &grads[start + k..start + end],
+            );
             let (m, v) = (&mut state.m[k..end], &mut state.v[k..end]);
             for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
                 let g = g * clip;
@@ -180,7 +195,11 @@ mod tests {
 
     fn grads(n: usize, steps: usize) -> Vec<Vec<f64>> {
         (0..steps)
-            .map(|s| (0..n).map(|i| ((i * 7 + s * 13) % 11) as f64 / 11.0 - 0.45).collect())
+            .map(|s| {
+                (0..n)
+                    .map(|i| ((i * 7 + s * 13) % 11) as f64 / 11.0 - 0.45)
+                    .collect()
+            })
             .collect()
     }
 
@@ -199,7 +218,12 @@ mod tests {
             AdamW::update_range(&cfg, &mut st, &mut p32, &g32, &decay, 1.0);
         }
         for i in 0..n {
-            assert!((p32[i] as f64 - p64[i]).abs() < 1e-5, "i={i}: {} vs {}", p32[i], p64[i]);
+            assert!(
+                (p32[i] as f64 - p64[i]).abs() < 1e-5,
+                "i={i}: {} vs {}",
+                p32[i],
+                p64[i]
+            );
         }
         assert_eq!(st.step, 20);
     }
@@ -213,7 +237,11 @@ mod tests {
         let mut whole: Vec<f32> = (0..n).map(|i| i as f32 / 50.0).collect();
         let mut sharded = whole.clone();
         let mut st = AdamWState::new(0..n);
-        let mut shards = [AdamWState::new(0..17), AdamWState::new(17..33), AdamWState::new(33..50)];
+        let mut shards = [
+            AdamWState::new(0..17),
+            AdamWState::new(17..33),
+            AdamWState::new(33..50),
+        ];
         for gs in &g {
             let g32: Vec<f32> = gs.iter().map(|&x| x as f32).collect();
             AdamW::update_range(&cfg, &mut st, &mut whole, &g32, &decay, 0.5);
@@ -221,13 +249,19 @@ mod tests {
                 AdamW::update_range(&cfg, s, &mut sharded, &g32, &decay, 0.5);
             }
         }
-        assert_eq!(whole.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-                   sharded.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+        assert_eq!(
+            whole.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            sharded.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
     }
 
     #[test]
     fn schedule_warms_up_then_decays_to_min() {
-        let cfg = AdamWConfig { warmup_steps: 10, total_steps: 100, ..AdamWConfig::for_steps(100) };
+        let cfg = AdamWConfig {
+            warmup_steps: 10,
+            total_steps: 100,
+            ..AdamWConfig::for_steps(100)
+        };
         assert!((cfg.lr_at(0) - cfg.lr_max / 10.0).abs() < 1e-9);
         assert!((cfg.lr_at(9) - cfg.lr_max).abs() < 1e-9);
         assert!(cfg.lr_at(50) < cfg.lr_max && cfg.lr_at(50) > cfg.lr_min);
@@ -247,7 +281,10 @@ mod tests {
 
     #[test]
     fn bad_config_names_the_field() {
-        let cfg = AdamWConfig { lr_max: -1.0, ..AdamWConfig::for_steps(10) };
+        let cfg = AdamWConfig {
+            lr_max: -1.0,
+            ..AdamWConfig::for_steps(10)
+        };
         assert!(cfg.validate().unwrap_err().to_string().contains("lr_max"));
     }
 }

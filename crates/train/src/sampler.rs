@@ -35,13 +35,23 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    pub fn new(seed: u64, ctx_len: usize, global_batch: usize, micro_batch: usize) -> Result<Self, TrainError> {
+    pub fn new(
+        seed: u64,
+        ctx_len: usize,
+        global_batch: usize,
+        micro_batch: usize,
+    ) -> Result<Self, TrainError> {
         if global_batch == 0 || micro_batch == 0 || global_batch % micro_batch != 0 {
             return Err(TrainError::Config(format!(
                 "global_batch {global_batch} must be a positive multiple of micro_batch {micro_batch}"
             )));
         }
-        Ok(Self { seed, ctx_len, global_batch, micro_batch })
+        Ok(Self {
+            seed,
+            ctx_len,
+            global_batch,
+            micro_batch,
+        })
     }
 
     pub fn micro_batches(&self) -> usize {
@@ -92,7 +102,12 @@ mod tests {
         let s2 = Sampler::new(7, 16, 8, 2).unwrap();
         let b: Vec<_> = (0..4).map(|m| s2.micro_offsets(3, m, 1000)).collect();
         assert_eq!(a, b);
-        assert_ne!(a, (0..4).map(|m| s.micro_offsets(4, m, 1000)).collect::<Vec<_>>());
+        assert_ne!(
+            a,
+            (0..4)
+                .map(|m| s.micro_offsets(4, m, 1000))
+                .collect::<Vec<_>>()
+        );
         let other_seed = Sampler::new(8, 16, 8, 2).unwrap();
         assert_ne!(a[0], other_seed.micro_offsets(3, 0, 1000));
         assert!(a.iter().flatten().all(|&o| o + 16 < 1000));

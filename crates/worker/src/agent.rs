@@ -20,15 +20,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use phalanx_checkpoint::{self as ckpt, AsyncCheckpointer, CheckpointEvent, CheckpointerConfig, RankState, ShardRecord};
+use phalanx_checkpoint::{
+    self as ckpt, AsyncCheckpointer, CheckpointEvent, CheckpointerConfig, RankState, ShardRecord,
+};
 use phalanx_collective::{BlockingGroup, GroupConfig};
 use phalanx_controller::client::{new_request_id, Client};
 use phalanx_proto::{Assignment, Command, DeviceSpec, HeartbeatRequest, JobSpec, JobState};
 use phalanx_train::data::{default_corpus_spec, Corpus};
 use phalanx_train::engine::{params_sha256, Engine, TrainSpec, DEFAULT_MICRO_BATCH};
 use phalanx_train::optim::AdamWState;
-use std::ops::Range;
 use phalanx_train::ModelConfig;
+use std::ops::Range;
 use tracing::{info, warn};
 
 use crate::dp::{check_replicas, validation_loss, Stepper};
@@ -62,7 +64,13 @@ pub struct AgentConfig {
 /// The training math of a controller-run job: the same defaults as `phalanx train`.
 pub fn train_spec(job: &JobSpec) -> Result<TrainSpec, WorkerError> {
     let model = ModelConfig::named(&job.model)?;
-    let spec = TrainSpec::with_defaults(model, job.seed, job.steps, job.global_batch as usize, DEFAULT_MICRO_BATCH);
+    let spec = TrainSpec::with_defaults(
+        model,
+        job.seed,
+        job.steps,
+        job.global_batch as usize,
+        DEFAULT_MICRO_BATCH,
+    );
     spec.validate()?;
     Ok(spec)
 }
@@ -94,27 +102,51 @@ struct Shared {
 
 impl Shared {
     fn partitioned(&self) -> bool {
-        self.partitioned_until.lock().unwrap_or_else(|p| p.into_inner()).is_some_and(|t| Instant::now() < t)
+        self.partitioned_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|t| Instant::now() < t)
     }
 }
 
 pub fn run(cfg: AgentConfig) -> Result<(), WorkerError> {
     let started = Instant::now();
     let client = cfg.client.clone();
-    let addr = cfg.listener.local_addr().map_err(|e| WorkerError::Rendezvous(format!("listener: {e}")))?;
+    let addr = cfg
+        .listener
+        .local_addr()
+        .map_err(|e| WorkerError::Rendezvous(format!("listener: {e}")))?;
     let device = match &cfg.device {
-        phalanx_train::device::DeviceRequest::Emulated { memory_bytes, .. } => {
-            DeviceSpec { kind: "cpu-emulated".into(), index: 0, memory_bytes: *memory_bytes }
-        }
-        phalanx_train::device::DeviceRequest::Cuda(n) => DeviceSpec { kind: "cuda".into(), index: *n as u32, memory_bytes: 0 },
+        phalanx_train::device::DeviceRequest::Emulated { memory_bytes, .. } => DeviceSpec {
+            kind: "cpu-emulated".into(),
+            index: 0,
+            memory_bytes: *memory_bytes,
+        },
+        phalanx_train::device::DeviceRequest::Cuda(n) => DeviceSpec {
+            kind: "cuda".into(),
+            index: *n as u32,
+            memory_bytes: 0,
+        },
     };
-    let reg = Command::RegisterWorker { id: cfg.id.clone(), address: addr.to_string(), device: device.clone() };
-    client.command_with_id(new_request_id(&format!("register-{}", cfg.id)), reg).map_err(ctl)?;
+    let reg = Command::RegisterWorker {
+        id: cfg.id.clone(),
+        address: addr.to_string(),
+        device: device.clone(),
+    };
+    client
+        .command_with_id(new_request_id(&format!("register-{}", cfg.id)), reg)
+        .map_err(ctl)?;
     info!(worker = %cfg.id, %addr, "registered");
 
     let shared = Arc::new(Shared::default());
     let inbox = cfg.fault_inbox.as_ref().map(|p| FaultInbox::new(p.clone()));
-    let hb = spawn_heartbeat(client.clone(), cfg.id.clone(), shared.clone(), cfg.heartbeat_interval, inbox);
+    let hb = spawn_heartbeat(
+        client.clone(),
+        cfg.id.clone(),
+        shared.clone(),
+        cfg.heartbeat_interval,
+        inbox,
+    );
     let progress = spawn_progress(client.clone(), cfg.id.clone());
 
     let mut engine: Option<Slot> = None;
@@ -124,7 +156,10 @@ pub fn run(cfg: AgentConfig) -> Result<(), WorkerError> {
     let mut was_partitioned = false;
     let result = loop {
         if cfg.lifetime_max > Duration::ZERO && started.elapsed() > cfg.lifetime_max {
-            break Err(WorkerError::Protocol(format!("lifetime bound of {} s reached", cfg.lifetime_max.as_secs())));
+            break Err(WorkerError::Protocol(format!(
+                "lifetime bound of {} s reached",
+                cfg.lifetime_max.as_secs()
+            )));
         }
         if shared.partitioned() {
             std::thread::sleep(cfg.heartbeat_interval);
@@ -133,8 +168,14 @@ pub fn run(cfg: AgentConfig) -> Result<(), WorkerError> {
         }
         if std::mem::take(&mut was_partitioned) {
             // The partition healed: the leader has failed us meanwhile; join again.
-            let reg = Command::RegisterWorker { id: cfg.id.clone(), address: addr.to_string(), device: device.clone() };
-            if let Err(e) = client.command_with_id(new_request_id(&format!("reregister-{}", cfg.id)), reg) {
+            let reg = Command::RegisterWorker {
+                id: cfg.id.clone(),
+                address: addr.to_string(),
+                device: device.clone(),
+            };
+            if let Err(e) =
+                client.command_with_id(new_request_id(&format!("reregister-{}", cfg.id)), reg)
+            {
                 warn!(error = %e, "re-registering after the partition failed");
                 was_partitioned = true;
                 continue;
@@ -154,11 +195,21 @@ pub fn run(cfg: AgentConfig) -> Result<(), WorkerError> {
             Some(JobState::Completed | JobState::Cancelled) if cfg.exit_when_done => break Ok(()),
             _ => {}
         }
-        let (Some(rank), Some(job), Some(JobState::Running)) = (a.rank, a.job.clone(), a.job_state) else {
+        let (Some(rank), Some(job), Some(JobState::Running)) = (a.rank, a.job.clone(), a.job_state)
+        else {
             std::thread::sleep(cfg.heartbeat_interval);
             continue;
         };
-        match run_epoch(&cfg, &a, rank as usize, &job, &mut engine, &shared, &progress, &mut last_step) {
+        match run_epoch(
+            &cfg,
+            &a,
+            rank as usize,
+            &job,
+            &mut engine,
+            &shared,
+            &progress,
+            &mut last_step,
+        ) {
             Ok(()) => backoff = Duration::from_millis(100),
             Err(e) => {
                 warn!(epoch = a.epoch, error = %e, "epoch ended with an error; waiting for the next plan");
@@ -167,7 +218,11 @@ pub fn run(cfg: AgentConfig) -> Result<(), WorkerError> {
                     // Nobody can tell which replica is right: every rank drops its state, so
                     // the group restarts from the newest valid checkpoint and redoes the steps.
                     WorkerError::NoMajority { .. } => engine = None,
-                    WorkerError::Diverged { rank: odd, ours, theirs } => {
+                    WorkerError::Diverged {
+                        rank: odd,
+                        ours,
+                        theirs,
+                    } => {
                         report_corrupt_replica(&client, &cfg.id, &a, *odd, ours, theirs);
                     }
                     _ if shared.partitioned() => {}
@@ -193,9 +248,19 @@ fn inject(cfg: &AgentConfig, engine: &mut Engine, f: &Fault) -> Result<(), Worke
             std::process::exit(3);
         }
         FaultKind::Ecc => {
-            let reason = format!("uncorrectable memory (ECC) error reported by the device at step {}", engine.step());
-            let cmd = Command::SetWorkerHealth { id: cfg.id.clone(), health: phalanx_proto::WorkerHealth::Quarantined, reason: reason.clone(), address: None };
-            cfg.client.command_with_id(new_request_id(&format!("ecc-{}", cfg.id)), cmd).map_err(ctl)?;
+            let reason = format!(
+                "uncorrectable memory (ECC) error reported by the device at step {}",
+                engine.step()
+            );
+            let cmd = Command::SetWorkerHealth {
+                id: cfg.id.clone(),
+                health: phalanx_proto::WorkerHealth::Quarantined,
+                reason: reason.clone(),
+                address: None,
+            };
+            cfg.client
+                .command_with_id(new_request_id(&format!("ecc-{}", cfg.id)), cmd)
+                .map_err(ctl)?;
             Err(WorkerError::Quarantined(reason))
         }
         FaultKind::Sdc => {
@@ -211,14 +276,27 @@ fn inject(cfg: &AgentConfig, engine: &mut Engine, f: &Fault) -> Result<(), Worke
 
 /// Silent data corruption found by the replica check: quarantine the odd one out. The
 /// lowest rank that is not the odd one reports, so the report is made once.
-fn report_corrupt_replica(client: &Client, me: &str, a: &Assignment, odd: usize, majority: &str, theirs: &str) {
-    let Ok(Some(job)) = client.get::<Option<phalanx_proto::JobInfo>>("/v1/job") else { return };
-    let Some(plan) = job.plan.filter(|p| p.epoch == a.epoch) else { return };
+fn report_corrupt_replica(
+    client: &Client,
+    me: &str,
+    a: &Assignment,
+    odd: usize,
+    majority: &str,
+    theirs: &str,
+) {
+    let Ok(Some(job)) = client.get::<Option<phalanx_proto::JobInfo>>("/v1/job") else {
+        return;
+    };
+    let Some(plan) = job.plan.filter(|p| p.epoch == a.epoch) else {
+        return;
+    };
     let reporter = if odd == 0 { 1 } else { 0 };
     if plan.ranks.get(reporter).map(String::as_str) != Some(me) {
         return;
     }
-    let Some(id) = plan.ranks.get(odd) else { return };
+    let Some(id) = plan.ranks.get(odd) else {
+        return;
+    };
     let reason = format!(
         "silent data corruption: rank {odd}'s parameters hash to {}…, the other replicas to {}…",
         &theirs[..theirs.len().min(12)],
@@ -226,7 +304,12 @@ fn report_corrupt_replica(client: &Client, me: &str, a: &Assignment, odd: usize,
     );
     warn!(worker = %id, %reason, "quarantining a corrupt replica");
     let addr = a.peers.get(odd).cloned();
-    let cmd = Command::SetWorkerHealth { id: id.clone(), health: phalanx_proto::WorkerHealth::Quarantined, reason, address: addr };
+    let cmd = Command::SetWorkerHealth {
+        id: id.clone(),
+        health: phalanx_proto::WorkerHealth::Quarantined,
+        reason,
+        address: addr,
+    };
     let _ = client.command_with_id(new_request_id(&format!("sdc-{id}-{}", a.epoch)), cmd);
 }
 
@@ -234,13 +317,19 @@ fn report_corrupt_replica(client: &Client, me: &str, a: &Assignment, odd: usize,
 /// listener refuses connections (the process is gone). A stopped (hung) process still has
 /// its socket open; the leader's lease catches that case.
 fn report_dead_peers(client: &Client, me: &str, a: &Assignment, my_rank: usize) {
-    let Ok(Some(job)) = client.get::<Option<phalanx_proto::JobInfo>>("/v1/job") else { return };
-    let Some(plan) = job.plan.filter(|p| p.epoch == a.epoch) else { return };
+    let Ok(Some(job)) = client.get::<Option<phalanx_proto::JobInfo>>("/v1/job") else {
+        return;
+    };
+    let Some(plan) = job.plan.filter(|p| p.epoch == a.epoch) else {
+        return;
+    };
     for (rank, addr) in a.peers.iter().enumerate() {
         if rank == my_rank {
             continue;
         }
-        let Ok(sa) = addr.parse::<SocketAddr>() else { continue };
+        let Ok(sa) = addr.parse::<SocketAddr>() else {
+            continue;
+        };
         let refused = matches!(
             std::net::TcpStream::connect_timeout(&sa, Duration::from_millis(300)),
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
@@ -248,10 +337,20 @@ fn report_dead_peers(client: &Client, me: &str, a: &Assignment, my_rank: usize) 
         if !refused {
             continue;
         }
-        let Some(id) = plan.ranks.get(rank) else { continue };
-        let reason = format!("rank {rank} lost in epoch {}: connection refused at {addr} (reported by {me})", a.epoch);
+        let Some(id) = plan.ranks.get(rank) else {
+            continue;
+        };
+        let reason = format!(
+            "rank {rank} lost in epoch {}: connection refused at {addr} (reported by {me})",
+            a.epoch
+        );
         warn!(worker = %id, %reason, "reporting a dead peer");
-        let cmd = Command::SetWorkerHealth { id: id.clone(), health: phalanx_proto::WorkerHealth::Failed, reason, address: Some(addr.clone()) };
+        let cmd = Command::SetWorkerHealth {
+            id: id.clone(),
+            health: phalanx_proto::WorkerHealth::Failed,
+            reason,
+            address: Some(addr.clone()),
+        };
         let _ = client.command_with_id(new_request_id(&format!("dead-{id}-{}", a.epoch)), cmd);
     }
 }
@@ -275,7 +374,10 @@ fn spawn_heartbeat(
                 continue;
             }
             let t = f64::from_bits(shared.compute_ms.load(Ordering::Relaxed));
-            let body = HeartbeatRequest { worker: id.clone(), compute_ms: (t > 0.0).then_some(t) };
+            let body = HeartbeatRequest {
+                worker: id.clone(),
+                compute_ms: (t > 0.0).then_some(t),
+            };
             if let Some(inbox) = inbox.as_mut() {
                 for f in inbox.poll() {
                     warn!(worker = %id, fault = ?f.kind, "fault injected");
@@ -283,12 +385,21 @@ fn spawn_heartbeat(
                         // Acted on at once, off the training thread.
                         FaultKind::DiskFull => shared.disk.disk_full_for(f.duration()),
                         FaultKind::Partition => {
-                            *shared.partitioned_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + f.duration())
+                            *shared
+                                .partitioned_until
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner()) =
+                                Some(Instant::now() + f.duration())
                         }
                         FaultKind::Slow => {
-                            *shared.slow.lock().unwrap_or_else(|p| p.into_inner()) = Some((f.factor.max(1.0), Instant::now() + f.duration()))
+                            *shared.slow.lock().unwrap_or_else(|p| p.into_inner()) =
+                                Some((f.factor.max(1.0), Instant::now() + f.duration()))
                         }
-                        _ => shared.faults.lock().unwrap_or_else(|p| p.into_inner()).push(f),
+                        _ => shared
+                            .faults
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(f),
                     }
                 }
             }
@@ -312,8 +423,15 @@ fn spawn_progress(client: Arc<Client>, id: String) -> mpsc::Sender<(u64, u64)> {
                 latest = newer;
             }
             let (epoch, step) = latest;
-            let cmd = Command::ReportProgress { worker: id.clone(), epoch, step };
-            if let Err(e) = client.command_with_id(new_request_id(&format!("progress-{id}-{epoch}-{step}")), cmd) {
+            let cmd = Command::ReportProgress {
+                worker: id.clone(),
+                epoch,
+                step,
+            };
+            if let Err(e) = client.command_with_id(
+                new_request_id(&format!("progress-{id}-{epoch}-{step}")),
+                cmd,
+            ) {
                 warn!(error = %e, epoch, step, "progress report failed");
             }
         }
@@ -323,7 +441,10 @@ fn spawn_progress(client: Arc<Client>, id: String) -> mpsc::Sender<(u64, u64)> {
 
 /// Wall clock in ms since the Unix epoch (for reports only; never for training math).
 fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// The worker's training state for one job.
@@ -335,7 +456,14 @@ struct Slot {
 }
 
 fn group_id(job: &JobSpec, epoch: u64) -> u64 {
-    phalanx_train::sampler::hash4(job.seed, epoch, job.steps, job.name.bytes().fold(0u64, |h, b| h.wrapping_mul(131).wrapping_add(u64::from(b))))
+    phalanx_train::sampler::hash4(
+        job.seed,
+        epoch,
+        job.steps,
+        job.name
+            .bytes()
+            .fold(0u64, |h, b| h.wrapping_mul(131).wrapping_add(u64::from(b))),
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -353,20 +481,34 @@ fn run_epoch(
     let peers: Vec<SocketAddr> = a
         .peers
         .iter()
-        .map(|p| p.parse().map_err(|e| WorkerError::Protocol(format!("peer address `{p}`: {e}"))))
+        .map(|p| {
+            p.parse()
+                .map_err(|e| WorkerError::Protocol(format!("peer address `{p}`: {e}")))
+        })
         .collect::<Result<_, _>>()?;
     crate::rendezvous::validate_peers(&peers, rank, world, None)?;
 
     // A new job (or none yet): build its engine. Its state counts as "none" until trained.
-    if engine_slot.as_ref().map(|sl| sl.job != *job).unwrap_or(true) {
+    if engine_slot
+        .as_ref()
+        .map(|sl| sl.job != *job)
+        .unwrap_or(true)
+    {
         let spec = train_spec(job)?;
         let corpus = Corpus::load(&corpus_spec(job))?;
         let (train, val) = corpus.split(spec.val_fraction, spec.model.ctx_len)?;
-        *engine_slot = Some(Slot { job: job.clone(), engine: Engine::new(spec, train, val, cfg.torch_device)?, agreed: false });
+        *engine_slot = Some(Slot {
+            job: job.clone(),
+            engine: Engine::new(spec, train, val, cfg.torch_device)?,
+            agreed: false,
+        });
     }
     let slot = engine_slot.as_mut().expect("engine built above");
     let engine = &mut slot.engine;
-    let listener = cfg.listener.try_clone().map_err(|e| WorkerError::Rendezvous(format!("listener: {e}")))?;
+    let listener = cfg
+        .listener
+        .try_clone()
+        .map_err(|e| WorkerError::Rendezvous(format!("listener: {e}")))?;
     let mut gc = GroupConfig::new(rank, peers);
     gc.group_id = group_id(job, a.epoch);
     gc.rendezvous_timeout = cfg.rendezvous_timeout;
@@ -377,7 +519,13 @@ fn run_epoch(
     // Only a state this worker agreed on with a group (and trained or loaded since) counts;
     // an engine that was merely built holds the seed's initial state, which counts as none,
     // so that if nobody holds state the newest checkpoint wins over step 0.
-    let source = sync_state(engine, &mut group, slot.agreed, &cfg.checkpoint_root, cfg.op_timeout)?;
+    let source = sync_state(
+        engine,
+        &mut group,
+        slot.agreed,
+        &cfg.checkpoint_root,
+        cfg.op_timeout,
+    )?;
     slot.agreed = true;
     let resume_step = engine.step();
     // Where the epoch resumed is reported after its first step, by every rank that trained
@@ -394,9 +542,12 @@ fn run_epoch(
             return Err(WorkerError::Superseded { epoch: a.epoch });
         }
         if shared.partitioned() {
-            return Err(WorkerError::Rendezvous("cut off by a network partition".into()));
+            return Err(WorkerError::Rendezvous(
+                "cut off by a network partition".into(),
+            ));
         }
-        let pending: Vec<Fault> = std::mem::take(&mut *shared.faults.lock().unwrap_or_else(|p| p.into_inner()));
+        let pending: Vec<Fault> =
+            std::mem::take(&mut *shared.faults.lock().unwrap_or_else(|p| p.into_inner()));
         for f in pending {
             inject(cfg, engine, &f)?;
         }
@@ -417,22 +568,37 @@ fn run_epoch(
                 epoch: a.epoch,
                 step: resume_step,
                 source,
-                steps_redone: interrupted_at.map(|(_, s)| s.saturating_sub(resume_step)).unwrap_or(0),
+                steps_redone: interrupted_at
+                    .map(|(_, s)| s.saturating_sub(resume_step))
+                    .unwrap_or(0),
                 mttr_ms: interrupted_at.map(|(t, _)| t.elapsed().as_millis() as u64),
                 at_ms: Some(epoch_began_ms),
             };
-            if let Err(e) = cfg.client.command_with_id(format!("resume-{}-{}-{}", job.name, a.epoch, cfg.id), cmd) {
+            if let Err(e) = cfg
+                .client
+                .command_with_id(format!("resume-{}-{}-{}", job.name, a.epoch, cfg.id), cmd)
+            {
                 warn!(error = %e, "reporting the resume point failed");
             }
         }
-        shared.compute_ms.store(report.compute_ms.to_bits(), Ordering::Relaxed);
+        shared
+            .compute_ms
+            .store(report.compute_ms.to_bits(), Ordering::Relaxed);
         if rank == 0 {
-            info!(epoch = a.epoch, step = report.step + 1, loss = report.loss, ms = report.step_ms, "step");
+            info!(
+                epoch = a.epoch,
+                step = report.step + 1,
+                loss = report.loss,
+                ms = report.step_ms,
+                "step"
+            );
         }
         if job.checkpoint_interval_steps > 0 && engine.step() % job.checkpoint_interval_steps == 0 {
             let t = Instant::now();
             writer.snapshot(engine);
-            writer.stalls.push((engine.step(), t.elapsed().as_micros() as u64));
+            writer
+                .stalls
+                .push((engine.step(), t.elapsed().as_micros() as u64));
             if writer.stalls.len() > 8 {
                 writer.stalls.remove(0);
             }
@@ -444,7 +610,12 @@ fn run_epoch(
     let sha = check_replicas(engine, &mut group, cfg.op_timeout)?;
     info!(epoch = a.epoch, rank, val_loss = val, params_sha256 = %sha, "job finished");
     if rank == 0 {
-        let cmd = Command::ReportResult { worker: cfg.id.clone(), epoch: a.epoch, params_sha256: sha.clone(), finished_at_ms: Some(unix_ms()) };
+        let cmd = Command::ReportResult {
+            worker: cfg.id.clone(),
+            epoch: a.epoch,
+            params_sha256: sha.clone(),
+            finished_at_ms: Some(unix_ms()),
+        };
         if let Err(e) = cfg.client.command(cmd) {
             warn!(error = %e, "reporting the result failed");
         }
@@ -453,8 +624,13 @@ fn run_epoch(
     // Wait for the controller to see the end, so that we do not retrain a finished job.
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        match cfg.client.get::<Assignment>(&format!("/v1/assignment/{}", cfg.id)) {
-            Ok(now) if now.job_state != Some(JobState::Running) || now.epoch != a.epoch => return Ok(()),
+        match cfg
+            .client
+            .get::<Assignment>(&format!("/v1/assignment/{}", cfg.id))
+        {
+            Ok(now) if now.job_state != Some(JobState::Running) || now.epoch != a.epoch => {
+                return Ok(())
+            }
             _ => std::thread::sleep(Duration::from_millis(100)),
         }
     }
@@ -488,9 +664,16 @@ pub fn sync_state(
         .iter()
         .map(|b| {
             if b.len() < 9 {
-                return Err(WorkerError::Protocol(format!("state announcement of {} bytes", b.len())));
+                return Err(WorkerError::Protocol(format!(
+                    "state announcement of {} bytes",
+                    b.len()
+                )));
             }
-            Ok((b[0] == 1, u64::from_le_bytes(b[1..9].try_into().expect("8 bytes")), &b[9..]))
+            Ok((
+                b[0] == 1,
+                u64::from_le_bytes(b[1..9].try_into().expect("8 bytes")),
+                &b[9..],
+            ))
         })
         .collect::<Result<_, _>>()?;
     let Some(best) = parsed.iter().filter(|p| p.0).map(|p| p.1).max() else {
@@ -500,20 +683,28 @@ pub fn sync_state(
     // ranges (valid even when its last parameter gather failed); together they must cover
     // the whole vector.
     let at_best = parsed[rank].0 && parsed[rank].1 == best;
-    let contribution = if at_best { engine.shards_bytes() } else { Vec::new() };
+    let contribution = if at_best {
+        engine.shards_bytes()
+    } else {
+        Vec::new()
+    };
     let parts = group.all_gather_within(&contribution, timeout)?;
     let n = engine.params.len();
     let mut shards = Vec::new();
     let mut holders = Vec::new();
     for (r, part) in parts.iter().enumerate() {
-        let got = parse_shards(part, n).map_err(|e| WorkerError::Protocol(format!("rank {r}'s state shards: {e}")))?;
+        let got = parse_shards(part, n)
+            .map_err(|e| WorkerError::Protocol(format!("rank {r}'s state shards: {e}")))?;
         if !got.is_empty() {
             holders.push(r);
         }
         shards.extend(got);
     }
     if !covers(&shards, 0..n) {
-        warn!(step = best, "the survivors' shards do not cover the model; rolling back to a checkpoint");
+        warn!(
+            step = best,
+            "the survivors' shards do not cover the model; rolling back to a checkpoint"
+        );
         return load_from_checkpoint(engine, world, rank, checkpoint_root);
     }
     let params = assemble(&shards, 0..n, |s| &s.1);
@@ -529,7 +720,9 @@ pub fn sync_state(
         step: best,
     };
     engine.set_shards(take(own), buddy.map(take))?;
-    Ok(format!("peers in memory (ranks {holders:?} at step {best})"))
+    Ok(format!(
+        "peers in memory (ranks {holders:?} at step {best})"
+    ))
 }
 
 /// (range, params, m, v) of one shard received from a peer.
@@ -549,11 +742,17 @@ fn parse_shards(mut b: &[u8], n: usize) -> Result<Vec<Shard>, String> {
         let len = end - start;
         let need = 16 + 12 * len;
         if b.len() < need {
-            return Err(format!("range {start}..{end} needs {need} bytes, {} left", b.len()));
+            return Err(format!(
+                "range {start}..{end} needs {need} bytes, {} left",
+                b.len()
+            ));
         }
         let f = |k: usize| {
             let at = 16 + 4 * len * k;
-            b[at..at + 4 * len].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect::<Vec<f32>>()
+            b[at..at + 4 * len]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect::<Vec<f32>>()
         };
         out.push((start..end, f(0), f(1), f(2)));
         b = &b[need..];
@@ -562,7 +761,11 @@ fn parse_shards(mut b: &[u8], n: usize) -> Result<Vec<Shard>, String> {
 }
 
 fn covers(shards: &[Shard], want: Range<usize>) -> bool {
-    let mut ranges: Vec<&Range<usize>> = shards.iter().map(|s| &s.0).filter(|r| !r.is_empty()).collect();
+    let mut ranges: Vec<&Range<usize>> = shards
+        .iter()
+        .map(|s| &s.0)
+        .filter(|r| !r.is_empty())
+        .collect();
     ranges.sort_by_key(|r| r.start);
     let mut next = want.start;
     for r in ranges {
@@ -582,7 +785,8 @@ fn assemble(shards: &[Shard], range: Range<usize>, pick: impl Fn(&Shard) -> &Vec
         let lo = s.0.start.max(range.start);
         let hi = s.0.end.min(range.end);
         if lo < hi {
-            out[lo - range.start..hi - range.start].copy_from_slice(&pick(s)[lo - s.0.start..hi - s.0.start]);
+            out[lo - range.start..hi - range.start]
+                .copy_from_slice(&pick(s)[lo - s.0.start..hi - s.0.start]);
         }
     }
     out
@@ -590,7 +794,12 @@ fn assemble(shards: &[Shard], range: Range<usize>, pick: impl Fn(&Shard) -> &Vec
 
 /// Nobody can serve the state: the newest valid checkpoint (skipping corrupt ones), or the
 /// seed's initial state when there is none.
-fn load_from_checkpoint(engine: &mut Engine, world: usize, rank: usize, root: &std::path::Path) -> Result<String, WorkerError> {
+fn load_from_checkpoint(
+    engine: &mut Engine,
+    world: usize,
+    rank: usize,
+    root: &std::path::Path,
+) -> Result<String, WorkerError> {
     let ck = |e: phalanx_checkpoint::CheckpointError| WorkerError::Checkpoint(e.to_string());
     let latest = ckpt::latest_valid(root).map_err(ck)?;
     for p in &latest.skipped {
@@ -605,11 +814,24 @@ fn load_from_checkpoint(engine: &mut Engine, world: usize, rank: usize, root: &s
     let load = |range: Range<usize>| ckpt::load_range(root, m.step, range).map_err(ck);
     let st = load(own)?;
     let b = buddy.map(load).transpose()?;
-    let own_shard = AdamWState { range: st.range.clone(), m: st.m, v: st.v, step: st.opt_step };
+    let own_shard = AdamWState {
+        range: st.range.clone(),
+        m: st.m,
+        v: st.v,
+        step: st.opt_step,
+    };
     engine.load_params(st.opt_step, st.params)?;
-    let buddy_shard = b.map(|l| AdamWState { range: l.range, m: l.m, v: l.v, step: l.opt_step });
+    let buddy_shard = b.map(|l| AdamWState {
+        range: l.range,
+        m: l.m,
+        v: l.v,
+        step: l.opt_step,
+    });
     engine.set_shards(own_shard, buddy_shard)?;
-    info!(step = m.step, "state loaded from checkpoint (no survivor could serve it)");
+    info!(
+        step = m.step,
+        "state loaded from checkpoint (no survivor could serve it)"
+    );
     Ok(format!("checkpoint step {}", m.step))
 }
 
@@ -629,12 +851,27 @@ struct Checkpointing {
 }
 
 impl Checkpointing {
-    fn new(cfg: &AgentConfig, job: &JobSpec, world: usize, rank: usize, disk: &ckpt::FaultInjector) -> Result<Self, WorkerError> {
+    fn new(
+        cfg: &AgentConfig,
+        job: &JobSpec,
+        world: usize,
+        rank: usize,
+        disk: &ckpt::FaultInjector,
+    ) -> Result<Self, WorkerError> {
         let mut c = CheckpointerConfig::new(cfg.checkpoint_root.clone(), world, rank);
         c.retain_count = cfg.checkpoint_retain;
         c.fault = Some(disk.clone());
-        let (writer, events) = AsyncCheckpointer::spawn(c).map_err(|e| WorkerError::Checkpoint(e.to_string()))?;
-        Ok(Self { writer, events, durable: Vec::new(), stalls: Vec::new(), root: cfg.checkpoint_root.clone(), world, seed: job.seed })
+        let (writer, events) =
+            AsyncCheckpointer::spawn(c).map_err(|e| WorkerError::Checkpoint(e.to_string()))?;
+        Ok(Self {
+            writer,
+            events,
+            durable: Vec::new(),
+            stalls: Vec::new(),
+            root: cfg.checkpoint_root.clone(),
+            world,
+            seed: job.seed,
+        })
     }
 
     fn snapshot(&mut self, engine: &Engine) {
@@ -655,7 +892,13 @@ impl Checkpointing {
     }
 
     /// Waits (bounded) for this rank's queued snapshots, then commits what is complete.
-    fn flush(&mut self, engine: &Engine, group: &mut BlockingGroup, epoch: u64, cfg: &AgentConfig) -> Result<(), WorkerError> {
+    fn flush(
+        &mut self,
+        engine: &Engine,
+        group: &mut BlockingGroup,
+        epoch: u64,
+        cfg: &AgentConfig,
+    ) -> Result<(), WorkerError> {
         if !self.writer.wait_idle(Duration::from_secs(30)) {
             warn!("checkpoint writes still pending after 30 s");
         }
@@ -664,12 +907,25 @@ impl Checkpointing {
 
     /// Drains writer events; when some rank has a durable shard, ranks exchange their
     /// newest durable shard records and rank 0 commits every step all ranks hold.
-    fn commit_ready(&mut self, engine: &Engine, group: &mut BlockingGroup, epoch: u64, cfg: &AgentConfig) -> Result<(), WorkerError> {
+    fn commit_ready(
+        &mut self,
+        engine: &Engine,
+        group: &mut BlockingGroup,
+        epoch: u64,
+        cfg: &AgentConfig,
+    ) -> Result<(), WorkerError> {
         while let Ok(ev) = self.events.try_recv() {
             match ev {
                 CheckpointEvent::Durable { shard, .. } => self.durable.push(shard),
-                CheckpointEvent::Failed { step, error, attempt, .. } => warn!(step, attempt, %error, "checkpoint write failed"),
-                CheckpointEvent::GaveUp { step, error, .. } => warn!(step, %error, "checkpoint given up"),
+                CheckpointEvent::Failed {
+                    step,
+                    error,
+                    attempt,
+                    ..
+                } => warn!(step, attempt, %error, "checkpoint write failed"),
+                CheckpointEvent::GaveUp { step, error, .. } => {
+                    warn!(step, %error, "checkpoint given up")
+                }
                 _ => {}
             }
         }
@@ -686,14 +942,20 @@ impl Checkpointing {
         }
         let mut by_step: std::collections::BTreeMap<u64, Vec<ShardRecord>> = Default::default();
         for part in &all {
-            let recs: Vec<ShardRecord> = serde_json::from_slice(part).map_err(|e| WorkerError::Protocol(format!("shard records: {e}")))?;
+            let recs: Vec<ShardRecord> = serde_json::from_slice(part)
+                .map_err(|e| WorkerError::Protocol(format!("shard records: {e}")))?;
             for r in recs {
                 by_step.entry(r.step).or_default().push(r);
             }
         }
         for (step, shards) in by_step {
             if shards.len() != self.world {
-                warn!(step, have = shards.len(), world = self.world, "incomplete checkpoint shard set; not committed");
+                warn!(
+                    step,
+                    have = shards.len(),
+                    world = self.world,
+                    "incomplete checkpoint shard set; not committed"
+                );
                 continue;
             }
             let spec = ckpt::ManifestSpec {
@@ -704,15 +966,31 @@ impl Checkpointing {
                 layout: Vec::new(),
                 params_sha256: None,
             };
-            let manifest = ckpt::commit_manifest(&self.root, &spec, shards).map_err(|e| WorkerError::Checkpoint(e.to_string()))?;
+            let manifest = ckpt::commit_manifest(&self.root, &spec, shards)
+                .map_err(|e| WorkerError::Checkpoint(e.to_string()))?;
             let recorded = manifest
                 .shards
                 .iter()
-                .map(|s| phalanx_proto::CheckpointShard { rank: s.rank as u32, path: format!("{}/{}", ckpt::step_dir_name(step), s.file), bytes: s.bytes, sha256: s.sha256.clone() })
+                .map(|s| phalanx_proto::CheckpointShard {
+                    rank: s.rank as u32,
+                    path: format!("{}/{}", ckpt::step_dir_name(step), s.file),
+                    bytes: s.bytes,
+                    sha256: s.sha256.clone(),
+                })
                 .collect();
-            let stall_us = self.stalls.iter().find(|(s, _)| *s == step).map(|(_, us)| *us);
+            let stall_us = self
+                .stalls
+                .iter()
+                .find(|(s, _)| *s == step)
+                .map(|(_, us)| *us);
             self.stalls.retain(|(s, _)| *s > step);
-            let cmd = Command::RecordCheckpoint { step, epoch, shards: recorded, durable: true, stall_us };
+            let cmd = Command::RecordCheckpoint {
+                step,
+                epoch,
+                shards: recorded,
+                durable: true,
+                stall_us,
+            };
             if let Err(e) = cfg.client.command(cmd) {
                 warn!(step, error = %e, "recording the checkpoint in the controller failed");
             }
@@ -742,8 +1020,14 @@ mod tests {
         assert!(covers(&shards, 0..10));
         assert!(!covers(&shards[..2], 0..10));
         assert!(!covers(&[shard(0..3), shard(4..10)], 0..10));
-        assert_eq!(assemble(&shards, 2..8, |s| &s.2), vec![2.0, 3.0, 4.0, 5.0, 6.0, 7.0]);
-        assert_eq!(assemble(&shards, 2..8, |s| &s.3), vec![-2.0, -3.0, -4.0, -5.0, -6.0, -7.0]);
+        assert_eq!(
+            assemble(&shards, 2..8, |s| &s.2),
+            vec![2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+        );
+        assert_eq!(
+            assemble(&shards, 2..8, |s| &s.3),
+            vec![-2.0, -3.0, -4.0, -5.0, -6.0, -7.0]
+        );
         assert_eq!(assemble(&shards, 0..2, |s| &s.1), vec![0.0, 10.0]);
     }
 

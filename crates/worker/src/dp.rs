@@ -53,7 +53,11 @@ pub struct Stepper {
 }
 
 impl Stepper {
-    pub fn new(engine: &Engine, group: &BlockingGroup, op_timeout: Duration) -> Result<Self, WorkerError> {
+    pub fn new(
+        engine: &Engine,
+        group: &BlockingGroup,
+        op_timeout: Duration,
+    ) -> Result<Self, WorkerError> {
         let (rank, world) = (group.rank(), group.world());
         let micro_total = engine.spec.micro_batches();
         if world > micro_total {
@@ -69,14 +73,25 @@ impl Stepper {
                 engine.opt.range
             )));
         }
-        Ok(Self { bufs: mine.clone().map(|_| vec![0f32; n]).collect(), mine, micro_total, mean: vec![0f32; n], op_timeout, slow_factor: 1.0 })
+        Ok(Self {
+            bufs: mine.clone().map(|_| vec![0f32; n]).collect(),
+            mine,
+            micro_total,
+            mean: vec![0f32; n],
+            op_timeout,
+            slow_factor: 1.0,
+        })
     }
 
     /// Trains step `engine.step()`: local micro-batch gradients, the deterministic mean
     /// across the group, then clip + AdamW on every rank. A failure leaves the engine's
     /// parameters untouched unless every collective of the step has completed, so a step
     /// is either applied whole or redone.
-    pub fn step(&mut self, engine: &mut Engine, group: &mut BlockingGroup) -> Result<StepReport, WorkerError> {
+    pub fn step(
+        &mut self,
+        engine: &mut Engine,
+        group: &mut BlockingGroup,
+    ) -> Result<StepReport, WorkerError> {
         let t0 = Instant::now();
         let step = engine.step();
         let mut local_losses = Vec::with_capacity(self.mine.len());
@@ -91,18 +106,35 @@ impl Stepper {
         }
         let compute_ms = compute.as_secs_f64() * 1e3 / self.mine.len().max(1) as f64;
         let refs: Vec<&[f32]> = self.bufs.iter().map(|b| b.as_slice()).collect();
-        deterministic::reduce_mean(group, &refs, self.micro_total, &mut self.mean, self.op_timeout)?;
+        deterministic::reduce_mean(
+            group,
+            &refs,
+            self.micro_total,
+            &mut self.mean,
+            self.op_timeout,
+        )?;
         let loss = mean_in_index_order(group, &local_losses, self.micro_total, self.op_timeout)?;
         let stats = engine.apply(&self.mean)?;
         gather_params(engine, group, self.op_timeout)?;
         engine.sync_model()?;
-        Ok(StepReport { step, loss, lr: stats.lr, grad_norm: stats.grad_norm, step_ms: t0.elapsed().as_secs_f64() * 1e3, compute_ms })
+        Ok(StepReport {
+            step,
+            loss,
+            lr: stats.lr,
+            grad_norm: stats.grad_norm,
+            step_ms: t0.elapsed().as_secs_f64() * 1e3,
+            compute_ms,
+        })
     }
 }
 
 /// ZeRO-1: every rank updated the parameters of its own range; gather the others' so that
 /// every rank holds the whole new vector (the same bits everywhere).
-fn gather_params(engine: &mut Engine, group: &mut BlockingGroup, timeout: Duration) -> Result<(), WorkerError> {
+fn gather_params(
+    engine: &mut Engine,
+    group: &mut BlockingGroup,
+    timeout: Duration,
+) -> Result<(), WorkerError> {
     let world = group.world();
     if world == 1 {
         return Ok(());
@@ -116,7 +148,10 @@ fn gather_params(engine: &mut Engine, group: &mut BlockingGroup, timeout: Durati
     for (r, part) in parts.iter().enumerate() {
         let range = engine.shard_ranges(world, r).0;
         if part.len() != range.len() * 4 {
-            return Err(WorkerError::Protocol(format!("rank {r} sent {} parameter bytes for range {range:?}", part.len())));
+            return Err(WorkerError::Protocol(format!(
+                "rank {r} sent {} parameter bytes for range {range:?}",
+                part.len()
+            )));
         }
         for (x, c) in engine.params[range].iter_mut().zip(part.chunks_exact(4)) {
             *x = f32::from_le_bytes(c.try_into().expect("4 bytes"));
@@ -126,7 +161,11 @@ fn gather_params(engine: &mut Engine, group: &mut BlockingGroup, timeout: Durati
 }
 
 /// Mean validation loss over the spec's validation micro-batches, shared out over the group.
-pub fn validation_loss(engine: &Engine, group: &mut BlockingGroup, timeout: Duration) -> Result<f64, WorkerError> {
+pub fn validation_loss(
+    engine: &Engine,
+    group: &mut BlockingGroup,
+    timeout: Duration,
+) -> Result<f64, WorkerError> {
     let world = group.world();
     let v_total = engine.spec.val_micro_batches.max(world);
     let mine: Vec<(usize, f64)> = assign(v_total, world, group.rank())
@@ -137,17 +176,31 @@ pub fn validation_loss(engine: &Engine, group: &mut BlockingGroup, timeout: Dura
 
 /// Every replica's parameter hash; `Err(Diverged)` names the first rank that differs from
 /// the majority (silent data corruption).
-pub fn check_replicas(engine: &Engine, group: &mut BlockingGroup, timeout: Duration) -> Result<String, WorkerError> {
+pub fn check_replicas(
+    engine: &Engine,
+    group: &mut BlockingGroup,
+    timeout: Duration,
+) -> Result<String, WorkerError> {
     let sha = engine.params_sha256();
     let all = group.all_gather_within(sha.as_bytes(), timeout)?;
     let majority = all
         .iter()
-        .max_by_key(|h| (all.iter().filter(|o| o == h).count(), std::cmp::Reverse(all.iter().position(|o| o == *h))))
+        .max_by_key(|h| {
+            (
+                all.iter().filter(|o| o == h).count(),
+                std::cmp::Reverse(all.iter().position(|o| o == *h)),
+            )
+        })
         .cloned()
         .unwrap_or_default();
     let agreeing = all.iter().filter(|h| **h == majority).count();
     if agreeing < all.len() && agreeing * 2 <= all.len() {
-        return Err(WorkerError::NoMajority { hashes: all.iter().map(|h| String::from_utf8_lossy(h).into_owned()).collect() });
+        return Err(WorkerError::NoMajority {
+            hashes: all
+                .iter()
+                .map(|h| String::from_utf8_lossy(h).into_owned())
+                .collect(),
+        });
     }
     for (r, theirs) in all.iter().enumerate() {
         if *theirs != majority {
@@ -187,7 +240,8 @@ pub fn train(
         initial_loss: losses.first().copied().unwrap_or(f64::NAN),
         final_loss: losses.last().copied().unwrap_or(f64::NAN),
         val_loss,
-        tokens_per_sec: (engine.spec.tokens_per_step() * losses.len() as u64) as f64 / train_s.max(1e-9),
+        tokens_per_sec: (engine.spec.tokens_per_step() * losses.len() as u64) as f64
+            / train_s.max(1e-9),
         train_s,
         losses,
         params_sha256: sha,
@@ -211,20 +265,28 @@ fn mean_in_index_order(
     let mut slots = vec![None; total];
     for (r, part) in group.all_gather_within(&bytes, timeout)?.iter().enumerate() {
         if part.len() % 16 != 0 {
-            return Err(WorkerError::Protocol(format!("rank {r} sent a loss record of {} bytes", part.len())));
+            return Err(WorkerError::Protocol(format!(
+                "rank {r} sent a loss record of {} bytes",
+                part.len()
+            )));
         }
         for rec in part.chunks_exact(16) {
             let i = u64::from_le_bytes(rec[..8].try_into().expect("8 bytes")) as usize;
             let v = f64::from_le_bytes(rec[8..].try_into().expect("8 bytes"));
             match slots.get_mut(i) {
                 Some(s @ None) => *s = Some(v),
-                _ => return Err(WorkerError::Protocol(format!("rank {r} sent micro-batch index {i} twice or out of range"))),
+                _ => {
+                    return Err(WorkerError::Protocol(format!(
+                        "rank {r} sent micro-batch index {i} twice or out of range"
+                    )))
+                }
             }
         }
     }
     let mut sum = 0.0;
     for (i, s) in slots.iter().enumerate() {
-        sum += s.ok_or_else(|| WorkerError::Protocol(format!("no rank reported micro-batch {i}")))?;
+        sum +=
+            s.ok_or_else(|| WorkerError::Protocol(format!("no rank reported micro-batch {i}")))?;
     }
     Ok(sum / total as f64)
 }

@@ -59,7 +59,9 @@ impl FaultInbox {
     }
 
     pub fn poll(&mut self) -> Vec<Fault> {
-        let Ok(mut f) = std::fs::File::open(&self.path) else { return Vec::new() };
+        let Ok(mut f) = std::fs::File::open(&self.path) else {
+            return Vec::new();
+        };
         if f.seek(SeekFrom::Start(self.offset)).is_err() {
             return Vec::new();
         }
@@ -73,7 +75,9 @@ impl FaultInbox {
             self.offset += n as u64;
             match serde_json::from_str::<Fault>(line.trim()) {
                 Ok(fault) => out.push(fault),
-                Err(e) => tracing::warn!(line = line.trim(), error = %e, "ignoring a malformed fault line"),
+                Err(e) => {
+                    tracing::warn!(line = line.trim(), error = %e, "ignoring a malformed fault line")
+                }
             }
             line.clear();
         }
@@ -92,9 +96,16 @@ mod tests {
         let p = d.path().join("w0.jsonl");
         std::fs::write(&p, "{\"seq\":0,\"kind\":\"crash\"}\n").unwrap();
         let mut inbox = FaultInbox::new(p.clone());
-        assert!(inbox.poll().is_empty(), "faults from before the start are ignored");
+        assert!(
+            inbox.poll().is_empty(),
+            "faults from before the start are ignored"
+        );
         let mut f = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
-        writeln!(f, "{{\"seq\":1,\"kind\":\"slow\",\"factor\":4,\"for_ms\":1000}}").unwrap();
+        writeln!(
+            f,
+            "{{\"seq\":1,\"kind\":\"slow\",\"factor\":4,\"for_ms\":1000}}"
+        )
+        .unwrap();
         writeln!(f, "not json").unwrap();
         write!(f, "{{\"seq\":2,\"kind\":\"ecc\"}}").unwrap(); // no newline yet
         let got = inbox.poll();

@@ -17,7 +17,11 @@ pub enum WorkerError {
     #[error("collective: {0}")]
     Collective(#[from] phalanx_collective::CollectiveError),
     #[error("replicas diverged: rank {rank} holds parameters {theirs}, rank 0 holds {ours}")]
-    Diverged { rank: usize, ours: String, theirs: String },
+    Diverged {
+        rank: usize,
+        ours: String,
+        theirs: String,
+    },
     #[error("rendezvous: {0}")]
     Rendezvous(String),
     #[error("protocol: {0}")]
@@ -26,7 +30,9 @@ pub enum WorkerError {
     Controller(String),
     #[error("checkpoint: {0}")]
     Checkpoint(String),
-    #[error("replicas diverged with no majority ({hashes:?}); rolling back to the newest checkpoint")]
+    #[error(
+        "replicas diverged with no majority ({hashes:?}); rolling back to the newest checkpoint"
+    )]
     NoMajority { hashes: Vec<String> },
     #[error("this worker is quarantined: {0}")]
     Quarantined(String),

@@ -39,7 +39,12 @@ pub fn emit(ev: &WorkerEvent) {
 }
 
 /// Announces `addr` and reads the peer list from stdin within `timeout`.
-pub fn stdio_peers(rank: usize, world: usize, addr: SocketAddr, timeout: Duration) -> Result<Vec<SocketAddr>, WorkerError> {
+pub fn stdio_peers(
+    rank: usize,
+    world: usize,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<Vec<SocketAddr>, WorkerError> {
     emit(&WorkerEvent::Listening { rank, addr });
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -49,8 +54,16 @@ pub fn stdio_peers(rank: usize, world: usize, addr: SocketAddr, timeout: Duratio
     });
     let line = match rx.recv_timeout(timeout) {
         Ok(Ok(l)) if !l.trim().is_empty() => l,
-        Ok(Ok(_)) => return Err(WorkerError::Rendezvous("stdin closed before the peer list arrived".into())),
-        Ok(Err(e)) => return Err(WorkerError::Rendezvous(format!("reading the peer list from stdin: {e}"))),
+        Ok(Ok(_)) => {
+            return Err(WorkerError::Rendezvous(
+                "stdin closed before the peer list arrived".into(),
+            ))
+        }
+        Ok(Err(e)) => {
+            return Err(WorkerError::Rendezvous(format!(
+                "reading the peer list from stdin: {e}"
+            )))
+        }
         Err(_) => {
             return Err(WorkerError::Rendezvous(format!(
                 "no peer list on stdin within {} ms",
@@ -65,21 +78,36 @@ pub fn stdio_peers(rank: usize, world: usize, addr: SocketAddr, timeout: Duratio
 }
 
 /// Checks a peer list: one address per rank, no duplicates, and ours where expected.
-pub fn validate_peers(peers: &[SocketAddr], rank: usize, world: usize, ours: Option<SocketAddr>) -> Result<(), WorkerError> {
+pub fn validate_peers(
+    peers: &[SocketAddr],
+    rank: usize,
+    world: usize,
+    ours: Option<SocketAddr>,
+) -> Result<(), WorkerError> {
     if world == 0 || rank >= world {
-        return Err(WorkerError::Rendezvous(format!("rank {rank} is not below world size {world}")));
+        return Err(WorkerError::Rendezvous(format!(
+            "rank {rank} is not below world size {world}"
+        )));
     }
     if peers.len() != world {
-        return Err(WorkerError::Rendezvous(format!("{} peer address(es) for world size {world}", peers.len())));
+        return Err(WorkerError::Rendezvous(format!(
+            "{} peer address(es) for world size {world}",
+            peers.len()
+        )));
     }
     for (i, a) in peers.iter().enumerate() {
         if peers[..i].contains(a) {
-            return Err(WorkerError::Rendezvous(format!("peer address {a} appears twice")));
+            return Err(WorkerError::Rendezvous(format!(
+                "peer address {a} appears twice"
+            )));
         }
     }
     if let Some(ours) = ours {
         if peers[rank] != ours {
-            return Err(WorkerError::Rendezvous(format!("peer list gives rank {rank} the address {}, but it listens on {ours}", peers[rank])));
+            return Err(WorkerError::Rendezvous(format!(
+                "peer list gives rank {rank} the address {}, but it listens on {ours}",
+                peers[rank]
+            )));
         }
     }
     Ok(())
@@ -94,7 +122,10 @@ mod tests {
         let a: SocketAddr = "127.0.0.1:1000".parse().unwrap();
         let b: SocketAddr = "127.0.0.1:1001".parse().unwrap();
         validate_peers(&[a, b], 1, 2, Some(b)).unwrap();
-        assert!(validate_peers(&[a, a], 0, 2, None).unwrap_err().to_string().contains("twice"));
+        assert!(validate_peers(&[a, a], 0, 2, None)
+            .unwrap_err()
+            .to_string()
+            .contains("twice"));
         assert!(validate_peers(&[a], 0, 2, None).is_err());
         assert!(validate_peers(&[a, b], 2, 2, None).is_err());
         assert!(validate_peers(&[a, b], 0, 2, Some(b)).is_err());
@@ -102,7 +133,10 @@ mod tests {
 
     #[test]
     fn events_round_trip_as_json_lines() {
-        let ev = WorkerEvent::Error { rank: 3, message: "boom".into() };
+        let ev = WorkerEvent::Error {
+            rank: 3,
+            message: "boom".into(),
+        };
         let s = serde_json::to_string(&ev).unwrap();
         assert!(s.contains("\"event\":\"error\""), "{s}");
         let back: WorkerEvent = serde_json::from_str(&s).unwrap();

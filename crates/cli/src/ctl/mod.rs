@@ -501,7 +501,12 @@ pub fn cluster(cmd: ClusterCmd) -> Result<()> {
             controllers,
             &dir,
             base_port,
-            &WorkersSpec { count: workers + spares, device, restart_after: Duration::from_secs(worker_restart_s), faults: !no_fault_injection },
+            &WorkersSpec {
+                count: workers + spares,
+                device,
+                restart_after: Duration::from_secs(worker_restart_s),
+                faults: !no_fault_injection,
+            },
         ),
         ClusterCmd::Down { dir } => cluster_down(&dir),
     }
@@ -514,13 +519,24 @@ struct WorkersSpec {
     faults: bool,
 }
 
-fn spawn_worker(exe: &Path, dir: &Path, w: &WorkerEntry, device: &str) -> Result<std::process::Child> {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(&w.log)?;
+fn spawn_worker(
+    exe: &Path,
+    dir: &Path,
+    w: &WorkerEntry,
+    device: &str,
+) -> Result<std::process::Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&w.log)?;
     let mut c = std::process::Command::new(exe);
     c.args(["worker", "start", "--id", &w.id, "--device", device])
         .arg("--dir")
         .arg(dir)
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,phalanx_worker=info".into()));
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,phalanx_worker=info".into()),
+        );
     if let Some(inbox) = &w.fault_inbox {
         c.arg("--fault-inbox").arg(inbox);
     }
@@ -601,7 +617,9 @@ fn cluster_up(n: u32, dir: &Path, base_port: u16, ws: &WorkersSpec) -> Result<()
         let id = format!("w{i}");
         let mut w = WorkerEntry {
             log: dir.join(format!("{id}.log")),
-            fault_inbox: ws.faults.then(|| dir.join("faults").join(format!("{id}.jsonl"))),
+            fault_inbox: ws
+                .faults
+                .then(|| dir.join("faults").join(format!("{id}.jsonl"))),
             id,
             pid: 0,
         };
@@ -954,12 +972,20 @@ fn print_job(job: Option<&JobInfo>) {
                             r.epoch.to_string(),
                             r.resumed_at_step.to_string(),
                             r.steps_redone.to_string(),
-                            r.mttr_ms.map(|m| format!("{:.2}", m as f64 / 1e3)).unwrap_or("-".into()),
+                            r.mttr_ms
+                                .map(|m| format!("{:.2}", m as f64 / 1e3))
+                                .unwrap_or("-".into()),
                             r.source.clone(),
                         ]
                     })
                     .collect();
-                println!("{}", table(&["EPOCH", "RESUMED AT", "REDONE", "MTTR s", "STATE FROM"], &rows));
+                println!(
+                    "{}",
+                    table(
+                        &["EPOCH", "RESUMED AT", "REDONE", "MTTR s", "STATE FROM"],
+                        &rows
+                    )
+                );
             }
             if let Some(e) = phalanx_core::effective_training_time(j) {
                 println!("effective training time: {:.1}% (training wall time minus the recovery windows)", e * 100.0);

@@ -65,11 +65,17 @@ fn parse_args() -> Result<Args, BoxErr> {
             "--worlds" => {
                 a.worlds = v()?
                     .split(',')
-                    .map(|s| s.trim().parse::<usize>().map_err(|e| format!("--worlds: {s:?}: {e}")))
+                    .map(|s| {
+                        s.trim()
+                            .parse::<usize>()
+                            .map_err(|e| format!("--worlds: {s:?}: {e}"))
+                    })
                     .collect::<Result<_, _>>()?
             }
             "--iters" => a.iters = v()?.parse().map_err(|e| format!("--iters: {e}"))?,
-            "--chunk-bytes" => a.chunk_bytes = v()?.parse().map_err(|e| format!("--chunk-bytes: {e}"))?,
+            "--chunk-bytes" => {
+                a.chunk_bytes = v()?.parse().map_err(|e| format!("--chunk-bytes: {e}"))?
+            }
             "--timeout-s" => a.timeout_s = v()?.parse().map_err(|e| format!("--timeout-s: {e}"))?,
             "--out" => a.out = Some(v()?),
             "--child" => a.child = Some(v()?),
@@ -84,7 +90,9 @@ fn parse_args() -> Result<Args, BoxErr> {
         }
     }
     if a.iters == 0 || a.bytes < 4 || a.chunk_bytes == 0 || a.worlds.iter().any(|&w| w < 2) {
-        return Err("need --iters >= 1, --bytes >= 4, --chunk-bytes >= 1 and every world >= 2".into());
+        return Err(
+            "need --iters >= 1, --bytes >= 4, --chunk-bytes >= 1 and every world >= 2".into(),
+        );
     }
     Ok(a)
 }
@@ -102,7 +110,13 @@ fn main() {
         None => parent_main(&args),
     };
     if let Err(e) = r {
-        eprintln!("collective-bench{}: error: {e}", args.child.as_deref().map(|m| format!(" [{m} rank {}]", args.rank)).unwrap_or_default());
+        eprintln!(
+            "collective-bench{}: error: {e}",
+            args.child
+                .as_deref()
+                .map(|m| format!(" [{m} rank {}]", args.rank))
+                .unwrap_or_default()
+        );
         std::process::exit(1);
     }
 }
@@ -156,7 +170,10 @@ fn child_main(mode: &str, a: &Args) -> Result<(), BoxErr> {
             let mut s = loop {
                 match l.accept() {
                     Ok((s, _)) => break s,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::WouldBlock
+                            && Instant::now() < deadline =>
+                    {
                         std::thread::sleep(Duration::from_millis(5))
                     }
                     Err(e) => return Err(format!("raw-recv accept: {e}").into()),
@@ -224,7 +241,9 @@ fn child_main(mode: &str, a: &Args) -> Result<(), BoxErr> {
             cfg.chunk_bytes = a.chunk_bytes;
             let mut g = BlockingGroup::connect(cfg, l)?;
             let elems = a.bytes / 4;
-            let mut data: Vec<f32> = (0..elems).map(|i| ((i % 1000) as f32 + a.rank as f32) * 1e-3).collect();
+            let mut data: Vec<f32> = (0..elems)
+                .map(|i| ((i % 1000) as f32 + a.rank as f32) * 1e-3)
+                .collect();
             let input = data.clone();
             let mut out = vec![0f32; elems];
             let mut f32_times = Vec::new();
@@ -249,10 +268,15 @@ fn child_main(mode: &str, a: &Args) -> Result<(), BoxErr> {
             let sum = data[k] as f64;
             let mean = out[k] as f64 * a.world as f64;
             if (sum - mean).abs() > 1e-4 * sum.abs().max(1.0) {
-                return Err(format!("result mismatch at {k}: sum {sum} vs world*mean {mean}").into());
+                return Err(
+                    format!("result mismatch at {k}: sum {sum} vs world*mean {mean}").into(),
+                );
             }
             g.barrier()?;
-            print_line(&format!("RESULT {}", json!({ "rank": a.rank, "f32_times_s": f32_times, "det_times_s": det_times })))?;
+            print_line(&format!(
+                "RESULT {}",
+                json!({ "rank": a.rank, "f32_times_s": f32_times, "det_times_s": det_times })
+            ))?;
             Ok(())
         }
         other => Err(format!("unknown child mode {other:?}").into()),
@@ -287,16 +311,27 @@ fn spawn_kid(name: String, a: &Args, extra: &[String]) -> Result<Kid, BoxErr> {
     let mut child = cmd.spawn().map_err(|e| format!("spawn {name}: {e}"))?;
     let stdin = child.stdin.take();
     let stdout = child.stdout.take().ok_or("no child stdout")?;
-    Ok(Kid { child, stdin, lines: BufReader::new(stdout).lines(), name })
+    Ok(Kid {
+        child,
+        stdin,
+        lines: BufReader::new(stdout).lines(),
+        name,
+    })
 }
 
 impl Kid {
     async fn expect_line(&mut self, prefix: &str, timeout: Duration) -> Result<String, BoxErr> {
         loop {
             match tokio::time::timeout(timeout, self.lines.next_line()).await {
-                Err(_) => return Err(format!("{}: no {prefix} line within {timeout:?}", self.name).into()),
+                Err(_) => {
+                    return Err(
+                        format!("{}: no {prefix} line within {timeout:?}", self.name).into(),
+                    )
+                }
                 Ok(Err(e)) => return Err(format!("{}: reading stdout: {e}", self.name).into()),
-                Ok(Ok(None)) => return Err(format!("{}: exited before printing {prefix}", self.name).into()),
+                Ok(Ok(None)) => {
+                    return Err(format!("{}: exited before printing {prefix}", self.name).into())
+                }
                 Ok(Ok(Some(l))) => {
                     if let Some(rest) = l.strip_prefix(prefix) {
                         return Ok(rest.trim().to_string());
@@ -320,22 +355,42 @@ impl Kid {
 async fn bench_raw(a: &Args, timeout: Duration) -> Result<Vec<f64>, BoxErr> {
     let mut recv = spawn_kid("raw-recv".into(), a, &["--child".into(), "raw-recv".into()])?;
     let addr = recv.expect_line("ADDR ", timeout).await?;
-    let mut send = spawn_kid("raw-send".into(), a, &["--child".into(), "raw-send".into(), "--peer".into(), addr])?;
+    let mut send = spawn_kid(
+        "raw-send".into(),
+        a,
+        &["--child".into(), "raw-send".into(), "--peer".into(), addr],
+    )?;
     let res: Value = serde_json::from_str(&send.expect_line("RESULT ", timeout).await?)?;
     recv.expect_line("RESULT ", timeout).await?;
     send.finish(timeout).await?;
     recv.finish(timeout).await?;
-    let times = res["times_s"].as_array().ok_or("raw-send: bad RESULT")?.iter().filter_map(|v| v.as_f64()).collect();
+    let times = res["times_s"]
+        .as_array()
+        .ok_or("raw-send: bad RESULT")?
+        .iter()
+        .filter_map(|v| v.as_f64())
+        .collect();
     Ok(times)
 }
 
-async fn bench_ring(a: &Args, world: usize, timeout: Duration) -> Result<(Vec<f64>, Vec<f64>), BoxErr> {
+async fn bench_ring(
+    a: &Args,
+    world: usize,
+    timeout: Duration,
+) -> Result<(Vec<f64>, Vec<f64>), BoxErr> {
     let mut kids = Vec::new();
     for r in 0..world {
         kids.push(spawn_kid(
             format!("ring rank {r}/{world}"),
             a,
-            &["--child".into(), "ring".into(), "--rank".into(), r.to_string(), "--world".into(), world.to_string()],
+            &[
+                "--child".into(),
+                "ring".into(),
+                "--rank".into(),
+                r.to_string(),
+                "--world".into(),
+                world.to_string(),
+            ],
         )?);
     }
     let mut addrs = Vec::new();
@@ -345,8 +400,12 @@ async fn bench_ring(a: &Args, world: usize, timeout: Duration) -> Result<(Vec<f6
     let line = format!("PEERS {}\n", addrs.join(","));
     for k in kids.iter_mut() {
         let stdin = k.stdin.as_mut().ok_or("child stdin gone")?;
-        tokio::time::timeout(timeout, stdin.write_all(line.as_bytes())).await.map_err(|_| "writing peers timed out")??;
-        tokio::time::timeout(timeout, stdin.flush()).await.map_err(|_| "writing peers timed out")??;
+        tokio::time::timeout(timeout, stdin.write_all(line.as_bytes()))
+            .await
+            .map_err(|_| "writing peers timed out")??;
+        tokio::time::timeout(timeout, stdin.flush())
+            .await
+            .map_err(|_| "writing peers timed out")??;
     }
     let mut per_rank = Vec::new();
     for k in kids.iter_mut() {
@@ -360,19 +419,34 @@ async fn bench_ring(a: &Args, world: usize, timeout: Duration) -> Result<(Vec<f6
     let col = |key: &str| -> Vec<f64> {
         let cols: Vec<Vec<f64>> = per_rank
             .iter()
-            .map(|v| v[key].as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect()).unwrap_or_default())
+            .map(|v| {
+                v[key]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
+                    .unwrap_or_default()
+            })
             .collect();
-        (0..a.iters).map(|i| cols.iter().filter_map(|c| c.get(i).copied()).fold(0.0, f64::max)).collect()
+        (0..a.iters)
+            .map(|i| {
+                cols.iter()
+                    .filter_map(|c| c.get(i).copied())
+                    .fold(0.0, f64::max)
+            })
+            .collect()
     };
     Ok((col("f32_times_s"), col("det_times_s")))
 }
 
 fn parent_main(a: &Args) -> Result<(), BoxErr> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let timeout = Duration::from_secs(a.timeout_s);
     rt.block_on(async {
         let total = Duration::from_secs(a.timeout_s * 4);
-        tokio::time::timeout(total, parent_run(a, timeout)).await.map_err(|_| format!("benchmark did not finish within {total:?}"))?
+        tokio::time::timeout(total, parent_run(a, timeout))
+            .await
+            .map_err(|_| format!("benchmark did not finish within {total:?}"))?
     })
 }
 
@@ -385,11 +459,21 @@ async fn parent_run(a: &Args, timeout: Duration) -> Result<(), BoxErr> {
     let raw = bench_raw(a, timeout).await?;
     let raw_t = median(&raw);
     let raw_bw = b / raw_t;
-    println!("raw TCP copy (2 processes): {:.4} s, {:.1} MB/s", raw_t, raw_bw / 1e6);
+    println!(
+        "raw TCP copy (2 processes): {:.4} s, {:.1} MB/s",
+        raw_t,
+        raw_bw / 1e6
+    );
     println!();
     println!(
         "{:>5} {:>12} {:>14} {:>14} {:>12} {:>14} {:>12}",
-        "world", "f32 time s", "busbw MB/s", "busbw/raw", "det time s", "det/f32 time", "det busbw MB/s"
+        "world",
+        "f32 time s",
+        "busbw MB/s",
+        "busbw/raw",
+        "det time s",
+        "det/f32 time",
+        "det busbw MB/s"
     );
     let mut rows = Vec::new();
     for &n in &a.worlds {
@@ -430,7 +514,8 @@ async fn parent_run(a: &Args, timeout: Duration) -> Result<(), BoxErr> {
         "all_reduce": rows,
     });
     if let Some(path) = &a.out {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?).map_err(|e| format!("writing {path}: {e}"))?;
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .map_err(|e| format!("writing {path}: {e}"))?;
         println!("\nwrote {path}");
     }
     Ok(())

@@ -5,7 +5,9 @@ use std::time::Duration;
 use phalanx_collective::{BlockingGroup, GroupConfig};
 
 pub fn listeners(n: usize) -> (Vec<TcpListener>, Vec<SocketAddr>) {
-    let ls: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    let ls: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
     let addrs = ls.iter().map(|l| l.local_addr().unwrap()).collect();
     (ls, addrs)
 }
@@ -39,5 +41,8 @@ where
             })
         })
         .collect();
-    handles.into_iter().map(|h| h.join().expect("rank thread panicked")).collect()
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("rank thread panicked"))
+        .collect()
 }
