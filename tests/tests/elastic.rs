@@ -271,3 +271,35 @@ fn a_partitioned_worker_is_replaced_and_rejoins_when_the_partition_heals() {
         "{ev:#?}"
     );
 }
+
+#[test]
+fn a_straggler_with_no_spare_gets_fewer_micro_batches() {
+    let steps = 400;
+    let c = LocalCluster::start(4, 0);
+    c.submit(&job_toml("share", steps, 100, 3, 4));
+    c.wait_step(30, LIMIT);
+    c.inject("rank:0", "slow", &["--factor", "4", "--for", "120s"]);
+    c.wait_for(LIMIT, "a smaller share for the straggler", |c| {
+        c.job()
+            .map(|j| {
+                j["plan"]["micro_shares"]
+                    .as_array()
+                    .is_some_and(|s| s.first() == Some(&Value::from(1)))
+            })
+            .unwrap_or(false)
+    });
+    let job = c.wait_done(LIMIT);
+    assert_eq!(
+        job["params_sha256"].as_str().unwrap(),
+        reference_sha(steps, c.dir.path()),
+        "{}",
+        c.logs()
+    );
+    assert_eq!(ranks(&job).len(), 4, "no spare: the straggler stays");
+    let ev = event_kinds(&c);
+    assert!(
+        ev.iter()
+            .any(|e| e.contains("straggler_share") && e.contains("share is halved")),
+        "{ev:#?}"
+    );
+}

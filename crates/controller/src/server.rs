@@ -799,8 +799,9 @@ impl RaftLoop {
         Ok(())
     }
 
-    /// Twice a second: a rank whose compute time stays far above the plan's median is
-    /// drained, so the placement swaps a spare in.
+    /// Twice a second: a rank whose compute time stays far above the plan's median first
+    /// gets a smaller share of the micro-batches; if it stays slow it is drained, so the
+    /// placement swaps a spare in.
     fn check_stragglers(&mut self) {
         if self.straggler_checked.elapsed() < Duration::from_millis(500) {
             return;
@@ -822,8 +823,21 @@ impl RaftLoop {
             &self.r.state.workers,
             &self.cfg.stragglers,
         );
-        for (worker, reason) in decisions {
+        for (worker, decision, reason) in decisions {
             self.lease_seq += 1;
+            let command = match decision {
+                phalanx_core::StragglerDecision::ReduceShare => Command::ReduceShare {
+                    worker: worker.clone(),
+                    epoch: plan.epoch,
+                    reason,
+                },
+                phalanx_core::StragglerDecision::SwapForSpare => Command::SetWorkerHealth {
+                    id: worker.clone(),
+                    health: WorkerHealth::Draining,
+                    reason,
+                    address: None,
+                },
+            };
             let env = Envelope {
                 request_id: format!(
                     "straggler-n{}-t{}-{}",
@@ -831,14 +845,9 @@ impl RaftLoop {
                     self.r.term(),
                     self.lease_seq
                 ),
-                command: Command::SetWorkerHealth {
-                    id: worker.clone(),
-                    health: WorkerHealth::Draining,
-                    reason,
-                    address: None,
-                },
+                command,
             };
-            info!(worker = %worker, "straggler decision");
+            info!(worker = %worker, ?decision, "straggler decision");
             let _ = self.r.propose(&env);
             self.compute_ms.remove(&worker);
         }
@@ -1233,6 +1242,7 @@ fn assignment(r: &Replica, worker: &str) -> ApiResult {
         job: job.map(|j| j.spec.clone()),
         job_state: job.map(|j| j.state),
         resume_step,
+        micro_shares: plan.map(|p| p.micro_shares.clone()).unwrap_or_default(),
     })
 }
 

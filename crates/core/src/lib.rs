@@ -9,7 +9,8 @@ pub mod state;
 
 pub use jobfile::{job_template, parse_job_toml, validate_job, JobFileError};
 pub use policy::{
-    LeaseConfig, LeaseDecision, Leases, PlacementDecision, Reason, StragglerConfig, Stragglers,
+    LeaseConfig, LeaseDecision, Leases, PlacementDecision, Reason, StragglerConfig,
+    StragglerDecision, Stragglers,
 };
 pub use state::{Applied, ClusterState, SnapshotError, StateLimits};
 

@@ -220,6 +220,14 @@ impl Default for StragglerConfig {
     }
 }
 
+/// What to do about a straggler: first give it fewer micro-batches; if it stays slow and a
+/// spare exists, swap it out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StragglerDecision {
+    ReduceShare,
+    SwapForSpare,
+}
+
 /// Leader-local straggler state (like leases, never replicated).
 #[derive(Debug, Clone, Default)]
 pub struct Stragglers {
@@ -227,36 +235,38 @@ pub struct Stragglers {
 }
 
 impl Stragglers {
-    /// One observation of the plan's ranks' compute times. Returns the workers to swap out
-    /// (only when a spare can take the rank; otherwise a slow rank is kept, since the
-    /// job is better off slow than smaller) with the reason.
+    /// One observation of the plan's ranks' compute times (per micro-batch, so a smaller
+    /// share does not hide a slow device). A rank slow for `consecutive` checks first gets
+    /// a smaller share; slow again with its share already reduced, it is swapped for a
+    /// spare if one exists (otherwise kept: the job is better off slow than smaller).
     pub fn observe(
         &mut self,
         plan: &Plan,
         compute_ms: &BTreeMap<WorkerId, f64>,
         workers: &BTreeMap<WorkerId, WorkerInfo>,
         cfg: &StragglerConfig,
-    ) -> Vec<(WorkerId, Reason)> {
-        let mut samples: Vec<(&WorkerId, f64)> = plan
+    ) -> Vec<(WorkerId, StragglerDecision, Reason)> {
+        let mut samples: Vec<(usize, &WorkerId, f64)> = plan
             .ranks
             .iter()
-            .filter_map(|id| compute_ms.get(id).map(|&t| (id, t)))
-            .filter(|(_, t)| t.is_finite() && *t > 0.0)
+            .enumerate()
+            .filter_map(|(r, id)| compute_ms.get(id).map(|&t| (r, id, t)))
+            .filter(|(_, _, t)| t.is_finite() && *t > 0.0)
             .collect();
         self.slow_count.retain(|id, _| plan.ranks.contains(id));
         if samples.len() < cfg.ranks_min {
             return Vec::new();
         }
-        let mut sorted: Vec<f64> = samples.iter().map(|(_, t)| *t).collect();
+        let mut sorted: Vec<f64> = samples.iter().map(|(_, _, t)| *t).collect();
         sorted.sort_by(|a, b| a.total_cmp(b));
         let median = sorted[sorted.len() / 2];
-        let spares = workers
+        let mut spares = workers
             .values()
             .filter(|w| w.health == WorkerHealth::Spare)
             .count();
         let mut out = Vec::new();
-        samples.sort_by(|a, b| b.1.total_cmp(&a.1));
-        for (id, t) in samples {
+        samples.sort_by(|a, b| b.2.total_cmp(&a.2));
+        for (rank, id, t) in samples {
             let ratio = t / median;
             let count = self.slow_count.entry(id.clone()).or_insert(0);
             if ratio > cfg.threshold {
@@ -264,14 +274,28 @@ impl Stragglers {
             } else if ratio < cfg.clear_below {
                 *count = 0;
             }
-            if *count >= cfg.consecutive && out.len() < spares {
+            if *count < cfg.consecutive || !out.is_empty() {
+                continue;
+            }
+            let reduced = plan.micro_shares.get(rank).is_some_and(|&s| s <= 1);
+            let what = format!(
+                "straggler: compute {t:.1} ms per micro-batch, {ratio:.1}x the median {median:.1} ms, \
+                 for {count} consecutive checks (threshold {}x)",
+                cfg.threshold
+            );
+            if !reduced {
                 out.push((
                     id.clone(),
-                    format!(
-                        "straggler: compute {t:.1} ms per micro-batch, {ratio:.1}x the median {median:.1} ms, \
-                         for {count} consecutive checks (threshold {}x); swapped for a spare",
-                        cfg.threshold
-                    ),
+                    StragglerDecision::ReduceShare,
+                    format!("{what}; its micro-batch share is halved"),
+                ));
+                *count = 0;
+            } else if spares > 0 {
+                spares -= 1;
+                out.push((
+                    id.clone(),
+                    StragglerDecision::SwapForSpare,
+                    format!("{what}, still with a halved share; swapped for a spare"),
                 ));
                 *count = 0;
             }
@@ -297,6 +321,7 @@ mod tests {
             epoch: 1,
             ranks: vec!["a".into(), "b".into(), "c".into(), "d".into()],
             reason: String::new(),
+            micro_shares: Vec::new(),
         };
         let mut w = BTreeMap::new();
         for id in ["a", "b", "c", "d"] {
@@ -330,12 +355,25 @@ mod tests {
         assert!(s.observe(&plan, &times(40.0), &workers, &cfg).is_empty());
         let d = s.observe(&plan, &times(40.0), &workers, &cfg);
         assert_eq!(d.len(), 1);
-        assert_eq!(d[0].0, "d");
-        assert!(d[0].1.contains("3.6x the median 11.0 ms"), "{}", d[0].1);
+        assert_eq!(
+            (d[0].0.as_str(), &d[0].1),
+            ("d", &StragglerDecision::ReduceShare)
+        );
+        assert!(d[0].2.contains("3.6x the median 11.0 ms"), "{}", d[0].2);
+        // Still slow with its share halved: swapped for the spare.
+        let reduced = Plan {
+            micro_shares: vec![2, 2, 2, 1],
+            ..plan.clone()
+        };
+        for _ in 0..2 {
+            assert!(s.observe(&reduced, &times(40.0), &workers, &cfg).is_empty());
+        }
+        let d = s.observe(&reduced, &times(40.0), &workers, &cfg);
+        assert_eq!(d[0].1, StragglerDecision::SwapForSpare);
     }
 
     #[test]
-    fn without_a_spare_a_straggler_is_kept() {
+    fn without_a_spare_a_straggler_keeps_its_reduced_share() {
         let (plan, workers) = straggler_world(WorkerHealth::Failed);
         let cfg = StragglerConfig {
             consecutive: 1,
@@ -346,7 +384,15 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), *v))
             .collect();
-        assert!(s.observe(&plan, &times, &workers, &cfg).is_empty());
+        assert_eq!(
+            s.observe(&plan, &times, &workers, &cfg)[0].1,
+            StragglerDecision::ReduceShare
+        );
+        let reduced = Plan {
+            micro_shares: vec![2, 2, 2, 1],
+            ..plan
+        };
+        assert!(s.observe(&reduced, &times, &workers, &cfg).is_empty());
     }
     use phalanx_proto::DeviceSpec;
 
@@ -395,6 +441,7 @@ mod tests {
             epoch: 1,
             ranks: vec!["c".into(), "b".into(), "a".into()],
             reason: String::new(),
+            micro_shares: Vec::new(),
         };
         let (d, reason) = place(&spec(2, 3), Some(&plan), &ws);
         assert_eq!(

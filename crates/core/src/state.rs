@@ -246,6 +246,42 @@ impl ClusterState {
                 );
                 ok("resume recorded")
             }
+            Command::ReduceShare {
+                worker,
+                epoch,
+                reason,
+            } => {
+                if self.too_long(reason) {
+                    return no("reason too long");
+                }
+                let Some(j) = &mut self.job else {
+                    return no("no job");
+                };
+                let Some(plan) = j.plan.as_mut().filter(|p| p.epoch == *epoch) else {
+                    return no(format!("stale epoch {epoch}"));
+                };
+                let Some(rank) = plan.ranks.iter().position(|w| w == worker) else {
+                    return no(format!("worker {worker} has no rank in epoch {epoch}"));
+                };
+                let mut shares = if plan.micro_shares.len() == plan.ranks.len() {
+                    plan.micro_shares.clone()
+                } else {
+                    vec![2; plan.ranks.len()]
+                };
+                if shares[rank] <= 1 {
+                    return no(format!("worker {worker}'s share is already at its minimum"));
+                }
+                shares[rank] /= 2;
+                let new_epoch = plan.epoch + 1;
+                plan.epoch = new_epoch;
+                plan.micro_shares = shares.clone();
+                plan.reason = format!("{worker}'s micro-batch share halved");
+                j.rank_steps = vec![j.progress_step; plan.ranks.len()];
+                let name = j.spec.name.clone();
+                self.event(index, "straggler_share", worker, reason.clone());
+                self.event(index, "plan", &name, format!("epoch {new_epoch}: {worker}'s micro-batch share halved (shares {shares:?})"));
+                ok("share reduced")
+            }
             Command::RecordFault { target, kind } => {
                 if self.too_long(target) || self.too_long(kind) {
                     return no("fault target and kind must be at most text_bytes_max bytes");
@@ -550,6 +586,7 @@ impl ClusterState {
                     epoch,
                     ranks: ranks.clone(),
                     reason: reason.clone(),
+                    micro_shares: Vec::new(),
                 });
                 j.state = JobState::Running;
                 for w in self.workers.values_mut() {

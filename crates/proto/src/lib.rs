@@ -118,6 +118,10 @@ pub struct Plan {
     pub epoch: u64,
     pub ranks: Vec<WorkerId>,
     pub reason: String,
+    /// Relative share of the step's micro-batches per rank; empty means equal shares. A
+    /// straggler gets a smaller one before it is swapped out.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub micro_shares: Vec<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -241,6 +245,13 @@ pub enum Command {
         /// The reporting worker's wall clock (ms since the Unix epoch) when the epoch began.
         #[serde(default)]
         at_ms: Option<u64>,
+    },
+    /// The leader's straggler policy halves a slow rank's share of the micro-batches: a
+    /// new plan epoch with the same ranks.
+    ReduceShare {
+        worker: WorkerId,
+        epoch: u64,
+        reason: String,
     },
     /// An operator (or a chaos scenario) injected a fault; recorded for the event log.
     RecordFault {
@@ -377,6 +388,9 @@ pub struct Assignment {
     pub job_state: Option<JobState>,
     /// Step to resume from: the newest durable checkpoint's step (0 if none).
     pub resume_step: u64,
+    /// The plan's micro-batch shares (empty: equal).
+    #[serde(default)]
+    pub micro_shares: Vec<u32>,
 }
 
 /// `POST /v1/members` (joint-consensus membership change).

@@ -91,6 +91,24 @@ pub fn assign(micro_batches: usize, world: usize, rank: usize) -> Range<usize> {
     start..start + len
 }
 
+/// Like [`assign`] with relative `shares` per rank (empty or all-zero: equal): contiguous
+/// blocks of about `m * share / total` micro-batches. A rank may get none. Any assignment
+/// gives the same result, so this only moves work away from a slow rank.
+pub fn assign_weighted(
+    micro_batches: usize,
+    shares: &[u32],
+    world: usize,
+    rank: usize,
+) -> Range<usize> {
+    let total: u64 = shares.iter().map(|&s| u64::from(s)).sum();
+    if shares.len() != world || total == 0 {
+        return assign(micro_batches, world, rank);
+    }
+    let cum = |r: usize| shares[..r].iter().map(|&s| u64::from(s)).sum::<u64>();
+    let at = |r: usize| ((micro_batches as u64 * cum(r) + total / 2) / total) as usize;
+    at(rank)..at(rank + 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,6 +157,22 @@ mod tests {
         }
         assert_eq!(assign(4, 3, 0), 0..2);
         assert_eq!(assign(4, 3, 2), 3..4);
+    }
+
+    #[test]
+    fn weighted_assignment_covers_every_micro_batch_once() {
+        for m in 1..16 {
+            let shares = [2, 2, 1, 2];
+            let mut seen = vec![0; m];
+            for r in 0..4 {
+                for i in assign_weighted(m, &shares, 4, r) {
+                    seen[i] += 1;
+                }
+            }
+            assert!(seen.iter().all(|&c| c == 1), "m={m}");
+        }
+        assert_eq!(assign_weighted(7, &[2, 2, 1, 2], 4, 2).len(), 1);
+        assert_eq!(assign_weighted(8, &[], 4, 1), assign(8, 4, 1));
     }
 
     #[test]

@@ -533,7 +533,7 @@ fn run_epoch(
     let mut resume_report = (last_step.is_some() || rank == 0).then_some(source);
     let interrupted_at = *last_step;
     let epoch_began_ms = unix_ms();
-    let mut stepper = Stepper::new(engine, &group, cfg.op_timeout)?;
+    let mut stepper = Stepper::new(engine, &group, &a.micro_shares, cfg.op_timeout)?;
     let mut writer = Checkpointing::new(cfg, job, world, rank, &shared.disk)?;
     let _ = progress.send((a.epoch, engine.step()));
 

@@ -3,7 +3,7 @@ use std::time::{Duration, Instant};
 
 use phalanx_collective::{deterministic, BlockingGroup};
 use phalanx_train::engine::Engine;
-use phalanx_train::sampler::assign;
+use phalanx_train::sampler::{assign, assign_weighted};
 use serde::{Deserialize, Serialize};
 
 use crate::WorkerError;
@@ -53,9 +53,11 @@ pub struct Stepper {
 }
 
 impl Stepper {
+    /// `shares`: the plan's relative micro-batch shares per rank (empty: equal).
     pub fn new(
         engine: &Engine,
         group: &BlockingGroup,
+        shares: &[u32],
         op_timeout: Duration,
     ) -> Result<Self, WorkerError> {
         let (rank, world) = (group.rank(), group.world());
@@ -65,7 +67,7 @@ impl Stepper {
                 "world size {world} exceeds the {micro_total} micro-batches of a step; lower the world size or the micro-batch"
             )));
         }
-        let mine = assign(micro_total, world, rank);
+        let mine = assign_weighted(micro_total, shares, world, rank);
         let n = engine.params.len();
         if engine.opt.range != engine.shard_ranges(world, rank).0 {
             return Err(WorkerError::Protocol(format!(
@@ -222,7 +224,7 @@ pub fn train(
     on_step: &mut dyn FnMut(&StepReport),
 ) -> Result<RunResult, WorkerError> {
     engine.zero_shards(group.world(), group.rank())?;
-    let mut stepper = Stepper::new(engine, group, opts.op_timeout)?;
+    let mut stepper = Stepper::new(engine, group, &[], opts.op_timeout)?;
     let mut losses = Vec::with_capacity(engine.spec.steps as usize);
     let start = Instant::now();
     while engine.step() < engine.spec.steps {
