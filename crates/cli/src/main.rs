@@ -54,7 +54,7 @@ enum Command {
     /// Run or manage a controller node (raft-replicated cluster state).
     #[command(subcommand)]
     Controller(ctl::ControllerCmd),
-    /// Start or stop a local controller cluster.
+    /// Start or stop a local cluster: controllers and, optionally, worker agents.
     #[command(subcommand)]
     Cluster(ctl::ClusterCmd),
     /// Show the controllers, the leader, the workers and the job.

@@ -6,7 +6,14 @@
 use phalanx_proto::JobSpec;
 use thiserror::Error;
 
-pub const MODELS: &[&str] = &["tiny", "small", "medium"];
+/// The model configurations the data plane has (`phalanx_train::config::MODEL_NAMES`;
+/// a worker test checks that the two lists agree).
+pub const MODELS: &[&str] = &["tiny", "small", "base", "gpt2-124m"];
+
+/// Sequences per micro-batch in controller-run jobs (`phalanx_train::engine::
+/// DEFAULT_MICRO_BATCH`, also checked by a worker test): the global batch is cut into
+/// `global_batch / MICRO_BATCH` micro-batches, shared out over the ranks.
+pub const MICRO_BATCH: u32 = 2;
 const NAME_BYTES_MAX: usize = 64;
 const STEPS_MAX: u64 = 100_000_000;
 const GLOBAL_BATCH_MAX: u32 = 1 << 20;
@@ -152,7 +159,7 @@ pub fn validate_job(spec: &JobSpec) -> Result<(), JobFileError> {
     if spec.corpus.trim().is_empty() {
         return inv(
             "corpus",
-            "expected a file path or a builtin: corpus name".into(),
+            "expected `default`, a file, a directory or a glob".into(),
         );
     }
     if spec.steps == 0 || spec.steps > STEPS_MAX {
@@ -179,12 +186,16 @@ pub fn validate_job(spec: &JobSpec) -> Result<(), JobFileError> {
             format!("{}: expected 1..={GLOBAL_BATCH_MAX}", spec.global_batch),
         );
     }
-    if spec.global_batch < spec.world_size_max {
+    if spec.global_batch % MICRO_BATCH != 0 || spec.global_batch / MICRO_BATCH < spec.world_size_max
+    {
         return inv(
             "global_batch",
             format!(
-                "{} is smaller than world_size_max ({}): every rank needs at least one sample",
-                spec.global_batch, spec.world_size_max
+                "{}: expected a multiple of the micro-batch ({MICRO_BATCH}) with at least one \
+                 micro-batch per rank of world_size_max ({}), i.e. at least {}",
+                spec.global_batch,
+                spec.world_size_max,
+                MICRO_BATCH * spec.world_size_max
             ),
         );
     }
@@ -213,8 +224,9 @@ name = "{model}-{steps}"
 # Model preset: one of {models}.
 model = "{model}"
 
-# Training text: a file path, or a builtin corpus such as "builtin:shakespeare".
-corpus = "builtin:shakespeare"
+# Training text, read by every worker: `default` (the C++ headers of the pinned libtorch,
+# present after `just setup`), or a file, a directory or a glob.
+corpus = "default"
 
 # Optimizer steps to run.
 steps = {steps}

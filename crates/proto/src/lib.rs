@@ -76,9 +76,9 @@ pub struct WorkerInfo {
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
     pub name: String,
-    /// Model preset: `tiny`, `small`, `medium`.
+    /// Model preset: `tiny`, `small`, `base`, `gpt2-124m`.
     pub model: String,
-    /// Path of the training corpus (text), or `builtin:shakespeare`-style preset.
+    /// The training corpus: `default`, or a file, a directory or a glob.
     pub corpus: String,
     pub steps: u64,
     pub global_batch: u32,

@@ -1015,6 +1015,26 @@ mod tests {
     }
 
     #[test]
+    fn the_controller_and_the_data_plane_agree_on_models_and_micro_batch() {
+        assert_eq!(
+            phalanx_core::jobfile::MODELS,
+            phalanx_train::config::MODEL_NAMES
+        );
+        assert_eq!(
+            phalanx_core::jobfile::MICRO_BATCH as usize,
+            DEFAULT_MICRO_BATCH
+        );
+        // The template `phalanx job init` writes is a job the workers can run.
+        let spec =
+            phalanx_core::parse_job_toml(&phalanx_core::job_template("tiny", 60).unwrap()).unwrap();
+        train_spec(&spec).unwrap();
+        assert_eq!(
+            corpus_spec(&spec),
+            phalanx_train::data::default_corpus_spec()
+        );
+    }
+
+    #[test]
     fn shards_round_trip_cover_and_assemble() {
         let shards = vec![shard(0..4), shard(3..7), shard(7..10)];
         assert!(covers(&shards, 0..10));
