@@ -7,13 +7,14 @@
 //! and trains until the job ends or a newer epoch supersedes this one.
 //!
 //! State agreement at the start of an epoch ([`sync_state`]): every rank tells the others
-//! whether it holds training state, at which step and with which parameter hash. The
-//! lowest rank among those at the highest step is the source, and it broadcasts its state
-//! to every rank that differs. Only when no rank holds state (every worker is new, or all
-//! were restarted) is the newest valid checkpoint read from disk; a corrupt newest
-//! checkpoint falls back to the previous one. Since training is deterministic, a step that
-//! was in flight when a peer died is simply redone, and the final parameters are the same
-//! bits as a run without faults.
+//! whether it holds training state, at which step and with which parameter hash. Every
+//! rank at the highest step contributes the parameters and optimizer moments of the
+//! slices it holds (its own ZeRO-1 shard and its buddy replica), and each rank takes its
+//! new slices from them. Only when those do not cover the model, or no rank holds state
+//! (every worker is new, or all were restarted), is the newest valid checkpoint read from
+//! disk; a corrupt newest checkpoint falls back to the previous one. Since training is
+//! deterministic, a step that was in flight when a peer died is simply redone, and the
+//! final parameters are the same bits as a run without faults.
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -640,10 +641,10 @@ fn run_epoch(
 /// Agrees on one training state across the group (see the module docs); returns where
 /// the state came from.
 ///
-/// Parameters come from one source rank (the lowest at the highest step). Optimizer
-/// moments are sharded (ZeRO-1, each rank also keeping a replica of the previous rank's
-/// shard): every rank at that step contributes the shards it holds, and each rank takes its
-/// new own and buddy slices from them. When the survivors' shards do not cover the whole
+/// Optimizer moments are sharded (ZeRO-1, each rank also keeping a replica of the previous
+/// rank's shard): every rank at the highest step contributes the parameters and moments of
+/// the shards it holds, and each rank takes the whole parameter vector and its new own and
+/// buddy slices from them. When the survivors' shards do not cover the whole
 /// vector (two neighbours lost at once), or nobody holds state, every rank reads the newest
 /// valid checkpoint instead; all ranks see the same announcements, so they all decide
 /// alike.
