@@ -11,7 +11,14 @@ use crate::{phalanx, run_with_timeout, KillOnDrop};
 pub struct LocalCluster {
     pub dir: tempfile::TempDir,
     _up: KillOnDrop,
+    /// One local cluster at a time: eight processes per cluster already keep two cores
+    /// busy, and two clusters side by side starve the controllers' 100 ms election
+    /// timers and the workers' step-time measurements. Declared last, so it is released
+    /// after the processes are gone.
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
+
+static ONE_CLUSTER_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// A tiny-model job: `steps` steps, global batch 8 (4 micro-batches of 2), seed 7.
 pub fn job_toml(
@@ -31,6 +38,10 @@ impl LocalCluster {
     /// `phalanx cluster up --controllers 3 --workers N` (fault hooks on); exited workers
     /// are restarted after `worker_restart_s` seconds when it is not 0.
     pub fn start(workers: usize, worker_restart_s: u64) -> Self {
+        // A test that panicked poisons the lock; the next cluster does not care.
+        let serial = ONE_CLUSTER_AT_A_TIME
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let dir = tempfile::tempdir().unwrap();
         let mut up = phalanx();
         up.args(["cluster", "up", "--controllers=3"])
@@ -40,7 +51,11 @@ impl LocalCluster {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.path().join("cluster-up.log")).unwrap());
         let up = KillOnDrop(up.spawn().expect("spawn cluster up"));
-        let c = Self { dir, _up: up };
+        let c = Self {
+            dir,
+            _up: up,
+            _serial: serial,
+        };
         c.wait_for(Duration::from_secs(30), "a controller leader", |c| {
             c.status()
                 .map(|s| s["leader_id"].as_u64().unwrap_or(0) != 0)

@@ -21,9 +21,14 @@ pub enum PlacementDecision {
 ///
 /// Ranks go to placeable workers in id order, so the same state always gives the same
 /// plan. Surviving workers keep their relative order, which keeps re-sharding small.
+///
+/// `waiting`: the job stopped for want of workers, so `current` is no longer running; a
+/// placement then always makes a new plan, even on exactly the old plan's workers (their
+/// group broke up when the job stopped, and they wait for a new epoch).
 pub fn place(
     spec: &JobSpec,
     current: Option<&Plan>,
+    waiting: bool,
     workers: &BTreeMap<WorkerId, WorkerInfo>,
 ) -> (PlacementDecision, Reason) {
     let placeable: Vec<&WorkerId> = workers
@@ -42,7 +47,7 @@ pub fn place(
             ),
         );
     }
-    if let Some(plan) = current {
+    if let Some(plan) = current.filter(|_| !waiting) {
         let all_alive = plan.ranks.iter().all(|id| {
             workers
                 .get(id)
@@ -76,6 +81,7 @@ pub fn place(
     }
     let reason = match current {
         None => format!("initial placement on {} workers", ranks.len()),
+        Some(_) if waiting => format!("resume on {} workers after waiting", ranks.len()),
         Some(p) => format!("re-shard from {} to {} ranks", p.ranks.len(), ranks.len()),
     };
     (PlacementDecision::NewPlan { ranks }, reason)
@@ -430,7 +436,10 @@ mod tests {
     #[test]
     fn placement_waits_below_minimum_and_keeps_survivor_order() {
         let ws = workers(&[("a", WorkerHealth::Joining)]);
-        assert_eq!(place(&spec(2, 4), None, &ws).0, PlacementDecision::Wait);
+        assert_eq!(
+            place(&spec(2, 4), None, false, &ws).0,
+            PlacementDecision::Wait
+        );
         let ws = workers(&[
             ("a", WorkerHealth::Healthy),
             ("b", WorkerHealth::Failed),
@@ -443,7 +452,7 @@ mod tests {
             reason: String::new(),
             micro_shares: Vec::new(),
         };
-        let (d, reason) = place(&spec(2, 3), Some(&plan), &ws);
+        let (d, reason) = place(&spec(2, 3), Some(&plan), false, &ws);
         assert_eq!(
             d,
             PlacementDecision::NewPlan {
@@ -451,6 +460,29 @@ mod tests {
             }
         );
         assert!(reason.contains("re-shard"), "{reason}");
+    }
+
+    #[test]
+    fn a_waiting_job_gets_a_new_plan_even_on_its_old_workers() {
+        let ws = workers(&[("a", WorkerHealth::Healthy), ("b", WorkerHealth::Joining)]);
+        let plan = Plan {
+            epoch: 3,
+            ranks: vec!["a".into(), "b".into()],
+            reason: String::new(),
+            micro_shares: Vec::new(),
+        };
+        assert_eq!(
+            place(&spec(2, 2), Some(&plan), false, &ws).0,
+            PlacementDecision::Keep
+        );
+        let (d, reason) = place(&spec(2, 2), Some(&plan), true, &ws);
+        assert_eq!(
+            d,
+            PlacementDecision::NewPlan {
+                ranks: vec!["a".into(), "b".into()]
+            }
+        );
+        assert!(reason.contains("after waiting"), "{reason}");
     }
 
     #[test]

@@ -210,8 +210,12 @@ impl ClusterState {
                 let Some(j) = &mut self.job else {
                     return no("no job");
                 };
-                if j.plan.as_ref().map(|p| p.epoch) != Some(*epoch) {
-                    return no(format!("stale epoch {epoch}"));
+                // A resume is a record of what an epoch did, not a say in what happens
+                // next: a report of an epoch already superseded (its ranks resumed, then a
+                // worker joined before the report was committed) is still history worth
+                // keeping. Only epochs that never existed are refused.
+                if j.plan.as_ref().is_none_or(|p| *epoch > p.epoch) {
+                    return no(format!("epoch {epoch} is not a plan epoch of this job"));
                 }
                 if j.recoveries.iter().any(|r| r.epoch == *epoch) {
                     return no(format!("epoch {epoch}'s resume is already recorded"));
@@ -223,13 +227,17 @@ impl ClusterState {
                 // no reporting rank remembers the steps it had done (all workers new).
                 let steps_redone = (*steps_redone).max(j.progress_step.saturating_sub(*step));
                 if *epoch > 1 {
-                    j.recoveries.push(phalanx_proto::Recovery {
-                        epoch: *epoch,
-                        source: source.clone(),
-                        resumed_at_step: *step,
-                        steps_redone,
-                        mttr_ms: *mttr_ms,
-                    });
+                    let at = j.recoveries.partition_point(|r| r.epoch < *epoch);
+                    j.recoveries.insert(
+                        at,
+                        phalanx_proto::Recovery {
+                            epoch: *epoch,
+                            source: source.clone(),
+                            resumed_at_step: *step,
+                            steps_redone,
+                            mttr_ms: *mttr_ms,
+                        },
+                    );
                     if j.recoveries.len() > RECOVERIES_MAX {
                         j.recoveries.remove(0);
                     }
@@ -567,7 +575,8 @@ impl ClusterState {
         if job.state.is_terminal() {
             return;
         }
-        let (decision, reason) = place(&job.spec, job.plan.as_ref(), &self.workers);
+        let waiting = job.state == JobState::Waiting;
+        let (decision, reason) = place(&job.spec, job.plan.as_ref(), waiting, &self.workers);
         let name = job.spec.name.clone();
         match decision {
             PlacementDecision::Keep => {}
@@ -752,6 +761,61 @@ mod tests {
             .events
             .iter()
             .any(|e| e.kind == "worker_failed" && e.reason.contains("no heartbeat")));
+    }
+
+    #[test]
+    fn a_resume_reported_after_its_epoch_was_superseded_is_still_recorded() {
+        let mut s = ClusterState::new(StateLimits::default());
+        let mut i = 0;
+        let mut next = || {
+            i += 1;
+            i
+        };
+        for w in ["a", "b", "c"] {
+            s.apply(next(), &env(&format!("reg-{w}"), reg(w)));
+        }
+        s.apply(next(), &env("submit", Command::SubmitJob { spec: spec() }));
+        for (id, health) in [("b", WorkerHealth::Failed), ("c", WorkerHealth::Failed)] {
+            s.apply(
+                next(),
+                &env(
+                    &format!("fail-{id}"),
+                    Command::SetWorkerHealth {
+                        id: id.into(),
+                        health,
+                        reason: "no heartbeat".into(),
+                        address: None,
+                    },
+                ),
+            );
+        }
+        assert_eq!(s.job.as_ref().unwrap().plan.as_ref().unwrap().epoch, 3);
+        let resume = |epoch, source: &str| Command::ReportResume {
+            worker: "a".into(),
+            epoch,
+            step: 4,
+            source: source.into(),
+            steps_redone: 1,
+            mttr_ms: Some(10),
+            at_ms: None,
+        };
+        let later = s.apply(next(), &env("r3", resume(3, "peers")));
+        assert!(later.outcome.is_applied(), "{later:?}");
+        let earlier = s.apply(next(), &env("r2", resume(2, "checkpoint step 0")));
+        assert!(earlier.outcome.is_applied(), "{earlier:?}");
+        let epochs: Vec<u64> = s
+            .job
+            .as_ref()
+            .unwrap()
+            .recoveries
+            .iter()
+            .map(|r| r.epoch)
+            .collect();
+        assert_eq!(epochs, vec![2, 3], "kept in epoch order");
+        let again = s.apply(next(), &env("r2-again", resume(2, "peers")));
+        assert!(!again.outcome.is_applied(), "one record per epoch");
+        let future = s.apply(next(), &env("r9", resume(9, "peers")));
+        assert!(!future.outcome.is_applied(), "an epoch that never existed");
     }
 
     #[test]

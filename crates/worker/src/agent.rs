@@ -94,8 +94,8 @@ struct Shared {
     faults: std::sync::Mutex<Vec<Fault>>,
     /// An injected slowdown: (factor, until).
     slow: std::sync::Mutex<Option<(f64, Instant)>>,
-    /// Latest compute time per micro-batch (f64 bits), sent with heartbeats.
-    compute_ms: AtomicU64,
+    /// Recent compute times per micro-batch; their median is sent with heartbeats.
+    compute: std::sync::Mutex<crate::dp::ComputeWindow>,
     disk: ckpt::FaultInjector,
     /// An injected network partition lasts until this instant.
     partitioned_until: std::sync::Mutex<Option<Instant>>,
@@ -374,10 +374,14 @@ fn spawn_heartbeat(
                 std::thread::sleep(every);
                 continue;
             }
-            let t = f64::from_bits(shared.compute_ms.load(Ordering::Relaxed));
+            let compute_ms = shared
+                .compute
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .median();
             let body = HeartbeatRequest {
                 worker: id.clone(),
-                compute_ms: (t > 0.0).then_some(t),
+                compute_ms,
             };
             if let Some(inbox) = inbox.as_mut() {
                 for f in inbox.poll() {
@@ -583,8 +587,10 @@ fn run_epoch(
             }
         }
         shared
-            .compute_ms
-            .store(report.compute_ms.to_bits(), Ordering::Relaxed);
+            .compute
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(report.compute_ms);
         if rank == 0 {
             info!(
                 epoch = a.epoch,

@@ -40,6 +40,41 @@ pub struct DpOptions {
     pub op_timeout: Duration,
 }
 
+/// The median of a rank's last few per-micro-batch compute times. Heartbeats carry this
+/// rather than the latest step's time, so one step that lost its core to another process
+/// neither makes a healthy rank look slow nor a slow one look healthy.
+#[derive(Debug, Clone, Default)]
+pub struct ComputeWindow {
+    recent: std::collections::VecDeque<f64>,
+}
+
+impl ComputeWindow {
+    /// Steps in the window.
+    pub const LEN: usize = 9;
+
+    /// Records one step's time; non-positive or non-finite times (a rank with no
+    /// micro-batch) are not measurements and are skipped.
+    pub fn push(&mut self, compute_ms: f64) {
+        if !(compute_ms.is_finite() && compute_ms > 0.0) {
+            return;
+        }
+        if self.recent.len() == Self::LEN {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(compute_ms);
+    }
+
+    /// The median of the window, or `None` before the first measurement.
+    pub fn median(&self) -> Option<f64> {
+        let mut v: Vec<f64> = self.recent.iter().copied().collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(|a, b| a.total_cmp(b));
+        Some(v[v.len() / 2])
+    }
+}
+
 /// One rank's step machinery for a fixed group: the buffers of its micro-batch gradients.
 pub struct Stepper {
     mine: std::ops::Range<usize>,
@@ -291,4 +326,26 @@ fn mean_in_index_order(
             s.ok_or_else(|| WorkerError::Protocol(format!("no rank reported micro-batch {i}")))?;
     }
     Ok(sum / total as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ComputeWindow;
+
+    #[test]
+    fn the_compute_window_reports_the_median_of_its_last_steps() {
+        let mut w = ComputeWindow::default();
+        assert_eq!(w.median(), None);
+        w.push(0.0);
+        w.push(f64::NAN);
+        assert_eq!(w.median(), None, "non-measurements are skipped");
+        for t in [10.0, 11.0, 200.0, 9.0, 10.5] {
+            w.push(t);
+        }
+        assert_eq!(w.median(), Some(10.5), "one outlier does not move it");
+        for _ in 0..ComputeWindow::LEN {
+            w.push(40.0);
+        }
+        assert_eq!(w.median(), Some(40.0), "old steps leave the window");
+    }
 }
