@@ -19,6 +19,31 @@ pub enum BenchCmd {
     /// Tokens/s of `phalanx train --workers 1` against a bare tch loop (same model, batch,
     /// one thread).
     Train(BenchTrain),
+    /// Checkpoint stall in the real step loop: the training thread's time blocked by an
+    /// asynchronous checkpoint against a synchronous save of the same state, alternating
+    /// in one run.
+    Checkpoint(BenchCheckpoint),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchCheckpoint {
+    #[arg(long, default_value = "base")]
+    model: String,
+    /// Checkpoints of each kind (they alternate).
+    #[arg(long, default_value_t = 5)]
+    checkpoints: usize,
+    /// Training steps between two checkpoints.
+    #[arg(long, default_value_t = 2)]
+    every: u64,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Where the checkpoints go (default: a temporary folder under target/).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    #[arg(long)]
+    data: Option<String>,
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -52,6 +77,7 @@ struct TrainBenchResult {
 pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Train(b) => bench_train(b),
+        BenchCmd::Checkpoint(b) => bench_checkpoint(b),
     }
 }
 
@@ -155,6 +181,186 @@ fn bench_train(b: BenchTrain) -> Result<()> {
     );
     if let Some(p) = &b.out {
         write_json(p, &r)?;
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct CheckpointBenchResult {
+    model: String,
+    params: usize,
+    snapshot_bytes: usize,
+    every_steps: u64,
+    step_ms_median: f64,
+    sync_save_ms: Vec<f64>,
+    async_stall_ms: Vec<f64>,
+    async_durable: usize,
+    sync_save_ms_median: f64,
+    async_stall_ms_median: f64,
+    stall_ratio_median: f64,
+    goal_stall_ratio: f64,
+}
+
+/// The worker's own step loop and snapshot hand-over ([`Snapshots`]) on one rank, with a
+/// synchronous save of the same state (shard written and fsynced, manifest committed)
+/// every other checkpoint.
+fn bench_checkpoint(b: BenchCheckpoint) -> Result<()> {
+    use phalanx_checkpoint::{
+        commit_manifest, write_shard, AsyncCheckpointer, CheckpointEvent, CheckpointerConfig,
+        ManifestSpec, RankState,
+    };
+    use phalanx_collective::{BlockingGroup, GroupConfig};
+    use phalanx_worker::dp::Stepper;
+    use phalanx_worker::snapshot::Snapshots;
+
+    if b.checkpoints == 0 || b.every == 0 {
+        bail!("--checkpoints and --every must be at least 1");
+    }
+    tch::set_num_threads(1);
+    tch::set_num_interop_threads(1);
+    let data = b.data.clone().unwrap_or_else(default_corpus_spec);
+    let corpus = Corpus::load(&data)?;
+    let model = ModelConfig::named(&b.model)?;
+    let steps = b.every * 2 * b.checkpoints as u64 + 1;
+    let spec = phalanx_train::engine::TrainSpec {
+        model: model.clone(),
+        seed: 1,
+        steps,
+        global_batch: b.batch,
+        micro_batch: b.batch,
+        val_fraction: 0.1,
+        val_micro_batches: 1,
+        optim: AdamWConfig::for_steps(steps),
+    };
+    let (train, val) = corpus.split(spec.val_fraction, model.ctx_len)?;
+    let mut engine = Engine::new(spec, train, val, tch::Device::Cpu)?;
+    engine.zero_shards(1, 0)?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let op_timeout = Duration::from_secs(60);
+    let mut group = BlockingGroup::connect(GroupConfig::new(0, vec![addr]), listener)?;
+    let mut stepper = Stepper::new(&engine, &group, &[], op_timeout)?;
+
+    let _tmp;
+    let root = match &b.dir {
+        Some(d) => d.clone(),
+        None => {
+            let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target");
+            std::fs::create_dir_all(&target)?;
+            let t = tempfile::Builder::new()
+                .prefix("ckpt-stall-")
+                .tempdir_in(&target)?;
+            let p = t.path().to_path_buf();
+            _tmp = t;
+            p
+        }
+    };
+    let mut cfg = CheckpointerConfig::new(root.join("async"), 1, 0);
+    cfg.auto_commit = true;
+    cfg.retain_count = 1;
+    let (writer, events) = AsyncCheckpointer::spawn(cfg)?;
+    let mut snaps = Snapshots::new(writer, 1);
+    let sync_root = root.join("sync");
+    let params = engine.params.len();
+    let snapshot_bytes = 12 * params;
+    println!(
+        "bench checkpoint: model {} ({params} params, {:.1} MB per checkpoint), a checkpoint every {} steps, {} of each kind, dir {}",
+        b.model,
+        snapshot_bytes as f64 / 1e6,
+        b.every,
+        b.checkpoints,
+        root.display()
+    );
+
+    let (mut sync_ms, mut async_steps, mut step_ms) = (Vec::new(), Vec::new(), Vec::new());
+    for k in 0..2 * b.checkpoints {
+        for _ in 0..b.every {
+            let r = stepper.step_with(&mut engine, &mut group, &mut || snaps.release())?;
+            step_ms.push(r.step_ms);
+        }
+        let step = engine.step();
+        if k % 2 == 0 {
+            snaps.take(&engine);
+            async_steps.push(step);
+        } else {
+            let t = Instant::now();
+            let state = RankState {
+                step,
+                seed: 1,
+                params: &engine.params,
+                range: engine.opt.range.clone(),
+                m: &engine.opt.m,
+                v: &engine.opt.v,
+                opt_step: engine.opt.step,
+                extra: &[],
+            };
+            let rec = write_shard(&sync_root, 1, 0, &state, None)?;
+            let manifest = ManifestSpec {
+                step,
+                world: 1,
+                param_count: params,
+                seed: 1,
+                layout: vec![],
+                params_sha256: None,
+            };
+            commit_manifest(&sync_root, &manifest, vec![rec])?;
+            sync_ms.push(t.elapsed().as_secs_f64() * 1e3);
+            phalanx_checkpoint::apply_retention(&sync_root, 1)?;
+        }
+    }
+    // One more step: the last asynchronous snapshot's release wait belongs to it.
+    stepper.step_with(&mut engine, &mut group, &mut || snaps.release())?;
+    if !snaps.writer().wait_idle(Duration::from_secs(300)) {
+        bail!("the asynchronous checkpoints were not durable within 300 s");
+    }
+    let durable = events
+        .try_iter()
+        .filter(|e| matches!(e, CheckpointEvent::Durable { .. }))
+        .count();
+    if durable != async_steps.len() {
+        bail!(
+            "{durable} of {} asynchronous checkpoints became durable",
+            async_steps.len()
+        );
+    }
+    let async_ms: Vec<f64> = async_steps
+        .iter()
+        .map(|s| {
+            snaps
+                .take_stall(*s)
+                .map(|d| d.as_secs_f64() * 1e3)
+                .context("no stall recorded")
+        })
+        .collect::<Result<_>>()?;
+    for (i, (a, s)) in async_ms.iter().zip(&sync_ms).enumerate() {
+        println!("  checkpoint pair {i}: async stall {a:.3} ms | synchronous save {s:.1} ms");
+    }
+    let (sync_med, async_med) = (median(&sync_ms), median(&async_ms));
+    let ratio = async_med / sync_med;
+    let step_med = median(&step_ms);
+    println!(
+        "median step {step_med:.1} ms; synchronous save {sync_med:.1} ms; async stall {async_med:.3} ms; stall/sync {ratio:.4} (goal <= 0.02; PyTorch DCP 0.042, ByteCheckpoint ~0.018): {}",
+        if ratio <= 0.02 { "meets it" } else { "does NOT meet it" }
+    );
+    if let Some(out) = &b.out {
+        write_json(
+            out,
+            &CheckpointBenchResult {
+                model: b.model.clone(),
+                params,
+                snapshot_bytes,
+                every_steps: b.every,
+                step_ms_median: step_med,
+                sync_save_ms: sync_ms.clone(),
+                async_stall_ms: async_ms.clone(),
+                async_durable: durable,
+                sync_save_ms_median: sync_med,
+                async_stall_ms_median: async_med,
+                stall_ratio_median: ratio,
+                goal_stall_ratio: 0.02,
+            },
+        )?;
+        println!("wrote {}", out.display());
     }
     Ok(())
 }

@@ -9,6 +9,7 @@ use crate::optim::{clip_factor, AdamW, AdamWConfig, AdamWState};
 use crate::sampler::{assign, Sampler};
 use crate::TrainError;
 use std::ops::Range;
+use std::sync::Arc;
 
 /// Everything that defines a training run's math. Two runs with equal `TrainSpec`s and
 /// corpora produce bit-identical parameters, whatever the world size.
@@ -82,8 +83,10 @@ pub struct Engine {
     pub sampler: Sampler,
     train: Vec<u8>,
     val: Vec<u8>,
-    /// The master copy of the parameters, in layout order.
-    pub params: Vec<f32>,
+    /// The master copy of the parameters, in layout order. Shared so that an
+    /// asynchronous checkpoint takes it without a copy; write through
+    /// [`Engine::params_mut`].
+    pub params: Arc<Vec<f32>>,
     decay: Vec<bool>,
     /// This rank's optimizer shard (the whole vector when not sharded).
     pub opt: AdamWState,
@@ -118,6 +121,7 @@ impl Engine {
         model.read_params(&mut params)?;
         let decay = model.layout.decay_mask();
         let opt = AdamWState::new(0..params.len());
+        let params = Arc::new(params);
         let sampler = Sampler::new(spec.seed, ctx, spec.global_batch, spec.micro_batch)?;
         Ok(Self {
             spec,
@@ -192,25 +196,25 @@ impl Engine {
                 step: self.opt.step,
             });
         }
+        let params = Arc::make_mut(&mut self.params);
         AdamW::update_range(
             &self.spec.optim,
             &mut self.opt,
-            &mut self.params,
+            params,
             mean_grad,
             &self.decay,
             clip,
         );
         if let Some(b) = self.buddy.as_mut() {
-            AdamW::update_range(
-                &self.spec.optim,
-                b,
-                &mut self.params,
-                mean_grad,
-                &self.decay,
-                clip,
-            );
+            AdamW::update_range(&self.spec.optim, b, params, mean_grad, &self.decay, clip);
         }
         Ok(StepStats { grad_norm, lr })
+    }
+
+    /// The parameters for writing. Copies them first only if someone else (a checkpoint
+    /// being staged) still holds a reference.
+    pub fn params_mut(&mut self) -> &mut Vec<f32> {
+        Arc::make_mut(&mut self.params)
     }
 
     /// Loads the flat parameters into the model's tensors.
@@ -263,8 +267,8 @@ impl Engine {
         let step = self.opt.step;
         let (own, buddy) = self.shard_ranges(world, rank);
         let mk = |r: Range<usize>| AdamWState {
-            m: vec![0.0; r.len()],
-            v: vec![0.0; r.len()],
+            m: Arc::new(vec![0.0; r.len()]),
+            v: Arc::new(vec![0.0; r.len()]),
             range: r,
             step,
         };
@@ -280,7 +284,11 @@ impl Engine {
         for s in std::iter::once(&self.opt).chain(self.buddy.as_ref()) {
             out.extend_from_slice(&(s.range.start as u64).to_le_bytes());
             out.extend_from_slice(&(s.range.end as u64).to_le_bytes());
-            for x in self.params[s.range.clone()].iter().chain(&s.m).chain(&s.v) {
+            for x in self.params[s.range.clone()]
+                .iter()
+                .chain(s.m.iter())
+                .chain(s.v.iter())
+            {
                 out.extend_from_slice(&x.to_le_bytes());
             }
         }
@@ -289,8 +297,11 @@ impl Engine {
 
     /// Back to the seed's initial parameters at step 0 (the shards are set by the caller).
     pub fn reset_to_initial(&mut self) -> Result<(), TrainError> {
-        self.params =
-            crate::model::init_params(&self.spec.model, &self.model.layout, self.spec.seed);
+        self.params = Arc::new(crate::model::init_params(
+            &self.spec.model,
+            &self.model.layout,
+            self.spec.seed,
+        ));
         self.opt.step = 0;
         self.sync_model()
     }
@@ -304,7 +315,7 @@ impl Engine {
                 self.params.len()
             )));
         }
-        self.params = params;
+        self.params = Arc::new(params);
         self.opt.step = step;
         self.sync_model()
     }
@@ -415,7 +426,7 @@ mod tests {
         a.micro_grad(0, 0, &mut g).unwrap();
         a.apply(&g).unwrap();
         let mut b = engine(6, 3);
-        b.load_params(a.step(), a.params.clone()).unwrap();
+        b.load_params(a.step(), a.params.to_vec()).unwrap();
         assert_eq!(b.step(), 1);
         assert_eq!(a.params_sha256(), b.params_sha256());
         let mut from_model = vec![0f32; n];

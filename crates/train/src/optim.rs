@@ -7,6 +7,7 @@
 //! the same bits. The arithmetic is plain Rust f32 (no fused multiply-add: rustc never
 //! contracts float operations), so the result is identical on every machine.
 use std::ops::Range;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -90,11 +91,15 @@ pub fn clip_factor(grad: &[f32], clip_norm: f32) -> (f64, f32) {
 }
 
 /// AdamW moments for a slice `[range]` of the flat parameter vector.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+///
+/// The moments are shared (`Arc`) so that an asynchronous checkpoint can take them
+/// without a copy on the training thread; [`AdamW::update_range`] writes through
+/// `Arc::make_mut`, which copies only if a checkpoint still holds them.
+#[derive(Clone, Debug, PartialEq)]
 pub struct AdamWState {
     pub range: Range<usize>,
-    pub m: Vec<f32>,
-    pub v: Vec<f32>,
+    pub m: Arc<Vec<f32>>,
+    pub v: Arc<Vec<f32>>,
     /// Completed optimizer steps.
     pub step: u64,
 }
@@ -104,8 +109,8 @@ impl AdamWState {
         let n = range.len();
         Self {
             range,
-            m: vec![0.0; n],
-            v: vec![0.0; n],
+            m: Arc::new(vec![0.0; n]),
+            v: Arc::new(vec![0.0; n]),
             step: 0,
         }
     }
@@ -137,6 +142,7 @@ impl AdamW {
         let (b1, b2, eps) = (cfg.beta1, cfg.beta2, cfg.eps);
         let lr_wd = lr * cfg.weight_decay;
         let start = state.range.start;
+        let (sm, sv) = (Arc::make_mut(&mut state.m), Arc::make_mut(&mut state.v));
         let mut k = 0;
         let n = state.range.len();
         while k < n {
@@ -149,7 +155,7 @@ impl AdamW {
                 &mut params[start + k..start + end],
                 &grads[start + k..start + end],
             );
-            let (m, v) = (&mut state.m[k..end], &mut state.v[k..end]);
+            let (m, v) = (&mut sm[k..end], &mut sv[k..end]);
             for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
                 let g = g * clip;
                 let mm = b1 * *m + (1.0 - b1) * g;

@@ -22,7 +22,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use phalanx_checkpoint::{
-    self as ckpt, AsyncCheckpointer, CheckpointEvent, CheckpointerConfig, RankState, ShardRecord,
+    self as ckpt, AsyncCheckpointer, CheckpointEvent, CheckpointerConfig, ShardRecord,
 };
 use phalanx_collective::{BlockingGroup, GroupConfig};
 use phalanx_controller::client::{new_request_id, Client};
@@ -36,6 +36,7 @@ use tracing::{info, warn};
 
 use crate::dp::{check_replicas, validation_loss, Stepper};
 use crate::fault::{Fault, FaultInbox, FaultKind};
+use crate::snapshot::Snapshots;
 use crate::WorkerError;
 
 pub struct AgentConfig {
@@ -267,8 +268,9 @@ fn inject(cfg: &AgentConfig, engine: &mut Engine, f: &Fault) -> Result<(), Worke
         FaultKind::Sdc => {
             // Silent data corruption: one bit of one parameter flips on this replica only.
             let i = (f.seq as usize).wrapping_mul(7919) % engine.params.len();
-            engine.params[i] = f32::from_bits(engine.params[i].to_bits() ^ (1 << 22));
-            engine.model.write_params(&engine.params)?;
+            let p = engine.params_mut();
+            p[i] = f32::from_bits(p[i].to_bits() ^ (1 << 22));
+            engine.sync_model()?;
             Ok(())
         }
         FaultKind::Slow | FaultKind::DiskFull | FaultKind::Partition => Ok(()),
@@ -564,7 +566,7 @@ fn run_epoch(
             Some((factor, until)) if Instant::now() < until => factor,
             _ => 1.0,
         };
-        let report = stepper.step(engine, &mut group)?;
+        let report = stepper.step_with(engine, &mut group, &mut || writer.snaps.release())?;
         let _ = progress.send((a.epoch, report.step + 1));
         *last_step = Some((Instant::now(), report.step + 1));
         if let Some(source) = resume_report.take() {
@@ -601,14 +603,7 @@ fn run_epoch(
             );
         }
         if job.checkpoint_interval_steps > 0 && engine.step() % job.checkpoint_interval_steps == 0 {
-            let t = Instant::now();
-            writer.snapshot(engine);
-            writer
-                .stalls
-                .push((engine.step(), t.elapsed().as_micros() as u64));
-            if writer.stalls.len() > 8 {
-                writer.stalls.remove(0);
-            }
+            writer.snaps.take(engine);
         }
         writer.commit_ready(engine, &mut group, a.epoch, cfg)?;
     }
@@ -721,8 +716,8 @@ pub fn sync_state(
     }
     let (own, buddy) = engine.shard_ranges(world, rank);
     let take = |range: Range<usize>| AdamWState {
-        m: assemble(&shards, range.clone(), |s| &s.2),
-        v: assemble(&shards, range.clone(), |s| &s.3),
+        m: assemble(&shards, range.clone(), |s| &s.2).into(),
+        v: assemble(&shards, range.clone(), |s| &s.3).into(),
         range,
         step: best,
     };
@@ -823,15 +818,15 @@ fn load_from_checkpoint(
     let b = buddy.map(load).transpose()?;
     let own_shard = AdamWState {
         range: st.range.clone(),
-        m: st.m,
-        v: st.v,
+        m: st.m.into(),
+        v: st.v.into(),
         step: st.opt_step,
     };
     engine.load_params(st.opt_step, st.params)?;
     let buddy_shard = b.map(|l| AdamWState {
         range: l.range,
-        m: l.m,
-        v: l.v,
+        m: l.m.into(),
+        v: l.v.into(),
         step: l.opt_step,
     });
     engine.set_shards(own_shard, buddy_shard)?;
@@ -846,12 +841,10 @@ fn load_from_checkpoint(
 /// manifest once every rank's shard is durable (learned through a small all-gather at a
 /// step boundary) and records it in the controller through Raft.
 struct Checkpointing {
-    writer: AsyncCheckpointer,
+    snaps: Snapshots,
     events: mpsc::Receiver<CheckpointEvent>,
     /// This rank's shards that became durable since the last exchange.
     durable: Vec<ShardRecord>,
-    /// (step, µs the training loop was blocked by its snapshot), for the controller.
-    stalls: Vec<(u64, u64)>,
     root: PathBuf,
     world: usize,
     seed: u64,
@@ -871,31 +864,13 @@ impl Checkpointing {
         let (writer, events) =
             AsyncCheckpointer::spawn(c).map_err(|e| WorkerError::Checkpoint(e.to_string()))?;
         Ok(Self {
-            writer,
+            snaps: Snapshots::new(writer, job.seed),
             events,
             durable: Vec::new(),
-            stalls: Vec::new(),
             root: cfg.checkpoint_root.clone(),
             world,
             seed: job.seed,
         })
-    }
-
-    fn snapshot(&mut self, engine: &Engine) {
-        // ZeRO-1: the rank's own optimizer shard is exactly its checkpoint shard.
-        let st = RankState {
-            step: engine.step(),
-            seed: self.seed,
-            params: &engine.params,
-            range: engine.opt.range.clone(),
-            m: &engine.opt.m,
-            v: &engine.opt.v,
-            opt_step: engine.opt.step,
-            extra: &[],
-        };
-        if let Err(e) = self.writer.snapshot(&st) {
-            warn!(error = %e, "checkpoint snapshot refused; training goes on");
-        }
     }
 
     /// Waits (bounded) for this rank's queued snapshots, then commits what is complete.
@@ -906,7 +881,7 @@ impl Checkpointing {
         epoch: u64,
         cfg: &AgentConfig,
     ) -> Result<(), WorkerError> {
-        if !self.writer.wait_idle(Duration::from_secs(30)) {
+        if !self.snaps.writer().wait_idle(Duration::from_secs(30)) {
             warn!("checkpoint writes still pending after 30 s");
         }
         self.commit_ready(engine, group, epoch, cfg)
@@ -985,12 +960,7 @@ impl Checkpointing {
                     sha256: s.sha256.clone(),
                 })
                 .collect();
-            let stall_us = self
-                .stalls
-                .iter()
-                .find(|(s, _)| *s == step)
-                .map(|(_, us)| *us);
-            self.stalls.retain(|(s, _)| *s > step);
+            let stall_us = self.snaps.take_stall(step).map(|d| d.as_micros() as u64);
             let cmd = Command::RecordCheckpoint {
                 step,
                 epoch,

@@ -129,6 +129,19 @@ impl Stepper {
         engine: &mut Engine,
         group: &mut BlockingGroup,
     ) -> Result<StepReport, WorkerError> {
+        self.step_with(engine, group, &mut || {})
+    }
+
+    /// [`Stepper::step`], calling `before_update` after forward, backward and the
+    /// reduction, right before the parameters and moments are written: the point by which
+    /// an asynchronous checkpoint taken at the previous step boundary must have let go of
+    /// them.
+    pub fn step_with(
+        &mut self,
+        engine: &mut Engine,
+        group: &mut BlockingGroup,
+        before_update: &mut dyn FnMut(),
+    ) -> Result<StepReport, WorkerError> {
         let t0 = Instant::now();
         let step = engine.step();
         let mut local_losses = Vec::with_capacity(self.mine.len());
@@ -151,6 +164,7 @@ impl Stepper {
             self.op_timeout,
         )?;
         let loss = mean_in_index_order(group, &local_losses, self.micro_total, self.op_timeout)?;
+        before_update();
         let stats = engine.apply(&self.mean)?;
         gather_params(engine, group, self.op_timeout)?;
         engine.sync_model()?;
@@ -182,15 +196,18 @@ fn gather_params(
         bytes.extend_from_slice(&x.to_le_bytes());
     }
     let parts = group.all_gather_within(&bytes, timeout)?;
-    for (r, part) in parts.iter().enumerate() {
-        let range = engine.shard_ranges(world, r).0;
+    let ranges: Vec<_> = (0..parts.len())
+        .map(|r| engine.shard_ranges(world, r).0)
+        .collect();
+    let params = engine.params_mut();
+    for (r, (part, range)) in parts.iter().zip(ranges).enumerate() {
         if part.len() != range.len() * 4 {
             return Err(WorkerError::Protocol(format!(
                 "rank {r} sent {} parameter bytes for range {range:?}",
                 part.len()
             )));
         }
-        for (x, c) in engine.params[range].iter_mut().zip(part.chunks_exact(4)) {
+        for (x, c) in params[range].iter_mut().zip(part.chunks_exact(4)) {
             *x = f32::from_le_bytes(c.try_into().expect("4 bytes"));
         }
     }

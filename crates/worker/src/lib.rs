@@ -9,6 +9,7 @@ pub mod agent;
 pub mod dp;
 pub mod fault;
 pub mod rendezvous;
+pub mod snapshot;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
