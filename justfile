@@ -33,6 +33,7 @@ bench: build
     ./target/release/phalanx bench train --model small --steps 20 --rounds 5 --out bench-out/train.json
     ./target/release/collective-bench --bytes 40000000 --worlds 2,4 --iters 5 --out bench-out/collective.json
     ./target/release/ckpt-bench --params 10000000 --iters 5 --out bench-out/checkpoint.json
+    ./target/release/phalanx bench checkpoint --model base --checkpoints 5 --every 2 --out bench-out/checkpoint-stall.json
     ./target/release/phalanx controller bench --kills 30 --seconds 5 --out bench-out/controller.json
     ./target/release/phalanx demo --dir target/bench-spare --workers 5 --steps 200 --faults kill:rank:1@60 --summary bench-out/mttr-spare.json
     ./target/release/phalanx demo --dir target/bench-nospare --workers 4 --steps 200 --faults kill:rank:1@60 --summary bench-out/mttr-nospare.json

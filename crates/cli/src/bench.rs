@@ -37,7 +37,8 @@ pub struct BenchCheckpoint {
     every: u64,
     #[arg(long, default_value_t = 8)]
     batch: usize,
-    /// Where the checkpoints go (default: a temporary folder under target/).
+    /// Where the checkpoints go (default: a temporary folder, removed afterwards). Put it
+    /// on the disk whose speed you want to measure.
     #[arg(long)]
     dir: Option<PathBuf>,
     #[arg(long)]
@@ -245,11 +246,7 @@ fn bench_checkpoint(b: BenchCheckpoint) -> Result<()> {
     let root = match &b.dir {
         Some(d) => d.clone(),
         None => {
-            let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target");
-            std::fs::create_dir_all(&target)?;
-            let t = tempfile::Builder::new()
-                .prefix("ckpt-stall-")
-                .tempdir_in(&target)?;
+            let t = tempfile::Builder::new().prefix("ckpt-stall-").tempdir()?;
             let p = t.path().to_path_buf();
             _tmp = t;
             p
