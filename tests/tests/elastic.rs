@@ -101,6 +101,8 @@ fn a_hung_worker_is_replaced_and_fenced_out() {
     let (c, _job) = scenario("hang", 5, 0, |c| {
         c.inject("worker:w2", "hang", &["--for", "12s"])
     });
+    // Once the hang ends, its heartbeats come back and it rejoins as a new worker.
+    wait_placeable(&c, "w2");
     let ev = event_kinds(&c);
     assert!(
         ev.iter().any(
@@ -108,6 +110,19 @@ fn a_hung_worker_is_replaced_and_fenced_out() {
         ),
         "{ev:#?}"
     );
+}
+
+/// Waits until worker `id` is placeable again (joining, healthy or spare).
+fn wait_placeable(c: &LocalCluster, id: &str) {
+    c.wait_for(LIMIT, &format!("worker {id} to be placeable again"), |c| {
+        c.status().and_then(|s| {
+            s["workers"]
+                .as_array()?
+                .iter()
+                .find(|w| w["id"] == id)
+                .map(|w| matches!(w["health"].as_str(), Some("joining" | "healthy" | "spare")))
+        }) == Some(true)
+    });
 }
 
 #[test]
@@ -274,15 +289,7 @@ fn a_partitioned_worker_is_replaced_and_rejoins_when_the_partition_heals() {
         });
     });
     // After the partition heals, the worker registers again and is placeable once more.
-    c.wait_for(LIMIT, "the partitioned worker to rejoin", |c| {
-        c.status().and_then(|s| {
-            s["workers"]
-                .as_array()?
-                .iter()
-                .find(|w| w["id"] == cut.as_str())
-                .map(|w| matches!(w["health"].as_str(), Some("joining" | "healthy" | "spare")))
-        }) == Some(true)
-    });
+    wait_placeable(&c, &cut);
     let ev = event_kinds(&c);
     assert!(
         ev.iter()

@@ -562,7 +562,7 @@ impl RaftLoop {
                     // Registration starts the worker's lease.
                     let now = self.now_ms();
                     if let Some(l) = self.leases.as_mut() {
-                        l.heartbeat(id, now);
+                        l.heartbeat(id, now, &self.cfg.lease);
                     }
                 }
                 match self.r.propose(&env) {
@@ -619,7 +619,7 @@ impl RaftLoop {
                 }
                 let now = self.now_ms();
                 if let Some(l) = self.leases.as_mut() {
-                    l.heartbeat(&worker, now);
+                    l.heartbeat(&worker, now, &self.cfg.lease);
                 }
                 if let Some(t) = compute_ms.filter(|t| t.is_finite() && *t >= 0.0) {
                     self.compute_ms.insert(worker, t);

@@ -94,6 +94,10 @@ pub struct LeaseConfig {
     pub fail_after_ms: u64,
     /// A new leader waits this long before judging anyone: it has heard no heartbeat yet.
     pub grace_ms: u64,
+    /// A failed worker whose heartbeats came back (a hang that ended, a stall that passed)
+    /// rejoins as a new worker after heartbeating this long without a gap, so a flapping
+    /// one is not re-placed at every heartbeat.
+    pub rejoin_after_ms: u64,
 }
 
 impl Default for LeaseConfig {
@@ -102,6 +106,7 @@ impl Default for LeaseConfig {
             suspect_after_ms: 2_000,
             fail_after_ms: 5_000,
             grace_ms: 3_000,
+            rejoin_after_ms: 3_000,
         }
     }
 }
@@ -111,6 +116,8 @@ pub enum LeaseDecision {
     MarkSuspect,
     MarkFailed,
     MarkHealthy,
+    /// A failed worker is alive after all: it joins again (placeable, like a new worker).
+    Rejoin,
 }
 
 impl LeaseDecision {
@@ -119,6 +126,7 @@ impl LeaseDecision {
             LeaseDecision::MarkSuspect => WorkerHealth::Suspect,
             LeaseDecision::MarkFailed => WorkerHealth::Failed,
             LeaseDecision::MarkHealthy => WorkerHealth::Healthy,
+            LeaseDecision::Rejoin => WorkerHealth::Joining,
         }
     }
 }
@@ -129,6 +137,8 @@ impl LeaseDecision {
 pub struct Leases {
     leader_since_ms: u64,
     last_heartbeat_ms: BTreeMap<WorkerId, u64>,
+    /// When the current run of heartbeats without a gap of `suspect_after_ms` began.
+    streak_since_ms: BTreeMap<WorkerId, u64>,
 }
 
 impl Leases {
@@ -136,11 +146,16 @@ impl Leases {
         Leases {
             leader_since_ms: now_ms,
             last_heartbeat_ms: BTreeMap::new(),
+            streak_since_ms: BTreeMap::new(),
         }
     }
 
-    pub fn heartbeat(&mut self, worker: &str, now_ms: u64) {
-        self.last_heartbeat_ms.insert(worker.to_string(), now_ms);
+    pub fn heartbeat(&mut self, worker: &str, now_ms: u64, cfg: &LeaseConfig) {
+        let previous = self.last_heartbeat_ms.insert(worker.to_string(), now_ms);
+        let gap = previous.is_none_or(|p| now_ms.saturating_sub(p) >= cfg.suspect_after_ms);
+        if gap {
+            self.streak_since_ms.insert(worker.to_string(), now_ms);
+        }
     }
 
     /// Decisions for workers whose recorded health disagrees with their lease.
@@ -153,6 +168,12 @@ impl Leases {
         let mut out = Vec::new();
         let grace_end = self.leader_since_ms.saturating_add(cfg.grace_ms);
         for w in workers.values() {
+            if w.health == WorkerHealth::Failed {
+                if let Some(reason) = self.rejoins(&w.id, now_ms, cfg) {
+                    out.push((w.id.clone(), LeaseDecision::Rejoin, reason));
+                }
+                continue;
+            }
             let judged = matches!(
                 w.health,
                 WorkerHealth::Joining
@@ -198,6 +219,21 @@ impl Leases {
             }
         }
         out
+    }
+
+    /// Why a failed worker rejoins: it is heartbeating now, and has been without a gap for
+    /// `rejoin_after_ms`.
+    fn rejoins(&self, id: &str, now_ms: u64, cfg: &LeaseConfig) -> Option<Reason> {
+        let heard = *self.last_heartbeat_ms.get(id)?;
+        let since = *self.streak_since_ms.get(id)?;
+        let steady_ms = now_ms.saturating_sub(since);
+        (now_ms.saturating_sub(heard) < cfg.suspect_after_ms && steady_ms >= cfg.rejoin_after_ms)
+            .then(|| {
+                format!(
+                    "heartbeats came back after it was failed, steady for {steady_ms} ms (rejoin_after_ms {})",
+                    cfg.rejoin_after_ms
+                )
+            })
     }
 }
 
@@ -491,11 +527,12 @@ mod tests {
             suspect_after_ms: 100,
             fail_after_ms: 300,
             grace_ms: 500,
+            rejoin_after_ms: 200,
         };
         let ws = workers(&[("a", WorkerHealth::Healthy), ("b", WorkerHealth::Healthy)]);
         let mut l = Leases::new(1_000);
         assert!(l.decide(1_400, &ws, &cfg).is_empty(), "grace period");
-        l.heartbeat("a", 1_450);
+        l.heartbeat("a", 1_450, &cfg);
         assert!(l.decide(1_500, &ws, &cfg).is_empty());
         let d = l.decide(1_650, &ws, &cfg);
         assert_eq!(d.len(), 2);
@@ -505,5 +542,38 @@ mod tests {
             d.iter().all(|(_, d, _)| *d == LeaseDecision::MarkFailed),
             "{d:?}"
         );
+    }
+
+    #[test]
+    fn a_failed_worker_rejoins_only_after_steady_heartbeats() {
+        let cfg = LeaseConfig {
+            suspect_after_ms: 100,
+            fail_after_ms: 300,
+            grace_ms: 0,
+            rejoin_after_ms: 200,
+        };
+        let ws = workers(&[("a", WorkerHealth::Failed)]);
+        let mut l = Leases::new(0);
+        l.heartbeat("a", 1_000, &cfg);
+        assert!(
+            l.decide(1_050, &ws, &cfg).is_empty(),
+            "one heartbeat is no comeback"
+        );
+        for t in (1_050..=1_200).step_by(50) {
+            l.heartbeat("a", t, &cfg);
+        }
+        let d = l.decide(1_210, &ws, &cfg);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!(d[0].1, LeaseDecision::Rejoin);
+        assert_eq!(d[0].1.health(), WorkerHealth::Joining);
+        // A gap restarts the streak.
+        l.heartbeat("a", 1_500, &cfg);
+        assert!(
+            l.decide(1_550, &ws, &cfg).is_empty(),
+            "{:?}",
+            l.decide(1_550, &ws, &cfg)
+        );
+        // Silent again: no rejoin on old heartbeats.
+        assert!(l.decide(2_000, &ws, &cfg).is_empty());
     }
 }
