@@ -117,6 +117,16 @@ impl ServerConfig {
         if self.snapshot_entries == 0 {
             return bad("snapshot_entries: must be >= 1".into());
         }
+        let l = &self.lease;
+        if l.suspect_after_ms == 0 || l.fail_after_ms <= l.suspect_after_ms {
+            return bad(format!(
+                "lease: need 0 < suspect_after_ms ({}) < fail_after_ms ({})",
+                l.suspect_after_ms, l.fail_after_ms
+            ));
+        }
+        if l.rejoin_after_ms == 0 {
+            return bad("lease: rejoin_after_ms must be >= 1".into());
+        }
         Ok(())
     }
 }

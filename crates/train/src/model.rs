@@ -272,6 +272,9 @@ fn var(base: &nn::Path, dotted: &str, shape: &[i64], init: nn::Init) -> Result<T
 /// The storage of a contiguous f32 CPU tensor as a slice, so that parameters are written
 /// with one memcpy instead of a temporary tensor and a copy. `None` for other tensors
 /// (CUDA, other layouts), which take the general path.
+// A `Tensor` is a handle: writing its storage through `&Tensor` is how tch works (its own
+// in-place ops take `&Tensor` too).
+#[allow(clippy::mut_from_ref)]
 fn cpu_f32_mut(t: &Tensor, numel: usize) -> Option<&mut [f32]> {
     let ok = t.device() == Device::Cpu
         && t.kind() == Kind::Float

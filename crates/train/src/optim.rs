@@ -53,7 +53,9 @@ impl AdamWConfig {
         if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
             return bad("beta1/beta2", "must be in [0, 1)");
         }
-        if !(self.eps > 0.0) || !(self.weight_decay >= 0.0) || !(self.grad_clip_norm >= 0.0) {
+        // Written so that NaN fails too.
+        let ok = self.eps > 0.0 && self.weight_decay >= 0.0 && self.grad_clip_norm >= 0.0;
+        if !ok {
             return bad(
                 "eps/weight_decay/grad_clip_norm",
                 "must be non-negative (eps positive)",

@@ -91,6 +91,9 @@ pub struct StartArgs {
     /// Worker lease: failed after this long without a heartbeat.
     #[arg(long, default_value_t = 5000)]
     fail_after_ms: u64,
+    /// A failed worker whose heartbeats come back rejoins after this long without a gap.
+    #[arg(long, default_value_t = 3000)]
+    rejoin_after_ms: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -430,6 +433,7 @@ fn start(a: StartArgs) -> Result<()> {
     cfg.snapshot_entries = a.snapshot_entries;
     cfg.lease.suspect_after_ms = a.suspect_after_ms;
     cfg.lease.fail_after_ms = a.fail_after_ms;
+    cfg.lease.rejoin_after_ms = a.rejoin_after_ms;
     let h = server::start(cfg)?;
     eprintln!(
         "controller {} listening on {} (data in {})",
