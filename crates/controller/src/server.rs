@@ -773,10 +773,10 @@ impl RaftLoop {
     }
 
     fn check_leases(&mut self) -> Result<(), NodeError> {
-        let Some(leases) = &self.leases else {
+        let now = self.now_ms();
+        let Some(leases) = self.leases.as_mut() else {
             return Ok(());
         };
-        let now = self.now_ms();
         let decisions = leases.decide(now, &self.r.state.workers, &self.cfg.lease);
         for (worker, decision, reason) in decisions {
             let health = decision.health();

@@ -139,6 +139,10 @@ pub struct Leases {
     last_heartbeat_ms: BTreeMap<WorkerId, u64>,
     /// When the current run of heartbeats without a gap of `suspect_after_ms` began.
     streak_since_ms: BTreeMap<WorkerId, u64>,
+    /// When this leader first saw each currently failed worker as failed: only heartbeats
+    /// after that count for a rejoin (a worker killed right after a heartbeat and failed
+    /// at once by its peers' report must not look alive).
+    failed_seen_ms: BTreeMap<WorkerId, u64>,
 }
 
 impl Leases {
@@ -147,6 +151,7 @@ impl Leases {
             leader_since_ms: now_ms,
             last_heartbeat_ms: BTreeMap::new(),
             streak_since_ms: BTreeMap::new(),
+            failed_seen_ms: BTreeMap::new(),
         }
     }
 
@@ -160,11 +165,22 @@ impl Leases {
 
     /// Decisions for workers whose recorded health disagrees with their lease.
     pub fn decide(
-        &self,
+        &mut self,
         now_ms: u64,
         workers: &BTreeMap<WorkerId, WorkerInfo>,
         cfg: &LeaseConfig,
     ) -> Vec<(WorkerId, LeaseDecision, Reason)> {
+        self.failed_seen_ms.retain(|id, _| {
+            workers
+                .get(id)
+                .is_some_and(|w| w.health == WorkerHealth::Failed)
+        });
+        for w in workers
+            .values()
+            .filter(|w| w.health == WorkerHealth::Failed)
+        {
+            self.failed_seen_ms.entry(w.id.clone()).or_insert(now_ms);
+        }
         let mut out = Vec::new();
         let grace_end = self.leader_since_ms.saturating_add(cfg.grace_ms);
         for w in workers.values() {
@@ -221,11 +237,15 @@ impl Leases {
         out
     }
 
-    /// Why a failed worker rejoins: it is heartbeating now, and has been without a gap for
-    /// `rejoin_after_ms`.
+    /// Why a failed worker rejoins: it is heartbeating now, and has been, without a gap
+    /// and since it was failed, for `rejoin_after_ms`.
     fn rejoins(&self, id: &str, now_ms: u64, cfg: &LeaseConfig) -> Option<Reason> {
         let heard = *self.last_heartbeat_ms.get(id)?;
-        let since = *self.streak_since_ms.get(id)?;
+        let failed = *self.failed_seen_ms.get(id)?;
+        if heard <= failed {
+            return None;
+        }
+        let since = (*self.streak_since_ms.get(id)?).max(failed);
         let steady_ms = now_ms.saturating_sub(since);
         (now_ms.saturating_sub(heard) < cfg.suspect_after_ms && steady_ms >= cfg.rejoin_after_ms)
             .then(|| {
@@ -552,8 +572,26 @@ mod tests {
             grace_ms: 0,
             rejoin_after_ms: 200,
         };
+        // Killed right after a steady run of heartbeats and failed at once by its peers:
+        // the heartbeats before the failure do not count.
+        let mut k = Leases::new(0);
+        for t in (0..=900).step_by(50) {
+            k.heartbeat("k", t, &cfg);
+            assert!(k
+                .decide(t, &workers(&[("k", WorkerHealth::Healthy)]), &cfg)
+                .is_empty());
+        }
+        let dead = workers(&[("k", WorkerHealth::Failed)]);
+        assert!(
+            k.decide(920, &dead, &cfg).is_empty(),
+            "a dead worker does not rejoin"
+        );
+        assert!(k.decide(1_500, &dead, &cfg).is_empty());
+
+        // Hung, failed, then back.
         let ws = workers(&[("a", WorkerHealth::Failed)]);
         let mut l = Leases::new(0);
+        assert!(l.decide(990, &ws, &cfg).is_empty(), "failed, seen at 990");
         l.heartbeat("a", 1_000, &cfg);
         assert!(
             l.decide(1_050, &ws, &cfg).is_empty(),
@@ -568,11 +606,7 @@ mod tests {
         assert_eq!(d[0].1.health(), WorkerHealth::Joining);
         // A gap restarts the streak.
         l.heartbeat("a", 1_500, &cfg);
-        assert!(
-            l.decide(1_550, &ws, &cfg).is_empty(),
-            "{:?}",
-            l.decide(1_550, &ws, &cfg)
-        );
+        assert!(l.decide(1_550, &ws, &cfg).is_empty());
         // Silent again: no rejoin on old heartbeats.
         assert!(l.decide(2_000, &ws, &cfg).is_empty());
     }

@@ -567,8 +567,8 @@ fn run_epoch(
             _ => 1.0,
         };
         let report = stepper.step_with(engine, &mut group, &mut || writer.snaps.release())?;
-        let _ = progress.send((a.epoch, report.step + 1));
-        *last_step = Some((Instant::now(), report.step + 1));
+        // The resume point first: its steps redone are counted against the watermark
+        // before this epoch's own progress moves it.
         if let Some(source) = resume_report.take() {
             let cmd = Command::ReportResume {
                 worker: cfg.id.clone(),
@@ -588,6 +588,8 @@ fn run_epoch(
                 warn!(error = %e, "reporting the resume point failed");
             }
         }
+        let _ = progress.send((a.epoch, report.step + 1));
+        *last_step = Some((Instant::now(), report.step + 1));
         shared
             .compute
             .lock()
