@@ -71,7 +71,13 @@ fn event_kinds(c: &LocalCluster) -> Vec<String> {
 
 #[test]
 fn killing_a_worker_swaps_in_the_spare() {
-    let (_c, job) = scenario("kill", 5, 0, |c| c.inject("worker:w1", "kill", &[]));
+    let (c, job) = scenario("kill", 5, 0, |c| c.inject("worker:w1", "kill", &[]));
+    let ev = event_kinds(&c);
+    assert!(
+        !ev.iter()
+            .any(|e| e.contains("worker_joining") && e.contains("w1")),
+        "a dead worker must not rejoin: {ev:#?}"
+    );
     let r = ranks(&job);
     assert!(
         !r.contains(&"w1".to_string()) && r.contains(&"w4".to_string()) && r.len() == 4,
