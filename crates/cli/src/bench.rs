@@ -23,6 +23,10 @@ pub enum BenchCmd {
     /// asynchronous checkpoint against a synchronous save of the same state, alternating
     /// in one run.
     Checkpoint(BenchCheckpoint),
+    /// One round of the bare tch loop of `bench train`, in its own process like the
+    /// Phalanx side (internal).
+    #[command(hide = true)]
+    BareLoop(BenchTrain),
 }
 
 #[derive(Args, Debug)]
@@ -79,6 +83,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Train(b) => bench_train(b),
         BenchCmd::Checkpoint(b) => bench_checkpoint(b),
+        BenchCmd::BareLoop(b) => bare_loop(b),
     }
 }
 
@@ -88,9 +93,7 @@ fn median(v: &[f64]) -> f64 {
     s[s.len() / 2]
 }
 
-fn bench_train(b: BenchTrain) -> Result<()> {
-    tch::set_num_threads(1);
-    tch::set_num_interop_threads(1);
+fn bench_spec(b: &BenchTrain) -> Result<(phalanx_train::engine::TrainSpec, Vec<u8>, Vec<u8>)> {
     let data = b.data.clone().unwrap_or_else(default_corpus_spec);
     let corpus = Corpus::load(&data)?;
     let model = ModelConfig::named(&b.model)?;
@@ -105,62 +108,99 @@ fn bench_train(b: BenchTrain) -> Result<()> {
         optim: AdamWConfig::for_steps(b.steps),
     };
     let (train, val) = corpus.split(spec.val_fraction, model.ctx_len)?;
+    Ok((spec, train, val))
+}
+
+/// The bare loop: tch's own AdamW over the VarStore, one forward/backward per step, timed
+/// like `phalanx train` times its step loop (start-up excluded). Writes
+/// `{"tokens_per_sec": X}` to `--out`.
+fn bare_loop(b: BenchTrain) -> Result<()> {
+    tch::set_num_threads(1);
+    tch::set_num_interop_threads(1);
+    let (spec, train, val) = bench_spec(&b)?;
     let tokens_per_step = spec.tokens_per_step();
+    let engine = Engine::new(spec, train, val, tch::Device::Cpu)?;
+    let mut opt = tch::nn::AdamW {
+        beta1: 0.9,
+        beta2: 0.95,
+        wd: 0.1,
+        eps: 1e-8,
+        amsgrad: false,
+    }
+    .build(&engine.model.vs, 3e-3)?;
+    let t0 = Instant::now();
+    for step in 0..b.steps {
+        let (x, y) = engine.train_batch(step, 0)?;
+        let loss = engine.model.loss(&x, &y)?;
+        opt.backward_step_clip_norm(&loss, 1.0);
+    }
+    let tps = (tokens_per_step * b.steps) as f64 / t0.elapsed().as_secs_f64();
+    let out = b.out.context("--out is required")?;
+    write_json(&out, &serde_json::json!({ "tokens_per_sec": tps }))
+}
+
+/// Runs a child process to completion (30 minutes at most) and reads `tokens_per_sec`
+/// from the JSON file it wrote.
+fn child_tokens_per_sec(mut cmd: Command, what: &str, json: &std::path::Path) -> Result<f64> {
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {what}"))?;
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    let st = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("{what} did not finish within 30 minutes");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    if !st.success() {
+        bail!("{what} failed with {st}");
+    }
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(json)?)
+        .with_context(|| format!("reading the JSON of {what}"))?;
+    s["tokens_per_sec"]
+        .as_f64()
+        .with_context(|| format!("{what} wrote no tokens_per_sec"))
+}
+
+/// Alternating rounds of the bare loop and `phalanx train --workers 1`, each in a fresh
+/// process, so that neither side gets a warm process the other lacks.
+fn bench_train(b: BenchTrain) -> Result<()> {
+    let (spec, _, _) = bench_spec(&b)?;
+    let tokens_per_step = spec.tokens_per_step();
+    let data = b.data.clone().unwrap_or_else(default_corpus_spec);
     let exe = std::env::current_exe()?;
     let dir = std::env::temp_dir().join(format!("phalanx-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let (mut bare, mut ours) = (Vec::new(), Vec::new());
     for round in 0..b.rounds {
-        // The bare loop: tch's own AdamW over the VarStore, one forward/backward per step.
-        let engine = Engine::new(spec.clone(), train.clone(), val.clone(), tch::Device::Cpu)?;
-        let mut opt = tch::nn::AdamW {
-            beta1: 0.9,
-            beta2: 0.95,
-            wd: 0.1,
-            eps: 1e-8,
-            amsgrad: false,
-        }
-        .build(&engine.model.vs, 3e-3)?;
-        let t0 = Instant::now();
-        for step in 0..b.steps {
-            let (x, y) = engine.train_batch(step, 0)?;
-            let loss = engine.model.loss(&x, &y)?;
-            opt.backward_step_clip_norm(&loss, 1.0);
-        }
-        let bare_tps = (tokens_per_step * b.steps) as f64 / t0.elapsed().as_secs_f64();
+        let common = |c: &mut Command| {
+            c.arg(format!("--model={}", b.model))
+                .arg(format!("--steps={}", b.steps))
+                .arg(format!("--data={data}"));
+        };
+        let bare_json = dir.join(format!("bare-{round}.json"));
+        let mut c = Command::new(&exe);
+        c.args(["bench", "bare-loop"])
+            .arg(format!("--batch={}", b.batch))
+            .arg(format!("--out={}", bare_json.display()));
+        common(&mut c);
+        let bare_tps = child_tokens_per_sec(c, "the bare tch loop", &bare_json)?;
         bare.push(bare_tps);
 
         let summary = dir.join(format!("train-{round}.json"));
-        let mut child = Command::new(&exe)
-            .args(["train", "--workers=1", "--plain", "--seed=1"])
-            .arg(format!("--model={}", b.model))
-            .arg(format!("--steps={}", b.steps))
+        let mut c = Command::new(&exe);
+        c.args(["train", "--workers=1", "--plain", "--seed=1"])
             .arg(format!("--global-batch={}", b.batch))
             .arg(format!("--micro-batch={}", b.batch))
             .arg("--val-batches=1")
-            .arg(format!("--data={data}"))
-            .arg(format!("--summary={}", summary.display()))
-            .stdout(std::process::Stdio::null())
-            .spawn()?;
-        let deadline = Instant::now() + Duration::from_secs(1800);
-        let st = loop {
-            if let Some(st) = child.try_wait()? {
-                break st;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                bail!("phalanx train did not finish within 30 minutes");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        if !st.success() {
-            bail!("phalanx train failed with {st}");
-        }
-        let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary)?)
-            .context("reading the train summary")?;
-        let tps = s["tokens_per_sec"]
-            .as_f64()
-            .context("summary has no tokens_per_sec")?;
+            .arg(format!("--summary={}", summary.display()));
+        common(&mut c);
+        let tps = child_tokens_per_sec(c, "phalanx train", &summary)?;
         ours.push(tps);
         println!(
             "round {round}: bare tch {bare_tps:.0} tokens/s, phalanx --workers 1 {tps:.0} tokens/s"
