@@ -187,6 +187,22 @@ fn silent_data_corruption_is_caught_and_the_replica_quarantined() {
 }
 
 #[test]
+fn a_flipped_gradient_bit_is_caught_by_recomputation_and_the_step_redone() {
+    // Every replica would apply the same corrupted mean, so no parameter comparison can
+    // see this; the gradient spot check (a neighbour recomputes the micro-batch) does.
+    let (c, job) = scenario("sdcgrad", 5, 0, |c| c.inject("rank:1", "sdc-grad", &[]));
+    let ev = event_kinds(&c);
+    assert!(
+        ev.iter()
+            .any(|e| e.contains("gradient_mismatch") && e.contains("rank 1's gradient")),
+        "{ev:#?}"
+    );
+    // A transient flip: the redo agrees, nobody is quarantined and no epoch is lost.
+    assert!(!ev.iter().any(|e| e.contains("quarantined")), "{ev:#?}");
+    assert_eq!(job["plan"]["epoch"].as_u64(), Some(1), "{job}");
+}
+
+#[test]
 fn a_persistent_straggler_is_swapped_for_the_spare() {
     // Long enough that the slow rank is still training when the policy decides.
     let steps = 600;

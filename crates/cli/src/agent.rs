@@ -44,6 +44,10 @@ pub struct WorkerStartCmd {
     /// Compare parameter hashes across replicas every N steps (0 disables).
     #[arg(long, default_value_t = 1)]
     pub sdc_check_interval: u64,
+    /// Recompute a neighbour's micro-batch and compare gradients every N steps (0
+    /// disables; costs one micro-batch of compute per rank each time).
+    #[arg(long, default_value_t = 10)]
+    pub grad_check_interval: u64,
     /// Exit when the job completes or is cancelled.
     #[arg(long)]
     pub exit_when_done: bool,
@@ -81,6 +85,7 @@ pub fn start(cmd: WorkerStartCmd) -> Result<()> {
         op_timeout: Duration::from_millis(cmd.op_timeout_ms),
         rendezvous_timeout: Duration::from_millis(cmd.rendezvous_timeout_ms),
         sdc_check_interval: cmd.sdc_check_interval,
+        grad_check_interval: cmd.grad_check_interval,
         exit_when_done: cmd.exit_when_done,
         lifetime_max: Duration::from_secs(cmd.lifetime_max_s),
         fault_inbox: cmd.fault_inbox,

@@ -37,6 +37,8 @@ pub enum Kind {
     Ecc,
     /// Flip a bit in one replica's parameters (silent data corruption).
     Sdc,
+    /// Flip a bit in one rank's gradient before the reduction, at its next gradient check.
+    SdcGrad,
     /// Checkpoint writes fail with "disk full" for --for.
     DiskFull,
     /// Cut the worker off from controllers and peers for --for.
@@ -223,6 +225,7 @@ fn inject(c: InjectCmd) -> Result<()> {
                 Kind::Crash => FaultKind::Crash,
                 Kind::Ecc => FaultKind::Ecc,
                 Kind::Sdc => FaultKind::Sdc,
+                Kind::SdcGrad => FaultKind::SdcGrad,
                 Kind::DiskFull => FaultKind::DiskFull,
                 Kind::Partition => FaultKind::Partition,
                 _ => unreachable!("handled above"),

@@ -290,6 +290,34 @@ impl ClusterState {
                 self.event(index, "plan", &name, format!("epoch {new_epoch}: {worker}'s micro-batch share halved (shares {shares:?})"));
                 ok("share reduced")
             }
+            Command::ReportGradientMismatch {
+                worker,
+                epoch,
+                step,
+                micro,
+                owner_rank,
+                verifier_rank,
+            } => {
+                if self.too_long(worker) {
+                    return no("worker id too long");
+                }
+                let Some(j) = &self.job else {
+                    return no("no job");
+                };
+                if j.plan.as_ref().is_none_or(|p| *epoch > p.epoch) {
+                    return no(format!("epoch {epoch} is not a plan epoch of this job"));
+                }
+                let name = j.spec.name.clone();
+                self.event(
+                    index,
+                    "gradient_mismatch",
+                    &name,
+                    format!(
+                        "epoch {epoch} step {step}: rank {owner_rank}'s gradient of micro-batch {micro} differs from rank {verifier_rank}'s recomputation; the step is redone (reported by {worker})"
+                    ),
+                );
+                ok("gradient mismatch recorded")
+            }
             Command::RecordFault { target, kind } => {
                 if self.too_long(target) || self.too_long(kind) {
                     return no("fault target and kind must be at most text_bytes_max bytes");

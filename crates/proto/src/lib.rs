@@ -258,6 +258,16 @@ pub enum Command {
         target: String,
         kind: String,
     },
+    /// A worker detected silent data corruption that it handled itself (a gradient check
+    /// failed and the step was redone); recorded for the event log.
+    ReportGradientMismatch {
+        worker: WorkerId,
+        epoch: u64,
+        step: u64,
+        micro: u64,
+        owner_rank: u32,
+        verifier_rank: u32,
+    },
     /// Rank 0's final result: the parameters' SHA-256 after the last step.
     ReportResult {
         worker: WorkerId,

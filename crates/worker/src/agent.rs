@@ -54,6 +54,8 @@ pub struct AgentConfig {
     pub rendezvous_timeout: Duration,
     /// Compare parameter hashes across replicas every this many steps (0: never).
     pub sdc_check_interval: u64,
+    /// Spot-check gradients by recomputation every this many steps (0: never).
+    pub grad_check_interval: u64,
     /// Exit once the job is completed or cancelled.
     pub exit_when_done: bool,
     /// Bound on the agent's whole life (0: unbounded).
@@ -225,7 +227,22 @@ pub fn run(cfg: AgentConfig) -> Result<(), WorkerError> {
                         ours,
                         theirs,
                     } => {
-                        report_corrupt_replica(&client, &cfg.id, &a, *odd, ours, theirs);
+                        let reason = format!(
+                            "silent data corruption: rank {odd}'s parameters hash to {}…, the other replicas to {}…",
+                            &theirs[..theirs.len().min(12)],
+                            &ours[..ours.len().min(12)]
+                        );
+                        report_corrupt_replica(&client, &cfg.id, &a, *odd, reason);
+                    }
+                    WorkerError::GradientCorrupt {
+                        rank: odd,
+                        micro,
+                        step,
+                    } => {
+                        let reason = format!(
+                            "silent data corruption: rank {odd}'s gradient of micro-batch {micro} at step {step} disagrees with two recomputations by other ranks"
+                        );
+                        report_corrupt_replica(&client, &cfg.id, &a, *odd, reason);
                     }
                     _ if shared.partitioned() => {}
                     _ => report_dead_peers(&client, &cfg.id, &a, rank as usize),
@@ -273,20 +290,14 @@ fn inject(cfg: &AgentConfig, engine: &mut Engine, f: &Fault) -> Result<(), Worke
             engine.sync_model()?;
             Ok(())
         }
-        FaultKind::Slow | FaultKind::DiskFull | FaultKind::Partition => Ok(()),
+        // Acted on elsewhere: by the heartbeat thread, or by the step loop (SdcGrad).
+        FaultKind::Slow | FaultKind::DiskFull | FaultKind::Partition | FaultKind::SdcGrad => Ok(()),
     }
 }
 
 /// Silent data corruption found by the replica check: quarantine the odd one out. The
 /// lowest rank that is not the odd one reports, so the report is made once.
-fn report_corrupt_replica(
-    client: &Client,
-    me: &str,
-    a: &Assignment,
-    odd: usize,
-    majority: &str,
-    theirs: &str,
-) {
+fn report_corrupt_replica(client: &Client, me: &str, a: &Assignment, odd: usize, reason: String) {
     let Ok(Some(job)) = client.get::<Option<phalanx_proto::JobInfo>>("/v1/job") else {
         return;
     };
@@ -300,11 +311,6 @@ fn report_corrupt_replica(
     let Some(id) = plan.ranks.get(odd) else {
         return;
     };
-    let reason = format!(
-        "silent data corruption: rank {odd}'s parameters hash to {}…, the other replicas to {}…",
-        &theirs[..theirs.len().min(12)],
-        &majority[..majority.len().min(12)]
-    );
     warn!(worker = %id, %reason, "quarantining a corrupt replica");
     let addr = a.peers.get(odd).cloned();
     let cmd = Command::SetWorkerHealth {
@@ -541,6 +547,7 @@ fn run_epoch(
     let interrupted_at = *last_step;
     let epoch_began_ms = unix_ms();
     let mut stepper = Stepper::new(engine, &group, &a.micro_shares, cfg.op_timeout)?;
+    stepper.grad_check_every = cfg.grad_check_interval;
     let mut writer = Checkpointing::new(cfg, job, world, rank, &shared.disk)?;
     let _ = progress.send((a.epoch, engine.step()));
 
@@ -556,7 +563,11 @@ fn run_epoch(
         let pending: Vec<Fault> =
             std::mem::take(&mut *shared.faults.lock().unwrap_or_else(|p| p.into_inner()));
         for f in pending {
-            inject(cfg, engine, &f)?;
+            if f.kind == FaultKind::SdcGrad {
+                stepper.corrupt_next_checked_grad = true;
+            } else {
+                inject(cfg, engine, &f)?;
+            }
         }
         if cfg.sdc_check_interval > 0 && engine.step() % cfg.sdc_check_interval == 0 {
             check_replicas(engine, &mut group, cfg.op_timeout)?;
@@ -566,7 +577,35 @@ fn run_epoch(
             Some((factor, until)) if Instant::now() < until => factor,
             _ => 1.0,
         };
-        let report = stepper.step_with(engine, &mut group, &mut || writer.snaps.release())?;
+        let report = match stepper.step_with(engine, &mut group, &mut || writer.snaps.release()) {
+            Ok(r) => r,
+            Err(WorkerError::GradientMismatch {
+                step,
+                micro,
+                owner,
+                verifier,
+            }) => {
+                // Nothing was applied; every rank saw the same check and redoes the step.
+                warn!(
+                    step,
+                    micro, owner, verifier, "gradient check failed; redoing the step"
+                );
+                let cmd = Command::ReportGradientMismatch {
+                    worker: cfg.id.clone(),
+                    epoch: a.epoch,
+                    step,
+                    micro: micro as u64,
+                    owner_rank: owner as u32,
+                    verifier_rank: verifier as u32,
+                };
+                let id = format!("gradcheck-{}-{}-{step}", job.name, a.epoch);
+                if let Err(e) = cfg.client.command_with_id(id, cmd) {
+                    warn!(error = %e, "reporting the gradient mismatch failed");
+                }
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         // The resume point first: its steps redone are counted against the watermark
         // before this epoch's own progress moves it.
         if let Some(source) = resume_report.take() {

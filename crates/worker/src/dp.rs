@@ -85,6 +85,28 @@ pub struct Stepper {
     /// An emulated slow device (thermal throttling, fault injection): compute takes this
     /// many times as long. 1 is a healthy device.
     pub slow_factor: f64,
+    /// Gradient spot checks every this many steps (0: never; needs world >= 2): see
+    /// [`Stepper::check_gradients`].
+    pub grad_check_every: u64,
+    /// Fault injection: flip one bit of this rank's first micro-batch gradient at the
+    /// next gradient check, before the reduction.
+    pub corrupt_next_checked_grad: bool,
+    rank: usize,
+    world: usize,
+    /// The first micro-batch of every rank (None: a rank with no micro-batch).
+    firsts: Vec<Option<usize>>,
+    check_buf: Vec<f32>,
+    /// The last failed check (step, micro, owner, verifier): redoing that step adds a
+    /// third computation of the micro-batch.
+    disputed: Option<(u64, usize, usize, usize)>,
+}
+
+/// A 64-bit FNV-1a hash over the gradient's bits: enough to tell two computations of the
+/// same micro-batch apart, at memory speed.
+fn grad_hash(g: &[f32]) -> u64 {
+    g.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, x| {
+        (h ^ u64::from(x.to_bits())).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 impl Stepper {
@@ -110,6 +132,12 @@ impl Stepper {
                 engine.opt.range
             )));
         }
+        let firsts = (0..world)
+            .map(|r| {
+                let m = assign_weighted(micro_total, shares, world, r);
+                (!m.is_empty()).then_some(m.start)
+            })
+            .collect();
         Ok(Self {
             bufs: mine.clone().map(|_| vec![0f32; n]).collect(),
             mine,
@@ -117,6 +145,13 @@ impl Stepper {
             mean: vec![0f32; n],
             op_timeout,
             slow_factor: 1.0,
+            grad_check_every: 0,
+            corrupt_next_checked_grad: false,
+            rank,
+            world,
+            firsts,
+            check_buf: Vec::new(),
+            disputed: None,
         })
     }
 
@@ -155,6 +190,13 @@ impl Stepper {
             compute += extra;
         }
         let compute_ms = compute.as_secs_f64() * 1e3 / self.mine.len().max(1) as f64;
+        let redo_of_dispute = self.disputed.is_some_and(|d| d.0 == step);
+        if self.world > 1
+            && self.grad_check_every > 0
+            && (step % self.grad_check_every == 0 || redo_of_dispute)
+        {
+            self.check_gradients(engine, group, step)?;
+        }
         let refs: Vec<&[f32]> = self.bufs.iter().map(|b| b.as_slice()).collect();
         deterministic::reduce_mean(
             group,
@@ -176,6 +218,125 @@ impl Stepper {
             step_ms: t0.elapsed().as_secs_f64() * 1e3,
             compute_ms,
         })
+    }
+}
+
+impl Stepper {
+    /// Gradient spot check, possible only because every rank computes bit-identical
+    /// gradients for the same micro-batch: each rank recomputes the first micro-batch of
+    /// the next rank and the group compares hashes, before anything is reduced. Bits
+    /// flipped in a gradient (silent data corruption that no parameter comparison can
+    /// see, since every replica applies the same corrupted mean) show up as a mismatch;
+    /// the step is then not applied (`GradientMismatch`) and redone, and on the redo a
+    /// third rank recomputes the disputed micro-batch, so that a device that corrupts
+    /// again is named (`GradientCorrupt`). Costs one micro-batch of compute per rank
+    /// every `grad_check_every` steps; a flip in a micro-batch that is not checked, or
+    /// between checks, goes unseen.
+    fn check_gradients(
+        &mut self,
+        engine: &Engine,
+        group: &mut BlockingGroup,
+        step: u64,
+    ) -> Result<(), WorkerError> {
+        if std::mem::take(&mut self.corrupt_next_checked_grad) {
+            if let Some(g) = self.bufs.first_mut().filter(|g| !g.is_empty()) {
+                let i = (step as usize).wrapping_mul(7919) % g.len();
+                g[i] = f32::from_bits(g[i].to_bits() ^ (1 << 20));
+            }
+        }
+        let mut checks: Vec<(usize, u64)> = Vec::new();
+        if let Some(g) = self.bufs.first() {
+            checks.push((self.mine.start, grad_hash(g)));
+        }
+        let recompute = |m: usize, buf: &mut Vec<f32>| -> Result<(usize, u64), WorkerError> {
+            buf.resize(engine.params.len(), 0.0);
+            engine.micro_grad(step, m, buf)?;
+            Ok((m, grad_hash(buf)))
+        };
+        if let Some(m) = self.firsts[(self.rank + 1) % self.world] {
+            checks.push(recompute(m, &mut self.check_buf)?);
+        }
+        if let Some((_, m, owner, verifier)) = self.disputed.filter(|d| d.0 == step) {
+            let third = (0..self.world).find(|r| *r != owner && *r != verifier);
+            if third == Some(self.rank) {
+                checks.push(recompute(m, &mut self.check_buf)?);
+            }
+        }
+        let mut bytes = Vec::with_capacity(checks.len() * 16);
+        for (m, h) in &checks {
+            bytes.extend_from_slice(&(*m as u64).to_le_bytes());
+            bytes.extend_from_slice(&h.to_le_bytes());
+        }
+        let parts = group.all_gather_within(&bytes, self.op_timeout)?;
+        // micro-batch -> [(rank, hash)], the owner's entry first.
+        let mut seen: std::collections::BTreeMap<usize, Vec<(usize, u64)>> = Default::default();
+        for (r, part) in parts.iter().enumerate() {
+            if part.len() % 16 != 0 {
+                return Err(WorkerError::Protocol(format!(
+                    "rank {r} sent {} bytes of gradient checks",
+                    part.len()
+                )));
+            }
+            for c in part.chunks_exact(16) {
+                let m = u64::from_le_bytes(c[..8].try_into().expect("8 bytes")) as usize;
+                let h = u64::from_le_bytes(c[8..].try_into().expect("8 bytes"));
+                let e = seen.entry(m).or_default();
+                if self.firsts.get(r) == Some(&Some(m)) {
+                    e.insert(0, (r, h));
+                } else {
+                    e.push((r, h));
+                }
+            }
+        }
+        for (&m, opinions) in &seen {
+            let Some(&(owner, first)) = opinions.first() else {
+                continue;
+            };
+            if opinions.iter().all(|(_, h)| *h == first) {
+                continue;
+            }
+            let count = |h: u64| opinions.iter().filter(|(_, x)| *x == h).count();
+            let majority = opinions
+                .iter()
+                .map(|(_, h)| *h)
+                .find(|h| count(*h) * 2 > opinions.len());
+            let redo = self.disputed.is_some_and(|d| d.0 == step);
+            match majority {
+                Some(good) if opinions.len() >= 3 => {
+                    self.disputed = None;
+                    let odd = opinions
+                        .iter()
+                        .find(|(_, h)| *h != good)
+                        .map_or(owner, |(r, _)| *r);
+                    return Err(WorkerError::GradientCorrupt {
+                        rank: odd,
+                        micro: m,
+                        step,
+                    });
+                }
+                // A second mismatch with no third rank to settle it (world 2), or three
+                // different answers: nobody can be trusted; roll back.
+                _ if redo || opinions.len() >= 3 => {
+                    self.disputed = None;
+                    return Err(WorkerError::NoMajority {
+                        hashes: opinions.iter().map(|(_, h)| format!("{h:016x}")).collect(),
+                    });
+                }
+                _ => {}
+            }
+            let verifier = opinions.get(1).map_or(owner, |(r, _)| *r);
+            self.disputed = Some((step, m, owner, verifier));
+            return Err(WorkerError::GradientMismatch {
+                step,
+                micro: m,
+                owner,
+                verifier,
+            });
+        }
+        if self.disputed.is_some_and(|d| d.0 == step) {
+            self.disputed = None;
+        }
+        Ok(())
     }
 }
 
@@ -347,7 +508,99 @@ fn mean_in_index_order(
 
 #[cfg(test)]
 mod tests {
-    use super::ComputeWindow;
+    use super::*;
+    use phalanx_collective::GroupConfig;
+    use phalanx_train::engine::TrainSpec;
+    use phalanx_train::optim::AdamWConfig;
+    use phalanx_train::ModelConfig;
+
+    /// Runs `f(rank, engine, group)` on `world` ranks (threads), each with the tiny model.
+    fn on_ranks<T: Send + 'static>(
+        world: usize,
+        f: impl Fn(usize, Engine, BlockingGroup) -> T + Send + Sync + 'static,
+    ) -> Vec<T> {
+        tch::set_num_threads(1);
+        let listeners: Vec<_> = (0..world)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let peers: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+        let f = std::sync::Arc::new(f);
+        let handles: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(rank, l)| {
+                let (peers, f) = (peers.clone(), f.clone());
+                std::thread::spawn(move || {
+                    let text =
+                        "all the world's a stage, and all the men and women merely players. "
+                            .repeat(100)
+                            .into_bytes();
+                    let spec = TrainSpec {
+                        model: ModelConfig::named("tiny").unwrap(),
+                        seed: 5,
+                        steps: 4,
+                        global_batch: 6,
+                        micro_batch: 2,
+                        val_fraction: 0.1,
+                        val_micro_batches: 1,
+                        optim: AdamWConfig::for_steps(4),
+                    };
+                    let mut e =
+                        Engine::new(spec, text.clone(), text[..400].to_vec(), tch::Device::Cpu)
+                            .unwrap();
+                    e.zero_shards(world, rank).unwrap();
+                    let g = BlockingGroup::connect(GroupConfig::new(rank, peers), l).unwrap();
+                    f(rank, e, g)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    /// Step 0 with gradient checks on; `corrupt(attempt)` says whether rank 1 flips a bit
+    /// in that attempt. Returns each rank's outcome of the first two attempts.
+    fn checked_step(corrupt: fn(usize) -> bool) -> Vec<Vec<String>> {
+        on_ranks(3, move |rank, mut e, mut g| {
+            let mut s = Stepper::new(&e, &g, &[], Duration::from_secs(30)).unwrap();
+            s.grad_check_every = 1;
+            (0..2)
+                .map(|attempt| {
+                    s.corrupt_next_checked_grad = rank == 1 && corrupt(attempt);
+                    match s.step(&mut e, &mut g) {
+                        Ok(r) => format!("ok {}", r.step),
+                        Err(WorkerError::GradientMismatch {
+                            owner,
+                            verifier,
+                            micro,
+                            ..
+                        }) => {
+                            format!("mismatch owner {owner} verifier {verifier} micro {micro}")
+                        }
+                        Err(WorkerError::GradientCorrupt { rank, .. }) => format!("corrupt {rank}"),
+                        Err(other) => format!("{other}"),
+                    }
+                })
+                .collect()
+        })
+    }
+
+    #[test]
+    fn a_transient_gradient_flip_is_caught_and_the_redo_passes() {
+        let outcomes = checked_step(|attempt| attempt == 0);
+        for o in &outcomes {
+            assert_eq!(o[0], "mismatch owner 1 verifier 0 micro 1", "{outcomes:?}");
+            assert_eq!(o[1], "ok 0", "the redo of step 0 applies: {outcomes:?}");
+        }
+    }
+
+    #[test]
+    fn a_device_that_corrupts_again_is_named_by_a_third_computation() {
+        let outcomes = checked_step(|_| true);
+        for o in &outcomes {
+            assert_eq!(o[0], "mismatch owner 1 verifier 0 micro 1", "{outcomes:?}");
+            assert_eq!(o[1], "corrupt 1", "{outcomes:?}");
+        }
+    }
 
     #[test]
     fn the_compute_window_reports_the_median_of_its_last_steps() {

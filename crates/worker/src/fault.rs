@@ -19,6 +19,9 @@ pub enum FaultKind {
     Ecc,
     /// One bit of one parameter flips on this replica (silent data corruption).
     Sdc,
+    /// One bit of this rank's gradient flips before the reduction, at its next gradient
+    /// check (silent data corruption that every replica would apply alike).
+    SdcGrad,
     /// Steps take `factor` times as long for `for_ms` (a thermal straggler).
     Slow,
     /// Checkpoint writes fail with a disk-full error for `for_ms`.

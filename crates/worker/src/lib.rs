@@ -39,4 +39,23 @@ pub enum WorkerError {
     Quarantined(String),
     #[error("epoch {epoch} was superseded by a newer plan")]
     Superseded { epoch: u64 },
+    /// A gradient spot check failed: rank `verifier` recomputed micro-batch `micro` of
+    /// `step` and got other bits than its owner. The step is not applied; redoing it
+    /// brings in a third opinion.
+    #[error(
+        "gradient check failed at step {step}: micro-batch {micro} of rank {owner} differs from rank {verifier}'s recomputation"
+    )]
+    GradientMismatch {
+        step: u64,
+        micro: usize,
+        owner: usize,
+        verifier: usize,
+    },
+    /// Three computations of one micro-batch's gradient, and rank `rank`'s is the odd one.
+    #[error("rank {rank}'s gradient of micro-batch {micro} at step {step} disagrees with two recomputations")]
+    GradientCorrupt {
+        rank: usize,
+        micro: usize,
+        step: u64,
+    },
 }
