@@ -207,15 +207,22 @@ fn a_flipped_gradient_bit_is_caught_by_recomputation_and_the_step_redone() {
     assert_eq!(job["plan"]["epoch"].as_u64(), Some(1), "{job}");
 }
 
+/// A `steps`-step job on `workers` workers whose rank 0 is slowed ×4 from step 30 on;
+/// returns the cluster and the slowed worker.
+fn with_slow_rank0(name: &str, workers: usize, steps: u64) -> (LocalCluster, String) {
+    let c = LocalCluster::start(workers, 0);
+    c.submit(&job_toml(name, steps, 100, 3, 4));
+    c.wait_step(30, LIMIT);
+    let slow = ranks(&c.job().unwrap())[0].clone();
+    c.inject("rank:0", "slow", &["--factor", "4", "--for", "120s"]);
+    (c, slow)
+}
+
 #[test]
 fn a_persistent_straggler_is_swapped_for_the_spare() {
     // Long enough that the slow rank is still training when the policy decides.
     let steps = 600;
-    let c = LocalCluster::start(5, 0);
-    c.submit(&job_toml("slow", steps, 100, 3, 4));
-    c.wait_step(30, LIMIT);
-    let slow = ranks(&c.job().unwrap())[0].clone();
-    c.inject("rank:0", "slow", &["--factor", "4", "--for", "120s"]);
+    let (c, slow) = with_slow_rank0("slow", 5, steps);
     c.wait_for(LIMIT, "the straggler to leave the plan", |c| {
         let Some(j) = c.job() else { return false };
         assert_ne!(
@@ -318,10 +325,7 @@ fn a_partitioned_worker_is_replaced_and_rejoins_when_the_partition_heals() {
 #[test]
 fn a_straggler_with_no_spare_gets_fewer_micro_batches() {
     let steps = 400;
-    let c = LocalCluster::start(4, 0);
-    c.submit(&job_toml("share", steps, 100, 3, 4));
-    c.wait_step(30, LIMIT);
-    c.inject("rank:0", "slow", &["--factor", "4", "--for", "120s"]);
+    let (c, _) = with_slow_rank0("share", 4, steps);
     c.wait_for(LIMIT, "a smaller share for the straggler", |c| {
         c.job()
             .map(|j| {

@@ -244,6 +244,8 @@ impl Stepper {
                 g[i] = f32::from_bits(g[i].to_bits() ^ (1 << 20));
             }
         }
+        // This attempt redoes a step whose check failed: a third rank weighs in.
+        let dispute = self.disputed.filter(|d| d.0 == step);
         let mut checks: Vec<(usize, u64)> = Vec::new();
         if let Some(g) = self.bufs.first() {
             checks.push((self.mine.start, grad_hash(g)));
@@ -256,7 +258,7 @@ impl Stepper {
         if let Some(m) = self.firsts[(self.rank + 1) % self.world] {
             checks.push(recompute(m, &mut self.check_buf)?);
         }
-        if let Some((_, m, owner, verifier)) = self.disputed.filter(|d| d.0 == step) {
+        if let Some((_, m, owner, verifier)) = dispute {
             let third = (0..self.world).find(|r| *r != owner && *r != verifier);
             if third == Some(self.rank) {
                 checks.push(recompute(m, &mut self.check_buf)?);
@@ -300,7 +302,6 @@ impl Stepper {
                 .iter()
                 .map(|(_, h)| *h)
                 .find(|h| count(*h) * 2 > opinions.len());
-            let redo = self.disputed.is_some_and(|d| d.0 == step);
             match majority {
                 Some(good) if opinions.len() >= 3 => {
                     self.disputed = None;
@@ -316,7 +317,7 @@ impl Stepper {
                 }
                 // A second mismatch with no third rank to settle it (world 2), or three
                 // different answers: nobody can be trusted; roll back.
-                _ if redo || opinions.len() >= 3 => {
+                _ if dispute.is_some() || opinions.len() >= 3 => {
                     self.disputed = None;
                     return Err(WorkerError::NoMajority {
                         hashes: opinions.iter().map(|(_, h)| format!("{h:016x}")).collect(),
@@ -333,7 +334,7 @@ impl Stepper {
                 verifier,
             });
         }
-        if self.disputed.is_some_and(|d| d.0 == step) {
+        if dispute.is_some() {
             self.disputed = None;
         }
         Ok(())
@@ -506,17 +507,19 @@ fn mean_in_index_order(
     Ok(sum / total as f64)
 }
 
+/// Test support: the tiny model on several ranks (threads) on loopback.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use phalanx_collective::GroupConfig;
-    use phalanx_train::engine::TrainSpec;
+pub(crate) mod testing {
+    use phalanx_collective::{BlockingGroup, GroupConfig};
+    use phalanx_train::engine::{Engine, TrainSpec};
     use phalanx_train::optim::AdamWConfig;
     use phalanx_train::ModelConfig;
 
-    /// Runs `f(rank, engine, group)` on `world` ranks (threads), each with the tiny model.
-    fn on_ranks<T: Send + 'static>(
+    /// Runs `f(rank, engine, group)` on `world` ranks, each with the tiny model, a global
+    /// batch of `global_batch` sequences (micro-batches of 2) and its ZeRO-1 shards.
+    pub(crate) fn on_ranks<T: Send + 'static>(
         world: usize,
+        global_batch: usize,
         f: impl Fn(usize, Engine, BlockingGroup) -> T + Send + Sync + 'static,
     ) -> Vec<T> {
         tch::set_num_threads(1);
@@ -538,12 +541,12 @@ mod tests {
                     let spec = TrainSpec {
                         model: ModelConfig::named("tiny").unwrap(),
                         seed: 5,
-                        steps: 4,
-                        global_batch: 6,
+                        steps: 6,
+                        global_batch,
                         micro_batch: 2,
                         val_fraction: 0.1,
                         val_micro_batches: 1,
-                        optim: AdamWConfig::for_steps(4),
+                        optim: AdamWConfig::for_steps(6),
                     };
                     let mut e =
                         Engine::new(spec, text.clone(), text[..400].to_vec(), tch::Device::Cpu)
@@ -556,11 +559,17 @@ mod tests {
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::on_ranks;
+    use super::*;
 
     /// Step 0 with gradient checks on; `corrupt(attempt)` says whether rank 1 flips a bit
     /// in that attempt. Returns each rank's outcome of the first two attempts.
     fn checked_step(corrupt: fn(usize) -> bool) -> Vec<Vec<String>> {
-        on_ranks(3, move |rank, mut e, mut g| {
+        on_ranks(3, 6, move |rank, mut e, mut g| {
             let mut s = Stepper::new(&e, &g, &[], Duration::from_secs(30)).unwrap();
             s.grad_check_every = 1;
             (0..2)

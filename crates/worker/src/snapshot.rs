@@ -106,69 +106,43 @@ impl Snapshots {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dp::testing::on_ranks;
     use crate::dp::Stepper;
     use phalanx_checkpoint::{load_range, CheckpointerConfig};
-    use phalanx_collective::{BlockingGroup, GroupConfig};
-    use phalanx_train::engine::TrainSpec;
-    use phalanx_train::optim::AdamWConfig;
-    use phalanx_train::ModelConfig;
-
-    fn engine() -> Engine {
-        tch::set_num_threads(1);
-        let text = "to be or not to be, that is the question. "
-            .repeat(200)
-            .into_bytes();
-        let spec = TrainSpec {
-            model: ModelConfig::named("tiny").unwrap(),
-            seed: 3,
-            steps: 6,
-            global_batch: 4,
-            micro_batch: 2,
-            val_fraction: 0.1,
-            val_micro_batches: 1,
-            optim: AdamWConfig::for_steps(6),
-        };
-        let mut e =
-            Engine::new(spec, text.clone(), text[..400].to_vec(), tch::Device::Cpu).unwrap();
-        e.zero_shards(1, 0).unwrap();
-        e
-    }
 
     #[test]
     fn a_snapshot_holds_its_step_while_training_goes_on() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut cfg = CheckpointerConfig::new(dir.path(), 1, 0);
-        cfg.auto_commit = true;
-        let (writer, _events) = AsyncCheckpointer::spawn(cfg).unwrap();
-        let mut snaps = Snapshots::new(writer, 3);
-        let mut e = engine();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut group = BlockingGroup::connect(GroupConfig::new(0, vec![addr]), listener).unwrap();
-        let mut stepper = Stepper::new(&e, &group, &[], Duration::from_secs(30)).unwrap();
-        let mut at_2 = None;
-        while e.step() < 5 {
-            stepper
-                .step_with(&mut e, &mut group, &mut || snaps.release())
-                .unwrap();
-            if e.step() == 2 {
-                snaps.take(&e);
-                at_2 = Some((e.params.to_vec(), e.opt.m.to_vec(), e.opt.v.to_vec()));
+        on_ranks(1, 4, |_, mut e, mut group| {
+            let dir = tempfile::tempdir().unwrap();
+            let mut cfg = CheckpointerConfig::new(dir.path(), 1, 0);
+            cfg.auto_commit = true;
+            let (writer, _events) = AsyncCheckpointer::spawn(cfg).unwrap();
+            let mut snaps = Snapshots::new(writer, 5);
+            let mut stepper = Stepper::new(&e, &group, &[], Duration::from_secs(30)).unwrap();
+            let mut at_2 = None;
+            while e.step() < 5 {
+                stepper
+                    .step_with(&mut e, &mut group, &mut || snaps.release())
+                    .unwrap();
+                if e.step() == 2 {
+                    snaps.take(&e);
+                    at_2 = Some((e.params.to_vec(), e.opt.m.to_vec(), e.opt.v.to_vec()));
+                }
             }
-        }
-        assert!(
-            snaps.take_stall(2).is_some(),
-            "the stall of step 2 is recorded"
-        );
-        assert!(snaps.writer().wait_idle(Duration::from_secs(30)));
-        let (params, m, v) = at_2.unwrap();
-        assert_ne!(e.params.as_slice(), params.as_slice(), "training went on");
-        let loaded = load_range(dir.path(), 2, 0..params.len()).unwrap();
-        assert_eq!(loaded.opt_step, 2);
-        assert_eq!(
-            loaded.params, params,
-            "the checkpoint holds step 2's parameters"
-        );
-        assert_eq!((loaded.m, loaded.v), (m, v), "and step 2's moments");
+            assert!(
+                snaps.take_stall(2).is_some(),
+                "the stall of step 2 is recorded"
+            );
+            assert!(snaps.writer().wait_idle(Duration::from_secs(30)));
+            let (params, m, v) = at_2.unwrap();
+            assert_ne!(e.params.as_slice(), params.as_slice(), "training went on");
+            let loaded = load_range(dir.path(), 2, 0..params.len()).unwrap();
+            assert_eq!(loaded.opt_step, 2);
+            assert_eq!(
+                loaded.params, params,
+                "the checkpoint holds step 2's parameters"
+            );
+            assert_eq!((loaded.m, loaded.v), (m, v), "and step 2's moments");
+        });
     }
 }
