@@ -1,0 +1,390 @@
+//! The controller process: a raft thread that owns the `Replica`, a tokio runtime for the
+//! peer transport and the HTTP API, all on one port.
+//!
+//! The raft thread is a plain loop over a channel with a tick deadline, so raft logic never
+//! waits on a socket. Peer connections begin with the magic `PHXR`; anything else on the
+//! port is HTTP.
+
+mod api;
+mod raft_loop;
+mod transport;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use phalanx_core::{LeaseConfig, StateLimits};
+use phalanx_proto::{MemberChange, NodeId, StatusResponse};
+use thiserror::Error;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{error, info, info_span, warn, Instrument};
+
+use crate::node::{NodeError, Replica, ReplicaConfig};
+use crate::wire::{HttpLimits, PEER_MAGIC};
+
+use api::handle_http;
+pub use api::{status_of, ApiError};
+use raft_loop::{Input, RaftLoop};
+use transport::handle_peer;
+
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("invalid config: {0}")]
+    Config(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub id: NodeId,
+    pub listen: String,
+    /// Every controller of the initial cluster, this one included: id -> address.
+    pub peers: BTreeMap<NodeId, String>,
+    pub data_dir: PathBuf,
+    pub token: String,
+    /// Start with no voters and wait to be added with `POST /v1/members`.
+    pub join: bool,
+    pub tick_ms: u64,
+    pub election_tick: usize,
+    pub heartbeat_tick: usize,
+    pub snapshot_entries: u64,
+    pub lease: LeaseConfig,
+    pub stragglers: phalanx_core::StragglerConfig,
+    pub request_timeout_ms: u64,
+    pub frame_bytes_max: u64,
+    pub http: HttpLimits,
+    pub peer_queue_max: usize,
+}
+
+impl ServerConfig {
+    pub fn new(
+        id: NodeId,
+        listen: String,
+        peers: BTreeMap<NodeId, String>,
+        data_dir: PathBuf,
+        token: String,
+    ) -> Self {
+        ServerConfig {
+            id,
+            listen,
+            peers,
+            data_dir,
+            token,
+            join: false,
+            tick_ms: 10,
+            election_tick: 10,
+            heartbeat_tick: 2,
+            snapshot_entries: 1_000,
+            lease: LeaseConfig::default(),
+            stragglers: phalanx_core::StragglerConfig::default(),
+            request_timeout_ms: 3_000,
+            frame_bytes_max: 64 << 20,
+            http: HttpLimits::default(),
+            peer_queue_max: 4_096,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ServerError> {
+        let bad = |m: String| Err(ServerError::Config(m));
+        if self.id == 0 {
+            return bad("id: must be >= 1 (raft reserves 0)".into());
+        }
+        if self.token.trim().is_empty() {
+            return bad("token: the cluster token is empty".into());
+        }
+        if !self.join && !self.peers.contains_key(&self.id) {
+            return bad(format!(
+                "peers: must include this node's own id {}",
+                self.id
+            ));
+        }
+        if self.tick_ms == 0 || self.tick_ms > 10_000 {
+            return bad(format!("tick_ms: {} (expected 1..=10000)", self.tick_ms));
+        }
+        if self.election_tick <= self.heartbeat_tick {
+            return bad("election_tick: must be greater than heartbeat_tick".into());
+        }
+        if self.snapshot_entries == 0 {
+            return bad("snapshot_entries: must be >= 1".into());
+        }
+        let l = &self.lease;
+        if l.suspect_after_ms == 0 || l.fail_after_ms <= l.suspect_after_ms {
+            return bad(format!(
+                "lease: need 0 < suspect_after_ms ({}) < fail_after_ms ({})",
+                l.suspect_after_ms, l.fail_after_ms
+            ));
+        }
+        if l.rejoin_after_ms == 0 {
+            return bad("lease: rejoin_after_ms must be >= 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Handle to a running controller (used by tests and `phalanx controller start`).
+pub struct ControllerHandle {
+    pub local_addr: SocketAddr,
+    runtime: Option<tokio::runtime::Runtime>,
+    raft_thread: Option<std::thread::JoinHandle<()>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ControllerHandle {
+    /// Block until the raft thread exits (it runs until `stop` or a fatal storage error).
+    pub fn wait(mut self) {
+        if let Some(t) = self.raft_thread.take() {
+            let _ = t.join();
+        }
+    }
+    pub fn stop(mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.raft_thread.take() {
+            let _ = t.join();
+        }
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_timeout(Duration::from_millis(500));
+        }
+    }
+}
+
+/// Start a controller node; returns once it listens.
+pub fn start(cfg: ServerConfig) -> Result<ControllerHandle, ServerError> {
+    cfg.validate()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("ctl-io")
+        .build()
+        .map_err(ServerError::Runtime)?;
+    let listener = runtime
+        .block_on(TcpListener::bind(&cfg.listen))
+        .map_err(|e| ServerError::Bind {
+            addr: cfg.listen.clone(),
+            source: e,
+        })?;
+    let local_addr = listener.local_addr().map_err(ServerError::Runtime)?;
+
+    let mut rcfg = ReplicaConfig::new(cfg.id);
+    rcfg.election_tick = cfg.election_tick;
+    rcfg.election_tick_max = cfg.election_tick * 2;
+    rcfg.heartbeat_tick = cfg.heartbeat_tick;
+    rcfg.snapshot_entries = cfg.snapshot_entries;
+    rcfg.limits = StateLimits::default();
+    // A node of an existing cluster that lost its data dir must not rejoin as if it were
+    // bootstrapping: the leader still believes it holds the log it had acked (raft-rs
+    // would panic on the leader's commit index). It starts empty and has itself removed
+    // and re-added, so the leader catches it up from a snapshot.
+    let fresh = !crate::storage::SledStorage::has_data(&cfg.data_dir);
+    let rejoin = !cfg.join && fresh && cluster_exists(&cfg);
+    if rejoin {
+        warn!(
+            id = cfg.id,
+            "empty data dir but the cluster exists: rejoining through a membership change"
+        );
+    }
+    let voters: Vec<NodeId> = if cfg.join || rejoin {
+        Vec::new()
+    } else {
+        cfg.peers.keys().copied().collect()
+    };
+    let replica = Replica::open(&cfg.data_dir, rcfg, &voters, cfg.peers.clone())?;
+    info!(id = cfg.id, addr = %local_addr, voters = ?replica.voters(), term = replica.term(), "controller started");
+
+    let (in_tx, in_rx) = std_mpsc::channel::<Input>();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ctx = Arc::new(ConnCtx {
+        inputs: in_tx,
+        token: cfg.token.clone(),
+        cfg: cfg.clone(),
+    });
+    runtime.spawn(accept_loop(listener, ctx));
+
+    let handle = runtime.handle().clone();
+    let stop2 = stop.clone();
+    // While rejoining, leader messages meant for the node's old self (commit indexes it no
+    // longer has) are dropped until the old membership is gone.
+    let gate = Arc::new(std::sync::atomic::AtomicBool::new(!rejoin));
+    let gate2 = gate.clone();
+    let cfg2 = cfg.clone();
+    let raft_thread = std::thread::Builder::new()
+        .name(format!("raft-{}", cfg.id))
+        .spawn(move || {
+            let mut lp = RaftLoop::new(replica, cfg2, handle, gate2);
+            if let Err(e) = lp.run(in_rx, &stop2) {
+                error!(%e, "raft loop stopped on a fatal error");
+            }
+        })
+        .map_err(ServerError::Runtime)?;
+    if rejoin {
+        let cfg3 = cfg.clone();
+        let gate3 = gate.clone();
+        std::thread::spawn(move || rejoin_cluster(&cfg3, &gate3));
+    }
+    Ok(ControllerHandle {
+        local_addr,
+        runtime: Some(runtime),
+        raft_thread: Some(raft_thread),
+        stop,
+    })
+}
+
+fn other_peers(cfg: &ServerConfig) -> Vec<String> {
+    cfg.peers
+        .iter()
+        .filter(|(id, _)| **id != cfg.id)
+        .map(|(_, a)| a.clone())
+        .collect()
+}
+
+/// Does any other controller report a cluster with committed entries?
+/// Did this node lose data it had acknowledged? True when a leader of the running cluster
+/// records a non-zero matched index for it. A node that merely starts late in a brand-new
+/// cluster has acknowledged nothing (matched 0) and joins normally.
+fn cluster_exists(cfg: &ServerConfig) -> bool {
+    other_peers(cfg).iter().any(|a| {
+        crate::client::http_once(
+            a,
+            "GET",
+            "/v1/status",
+            &cfg.token,
+            None,
+            Duration::from_millis(500),
+        )
+        .ok()
+        .filter(|(code, _)| *code == 200)
+        .and_then(|(_, b)| serde_json::from_slice::<StatusResponse>(&b).ok())
+        .is_some_and(|s| s.role == "leader" && s.matched.get(&cfg.id).copied().unwrap_or(0) > 0)
+    })
+}
+
+/// Remove this node's id from the cluster, then add it back (each a joint-consensus change).
+fn rejoin_cluster(cfg: &ServerConfig, gate: &std::sync::atomic::AtomicBool) {
+    let Ok(mut client) = crate::client::Client::new(other_peers(cfg), cfg.token.clone()) else {
+        return;
+    };
+    client.deadline = Duration::from_secs(5);
+    let address = cfg
+        .peers
+        .get(&cfg.id)
+        .cloned()
+        .unwrap_or_else(|| cfg.listen.clone());
+    let members_of = |client: &crate::client::Client| -> Option<Vec<NodeId>> {
+        for a in client.addrs() {
+            let Ok((200, b)) = crate::client::http_once(
+                a,
+                "GET",
+                "/v1/status",
+                &cfg.token,
+                None,
+                Duration::from_millis(500),
+            ) else {
+                continue;
+            };
+            if let Ok(s) = serde_json::from_slice::<StatusResponse>(&b) {
+                if s.role == "leader" {
+                    return Some(s.members.iter().map(|m| m.id).collect());
+                }
+            }
+        }
+        None
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (action, want_member) in [("remove", false), ("add", true)] {
+        loop {
+            if Instant::now() > deadline {
+                error!(id = cfg.id, action, "rejoin did not complete in 60 s");
+                return;
+            }
+            if members_of(&client).is_some_and(|m| m.contains(&cfg.id) == want_member) {
+                if !want_member {
+                    // Let the leader leave the joint config (which still lists this id).
+                    std::thread::sleep(Duration::from_millis(500));
+                    gate.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                break;
+            }
+            let change = MemberChange {
+                action: action.into(),
+                id: cfg.id,
+                address: address.clone(),
+            };
+            let r: Result<serde_json::Value, _> = client.post("/v1/members", &change);
+            info!(
+                id = cfg.id,
+                action,
+                ok = r.is_ok(),
+                "rejoin membership change proposed"
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    info!(
+        id = cfg.id,
+        "rejoined the cluster; catching up from a snapshot"
+    );
+}
+
+pub(crate) struct ConnCtx {
+    pub(crate) inputs: std_mpsc::Sender<Input>,
+    pub(crate) token: String,
+    pub(crate) cfg: ServerConfig,
+}
+
+async fn accept_loop(listener: TcpListener, ctx: Arc<ConnCtx>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let ctx = ctx.clone();
+                tokio::spawn(async move { handle_conn(stream, peer, ctx).await });
+            }
+            Err(e) => {
+                warn!(%e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+pub(crate) fn token_eq(a: &str, b: &str) -> bool {
+    // Constant-time in the length of the presented token.
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut diff = (a.len() != b.len()) as u8;
+    for (i, x) in a.iter().enumerate() {
+        diff |= x ^ b.get(i).copied().unwrap_or(0);
+    }
+    diff == 0
+}
+
+async fn handle_conn(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<ConnCtx>) {
+    let mut first = [0u8; 4];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    // Peek until 4 bytes arrived (or the client sent fewer and waits: then treat as HTTP).
+    loop {
+        match tokio::time::timeout(Duration::from_millis(200), stream.peek(&mut first)).await {
+            Ok(Ok(0)) => return,
+            Ok(Ok(n)) if n >= 4 => break,
+            Ok(Ok(_)) | Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            _ => return,
+        }
+    }
+    if &first == PEER_MAGIC {
+        handle_peer(stream, peer, ctx).await;
+    } else {
+        let span = info_span!("api", %peer);
+        handle_http(&mut stream, peer, ctx).instrument(span).await;
+    }
+}

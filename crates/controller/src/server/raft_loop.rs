@@ -1,0 +1,512 @@
+//! The raft thread: a plain loop over a channel with a tick deadline that owns the
+//! `Replica`, so raft logic never waits on a socket.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use phalanx_core::Leases;
+use phalanx_proto::{
+    Command, CommandResponse, Envelope, MemberChange, NodeId, WorkerHealth, WorkerId,
+};
+use raft::prelude::Message;
+use tokio::sync::mpsc;
+use tracing::{debug, info, info_span};
+
+use super::api::{ApiError, Query, Reply};
+use super::transport::peer_sender;
+use super::ServerConfig;
+use crate::node::{NodeError, Replica};
+
+pub(crate) enum Input {
+    Peer(Message),
+    Propose {
+        env: Envelope,
+        reply: Reply,
+    },
+    /// Linearizable read: ReadIndex on the leader, then the query once applied.
+    Read {
+        query: Query,
+        reply: Reply,
+    },
+    /// Local (possibly stale) read on any node.
+    Local {
+        query: Query,
+        reply: Reply,
+    },
+    Heartbeat {
+        worker: WorkerId,
+        compute_ms: Option<f64>,
+        reply: Reply,
+    },
+    Member {
+        change: MemberChange,
+        reply: Reply,
+    },
+}
+
+struct Waiter {
+    reply: Reply,
+    deadline: Instant,
+}
+
+struct PendingRead {
+    query: Query,
+    reply: Reply,
+    deadline: Instant,
+    /// Set once the ReadIndex is confirmed: the query runs when applied >= index.
+    index: Option<u64>,
+}
+
+pub(crate) struct RaftLoop {
+    r: Replica,
+    cfg: ServerConfig,
+    rt: tokio::runtime::Handle,
+    peers: HashMap<NodeId, mpsc::Sender<Message>>,
+    waiters: HashMap<String, Vec<Waiter>>,
+    reads: HashMap<u64, PendingRead>,
+    next_read: u64,
+    leases: Option<Leases>,
+    lease_inflight: BTreeMap<WorkerId, (WorkerHealth, Instant)>,
+    /// Leader-local: each worker's latest compute time per micro-batch, from heartbeats.
+    compute_ms: BTreeMap<WorkerId, f64>,
+    stragglers: phalanx_core::Stragglers,
+    straggler_checked: Instant,
+    lease_seq: u64,
+    start: Instant,
+    was_leader: bool,
+    peer_gate: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl RaftLoop {
+    pub(crate) fn new(
+        r: Replica,
+        cfg: ServerConfig,
+        rt: tokio::runtime::Handle,
+        peer_gate: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Self {
+        RaftLoop {
+            r,
+            cfg,
+            rt,
+            peers: HashMap::new(),
+            waiters: HashMap::new(),
+            reads: HashMap::new(),
+            next_read: 1,
+            leases: None,
+            lease_inflight: BTreeMap::new(),
+            compute_ms: BTreeMap::new(),
+            stragglers: Default::default(),
+            straggler_checked: Instant::now(),
+            lease_seq: 0,
+            start: Instant::now(),
+            was_leader: false,
+            peer_gate,
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    fn not_leader(&self) -> ApiError {
+        let l = self.r.leader_id();
+        if l == 0 {
+            ApiError::NoLeader
+        } else {
+            ApiError::NotLeader {
+                leader_id: l,
+                leader_address: self.r.addresses.get(&l).cloned(),
+            }
+        }
+    }
+
+    pub(crate) fn run(
+        &mut self,
+        inputs: std_mpsc::Receiver<Input>,
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> Result<(), NodeError> {
+        let tick = Duration::from_millis(self.cfg.tick_ms);
+        let mut next_tick = Instant::now() + tick;
+        let mut next_lease_check = Instant::now();
+        loop {
+            if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                return Ok(());
+            }
+            let now = Instant::now();
+            let wait = next_tick.saturating_duration_since(now);
+            match inputs.recv_timeout(wait) {
+                Ok(input) => {
+                    self.handle(input)?;
+                    // Drain what else is queued so one Ready covers a batch of proposals.
+                    for _ in 0..1024 {
+                        match inputs.try_recv() {
+                            Ok(i) => self.handle(i)?,
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+            }
+            if Instant::now() >= next_tick {
+                self.r.tick();
+                next_tick += tick;
+                if next_tick < Instant::now() {
+                    next_tick = Instant::now() + tick;
+                }
+            }
+            self.process_ready()?;
+            self.on_role_change();
+            if Instant::now() >= next_lease_check {
+                next_lease_check = Instant::now() + Duration::from_millis(100);
+                self.check_leases()?;
+                self.expire_waiters();
+            }
+        }
+    }
+
+    fn handle(&mut self, input: Input) -> Result<(), NodeError> {
+        match input {
+            Input::Peer(m) => {
+                if self.peer_gate.load(std::sync::atomic::Ordering::Relaxed) {
+                    self.r.step(m)?
+                }
+            }
+            Input::Propose { env, reply } => {
+                if !self.r.is_leader() {
+                    let _ = reply.send(Err(self.not_leader()));
+                    return Ok(());
+                }
+                if let Some((index, outcome)) = self.r.state.lookup_request(&env.request_id) {
+                    let resp = CommandResponse {
+                        outcome: outcome.clone(),
+                        index,
+                        duplicate: true,
+                    };
+                    let _ = reply.send(Ok(serde_json::to_value(resp).unwrap_or_default()));
+                    return Ok(());
+                }
+                if let Command::RegisterWorker { id, .. } = &env.command {
+                    // Registration starts the worker's lease.
+                    let now = self.now_ms();
+                    if let Some(l) = self.leases.as_mut() {
+                        l.heartbeat(id, now, &self.cfg.lease);
+                    }
+                }
+                match self.r.propose(&env) {
+                    Ok(()) => {
+                        let deadline =
+                            Instant::now() + Duration::from_millis(self.cfg.request_timeout_ms);
+                        self.waiters
+                            .entry(env.request_id.clone())
+                            .or_default()
+                            .push(Waiter { reply, deadline });
+                    }
+                    Err(e) => {
+                        debug!(%e, "proposal dropped");
+                        let _ = reply.send(Err(self.not_leader()));
+                    }
+                }
+            }
+            Input::Read { query, reply } => {
+                if !self.r.is_leader() {
+                    let _ = reply.send(Err(self.not_leader()));
+                    return Ok(());
+                }
+                let id = self.next_read;
+                self.next_read += 1;
+                self.r.raw.read_index(id.to_be_bytes().to_vec());
+                let deadline = Instant::now() + Duration::from_millis(self.cfg.request_timeout_ms);
+                self.reads.insert(
+                    id,
+                    PendingRead {
+                        query,
+                        reply,
+                        deadline,
+                        index: None,
+                    },
+                );
+            }
+            Input::Local { query, reply } => {
+                let _ = reply.send(query(&self.r));
+            }
+            Input::Heartbeat {
+                worker,
+                compute_ms,
+                reply,
+            } => {
+                if !self.r.is_leader() {
+                    let _ = reply.send(Err(self.not_leader()));
+                    return Ok(());
+                }
+                if !self.r.state.workers.contains_key(&worker) {
+                    let _ = reply.send(Err(ApiError::NotFound(format!(
+                        "worker {worker} is not registered"
+                    ))));
+                    return Ok(());
+                }
+                let now = self.now_ms();
+                if let Some(l) = self.leases.as_mut() {
+                    l.heartbeat(&worker, now, &self.cfg.lease);
+                }
+                if let Some(t) = compute_ms.filter(|t| t.is_finite() && *t >= 0.0) {
+                    self.compute_ms.insert(worker, t);
+                }
+                let _ = reply.send(Ok(serde_json::json!({"ok": true})));
+            }
+            Input::Member { change, reply } => {
+                if !self.r.is_leader() {
+                    let _ = reply.send(Err(self.not_leader()));
+                    return Ok(());
+                }
+                let add = match change.action.as_str() {
+                    "add" => true,
+                    "remove" => false,
+                    other => {
+                        let _ = reply.send(Err(ApiError::BadRequest(format!(
+                            "action: {other:?} (expected add or remove)"
+                        ))));
+                        return Ok(());
+                    }
+                };
+                if add && change.address.is_empty() {
+                    let _ = reply.send(Err(ApiError::BadRequest(
+                        "address: required to add a member".into(),
+                    )));
+                    return Ok(());
+                }
+                match self
+                    .r
+                    .propose_member_change(add, change.id, &change.address)
+                {
+                    Ok(()) => {
+                        let _ = reply.send(Ok(serde_json::json!({"proposed": true})));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(ApiError::BadRequest(e.to_string())));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn process_ready(&mut self) -> Result<(), NodeError> {
+        for _ in 0..16 {
+            if !self.r.raw.has_ready() {
+                break;
+            }
+            let span = info_span!("ready_loop", node = self.cfg.id);
+            let _g = span.enter();
+            // Read states come with the Ready; grab them before on_ready consumes it.
+            let out = self.r.on_ready()?;
+            for m in out.messages {
+                self.send(m);
+            }
+            for a in out.applied {
+                if let Some(ws) = self.waiters.remove(&a.request_id) {
+                    let resp = CommandResponse {
+                        outcome: a.applied.outcome.clone(),
+                        index: a.applied.index,
+                        duplicate: a.applied.duplicate,
+                    };
+                    let v = serde_json::to_value(resp).unwrap_or_default();
+                    for w in ws {
+                        let _ = w.reply.send(Ok(v.clone()));
+                    }
+                }
+            }
+            for rs in out.read_states {
+                let id = u64::from_be_bytes(
+                    rs.request_ctx
+                        .get(..8)
+                        .and_then(|b| b.try_into().ok())
+                        .unwrap_or([0; 8]),
+                );
+                if let Some(p) = self.reads.get_mut(&id) {
+                    p.index = Some(rs.index);
+                }
+            }
+        }
+        // Serve reads whose index has been applied.
+        let applied = self.r.applied_index();
+        let ready: Vec<u64> = self
+            .reads
+            .iter()
+            .filter(|(_, p)| p.index.is_some_and(|i| i <= applied))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ready {
+            if let Some(p) = self.reads.remove(&id) {
+                let _ = p.reply.send((p.query)(&self.r));
+            }
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, m: Message) {
+        let to = m.to;
+        if !self.peers.contains_key(&to) {
+            let Some(addr) = self.r.addresses.get(&to).cloned() else {
+                debug!(to, "no address for peer; message dropped");
+                return;
+            };
+            let (tx, rx) = mpsc::channel(self.cfg.peer_queue_max);
+            let token = self.cfg.token.clone();
+            let from = self.cfg.id;
+            let frame_max = self.cfg.frame_bytes_max;
+            self.rt
+                .spawn(peer_sender(from, to, addr, token, rx, frame_max));
+            self.peers.insert(to, tx);
+        }
+        if let Some(tx) = self.peers.get(&to) {
+            // Full queue: drop; raft retransmits.
+            let _ = tx.try_send(m);
+        }
+    }
+
+    fn on_role_change(&mut self) {
+        let leader = self.r.is_leader();
+        if leader && !self.was_leader {
+            // Fresh leases: this leader has heard no heartbeat yet; the grace period keeps
+            // it from failing healthy workers.
+            self.leases = Some(Leases::new(self.now_ms()));
+            self.compute_ms.clear();
+            self.stragglers = Default::default();
+            self.lease_inflight.clear();
+        }
+        if !leader && self.was_leader {
+            self.leases = None;
+            let err = self.not_leader();
+            for (_, ws) in self.waiters.drain() {
+                for w in ws {
+                    let _ = w.reply.send(Err(err.clone()));
+                }
+            }
+            for (_, p) in self.reads.drain() {
+                let _ = p.reply.send(Err(err.clone()));
+            }
+        }
+        self.was_leader = leader;
+    }
+
+    fn check_leases(&mut self) -> Result<(), NodeError> {
+        let now = self.now_ms();
+        let Some(leases) = self.leases.as_mut() else {
+            return Ok(());
+        };
+        let decisions = leases.decide(now, &self.r.state.workers, &self.cfg.lease);
+        for (worker, decision, reason) in decisions {
+            let health = decision.health();
+            if let Some((h, at)) = self.lease_inflight.get(&worker) {
+                if *h == health && at.elapsed() < Duration::from_secs(2) {
+                    continue;
+                }
+            }
+            self.lease_seq += 1;
+            let env = Envelope {
+                request_id: format!(
+                    "lease-n{}-t{}-{}",
+                    self.cfg.id,
+                    self.r.term(),
+                    self.lease_seq
+                ),
+                command: Command::SetWorkerHealth {
+                    id: worker.clone(),
+                    health,
+                    reason,
+                    address: None,
+                },
+            };
+            info!(worker = %worker, health = health.as_str(), "lease decision");
+            if self.r.propose(&env).is_ok() {
+                self.lease_inflight.insert(worker, (health, Instant::now()));
+            }
+        }
+        self.check_stragglers();
+        Ok(())
+    }
+
+    /// Twice a second: a rank whose compute time stays far above the plan's median first
+    /// gets a smaller share of the micro-batches; if it stays slow it is drained, so the
+    /// placement swaps a spare in.
+    fn check_stragglers(&mut self) {
+        if self.straggler_checked.elapsed() < Duration::from_millis(500) {
+            return;
+        }
+        self.straggler_checked = Instant::now();
+        let Some(plan) = self
+            .r
+            .state
+            .job
+            .as_ref()
+            .filter(|j| j.state == phalanx_proto::JobState::Running)
+            .and_then(|j| j.plan.clone())
+        else {
+            return;
+        };
+        let decisions = self.stragglers.observe(
+            &plan,
+            &self.compute_ms,
+            &self.r.state.workers,
+            &self.cfg.stragglers,
+        );
+        for (worker, decision, reason) in decisions {
+            self.lease_seq += 1;
+            let command = match decision {
+                phalanx_core::StragglerDecision::ReduceShare => Command::ReduceShare {
+                    worker: worker.clone(),
+                    epoch: plan.epoch,
+                    reason,
+                },
+                phalanx_core::StragglerDecision::SwapForSpare => Command::SetWorkerHealth {
+                    id: worker.clone(),
+                    health: WorkerHealth::Draining,
+                    reason,
+                    address: None,
+                },
+            };
+            let env = Envelope {
+                request_id: format!(
+                    "straggler-n{}-t{}-{}",
+                    self.cfg.id,
+                    self.r.term(),
+                    self.lease_seq
+                ),
+                command,
+            };
+            info!(worker = %worker, ?decision, "straggler decision");
+            let _ = self.r.propose(&env);
+            self.compute_ms.remove(&worker);
+        }
+    }
+
+    fn expire_waiters(&mut self) {
+        let now = Instant::now();
+        self.waiters.retain(|_, ws| {
+            let mut keep = Vec::new();
+            for w in ws.drain(..) {
+                if w.deadline <= now {
+                    let _ = w.reply.send(Err(ApiError::Timeout));
+                } else {
+                    keep.push(w);
+                }
+            }
+            *ws = keep;
+            !ws.is_empty()
+        });
+        let expired: Vec<u64> = self
+            .reads
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some(p) = self.reads.remove(&id) {
+                let _ = p.reply.send(Err(ApiError::Timeout));
+            }
+        }
+    }
+}
