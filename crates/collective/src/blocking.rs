@@ -1,10 +1,84 @@
 //! Blocking wrapper for synchronous callers (the training step loop).
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{CollectiveError, Result};
 use crate::group::{Group, GroupConfig};
+
+/// How often a waiting rendezvous or operation polls its [`Cancel`] check.
+pub const CANCEL_POLL: Duration = Duration::from_millis(20);
+
+/// A check polled every [`CANCEL_POLL`] while the group waits: `Some(reason)` ends the
+/// rendezvous or the operation at once with [`CollectiveError::Cancelled`], so that a
+/// rank stuck behind a dead or hung peer leaves as soon as the caller knows better (a
+/// newer plan), instead of at the operation's timeout.
+#[derive(Clone)]
+pub struct Cancel(Arc<dyn Fn() -> Option<String> + Send + Sync>);
+
+impl Cancel {
+    pub fn new(check: impl Fn() -> Option<String> + Send + Sync + 'static) -> Self {
+        Cancel(Arc::new(check))
+    }
+    pub fn check(&self) -> Option<String> {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Cancel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Cancel(..)")
+    }
+}
+
+/// Runs `fut` to completion on `rt`, unless `cancel` fires first. An abandoned operation
+/// leaves the streams out of step, so a cancellation poisons the group: every later call
+/// fails with [`CollectiveError::Broken`].
+fn drive<T>(
+    rt: &tokio::runtime::Runtime,
+    cancel: Option<&Cancel>,
+    poisoned: &mut Option<String>,
+    fut: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    if let Some(cause) = poisoned {
+        return Err(CollectiveError::Broken {
+            cause: cause.clone(),
+        });
+    }
+    let r = drive_unpoisoned(rt, cancel, fut);
+    if let Err(CollectiveError::Cancelled { reason }) = &r {
+        *poisoned = Some(format!("cancelled: {reason}"));
+    }
+    r
+}
+
+fn drive_unpoisoned<T>(
+    rt: &tokio::runtime::Runtime,
+    cancel: Option<&Cancel>,
+    fut: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    let Some(c) = cancel else {
+        return rt.block_on(fut);
+    };
+    if let Some(reason) = c.check() {
+        return Err(CollectiveError::Cancelled { reason });
+    }
+    rt.block_on(async {
+        tokio::pin!(fut);
+        loop {
+            tokio::select! {
+                biased;
+                r = &mut fut => return r,
+                _ = tokio::time::sleep(CANCEL_POLL) => {
+                    if let Some(reason) = c.check() {
+                        return Err(CollectiveError::Cancelled { reason });
+                    }
+                }
+            }
+        }
+    })
+}
 
 /// A [`Group`] driven by its own current-thread tokio runtime.
 ///
@@ -13,6 +87,9 @@ use crate::group::{Group, GroupConfig};
 pub struct BlockingGroup {
     // declared before `rt` so the sockets drop first
     group: Group,
+    cancel: Option<Cancel>,
+    /// Set when a cancelled operation was abandoned mid-flight.
+    poisoned: Option<String>,
     rt: tokio::runtime::Runtime,
 }
 
@@ -26,38 +103,53 @@ impl BlockingGroup {
     /// Rendezvous with the other ranks. `listener` must already be bound to
     /// `cfg.peers[cfg.rank]`.
     pub fn connect(cfg: GroupConfig, listener: std::net::TcpListener) -> Result<BlockingGroup> {
+        Self::connect_with(cfg, listener, None)
+    }
+
+    /// [`Self::connect`] with a cancel check that also bounds every later operation.
+    pub fn connect_with(
+        cfg: GroupConfig,
+        listener: std::net::TcpListener,
+        cancel: Option<Cancel>,
+    ) -> Result<BlockingGroup> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|source| CollectiveError::Runtime { source })?;
-        let group = rt.block_on(async {
-            let listen_addr = listener.local_addr().ok();
-            let peer_addr = listen_addr.unwrap_or_else(|| {
-                cfg.peers
-                    .get(cfg.rank)
-                    .copied()
-                    .unwrap_or(([127, 0, 0, 1], 0).into())
-            });
-            let io = |source| CollectiveError::Io {
-                op: "rendezvous(listen)",
-                peer_rank: cfg.rank,
-                peer_addr,
-                source,
-            };
-            listener.set_nonblocking(true).map_err(io)?;
-            let l = tokio::net::TcpListener::from_std(listener).map_err(io)?;
-            Group::connect(cfg, l).await
-        })?;
-        Ok(BlockingGroup { group, rt })
+        let listen_addr = listener.local_addr().ok();
+        let peer_addr = listen_addr.unwrap_or_else(|| {
+            cfg.peers
+                .get(cfg.rank)
+                .copied()
+                .unwrap_or(([127, 0, 0, 1], 0).into())
+        });
+        let io = |source| CollectiveError::Io {
+            op: "rendezvous(listen)",
+            peer_rank: cfg.rank,
+            peer_addr,
+            source,
+        };
+        listener.set_nonblocking(true).map_err(io)?;
+        let l = {
+            let _guard = rt.enter();
+            tokio::net::TcpListener::from_std(listener).map_err(io)?
+        };
+        let group = drive_unpoisoned(&rt, cancel.as_ref(), Group::connect(cfg, l))?;
+        Ok(BlockingGroup {
+            group,
+            cancel,
+            poisoned: None,
+            rt,
+        })
     }
 
-    /// Run an async operation on the underlying group.
-    pub fn block_on<'a, F, T>(&'a mut self, f: impl FnOnce(&'a mut Group) -> F) -> T
+    /// Run an async operation on the underlying group (bounded by the cancel check).
+    pub fn block_on<'a, F, T>(&'a mut self, f: impl FnOnce(&'a mut Group) -> F) -> Result<T>
     where
-        F: Future<Output = T> + 'a,
+        F: Future<Output = Result<T>> + 'a,
     {
         let fut = f(&mut self.group);
-        self.rt.block_on(fut)
+        drive(&self.rt, self.cancel.as_ref(), &mut self.poisoned, fut)
     }
 
     pub fn group(&self) -> &Group {
@@ -80,35 +172,76 @@ impl BlockingGroup {
     }
 
     pub fn all_reduce_sum_i64(&mut self, data: &mut [i64]) -> Result<()> {
-        self.rt.block_on(self.group.all_reduce_sum_i64(data))
+        drive(
+            &self.rt,
+            self.cancel.as_ref(),
+            &mut self.poisoned,
+            self.group.all_reduce_sum_i64(data),
+        )
     }
     pub fn all_reduce_sum_i64_within(&mut self, data: &mut [i64], timeout: Duration) -> Result<()> {
-        self.rt
-            .block_on(self.group.all_reduce_sum_i64_within(data, timeout))
+        drive(
+            &self.rt,
+            self.cancel.as_ref(),
+            &mut self.poisoned,
+            self.group.all_reduce_sum_i64_within(data, timeout),
+        )
     }
     pub fn all_reduce_sum_f32(&mut self, data: &mut [f32]) -> Result<()> {
-        self.rt.block_on(self.group.all_reduce_sum_f32(data))
+        drive(
+            &self.rt,
+            self.cancel.as_ref(),
+            &mut self.poisoned,
+            self.group.all_reduce_sum_f32(data),
+        )
     }
     pub fn all_reduce_sum_f32_within(&mut self, data: &mut [f32], timeout: Duration) -> Result<()> {
-        self.rt
-            .block_on(self.group.all_reduce_sum_f32_within(data, timeout))
+        drive(
+            &self.rt,
+            self.cancel.as_ref(),
+            &mut self.poisoned,
+            self.group.all_reduce_sum_f32_within(data, timeout),
+        )
     }
     pub fn all_reduce_max_f64(&mut self, data: &mut [f64]) -> Result<()> {
-        self.rt.block_on(self.group.all_reduce_max_f64(data))
+        drive(
+            &self.rt,
+            self.cancel.as_ref(),
+            &mut self.poisoned,
+            self.group.all_reduce_max_f64(data),
+        )
     }
     pub fn all_reduce_max_f64_within(&mut self, data: &mut [f64], timeout: Duration) -> Result<()> {
-        self.rt
-            .block_on(self.group.all_reduce_max_f64_within(data, timeout))
+        drive(
+            &self.rt,
+            self.cancel.as_ref(),
+            &mut self.poisoned,
+            self.group.all_reduce_max_f64_within(data, timeout),
+        )
     }
     pub fn all_gather(&mut self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
-        self.rt.block_on(self.group.all_gather(bytes))
+        drive(
+            &self.rt,
+            self.cancel.as_ref(),
+            &mut self.poisoned,
+            self.group.all_gather(bytes),
+        )
     }
     pub fn all_gather_within(&mut self, bytes: &[u8], timeout: Duration) -> Result<Vec<Vec<u8>>> {
-        self.rt
-            .block_on(self.group.all_gather_within(bytes, timeout))
+        drive(
+            &self.rt,
+            self.cancel.as_ref(),
+            &mut self.poisoned,
+            self.group.all_gather_within(bytes, timeout),
+        )
     }
     pub fn broadcast(&mut self, buf: &mut [u8], root: usize) -> Result<()> {
-        self.rt.block_on(self.group.broadcast(buf, root))
+        drive(
+            &self.rt,
+            self.cancel.as_ref(),
+            &mut self.poisoned,
+            self.group.broadcast(buf, root),
+        )
     }
     pub fn broadcast_within(
         &mut self,
@@ -116,13 +249,27 @@ impl BlockingGroup {
         root: usize,
         timeout: Duration,
     ) -> Result<()> {
-        self.rt
-            .block_on(self.group.broadcast_within(buf, root, timeout))
+        drive(
+            &self.rt,
+            self.cancel.as_ref(),
+            &mut self.poisoned,
+            self.group.broadcast_within(buf, root, timeout),
+        )
     }
     pub fn barrier(&mut self) -> Result<()> {
-        self.rt.block_on(self.group.barrier())
+        drive(
+            &self.rt,
+            self.cancel.as_ref(),
+            &mut self.poisoned,
+            self.group.barrier(),
+        )
     }
     pub fn barrier_within(&mut self, timeout: Duration) -> Result<()> {
-        self.rt.block_on(self.group.barrier_within(timeout))
+        drive(
+            &self.rt,
+            self.cancel.as_ref(),
+            &mut self.poisoned,
+            self.group.barrier_within(timeout),
+        )
     }
 }

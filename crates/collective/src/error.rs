@@ -73,6 +73,11 @@ pub enum CollectiveError {
     #[error("collective group is broken by an earlier error: {cause}")]
     Broken { cause: String },
 
+    /// The caller's cancel check fired while the rendezvous or an operation waited (for
+    /// example, a newer plan superseded the group); the group is unusable afterwards.
+    #[error("cancelled: {reason}")]
+    Cancelled { reason: String },
+
     /// The blocking wrapper could not build its tokio runtime.
     #[error("cannot build the collective runtime: {source}")]
     Runtime {

@@ -28,6 +28,11 @@ pub enum Tag {
     Hello = 1,
     /// Operation payload.
     Data = 2,
+    /// The connecting side's confirmation that it accepted the listener's [`Hello`]: the
+    /// third leg of the rendezvous handshake. A listener takes a connection only once it has
+    /// this, so a connection whose dialer gave up (and closed it) is never mistaken for a
+    /// live link.
+    Confirm = 3,
 }
 
 impl Tag {
@@ -35,6 +40,7 @@ impl Tag {
         match b {
             1 => Some(Tag::Hello),
             2 => Some(Tag::Data),
+            3 => Some(Tag::Confirm),
             _ => None,
         }
     }

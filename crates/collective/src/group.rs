@@ -491,8 +491,7 @@ impl Group {
             | (_, Err(e @ CollectiveError::Handshake { .. })) => return Err(e),
             (Err(e), _) | (_, Err(e)) => return Err(e),
         };
-        tracing::debug!(rank, world, "rendezvous complete");
-        Ok(Group {
+        let mut group = Group {
             tx: Some(TxLink {
                 stream: tx,
                 peer: right,
@@ -508,7 +507,19 @@ impl Group {
             cfg,
             broken: None,
             scratch_i64: Vec::new(),
-        })
+        };
+        // Both of this rank's links are up, but its neighbours' other links may not be:
+        // the group counts as formed only once every rank has both, learned by a barrier
+        // bounded by what is left of the rendezvous deadline (not by the op timeout). So
+        // all ranks leave the rendezvous within one ring round trip of each other, and the
+        // first operation never times out because a rank far along the ring was still
+        // dialling.
+        let left = dl.at.saturating_duration_since(Instant::now());
+        group
+            .all_gather_op("rendezvous(barrier)", &[], left)
+            .await?;
+        tracing::debug!(rank, world, "rendezvous complete");
+        Ok(group)
     }
 
     pub fn rank(&self) -> usize {
@@ -1001,20 +1012,36 @@ fn to_wire<'a, T: Elem>(c: &'a [T], scratch: &'a mut Vec<u8>) -> &'a [u8] {
 }
 
 async fn read_hello(s: &mut TcpStream, p: Peer, dl: Deadline, fmax: usize) -> Result<Hello> {
+    read_frame(s, Tag::Hello, p, dl, fmax).await
+}
+
+/// Reads one handshake frame (`Hello` or `Confirm`, both carrying a [`Hello`]).
+async fn read_frame(
+    s: &mut TcpStream,
+    tag: Tag,
+    p: Peer,
+    dl: Deadline,
+    fmax: usize,
+) -> Result<Hello> {
     let op = "rendezvous";
     let mut hb = [0u8; HEADER_BYTES];
     read_exact_by(s, &mut hb, op, p, dl).await?;
     let h = frame::decode_header(&hb, fmax).map_err(|e| frame_err(op, p, e))?;
-    frame::check_header(&h, Tag::Hello, 0, Some(frame::HELLO_BYTES))
-        .map_err(|e| frame_err(op, p, e))?;
+    frame::check_header(&h, tag, 0, Some(frame::HELLO_BYTES)).map_err(|e| frame_err(op, p, e))?;
     let mut pb = [0u8; frame::HELLO_BYTES];
     read_exact_by(s, &mut pb, op, p, dl).await?;
     Hello::decode(&pb).map_err(|e| frame_err(op, p, e))
 }
 
-async fn write_hello(s: &mut TcpStream, hello: Hello, p: Peer, dl: Deadline) -> Result<()> {
-    let f = frame::encode_frame(Tag::Hello, 0, &hello.encode())
-        .map_err(|e| frame_err("rendezvous", p, e))?;
+async fn write_frame(
+    s: &mut TcpStream,
+    tag: Tag,
+    hello: Hello,
+    p: Peer,
+    dl: Deadline,
+) -> Result<()> {
+    let f =
+        frame::encode_frame(tag, 0, &hello.encode()).map_err(|e| frame_err("rendezvous", p, e))?;
     write_all_by(s, &f, "rendezvous", p, dl).await
 }
 
@@ -1056,9 +1083,10 @@ async fn connect_right(p: Peer, hello: Hello, dl: Deadline, fmax: usize) -> Resu
                 Err(_) => return Err(timeout_err(op, p, dl.started)),
             };
             s.set_nodelay(true).map_err(|e| map_io(op, p, e))?;
-            write_hello(&mut s, hello, p, dl).await?;
+            write_frame(&mut s, Tag::Hello, hello, p, dl).await?;
             let got = read_hello(&mut s, p, dl, fmax).await?;
             check_hello(got, hello, p)?;
+            write_frame(&mut s, Tag::Confirm, hello, p, dl).await?;
             Ok(s)
         };
         match attempt.await {
@@ -1109,7 +1137,11 @@ async fn accept_left(
             s.set_nodelay(true).map_err(|e| map_io(op, p, e))?;
             let got = read_hello(&mut s, p, dl, fmax).await?;
             check_hello(got, hello, p)?;
-            write_hello(&mut s, hello, p, dl).await
+            write_frame(&mut s, Tag::Hello, hello, p, dl).await?;
+            // The third leg: a dialer that gave up before our hello reached it has closed
+            // the connection, and this read fails instead of handing back a dead link.
+            let confirm = read_frame(&mut s, Tag::Confirm, p, dl, fmax).await?;
+            check_hello(confirm, hello, p)
         };
         match attempt.await {
             Ok(()) => return Ok(s),

@@ -57,7 +57,7 @@ pub mod fixed_point;
 pub mod frame;
 pub mod group;
 
-pub use blocking::BlockingGroup;
+pub use blocking::{BlockingGroup, Cancel};
 pub use error::{CollectiveError, NonFiniteLocation, Result};
 pub use frame::FrameError;
 pub use group::{

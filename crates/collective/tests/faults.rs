@@ -21,6 +21,8 @@ fn fake_rank1(l1: &TcpListener, addr0: std::net::SocketAddr) -> (TcpStream, TcpS
     out.write_all(&f).unwrap();
     let mut reply = [0u8; HEADER_BYTES + frame::HELLO_BYTES];
     out.read_exact(&mut reply).unwrap();
+    out.write_all(&frame::encode_frame(Tag::Confirm, 0, &hello.encode()).unwrap())
+        .unwrap();
     let (inb, _) = l1.accept().unwrap();
     let mut inb = inb;
     let mut their = [0u8; HEADER_BYTES + frame::HELLO_BYTES];
@@ -28,8 +30,20 @@ fn fake_rank1(l1: &TcpListener, addr0: std::net::SocketAddr) -> (TcpStream, TcpS
     let (_, p, _) = frame::decode_frame(&their, 1 << 20).unwrap();
     assert_eq!(Hello::decode(p).unwrap().rank, 0);
     inb.write_all(&f).unwrap();
+    let mut confirm = [0u8; HEADER_BYTES + frame::HELLO_BYTES];
+    inb.read_exact(&mut confirm).unwrap();
+    let (h, _, _) = frame::decode_frame(&confirm, 1 << 20).unwrap();
+    assert_eq!(h.tag, Tag::Confirm);
+    // The formation barrier: an all-gather of nothing (one length frame, seq 1, each way).
+    out.write_all(&frame::encode_frame(Tag::Data, 1, &0u64.to_le_bytes()).unwrap())
+        .unwrap();
+    let mut barrier = [0u8; HEADER_BYTES + 8];
+    inb.read_exact(&mut barrier).unwrap();
     (out, inb)
 }
+
+/// The first data frame after the rendezvous (the barrier used seq 1).
+const FIRST_SEQ: u64 = 2;
 
 #[test]
 fn killed_peer_mid_op_is_peer_closed() {
@@ -52,7 +66,7 @@ fn killed_peer_mid_op_is_peer_closed() {
     let (mut out, inb) = fake_rank1(&l1, addrs[0]);
     // send one valid chunk of the first step, then die
     let chunk = vec![0u8; 64 << 10];
-    out.write_all(&frame::encode_frame(Tag::Data, 1, &chunk).unwrap())
+    out.write_all(&frame::encode_frame(Tag::Data, FIRST_SEQ, &chunk).unwrap())
         .unwrap();
     std::thread::sleep(Duration::from_millis(100));
     drop(out);
@@ -240,7 +254,7 @@ fn garbage_frame_is_a_frame_error() {
     });
     let (mut out, inb) = fake_rank1(&l1, addrs[0]);
     // oversized length in an otherwise valid header
-    let mut f = frame::encode_frame(Tag::Data, 1, &[0u8; 8]).unwrap();
+    let mut f = frame::encode_frame(Tag::Data, FIRST_SEQ, &[0u8; 8]).unwrap();
     f[16..20].copy_from_slice(&(1u32 << 30).to_le_bytes());
     out.write_all(&f).unwrap();
     let e = t.join().unwrap();

@@ -290,6 +290,52 @@ impl ClusterState {
                 self.event(index, "plan", &name, format!("epoch {new_epoch}: {worker}'s micro-batch share halved (shares {shares:?})"));
                 ok("share reduced")
             }
+            Command::ReportEpochStuck {
+                worker,
+                epoch,
+                attempts,
+                blamed_rank,
+                reason,
+            } => {
+                if self.too_long(reason) {
+                    return no("reason too long");
+                }
+                let Some(j) = &mut self.job else {
+                    return no("no job");
+                };
+                if j.state != JobState::Running {
+                    return no(format!("job is {:?}", j.state));
+                }
+                let Some(plan) = j.plan.as_mut().filter(|p| p.epoch == *epoch) else {
+                    return no(format!("stale epoch {epoch}"));
+                };
+                if !plan.ranks.contains(worker) {
+                    return no(format!("worker {worker} has no rank in epoch {epoch}"));
+                }
+                let blamed = match blamed_rank.and_then(|r| plan.ranks.get(r as usize)) {
+                    Some(w) => format!("; it blames rank {} ({w})", blamed_rank.unwrap_or(0)),
+                    None => String::new(),
+                };
+                let new_epoch = plan.epoch + 1;
+                plan.epoch = new_epoch;
+                plan.reason = format!("epoch {epoch} did not converge");
+                let ranks = plan.ranks.join(", ");
+                j.rank_steps = vec![j.progress_step; plan.ranks.len()];
+                let name = j.spec.name.clone();
+                self.event(
+                    index,
+                    "epoch_stuck",
+                    worker,
+                    format!("epoch {epoch}: {attempts} attempts by {worker} failed with no step committed{blamed}; last error: {reason}"),
+                );
+                self.event(
+                    index,
+                    "plan",
+                    &name,
+                    format!("epoch {new_epoch}: epoch {epoch} did not converge; the same ranks regroup under a new group id [{ranks}]"),
+                );
+                ok("epoch re-issued")
+            }
             Command::ReportGradientMismatch {
                 worker,
                 epoch,
@@ -712,6 +758,45 @@ mod tests {
             s.annotations["k"], "2",
             "the retry must not overwrite the later write"
         );
+    }
+
+    #[test]
+    fn a_stuck_epoch_is_reissued_once_under_a_new_epoch() {
+        let mut s = ClusterState::new(StateLimits::default());
+        for (i, w) in ["a", "b", "c"].into_iter().enumerate() {
+            s.apply(i as u64 + 1, &env(&format!("reg-{w}"), reg(w)));
+        }
+        s.apply(4, &env("submit", Command::SubmitJob { spec: spec() }));
+        let stuck = |worker: &str, epoch: u64| Command::ReportEpochStuck {
+            worker: worker.into(),
+            epoch,
+            attempts: 3,
+            blamed_rank: Some(2),
+            reason: "peer rank 2 closed the connection".into(),
+        };
+        let out = s.apply(5, &env("stuck-a-1", stuck("a", 1)));
+        assert!(out.outcome.is_applied(), "{out:?}");
+        let plan = s.job.as_ref().unwrap().plan.clone().unwrap();
+        assert_eq!(plan.epoch, 2);
+        assert_eq!(plan.ranks, vec!["a", "b", "c"], "the same ranks regroup");
+        let ev: Vec<_> = s
+            .events
+            .iter()
+            .map(|e| (e.kind.clone(), e.reason.clone()))
+            .collect();
+        assert!(
+            ev.iter().any(|(k, r)| k == "epoch_stuck"
+                && r.contains("blames rank 2 (c)")
+                && r.contains("closed the connection")),
+            "{ev:?}"
+        );
+        // The other ranks' reports about the same epoch are stale: one re-issue per epoch.
+        let again = s.apply(6, &env("stuck-b-1", stuck("b", 1)));
+        assert!(!again.outcome.is_applied());
+        assert_eq!(s.job.as_ref().unwrap().plan.as_ref().unwrap().epoch, 2);
+        // A worker without a rank cannot bump the epoch.
+        let outsider = s.apply(7, &env("stuck-z-2", stuck("z", 2)));
+        assert!(!outsider.outcome.is_applied());
     }
 
     #[test]

@@ -253,6 +253,19 @@ pub enum Command {
         epoch: u64,
         reason: String,
     },
+    /// A rank's group of this epoch failed to form or broke again and again with no step
+    /// committed in between: the leader re-issues the plan as a new epoch (a new group id,
+    /// so every connection of the old attempts is refused), naming the reporter's last
+    /// error and the peer it blames.
+    ReportEpochStuck {
+        worker: WorkerId,
+        epoch: u64,
+        attempts: u32,
+        /// The rank the reporter's last error names, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        blamed_rank: Option<u32>,
+        reason: String,
+    },
     /// An operator (or a chaos scenario) injected a fault; recorded for the event log.
     RecordFault {
         target: String,

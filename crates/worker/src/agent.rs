@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use phalanx_checkpoint::{
     self as ckpt, AsyncCheckpointer, CheckpointEvent, CheckpointerConfig, ShardRecord,
 };
-use phalanx_collective::{BlockingGroup, GroupConfig};
+use phalanx_collective::{BlockingGroup, Cancel, GroupConfig};
 use phalanx_controller::client::{new_request_id, Client};
 use phalanx_proto::{Assignment, Command, DeviceSpec, HeartbeatRequest, JobSpec, JobState};
 use phalanx_train::data::{default_corpus_spec, Corpus};
@@ -158,6 +158,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), WorkerError> {
     let mut last_step: Option<(Instant, u64)> = None;
     let mut backoff = Duration::from_millis(100);
     let mut was_partitioned = false;
+    let mut stuck = StuckEpoch::default();
     let result = loop {
         if cfg.lifetime_max > Duration::ZERO && started.elapsed() > cfg.lifetime_max {
             break Err(WorkerError::Protocol(format!(
@@ -204,7 +205,8 @@ pub fn run(cfg: AgentConfig) -> Result<(), WorkerError> {
             std::thread::sleep(cfg.heartbeat_interval);
             continue;
         };
-        match run_epoch(
+        let step_before = last_step.map(|(_, s)| s);
+        let outcome = run_epoch(
             &cfg,
             &a,
             rank as usize,
@@ -213,12 +215,30 @@ pub fn run(cfg: AgentConfig) -> Result<(), WorkerError> {
             &shared,
             &progress,
             &mut last_step,
-        ) {
+        );
+        // Whatever broke while a newer plan existed was that plan's doing: not a fault to
+        // report, nor an attempt of this epoch that failed.
+        let outcome = match outcome {
+            Err(e)
+                if !matches!(e, WorkerError::Superseded { .. })
+                    && shared.epoch.load(Ordering::SeqCst) > a.epoch =>
+            {
+                info!(epoch = a.epoch, error = %e, "epoch superseded while it ran");
+                Err(WorkerError::Superseded { epoch: a.epoch })
+            }
+            other => other,
+        };
+        match outcome {
             Ok(()) => backoff = Duration::from_millis(100),
+            Err(WorkerError::Superseded { .. }) => backoff = Duration::from_millis(100),
             Err(e) => {
+                let progressed = last_step.map(|(_, s)| s) != step_before;
+                if let Some(report) = stuck.failed(a.epoch, progressed, rank as usize, &e) {
+                    escalate_stuck_epoch(&client, &cfg.id, &job, report);
+                }
                 warn!(epoch = a.epoch, error = %e, "epoch ended with an error; waiting for the next plan");
                 match &e {
-                    WorkerError::Superseded { .. } | WorkerError::Quarantined(_) => {}
+                    WorkerError::Quarantined(_) => {}
                     // Nobody can tell which replica is right: every rank drops its state, so
                     // the group restarts from the newest valid checkpoint and redoes the steps.
                     WorkerError::NoMajority { .. } => engine = None,
@@ -292,6 +312,83 @@ fn inject(cfg: &AgentConfig, engine: &mut Engine, f: &Fault) -> Result<(), Worke
         }
         // Acted on elsewhere: by the heartbeat thread, or by the step loop (SdcGrad).
         FaultKind::Slow | FaultKind::DiskFull | FaultKind::Partition | FaultKind::SdcGrad => Ok(()),
+    }
+}
+
+/// Failed attempts of one epoch in a row with no step committed; after
+/// [`STUCK_ATTEMPTS`] of them the worker asks the controller for a new epoch.
+pub const STUCK_ATTEMPTS: u32 = 3;
+
+#[derive(Default)]
+struct StuckEpoch {
+    epoch: u64,
+    attempts: u32,
+}
+
+/// What a worker tells the controller about an epoch that does not converge.
+struct StuckReport {
+    epoch: u64,
+    attempts: u32,
+    blamed_rank: Option<u32>,
+    reason: String,
+}
+
+impl StuckEpoch {
+    /// Counts a failed attempt of `epoch`; returns the report to send once the epoch has
+    /// failed [`STUCK_ATTEMPTS`] times in a row without a step (then counts afresh).
+    fn failed(
+        &mut self,
+        epoch: u64,
+        progressed: bool,
+        my_rank: usize,
+        e: &WorkerError,
+    ) -> Option<StuckReport> {
+        if epoch != self.epoch || progressed {
+            *self = StuckEpoch { epoch, attempts: 0 };
+        }
+        self.attempts += 1;
+        if self.attempts < STUCK_ATTEMPTS {
+            return None;
+        }
+        let attempts = std::mem::take(&mut self.attempts);
+        let blamed_rank = match e {
+            WorkerError::Collective(c) => c.peer_rank().filter(|r| *r != my_rank),
+            _ => None,
+        }
+        .map(|r| r as u32);
+        let mut reason = e.to_string();
+        if reason.len() > 400 {
+            let mut cut = 400;
+            while !reason.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            reason.truncate(cut);
+        }
+        Some(StuckReport {
+            epoch,
+            attempts,
+            blamed_rank,
+            reason,
+        })
+    }
+}
+
+fn escalate_stuck_epoch(client: &Client, me: &str, job: &JobSpec, r: StuckReport) {
+    warn!(epoch = r.epoch, attempts = r.attempts, reason = %r.reason, "epoch does not converge; asking for a new one");
+    let cmd = Command::ReportEpochStuck {
+        worker: me.to_string(),
+        epoch: r.epoch,
+        attempts: r.attempts,
+        blamed_rank: r.blamed_rank,
+        reason: r.reason,
+    };
+    let id = new_request_id(&format!("stuck-{}-{}-{me}", job.name, r.epoch));
+    match client.command_with_id(id, cmd) {
+        Ok(out) if !out.outcome.is_applied() => {
+            info!(outcome = %out.outcome.message(), "stuck-epoch report not applied")
+        }
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "reporting the stuck epoch failed"),
     }
 }
 
@@ -486,7 +583,7 @@ fn run_epoch(
     rank: usize,
     job: &JobSpec,
     engine_slot: &mut Option<Slot>,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     progress: &mpsc::Sender<(u64, u64)>,
     last_step: &mut Option<(Instant, u64)>,
 ) -> Result<(), WorkerError> {
@@ -526,7 +623,21 @@ fn run_epoch(
     gc.group_id = group_id(job, a.epoch);
     gc.rendezvous_timeout = cfg.rendezvous_timeout;
     gc.op_timeout = cfg.op_timeout;
-    let mut group = BlockingGroup::connect(gc, listener)?;
+    // A rank waiting on a dead or hung peer leaves as soon as the controller has moved on.
+    let cancel = {
+        let (shared, epoch) = (shared.clone(), a.epoch);
+        Cancel::new(move || {
+            let newest = shared.epoch.load(Ordering::SeqCst);
+            if newest > epoch {
+                Some(format!("epoch {epoch} superseded by epoch {newest}"))
+            } else if shared.partitioned() {
+                Some("cut off by a network partition".into())
+            } else {
+                None
+            }
+        })
+    };
+    let mut group = BlockingGroup::connect_with(gc, listener, Some(cancel))?;
     info!(epoch = a.epoch, rank, world, "group formed");
 
     // Only a state this worker agreed on with a group (and trained or loaded since) counts;
