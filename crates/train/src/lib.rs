@@ -10,6 +10,8 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod engine;
+pub mod export;
+pub mod generate;
 pub mod model;
 pub mod optim;
 pub mod sampler;

@@ -7,6 +7,7 @@
 //! [`rendezvous`] is the small stdio protocol by which `phalanx train` starts workers.
 pub mod agent;
 pub mod dp;
+pub mod export;
 pub mod fault;
 pub mod rendezvous;
 pub mod snapshot;
