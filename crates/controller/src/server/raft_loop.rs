@@ -66,6 +66,9 @@ pub(crate) struct RaftLoop {
     peers: HashMap<NodeId, mpsc::Sender<Message>>,
     waiters: HashMap<String, Vec<Waiter>>,
     reads: HashMap<u64, PendingRead>,
+    /// Reads that reached this leader before its first commit in the term; their ReadIndex
+    /// is requested as soon as that commit lands.
+    held_reads: Vec<u64>,
     next_read: u64,
     leases: Option<Leases>,
     lease_inflight: BTreeMap<WorkerId, (WorkerHealth, Instant)>,
@@ -93,6 +96,7 @@ impl RaftLoop {
             peers: HashMap::new(),
             waiters: HashMap::new(),
             reads: HashMap::new(),
+            held_reads: Vec::new(),
             next_read: 1,
             leases: None,
             lease_inflight: BTreeMap::new(),
@@ -217,7 +221,14 @@ impl RaftLoop {
                 }
                 let id = self.next_read;
                 self.next_read += 1;
-                self.r.raw.read_index(id.to_be_bytes().to_vec());
+                if self.r.raw.raft.commit_to_current_term() {
+                    self.r.raw.read_index(id.to_be_bytes().to_vec());
+                } else {
+                    // raft-rs silently drops a ReadIndex until the leader has committed an
+                    // entry of its term (its no-op, one round trip after the election):
+                    // hold the read until then.
+                    self.held_reads.push(id);
+                }
                 let deadline = Instant::now() + Duration::from_millis(self.cfg.request_timeout_ms);
                 self.reads.insert(
                     id,
@@ -293,8 +304,21 @@ impl RaftLoop {
         Ok(())
     }
 
+    /// Request the ReadIndex of held reads once this leader has committed in its term.
+    fn release_held_reads(&mut self) {
+        if self.held_reads.is_empty() || !self.r.raw.raft.commit_to_current_term() {
+            return;
+        }
+        for id in std::mem::take(&mut self.held_reads) {
+            if self.reads.contains_key(&id) {
+                self.r.raw.read_index(id.to_be_bytes().to_vec());
+            }
+        }
+    }
+
     fn process_ready(&mut self) -> Result<(), NodeError> {
         for _ in 0..16 {
+            self.release_held_reads();
             if !self.r.raw.has_ready() {
                 break;
             }
@@ -385,6 +409,7 @@ impl RaftLoop {
                     let _ = w.reply.send(Err(err.clone()));
                 }
             }
+            self.held_reads.clear();
             for (_, p) in self.reads.drain() {
                 let _ = p.reply.send(Err(err.clone()));
             }
