@@ -28,8 +28,20 @@ pub fn job_toml(
     world_min: u32,
     world_max: u32,
 ) -> String {
+    job_toml_seed(name, steps, checkpoint_interval, world_min, world_max, 7)
+}
+
+/// [`job_toml`] with another seed.
+pub fn job_toml_seed(
+    name: &str,
+    steps: u64,
+    checkpoint_interval: u64,
+    world_min: u32,
+    world_max: u32,
+    seed: u64,
+) -> String {
     format!(
-        "name = \"{name}\"\nmodel = \"tiny\"\ncorpus = \"default\"\nsteps = {steps}\nglobal_batch = 8\nseed = 7\n\
+        "name = \"{name}\"\nmodel = \"tiny\"\ncorpus = \"default\"\nsteps = {steps}\nglobal_batch = 8\nseed = {seed}\n\
          checkpoint_interval_steps = {checkpoint_interval}\nworld_size_min = {world_min}\nworld_size_max = {world_max}\n"
     )
 }
@@ -185,6 +197,30 @@ impl LocalCluster {
         s
     }
 
+    /// SIGKILLs the given workers in one `kill` call (at once, not one CLI call each).
+    pub fn kill_workers_at_once(&self, ids: &[&str]) {
+        let text = std::fs::read_to_string(self.cluster_dir().join("cluster.json")).unwrap();
+        let file: Value = serde_json::from_str(&text).unwrap();
+        let pids: Vec<String> = ids
+            .iter()
+            .map(|id| {
+                file["workers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|w| w["id"] == *id)
+                    .unwrap_or_else(|| panic!("no worker {id} in cluster.json"))["pid"]
+                    .to_string()
+            })
+            .collect();
+        let st = std::process::Command::new("kill")
+            .arg("-9")
+            .args(&pids)
+            .status()
+            .unwrap();
+        assert!(st.success(), "kill -9 {pids:?}");
+    }
+
     pub fn checkpoint_root(&self) -> PathBuf {
         self.cluster_dir().join("checkpoints")
     }
@@ -201,16 +237,21 @@ impl Drop for LocalCluster {
 
 /// `phalanx train` of the same math as [`job_toml`], the fault-free reference.
 pub fn reference_sha(steps: u64, dir: &Path) -> String {
-    let summary = dir.join(format!("reference-{steps}.json"));
+    reference_sha_seed(steps, 7, dir)
+}
+
+/// [`reference_sha`] of [`job_toml_seed`].
+pub fn reference_sha_seed(steps: u64, seed: u64, dir: &Path) -> String {
+    let summary = dir.join(format!("reference-{steps}-{seed}.json"));
     let mut c = phalanx();
     c.args([
         "train",
         "--plain",
         "--workers=2",
         "--model=tiny",
-        "--seed=7",
         "--global-batch=8",
     ])
+    .arg(format!("--seed={seed}"))
     .arg(format!("--steps={steps}"))
     .arg(format!("--summary={}", summary.display()));
     let out = run_with_timeout(c, Duration::from_secs(300));

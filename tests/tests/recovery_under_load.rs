@@ -1,0 +1,144 @@
+//! Recovery converges on a loaded machine: two busy threads compete with the cluster's
+//! eight or nine processes for the cores while workers are killed, hung, killed several
+//! at once, or all killed and restarted. Each job must complete, bit-identical to its own
+//! fault-free reference, within a bound: before the rendezvous was fixed, the ranks of one
+//! epoch formed and broke their group every 2–3 s for minutes in these cases.
+//!
+//! `just test` runs each case with one seed; `just chaos-soak` sets
+//! `PHALANX_SOAK_SEEDS=7,8,9,10,11` to repeat them over several.
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use phalanx_tests::cluster::{job_toml_seed, reference_sha_seed, LocalCluster};
+use phalanx_tests::BusyThreads;
+use serde_json::Value;
+
+const STEPS: u64 = 200;
+const LIMIT: Duration = Duration::from_secs(300);
+
+fn seeds() -> Vec<u64> {
+    match std::env::var("PHALANX_SOAK_SEEDS") {
+        Ok(s) => s
+            .split(',')
+            .map(|x| {
+                x.trim()
+                    .parse()
+                    .unwrap_or_else(|_| panic!("PHALANX_SOAK_SEEDS: `{x}` is not a seed"))
+            })
+            .collect(),
+        Err(_) => vec![7],
+    }
+}
+
+fn reference(seed: u64) -> String {
+    static R: Mutex<Option<HashMap<u64, String>>> = Mutex::new(None);
+    let mut r = R.lock().unwrap_or_else(|p| p.into_inner());
+    r.get_or_insert_with(HashMap::new)
+        .entry(seed)
+        .or_insert_with(|| reference_sha_seed(STEPS, seed, tempfile::tempdir().unwrap().path()))
+        .clone()
+}
+
+/// Runs a job of `seed` on a cluster of `workers` (restarted after `restart_s` when not 0)
+/// with two busy threads beside it; `faults` acts once the job is past step 30.
+fn under_load(
+    name: &str,
+    seed: u64,
+    workers: usize,
+    restart_s: u64,
+    world_min: u32,
+    faults: impl FnOnce(&LocalCluster),
+) -> (LocalCluster, Value) {
+    let want = reference(seed);
+    let c = LocalCluster::start(workers, restart_s);
+    let busy = BusyThreads::start(2);
+    c.submit(&job_toml_seed(
+        &format!("{name}-{seed}"),
+        STEPS,
+        20,
+        world_min,
+        4,
+        seed,
+    ));
+    c.wait_step(30, LIMIT);
+    faults(&c);
+    let job = c.wait_done(LIMIT);
+    drop(busy);
+    assert_eq!(
+        job["params_sha256"].as_str().unwrap(),
+        want,
+        "{name} seed {seed}: not bit-identical to its reference\n{}",
+        c.logs()
+    );
+    (c, job)
+}
+
+fn waits_for_a_checkpoint(c: &LocalCluster) {
+    c.wait_for(LIMIT, "a committed checkpoint", |c| {
+        serde_json::from_str::<Value>(&c.ctl_ok(&["checkpoint", "list", "--json"]))
+            .ok()
+            .and_then(|v| v.as_array().map(|a| a.iter().any(|c| c["durable"] == true)))
+            .unwrap_or(false)
+    });
+}
+
+#[test]
+fn a_kill_then_a_hang_under_cpu_contention_converge() {
+    for seed in seeds() {
+        let (_c, job) = under_load("kill-hang", seed, 5, 0, 3, |c| {
+            c.inject("rank:1", "kill", &[]);
+            c.wait_step(80, LIMIT);
+            c.inject("rank:2", "hang", &["--for", "8s"]);
+        });
+        assert!(
+            job["recoveries"].as_array().map(|r| r.len()).unwrap_or(0) >= 2,
+            "{job}"
+        );
+    }
+}
+
+#[test]
+fn three_ranks_killed_at_once_under_cpu_contention_converge() {
+    for seed in seeds() {
+        // Four ranks and two spares; three ranks die in one instant, so the lone survivor's
+        // shards cannot cover the model and the new group restores a checkpoint.
+        let (_c, job) = under_load("three-killed", seed, 6, 0, 3, |c| {
+            waits_for_a_checkpoint(c);
+            let ranks: Vec<String> = c.job().unwrap()["plan"]["ranks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r.as_str().unwrap().to_string())
+                .collect();
+            let victims: Vec<&str> = ranks[1..].iter().map(String::as_str).collect();
+            c.kill_workers_at_once(&victims);
+        });
+        let recs = job["recoveries"].as_array().unwrap();
+        assert!(
+            recs.iter().any(|r| r["source"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("checkpoint step")),
+            "{recs:?}"
+        );
+    }
+}
+
+#[test]
+fn every_worker_killed_and_restarted_under_cpu_contention_converges() {
+    for seed in seeds() {
+        let (_c, job) = under_load("all-killed", seed, 4, 2, 4, |c| {
+            waits_for_a_checkpoint(c);
+            c.kill_workers_at_once(&["w0", "w1", "w2", "w3"]);
+        });
+        let recs = job["recoveries"].as_array().unwrap();
+        assert!(
+            recs.iter().any(|r| r["source"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("checkpoint step")),
+            "{recs:?}"
+        );
+    }
+}
