@@ -65,6 +65,10 @@ pub struct ServerConfig {
     pub frame_bytes_max: u64,
     pub http: HttpLimits,
     pub peer_queue_max: usize,
+    /// A peer link whose oldest unacknowledged frame waits longer than this is dropped and
+    /// redialed (also its sockets' `TCP_USER_TIMEOUT`). `None`: two election timeouts,
+    /// `2 * election_tick * tick_ms`.
+    pub peer_liveness_ms: Option<u64>,
 }
 
 impl ServerConfig {
@@ -92,7 +96,16 @@ impl ServerConfig {
             frame_bytes_max: 64 << 20,
             http: HttpLimits::default(),
             peer_queue_max: 4_096,
+            peer_liveness_ms: None,
         }
+    }
+
+    /// The peer links' liveness deadline (see `peer_liveness_ms`), at least 50 ms.
+    pub fn peer_liveness(&self) -> Duration {
+        let ms = self
+            .peer_liveness_ms
+            .unwrap_or(2 * self.election_tick as u64 * self.tick_ms);
+        Duration::from_millis(ms.max(50))
     }
 
     pub fn validate(&self) -> Result<(), ServerError> {

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, info_span};
 
 use super::api::{ApiError, Query, Reply};
-use super::transport::peer_sender;
+use super::transport::{peer_sender, LinkTiming};
 use super::ServerConfig;
 use crate::node::{NodeError, Replica};
 
@@ -381,8 +381,9 @@ impl RaftLoop {
             let token = self.cfg.token.clone();
             let from = self.cfg.id;
             let frame_max = self.cfg.frame_bytes_max;
+            let timing = LinkTiming::new(self.cfg.peer_liveness());
             self.rt
-                .spawn(peer_sender(from, to, addr, token, rx, frame_max));
+                .spawn(peer_sender(from, to, addr, token, rx, frame_max, timing));
             self.peers.insert(to, tx);
         }
         if let Some(tx) = self.peers.get(&to) {

@@ -1,19 +1,35 @@
 //! The peer transport: one outgoing TCP connection per peer, fed by a bounded queue that
-//! the raft thread never blocks on; incoming peer connections deliver frames to the raft
-//! thread.
+//! the raft thread never blocks on (`try_send`; a full queue drops, raft retransmits);
+//! incoming peer connections deliver frames to the raft thread.
+//!
+//! Links follow the network. A connection that was cut while it held unacknowledged data
+//! sits in the kernel's retransmission backoff (the RTO doubles up to seconds) long after
+//! the network has healed, and a write only fails once the send buffer is full. So:
+//!
+//! - the receiver acknowledges every frame on the same connection (a cumulative `u64`
+//!   count, big-endian), and the sender pings an idle link with empty frames;
+//! - a link whose oldest unacknowledged frame has waited longer than the liveness
+//!   deadline (`ServerConfig::peer_liveness`, two election timeouts by default) with no
+//!   acknowledgement in between is dropped, and the next message redials;
+//! - peer sockets carry `TCP_USER_TIMEOUT` (the same deadline) and keepalives, so the
+//!   kernel also aborts a connection whose data goes unacknowledged;
+//! - every write is bounded by the deadline per 64 KiB chunk, and dials by a short
+//!   connect timeout.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use phalanx_proto::NodeId;
 use protobuf::Message as PbMessage;
 use raft::prelude::Message;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
-use tracing::{debug, warn};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
 
 use super::raft_loop::Input;
 use super::{token_eq, ConnCtx};
@@ -23,6 +39,168 @@ use crate::wire::{self, PEER_MAGIC};
 struct Handshake {
     from: NodeId,
     token: String,
+    /// The sender wants a cumulative count of frames back and may send empty frames
+    /// (pings). Nodes of this version always ask.
+    #[serde(default)]
+    acks: bool,
+}
+
+/// Timing of one outgoing peer link.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LinkTiming {
+    /// Drop the link when its oldest unacknowledged frame has waited this long.
+    pub liveness: Duration,
+    /// Give up a dial (or the handshake write) after this long.
+    pub connect: Duration,
+    /// After a failed dial, wait this long (dropping what is queued) before the next.
+    pub backoff: Duration,
+}
+
+impl LinkTiming {
+    pub(crate) fn new(liveness: Duration) -> Self {
+        LinkTiming {
+            liveness,
+            connect: (liveness / 2).max(Duration::from_millis(100)),
+            backoff: (liveness / 10).max(Duration::from_millis(10)),
+        }
+    }
+    fn ping_every(&self) -> Duration {
+        self.liveness / 4
+    }
+}
+
+/// `TCP_USER_TIMEOUT` and keepalives on a peer socket: the kernel aborts a connection
+/// whose data stays unacknowledged for `user_timeout`.
+fn set_peer_socket_options(s: &TcpStream, user_timeout: Duration) {
+    use std::os::fd::AsRawFd;
+    let fd = s.as_raw_fd();
+    let _ = s.set_nodelay(true);
+    let set = |level: libc::c_int, opt: libc::c_int, v: libc::c_int| {
+        // SAFETY: setsockopt on a socket this function borrows, with a pointer to a live
+        // c_int and its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                opt,
+                &v as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            debug!(opt, err = %std::io::Error::last_os_error(), "setsockopt failed");
+        }
+    };
+    let ms = user_timeout.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
+    let secs = (ms / 1000).max(1);
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    #[cfg(target_os = "linux")]
+    {
+        set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms);
+        set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, secs);
+        set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, secs);
+        set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3);
+    }
+}
+
+/// One live outgoing connection.
+struct Link {
+    w: OwnedWriteHalf,
+    /// The receiver's cumulative count of frames; closed when the connection ends.
+    acks: watch::Receiver<u64>,
+    reader: tokio::task::JoinHandle<()>,
+    sent: u64,
+    acked: u64,
+    /// (frame number, when its write completed) of the frames not yet acknowledged.
+    unacked: VecDeque<(u64, Instant)>,
+    last_progress: Instant,
+    last_write: Instant,
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl Link {
+    async fn dial(from: NodeId, addr: &str, token: &str, t: LinkTiming) -> Option<Link> {
+        let s = tokio::time::timeout(t.connect, TcpStream::connect(addr))
+            .await
+            .ok()?
+            .ok()?;
+        set_peer_socket_options(&s, t.liveness);
+        let hs = serde_json::to_vec(&Handshake {
+            from,
+            token: token.to_string(),
+            acks: true,
+        })
+        .ok()?;
+        let mut hello = PEER_MAGIC.to_vec();
+        hello.extend_from_slice(&wire::encode_frame(&hs));
+        let (mut r, mut w) = s.into_split();
+        tokio::time::timeout(t.connect, w.write_all(&hello))
+            .await
+            .ok()?
+            .ok()?;
+        let (tx, acks) = watch::channel(0u64);
+        let reader = tokio::spawn(async move {
+            let mut b = [0u8; 8];
+            while r.read_exact(&mut b).await.is_ok() {
+                tx.send_replace(u64::from_be_bytes(b));
+            }
+        });
+        let now = Instant::now();
+        Some(Link {
+            w,
+            acks,
+            reader,
+            sent: 0,
+            acked: 0,
+            unacked: VecDeque::new(),
+            last_progress: now,
+            last_write: now,
+        })
+    }
+
+    async fn write_frame(&mut self, frame: &[u8], t: LinkTiming) -> std::io::Result<()> {
+        for chunk in frame.chunks(64 << 10) {
+            match tokio::time::timeout(t.liveness, self.w.write_all(chunk)).await {
+                Ok(r) => r?,
+                Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
+            }
+        }
+        self.sent += 1;
+        let now = Instant::now();
+        self.unacked.push_back((self.sent, now));
+        self.last_write = now;
+        Ok(())
+    }
+
+    /// Why the link should be dropped, if it should.
+    fn dead(&mut self, t: LinkTiming) -> Option<String> {
+        if self.acks.has_changed().is_err() {
+            return Some("the peer closed the connection".into());
+        }
+        let acked = *self.acks.borrow_and_update();
+        let now = Instant::now();
+        if acked > self.acked {
+            self.acked = acked;
+            self.last_progress = now;
+            while self.unacked.front().is_some_and(|(n, _)| *n <= acked) {
+                self.unacked.pop_front();
+            }
+        }
+        let (_, oldest) = self.unacked.front()?;
+        let waited = now.saturating_duration_since((*oldest).max(self.last_progress));
+        (waited > t.liveness).then(|| {
+            format!(
+                "{} frame(s) unacknowledged for {} ms",
+                self.unacked.len(),
+                waited.as_millis()
+            )
+        })
+    }
 }
 
 pub(crate) async fn peer_sender(
@@ -32,36 +210,41 @@ pub(crate) async fn peer_sender(
     token: String,
     mut rx: mpsc::Receiver<Message>,
     frame_bytes_max: u64,
+    t: LinkTiming,
 ) {
-    let mut conn: Option<TcpStream> = None;
-    while let Some(m) = rx.recv().await {
-        if conn.is_none() {
-            if let Ok(Ok(mut s)) =
-                tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(&addr)).await
-            {
-                {
-                    let _ = s.set_nodelay(true);
-                    let hs = serde_json::to_vec(&Handshake {
-                        from,
-                        token: token.clone(),
-                    })
-                    .unwrap_or_default();
-                    let mut hello = PEER_MAGIC.to_vec();
-                    hello.extend_from_slice(&wire::encode_frame(&hs));
-                    if tokio::time::timeout(Duration::from_secs(1), s.write_all(&hello))
-                        .await
-                        .is_ok_and(|r| r.is_ok())
+    let mut link: Option<Link> = None;
+    let mut check = tokio::time::interval(t.ping_every());
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let m = tokio::select! {
+            m = rx.recv() => match m {
+                Some(m) => m,
+                None => return,
+            },
+            _ = check.tick() => {
+                if let Some(l) = link.as_mut() {
+                    if let Some(why) = l.dead(t) {
+                        info!(to, %addr, %why, "peer link dead; redialing on the next message");
+                        link = None;
+                    } else if l.last_write.elapsed() >= t.ping_every()
+                        && l.write_frame(&wire::encode_frame(&[]), t).await.is_err()
                     {
-                        conn = Some(s);
+                        debug!(to, "peer ping failed; reconnecting");
+                        link = None;
                     }
                 }
-            }
-            if conn.is_none() {
-                // Unreachable: drop what is queued (raft retransmits) and back off a little.
-                while rx.try_recv().is_ok() {}
-                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
+        };
+        if link.is_none() {
+            link = Link::dial(from, &addr, &token, t).await;
+            if link.is_none() {
+                // Unreachable: drop what is queued (raft retransmits) and back off a little.
+                while rx.try_recv().is_ok() {}
+                tokio::time::sleep(t.backoff).await;
+                continue;
+            }
+            debug!(to, %addr, "peer link up");
         }
         let bytes = match m.write_to_bytes() {
             Ok(b) if (b.len() as u64) <= frame_bytes_max => b,
@@ -79,18 +262,22 @@ pub(crate) async fn peer_sender(
             }
         };
         let frame = wire::encode_frame(&bytes);
-        let Some(s) = conn.as_mut() else { continue };
-        let ok = tokio::time::timeout(Duration::from_secs(2), s.write_all(&frame))
-            .await
-            .is_ok_and(|r| r.is_ok());
-        if !ok {
+        let Some(l) = link.as_mut() else { continue };
+        if l.write_frame(&frame, t).await.is_err() {
             debug!(to, "peer write failed; reconnecting");
-            conn = None;
+            link = None;
+        } else if let Some(why) = l.dead(t) {
+            info!(to, %addr, %why, "peer link dead; redialing on the next message");
+            link = None;
         }
     }
 }
 
-async fn read_frame(stream: &mut TcpStream, max: u64, idle: Duration) -> Option<Vec<u8>> {
+async fn read_frame<R: AsyncRead + Unpin>(
+    stream: &mut R,
+    max: u64,
+    idle: Duration,
+) -> Option<Vec<u8>> {
     let mut len = [0u8; 4];
     tokio::time::timeout(idle, stream.read_exact(&mut len))
         .await
@@ -128,28 +315,57 @@ pub(crate) async fn handle_peer(mut stream: TcpStream, peer: SocketAddr, ctx: Ar
         warn!(%peer, from = hs.from, "peer connection rejected: wrong cluster token");
         return;
     }
-    debug!(%peer, from = hs.from, "peer connected");
-    while let Some(buf) = read_frame(
-        &mut stream,
-        ctx.cfg.frame_bytes_max,
-        Duration::from_secs(30),
-    )
-    .await
-    {
+    debug!(%peer, from = hs.from, acks = hs.acks, "peer connected");
+    let liveness = ctx.cfg.peer_liveness();
+    set_peer_socket_options(&stream, liveness);
+    let (mut r, mut w) = stream.into_split();
+    // Acknowledgements go back from their own task, so a stalled back channel never holds
+    // up delivery; only the latest count matters.
+    let (ack_tx, mut ack_rx) = watch::channel(0u64);
+    let acker = hs.acks.then(|| {
+        tokio::spawn(async move {
+            while ack_rx.changed().await.is_ok() {
+                let n = *ack_rx.borrow_and_update();
+                match tokio::time::timeout(liveness, w.write_all(&n.to_be_bytes())).await {
+                    Ok(Ok(())) => {}
+                    _ => return,
+                }
+            }
+        })
+    });
+    // A sender of this version pings an idle link every quarter of its liveness deadline;
+    // one that asked for no acks may stay silent for long.
+    let idle = if hs.acks {
+        (liveness * 10).max(Duration::from_secs(2))
+    } else {
+        Duration::from_secs(30)
+    };
+    let mut frames = 0u64;
+    while let Some(buf) = read_frame(&mut r, ctx.cfg.frame_bytes_max, idle).await {
+        frames += 1;
+        if hs.acks {
+            ack_tx.send_replace(frames);
+            if buf.is_empty() {
+                continue; // ping
+            }
+        }
         match Message::parse_from_bytes(&buf) {
             Ok(m) => {
                 if m.from != hs.from {
                     warn!(%peer, claimed = m.from, handshake = hs.from, "message from a different node id; closed");
-                    return;
+                    break;
                 }
                 if ctx.inputs.send(Input::Peer(m)).is_err() {
-                    return;
+                    break;
                 }
             }
             Err(e) => {
                 warn!(%peer, %e, "malformed peer frame; closed");
-                return;
+                break;
             }
         }
+    }
+    if let Some(a) = acker {
+        a.abort();
     }
 }
