@@ -171,6 +171,23 @@ impl LocalCluster {
         last
     }
 
+    /// [`Self::wait_done`] for a job whose id is not `old_id` (the next job).
+    pub fn wait_for_job_done_other_than(&self, old_id: &str, timeout: Duration) -> Value {
+        let mut last = Value::Null;
+        self.wait_for(timeout, "the next job to complete", |c| match c.job() {
+            Some(j)
+                if j["id"] != old_id
+                    && j["state"] == "completed"
+                    && j["params_sha256"].is_string() =>
+            {
+                last = j;
+                true
+            }
+            _ => false,
+        });
+        last
+    }
+
     pub fn events(&self) -> Value {
         serde_json::from_str(&self.ctl_ok(&["events", "--json"])).unwrap()
     }
@@ -219,6 +236,23 @@ impl LocalCluster {
             .status()
             .unwrap();
         assert!(st.success(), "kill -9 {pids:?}");
+    }
+
+    /// The steps of the current job's durable checkpoints in the controller's catalog.
+    pub fn committed_checkpoints(&self) -> Vec<u64> {
+        let Some(id) = self.job().and_then(|j| j["id"].as_str().map(String::from)) else {
+            return Vec::new();
+        };
+        let out = self.ctl(&["checkpoint", "list", "--json"]);
+        let cps: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        cps.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|c| c["job"] == id.as_str() && c["durable"] == true)
+                    .filter_map(|c| c["step"].as_u64())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     pub fn checkpoint_root(&self) -> PathBuf {

@@ -266,14 +266,7 @@ fn a_corrupt_newest_checkpoint_and_all_workers_killed_resume_from_the_previous_o
     // resume from the checkpoint is one recovery, whatever order they come back in.
     let (c, job) = scenario_min_world("corrupt", 4, 3, 4, |c| {
         c.wait_for(LIMIT, "two committed checkpoints", |c| {
-            std::fs::read_dir(c.checkpoint_root())
-                .map(|d| {
-                    d.flatten()
-                        .filter(|e| e.path().join("manifest.json").exists())
-                        .count()
-                        >= 2
-                })
-                .unwrap_or(false)
+            c.committed_checkpoints().len() >= 2
         });
         // Kill everyone (the supervisor restarts them after 3 s), then corrupt the newest
         // committed checkpoint before they are back.

@@ -258,6 +258,10 @@ pub struct ShardRecord {
 /// What the committer knows about the checkpoint beyond the shard records.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ManifestSpec {
+    /// The id of the job that wrote it; a loader refuses a checkpoint of another job.
+    pub job: String,
+    /// The model configuration's name (a loader refuses another model's checkpoint).
+    pub model: String,
     pub step: u64,
     pub world: usize,
     pub param_count: usize,
@@ -272,6 +276,12 @@ pub struct ManifestSpec {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
     pub format_version: u32,
+    /// The job that wrote it (empty in checkpoints written before jobs had ids).
+    #[serde(default)]
+    pub job: String,
+    /// The model configuration's name (empty when the writer did not say).
+    #[serde(default)]
+    pub model: String,
     pub step: u64,
     pub world: usize,
     pub param_count: usize,

@@ -270,6 +270,8 @@ pub fn commit_manifest(
     };
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
+        job: spec.job.clone(),
+        model: spec.model.clone(),
         step: spec.step,
         world: spec.world,
         param_count: spec.param_count,

@@ -751,6 +751,7 @@ fn attempt_write(
         seed: parts.seed,
         layout: cfg.layout.clone(),
         params_sha256: None,
+        ..Default::default()
     };
     commit_manifest(&cfg.root, &spec, vec![rec.clone()])?;
     let path = crate::format::step_dir(&cfg.root, parts.step).join(crate::format::MANIFEST_FILE);

@@ -70,6 +70,7 @@ fn save(root: &Path, g: &Global, step: u64, world: usize) -> Manifest {
         seed: 7,
         layout: layout(),
         params_sha256: Some(params_sha256(&g.params)),
+        ..Default::default()
     };
     commit_manifest(root, &spec, records).expect("commit")
 }
@@ -301,6 +302,7 @@ fn commit_refuses_incomplete_or_inconsistent_records() {
         seed: 7,
         layout: vec![],
         params_sha256: None,
+        ..Default::default()
     };
     assert!(matches!(
         commit_manifest(dir.path(), &spec, vec![rec.clone()]),
@@ -479,6 +481,7 @@ fn async_shared_snapshot_per_rank_then_controller_commit() {
         seed: 7,
         layout: vec![],
         params_sha256: Some(params_sha256(&g.params)),
+        ..Default::default()
     };
     commit_manifest(dir.path(), &spec, records).unwrap();
     let loaded = load_resharded(dir.path(), 8, 2, 1).unwrap();

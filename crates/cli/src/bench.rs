@@ -339,6 +339,7 @@ fn bench_checkpoint(b: BenchCheckpoint) -> Result<()> {
                 seed: 1,
                 layout: vec![],
                 params_sha256: None,
+                ..Default::default()
             };
             commit_manifest(&sync_root, &manifest, vec![rec])?;
             sync_ms.push(t.elapsed().as_secs_f64() * 1e3);

@@ -118,13 +118,22 @@ fn inject(c: InjectCmd) -> Result<()> {
     })?;
     let cluster = read_cluster(&dir)?;
     if c.kind == Kind::CorruptCheckpoint {
-        let root = dir.join("checkpoints");
+        // The current job's checkpoint directory; by default its newest catalogued step.
+        let client = c.cluster.client()?;
+        let job: Option<phalanx_proto::JobInfo> = client.get("/v1/job")?;
+        let job = job.ok_or_else(|| anyhow!("no job: nothing to corrupt"))?;
+        let root =
+            phalanx_worker::job_checkpoints::job_checkpoint_dir(&dir.join("checkpoints"), &job.id)?;
         let step = match c.step {
             Some(s) => s,
-            None => phalanx_checkpoint::list(&root)?
-                .last()
-                .map(|e| e.step)
-                .ok_or_else(|| anyhow!("no committed checkpoint in {}", root.display()))?,
+            None => {
+                let cps: Vec<phalanx_proto::CheckpointInfo> = client.get("/v1/checkpoints")?;
+                cps.iter()
+                    .filter(|cp| cp.job == job.id && cp.durable)
+                    .map(|cp| cp.step)
+                    .max()
+                    .ok_or_else(|| anyhow!("job {} has no committed checkpoint", job.id))?
+            }
         };
         let path = phalanx_checkpoint::corrupt_shard(&root, step, 0)?;
         println!("corrupted checkpoint step {step}: {}", path.display());

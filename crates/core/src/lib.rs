@@ -41,6 +41,7 @@ mod tests {
             checkpoint_interval_steps: 0,
             world_size_min: 1,
             world_size_max: 1,
+            numerics: Default::default(),
         };
         let rec = |ms| Recovery {
             epoch: 2,
@@ -50,6 +51,7 @@ mod tests {
             mttr_ms: ms,
         };
         let mut job = JobInfo {
+            id: "j-1".into(),
             spec,
             state: JobState::Completed,
             plan: None,

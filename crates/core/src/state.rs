@@ -380,6 +380,9 @@ impl ClusterState {
                 let Some(j) = &mut self.job else {
                     return no("no job");
                 };
+                if j.state != JobState::Running {
+                    return no(format!("job is {}", j.state.as_str()));
+                }
                 if j.plan.as_ref().map(|p| p.epoch) != Some(*epoch) {
                     return no(format!("stale epoch {epoch}"));
                 }
@@ -388,14 +391,37 @@ impl ClusterState {
                 {
                     return no("params_sha256 must be 64 hex digits");
                 }
+                // The trained model is never lost: the job completes only once its final
+                // step is a committed, durable checkpoint.
+                let (id, last) = (j.id.clone(), j.spec.steps);
+                if !self
+                    .checkpoints
+                    .iter()
+                    .any(|c| c.job == id && c.step == last && c.durable)
+                {
+                    return no(format!(
+                        "the final checkpoint (step {last}) of job {id} is not committed yet"
+                    ));
+                }
+                let j = self.job.as_mut().expect("checked above");
                 j.params_sha256 = Some(params_sha256.clone());
                 j.finished_at_ms = j.finished_at_ms.or(*finished_at_ms);
+                j.progress_step = last;
+                j.state = JobState::Completed;
                 let name = j.spec.name.clone();
                 self.event(
                     index,
                     "job_result",
                     &name,
                     format!("params_sha256 {params_sha256} (reported by {worker}, epoch {epoch})"),
+                );
+                self.event(
+                    index,
+                    "job_completed",
+                    &name,
+                    format!(
+                        "all ranks reached step {last}; final checkpoint step {last} committed"
+                    ),
                 );
                 ok("result recorded")
             }
@@ -522,6 +548,7 @@ impl ClusterState {
                     return no(e.to_string());
                 }
                 self.job = Some(JobInfo {
+                    id: format!("{}-{index}", spec.name),
                     spec: spec.clone(),
                     state: JobState::Waiting,
                     plan: None,
@@ -583,30 +610,49 @@ impl ClusterState {
                 j.rank_steps[rank] = j.rank_steps[rank].max(step);
                 let watermark = j.rank_steps.iter().copied().min().unwrap_or(0);
                 j.progress_step = j.progress_step.max(watermark);
-                if j.progress_step >= j.spec.steps {
-                    j.state = JobState::Completed;
-                    let name = j.spec.name.clone();
-                    let steps = j.spec.steps;
-                    self.event(
-                        index,
-                        "job_completed",
-                        &name,
-                        format!("all ranks reached step {steps}"),
-                    );
-                }
+                // Reaching the last step is not the end: the job completes with its result,
+                // which needs the final checkpoint committed (see ReportResult).
                 ok(format!("progress {step}"))
             }
             Command::RecordCheckpoint {
+                job,
                 step,
                 epoch,
                 shards,
                 durable,
                 stall_us,
+                retain,
             } => {
                 if shards.len() > 65_536 {
                     return no("too many shards");
                 }
-                if let (Some(us), Some(j)) = (stall_us, self.job.as_mut()) {
+                if shards
+                    .iter()
+                    .any(|s| self.too_long(&s.path) || s.sha256.len() > 64)
+                {
+                    return no("a shard path or checksum is too long");
+                }
+                // Fenced: only the current job's current epoch may add to the catalog, so
+                // a straggling rank 0 of an older plan (or job) cannot list what it wrote.
+                let Some(j) = self.job.as_mut() else {
+                    return no("no job");
+                };
+                if *job != j.id {
+                    return no(format!("checkpoint of job {job:?}, the job is {:?}", j.id));
+                }
+                if j.state.is_terminal() {
+                    return no(format!("job {} is {}", j.spec.name, j.state.as_str()));
+                }
+                if j.plan.as_ref().map(|p| p.epoch) != Some(*epoch) {
+                    return no(format!("stale epoch {epoch}"));
+                }
+                if *step > j.spec.steps {
+                    return no(format!(
+                        "step {step} is past the job's {} steps",
+                        j.spec.steps
+                    ));
+                }
+                if let Some(us) = stall_us {
                     j.checkpoint_stall_us.push(*us);
                     if j.checkpoint_stall_us.len() > STALLS_MAX {
                         j.checkpoint_stall_us.remove(0);
@@ -615,30 +661,64 @@ impl ClusterState {
                 if let Some(c) = self
                     .checkpoints
                     .iter_mut()
-                    .find(|c| c.step == *step && c.epoch == *epoch)
+                    .find(|c| c.job == *job && c.step == *step)
                 {
+                    c.epoch = *epoch;
                     c.shards = shards.clone();
                     c.durable |= *durable;
                 } else {
                     self.checkpoints.push_back(CheckpointInfo {
+                        job: job.clone(),
                         step: *step,
                         epoch: *epoch,
                         shards: shards.clone(),
                         durable: *durable,
                     });
-                    while self.checkpoints.len() > self.limits.checkpoints_max {
-                        self.checkpoints.pop_front();
-                    }
+                }
+                // Retention: the job's newest `retain` stay listed; the workers delete the
+                // files of whatever the catalog no longer lists.
+                if *retain > 0 {
+                    let mut mine: Vec<u64> = self
+                        .checkpoints
+                        .iter()
+                        .filter(|c| c.job == *job)
+                        .map(|c| c.step)
+                        .collect();
+                    mine.sort_unstable();
+                    let cut = mine.len().saturating_sub(*retain as usize);
+                    let dropped: Vec<u64> = mine[..cut].to_vec();
+                    self.checkpoints
+                        .retain(|c| c.job != *job || !dropped.contains(&c.step));
+                }
+                while self.checkpoints.len() > self.limits.checkpoints_max {
+                    self.checkpoints.pop_front();
                 }
                 if *durable {
                     self.event(
                         index,
                         "checkpoint_durable",
                         &format!("step {step}"),
-                        format!("{} shards, epoch {epoch}", shards.len()),
+                        format!("{} shards, epoch {epoch}, job {job}", shards.len()),
                     );
                 }
                 ok(format!("checkpoint at step {step} recorded"))
+            }
+            Command::ReportCheckpointRefused {
+                worker,
+                job,
+                step,
+                reason,
+            } => {
+                if self.too_long(reason) || self.too_long(job) {
+                    return no("reason or job id too long");
+                }
+                self.event(
+                    index,
+                    "checkpoint_refused",
+                    &format!("step {step}"),
+                    format!("job {job}: {reason} (reported by {worker})"),
+                );
+                ok("refusal recorded")
             }
         }
     }
@@ -652,6 +732,7 @@ impl ClusterState {
         let waiting = job.state == JobState::Waiting;
         let (decision, reason) = place(&job.spec, job.plan.as_ref(), waiting, &self.workers);
         let name = job.spec.name.clone();
+        let numerics = job.spec.numerics;
         match decision {
             PlacementDecision::Keep => {}
             PlacementDecision::Wait => {
@@ -680,7 +761,15 @@ impl ClusterState {
                         }
                     } else if matches!(w.health, WorkerHealth::Joining | WorkerHealth::Healthy) {
                         w.health = WorkerHealth::Spare;
-                        w.health_reason = format!("not needed by epoch {epoch}");
+                        // numerics (issue 7 item 5): say why a worker of another profile waits.
+                        w.health_reason = if w.device.numerics != numerics {
+                            format!(
+                                "numerics profile {}, the job needs {numerics}",
+                                w.device.numerics
+                            )
+                        } else {
+                            format!("not needed by epoch {epoch}")
+                        };
                     }
                 }
                 self.event(
@@ -869,11 +958,69 @@ mod tests {
                 },
             ),
         );
+        // Every rank at the last step is not the end: the result needs the final
+        // checkpoint, and that must be the job's own, of the current epoch.
+        assert_eq!(s.job.as_ref().unwrap().state, JobState::Running);
+        let result = |epoch| Command::ReportResult {
+            worker: "a".into(),
+            epoch,
+            params_sha256: "ab".repeat(32),
+            finished_at_ms: None,
+        };
+        let early = s.apply(next(), &env("r0", result(2)));
+        assert!(
+            early.outcome.message().contains("final checkpoint"),
+            "{early:?}"
+        );
+        let id = s.job.as_ref().unwrap().id.clone();
+        let record = |job: &str, epoch, step| Command::RecordCheckpoint {
+            job: job.into(),
+            step,
+            epoch,
+            shards: vec![],
+            durable: true,
+            stall_us: None,
+            retain: 2,
+        };
+        for (rid, cmd) in [
+            ("c-other-job", record("other-1", 2, 20)),
+            ("c-stale-epoch", record(&id, 1, 20)),
+            ("c-past-end", record(&id, 2, 21)),
+        ] {
+            let out = s.apply(next(), &env(rid, cmd));
+            assert!(!out.outcome.is_applied(), "{rid}: {out:?}");
+        }
+        assert!(s.checkpoints.is_empty());
+        // Retention in the catalog: the job's two newest stay listed.
+        for step in [5, 10, 15, 20] {
+            let out = s.apply(next(), &env(&format!("c{step}"), record(&id, 2, step)));
+            assert!(out.outcome.is_applied(), "{out:?}");
+        }
+        let steps: Vec<u64> = s.checkpoints.iter().map(|c| c.step).collect();
+        assert_eq!(steps, vec![15, 20]);
+        let done = s.apply(next(), &env("r1", result(2)));
+        assert!(done.outcome.is_applied(), "{done:?}");
         assert_eq!(s.job.as_ref().unwrap().state, JobState::Completed);
         assert!(s
             .events
             .iter()
             .any(|e| e.kind == "worker_failed" && e.reason.contains("no heartbeat")));
+        // A finished job's catalog takes nothing more.
+        let late = s.apply(next(), &env("c-late", record(&id, 2, 20)));
+        assert!(!late.outcome.is_applied());
+    }
+
+    #[test]
+    fn every_job_gets_its_own_id() {
+        let mut s = ClusterState::new(StateLimits::default());
+        s.apply(1, &env("reg-a", reg("a")));
+        s.apply(2, &env("s1", Command::SubmitJob { spec: spec() }));
+        let first = s.job.as_ref().unwrap().id.clone();
+        s.apply(3, &env("cancel", Command::CancelJob { reason: "x".into() }));
+        s.apply(4, &env("s2", Command::SubmitJob { spec: spec() }));
+        let second = s.job.as_ref().unwrap().id.clone();
+        assert_ne!(first, second, "the same job file submitted twice");
+        assert!(second.starts_with(&s.job.as_ref().unwrap().spec.name));
     }
 
     #[test]

@@ -51,12 +51,51 @@ impl WorkerHealth {
     }
 }
 
+/// Which floating-point kernels a worker's libraries may pick, and so which bits it
+/// computes. Workers of one profile compute the same bits on any x86-64 machine that
+/// supports it; a job runs only on workers of its profile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, Hash)]
+pub enum NumericsProfile {
+    /// ATen, MKL and oneDNN pinned to their AVX2 kernels (Intel and AMD alike).
+    #[default]
+    #[serde(rename = "x86-64-avx2")]
+    X86_64Avx2,
+    /// Whatever the libraries pick for the CPU they run on (fastest; not portable).
+    #[serde(rename = "native")]
+    Native,
+}
+
+impl NumericsProfile {
+    pub const ALL: [NumericsProfile; 2] = [NumericsProfile::X86_64Avx2, NumericsProfile::Native];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NumericsProfile::X86_64Avx2 => "x86-64-avx2",
+            NumericsProfile::Native => "native",
+        }
+    }
+
+    /// The profile named `s` (as written in job files and on the command line).
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for NumericsProfile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct DeviceSpec {
     /// `cpu-emulated` or `cuda`.
     pub kind: String,
     pub index: u32,
     pub memory_bytes: u64,
+    /// The numerics profile the worker process applied before libtorch started.
+    #[serde(default)]
+    pub numerics: NumericsProfile,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,6 +125,10 @@ pub struct JobSpec {
     pub checkpoint_interval_steps: u64,
     pub world_size_min: u32,
     pub world_size_max: u32,
+    /// The numerics profile every rank must run under (absent in older job files: the
+    /// default).
+    #[serde(default)]
+    pub numerics: NumericsProfile,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,6 +169,10 @@ pub struct Plan {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobInfo {
+    /// Unique among the cluster's jobs: the name and the log index of its submission. The
+    /// job's checkpoints live under `<checkpoint root>/<id>/`.
+    #[serde(default)]
+    pub id: String,
     pub spec: JobSpec,
     pub state: JobState,
     pub plan: Option<Plan>,
@@ -174,6 +221,9 @@ pub struct CheckpointShard {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckpointInfo {
+    /// The id of the job that wrote it ([`JobInfo::id`]).
+    #[serde(default)]
+    pub job: String,
     pub step: u64,
     pub epoch: u64,
     pub shards: Vec<CheckpointShard>,
@@ -290,7 +340,12 @@ pub enum Command {
         #[serde(default)]
         finished_at_ms: Option<u64>,
     },
+    /// Rank 0 committed a checkpoint's manifest: from now on it exists. Fenced by the job
+    /// id and the plan epoch; the job's entries beyond the newest `retain` leave the
+    /// catalog (and the workers delete their files).
     RecordCheckpoint {
+        #[serde(default)]
+        job: String,
         step: u64,
         epoch: u64,
         shards: Vec<CheckpointShard>,
@@ -298,6 +353,18 @@ pub enum Command {
         /// How long the reporting rank's training loop was blocked by the snapshot, in µs.
         #[serde(default)]
         stall_us: Option<u64>,
+        /// Keep this many of the job's newest checkpoints in the catalog (0: only the
+        /// catalog's own bound).
+        #[serde(default)]
+        retain: u32,
+    },
+    /// A worker found a checkpoint of the catalog that it must not load (it belongs to
+    /// another job or model, or its bytes are corrupt); recorded for the event log.
+    ReportCheckpointRefused {
+        worker: WorkerId,
+        job: String,
+        step: u64,
+        reason: String,
     },
     /// A free-form key/value annotation of the cluster (also the register that the
     /// linearizability test reads and writes).
@@ -408,8 +475,11 @@ pub struct Assignment {
     /// Addresses of all ranks, in rank order.
     pub peers: Vec<String>,
     pub job: Option<JobSpec>,
+    /// The job's id ([`JobInfo::id`]): where its checkpoints live.
+    #[serde(default)]
+    pub job_id: Option<String>,
     pub job_state: Option<JobState>,
-    /// Step to resume from: the newest durable checkpoint's step (0 if none).
+    /// Step to resume from: the job's newest durable checkpoint's step (0 if none).
     pub resume_step: u64,
     /// The plan's micro-batch shares (empty: equal).
     #[serde(default)]
@@ -440,5 +510,24 @@ mod tests {
         assert!(s.contains("\"type\":\"drain_worker\""), "{s}");
         let back: Command = serde_json::from_str(&s).unwrap();
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn numerics_profile_is_an_enum_with_a_default_for_old_messages() {
+        let d: DeviceSpec =
+            serde_json::from_str(r#"{"kind":"cpu-emulated","index":0,"memory_bytes":1}"#).unwrap();
+        assert_eq!(d.numerics, NumericsProfile::X86_64Avx2);
+        let d = DeviceSpec {
+            numerics: NumericsProfile::Native,
+            ..d
+        };
+        let s = serde_json::to_string(&d).unwrap();
+        assert!(s.contains(r#""numerics":"native""#), "{s}");
+        assert_eq!(serde_json::from_str::<DeviceSpec>(&s).unwrap(), d);
+        for p in NumericsProfile::ALL {
+            assert_eq!(NumericsProfile::parse(p.as_str()), Some(p));
+        }
+        assert_eq!(NumericsProfile::parse("avx512"), None);
+        assert!(serde_json::from_str::<NumericsProfile>(r#""avx512""#).is_err());
     }
 }

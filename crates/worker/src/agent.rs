@@ -6,13 +6,15 @@
 //! an older epoch cannot connect to the new group — agrees on the state with its peers,
 //! and trains until the job ends or a newer epoch supersedes this one.
 //!
-//! State agreement at the start of an epoch ([`sync_state`]): every rank tells the others
+//! State agreement at the start of an epoch ([`crate::state_sync`]): every rank tells the others
 //! whether it holds training state, at which step and with which parameter hash. Every
 //! rank at the highest step contributes the parameters and optimizer moments of the
 //! slices it holds (its own ZeRO-1 shard and its buddy replica), and each rank takes its
 //! new slices from them. Only when those do not cover the model, or no rank holds state
-//! (every worker is new, or all were restarted), is the newest valid checkpoint read from
-//! disk; a corrupt newest checkpoint falls back to the previous one. Since training is
+//! (every worker is new, or all were restarted), is a checkpoint read from disk: the
+//! newest one of this job that the controller's catalog lists and that verifies
+//! ([`crate::job_checkpoints`]); a corrupt newest checkpoint falls back to the previous
+//! one. Since training is
 //! deterministic, a step that was in flight when a peer died is simply redone, and the
 //! final parameters are the same bits as a run without faults.
 use std::net::{SocketAddr, TcpListener};
@@ -21,22 +23,21 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use phalanx_checkpoint::{
-    self as ckpt, AsyncCheckpointer, CheckpointEvent, CheckpointerConfig, ShardRecord,
-};
+use phalanx_checkpoint as ckpt;
 use phalanx_collective::{BlockingGroup, Cancel, GroupConfig};
 use phalanx_controller::client::{new_request_id, Client};
 use phalanx_proto::{Assignment, Command, DeviceSpec, HeartbeatRequest, JobSpec, JobState};
 use phalanx_train::data::{default_corpus_spec, Corpus};
-use phalanx_train::engine::{params_sha256, Engine, TrainSpec, DEFAULT_MICRO_BATCH};
-use phalanx_train::optim::AdamWState;
+use phalanx_train::engine::{Engine, TrainSpec, DEFAULT_MICRO_BATCH};
 use phalanx_train::ModelConfig;
-use std::ops::Range;
 use tracing::{info, warn};
 
 use crate::dp::{check_replicas, validation_loss, Stepper};
 use crate::fault::{Fault, FaultInbox, FaultKind};
-use crate::snapshot::Snapshots;
+use crate::job_checkpoints::{
+    job_catalog, job_checkpoint_dir, report_refused, CheckpointSource, Checkpointing, Expected,
+};
+use crate::state_sync::sync_state;
 use crate::WorkerError;
 
 pub struct AgentConfig {
@@ -63,6 +64,9 @@ pub struct AgentConfig {
     /// Chaos hooks: a JSON-lines file of faults to inject (see [`crate::fault`]). `None` in
     /// production: such a worker has no hook and ignores nothing because it reads nothing.
     pub fault_inbox: Option<PathBuf>,
+    /// The numerics profile this process applied before libtorch started (reported at
+    /// registration; placement gives it only jobs of that profile).
+    pub numerics: phalanx_proto::NumericsProfile,
 }
 
 /// The training math of a controller-run job: the same defaults as `phalanx train`.
@@ -125,11 +129,13 @@ pub fn run(cfg: AgentConfig) -> Result<(), WorkerError> {
             kind: "cpu-emulated".into(),
             index: 0,
             memory_bytes: *memory_bytes,
+            numerics: cfg.numerics,
         },
         phalanx_train::device::DeviceRequest::Cuda(n) => DeviceSpec {
             kind: "cuda".into(),
             index: *n as u32,
             memory_bytes: 0,
+            numerics: cfg.numerics,
         },
     };
     let reg = Command::RegisterWorker {
@@ -559,18 +565,22 @@ fn unix_ms() -> u64 {
 
 /// The worker's training state for one job.
 struct Slot {
+    /// The job's id: two jobs with the same spec in a row are still two jobs.
+    job_id: String,
     job: JobSpec,
     engine: Engine,
     /// The engine holds a state agreed with a group (not just the freshly built one).
     agreed: bool,
 }
 
-fn group_id(job: &JobSpec, epoch: u64) -> u64 {
+/// The group of `(job id, epoch)`: two jobs of the same name (whose epochs both count
+/// from 1) never share one.
+fn group_id(job: &JobSpec, job_id: &str, epoch: u64) -> u64 {
     phalanx_train::sampler::hash4(
         job.seed,
         epoch,
         job.steps,
-        job.name
+        job_id
             .bytes()
             .fold(0u64, |h, b| h.wrapping_mul(131).wrapping_add(u64::from(b))),
     )
@@ -597,17 +607,23 @@ fn run_epoch(
         })
         .collect::<Result<_, _>>()?;
     crate::rendezvous::validate_peers(&peers, rank, world, None)?;
+    let job_id = a
+        .job_id
+        .clone()
+        .ok_or_else(|| WorkerError::Protocol("the assignment names no job id".into()))?;
+    let job_dir = job_checkpoint_dir(&cfg.checkpoint_root, &job_id)?;
 
     // A new job (or none yet): build its engine. Its state counts as "none" until trained.
     if engine_slot
         .as_ref()
-        .map(|sl| sl.job != *job)
+        .map(|sl| sl.job_id != job_id || sl.job != *job)
         .unwrap_or(true)
     {
         let spec = train_spec(job)?;
         let corpus = Corpus::load(&corpus_spec(job))?;
         let (train, val) = corpus.split(spec.val_fraction, spec.model.ctx_len)?;
         *engine_slot = Some(Slot {
+            job_id: job_id.clone(),
             job: job.clone(),
             engine: Engine::new(spec, train, val, cfg.torch_device)?,
             agreed: false,
@@ -620,7 +636,7 @@ fn run_epoch(
         .try_clone()
         .map_err(|e| WorkerError::Rendezvous(format!("listener: {e}")))?;
     let mut gc = GroupConfig::new(rank, peers);
-    gc.group_id = group_id(job, a.epoch);
+    gc.group_id = group_id(job, &job_id, a.epoch);
     gc.rendezvous_timeout = cfg.rendezvous_timeout;
     gc.op_timeout = cfg.op_timeout;
     // A rank waiting on a dead or hung peer leaves as soon as the controller has moved on.
@@ -647,7 +663,16 @@ fn run_epoch(
         engine,
         &mut group,
         slot.agreed,
-        &cfg.checkpoint_root,
+        &CheckpointSource {
+            dir: job_dir.clone(),
+            expect: Expected {
+                job_id: job_id.clone(),
+                model: job.model.clone(),
+                seed: job.seed,
+            },
+            catalog: &|| job_catalog(&cfg.client, &job_id),
+            refused: &|step, reason| report_refused(&cfg.client, &cfg.id, &job_id, step, reason),
+        },
         cfg.op_timeout,
     )?;
     slot.agreed = true;
@@ -659,7 +684,9 @@ fn run_epoch(
     let epoch_began_ms = unix_ms();
     let mut stepper = Stepper::new(engine, &group, &a.micro_shares, cfg.op_timeout)?;
     stepper.grad_check_every = cfg.grad_check_interval;
-    let mut writer = Checkpointing::new(cfg, job, world, rank, &shared.disk)?;
+    let mut writer = Checkpointing::new(job, &job_id, job_dir, world, rank, &shared.disk)?;
+    // The step of the last snapshot this epoch took.
+    let mut snapped: Option<u64> = None;
     let _ = progress.send((a.epoch, engine.step()));
 
     while engine.step() < engine.spec.steps {
@@ -756,10 +783,19 @@ fn run_epoch(
         }
         if job.checkpoint_interval_steps > 0 && engine.step() % job.checkpoint_interval_steps == 0 {
             writer.snaps.take(engine);
+            snapped = Some(engine.step());
         }
         writer.commit_ready(engine, &mut group, a.epoch, cfg)?;
     }
-    writer.flush(engine, &mut group, a.epoch, cfg)?;
+    // The trained model is never lost: the final step is always checkpointed, and the
+    // result (which completes the job) waits until the controller has committed it. The
+    // assignment's resume step is the job's newest committed checkpoint.
+    let last = engine.spec.steps;
+    let final_step = (a.resume_step < last).then_some(last);
+    if final_step.is_some() && snapped != Some(last) {
+        writer.take_final(engine);
+    }
+    writer.flush(engine, &mut group, a.epoch, cfg, final_step)?;
     let val = validation_loss(engine, &mut group, cfg.op_timeout)?;
     let sha = check_replicas(engine, &mut group, cfg.op_timeout)?;
     info!(epoch = a.epoch, rank, val_loss = val, params_sha256 = %sha, "job finished");
@@ -791,357 +827,9 @@ fn run_epoch(
     Ok(())
 }
 
-/// Agrees on one training state across the group (see the module docs); returns where
-/// the state came from.
-///
-/// Optimizer moments are sharded (ZeRO-1, each rank also keeping a replica of the previous
-/// rank's shard): every rank at the highest step contributes the parameters and moments of
-/// the shards it holds, and each rank takes the whole parameter vector and its new own and
-/// buddy slices from them. When the survivors' shards do not cover the whole
-/// vector (two neighbours lost at once), or nobody holds state, every rank reads the newest
-/// valid checkpoint instead; all ranks see the same announcements, so they all decide
-/// alike.
-pub fn sync_state(
-    engine: &mut Engine,
-    group: &mut BlockingGroup,
-    has_state: bool,
-    checkpoint_root: &std::path::Path,
-    timeout: Duration,
-) -> Result<String, WorkerError> {
-    let (world, rank) = (group.world(), group.rank());
-    let mut mine = Vec::with_capacity(9 + 64);
-    mine.push(u8::from(has_state));
-    mine.extend_from_slice(&engine.step().to_le_bytes());
-    mine.extend_from_slice(engine.params_sha256().as_bytes());
-    let all = group.all_gather_within(&mine, timeout)?;
-    let parsed: Vec<(bool, u64, &[u8])> = all
-        .iter()
-        .map(|b| {
-            if b.len() < 9 {
-                return Err(WorkerError::Protocol(format!(
-                    "state announcement of {} bytes",
-                    b.len()
-                )));
-            }
-            Ok((
-                b[0] == 1,
-                u64::from_le_bytes(b[1..9].try_into().expect("8 bytes")),
-                &b[9..],
-            ))
-        })
-        .collect::<Result<_, _>>()?;
-    let Some(best) = parsed.iter().filter(|p| p.0).map(|p| p.1).max() else {
-        return load_from_checkpoint(engine, world, rank, checkpoint_root);
-    };
-    // Every rank at `best` vouches for the parameters and moments of its own and buddy
-    // ranges (valid even when its last parameter gather failed); together they must cover
-    // the whole vector.
-    let at_best = parsed[rank].0 && parsed[rank].1 == best;
-    let contribution = if at_best {
-        engine.shards_bytes()
-    } else {
-        Vec::new()
-    };
-    let parts = group.all_gather_within(&contribution, timeout)?;
-    let n = engine.params.len();
-    let mut shards = Vec::new();
-    let mut holders = Vec::new();
-    for (r, part) in parts.iter().enumerate() {
-        let got = parse_shards(part, n)
-            .map_err(|e| WorkerError::Protocol(format!("rank {r}'s state shards: {e}")))?;
-        if !got.is_empty() {
-            holders.push(r);
-        }
-        shards.extend(got);
-    }
-    if !covers(&shards, 0..n) {
-        warn!(
-            step = best,
-            "the survivors' shards do not cover the model; rolling back to a checkpoint"
-        );
-        return load_from_checkpoint(engine, world, rank, checkpoint_root);
-    }
-    let params = assemble(&shards, 0..n, |s| &s.1);
-    if params_sha256(&params) != engine.params_sha256() || engine.step() != best {
-        engine.load_params(best, params)?;
-        info!(step = best, from = ?holders, "state received from peers");
-    }
-    let (own, buddy) = engine.shard_ranges(world, rank);
-    let take = |range: Range<usize>| AdamWState {
-        m: assemble(&shards, range.clone(), |s| &s.2).into(),
-        v: assemble(&shards, range.clone(), |s| &s.3).into(),
-        range,
-        step: best,
-    };
-    engine.set_shards(take(own), buddy.map(take))?;
-    Ok(format!(
-        "peers in memory (ranks {holders:?} at step {best})"
-    ))
-}
-
-/// (range, params, m, v) of one shard received from a peer.
-type Shard = (Range<usize>, Vec<f32>, Vec<f32>, Vec<f32>);
-
-fn parse_shards(mut b: &[u8], n: usize) -> Result<Vec<Shard>, String> {
-    let mut out = Vec::new();
-    while !b.is_empty() {
-        if b.len() < 16 {
-            return Err(format!("{} trailing bytes", b.len()));
-        }
-        let start = u64::from_le_bytes(b[..8].try_into().expect("8 bytes")) as usize;
-        let end = u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")) as usize;
-        if start > end || end > n {
-            return Err(format!("range {start}..{end} outside 0..{n}"));
-        }
-        let len = end - start;
-        let need = 16 + 12 * len;
-        if b.len() < need {
-            return Err(format!(
-                "range {start}..{end} needs {need} bytes, {} left",
-                b.len()
-            ));
-        }
-        let f = |k: usize| {
-            let at = 16 + 4 * len * k;
-            b[at..at + 4 * len]
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
-                .collect::<Vec<f32>>()
-        };
-        out.push((start..end, f(0), f(1), f(2)));
-        b = &b[need..];
-    }
-    Ok(out)
-}
-
-fn covers(shards: &[Shard], want: Range<usize>) -> bool {
-    let mut ranges: Vec<&Range<usize>> = shards
-        .iter()
-        .map(|s| &s.0)
-        .filter(|r| !r.is_empty())
-        .collect();
-    ranges.sort_by_key(|r| r.start);
-    let mut next = want.start;
-    for r in ranges {
-        if r.start > next {
-            break;
-        }
-        next = next.max(r.end);
-    }
-    next >= want.end
-}
-
-/// The values of `range`, each element taken from a shard that holds it (replicas are
-/// identical, so any will do).
-fn assemble(shards: &[Shard], range: Range<usize>, pick: impl Fn(&Shard) -> &Vec<f32>) -> Vec<f32> {
-    let mut out = vec![0f32; range.len()];
-    for s in shards {
-        let lo = s.0.start.max(range.start);
-        let hi = s.0.end.min(range.end);
-        if lo < hi {
-            out[lo - range.start..hi - range.start]
-                .copy_from_slice(&pick(s)[lo - s.0.start..hi - s.0.start]);
-        }
-    }
-    out
-}
-
-/// Nobody can serve the state: the newest valid checkpoint (skipping corrupt ones), or the
-/// seed's initial state when there is none.
-fn load_from_checkpoint(
-    engine: &mut Engine,
-    world: usize,
-    rank: usize,
-    root: &std::path::Path,
-) -> Result<String, WorkerError> {
-    let ck = |e: phalanx_checkpoint::CheckpointError| WorkerError::Checkpoint(e.to_string());
-    let latest = ckpt::latest_valid(root).map_err(ck)?;
-    for p in &latest.skipped {
-        warn!(problem = %p, "skipping a corrupt or incomplete checkpoint");
-    }
-    let (own, buddy) = engine.shard_ranges(world, rank);
-    let Some(m) = latest.manifest else {
-        engine.reset_to_initial()?;
-        engine.zero_shards(world, rank)?;
-        return Ok("the seed's initial state".into());
-    };
-    let load = |range: Range<usize>| ckpt::load_range(root, m.step, range).map_err(ck);
-    let st = load(own)?;
-    let b = buddy.map(load).transpose()?;
-    let own_shard = AdamWState {
-        range: st.range.clone(),
-        m: st.m.into(),
-        v: st.v.into(),
-        step: st.opt_step,
-    };
-    engine.load_params(st.opt_step, st.params)?;
-    let buddy_shard = b.map(|l| AdamWState {
-        range: l.range,
-        m: l.m.into(),
-        v: l.v.into(),
-        step: l.opt_step,
-    });
-    engine.set_shards(own_shard, buddy_shard)?;
-    info!(
-        step = m.step,
-        "state loaded from checkpoint (no survivor could serve it)"
-    );
-    Ok(format!("checkpoint step {}", m.step))
-}
-
-/// The rank's asynchronous checkpointing for one epoch. Rank 0 commits a checkpoint's
-/// manifest once every rank's shard is durable (learned through a small all-gather at a
-/// step boundary) and records it in the controller through Raft.
-struct Checkpointing {
-    snaps: Snapshots,
-    events: mpsc::Receiver<CheckpointEvent>,
-    /// This rank's shards that became durable since the last exchange.
-    durable: Vec<ShardRecord>,
-    root: PathBuf,
-    world: usize,
-    seed: u64,
-}
-
-impl Checkpointing {
-    fn new(
-        cfg: &AgentConfig,
-        job: &JobSpec,
-        world: usize,
-        rank: usize,
-        disk: &ckpt::FaultInjector,
-    ) -> Result<Self, WorkerError> {
-        let mut c = CheckpointerConfig::new(cfg.checkpoint_root.clone(), world, rank);
-        c.retain_count = cfg.checkpoint_retain;
-        c.fault = Some(disk.clone());
-        let (writer, events) =
-            AsyncCheckpointer::spawn(c).map_err(|e| WorkerError::Checkpoint(e.to_string()))?;
-        Ok(Self {
-            snaps: Snapshots::new(writer, job.seed),
-            events,
-            durable: Vec::new(),
-            root: cfg.checkpoint_root.clone(),
-            world,
-            seed: job.seed,
-        })
-    }
-
-    /// Waits (bounded) for this rank's queued snapshots, then commits what is complete.
-    fn flush(
-        &mut self,
-        engine: &Engine,
-        group: &mut BlockingGroup,
-        epoch: u64,
-        cfg: &AgentConfig,
-    ) -> Result<(), WorkerError> {
-        if !self.snaps.writer().wait_idle(Duration::from_secs(30)) {
-            warn!("checkpoint writes still pending after 30 s");
-        }
-        self.commit_ready(engine, group, epoch, cfg)
-    }
-
-    /// Drains writer events; when some rank has a durable shard, ranks exchange their
-    /// newest durable shard records and rank 0 commits every step all ranks hold.
-    fn commit_ready(
-        &mut self,
-        engine: &Engine,
-        group: &mut BlockingGroup,
-        epoch: u64,
-        cfg: &AgentConfig,
-    ) -> Result<(), WorkerError> {
-        while let Ok(ev) = self.events.try_recv() {
-            match ev {
-                CheckpointEvent::Durable { shard, .. } => self.durable.push(shard),
-                CheckpointEvent::Failed {
-                    step,
-                    error,
-                    attempt,
-                    ..
-                } => warn!(step, attempt, %error, "checkpoint write failed"),
-                CheckpointEvent::GaveUp { step, error, .. } => {
-                    warn!(step, %error, "checkpoint given up")
-                }
-                _ => {}
-            }
-        }
-        let mine = std::mem::take(&mut self.durable);
-        let any_local = u8::from(!mine.is_empty());
-        let flags = group.all_gather_within(&[any_local], cfg.op_timeout)?;
-        if flags.iter().all(|f| f.first() == Some(&0)) {
-            return Ok(());
-        }
-        let body = serde_json::to_vec(&mine).map_err(|e| WorkerError::Protocol(e.to_string()))?;
-        let all = group.all_gather_within(&body, cfg.op_timeout)?;
-        if group.rank() != 0 {
-            return Ok(());
-        }
-        let mut by_step: std::collections::BTreeMap<u64, Vec<ShardRecord>> = Default::default();
-        for part in &all {
-            let recs: Vec<ShardRecord> = serde_json::from_slice(part)
-                .map_err(|e| WorkerError::Protocol(format!("shard records: {e}")))?;
-            for r in recs {
-                by_step.entry(r.step).or_default().push(r);
-            }
-        }
-        for (step, shards) in by_step {
-            if shards.len() != self.world {
-                warn!(
-                    step,
-                    have = shards.len(),
-                    world = self.world,
-                    "incomplete checkpoint shard set; not committed"
-                );
-                continue;
-            }
-            let spec = ckpt::ManifestSpec {
-                step,
-                world: self.world,
-                param_count: engine.params.len(),
-                seed: self.seed,
-                layout: Vec::new(),
-                params_sha256: None,
-            };
-            let manifest = ckpt::commit_manifest(&self.root, &spec, shards)
-                .map_err(|e| WorkerError::Checkpoint(e.to_string()))?;
-            let recorded = manifest
-                .shards
-                .iter()
-                .map(|s| phalanx_proto::CheckpointShard {
-                    rank: s.rank as u32,
-                    path: format!("{}/{}", ckpt::step_dir_name(step), s.file),
-                    bytes: s.bytes,
-                    sha256: s.sha256.clone(),
-                })
-                .collect();
-            let stall_us = self.snaps.take_stall(step).map(|d| d.as_micros() as u64);
-            let cmd = Command::RecordCheckpoint {
-                step,
-                epoch,
-                shards: recorded,
-                durable: true,
-                stall_us,
-            };
-            if let Err(e) = cfg.client.command(cmd) {
-                warn!(step, error = %e, "recording the checkpoint in the controller failed");
-            }
-            if let Err(e) = ckpt::apply_retention(&self.root, cfg.checkpoint_retain) {
-                warn!(error = %e, "checkpoint retention failed");
-            }
-            info!(step, "checkpoint committed");
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn shard(r: Range<usize>) -> Shard {
-        let p = r.clone().map(|i| i as f32 * 10.0).collect();
-        let m = r.clone().map(|i| i as f32).collect();
-        let v = r.clone().map(|i| -(i as f32)).collect();
-        (r, p, m, v)
-    }
 
     #[test]
     fn the_controller_and_the_data_plane_agree_on_models_and_micro_batch() {
@@ -1161,34 +849,5 @@ mod tests {
             corpus_spec(&spec),
             phalanx_train::data::default_corpus_spec()
         );
-    }
-
-    #[test]
-    fn shards_round_trip_cover_and_assemble() {
-        let shards = vec![shard(0..4), shard(3..7), shard(7..10)];
-        assert!(covers(&shards, 0..10));
-        assert!(!covers(&shards[..2], 0..10));
-        assert!(!covers(&[shard(0..3), shard(4..10)], 0..10));
-        assert_eq!(
-            assemble(&shards, 2..8, |s| &s.2),
-            vec![2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
-        );
-        assert_eq!(
-            assemble(&shards, 2..8, |s| &s.3),
-            vec![-2.0, -3.0, -4.0, -5.0, -6.0, -7.0]
-        );
-        assert_eq!(assemble(&shards, 0..2, |s| &s.1), vec![0.0, 10.0]);
-    }
-
-    #[test]
-    fn malformed_shard_bytes_are_errors() {
-        let mut b = Vec::new();
-        b.extend_from_slice(&2u64.to_le_bytes());
-        b.extend_from_slice(&4u64.to_le_bytes());
-        b.extend_from_slice(&[0u8; 24]);
-        assert_eq!(parse_shards(&b, 10).unwrap().len(), 1);
-        assert!(parse_shards(&b[..30], 10).unwrap_err().contains("needs"));
-        assert!(parse_shards(&b, 3).unwrap_err().contains("outside"));
-        assert!(parse_shards(&b[..5], 10).unwrap_err().contains("trailing"));
     }
 }

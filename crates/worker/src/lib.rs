@@ -9,8 +9,11 @@ pub mod agent;
 pub mod dp;
 pub mod export;
 pub mod fault;
+pub mod job_checkpoints;
+pub mod numerics;
 pub mod rendezvous;
 pub mod snapshot;
+pub mod state_sync;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {

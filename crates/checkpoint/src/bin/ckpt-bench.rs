@@ -159,6 +159,7 @@ fn run() -> Result<(), String> {
                 seed: 1,
                 layout: vec![],
                 params_sha256: None,
+                ..Default::default()
             };
             commit_manifest(&root, &spec, vec![rec]).map_err(|e| e.to_string())?;
         }

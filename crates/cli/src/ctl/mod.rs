@@ -16,6 +16,7 @@ use phalanx_proto::{
 use serde::{Deserialize, Serialize};
 
 pub mod bench;
+mod export;
 
 /// Where to find the controllers: `--controllers` or a cluster directory.
 #[derive(Args, Debug, Clone)]
@@ -123,6 +124,9 @@ pub enum ClusterCmd {
         /// Start workers without the fault-injection hooks (a production-like cluster).
         #[arg(long)]
         no_fault_injection: bool,
+        /// Numerics profile of every worker (see docs/training.md).
+        #[arg(long, default_value = "x86-64-avx2", value_parser = crate::model::parse_numerics)]
+        numerics: phalanx_proto::NumericsProfile,
     },
     /// Stop the cluster started by `cluster up` in DIR.
     Down {
@@ -155,6 +159,21 @@ pub enum JobCmd {
     Cancel {
         #[arg(long, default_value = "cancelled by operator")]
         reason: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Write the job's newest durable checkpoint (or --step) as a safetensors file, for
+    /// `phalanx sample`.
+    Export {
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Export this checkpoint step instead of the newest durable one.
+        #[arg(long)]
+        step: Option<u64>,
+        /// The cluster's checkpoint root (default: DIR/checkpoints with --dir).
+        #[arg(long)]
+        checkpoint_dir: Option<PathBuf>,
         #[command(flatten)]
         target: Target,
     },
@@ -501,6 +520,7 @@ pub fn cluster(cmd: ClusterCmd) -> Result<()> {
             device,
             worker_restart_s,
             no_fault_injection,
+            numerics,
         } => cluster_up(
             controllers,
             &dir,
@@ -510,6 +530,7 @@ pub fn cluster(cmd: ClusterCmd) -> Result<()> {
                 device,
                 restart_after: Duration::from_secs(worker_restart_s),
                 faults: !no_fault_injection,
+                numerics,
             },
         ),
         ClusterCmd::Down { dir } => cluster_down(&dir),
@@ -521,20 +542,23 @@ struct WorkersSpec {
     device: String,
     restart_after: Duration,
     faults: bool,
+    numerics: phalanx_proto::NumericsProfile,
 }
 
 fn spawn_worker(
     exe: &Path,
     dir: &Path,
     w: &WorkerEntry,
-    device: &str,
+    ws: &WorkersSpec,
 ) -> Result<std::process::Child> {
+    let device = ws.device.as_str();
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&w.log)?;
     let mut c = std::process::Command::new(exe);
     c.args(["worker", "start", "--id", &w.id, "--device", device])
+        .arg(format!("--numerics={}", ws.numerics))
         .arg("--dir")
         .arg(dir)
         .env(
@@ -544,6 +568,8 @@ fn spawn_worker(
     if let Some(inbox) = &w.fault_inbox {
         c.arg("--fault-inbox").arg(inbox);
     }
+    // The profile's environment from the start (the worker would re-execute otherwise).
+    phalanx_worker::numerics::apply(ws.numerics, &mut c);
     c.stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -627,7 +653,7 @@ fn cluster_up(n: u32, dir: &Path, base_port: u16, ws: &WorkersSpec) -> Result<()
             id,
             pid: 0,
         };
-        let c = spawn_worker(&exe, &dir, &w, &ws.device)?;
+        let c = spawn_worker(&exe, &dir, &w, ws)?;
         w.pid = c.id();
         cf.workers.push(w);
         worker_children.push(Some(c));
@@ -686,7 +712,7 @@ fn cluster_up(n: u32, dir: &Path, base_port: u16, ws: &WorkersSpec) -> Result<()
                         }
                         let due = worker_dead_since[i].is_some_and(|t| t.elapsed() >= ws.restart_after);
                         if slot.is_none() && ws.restart_after > Duration::ZERO && due {
-                            match spawn_worker(&exe, &dir, &cf.workers[i], &ws.device) {
+                            match spawn_worker(&exe, &dir, &cf.workers[i], ws) {
                                 Ok(c) => {
                                     eprintln!("worker {} restarted (pid {})", cf.workers[i].id, c.id());
                                     cf.workers[i].pid = c.id();
@@ -1037,6 +1063,12 @@ pub fn job(cmd: JobCmd) -> Result<()> {
             let c = target.client()?;
             report(&c.command(Command::CancelJob { reason })?, target.json)
         }
+        JobCmd::Export {
+            out,
+            step,
+            checkpoint_dir,
+            target,
+        } => export::export(&out, step, checkpoint_dir, &target),
     }
 }
 
@@ -1065,9 +1097,10 @@ pub fn checkpoint(cmd: CheckpointCmd) -> Result<()> {
     println!(
         "{}",
         table(
-            &["STEP", "EPOCH", "SHARDS", "BYTES", "DURABLE"],
+            &["JOB", "STEP", "EPOCH", "SHARDS", "BYTES", "DURABLE"],
             &cps.iter()
                 .map(|c| vec![
+                    c.job.clone(),
                     c.step.to_string(),
                     c.epoch.to_string(),
                     c.shards.len().to_string(),

@@ -240,7 +240,7 @@ fn assignment(r: &Replica, worker: &str) -> ApiResult {
     let resume_step = s
         .checkpoints
         .iter()
-        .filter(|c| c.durable)
+        .filter(|c| c.durable && Some(&c.job) == job.map(|j| &j.id))
         .map(|c| c.step)
         .max()
         .unwrap_or(0);
@@ -251,6 +251,7 @@ fn assignment(r: &Replica, worker: &str) -> ApiResult {
         world_size: plan.map(|p| p.ranks.len() as u32).unwrap_or(0),
         peers,
         job: job.map(|j| j.spec.clone()),
+        job_id: job.map(|j| j.id.clone()),
         job_state: job.map(|j| j.state),
         resume_step,
         micro_shares: plan.map(|p| p.micro_shares.clone()).unwrap_or_default(),

@@ -1,0 +1,517 @@
+//! A job's checkpoints, as the worker agent writes and reads them.
+//!
+//! - **They belong to a job.** Each job writes under `<checkpoint root>/<job id>/`, and
+//!   every manifest names the job, the model, the seed and the parameter count; a loader
+//!   refuses (and reports, as a `checkpoint_refused` event) any that does not match.
+//! - **They exist once the controller says so.** Rank 0 writes the manifest, then records
+//!   the checkpoint through Raft (fenced by job and plan epoch). The Raft-committed
+//!   catalog is the source of truth: a manifest on disk that it does not list is never
+//!   loaded, and files of steps it no longer lists are deleted (retention follows the
+//!   catalog, which keeps the job's newest `--checkpoint-retain`).
+//! - **Every rank restores the same one.** Rank 0 picks the newest catalogued checkpoint
+//!   that verifies and tells the others through the group, so no rank can pick another
+//!   step because the catalog changed between two reads.
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use phalanx_checkpoint::{
+    self as ckpt, AsyncCheckpointer, CheckpointEvent, CheckpointerConfig, Manifest, ShardRecord,
+};
+use phalanx_collective::BlockingGroup;
+use phalanx_controller::client::{new_request_id, Client};
+use phalanx_proto::{CheckpointInfo, Command, JobSpec};
+use phalanx_train::engine::Engine;
+use phalanx_train::optim::AdamWState;
+use tracing::{info, warn};
+
+use crate::agent::AgentConfig;
+use crate::snapshot::Snapshots;
+use crate::WorkerError;
+
+/// `<root>/<job id>`: a job's own checkpoint directory. The id is the job's name (letters,
+/// digits, `-`, `_`, `.`, validated at submission) and its submission index; anything
+/// else is refused rather than joined into a path.
+pub fn job_checkpoint_dir(root: &Path, job_id: &str) -> Result<PathBuf, WorkerError> {
+    let ok = !job_id.is_empty()
+        && job_id.len() <= 200
+        && !job_id.starts_with('.')
+        && job_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if !ok {
+        return Err(WorkerError::Protocol(format!(
+            "job id {job_id:?} is not a safe directory name"
+        )));
+    }
+    Ok(root.join(job_id))
+}
+
+/// What a checkpoint of this job must say about itself.
+#[derive(Debug, Clone)]
+pub struct Expected {
+    pub job_id: String,
+    pub model: String,
+    pub seed: u64,
+}
+
+/// Where an epoch may restore a checkpoint from.
+pub struct CheckpointSource<'a> {
+    /// The job's checkpoint directory.
+    pub dir: PathBuf,
+    pub expect: Expected,
+    /// The steps of the job's durable checkpoints in the controller's catalog (asked by
+    /// rank 0 only).
+    pub catalog: &'a dyn Fn() -> Result<Vec<u64>, WorkerError>,
+    /// Tells the controller that a catalogued checkpoint was refused, and why.
+    pub refused: &'a dyn Fn(u64, &str),
+}
+
+/// Why a manifest does not belong to this job (None: it does).
+pub fn manifest_mismatch(m: &Manifest, want: &Expected, param_count: usize) -> Option<String> {
+    if m.job != want.job_id {
+        Some(format!(
+            "written by job {:?}, this is job {:?}",
+            m.job, want.job_id
+        ))
+    } else if m.model != want.model {
+        Some(format!(
+            "model {:?}, the job trains {:?}",
+            m.model, want.model
+        ))
+    } else if m.seed != want.seed {
+        Some(format!("seed {}, the job's is {}", m.seed, want.seed))
+    } else if m.param_count != param_count {
+        Some(format!(
+            "{} parameters, the model has {param_count}",
+            m.param_count
+        ))
+    } else {
+        None
+    }
+}
+
+/// Rank 0's choice: the newest catalogued checkpoint that belongs to the job and verifies.
+fn choose(src: &CheckpointSource<'_>, param_count: usize) -> Result<Option<u64>, WorkerError> {
+    let mut steps = (src.catalog)()?;
+    steps.sort_unstable_by(|a, b| b.cmp(a));
+    for step in steps {
+        let problem = match ckpt::read_manifest(&src.dir, step) {
+            Err(e) => Some(format!("manifest unreadable: {e}")),
+            Ok(m) => manifest_mismatch(&m, &src.expect, param_count).or_else(|| {
+                let report = ckpt::verify(&src.dir, step);
+                (!report.is_valid()).then(|| {
+                    let problems: Vec<String> =
+                        report.problems.iter().map(|p| p.to_string()).collect();
+                    format!("corrupt: {}", problems.join("; "))
+                })
+            }),
+        };
+        match problem {
+            None => return Ok(Some(step)),
+            Some(reason) => {
+                warn!(step, %reason, "refusing a catalogued checkpoint");
+                (src.refused)(step, &reason);
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Nobody can serve the state: every rank restores the checkpoint rank 0 chose (the
+/// newest catalogued one that verifies), or the seed's initial state when there is none.
+pub fn load_from_checkpoint(
+    engine: &mut Engine,
+    group: &mut BlockingGroup,
+    src: &CheckpointSource<'_>,
+    timeout: Duration,
+) -> Result<String, WorkerError> {
+    let (world, rank) = (group.world(), group.rank());
+    let mine = if rank == 0 {
+        match choose(src, engine.params.len())? {
+            Some(step) => [&[1u8][..], &step.to_le_bytes()].concat(),
+            None => vec![0u8],
+        }
+    } else {
+        Vec::new()
+    };
+    let all = group.all_gather_within(&mine, timeout)?;
+    let chosen = match all[0].as_slice() {
+        [0] => None,
+        [1, rest @ ..] if rest.len() == 8 => {
+            Some(u64::from_le_bytes(rest.try_into().expect("8 bytes")))
+        }
+        other => {
+            return Err(WorkerError::Protocol(format!(
+                "rank 0's checkpoint choice of {} bytes",
+                other.len()
+            )))
+        }
+    };
+    let (own, buddy) = engine.shard_ranges(world, rank);
+    let Some(step) = chosen else {
+        engine.reset_to_initial()?;
+        engine.zero_shards(world, rank)?;
+        return Ok("the seed's initial state".into());
+    };
+    let ck = |e: ckpt::CheckpointError| WorkerError::Checkpoint(e.to_string());
+    let load = |range: Range<usize>| ckpt::load_range(&src.dir, step, range).map_err(ck);
+    let st = load(own)?;
+    let b = buddy.map(load).transpose()?;
+    let own_shard = AdamWState {
+        range: st.range.clone(),
+        m: st.m.into(),
+        v: st.v.into(),
+        step: st.opt_step,
+    };
+    engine.load_params(st.opt_step, st.params)?;
+    let buddy_shard = b.map(|l| AdamWState {
+        range: l.range,
+        m: l.m.into(),
+        v: l.v.into(),
+        step: l.opt_step,
+    });
+    engine.set_shards(own_shard, buddy_shard)?;
+    info!(
+        step,
+        "state loaded from checkpoint (no survivor could serve it)"
+    );
+    Ok(format!("checkpoint step {step}"))
+}
+
+/// The controller's catalog entries of `job_id` that are durable, as steps.
+pub fn job_catalog(client: &Client, job_id: &str) -> Result<Vec<u64>, WorkerError> {
+    let all: Vec<CheckpointInfo> = client
+        .get("/v1/checkpoints")
+        .map_err(|e| WorkerError::Controller(e.to_string()))?;
+    Ok(catalogued_steps(&all, job_id))
+}
+
+fn catalogued_steps(all: &[CheckpointInfo], job_id: &str) -> Vec<u64> {
+    all.iter()
+        .filter(|c| c.durable && c.job == job_id)
+        .map(|c| c.step)
+        .collect()
+}
+
+pub fn report_refused(client: &Client, me: &str, job_id: &str, step: u64, reason: &str) {
+    let cmd = Command::ReportCheckpointRefused {
+        worker: me.to_string(),
+        job: job_id.to_string(),
+        step,
+        reason: reason.chars().take(400).collect(),
+    };
+    if let Err(e) = client.command_with_id(new_request_id(&format!("refused-{me}-{step}")), cmd) {
+        warn!(error = %e, "reporting a refused checkpoint failed");
+    }
+}
+
+/// Steps on disk that retention deletes: older than the newest catalogued one and no
+/// longer (or never) in the catalog. Newer ones may still be in flight.
+pub fn unlisted_steps(on_disk: &[u64], listed: &[u64]) -> Vec<u64> {
+    let Some(newest) = listed.iter().copied().max() else {
+        return Vec::new();
+    };
+    on_disk
+        .iter()
+        .copied()
+        .filter(|s| *s < newest && !listed.contains(s))
+        .collect()
+}
+
+/// The rank's asynchronous checkpointing for one epoch. Rank 0 commits a checkpoint's
+/// manifest once every rank's shard is durable (learned through a small all-gather at a
+/// step boundary) and records it in the controller through Raft.
+pub struct Checkpointing {
+    pub snaps: Snapshots,
+    events: mpsc::Receiver<CheckpointEvent>,
+    /// This rank's shards that became durable since the last exchange.
+    durable: Vec<ShardRecord>,
+    /// The job's checkpoint directory.
+    root: PathBuf,
+    job_id: String,
+    model: String,
+    world: usize,
+    seed: u64,
+    /// Steps rank 0 recorded in the catalog this epoch.
+    recorded: Vec<u64>,
+}
+
+impl Checkpointing {
+    pub fn new(
+        job: &JobSpec,
+        job_id: &str,
+        root: PathBuf,
+        world: usize,
+        rank: usize,
+        disk: &ckpt::FaultInjector,
+    ) -> Result<Self, WorkerError> {
+        let mut c = CheckpointerConfig::new(root.clone(), world, rank);
+        c.fault = Some(disk.clone());
+        let (writer, events) =
+            AsyncCheckpointer::spawn(c).map_err(|e| WorkerError::Checkpoint(e.to_string()))?;
+        Ok(Self {
+            snaps: Snapshots::new(writer, job.seed),
+            events,
+            durable: Vec::new(),
+            root,
+            job_id: job_id.to_string(),
+            model: job.model.clone(),
+            world,
+            seed: job.seed,
+            recorded: Vec::new(),
+        })
+    }
+
+    /// The final step's snapshot: waits (bounded) for earlier snapshots so that the writer
+    /// does not refuse it as busy.
+    pub fn take_final(&mut self, engine: &Engine) {
+        if !self.snaps.writer().wait_idle(Duration::from_secs(30)) {
+            warn!("checkpoint writes still pending after 30 s");
+        }
+        self.snaps.take(engine);
+    }
+
+    /// Waits (bounded) for this rank's queued snapshots, then commits what is complete.
+    /// With `final_step`, every rank then learns from rank 0 whether that step is in the
+    /// catalog, and the epoch fails (to be retried) when it is not.
+    pub fn flush(
+        &mut self,
+        engine: &Engine,
+        group: &mut BlockingGroup,
+        epoch: u64,
+        cfg: &AgentConfig,
+        final_step: Option<u64>,
+    ) -> Result<(), WorkerError> {
+        if !self.snaps.writer().wait_idle(Duration::from_secs(30)) {
+            warn!("checkpoint writes still pending after 30 s");
+        }
+        self.commit_ready(engine, group, epoch, cfg)?;
+        let Some(last) = final_step else {
+            return Ok(());
+        };
+        let mine = [u8::from(group.rank() == 0 && self.recorded.contains(&last))];
+        let all = group.all_gather_within(&mine, cfg.op_timeout)?;
+        if all[0].first() != Some(&1) {
+            return Err(WorkerError::Checkpoint(format!(
+                "the final checkpoint (step {last}) was not committed by the controller"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Drains writer events; when some rank has a durable shard, ranks exchange their
+    /// newest durable shard records and rank 0 commits every step all ranks hold.
+    pub fn commit_ready(
+        &mut self,
+        engine: &Engine,
+        group: &mut BlockingGroup,
+        epoch: u64,
+        cfg: &AgentConfig,
+    ) -> Result<(), WorkerError> {
+        while let Ok(ev) = self.events.try_recv() {
+            match ev {
+                CheckpointEvent::Durable { shard, .. } => self.durable.push(shard),
+                CheckpointEvent::Failed {
+                    step,
+                    error,
+                    attempt,
+                    ..
+                } => warn!(step, attempt, %error, "checkpoint write failed"),
+                CheckpointEvent::GaveUp { step, error, .. } => {
+                    warn!(step, %error, "checkpoint given up")
+                }
+                _ => {}
+            }
+        }
+        let mine = std::mem::take(&mut self.durable);
+        let any_local = u8::from(!mine.is_empty());
+        let flags = group.all_gather_within(&[any_local], cfg.op_timeout)?;
+        if flags.iter().all(|f| f.first() == Some(&0)) {
+            return Ok(());
+        }
+        let body = serde_json::to_vec(&mine).map_err(|e| WorkerError::Protocol(e.to_string()))?;
+        let all = group.all_gather_within(&body, cfg.op_timeout)?;
+        if group.rank() != 0 {
+            return Ok(());
+        }
+        let mut by_step: std::collections::BTreeMap<u64, Vec<ShardRecord>> = Default::default();
+        for part in &all {
+            let recs: Vec<ShardRecord> = serde_json::from_slice(part)
+                .map_err(|e| WorkerError::Protocol(format!("shard records: {e}")))?;
+            for r in recs {
+                by_step.entry(r.step).or_default().push(r);
+            }
+        }
+        for (step, shards) in by_step {
+            if shards.len() != self.world {
+                warn!(
+                    step,
+                    have = shards.len(),
+                    world = self.world,
+                    "incomplete checkpoint shard set; not committed"
+                );
+                continue;
+            }
+            self.commit_one(engine, step, shards, epoch, cfg)?;
+        }
+        Ok(())
+    }
+
+    /// Rank 0: writes the manifest of `step`, records it in the catalog, and deletes what
+    /// the catalog no longer lists.
+    fn commit_one(
+        &mut self,
+        engine: &Engine,
+        step: u64,
+        shards: Vec<ShardRecord>,
+        epoch: u64,
+        cfg: &AgentConfig,
+    ) -> Result<(), WorkerError> {
+        let spec = ckpt::ManifestSpec {
+            job: self.job_id.clone(),
+            model: self.model.clone(),
+            step,
+            world: self.world,
+            param_count: engine.params.len(),
+            seed: self.seed,
+            layout: Vec::new(),
+            params_sha256: None,
+        };
+        let manifest = ckpt::commit_manifest(&self.root, &spec, shards)
+            .map_err(|e| WorkerError::Checkpoint(e.to_string()))?;
+        let recorded = manifest
+            .shards
+            .iter()
+            .map(|s| phalanx_proto::CheckpointShard {
+                rank: s.rank as u32,
+                path: format!("{}/{}/{}", self.job_id, ckpt::step_dir_name(step), s.file),
+                bytes: s.bytes,
+                sha256: s.sha256.clone(),
+            })
+            .collect();
+        let stall_us = self.snaps.take_stall(step).map(|d| d.as_micros() as u64);
+        let cmd = Command::RecordCheckpoint {
+            job: self.job_id.clone(),
+            step,
+            epoch,
+            shards: recorded,
+            durable: true,
+            stall_us,
+            retain: cfg.checkpoint_retain.min(u32::MAX as usize) as u32,
+        };
+        let id = new_request_id(&format!("ckpt-{}-{step}-{epoch}", self.job_id));
+        match cfg.client.command_with_id(id, cmd) {
+            Ok(out) if out.outcome.is_applied() => {
+                self.recorded.push(step);
+                info!(step, "checkpoint committed");
+            }
+            // Not in the catalog, so it does not exist: never loaded, deleted by retention.
+            Ok(out) => {
+                warn!(step, reason = %out.outcome.message(), "the controller refused the checkpoint")
+            }
+            Err(e) => warn!(step, error = %e, "recording the checkpoint in the controller failed"),
+        }
+        self.prune(cfg);
+        Ok(())
+    }
+
+    /// Retention follows the catalog: the files of steps it no longer lists go.
+    fn prune(&self, cfg: &AgentConfig) {
+        let listed = match job_catalog(&cfg.client, &self.job_id) {
+            Ok(l) => l,
+            Err(e) => return warn!(error = %e, "reading the catalog for retention failed"),
+        };
+        let on_disk: Vec<u64> = match ckpt::scan(&self.root) {
+            Ok(entries) => entries.iter().map(|e| e.step).collect(),
+            Err(e) => return warn!(error = %e, "scanning the checkpoint directory failed"),
+        };
+        for step in unlisted_steps(&on_disk, &listed) {
+            let dir = ckpt::step_dir(&self.root, step);
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => info!(step, "checkpoint deleted (no longer in the catalog)"),
+                Err(e) => warn!(step, error = %e, "deleting an uncatalogued checkpoint failed"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(job: &str, model: &str, seed: u64, params: usize) -> Manifest {
+        Manifest {
+            format_version: 1,
+            job: job.into(),
+            model: model.into(),
+            step: 20,
+            world: 1,
+            param_count: params,
+            seed,
+            layout: vec![],
+            params_sha256: None,
+            shards: vec![],
+        }
+    }
+
+    #[test]
+    fn a_manifest_of_another_job_model_seed_or_size_is_refused() {
+        let want = Expected {
+            job_id: "a-5".into(),
+            model: "tiny".into(),
+            seed: 7,
+        };
+        assert_eq!(
+            manifest_mismatch(&manifest("a-5", "tiny", 7, 100), &want, 100),
+            None
+        );
+        for (m, what) in [
+            (manifest("a-3", "tiny", 7, 100), "written by job"),
+            (manifest("", "tiny", 7, 100), "written by job"),
+            (manifest("a-5", "small", 7, 100), "model"),
+            (manifest("a-5", "tiny", 8, 100), "seed"),
+            (manifest("a-5", "tiny", 7, 99), "parameters"),
+        ] {
+            let why = manifest_mismatch(&m, &want, 100).expect(what);
+            assert!(why.contains(what), "{why}");
+        }
+    }
+
+    #[test]
+    fn only_durable_entries_of_the_job_count_and_retention_spares_newer_steps() {
+        let info = |job: &str, step, durable| CheckpointInfo {
+            job: job.into(),
+            step,
+            epoch: 1,
+            shards: vec![],
+            durable,
+        };
+        let all = [
+            info("a-1", 20, true),
+            info("b-9", 40, true),
+            info("a-1", 30, false),
+            info("a-1", 40, true),
+        ];
+        assert_eq!(catalogued_steps(&all, "a-1"), vec![20, 40]);
+        // 10 was dropped from the catalog, 25 was never recorded, 60 is in flight.
+        assert_eq!(
+            unlisted_steps(&[10, 20, 25, 40, 60], &[20, 40]),
+            vec![10, 25]
+        );
+        assert!(unlisted_steps(&[10, 20], &[]).is_empty());
+    }
+
+    #[test]
+    fn job_ids_that_are_not_plain_names_are_refused_as_directories() {
+        let root = Path::new("/ck");
+        assert_eq!(
+            job_checkpoint_dir(root, "run.1-12").unwrap(),
+            root.join("run.1-12")
+        );
+        for bad in ["", "../x", "a/b", ".hidden", "a b"] {
+            assert!(job_checkpoint_dir(root, bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,61 @@
+//! Jobs in a row on one cluster: each has its own checkpoints and its own result.
+use std::time::Duration;
+
+use phalanx_tests::cluster::{job_toml_seed, reference_sha_seed, LocalCluster};
+
+const STEPS: u64 = 60;
+const LIMIT: Duration = Duration::from_secs(240);
+
+/// The same job file name twice (seeds 7 then 8), the second one with every worker killed
+/// and restarted mid-run: before checkpoints belonged to a job, the second resumed from
+/// the first one's newest checkpoint (it has the same model) and finished with its
+/// parameters.
+#[test]
+fn two_jobs_in_a_row_are_each_bit_identical_to_their_own_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let refs: Vec<String> = [7, 8]
+        .iter()
+        .map(|&seed| reference_sha_seed(STEPS, seed, dir.path()))
+        .collect();
+    assert_ne!(refs[0], refs[1]);
+    let c = LocalCluster::start(4, 2);
+
+    c.submit(&job_toml_seed("twice", STEPS, 20, 4, 4, 7));
+    let first = c.wait_done(LIMIT);
+    assert_eq!(
+        first["params_sha256"].as_str().unwrap(),
+        refs[0],
+        "{}",
+        c.logs()
+    );
+    // The final step is always checkpointed before the job completes.
+    assert!(c.committed_checkpoints().contains(&STEPS), "{first}");
+    let first_id = first["id"].as_str().unwrap().to_string();
+
+    c.submit(&job_toml_seed("twice", STEPS, 20, 4, 4, 8));
+    c.wait_for(LIMIT, "the second job's first checkpoint", |c| {
+        let job = c.job().unwrap();
+        job["id"] != first_id.as_str() && !c.committed_checkpoints().is_empty()
+    });
+    c.kill_workers_at_once(&["w0", "w1", "w2", "w3"]);
+    let second = c.wait_for_job_done_other_than(&first_id, LIMIT);
+    assert_eq!(
+        second["params_sha256"].as_str().unwrap(),
+        refs[1],
+        "the second job is not its own\n{}",
+        c.logs()
+    );
+    let recs = second["recoveries"].as_array().unwrap();
+    assert!(
+        recs.iter().any(|r| r["source"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("checkpoint step")),
+        "{recs:?}"
+    );
+    // Each job's files in its own directory.
+    let root = c.checkpoint_root();
+    for id in [&first_id, second["id"].as_str().unwrap()] {
+        assert!(root.join(id).is_dir(), "no {}", root.join(id).display());
+    }
+}
