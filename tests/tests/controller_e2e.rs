@@ -159,6 +159,7 @@ fn register(c: &Client, id: &str) {
                 kind: "cpu-emulated".into(),
                 index: 0,
                 memory_bytes: 1 << 30,
+                ..Default::default()
             },
         })
         .expect("register worker");

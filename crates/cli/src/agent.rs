@@ -58,9 +58,16 @@ pub struct WorkerStartCmd {
     /// Exit with an error after this many seconds (0: run until stopped).
     #[arg(long, default_value_t = 0)]
     pub lifetime_max_s: u64,
+    /// Numerics profile this worker computes under (reported at registration; it gets a
+    /// rank only in jobs of this profile). See docs/training.md.
+    #[arg(long, default_value = "x86-64-avx2", value_parser = crate::model::parse_numerics)]
+    pub numerics: phalanx_proto::NumericsProfile,
 }
 
 pub fn start(cmd: WorkerStartCmd) -> Result<()> {
+    // First of all, before libtorch does any work (re-executes when the environment
+    // differs from the profile's).
+    phalanx_worker::numerics::ensure(cmd.numerics)?;
     let device = DeviceRequest::parse(&cmd.device, cmd.memory_gib)?;
     let torch_device = device.activate()?;
     let client = cmd.target.client()?;
@@ -89,6 +96,7 @@ pub fn start(cmd: WorkerStartCmd) -> Result<()> {
         exit_when_done: cmd.exit_when_done,
         lifetime_max: Duration::from_secs(cmd.lifetime_max_s),
         fault_inbox: cmd.fault_inbox,
+        numerics: cmd.numerics,
     };
     agent::run(cfg)?;
     Ok(())

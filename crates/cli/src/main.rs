@@ -8,6 +8,7 @@ mod bench;
 mod ctl;
 mod demo;
 mod fault;
+mod model;
 mod train;
 
 #[derive(Parser, Debug)]
@@ -41,6 +42,9 @@ enum Command {
     /// Run or manage one worker (one GPU).
     #[command(subcommand)]
     Worker(WorkerCmd),
+    /// Generate text with a trained model (a safetensors file from `train --save` or
+    /// `job export`).
+    Sample(model::SampleCmd),
     /// List the GPU models that can be emulated and the CUDA devices present.
     Devices(train::DevicesCmd),
     /// The demo of `just run`: a local cluster trains through injected faults.
@@ -105,6 +109,7 @@ fn main() -> ExitCode {
         Command::Worker(WorkerCmd::Run(c)) => train::worker_run(c),
         Command::Worker(WorkerCmd::Start(c)) => agent::start(c),
         Command::Devices(c) => train::devices(c),
+        Command::Sample(c) => model::sample(c),
         Command::Bench(c) => bench::run(c),
         Command::Fault(c) => fault::run(c),
         Command::Demo(c) => demo::run(c),

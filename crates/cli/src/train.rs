@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use phalanx_collective::{BlockingGroup, GroupConfig};
+use phalanx_proto::NumericsProfile;
 use phalanx_train::data::{default_corpus_spec, Corpus};
 use phalanx_train::device::{DeviceRequest, MemoryEstimate, CATALOGUE};
 use phalanx_train::engine::{Engine, TrainSpec};
@@ -16,6 +17,7 @@ use phalanx_train::optim::AdamWConfig;
 use phalanx_train::sampler::assign;
 use phalanx_train::ModelConfig;
 use phalanx_worker::dp::{self, DpOptions, RunResult};
+use phalanx_worker::numerics;
 use phalanx_worker::rendezvous::{self, PeerList, WorkerEvent};
 use serde::Serialize;
 
@@ -73,6 +75,11 @@ pub struct TrainArgs {
     /// Bound on forming the group (all peers connected).
     #[arg(long, default_value_t = 60_000)]
     pub rendezvous_timeout_ms: u64,
+    /// Numerics profile: `x86-64-avx2` pins ATen, MKL and oneDNN to their AVX2 kernels, so
+    /// that any x86-64 machine computes the same bits; `native` lets them pick the fastest
+    /// kernels of this CPU (see docs/training.md).
+    #[arg(long, default_value = "x86-64-avx2", value_parser = crate::model::parse_numerics)]
+    pub numerics: NumericsProfile,
 }
 
 impl TrainArgs {
@@ -126,6 +133,7 @@ impl TrainArgs {
             format!("--device={}", self.device),
             format!("--op-timeout-ms={}", self.op_timeout_ms),
             format!("--rendezvous-timeout-ms={}", self.rendezvous_timeout_ms),
+            format!("--numerics={}", self.numerics),
         ];
         if let Some(w) = self.warmup_steps {
             a.push(format!("--warmup-steps={w}"));
@@ -148,6 +156,9 @@ pub struct TrainCmd {
     /// Print one plain line per step instead of a progress bar.
     #[arg(long)]
     pub plain: bool,
+    /// Write the trained parameters here as safetensors (see `phalanx sample`).
+    #[arg(long)]
+    pub save: Option<PathBuf>,
     #[command(flatten)]
     pub train: TrainArgs,
 }
@@ -172,6 +183,9 @@ pub struct WorkerRunCmd {
     /// Rank 0 writes the run summary here.
     #[arg(long)]
     pub summary: Option<PathBuf>,
+    /// Rank 0 writes the trained parameters here as safetensors.
+    #[arg(long)]
+    pub save: Option<PathBuf>,
     #[command(flatten)]
     pub train: TrainArgs,
 }
@@ -205,6 +219,8 @@ struct TrainSummary {
     global_batch: usize,
     micro_batch: usize,
     device: String,
+    /// The numerics profile every worker ran under.
+    numerics: NumericsProfile,
     corpus: CorpusInfo,
     initial_loss: f64,
     final_loss: f64,
@@ -250,11 +266,14 @@ fn preflight(args: &TrainArgs, workers: usize) -> Result<(TrainSpec, Corpus, Dev
 pub fn train(cmd: TrainCmd, json_logs: bool) -> Result<()> {
     let wall = Instant::now();
     let (spec, corpus, device) = preflight(&cmd.train, cmd.workers)?;
+    if let Some(p) = &cmd.save {
+        crate::model::check_output_path(p)?;
+    }
     let n = cmd.workers;
     tracing::info!(workers = n, model = %spec.model.name, params = spec.model.param_count(), device = %device.describe(), corpus = %corpus.spec, "starting training");
 
     let exe = std::env::current_exe().context("locating the phalanx binary")?;
-    let mut group = LocalGroup::spawn(&exe, n, &cmd.train, json_logs)?;
+    let mut group = LocalGroup::spawn(&exe, n, &cmd.train, cmd.save.as_deref(), json_logs)?;
     let interactive = std::io::stderr().is_terminal() && !cmd.plain;
     let bar = interactive.then(|| {
         let b = indicatif::ProgressBar::new(spec.steps);
@@ -290,6 +309,13 @@ pub fn train(cmd: TrainCmd, json_logs: bool) -> Result<()> {
         "done: {} steps on {} worker(s)  loss {:.4} -> {:.4}  val {:.4}  {:.0} tokens/s  params_sha256 {}",
         result.steps, result.workers, result.initial_loss, result.final_loss, result.val_loss, result.tokens_per_sec, result.params_sha256
     );
+    if let Some(p) = &cmd.save {
+        println!(
+            "saved {} (safetensors, numerics {})",
+            p.display(),
+            cmd.train.numerics
+        );
+    }
     if let Some(path) = &cmd.summary {
         let s = TrainSummary {
             steps: result.steps,
@@ -300,6 +326,7 @@ pub fn train(cmd: TrainCmd, json_logs: bool) -> Result<()> {
             global_batch: spec.global_batch,
             micro_batch: spec.micro_batch,
             device: device.describe(),
+            numerics: cmd.train.numerics,
             corpus: CorpusInfo {
                 spec: corpus.spec.clone(),
                 files: corpus.files.len(),
@@ -342,7 +369,13 @@ enum Line {
 }
 
 impl LocalGroup {
-    fn spawn(exe: &std::path::Path, n: usize, args: &TrainArgs, json_logs: bool) -> Result<Self> {
+    fn spawn(
+        exe: &std::path::Path,
+        n: usize,
+        args: &TrainArgs,
+        save: Option<&std::path::Path>,
+        json_logs: bool,
+    ) -> Result<Self> {
         let (tx, rx) = mpsc::channel();
         let mut children = Vec::new();
         let mut stderr_tail = Vec::new();
@@ -354,8 +387,14 @@ impl LocalGroup {
             cmd.args(["worker", "run", "--stdio-rendezvous"])
                 .arg(format!("--rank={rank}"))
                 .arg(format!("--world={n}"))
-                .args(args.to_args())
-                .stdin(Stdio::piped())
+                .args(args.to_args());
+            if let (0, Some(p)) = (rank, save) {
+                cmd.arg("--save").arg(p);
+            }
+            // The profile's environment, whatever this process inherited; the child
+            // checks it again before its first torch call.
+            numerics::apply(args.numerics, &mut cmd);
+            cmd.stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
             let mut child = match cmd.spawn() {
@@ -540,8 +579,12 @@ fn wait_timeout(c: &mut Child, t: Duration) -> Result<std::process::ExitStatus> 
 }
 
 pub fn worker_run(cmd: WorkerRunCmd) -> Result<()> {
+    // First of all, before libtorch does any work: the numerics profile's environment
+    // (this re-executes the process when its environment differs).
     let rank = cmd.rank;
-    let res = worker_inner(&cmd);
+    let res = numerics::ensure(cmd.train.numerics)
+        .map_err(anyhow::Error::from)
+        .and_then(|()| worker_inner(&cmd));
     if let Err(e) = &res {
         if cmd.stdio_rendezvous {
             rendezvous::emit(&WorkerEvent::Error {
@@ -609,6 +652,18 @@ fn worker_inner(cmd: &WorkerRunCmd) -> Result<()> {
             }
         },
     )?;
+    if let (0, Some(path)) = (rank, &cmd.save) {
+        let meta = phalanx_train::export::ExportMeta {
+            model: engine.spec.model.name.clone(),
+            seed: engine.spec.seed,
+            steps: engine.step(),
+            params_sha256: engine.params_sha256(),
+            numerics: cmd.train.numerics.to_string(),
+        };
+        let bytes =
+            phalanx_train::export::to_safetensors(&engine.spec.model, &engine.params, &meta)?;
+        crate::model::write_file_atomic(path, &bytes)?;
+    }
     if cmd.stdio_rendezvous {
         rendezvous::emit(&WorkerEvent::Done {
             rank,

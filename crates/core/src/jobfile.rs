@@ -3,7 +3,7 @@
 //! Errors name the field and say what was expected, so an operator can fix the file
 //! without reading code.
 
-use phalanx_proto::JobSpec;
+use phalanx_proto::{JobSpec, NumericsProfile};
 use thiserror::Error;
 
 /// The model configurations the data plane has (`phalanx_train::config::MODEL_NAMES`;
@@ -52,6 +52,10 @@ const FIELDS: &[(&str, &str)] = &[
     ("checkpoint_interval_steps", "a non-negative integer"),
     ("world_size_min", "a positive integer"),
     ("world_size_max", "a positive integer"),
+    (
+        "numerics",
+        "`x86-64-avx2` or `native` (optional; default `x86-64-avx2`)",
+    ),
 ];
 
 fn expected_of(field: &'static str) -> &'static str {
@@ -102,6 +106,27 @@ fn get_u32(t: &toml::Table, field: &'static str) -> Result<u32, JobFileError> {
     })
 }
 
+/// The optional `numerics` field: absent means the default profile.
+fn get_numerics(t: &toml::Table) -> Result<NumericsProfile, JobFileError> {
+    let field = "numerics";
+    match t.get(field) {
+        None => Ok(NumericsProfile::default()),
+        Some(toml::Value::String(s)) => {
+            NumericsProfile::parse(s).ok_or_else(|| JobFileError::Invalid {
+                field,
+                message: format!(
+                    "{s:?}: expected one of {}",
+                    NumericsProfile::ALL.map(|p| p.as_str()).join(", ")
+                ),
+            })
+        }
+        Some(_) => Err(JobFileError::Type {
+            field: field.into(),
+            expected: "a string",
+        }),
+    }
+}
+
 /// Parse and validate a job file.
 pub fn parse_job_toml(text: &str) -> Result<JobSpec, JobFileError> {
     let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
@@ -129,6 +154,7 @@ pub fn parse_job_toml(text: &str) -> Result<JobSpec, JobFileError> {
         checkpoint_interval_steps: get_u64(&table, "checkpoint_interval_steps")?,
         world_size_min: get_u32(&table, "world_size_min")?,
         world_size_max: get_u32(&table, "world_size_max")?,
+        numerics: get_numerics(&table)?,
     };
     validate_job(&spec)?;
     Ok(spec)
@@ -216,7 +242,7 @@ pub fn job_template(model: &str, steps: u64) -> Result<String, JobFileError> {
     let interval = (steps / 4).max(1);
     let text = format!(
         r#"# Phalanx job file. Submit it with `phalanx job submit FILE`.
-# Every field is required; `phalanx job submit` names any field it rejects.
+# Every field but `numerics` is required; `phalanx job submit` names any field it rejects.
 
 # Job name: letters, digits, '-', '_' or '.' (at most 64 characters).
 name = "{model}-{steps}"
@@ -245,6 +271,12 @@ checkpoint_interval_steps = {interval}
 # re-shards elastically when workers fail or join.
 world_size_min = 1
 world_size_max = 4
+
+# Numerics profile (optional): `x86-64-avx2`, the default, pins the CPU libraries to
+# their AVX2 kernels so that every x86-64 machine computes the same bits; `native` lets
+# them pick the fastest kernels of each CPU (not portable). Only workers started with
+# the job's profile get a rank.
+numerics = "x86-64-avx2"
 "#,
         models = MODELS.join(", "),
     );
@@ -302,6 +334,12 @@ mod tests {
             ("seed = 7", "seed = 7\nsede = 8", "`sede`"),
             ("name = \"tiny-60\"", "name = \"bad name!\"", "`name`"),
             (
+                "numerics = \"x86-64-avx2\"",
+                "numerics = \"avx512\"",
+                "`numerics`",
+            ),
+            ("numerics = \"x86-64-avx2\"", "numerics = 2", "`numerics`"),
+            (
                 "checkpoint_interval_steps = 15",
                 "checkpoint_interval_steps = 61",
                 "`checkpoint_interval_steps`",
@@ -311,6 +349,31 @@ mod tests {
             let err = with(from, to).unwrap_err().to_string();
             assert!(err.contains(field), "replacing {from:?} by {to:?}: {err}");
         }
+    }
+
+    #[test]
+    fn numerics_is_optional_and_parsed() {
+        assert_eq!(
+            parse_job_toml(&template()).unwrap().numerics,
+            NumericsProfile::X86_64Avx2
+        );
+        let old = template().replace("numerics = \"x86-64-avx2\"\n", "");
+        assert!(!old.contains("numerics ="));
+        assert_eq!(
+            parse_job_toml(&old).unwrap().numerics,
+            NumericsProfile::X86_64Avx2
+        );
+        assert_eq!(
+            with("numerics = \"x86-64-avx2\"", "numerics = \"native\"")
+                .unwrap()
+                .numerics,
+            NumericsProfile::Native
+        );
+        // A job spec from an older client (JSON without the field) still deserialises.
+        let mut v = serde_json::to_value(parse_job_toml(&template()).unwrap()).unwrap();
+        v.as_object_mut().unwrap().remove("numerics");
+        let spec: JobSpec = serde_json::from_value(v).unwrap();
+        assert_eq!(spec.numerics, NumericsProfile::X86_64Avx2);
     }
 
     #[test]

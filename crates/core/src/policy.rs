@@ -25,35 +25,52 @@ pub enum PlacementDecision {
 /// `waiting`: the job stopped for want of workers, so `current` is no longer running; a
 /// placement then always makes a new plan, even on exactly the old plan's workers (their
 /// group broke up when the job stopped, and they wait for a new epoch).
+///
+/// Only workers of the job's numerics profile ([`JobSpec::numerics`], reported by each
+/// worker in its [`phalanx_proto::DeviceSpec`]) get a rank, so every rank of a plan
+/// computes the same bits; the reason names the workers left out for their profile.
 pub fn place(
     spec: &JobSpec,
     current: Option<&Plan>,
     waiting: bool,
     workers: &BTreeMap<WorkerId, WorkerInfo>,
 ) -> (PlacementDecision, Reason) {
+    let fits = |w: &WorkerInfo| w.health.placeable() && w.device.numerics == spec.numerics;
     let placeable: Vec<&WorkerId> = workers
         .values()
-        .filter(|w| w.health.placeable())
+        .filter(|w| fits(w))
         .map(|w| &w.id)
         .collect();
+    let other_profile: Vec<String> = workers
+        .values()
+        .filter(|w| w.health.placeable() && w.device.numerics != spec.numerics)
+        .map(|w| format!("{} ({})", w.id, w.device.numerics))
+        .collect();
+    let left_out = if other_profile.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; left out for their numerics profile (the job needs {}): {}",
+            spec.numerics,
+            other_profile.join(", ")
+        )
+    };
     let min = spec.world_size_min as usize;
     let max = spec.world_size_max as usize;
     if placeable.len() < min {
         return (
             PlacementDecision::Wait,
             format!(
-                "{} placeable workers, job needs at least {min}",
+                "{} placeable workers, job needs at least {min}{left_out}",
                 placeable.len()
             ),
         );
     }
     if let Some(plan) = current.filter(|_| !waiting) {
-        let all_alive = plan.ranks.iter().all(|id| {
-            workers
-                .get(id)
-                .map(|w| w.health.placeable())
-                .unwrap_or(false)
-        });
+        let all_alive = plan
+            .ranks
+            .iter()
+            .all(|id| workers.get(id).map(fits).unwrap_or(false));
         let can_grow = plan.ranks.len() < max && placeable.len() > plan.ranks.len();
         if all_alive && !can_grow {
             return (
@@ -83,7 +100,7 @@ pub fn place(
         None => format!("initial placement on {} workers", ranks.len()),
         Some(_) if waiting => format!("resume on {} workers after waiting", ranks.len()),
         Some(p) => format!("re-shard from {} to {} ranks", p.ranks.len(), ranks.len()),
-    };
+    } + &left_out;
     (PlacementDecision::NewPlan { ranks }, reason)
 }
 
@@ -480,6 +497,7 @@ mod tests {
             checkpoint_interval_steps: 5,
             world_size_min: min,
             world_size_max: max,
+            numerics: Default::default(),
         }
     }
 
@@ -516,6 +534,61 @@ mod tests {
             }
         );
         assert!(reason.contains("re-shard"), "{reason}");
+    }
+
+    #[test]
+    fn placement_gives_ranks_only_to_workers_of_the_jobs_numerics_profile() {
+        use phalanx_proto::NumericsProfile;
+        let mut ws = workers(&[
+            ("a", WorkerHealth::Joining),
+            ("b", WorkerHealth::Joining),
+            ("c", WorkerHealth::Joining),
+        ]);
+        ws.get_mut("b").unwrap().device.numerics = NumericsProfile::Native;
+        let (d, reason) = place(&spec(1, 3), None, false, &ws);
+        assert_eq!(
+            d,
+            PlacementDecision::NewPlan {
+                ranks: vec!["a".into(), "c".into()]
+            }
+        );
+        assert!(
+            reason.contains("b (native)") && reason.contains("x86-64-avx2"),
+            "{reason}"
+        );
+        // Too few workers of the job's profile: wait, and say why.
+        let (d, reason) = place(&spec(3, 3), None, false, &ws);
+        assert_eq!(d, PlacementDecision::Wait);
+        assert!(
+            reason.contains("2 placeable") && reason.contains("b (native)"),
+            "{reason}"
+        );
+        // A native job runs on the native worker only.
+        let native = JobSpec {
+            numerics: NumericsProfile::Native,
+            ..spec(1, 3)
+        };
+        let (d, _) = place(&native, None, false, &ws);
+        assert_eq!(
+            d,
+            PlacementDecision::NewPlan {
+                ranks: vec!["b".into()]
+            }
+        );
+        // A plan rank whose worker is of another profile is replaced.
+        let plan = Plan {
+            epoch: 1,
+            ranks: vec!["a".into(), "b".into()],
+            reason: String::new(),
+            micro_shares: Vec::new(),
+        };
+        let (d, _) = place(&spec(1, 2), Some(&plan), false, &ws);
+        assert_eq!(
+            d,
+            PlacementDecision::NewPlan {
+                ranks: vec!["a".into(), "c".into()]
+            }
+        );
     }
 
     #[test]
