@@ -26,11 +26,15 @@
 //! directory is `fsync`ed (and the root when a step directory is created), so after a
 //! crash a file name is either absent or names complete, synced bytes. [`write_shard`]
 //! does this for one rank's shard and returns a [`ShardRecord`]; [`commit_manifest`] is
-//! called once, by whoever knows every rank's shard is durable (the controller, through
-//! Raft), and writes the manifest the same way. A checkpoint is *committed* exactly when
-//! its manifest exists; since the manifest is renamed into place only after every shard
-//! it names was synced, a committed checkpoint never refers to bytes that may not be on
-//! disk. Directories without a manifest (a crash or failure mid-write) are never listed
+//! called once, by whoever knows every rank's shard is durable (rank 0 of the group, after
+//! an all-gather of the ranks' records), and writes the manifest the same way. On disk a
+//! checkpoint is *complete* exactly when its manifest exists; since the manifest is renamed
+//! into place only after every shard it names was synced, a complete checkpoint never
+//! refers to bytes that may not be on disk. Whether it *counts* is not this crate's call:
+//! in a cluster the controller's Raft-replicated catalog is the source of truth (the
+//! worker records each manifest there, loads only what the catalog lists, and deletes what
+//! it no longer lists; see `phalanx_worker::job_checkpoints`). The manifest also names the
+//! job and the model that wrote it, so a loader can refuse a stranger's checkpoint. Directories without a manifest (a crash or failure mid-write) are never listed
 //! and are cleaned up by retention once a newer checkpoint is committed. Bit rot or
 //! tampering after the commit is caught by the per-shard SHA-256 ([`verify`]), and
 //! [`latest_valid`] then falls back to the previous checkpoint, naming what it skipped.
