@@ -25,6 +25,12 @@ test: setup
     cargo build --release -p phalanx-cli
     PHALANX_BIN="$PWD/target/release/phalanx" cargo test --release --workspace -- --test-threads 2
 
+# Needs root and `ip` (skipped otherwise); about 40 s; also part of `just test`.
+# Real network partitions among 3 controllers in network namespaces, measurements printed.
+partitions: setup
+    cargo build --release -p phalanx-cli
+    PHALANX_BIN="$PWD/target/release/phalanx" cargo test --release -p phalanx-tests --test controller_partitions -- --nocapture
+
 # Benchmarks, each a ratio measured side by side in one run; results land in bench-out/
 # and are explained in docs/benchmarks.md.
 bench: build

@@ -295,7 +295,8 @@ impl Drop for Lab {
     }
 }
 
-/// Remove namespaces (and so their links) left by labs of processes that no longer run.
+/// Remove namespaces (and so their links) left by labs of processes that no longer run,
+/// and end the processes still running inside them.
 fn sweep_stale() {
     let Ok(list) = ip(None, &["netns", "list"]) else {
         return;
@@ -309,6 +310,16 @@ fn sweep_stale() {
             continue;
         };
         if !Path::new(&format!("/proc/{pid}")).exists() {
+            // Processes that run ended without stopping (it was killed) die with it.
+            if let Ok(pids) = ip(None, &["netns", "pids", name]) {
+                for p in pids
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok())
+                {
+                    // SAFETY: kill(2) has no memory-safety preconditions.
+                    unsafe { libc::kill(p, libc::SIGKILL) };
+                }
+            }
             let _ = ip(None, &["netns", "del", name]);
         }
     }
