@@ -1,11 +1,12 @@
 //! Blocking wrapper for synchronous callers (the training step loop).
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{CollectiveError, Result};
-use crate::group::{Group, GroupConfig};
+use crate::group::{Group, GroupConfig, WatchedLinks};
 
 /// How often a waiting rendezvous or operation polls its [`Cancel`] check.
 pub const CANCEL_POLL: Duration = Duration::from_millis(20);
@@ -32,12 +33,74 @@ impl std::fmt::Debug for Cancel {
     }
 }
 
+/// A peer that has made no progress on a link for longer than the [`SilenceWatch`]
+/// allows: the left neighbour has not sent the awaited frame, or the right one has not
+/// taken ours.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerSilent {
+    pub peer_rank: usize,
+    pub peer_addr: SocketAddr,
+    pub silent_ms: u64,
+    /// True when the silence is on the link from the peer (we wait for its frame).
+    pub inbound: bool,
+}
+
+/// Reports a silent peer while an operation waits on it, without ending the operation:
+/// a slow peer (a straggler, a loaded host) costs nothing but the report, while a dead or
+/// hung one is confirmed by the controller, whose new plan then cancels the operation
+/// through [`Cancel`]. Each direction is reported once per operation.
+#[derive(Clone)]
+pub struct SilenceWatch {
+    /// Silence longer than this is reported (the caller derives it from the group's
+    /// recent step time; the operation's own timeout stays the outer bound).
+    pub after: Duration,
+    on_silent: Arc<dyn Fn(&PeerSilent) + Send + Sync>,
+}
+
+impl SilenceWatch {
+    pub fn new(after: Duration, on_silent: impl Fn(&PeerSilent) + Send + Sync + 'static) -> Self {
+        SilenceWatch {
+            after,
+            on_silent: Arc::new(on_silent),
+        }
+    }
+}
+
+impl SilenceWatch {
+    pub(crate) fn report(&self, s: &PeerSilent) {
+        (self.on_silent)(s)
+    }
+}
+
+impl std::fmt::Debug for SilenceWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SilenceWatch")
+            .field("after", &self.after)
+            .finish()
+    }
+}
+
+/// What an operation is watched with while it waits.
+#[derive(Default)]
+struct Watchers {
+    cancel: Option<Cancel>,
+    silence: Option<SilenceWatch>,
+    /// The group's links (none for a world of 1).
+    links: Option<WatchedLinks>,
+}
+
+impl Watchers {
+    fn idle(&self) -> bool {
+        self.cancel.is_none() && (self.silence.is_none() || self.links.is_none())
+    }
+}
+
 /// Runs `fut` to completion on `rt`, unless `cancel` fires first. An abandoned operation
 /// leaves the streams out of step, so a cancellation poisons the group: every later call
 /// fails with [`CollectiveError::Broken`].
 fn drive<T>(
     rt: &tokio::runtime::Runtime,
-    cancel: Option<&Cancel>,
+    watch: &Watchers,
     poisoned: &mut Option<String>,
     fut: impl Future<Output = Result<T>>,
 ) -> Result<T> {
@@ -46,7 +109,7 @@ fn drive<T>(
             cause: cause.clone(),
         });
     }
-    let r = drive_unpoisoned(rt, cancel, fut);
+    let r = drive_unpoisoned(rt, watch, fut);
     if let Err(CollectiveError::Cancelled { reason }) = &r {
         *poisoned = Some(format!("cancelled: {reason}"));
     }
@@ -55,15 +118,23 @@ fn drive<T>(
 
 fn drive_unpoisoned<T>(
     rt: &tokio::runtime::Runtime,
-    cancel: Option<&Cancel>,
+    watch: &Watchers,
     fut: impl Future<Output = Result<T>>,
 ) -> Result<T> {
-    let Some(c) = cancel else {
+    if watch.idle() {
         return rt.block_on(fut);
-    };
-    if let Some(reason) = c.check() {
-        return Err(CollectiveError::Cancelled { reason });
     }
+    let cancelled = || {
+        watch
+            .cancel
+            .as_ref()
+            .and_then(Cancel::check)
+            .map(|reason| CollectiveError::Cancelled { reason })
+    };
+    if let Some(e) = cancelled() {
+        return Err(e);
+    }
+    let mut reported = [false; 2];
     rt.block_on(async {
         tokio::pin!(fut);
         loop {
@@ -71,8 +142,11 @@ fn drive_unpoisoned<T>(
                 biased;
                 r = &mut fut => return r,
                 _ = tokio::time::sleep(CANCEL_POLL) => {
-                    if let Some(reason) = c.check() {
-                        return Err(CollectiveError::Cancelled { reason });
+                    if let Some(e) = cancelled() {
+                        return Err(e);
+                    }
+                    if let (Some(w), Some(l)) = (&watch.silence, &watch.links) {
+                        l.report_silence(w, &mut reported);
                     }
                 }
             }
@@ -87,7 +161,7 @@ fn drive_unpoisoned<T>(
 pub struct BlockingGroup {
     // declared before `rt` so the sockets drop first
     group: Group,
-    cancel: Option<Cancel>,
+    watch: Watchers,
     /// Set when a cancelled operation was abandoned mid-flight.
     poisoned: Option<String>,
     rt: tokio::runtime::Runtime,
@@ -134,10 +208,15 @@ impl BlockingGroup {
             let _guard = rt.enter();
             tokio::net::TcpListener::from_std(listener).map_err(io)?
         };
-        let group = drive_unpoisoned(&rt, cancel.as_ref(), Group::connect(cfg, l))?;
+        let mut watch = Watchers {
+            cancel,
+            ..Watchers::default()
+        };
+        let group = drive_unpoisoned(&rt, &watch, Group::connect(cfg, l))?;
+        watch.links = group.watched_links();
         Ok(BlockingGroup {
             group,
-            cancel,
+            watch,
             poisoned: None,
             rt,
         })
@@ -149,7 +228,19 @@ impl BlockingGroup {
         F: Future<Output = Result<T>> + 'a,
     {
         let fut = f(&mut self.group);
-        drive(&self.rt, self.cancel.as_ref(), &mut self.poisoned, fut)
+        drive(&self.rt, &self.watch, &mut self.poisoned, fut)
+    }
+
+    /// Watch the links for silent peers from now on (`None`: stop watching).
+    pub fn set_silence_watch(&mut self, w: Option<SilenceWatch>) {
+        self.watch.silence = w;
+    }
+
+    /// The silence threshold of the current watch, to adjust it to the recent step time.
+    pub fn set_silence_after(&mut self, after: Duration) {
+        if let Some(w) = self.watch.silence.as_mut() {
+            w.after = after;
+        }
     }
 
     pub fn group(&self) -> &Group {
@@ -174,7 +265,7 @@ impl BlockingGroup {
     pub fn all_reduce_sum_i64(&mut self, data: &mut [i64]) -> Result<()> {
         drive(
             &self.rt,
-            self.cancel.as_ref(),
+            &self.watch,
             &mut self.poisoned,
             self.group.all_reduce_sum_i64(data),
         )
@@ -182,7 +273,7 @@ impl BlockingGroup {
     pub fn all_reduce_sum_i64_within(&mut self, data: &mut [i64], timeout: Duration) -> Result<()> {
         drive(
             &self.rt,
-            self.cancel.as_ref(),
+            &self.watch,
             &mut self.poisoned,
             self.group.all_reduce_sum_i64_within(data, timeout),
         )
@@ -190,7 +281,7 @@ impl BlockingGroup {
     pub fn all_reduce_sum_f32(&mut self, data: &mut [f32]) -> Result<()> {
         drive(
             &self.rt,
-            self.cancel.as_ref(),
+            &self.watch,
             &mut self.poisoned,
             self.group.all_reduce_sum_f32(data),
         )
@@ -198,7 +289,7 @@ impl BlockingGroup {
     pub fn all_reduce_sum_f32_within(&mut self, data: &mut [f32], timeout: Duration) -> Result<()> {
         drive(
             &self.rt,
-            self.cancel.as_ref(),
+            &self.watch,
             &mut self.poisoned,
             self.group.all_reduce_sum_f32_within(data, timeout),
         )
@@ -206,7 +297,7 @@ impl BlockingGroup {
     pub fn all_reduce_max_f64(&mut self, data: &mut [f64]) -> Result<()> {
         drive(
             &self.rt,
-            self.cancel.as_ref(),
+            &self.watch,
             &mut self.poisoned,
             self.group.all_reduce_max_f64(data),
         )
@@ -214,7 +305,7 @@ impl BlockingGroup {
     pub fn all_reduce_max_f64_within(&mut self, data: &mut [f64], timeout: Duration) -> Result<()> {
         drive(
             &self.rt,
-            self.cancel.as_ref(),
+            &self.watch,
             &mut self.poisoned,
             self.group.all_reduce_max_f64_within(data, timeout),
         )
@@ -222,7 +313,7 @@ impl BlockingGroup {
     pub fn all_gather(&mut self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
         drive(
             &self.rt,
-            self.cancel.as_ref(),
+            &self.watch,
             &mut self.poisoned,
             self.group.all_gather(bytes),
         )
@@ -230,7 +321,7 @@ impl BlockingGroup {
     pub fn all_gather_within(&mut self, bytes: &[u8], timeout: Duration) -> Result<Vec<Vec<u8>>> {
         drive(
             &self.rt,
-            self.cancel.as_ref(),
+            &self.watch,
             &mut self.poisoned,
             self.group.all_gather_within(bytes, timeout),
         )
@@ -238,7 +329,7 @@ impl BlockingGroup {
     pub fn broadcast(&mut self, buf: &mut [u8], root: usize) -> Result<()> {
         drive(
             &self.rt,
-            self.cancel.as_ref(),
+            &self.watch,
             &mut self.poisoned,
             self.group.broadcast(buf, root),
         )
@@ -251,7 +342,7 @@ impl BlockingGroup {
     ) -> Result<()> {
         drive(
             &self.rt,
-            self.cancel.as_ref(),
+            &self.watch,
             &mut self.poisoned,
             self.group.broadcast_within(buf, root, timeout),
         )
@@ -259,7 +350,7 @@ impl BlockingGroup {
     pub fn barrier(&mut self) -> Result<()> {
         drive(
             &self.rt,
-            self.cancel.as_ref(),
+            &self.watch,
             &mut self.poisoned,
             self.group.barrier(),
         )
@@ -267,7 +358,7 @@ impl BlockingGroup {
     pub fn barrier_within(&mut self, timeout: Duration) -> Result<()> {
         drive(
             &self.rt,
-            self.cancel.as_ref(),
+            &self.watch,
             &mut self.poisoned,
             self.group.barrier_within(timeout),
         )

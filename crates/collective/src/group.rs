@@ -1,17 +1,18 @@
 //! The async group: rendezvous and ring collectives over TCP.
 
-use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::error::{CollectiveError, Result};
-use crate::frame::{self, FrameHeader, Hello, Tag, HEADER_BYTES};
+use crate::frame::{self, Hello};
+use crate::handshake::{accept_left, connect_right};
+use crate::link::{frame_err, Activity, Deadline, Peer, RxLink, TxLink};
 
 /// Default chunk size for pipelined ring transfers.
 pub const DEFAULT_CHUNK_BYTES: usize = 1 << 20;
@@ -92,201 +93,6 @@ impl GroupConfig {
     }
 }
 
-/// Peer identity used in errors.
-#[derive(Debug, Clone, Copy)]
-struct Peer {
-    rank: usize,
-    addr: SocketAddr,
-}
-
-fn map_io(op: &'static str, p: Peer, e: std::io::Error) -> CollectiveError {
-    use std::io::ErrorKind::*;
-    match e.kind() {
-        UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe | NotConnected => {
-            CollectiveError::PeerClosed {
-                op,
-                peer_rank: p.rank,
-                peer_addr: p.addr,
-            }
-        }
-        _ => CollectiveError::Io {
-            op,
-            peer_rank: p.rank,
-            peer_addr: p.addr,
-            source: e,
-        },
-    }
-}
-
-fn timeout_err(op: &'static str, p: Peer, started: Instant) -> CollectiveError {
-    CollectiveError::Timeout {
-        op,
-        peer_rank: p.rank,
-        peer_addr: p.addr,
-        after_ms: started.elapsed().as_millis() as u64,
-    }
-}
-
-fn frame_err(op: &'static str, p: Peer, source: frame::FrameError) -> CollectiveError {
-    CollectiveError::Frame {
-        op,
-        peer_rank: p.rank,
-        peer_addr: p.addr,
-        source,
-    }
-}
-
-/// Deadline for one op (start time kept for the error message).
-#[derive(Clone, Copy)]
-struct Deadline {
-    started: Instant,
-    at: Instant,
-}
-
-impl Deadline {
-    fn after(d: Duration) -> Self {
-        let started = Instant::now();
-        Deadline {
-            started,
-            at: started + d,
-        }
-    }
-}
-
-async fn write_all_by(
-    s: &mut TcpStream,
-    buf: &[u8],
-    op: &'static str,
-    p: Peer,
-    dl: Deadline,
-) -> Result<()> {
-    match tokio::time::timeout_at(dl.at, s.write_all(buf)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(map_io(op, p, e)),
-        Err(_) => Err(timeout_err(op, p, dl.started)),
-    }
-}
-
-async fn read_exact_by(
-    s: &mut TcpStream,
-    buf: &mut [u8],
-    op: &'static str,
-    p: Peer,
-    dl: Deadline,
-) -> Result<()> {
-    match tokio::time::timeout_at(dl.at, s.read_exact(buf)).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(map_io(op, p, e)),
-        Err(_) => Err(timeout_err(op, p, dl.started)),
-    }
-}
-
-/// Write all of `bufs` (header + payload) with vectored writes, so that a
-/// frame costs no copy into an intermediate buffer.
-async fn write_all_vectored(
-    s: &mut TcpStream,
-    mut bufs: &mut [IoSlice<'_>],
-) -> std::io::Result<()> {
-    while !bufs.is_empty() {
-        let n = s.write_vectored(bufs).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        IoSlice::advance_slices(&mut bufs, n);
-    }
-    Ok(())
-}
-
-/// The outbound link (to the right neighbour); only written after rendezvous.
-struct TxLink {
-    stream: TcpStream,
-    peer: Peer,
-    seq: u64,
-}
-
-impl TxLink {
-    /// Send one data frame: header and payload in one vectored write.
-    async fn send(&mut self, payload: &[u8], op: &'static str, dl: Deadline) -> Result<()> {
-        let payload_bytes = u32::try_from(payload.len()).map_err(|_| {
-            frame_err(
-                op,
-                self.peer,
-                frame::FrameError::TooLarge {
-                    payload_bytes: payload.len() as u64,
-                    frame_bytes_max: u32::MAX as usize,
-                },
-            )
-        })?;
-        self.seq += 1;
-        let h = frame::encode_header(&FrameHeader {
-            tag: Tag::Data,
-            seq: self.seq,
-            payload_bytes,
-        });
-        let mut bufs = [IoSlice::new(&h), IoSlice::new(payload)];
-        match tokio::time::timeout_at(dl.at, write_all_vectored(&mut self.stream, &mut bufs)).await
-        {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(map_io(op, self.peer, e)),
-            Err(_) => Err(timeout_err(op, self.peer, dl.started)),
-        }
-    }
-}
-
-/// The inbound link (from the left neighbour); only read after rendezvous.
-struct RxLink {
-    stream: TcpStream,
-    peer: Peer,
-    seq: u64,
-    /// Scratch for payloads that are combined rather than stored; `u64` backing
-    /// so that it can be viewed as any element type without misalignment.
-    buf: Vec<u64>,
-    frame_bytes_max: usize,
-}
-
-impl RxLink {
-    /// Read and check the next data frame header; `expected` is the exact
-    /// payload size when known. Returns the payload size.
-    async fn recv_header(
-        &mut self,
-        expected: Option<usize>,
-        op: &'static str,
-        dl: Deadline,
-    ) -> Result<usize> {
-        let mut hb = [0u8; HEADER_BYTES];
-        read_exact_by(&mut self.stream, &mut hb, op, self.peer, dl).await?;
-        let h = frame::decode_header(&hb, self.frame_bytes_max)
-            .map_err(|e| frame_err(op, self.peer, e))?;
-        self.seq += 1;
-        frame::check_header(&h, Tag::Data, self.seq, expected)
-            .map_err(|e| frame_err(op, self.peer, e))?;
-        Ok(h.payload_bytes as usize)
-    }
-
-    /// Receive the next data frame, whose payload must be exactly `dst.len()`
-    /// bytes, directly into `dst`.
-    async fn recv_into(&mut self, dst: &mut [u8], op: &'static str, dl: Deadline) -> Result<()> {
-        self.recv_header(Some(dst.len()), op, dl).await?;
-        read_exact_by(&mut self.stream, dst, op, self.peer, dl).await
-    }
-
-    /// Receive the next data frame into the scratch buffer (8-byte aligned).
-    async fn recv(
-        &mut self,
-        expected: Option<usize>,
-        op: &'static str,
-        dl: Deadline,
-    ) -> Result<&[u8]> {
-        let n = self.recv_header(expected, op, dl).await?;
-        if self.buf.len() * 8 < n {
-            self.buf.resize(n.div_ceil(8), 0);
-        }
-        let dst = &mut bytes_of_mut(&mut self.buf[..])[..n];
-        read_exact_by(&mut self.stream, dst, op, self.peer, dl).await?;
-        Ok(&bytes_of(&self.buf[..])[..n])
-    }
-}
-
 /// Plain-old-data numeric types: every bit pattern is a valid value and there
 /// is no padding, so a slice may be viewed as bytes and back.
 ///
@@ -303,13 +109,13 @@ unsafe impl Pod for f32 {}
 unsafe impl Pod for f64 {}
 
 /// View a slice of plain numbers as its bytes (native byte order).
-fn bytes_of<T: Pod>(s: &[T]) -> &[u8] {
+pub(crate) fn bytes_of<T: Pod>(s: &[T]) -> &[u8] {
     // SAFETY: T is Pod (no padding); u8 has alignment 1; same memory, same lifetime.
     unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), std::mem::size_of_val(s)) }
 }
 
 /// Mutable byte view of a slice of plain numbers (any bytes written are valid).
-fn bytes_of_mut<T: Pod>(s: &mut [T]) -> &mut [u8] {
+pub(crate) fn bytes_of_mut<T: Pod>(s: &mut [T]) -> &mut [u8] {
     // SAFETY: T is Pod (every bit pattern valid, no padding); exclusive borrow.
     unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(s)) }
 }
@@ -424,10 +230,48 @@ fn nan_max(a: f64, b: f64) -> f64 {
     }
 }
 
+/// A group's two links as a silence watch sees them.
+pub(crate) struct WatchedLinks {
+    activity: Arc<Activity>,
+    left: Peer,
+    right: Peer,
+}
+
+impl WatchedLinks {
+    /// Reports each direction that has waited past `w.after`, once (`reported` holds
+    /// which already were: inbound, outbound).
+    pub(crate) fn report_silence(
+        &self,
+        w: &crate::blocking::SilenceWatch,
+        reported: &mut [bool; 2],
+    ) {
+        let dirs = [
+            (&self.activity.recv, self.left, true),
+            (&self.activity.send, self.right, false),
+        ];
+        for (i, (pending, peer, inbound)) in dirs.into_iter().enumerate() {
+            if reported[i] {
+                continue;
+            }
+            if let Some(waited) = pending.waiting(&self.activity).filter(|d| *d >= w.after) {
+                reported[i] = true;
+                w.report(&crate::blocking::PeerSilent {
+                    peer_rank: peer.rank,
+                    peer_addr: peer.addr,
+                    silent_ms: waited.as_millis() as u64,
+                    inbound,
+                });
+            }
+        }
+    }
+}
+
 /// A connected group (async API). All ranks must call the same operations in
 /// the same order with the same lengths.
 pub struct Group {
     cfg: GroupConfig,
+    /// Since when each link has waited on its peer (read by the silence watch).
+    activity: Arc<Activity>,
     tx: Option<TxLink>,
     rx: Option<RxLink>,
     broken: Option<String>,
@@ -455,6 +299,7 @@ impl Group {
         if world == 1 {
             return Ok(Group {
                 cfg,
+                activity: Arc::new(Activity::new()),
                 tx: None,
                 rx: None,
                 broken: None,
@@ -491,11 +336,13 @@ impl Group {
             | (_, Err(e @ CollectiveError::Handshake { .. })) => return Err(e),
             (Err(e), _) | (_, Err(e)) => return Err(e),
         };
+        let activity = Arc::new(Activity::new());
         let mut group = Group {
             tx: Some(TxLink {
                 stream: tx,
                 peer: right,
                 seq: 0,
+                activity: activity.clone(),
             }),
             rx: Some(RxLink {
                 stream: rx,
@@ -503,7 +350,9 @@ impl Group {
                 seq: 0,
                 buf: Vec::new(),
                 frame_bytes_max: fmax,
+                activity: activity.clone(),
             }),
+            activity,
             cfg,
             broken: None,
             scratch_i64: Vec::new(),
@@ -520,6 +369,16 @@ impl Group {
             .await?;
         tracing::debug!(rank, world, "rendezvous complete");
         Ok(group)
+    }
+
+    /// The links and their activity, for a watch that runs beside an operation.
+    pub(crate) fn watched_links(&self) -> Option<WatchedLinks> {
+        let (tx, rx) = (self.tx.as_ref()?, self.rx.as_ref()?);
+        Some(WatchedLinks {
+            activity: self.activity.clone(),
+            left: rx.peer,
+            right: tx.peer,
+        })
     }
 
     pub fn rank(&self) -> usize {
@@ -1008,148 +867,6 @@ fn to_wire<'a, T: Elem>(c: &'a [T], scratch: &'a mut Vec<u8>) -> &'a [u8] {
             x.write_le(o);
         }
         scratch
-    }
-}
-
-async fn read_hello(s: &mut TcpStream, p: Peer, dl: Deadline, fmax: usize) -> Result<Hello> {
-    read_frame(s, Tag::Hello, p, dl, fmax).await
-}
-
-/// Reads one handshake frame (`Hello` or `Confirm`, both carrying a [`Hello`]).
-async fn read_frame(
-    s: &mut TcpStream,
-    tag: Tag,
-    p: Peer,
-    dl: Deadline,
-    fmax: usize,
-) -> Result<Hello> {
-    let op = "rendezvous";
-    let mut hb = [0u8; HEADER_BYTES];
-    read_exact_by(s, &mut hb, op, p, dl).await?;
-    let h = frame::decode_header(&hb, fmax).map_err(|e| frame_err(op, p, e))?;
-    frame::check_header(&h, tag, 0, Some(frame::HELLO_BYTES)).map_err(|e| frame_err(op, p, e))?;
-    let mut pb = [0u8; frame::HELLO_BYTES];
-    read_exact_by(s, &mut pb, op, p, dl).await?;
-    Hello::decode(&pb).map_err(|e| frame_err(op, p, e))
-}
-
-async fn write_frame(
-    s: &mut TcpStream,
-    tag: Tag,
-    hello: Hello,
-    p: Peer,
-    dl: Deadline,
-) -> Result<()> {
-    let f =
-        frame::encode_frame(tag, 0, &hello.encode()).map_err(|e| frame_err("rendezvous", p, e))?;
-    write_all_by(s, &f, "rendezvous", p, dl).await
-}
-
-fn check_hello(got: Hello, mine: Hello, p: Peer) -> Result<()> {
-    let reason = if got.group_id != mine.group_id {
-        format!("group id {:#x} != ours {:#x}", got.group_id, mine.group_id)
-    } else if got.world != mine.world {
-        format!("world {} != ours {}", got.world, mine.world)
-    } else if got.rank as usize != p.rank {
-        format!(
-            "peer says it is rank {}, expected rank {}",
-            got.rank, p.rank
-        )
-    } else {
-        return Ok(());
-    };
-    Err(CollectiveError::Handshake {
-        peer_rank: p.rank,
-        peer_addr: p.addr,
-        reason,
-    })
-}
-
-/// Connects to the right neighbour and exchanges hellos, retrying until the deadline: the
-/// neighbour may not listen yet, may still be in an older group (it then drops us), or a
-/// stale connection may be refused. Only the deadline ends the attempts; the error then
-/// carries the last reason.
-async fn connect_right(p: Peer, hello: Hello, dl: Deadline, fmax: usize) -> Result<TcpStream> {
-    let op = "rendezvous(connect)";
-    let mut last: Option<CollectiveError> = None;
-    loop {
-        if Instant::now() >= dl.at {
-            return Err(deadline_err(last, op, p, dl));
-        }
-        let attempt = async {
-            let mut s = match tokio::time::timeout_at(dl.at, TcpStream::connect(p.addr)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => return Err(map_io(op, p, e)),
-                Err(_) => return Err(timeout_err(op, p, dl.started)),
-            };
-            s.set_nodelay(true).map_err(|e| map_io(op, p, e))?;
-            write_frame(&mut s, Tag::Hello, hello, p, dl).await?;
-            let got = read_hello(&mut s, p, dl, fmax).await?;
-            check_hello(got, hello, p)?;
-            write_frame(&mut s, Tag::Confirm, hello, p, dl).await?;
-            Ok(s)
-        };
-        match attempt.await {
-            Ok(s) => return Ok(s),
-            Err(e) => {
-                tracing::trace!(peer = p.rank, error = %e, "connect attempt failed, retrying");
-                last = Some(e);
-                let next = (Instant::now() + Duration::from_millis(25)).min(dl.at);
-                tokio::time::sleep_until(next).await;
-            }
-        }
-    }
-}
-
-/// At the rendezvous deadline: a handshake refusal is the more useful error (the peer is
-/// there but in another group); anything else is a timeout naming the peer.
-fn deadline_err(
-    last: Option<CollectiveError>,
-    op: &'static str,
-    p: Peer,
-    dl: Deadline,
-) -> CollectiveError {
-    match last {
-        Some(e @ CollectiveError::Handshake { .. }) => e,
-        _ => timeout_err(op, p, dl.started),
-    }
-}
-
-/// Accepts the left neighbour: connections that close early, speak garbage or belong to
-/// another group (a worker of an older epoch) are dropped and accepting goes on until the
-/// deadline, so one stale connection cannot fail the rendezvous.
-async fn accept_left(
-    l: &TcpListener,
-    p: Peer,
-    hello: Hello,
-    dl: Deadline,
-    fmax: usize,
-) -> Result<TcpStream> {
-    let op = "rendezvous(accept)";
-    let mut last: Option<CollectiveError> = None;
-    loop {
-        let mut s = match tokio::time::timeout_at(dl.at, l.accept()).await {
-            Ok(Ok((s, _))) => s,
-            Ok(Err(e)) => return Err(map_io(op, p, e)),
-            Err(_) => return Err(deadline_err(last, op, p, dl)),
-        };
-        let attempt = async {
-            s.set_nodelay(true).map_err(|e| map_io(op, p, e))?;
-            let got = read_hello(&mut s, p, dl, fmax).await?;
-            check_hello(got, hello, p)?;
-            write_frame(&mut s, Tag::Hello, hello, p, dl).await?;
-            // The third leg: a dialer that gave up before our hello reached it has closed
-            // the connection, and this read fails instead of handing back a dead link.
-            let confirm = read_frame(&mut s, Tag::Confirm, p, dl, fmax).await?;
-            check_hello(confirm, hello, p)
-        };
-        match attempt.await {
-            Ok(()) => return Ok(s),
-            Err(e) => {
-                tracing::debug!(peer = p.rank, error = %e, "dropping an incoming connection");
-                last = Some(e);
-            }
-        }
     }
 }
 

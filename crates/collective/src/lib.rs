@@ -56,8 +56,10 @@ pub mod error;
 pub mod fixed_point;
 pub mod frame;
 pub mod group;
+mod handshake;
+mod link;
 
-pub use blocking::{BlockingGroup, Cancel};
+pub use blocking::{BlockingGroup, Cancel, PeerSilent, SilenceWatch};
 pub use error::{CollectiveError, NonFiniteLocation, Result};
 pub use frame::FrameError;
 pub use group::{
