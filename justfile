@@ -37,6 +37,7 @@ bench: build
     cargo build --release -p phalanx-collective -p phalanx-checkpoint --bins
     mkdir -p bench-out
     ./target/release/phalanx bench train --model small --steps 20 --rounds 5 --out bench-out/train.json
+    ./target/release/phalanx bench numerics --model small --steps 100 --rounds 5 --out bench-out/numerics.json
     ./target/release/collective-bench --bytes 40000000 --worlds 2,4 --iters 5 --out bench-out/collective.json
     ./target/release/ckpt-bench --params 10000000 --iters 5 --out bench-out/checkpoint.json
     ./target/release/phalanx bench checkpoint --model base --checkpoints 5 --every 2 --out bench-out/checkpoint-stall.json

@@ -23,6 +23,9 @@ pub enum BenchCmd {
     /// asynchronous checkpoint against a synchronous save of the same state, alternating
     /// in one run.
     Checkpoint(BenchCheckpoint),
+    /// The price of the default numerics profile: tokens/s of `phalanx train --workers 1`
+    /// under `x86-64-avx2` against `native`, alternating rounds of fresh processes.
+    Numerics(BenchTrain),
     /// One round of the bare tch loop of `bench train`, in its own process like the
     /// Phalanx side (internal).
     #[command(hide = true)]
@@ -83,6 +86,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Train(b) => bench_train(b),
         BenchCmd::Checkpoint(b) => bench_checkpoint(b),
+        BenchCmd::Numerics(b) => bench_numerics(b),
         BenchCmd::BareLoop(b) => bare_loop(b),
     }
 }
@@ -224,6 +228,124 @@ fn bench_train(b: BenchTrain) -> Result<()> {
         write_json(p, &r)?;
     }
     Ok(())
+}
+
+#[derive(Serialize)]
+struct NumericsBenchResult {
+    model: String,
+    steps: u64,
+    batch: usize,
+    cpu: String,
+    x86_64_avx2_tokens_per_sec: Vec<f64>,
+    native_tokens_per_sec: Vec<f64>,
+    /// median(x86-64-avx2) / median(native): the share of native speed the portable
+    /// profile keeps.
+    ratio_median: f64,
+    /// CPU seconds (user + system) of each whole `phalanx train` run, its worker
+    /// included: less sensitive than tokens/s to other processes on a shared machine.
+    x86_64_avx2_cpu_s: Vec<f64>,
+    native_cpu_s: Vec<f64>,
+    /// median(native CPU s) / median(x86-64-avx2 CPU s): the same share by CPU time
+    /// (start-up included in both).
+    cpu_ratio_median: f64,
+    x86_64_avx2_params_sha256: String,
+    native_params_sha256: String,
+}
+
+/// `phalanx train --workers 1` under each profile, alternating, each round of each side a
+/// fresh process (the profile is an environment fixed at process start).
+fn bench_numerics(b: BenchTrain) -> Result<()> {
+    if b.rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
+    let data = b.data.clone().unwrap_or_else(default_corpus_spec);
+    let exe = std::env::current_exe()?;
+    let dir = std::env::temp_dir().join(format!("phalanx-bench-numerics-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (mut pinned, mut native) = (Vec::new(), Vec::new());
+    let (mut pinned_cpu, mut native_cpu) = (Vec::new(), Vec::new());
+    let mut sha = [String::new(), String::new()];
+    for round in 0..b.rounds {
+        for (i, profile) in ["x86-64-avx2", "native"].into_iter().enumerate() {
+            let summary = dir.join(format!("{profile}-{round}.json"));
+            let mut c = Command::new(&exe);
+            c.args(["train", "--workers=1", "--plain", "--seed=1"])
+                .arg(format!("--numerics={profile}"))
+                .arg(format!("--model={}", b.model))
+                .arg(format!("--steps={}", b.steps))
+                .arg(format!("--data={data}"))
+                .arg(format!("--global-batch={}", b.batch))
+                .arg(format!("--micro-batch={}", b.batch))
+                .arg("--val-batches=1")
+                .arg(format!("--summary={}", summary.display()));
+            let cpu0 = children_cpu_s();
+            let tps =
+                child_tokens_per_sec(c, &format!("phalanx train --numerics {profile}"), &summary)?;
+            let cpu = children_cpu_s() - cpu0;
+            let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary)?)?;
+            sha[i] = s["params_sha256"].as_str().unwrap_or_default().to_string();
+            if i == 0 {
+                pinned.push(tps);
+                pinned_cpu.push(cpu);
+            } else {
+                native.push(tps);
+                native_cpu.push(cpu);
+            }
+        }
+        println!(
+            "round {round}: x86-64-avx2 {:.0} tokens/s {:.2} CPU s, native {:.0} tokens/s {:.2} CPU s",
+            pinned[round], pinned_cpu[round], native[round], native_cpu[round]
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let [pinned_sha, native_sha] = sha;
+    let r = NumericsBenchResult {
+        model: b.model,
+        steps: b.steps,
+        batch: b.batch,
+        cpu,
+        ratio_median: median(&pinned) / median(&native),
+        cpu_ratio_median: median(&native_cpu) / median(&pinned_cpu),
+        x86_64_avx2_cpu_s: pinned_cpu,
+        native_cpu_s: native_cpu,
+        x86_64_avx2_tokens_per_sec: pinned,
+        native_tokens_per_sec: native,
+        x86_64_avx2_params_sha256: pinned_sha,
+        native_params_sha256: native_sha,
+    };
+    println!(
+        "(5) tokens/s under x86-64-avx2 / native: {:.3} (by CPU time: {:.3}) on {} (params_sha256 {} under the profile, {} native)",
+        r.ratio_median,
+        r.cpu_ratio_median,
+        r.cpu,
+        &r.x86_64_avx2_params_sha256[..r.x86_64_avx2_params_sha256.len().min(8)],
+        &r.native_params_sha256[..r.native_params_sha256.len().min(8)]
+    );
+    if let Some(p) = &b.out {
+        write_json(p, &r)?;
+    }
+    Ok(())
+}
+
+/// User + system CPU seconds of every child process reaped so far (and of their reaped
+/// descendants).
+fn children_cpu_s() -> f64 {
+    // SAFETY: getrusage writes into the zeroed struct we pass and nothing else.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) } != 0 {
+        return f64::NAN;
+    }
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 * 1e-6;
+    t(ru.ru_utime) + t(ru.ru_stime)
 }
 
 #[derive(Serialize)]

@@ -21,6 +21,19 @@ pub fn checkpoint_to_safetensors(
     numerics: &str,
 ) -> Result<(Vec<u8>, ExportMeta), WorkerError> {
     let cfg = ModelConfig::named(model)?;
+    let manifest = phalanx_checkpoint::read_manifest(root, step).map_err(|e| {
+        WorkerError::Checkpoint(format!(
+            "reading checkpoint step {step} in {}: {e}",
+            root.display()
+        ))
+    })?;
+    if !manifest.model.is_empty() && manifest.model != cfg.name {
+        return Err(WorkerError::Checkpoint(format!(
+            "checkpoint step {step} in {} holds model `{}`, not `{model}`",
+            root.display(),
+            manifest.model
+        )));
+    }
     let loaded = phalanx_checkpoint::load_range(root, step, 0..0).map_err(|e| {
         WorkerError::Checkpoint(format!(
             "loading checkpoint step {step} from {}: {e}",
@@ -91,6 +104,7 @@ mod tests {
             shards.push(write_shard(root, world, rank, &st, None).unwrap());
         }
         let spec = ManifestSpec {
+            model: "tiny".into(),
             step,
             world,
             param_count: n,
@@ -121,7 +135,7 @@ mod tests {
         let e = checkpoint_to_safetensors(d.path(), 40, "small", "x86-64-avx2")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("holds") && e.contains("`small`"), "{e}");
+        assert!(e.contains("holds model `tiny`, not `small`"), "{e}");
         let e = checkpoint_to_safetensors(d.path(), 41, "tiny", "x86-64-avx2")
             .unwrap_err()
             .to_string();

@@ -7,17 +7,16 @@ use serde::Serialize;
 
 use super::{print_json, Target};
 
-/// Where checkpoints of job `job_id` live under the cluster's checkpoint root.
-// lead: per-job dir. Checkpoints move to `<root>/<job id>/` (phalanx_worker::
-// job_checkpoints::job_checkpoint_dir); until then (and for a cluster that wrote them
-// before) they are directly under the root.
-fn job_checkpoint_dir(root: &Path, job_id: &str) -> PathBuf {
-    let per_job = root.join(job_id);
-    if per_job.is_dir() {
+/// Where checkpoints of job `job_id` live under the cluster's checkpoint root: the
+/// agents' per-job directory, or the root itself for a cluster whose checkpoints predate
+/// per-job directories.
+fn job_checkpoint_dir(root: &Path, job_id: &str) -> Result<PathBuf> {
+    let per_job = phalanx_worker::job_checkpoints::job_checkpoint_dir(root, job_id)?;
+    Ok(if per_job.is_dir() {
         per_job
     } else {
         root.to_path_buf()
-    }
+    })
 }
 
 /// The catalog's durable checkpoints of job `job` (its id), by ascending step. Entries
@@ -103,7 +102,7 @@ pub fn export(
             )
         })?,
     };
-    let dir = job_checkpoint_dir(&root, &id);
+    let dir = job_checkpoint_dir(&root, &id)?;
     let (bytes, meta) = phalanx_worker::export::checkpoint_to_safetensors(
         &dir,
         chosen.step,
@@ -192,8 +191,12 @@ mod tests {
     #[test]
     fn the_per_job_directory_is_used_once_it_exists() {
         let d = tempfile::tempdir().unwrap();
-        assert_eq!(job_checkpoint_dir(d.path(), "j"), d.path());
-        std::fs::create_dir(d.path().join("j")).unwrap();
-        assert_eq!(job_checkpoint_dir(d.path(), "j"), d.path().join("j"));
+        assert_eq!(job_checkpoint_dir(d.path(), "j-3").unwrap(), d.path());
+        std::fs::create_dir(d.path().join("j-3")).unwrap();
+        assert_eq!(
+            job_checkpoint_dir(d.path(), "j-3").unwrap(),
+            d.path().join("j-3")
+        );
+        assert!(job_checkpoint_dir(d.path(), "../etc").is_err());
     }
 }
