@@ -193,6 +193,8 @@ fn bench_train(b: BenchTrain) -> Result<()> {
             .arg(format!("--batch={}", b.batch))
             .arg(format!("--out={}", bare_json.display()));
         common(&mut c);
+        // The same kernels as `phalanx train`'s worker (the default numerics profile).
+        phalanx_worker::numerics::apply(phalanx_proto::NumericsProfile::default(), &mut c);
         let bare_tps = child_tokens_per_sec(c, "the bare tch loop", &bare_json)?;
         bare.push(bare_tps);
 
