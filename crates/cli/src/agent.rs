@@ -34,8 +34,16 @@ pub struct WorkerStartCmd {
     /// Committed checkpoints to keep.
     #[arg(long, default_value_t = 3)]
     pub checkpoint_retain: usize,
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 100)]
     pub heartbeat_interval_ms: u64,
+    /// A peer that makes no progress in a collective for this many median step times is
+    /// reported to the controller at once (which confirms it against the peer's
+    /// heartbeats); --op-timeout-ms stays the outer bound.
+    #[arg(long, default_value_t = 4.0)]
+    pub silence_factor: f64,
+    /// ... but never sooner than this.
+    #[arg(long, default_value_t = 150)]
+    pub silence_floor_ms: u64,
     /// Bound on every collective; a dead or hung peer is detected within it.
     #[arg(long, default_value_t = 3_000)]
     pub op_timeout_ms: u64,
@@ -80,6 +88,13 @@ pub fn start(cmd: WorkerStartCmd) -> Result<()> {
         .with_context(|| format!("creating {}", checkpoint_root.display()))?;
     let listener =
         TcpListener::bind(cmd.listen).with_context(|| format!("binding {}", cmd.listen))?;
+    let silence = phalanx_worker::silence::SilenceConfig {
+        factor: cmd.silence_factor,
+        floor: Duration::from_millis(cmd.silence_floor_ms),
+    };
+    silence
+        .validate()
+        .map_err(|e| anyhow::anyhow!("--silence-factor / --silence-floor-ms: {e}"))?;
     let cfg = AgentConfig {
         id: cmd.id,
         client: Arc::new(client),
@@ -97,6 +112,7 @@ pub fn start(cmd: WorkerStartCmd) -> Result<()> {
         lifetime_max: Duration::from_secs(cmd.lifetime_max_s),
         fault_inbox: cmd.fault_inbox,
         numerics: cmd.numerics,
+        silence,
     };
     agent::run(cfg)?;
     Ok(())

@@ -115,6 +115,12 @@ pub struct LeaseConfig {
     /// rejoins as a new worker after heartbeating this long without a gap, so a flapping
     /// one is not re-placed at every heartbeat.
     pub rejoin_after_ms: u64,
+    /// A peer's report that a worker is silent is confirmed when that worker's last
+    /// heartbeat is at least this old: a hung or cut-off process stops heartbeating, a
+    /// slow one does not.
+    pub silent_confirm_ms: u64,
+    /// A silence report counts for this long after it was made.
+    pub report_ttl_ms: u64,
 }
 
 impl Default for LeaseConfig {
@@ -124,8 +130,20 @@ impl Default for LeaseConfig {
             fail_after_ms: 5_000,
             grace_ms: 3_000,
             rejoin_after_ms: 3_000,
+            silent_confirm_ms: 400,
+            report_ttl_ms: 3_000,
         }
     }
+}
+
+/// One worker's report that a peer of its plan epoch is silent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SilenceReport {
+    reporter: WorkerId,
+    epoch: u64,
+    rank: u32,
+    silent_ms: u64,
+    at_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,6 +178,14 @@ pub struct Leases {
     /// after that count for a rejoin (a worker killed right after a heartbeat and failed
     /// at once by its peers' report must not look alive).
     failed_seen_ms: BTreeMap<WorkerId, u64>,
+    /// Each worker's progress counter (its newest completed step) and when it last moved.
+    steps: BTreeMap<WorkerId, (u64, u64)>,
+    /// The newest silence report naming each worker.
+    silent: BTreeMap<WorkerId, SilenceReport>,
+    /// When each worker last reported waiting on a silent peer (it is blocked itself).
+    waiting_ms: BTreeMap<WorkerId, u64>,
+    /// Workers made suspect by a silence report, with the step they must move past.
+    must_progress: BTreeMap<WorkerId, u64>,
 }
 
 impl Leases {
@@ -169,7 +195,128 @@ impl Leases {
             last_heartbeat_ms: BTreeMap::new(),
             streak_since_ms: BTreeMap::new(),
             failed_seen_ms: BTreeMap::new(),
+            steps: BTreeMap::new(),
+            silent: BTreeMap::new(),
+            waiting_ms: BTreeMap::new(),
+            must_progress: BTreeMap::new(),
         }
+    }
+
+    /// A heartbeat's progress counter: the worker's newest completed step.
+    pub fn progress(&mut self, worker: &str, step: u64, now_ms: u64) {
+        match self.steps.get_mut(worker) {
+            Some((s, _)) if *s == step => {}
+            _ => {
+                self.steps.insert(worker.to_string(), (step, now_ms));
+            }
+        }
+    }
+
+    /// `reporter` waits on rank `rank` of plan epoch `epoch`, which is `named`, and has
+    /// heard nothing from it for `silent_ms` (the caller resolved the rank in the current
+    /// plan; reports about other epochs never get here).
+    pub fn silence_report(
+        &mut self,
+        reporter: &str,
+        named: &str,
+        epoch: u64,
+        rank: u32,
+        silent_ms: u64,
+        now_ms: u64,
+    ) {
+        self.waiting_ms.insert(reporter.to_string(), now_ms);
+        self.silent.insert(
+            named.to_string(),
+            SilenceReport {
+                reporter: reporter.to_string(),
+                epoch,
+                rank,
+                silent_ms,
+                at_ms: now_ms,
+            },
+        );
+    }
+
+    /// The decision a fresh silence report about `w` supports, if any: failed when its
+    /// heartbeats have stopped too; nothing when it is itself waiting on a silent peer (a
+    /// victim further along the ring); suspect when it heartbeats but its progress counter
+    /// has not moved for `suspect_after_ms` (it must prove progress).
+    fn judge_silence(
+        &mut self,
+        w: &WorkerInfo,
+        heard_ms: Option<u64>,
+        now_ms: u64,
+        cfg: &LeaseConfig,
+    ) -> Option<(LeaseDecision, Reason)> {
+        let r = self
+            .silent
+            .get(&w.id)
+            .filter(|r| now_ms.saturating_sub(r.at_ms) <= cfg.report_ttl_ms)?
+            .clone();
+        let evidence = format!(
+            "{} reported rank {} of epoch {} silent for {} ms",
+            r.reporter, r.rank, r.epoch, r.silent_ms
+        );
+        let quiet_ms = now_ms.saturating_sub(heard_ms.unwrap_or(self.leader_since_ms));
+        if quiet_ms >= cfg.silent_confirm_ms {
+            self.silent.remove(&w.id);
+            return Some((
+                LeaseDecision::MarkFailed,
+                format!(
+                    "{evidence}, and its heartbeats stopped {quiet_ms} ms ago (silent_confirm_ms {})",
+                    cfg.silent_confirm_ms
+                ),
+            ));
+        }
+        let waiting = self
+            .waiting_ms
+            .get(&w.id)
+            .is_some_and(|t| now_ms.saturating_sub(*t) <= cfg.report_ttl_ms);
+        if waiting || w.health == WorkerHealth::Suspect {
+            return None;
+        }
+        let (step, since) = *self.steps.get(&w.id)?;
+        let still_ms = now_ms.saturating_sub(since);
+        (still_ms >= cfg.suspect_after_ms).then(|| {
+            self.must_progress.insert(w.id.clone(), step);
+            (
+                LeaseDecision::MarkSuspect,
+                format!(
+                    "{evidence}; its heartbeats are fresh but its step has stayed at {step} for {still_ms} ms: it must prove progress"
+                ),
+            )
+        })
+    }
+
+    /// A worker made suspect by a silence report: healthy again once its step moves, failed
+    /// when it has not moved for `fail_after_ms` while its peers wait on it.
+    fn judge_progress(
+        &mut self,
+        w: &WorkerInfo,
+        now_ms: u64,
+        cfg: &LeaseConfig,
+    ) -> Option<(LeaseDecision, Reason)> {
+        let owed = *self.must_progress.get(&w.id)?;
+        let (step, since) = *self.steps.get(&w.id)?;
+        if step > owed {
+            self.must_progress.remove(&w.id);
+            self.silent.remove(&w.id);
+            return Some((
+                LeaseDecision::MarkHealthy,
+                format!("progress proved: step {owed} -> {step}"),
+            ));
+        }
+        let still_ms = now_ms.saturating_sub(since);
+        (still_ms >= cfg.fail_after_ms).then(|| {
+            self.must_progress.remove(&w.id);
+            (
+                LeaseDecision::MarkFailed,
+                format!(
+                    "no progress past step {step} for {still_ms} ms while its peers wait on it (fail_after_ms {})",
+                    cfg.fail_after_ms
+                ),
+            )
+        })
     }
 
     pub fn heartbeat(&mut self, worker: &str, now_ms: u64, cfg: &LeaseConfig) {
@@ -218,6 +365,27 @@ impl Leases {
                 continue;
             }
             let heard = self.last_heartbeat_ms.get(&w.id).copied();
+            if w.health != WorkerHealth::Suspect {
+                self.must_progress.remove(&w.id);
+            }
+            if self.must_progress.contains_key(&w.id) {
+                if let Some((d, reason)) = self.judge_progress(w, now_ms, cfg) {
+                    out.push((w.id.clone(), d, reason));
+                    continue;
+                }
+                // A suspect that owes progress is not cleared by fresh heartbeats alone.
+                if heard.is_some_and(|h| now_ms.saturating_sub(h) < cfg.suspect_after_ms) {
+                    continue;
+                }
+            }
+            let unjudged = heard.is_none() && now_ms < grace_end;
+            if let Some((d, reason)) = (!unjudged)
+                .then(|| self.judge_silence(w, heard, now_ms, cfg))
+                .flatten()
+            {
+                out.push((w.id.clone(), d, reason));
+                continue;
+            }
             let since = heard.unwrap_or(0).max(grace_end);
             let silent_ms = now_ms.saturating_sub(since);
             if now_ms < grace_end && heard.is_none() {
@@ -614,6 +782,111 @@ mod tests {
         assert!(reason.contains("after waiting"), "{reason}");
     }
 
+    /// Four ranks a..d in a ring; `b` hangs (its heartbeats stop) at t=1000. Its right
+    /// neighbour `c` names it; `d` and `a`, further along, name their own left
+    /// neighbours, which are themselves waiting.
+    #[test]
+    fn a_silence_report_with_stopped_heartbeats_fails_the_worker_and_spares_the_victims() {
+        let cfg = LeaseConfig {
+            grace_ms: 0,
+            ..LeaseConfig::default()
+        };
+        let ws = workers(&[
+            ("a", WorkerHealth::Healthy),
+            ("b", WorkerHealth::Healthy),
+            ("c", WorkerHealth::Healthy),
+            ("d", WorkerHealth::Healthy),
+        ]);
+        let mut l = Leases::new(0);
+        for t in (0..=1_000).step_by(100) {
+            for w in ["a", "b", "c", "d"] {
+                l.heartbeat(w, t, &cfg);
+                l.progress(w, t / 100, t);
+            }
+        }
+        let beat = |l: &mut Leases, t: u64| {
+            for w in ["a", "c", "d"] {
+                l.heartbeat(w, t, &cfg);
+            }
+        };
+        beat(&mut l, 1_150);
+        l.silence_report("c", "b", 3, 1, 150, 1_150);
+        l.silence_report("d", "c", 3, 2, 150, 1_160);
+        l.silence_report("a", "d", 3, 3, 150, 1_170);
+        // b's last heartbeat is 300 ms old: not yet confirmed.
+        assert!(l.decide(1_300, &ws, &cfg).is_empty());
+        beat(&mut l, 1_400);
+        let d = l.decide(1_500, &ws, &cfg);
+        assert_eq!(d.len(), 1, "{d:?}");
+        let (who, decision, reason) = &d[0];
+        assert_eq!((who.as_str(), decision), ("b", &LeaseDecision::MarkFailed));
+        assert!(
+            reason.contains("c reported rank 1 of epoch 3 silent for 150 ms")
+                && reason.contains("heartbeats stopped 500 ms ago"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn a_slow_worker_named_silent_proves_progress_and_a_stuck_live_one_fails() {
+        let cfg = LeaseConfig {
+            grace_ms: 0,
+            ..LeaseConfig::default()
+        };
+        let ws = workers(&[("s", WorkerHealth::Healthy)]);
+        let mut l = Leases::new(0);
+        // Named silent while its step keeps moving (a straggler): no decision at all.
+        for t in (0..=6_000).step_by(100) {
+            l.heartbeat("s", t, &cfg);
+            l.progress("s", t / 300, t);
+            if t % 500 == 0 {
+                l.silence_report("p", "s", 1, 0, 200, t);
+            }
+            assert!(l.decide(t, &ws, &cfg).is_empty(), "t={t}");
+        }
+        // Its compute hangs while its heartbeat thread lives (step stays at 20).
+        let mut decisions = Vec::new();
+        let mut ws = ws;
+        for t in (6_100..=14_000).step_by(100) {
+            l.heartbeat("s", t, &cfg);
+            l.progress("s", 20, t);
+            l.silence_report("p", "s", 1, 0, 200, t);
+            for (w, d, r) in l.decide(t, &ws, &cfg) {
+                ws.get_mut(&w).unwrap().health = d.health();
+                decisions.push((t, d, r));
+            }
+        }
+        assert_eq!(decisions.len(), 2, "{decisions:?}");
+        assert_eq!(decisions[0].1, LeaseDecision::MarkSuspect);
+        assert!(
+            decisions[0].2.contains("must prove progress"),
+            "{decisions:?}"
+        );
+        assert_eq!(decisions[1].1, LeaseDecision::MarkFailed);
+        assert!(
+            decisions[1].2.contains("no progress past step 20"),
+            "{decisions:?}"
+        );
+        // A suspect that moves again is healthy.
+        let mut l2 = Leases::new(0);
+        let mut ws2 = workers(&[("s", WorkerHealth::Healthy)]);
+        for t in (0..=2_500).step_by(100) {
+            l2.heartbeat("s", t, &cfg);
+            l2.progress("s", 7, t);
+            l2.silence_report("p", "s", 1, 0, 200, t);
+            for (w, d, _) in l2.decide(t, &ws2, &cfg) {
+                ws2.get_mut(&w).unwrap().health = d.health();
+            }
+        }
+        assert_eq!(ws2["s"].health, WorkerHealth::Suspect);
+        l2.heartbeat("s", 2_600, &cfg);
+        l2.progress("s", 8, 2_600);
+        let d = l2.decide(2_600, &ws2, &cfg);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].1, LeaseDecision::MarkHealthy);
+        assert!(d[0].2.contains("progress proved: step 7 -> 8"), "{d:?}");
+    }
+
     #[test]
     fn leases_respect_grace_then_fail() {
         let cfg = LeaseConfig {
@@ -621,6 +894,7 @@ mod tests {
             fail_after_ms: 300,
             grace_ms: 500,
             rejoin_after_ms: 200,
+            ..LeaseConfig::default()
         };
         let ws = workers(&[("a", WorkerHealth::Healthy), ("b", WorkerHealth::Healthy)]);
         let mut l = Leases::new(1_000);
@@ -644,6 +918,7 @@ mod tests {
             fail_after_ms: 300,
             grace_ms: 0,
             rejoin_after_ms: 200,
+            ..LeaseConfig::default()
         };
         // Killed right after a steady run of heartbeats and failed at once by its peers:
         // the heartbeats before the failure do not count.

@@ -462,6 +462,22 @@ pub struct HeartbeatRequest {
     /// leader's straggler policy compares it across the ranks of the plan.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compute_ms: Option<f64>,
+    /// The worker's newest completed training step: its progress counter, by which a
+    /// worker named silent proves that it is slow, not stuck.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<u64>,
+    /// A peer this worker has been waiting on in a collective, with no progress for
+    /// longer than its silence threshold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub silent_peer: Option<SilentPeer>,
+}
+
+/// A rank of a plan epoch that a worker waits on and hears nothing from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SilentPeer {
+    pub epoch: u64,
+    pub rank: u32,
+    pub silent_ms: u64,
 }
 
 /// `GET /v1/assignment/{worker}`.

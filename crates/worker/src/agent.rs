@@ -24,9 +24,11 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use phalanx_checkpoint as ckpt;
-use phalanx_collective::{BlockingGroup, Cancel, GroupConfig};
+use phalanx_collective::{BlockingGroup, Cancel, GroupConfig, PeerSilent, SilenceWatch};
 use phalanx_controller::client::{new_request_id, Client};
-use phalanx_proto::{Assignment, Command, DeviceSpec, HeartbeatRequest, JobSpec, JobState};
+use phalanx_proto::{
+    Assignment, Command, DeviceSpec, HeartbeatRequest, JobSpec, JobState, SilentPeer,
+};
 use phalanx_train::data::{default_corpus_spec, Corpus};
 use phalanx_train::engine::{Engine, TrainSpec, DEFAULT_MICRO_BATCH};
 use phalanx_train::ModelConfig;
@@ -37,6 +39,7 @@ use crate::fault::{Fault, FaultInbox, FaultKind};
 use crate::job_checkpoints::{
     job_catalog, job_checkpoint_dir, report_refused, CheckpointSource, Checkpointing, Expected,
 };
+use crate::silence::{SilenceConfig, StepTimes};
 use crate::state_sync::sync_state;
 use crate::WorkerError;
 
@@ -64,6 +67,8 @@ pub struct AgentConfig {
     /// Chaos hooks: a JSON-lines file of faults to inject (see [`crate::fault`]). `None` in
     /// production: such a worker has no hook and ignores nothing because it reads nothing.
     pub fault_inbox: Option<PathBuf>,
+    /// When a peer counts as silent (see [`crate::silence`]).
+    pub silence: SilenceConfig,
     /// The numerics profile this process applied before libtorch started (reported at
     /// registration; placement gives it only jobs of that profile).
     pub numerics: phalanx_proto::NumericsProfile,
@@ -106,9 +111,40 @@ struct Shared {
     disk: ckpt::FaultInjector,
     /// An injected network partition lasts until this instant.
     partitioned_until: std::sync::Mutex<Option<Instant>>,
+    /// The newest completed step plus one (0: none yet): the heartbeat's progress counter.
+    step: AtomicU64,
+    /// The group's recent step times (they set the silence threshold; kept across epochs).
+    step_times: std::sync::Mutex<StepTimes>,
+    /// A peer this worker waits on and hears nothing from, and since when it is known.
+    silent: std::sync::Mutex<Option<(SilentPeer, Instant)>>,
+    /// A silence report is being sent (and the assignment watched closely).
+    reporting: AtomicBool,
 }
 
 impl Shared {
+    /// The heartbeat: progress counter, compute time and any silent peer (a report stays
+    /// in the heartbeats for a second after it was made).
+    fn heartbeat(&self, id: &str) -> HeartbeatRequest {
+        let compute_ms = self
+            .compute
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .median();
+        let step = self.step.load(Ordering::SeqCst).checked_sub(1);
+        let silent_peer = self
+            .silent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .filter(|(_, at)| at.elapsed() < Duration::from_secs(1))
+            .map(|(sp, _)| sp);
+        HeartbeatRequest {
+            worker: id.to_string(),
+            compute_ms,
+            step,
+            silent_peer,
+        }
+    }
+
     fn partitioned(&self) -> bool {
         self.partitioned_until
             .lock()
@@ -271,7 +307,29 @@ pub fn run(cfg: AgentConfig) -> Result<(), WorkerError> {
                         report_corrupt_replica(&client, &cfg.id, &a, *odd, reason);
                     }
                     _ if shared.partitioned() => {}
-                    _ => report_dead_peers(&client, &cfg.id, &a, rank as usize),
+                    _ => {
+                        let refused = report_dead_peers(&client, &cfg.id, &a, rank as usize);
+                        // The peer the error blames is alive enough to hold its port open
+                        // (hung, cut off, or just slow): a silence report, which the
+                        // controller confirms against that peer's heartbeats.
+                        let blamed = match &e {
+                            WorkerError::Collective(c) => c.peer_rank(),
+                            _ => None,
+                        };
+                        if let Some(peer) =
+                            blamed.filter(|p| *p != rank as usize && !refused.contains(p))
+                        {
+                            if let Some(addr) = a.peers.get(peer).and_then(|p| p.parse().ok()) {
+                                let p = PeerSilent {
+                                    peer_rank: peer,
+                                    peer_addr: addr,
+                                    silent_ms: 0,
+                                    inbound: true,
+                                };
+                                report_silence(&client, &cfg.id, &shared, a.epoch, &p);
+                            }
+                        }
+                    }
                 }
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -428,12 +486,14 @@ fn report_corrupt_replica(client: &Client, me: &str, a: &Assignment, odd: usize,
 /// After a collective failed, tells the controller which peers are certainly dead: their
 /// listener refuses connections (the process is gone). A stopped (hung) process still has
 /// its socket open; the leader's lease catches that case.
-fn report_dead_peers(client: &Client, me: &str, a: &Assignment, my_rank: usize) {
+/// Returns the ranks found dead.
+fn report_dead_peers(client: &Client, me: &str, a: &Assignment, my_rank: usize) -> Vec<usize> {
+    let mut dead = Vec::new();
     let Ok(Some(job)) = client.get::<Option<phalanx_proto::JobInfo>>("/v1/job") else {
-        return;
+        return dead;
     };
     let Some(plan) = job.plan.filter(|p| p.epoch == a.epoch) else {
-        return;
+        return dead;
     };
     for (rank, addr) in a.peers.iter().enumerate() {
         if rank == my_rank {
@@ -449,6 +509,7 @@ fn report_dead_peers(client: &Client, me: &str, a: &Assignment, my_rank: usize) 
         if !refused {
             continue;
         }
+        dead.push(rank);
         let Some(id) = plan.ranks.get(rank) else {
             continue;
         };
@@ -465,6 +526,7 @@ fn report_dead_peers(client: &Client, me: &str, a: &Assignment, my_rank: usize) 
         };
         let _ = client.command_with_id(new_request_id(&format!("dead-{id}-{}", a.epoch)), cmd);
     }
+    dead
 }
 
 fn ctl(e: phalanx_controller::client::ClientError) -> WorkerError {
@@ -485,15 +547,7 @@ fn spawn_heartbeat(
                 std::thread::sleep(every);
                 continue;
             }
-            let compute_ms = shared
-                .compute
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .median();
-            let body = HeartbeatRequest {
-                worker: id.clone(),
-                compute_ms,
-            };
+            let body = shared.heartbeat(&id);
             if let Some(inbox) = inbox.as_mut() {
                 for f in inbox.poll() {
                     warn!(worker = %id, fault = ?f.kind, "fault injected");
@@ -528,6 +582,42 @@ fn spawn_heartbeat(
             std::thread::sleep(every);
         }
     })
+}
+
+/// A peer of `epoch` is silent: remember it for the heartbeats, send one at once, and
+/// watch the assignment every 50 ms for 3 s so that the controller's new plan (if it
+/// confirms the report) cancels the blocked operation at once.
+fn report_silence(
+    client: &Arc<Client>,
+    id: &str,
+    shared: &Arc<Shared>,
+    epoch: u64,
+    p: &PeerSilent,
+) {
+    let sp = SilentPeer {
+        epoch,
+        rank: p.peer_rank as u32,
+        silent_ms: p.silent_ms,
+    };
+    warn!(epoch, peer_rank = p.peer_rank, peer = %p.peer_addr, silent_ms = p.silent_ms, inbound = p.inbound, "peer silent; reporting it");
+    *shared.silent.lock().unwrap_or_else(|e| e.into_inner()) = Some((sp, Instant::now()));
+    if shared.reporting.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let (client, id, shared) = (client.clone(), id.to_string(), shared.clone());
+    std::thread::spawn(move || {
+        if let Err(e) = client.post::<serde_json::Value>("/v1/heartbeat", &shared.heartbeat(&id)) {
+            warn!(error = %e, "sending the silence report failed");
+        }
+        let until = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < until && shared.epoch.load(Ordering::SeqCst) <= epoch {
+            if let Ok(a) = client.get::<Assignment>(&format!("/v1/assignment/{id}")) {
+                shared.epoch.fetch_max(a.epoch, Ordering::SeqCst);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        shared.reporting.store(false, Ordering::SeqCst);
+    });
 }
 
 /// Reports progress off the training thread; only the newest step per epoch is sent.
@@ -682,6 +772,19 @@ fn run_epoch(
     let mut resume_report = (last_step.is_some() || rank == 0).then_some(source);
     let interrupted_at = *last_step;
     let epoch_began_ms = unix_ms();
+    // From here on a peer that makes no progress is reported at once (see crate::silence).
+    let silence_after = |shared: &Shared| {
+        cfg.silence.threshold(
+            &shared.step_times.lock().unwrap_or_else(|p| p.into_inner()),
+            cfg.op_timeout,
+        )
+    };
+    {
+        let (client, id, sh, epoch) = (cfg.client.clone(), cfg.id.clone(), shared.clone(), a.epoch);
+        group.set_silence_watch(Some(SilenceWatch::new(silence_after(shared), move |p| {
+            report_silence(&client, &id, &sh, epoch, p)
+        })));
+    }
     let mut stepper = Stepper::new(engine, &group, &a.micro_shares, cfg.op_timeout)?;
     stepper.grad_check_every = cfg.grad_check_interval;
     let mut writer = Checkpointing::new(job, &job_id, job_dir, world, rank, &shared.disk)?;
@@ -767,6 +870,14 @@ fn run_epoch(
         }
         let _ = progress.send((a.epoch, report.step + 1));
         *last_step = Some((Instant::now(), report.step + 1));
+        shared.step.store(report.step + 2, Ordering::SeqCst);
+        *shared.silent.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        shared
+            .step_times
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(report.step_ms);
+        group.set_silence_after(silence_after(shared));
         shared
             .compute
             .lock()

@@ -12,6 +12,7 @@ pub mod fault;
 pub mod job_checkpoints;
 pub mod numerics;
 pub mod rendezvous;
+pub mod silence;
 pub mod snapshot;
 pub mod state_sync;
 

@@ -95,6 +95,10 @@ pub struct StartArgs {
     /// A failed worker whose heartbeats come back rejoins after this long without a gap.
     #[arg(long, default_value_t = 3000)]
     rejoin_after_ms: u64,
+    /// A peer's report that a worker is silent is confirmed (the worker failed) when that
+    /// worker's heartbeats have also been missing this long.
+    #[arg(long, default_value_t = 400)]
+    silent_confirm_ms: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -453,6 +457,7 @@ fn start(a: StartArgs) -> Result<()> {
     cfg.lease.suspect_after_ms = a.suspect_after_ms;
     cfg.lease.fail_after_ms = a.fail_after_ms;
     cfg.lease.rejoin_after_ms = a.rejoin_after_ms;
+    cfg.lease.silent_confirm_ms = a.silent_confirm_ms;
     let h = server::start(cfg)?;
     eprintln!(
         "controller {} listening on {} (data in {})",

@@ -303,16 +303,7 @@ async fn route(req: &wire::Request, ctx: &ConnCtx, timeout: Duration) -> ApiResu
         }
         ("POST", "/v1/heartbeat") => {
             let hb: HeartbeatRequest = parse_body(req)?;
-            call(
-                ctx,
-                |reply| Input::Heartbeat {
-                    worker: hb.worker,
-                    compute_ms: hb.compute_ms,
-                    reply,
-                },
-                timeout,
-            )
-            .await
+            call(ctx, |reply| Input::Heartbeat { hb, reply }, timeout).await
         }
         ("POST", "/v1/members") => {
             let change: MemberChange = parse_body(req)?;

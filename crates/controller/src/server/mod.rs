@@ -141,6 +141,12 @@ impl ServerConfig {
         if l.rejoin_after_ms == 0 {
             return bad("lease: rejoin_after_ms must be >= 1".into());
         }
+        if l.silent_confirm_ms == 0 || l.silent_confirm_ms > l.fail_after_ms {
+            return bad(format!(
+                "lease: need 0 < silent_confirm_ms ({}) <= fail_after_ms ({})",
+                l.silent_confirm_ms, l.fail_after_ms
+            ));
+        }
         Ok(())
     }
 }

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use phalanx_core::Leases;
 use phalanx_proto::{
-    Command, CommandResponse, Envelope, MemberChange, NodeId, WorkerHealth, WorkerId,
+    Command, CommandResponse, Envelope, HeartbeatRequest, MemberChange, NodeId, WorkerHealth,
+    WorkerId,
 };
 use raft::prelude::Message;
 use tokio::sync::mpsc;
@@ -36,8 +37,7 @@ pub(crate) enum Input {
         reply: Reply,
     },
     Heartbeat {
-        worker: WorkerId,
-        compute_ms: Option<f64>,
+        hb: HeartbeatRequest,
         reply: Reply,
     },
     Member {
@@ -164,7 +164,7 @@ impl RaftLoop {
             self.process_ready()?;
             self.on_role_change();
             if Instant::now() >= next_lease_check {
-                next_lease_check = Instant::now() + Duration::from_millis(100);
+                next_lease_check = Instant::now() + Duration::from_millis(50);
                 self.check_leases()?;
                 self.expire_waiters();
             }
@@ -243,11 +243,13 @@ impl RaftLoop {
             Input::Local { query, reply } => {
                 let _ = reply.send(query(&self.r));
             }
-            Input::Heartbeat {
-                worker,
-                compute_ms,
-                reply,
-            } => {
+            Input::Heartbeat { hb, reply } => {
+                let HeartbeatRequest {
+                    worker,
+                    compute_ms,
+                    step,
+                    silent_peer,
+                } = hb;
                 if !self.r.is_leader() {
                     let _ = reply.send(Err(self.not_leader()));
                     return Ok(());
@@ -259,8 +261,23 @@ impl RaftLoop {
                     return Ok(());
                 }
                 let now = self.now_ms();
+                // A silence report names a rank of the current plan; one about another
+                // epoch is stale and ignored.
+                let named = silent_peer.and_then(|sp| {
+                    let plan = self.r.state.job.as_ref()?.plan.as_ref()?;
+                    (plan.epoch == sp.epoch)
+                        .then(|| plan.ranks.get(sp.rank as usize).cloned())
+                        .flatten()
+                        .map(|w| (w, sp))
+                });
                 if let Some(l) = self.leases.as_mut() {
                     l.heartbeat(&worker, now, &self.cfg.lease);
+                    if let Some(step) = step {
+                        l.progress(&worker, step, now);
+                    }
+                    if let Some((named, sp)) = &named {
+                        l.silence_report(&worker, named, sp.epoch, sp.rank, sp.silent_ms, now);
+                    }
                 }
                 if let Some(t) = compute_ms.filter(|t| t.is_finite() && *t >= 0.0) {
                     self.compute_ms.insert(worker, t);
