@@ -9,6 +9,7 @@ mod ctl;
 mod demo;
 mod fault;
 mod model;
+mod scenario;
 mod train;
 
 #[derive(Parser, Debug)]
@@ -71,6 +72,11 @@ enum Command {
     Checkpoint(ctl::CheckpointCmd),
     /// The controller's decisions and their reasons.
     Events(ctl::EventsCmd),
+    /// Chaos scenario files: run, validate, list (see docs/scenarios.md).
+    #[command(subcommand)]
+    Scenario(scenario::ScenarioCmd),
+    /// Print the summary of a scenario run's report directory again.
+    Report(scenario::ReportCmd),
 }
 
 #[derive(Subcommand, Debug)]
@@ -120,6 +126,8 @@ fn main() -> ExitCode {
         Command::Job(c) => ctl::job(c),
         Command::Checkpoint(c) => ctl::checkpoint(c),
         Command::Events(c) => ctl::events(c),
+        Command::Scenario(c) => scenario::run(c),
+        Command::Report(c) => scenario::report(c),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
