@@ -262,6 +262,8 @@ pub struct ManifestSpec {
     pub job: String,
     /// The model configuration's name (a loader refuses another model's checkpoint).
     pub model: String,
+    /// The numerics profile the parameters were computed under.
+    pub numerics: String,
     pub step: u64,
     pub world: usize,
     pub param_count: usize,
@@ -282,6 +284,9 @@ pub struct Manifest {
     /// The model configuration's name (empty when the writer did not say).
     #[serde(default)]
     pub model: String,
+    /// The numerics profile the parameters were computed under (empty when not said).
+    #[serde(default)]
+    pub numerics: String,
     pub step: u64,
     pub world: usize,
     pub param_count: usize,

@@ -272,6 +272,7 @@ pub fn commit_manifest(
         format_version: FORMAT_VERSION,
         job: spec.job.clone(),
         model: spec.model.clone(),
+        numerics: spec.numerics.clone(),
         step: spec.step,
         world: spec.world,
         param_count: spec.param_count,

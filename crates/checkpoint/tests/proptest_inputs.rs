@@ -49,7 +49,7 @@ proptest! {
         fs::write(sdir.join("shard-0-of-1.bin"), &shard).unwrap();
         let sha = params_sha256(&[]); // any 64-hex string
         let m = Manifest {
-            format_version: FORMAT_VERSION, job: String::new(), model: String::new(), step: 3, world: 1, param_count: len, seed: 0, layout: vec![],
+            format_version: FORMAT_VERSION, job: String::new(), model: String::new(), numerics: String::new(), step: 3, world: 1, param_count: len, seed: 0, layout: vec![],
             params_sha256: None,
             shards: vec![ShardRecord { file: shard_file_name(0, 1), rank: 0, world: 1, step: 3, range: 0..len,
                 bytes: shard.len() as u64, sha256: sha.clone(), params_section_sha256: sha }],

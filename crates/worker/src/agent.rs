@@ -759,6 +759,7 @@ fn run_epoch(
                 job_id: job_id.clone(),
                 model: job.model.clone(),
                 seed: job.seed,
+                numerics: job.numerics.to_string(),
             },
             catalog: &|| job_catalog(&cfg.client, &job_id),
             refused: &|step, reason| report_refused(&cfg.client, &cfg.id, &job_id, step, reason),

@@ -54,6 +54,8 @@ pub struct Expected {
     pub job_id: String,
     pub model: String,
     pub seed: u64,
+    /// The job's numerics profile: its checkpoints were computed under it.
+    pub numerics: String,
 }
 
 /// Where an epoch may restore a checkpoint from.
@@ -79,6 +81,11 @@ pub fn manifest_mismatch(m: &Manifest, want: &Expected, param_count: usize) -> O
         Some(format!(
             "model {:?}, the job trains {:?}",
             m.model, want.model
+        ))
+    } else if m.numerics != want.numerics {
+        Some(format!(
+            "numerics profile {:?}, the job runs under {:?}",
+            m.numerics, want.numerics
         ))
     } else if m.seed != want.seed {
         Some(format!("seed {}, the job's is {}", m.seed, want.seed))
@@ -232,6 +239,7 @@ pub struct Checkpointing {
     root: PathBuf,
     job_id: String,
     model: String,
+    numerics: String,
     world: usize,
     seed: u64,
     /// Steps rank 0 recorded in the catalog this epoch.
@@ -258,6 +266,7 @@ impl Checkpointing {
             root,
             job_id: job_id.to_string(),
             model: job.model.clone(),
+            numerics: job.numerics.to_string(),
             world,
             seed: job.seed,
             recorded: Vec::new(),
@@ -372,6 +381,7 @@ impl Checkpointing {
         let spec = ckpt::ManifestSpec {
             job: self.job_id.clone(),
             model: self.model.clone(),
+            numerics: self.numerics.clone(),
             step,
             world: self.world,
             param_count: engine.params.len(),
@@ -446,6 +456,7 @@ mod tests {
             format_version: 1,
             job: job.into(),
             model: model.into(),
+            numerics: "x86-64-avx2".into(),
             step: 20,
             world: 1,
             param_count: params,
@@ -462,11 +473,17 @@ mod tests {
             job_id: "a-5".into(),
             model: "tiny".into(),
             seed: 7,
+            numerics: "x86-64-avx2".into(),
         };
         assert_eq!(
             manifest_mismatch(&manifest("a-5", "tiny", 7, 100), &want, 100),
             None
         );
+        let mut native = manifest("a-5", "tiny", 7, 100);
+        native.numerics = "native".into();
+        assert!(manifest_mismatch(&native, &want, 100)
+            .unwrap()
+            .contains("numerics"));
         for (m, what) in [
             (manifest("a-3", "tiny", 7, 100), "written by job"),
             (manifest("", "tiny", 7, 100), "written by job"),
