@@ -122,12 +122,13 @@ fn a_hung_worker_is_replaced_and_fenced_out() {
     // Once the hang ends, its heartbeats come back and it rejoins as a new worker.
     wait_placeable(&c, "w2");
     let ev = event_kinds(&c);
-    assert!(
-        ev.iter().any(
-            |e| (e.contains("worker_failed") || e.contains("worker_suspect")) && e.contains("w2")
-        ),
-        "{ev:#?}"
+    // Found by its peers' silence reports confirmed by its stopped heartbeats, long
+    // before the 2 s lease would have made it suspect.
+    assert_event(
+        &ev,
+        &["worker_failed", "w2", "silent for", "heartbeats stopped"],
     );
+    assert_no_event(&ev, &["worker_suspect", "w2", "no heartbeat for"]);
 }
 
 /// Waits until worker `id` is placeable again (joining, healthy or spare).
@@ -311,7 +312,18 @@ fn a_partitioned_worker_is_replaced_and_rejoins_when_the_partition_heals() {
     wait_placeable(&c, &cut);
     let ev = event_kinds(&c);
     assert_event(&ev, &["fault_injected", "partition"]);
-    assert_event(&ev, &["worker_suspect", cut.as_str()]);
+    // The cut is found by its peers' silence reports (its links went quiet), confirmed
+    // by its missing heartbeats, without waiting for the 2 s lease.
+    assert_event(
+        &ev,
+        &[
+            "worker_failed",
+            cut.as_str(),
+            "silent",
+            "heartbeats stopped",
+        ],
+    );
+    assert_no_event(&ev, &["worker_suspect", cut.as_str(), "no heartbeat for"]);
     assert_event(&ev, &["worker_registered", cut.as_str()]);
 }
 

@@ -80,6 +80,36 @@ fn waits_for_a_checkpoint(c: &LocalCluster) {
     });
 }
 
+/// No faults, two busy threads: not one suspect or failed decision (a silence report
+/// needs the named worker's heartbeats to have stopped, or its step to stand still, before
+/// anything is decided). `just chaos-soak` runs it for 20 minutes
+/// (`PHALANX_SOAK_NO_FAULT_STEPS`).
+#[test]
+fn no_faults_under_cpu_contention_mean_no_suspect_or_failed_decisions() {
+    let steps: u64 = std::env::var("PHALANX_SOAK_NO_FAULT_STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(STEPS);
+    let limit = LIMIT.max(Duration::from_secs(steps / 5));
+    let c = LocalCluster::start(5, 0);
+    let busy = BusyThreads::start(2);
+    c.submit(&job_toml_seed("no-faults", steps, 50, 3, 4, 7));
+    c.wait_done(limit);
+    drop(busy);
+    let ev: Vec<String> = c
+        .events()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| format!("{} {} {}", e["kind"], e["subject"], e["reason"]))
+        .collect();
+    let spurious: Vec<&String> = ev
+        .iter()
+        .filter(|e| e.contains("worker_suspect") || e.contains("worker_failed"))
+        .collect();
+    assert!(spurious.is_empty(), "{spurious:#?}\n{}", c.logs());
+}
+
 #[test]
 fn a_kill_then_a_hang_under_cpu_contention_converge() {
     for seed in seeds() {

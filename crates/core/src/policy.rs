@@ -116,8 +116,10 @@ pub struct LeaseConfig {
     /// one is not re-placed at every heartbeat.
     pub rejoin_after_ms: u64,
     /// A peer's report that a worker is silent is confirmed when that worker's last
-    /// heartbeat is at least this old: a hung or cut-off process stops heartbeating, a
-    /// slow one does not.
+    /// heartbeat is at least this old, and at least [`SILENT_CONFIRM_GAPS`] times the
+    /// longest gap between its recent heartbeats (on a loaded host heartbeats arrive
+    /// late, and a late one is not a stopped one): a hung or cut-off process stops
+    /// heartbeating, a slow one does not.
     pub silent_confirm_ms: u64,
     /// A silence report counts for this long after it was made.
     pub report_ttl_ms: u64,
@@ -135,6 +137,12 @@ impl Default for LeaseConfig {
         }
     }
 }
+
+/// A silence report is confirmed after this many of the worker's own longest recent
+/// heartbeat gaps without a heartbeat.
+pub const SILENT_CONFIRM_GAPS: u64 = 3;
+/// How many recent heartbeat gaps per worker are kept.
+const GAPS_KEPT: usize = 16;
 
 /// One worker's report that a peer of its plan epoch is silent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,6 +194,9 @@ pub struct Leases {
     waiting_ms: BTreeMap<WorkerId, u64>,
     /// Workers made suspect by a silence report, with the step they must move past.
     must_progress: BTreeMap<WorkerId, u64>,
+    /// Each worker's recent gaps between heartbeats, in ms (gaps of a lease break left
+    /// out): how late its heartbeats run on its host right now.
+    gaps: BTreeMap<WorkerId, std::collections::VecDeque<u64>>,
 }
 
 impl Leases {
@@ -199,7 +210,20 @@ impl Leases {
             silent: BTreeMap::new(),
             waiting_ms: BTreeMap::new(),
             must_progress: BTreeMap::new(),
+            gaps: BTreeMap::new(),
         }
+    }
+
+    /// How long `worker`'s heartbeats must have stopped before a silence report about it
+    /// is confirmed.
+    pub fn silent_confirm_ms(&self, worker: &str, cfg: &LeaseConfig) -> u64 {
+        let longest = self
+            .gaps
+            .get(worker)
+            .and_then(|g| g.iter().copied().max())
+            .unwrap_or(0);
+        cfg.silent_confirm_ms
+            .max(longest.saturating_mul(SILENT_CONFIRM_GAPS))
     }
 
     /// A heartbeat's progress counter: the worker's newest completed step.
@@ -258,12 +282,13 @@ impl Leases {
             r.reporter, r.rank, r.epoch, r.silent_ms
         );
         let quiet_ms = now_ms.saturating_sub(heard_ms.unwrap_or(self.leader_since_ms));
-        if quiet_ms >= cfg.silent_confirm_ms {
+        let confirm_ms = self.silent_confirm_ms(&w.id, cfg);
+        if quiet_ms >= confirm_ms {
             self.silent.remove(&w.id);
             return Some((
                 LeaseDecision::MarkFailed,
                 format!(
-                    "{evidence}, and its heartbeats stopped {quiet_ms} ms ago (silent_confirm_ms {})",
+                    "{evidence}, and its heartbeats stopped {quiet_ms} ms ago (confirmed after {confirm_ms} ms: silent_confirm_ms {}, or {SILENT_CONFIRM_GAPS} x its longest recent heartbeat gap)",
                     cfg.silent_confirm_ms
                 ),
             ));
@@ -324,6 +349,12 @@ impl Leases {
         let gap = previous.is_none_or(|p| now_ms.saturating_sub(p) >= cfg.suspect_after_ms);
         if gap {
             self.streak_since_ms.insert(worker.to_string(), now_ms);
+        } else if let Some(p) = previous {
+            let g = self.gaps.entry(worker.to_string()).or_default();
+            if g.len() == GAPS_KEPT {
+                g.pop_front();
+            }
+            g.push_back(now_ms.saturating_sub(p));
         }
     }
 
@@ -825,6 +856,30 @@ mod tests {
                 && reason.contains("heartbeats stopped 500 ms ago"),
             "{reason}"
         );
+    }
+
+    #[test]
+    fn late_heartbeats_of_a_loaded_host_raise_the_confirmation_bar() {
+        let cfg = LeaseConfig {
+            grace_ms: 0,
+            ..LeaseConfig::default()
+        };
+        let ws = workers(&[("w", WorkerHealth::Healthy)]);
+        let mut l = Leases::new(0);
+        // A loaded host: heartbeats every 100 ms, but one came 300 ms late.
+        for t in [0, 100, 200, 500, 600, 700] {
+            l.heartbeat("w", t, &cfg);
+        }
+        assert_eq!(l.silent_confirm_ms("w", &cfg), 900);
+        l.silence_report("p", "w", 1, 0, 200, 1_000);
+        assert!(
+            l.decide(1_200, &ws, &cfg).is_empty(),
+            "500 ms late is not yet stopped"
+        );
+        let d = l.decide(1_600, &ws, &cfg);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].1, LeaseDecision::MarkFailed);
+        assert!(d[0].2.contains("confirmed after 900 ms"), "{d:?}");
     }
 
     #[test]
