@@ -31,6 +31,15 @@ partitions: setup
     cargo build --release -p phalanx-cli
     PHALANX_BIN="$PWD/target/release/phalanx" cargo test --release -p phalanx-tests --test controller_partitions -- --nocapture
 
+# Reports land in target/chaos/; `just chaos 1,2,3` runs every file over three seeds.
+# The chaos scenario library (soak excluded): a row per scenario (verdict, MTTR, bit-exact).
+chaos seeds="": build
+    ./target/release/phalanx scenario suite --report-root target/chaos {{ if seeds == "" { "" } else { "--seeds " + seeds } }}
+
+# The swarm soak (at least 10 minutes of random faults drawn from the seed).
+chaos-soak seed="7": build
+    ./target/release/phalanx scenario run scenarios/soak-swarm.toml --seed {{seed}} --report target/chaos/soak-swarm
+
 # Benchmarks, each a ratio measured side by side in one run; results land in bench-out/
 # and are explained in docs/benchmarks.md.
 bench: build
@@ -44,9 +53,19 @@ bench: build
     ./target/release/phalanx controller bench --kills 30 --seconds 5 --out bench-out/controller.json
     ./target/release/phalanx demo --dir target/bench-spare --workers 5 --steps 200 --faults kill:rank:1@60 --summary bench-out/mttr-spare.json
     ./target/release/phalanx demo --dir target/bench-nospare --workers 4 --steps 200 --faults kill:rank:1@60 --summary bench-out/mttr-nospare.json
+    ./target/release/phalanx demo --dir target/bench-hang --workers 5 --steps 200 --faults hang:rank:1@60:5s --summary bench-out/mttr-hang.json
+    ./target/release/phalanx demo --dir target/bench-partition --workers 5 --steps 200 --faults partition:rank:1@60:4s --summary bench-out/mttr-partition.json
+    ./target/release/phalanx demo --dir target/bench-kill-small --model small --workers 5 --steps 60 --faults kill:rank:1@20 --summary bench-out/mttr-kill-small.json
+    ./target/release/phalanx demo --dir target/bench-hang-small --model small --workers 5 --steps 60 --faults hang:rank:1@20:5s --summary bench-out/mttr-hang-small.json
+    ./target/release/phalanx demo --dir target/bench-partition-small --model small --workers 5 --steps 60 --faults partition:rank:1@20:4s --summary bench-out/mttr-partition-small.json
     ./target/release/phalanx demo --dir target/bench-perminute --model small --workers 5 --steps 1500 --fault-every-s 60 --summary bench-out/fault-per-minute.json
 
 # Format and lint.
 lint:
     cargo fmt --all --check
     cargo clippy --workspace --all-targets -- -D warnings
+
+# Recovery soak: the recovery-under-load cases over five seeds, and a 20-minute fault-free
+# run beside two busy threads that must see no suspect or failed decision.
+soak-recovery: build
+    PHALANX_BIN="$PWD/target/release/phalanx" PHALANX_SOAK_SEEDS=7,8,9,10,11 PHALANX_SOAK_NO_FAULT_STEPS=20000 cargo test --release -p phalanx-tests --test recovery_under_load -- --test-threads 1 --nocapture
