@@ -51,9 +51,11 @@ pub struct ClusterSpec {
     /// Device of every worker, as `phalanx worker start --device` takes it.
     #[serde(default = "d_device")]
     pub device: String,
-    /// Hosts to spread the processes over (round-robin: controllers first, then workers).
-    /// With 2 or more, and where the runner is root, each host is a network namespace and
-    /// `link-down` / `partition` cut real links.
+    /// Hosts to spread the processes over. With more hosts than controllers, controller
+    /// `i` runs on host `i-1` and the workers round-robin on the hosts after them (so a
+    /// controller's link can be cut alone); otherwise everything goes round-robin,
+    /// controllers first. With 2 or more hosts, and where the runner is root, each host
+    /// is a network namespace and `link-down` / `partition` cut real links.
     #[serde(default = "d_hosts")]
     pub hosts: u32,
     /// Restart a worker that exited after this many seconds (0: never), as a node
@@ -96,13 +98,18 @@ impl ClusterSpec {
     pub fn worker_ids(&self) -> Vec<String> {
         (0..self.worker_count()).map(|i| format!("w{i}")).collect()
     }
-    /// The host of controller `id` (1-based): controllers first, round-robin.
+    /// The host of controller `id` (1-based).
     pub fn controller_host(&self, id: u64) -> u32 {
-        ((id.saturating_sub(1)) % self.hosts.max(1) as u64) as u32
+        (id.saturating_sub(1) % self.hosts.max(1) as u64) as u32
     }
-    /// The host of worker `w{i}`: after the controllers, round-robin.
+    /// The host of worker `w{i}`.
     pub fn worker_host(&self, i: u32) -> u32 {
-        (self.controllers + i) % self.hosts.max(1)
+        let hosts = self.hosts.max(1);
+        if hosts > self.controllers {
+            self.controllers + i % (hosts - self.controllers)
+        } else {
+            (self.controllers + i) % hosts
+        }
     }
 }
 

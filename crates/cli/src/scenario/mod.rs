@@ -26,6 +26,23 @@ pub enum ScenarioCmd {
     },
     /// Print the JSON Schema of scenario files.
     Schema,
+    /// Run several scenarios (default: the library, soaks excluded), each in a process of
+    /// its own, and print one row per run: verdict, MTTR, lost steps, effective training
+    /// time, bit-exact. Exits non-zero when any run failed.
+    Suite(SuiteCmd),
+}
+
+#[derive(Args, Debug)]
+pub struct SuiteCmd {
+    /// Scenario files (default: every scenarios/*.toml whose name does not start with
+    /// `soak-`).
+    pub files: Vec<PathBuf>,
+    /// Seeds to run each file with, comma-separated (default: each file's own).
+    #[arg(long, value_delimiter = ',')]
+    pub seeds: Vec<u64>,
+    /// Reports go to ROOT/NAME[-sSEED]/, cluster directories to ROOT/clusters/.
+    #[arg(long, default_value = "target/chaos")]
+    pub report_root: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -101,10 +118,22 @@ pub fn run(cmd: ScenarioCmd) -> Result<()> {
                 } else {
                     " (INVALID)"
                 };
-                println!("{name:<34} {}{valid}", phalanx_chaos::purpose(&text));
+                let purpose = phalanx_chaos::purpose(&text);
+                // One line: the first sentence.
+                let first = match purpose
+                    .find(": ")
+                    .into_iter()
+                    .chain(purpose.find(". "))
+                    .min()
+                {
+                    Some(i) => &purpose[..i],
+                    None => purpose.as_str(),
+                };
+                println!("{name:<34} {first}{valid}");
             }
             Ok(())
         }
+        ScenarioCmd::Suite(c) => suite(c),
         ScenarioCmd::Schema => {
             print!("{}", phalanx_chaos::schema_json());
             Ok(())
@@ -152,6 +181,121 @@ fn run_one(c: RunCmd) -> Result<()> {
             report.replay
         )
     }
+}
+
+fn suite(c: SuiteCmd) -> Result<()> {
+    let mut files = c.files.clone();
+    if files.is_empty() {
+        files = std::fs::read_dir("scenarios")
+            .map_err(|e| {
+                anyhow!("reading scenarios/: {e} (run from the repository root, or name files)")
+            })?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+            .filter(|p| {
+                !p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("soak-"))
+            })
+            .collect();
+        files.sort();
+    }
+    for f in &files {
+        load(f)?;
+    }
+    let seeds: Vec<Option<u64>> = if c.seeds.is_empty() {
+        vec![None]
+    } else {
+        c.seeds.iter().copied().map(Some).collect()
+    };
+    let exe = std::env::current_exe()?;
+    std::fs::create_dir_all(&c.report_root)?;
+    let header = format!(
+        "{:<34} {:>5} {:<7} {:>8} {:>5} {:>7} {:<9} {:>7}",
+        "SCENARIO", "SEED", "VERDICT", "MTTR s", "LOST", "EFF", "BIT-EXACT", "WALL s"
+    );
+    println!("{header}");
+    let mut rows = vec![header];
+    let mut failed = Vec::new();
+    for f in &files {
+        let name = f
+            .file_stem()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .to_string();
+        for seed in &seeds {
+            let tag = match seed {
+                Some(s) => format!("{name}-s{s}"),
+                None => name.clone(),
+            };
+            let report_dir = c.report_root.join(&tag);
+            let _ = std::fs::remove_dir_all(&report_dir);
+            std::fs::create_dir_all(&report_dir)?;
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.args(["scenario", "run"])
+                .arg(f)
+                .arg("--report")
+                .arg(&report_dir)
+                .arg("--dir")
+                .arg(c.report_root.join("clusters").join(&tag))
+                .stdout(std::fs::File::create(report_dir.join("run.log"))?)
+                .stderr(std::fs::File::create(report_dir.join("run.stderr"))?);
+            if let Some(s) = seed {
+                cmd.arg("--seed").arg(s.to_string());
+            }
+            let status = cmd.status()?;
+            let row = match phalanx_chaos::report::read(&report_dir) {
+                Ok(r) => {
+                    let m = &r.measured;
+                    let bit = match (&m.params_sha256, &m.reference_sha256) {
+                        (Some(a), Some(b)) => {
+                            if a == b {
+                                "yes"
+                            } else {
+                                "NO"
+                            }
+                        }
+                        _ => "-",
+                    };
+                    format!(
+                        "{:<34} {:>5} {:<7} {:>8} {:>5} {:>7} {:<9} {:>7.1}",
+                        name,
+                        r.seed,
+                        if r.passed && status.success() {
+                            "pass"
+                        } else {
+                            "FAIL"
+                        },
+                        m.max_mttr_s()
+                            .map(|x| format!("{x:.2}"))
+                            .unwrap_or_else(|| "-".into()),
+                        m.lost_steps(),
+                        m.effective_training_time
+                            .map(|x| format!("{:.1}%", x * 100.0))
+                            .unwrap_or_else(|| "-".into()),
+                        bit,
+                        m.wall_s
+                    )
+                }
+                Err(e) => format!(
+                    "{name:<34} {:>5} FAIL    (no report: {e})",
+                    seed.map(|s| s.to_string()).unwrap_or_default()
+                ),
+            };
+            if !status.success() {
+                failed.push(format!(
+                    "{tag} (see {})",
+                    report_dir.join("run.log").display()
+                ));
+            }
+            println!("{row}");
+            rows.push(row);
+        }
+    }
+    std::fs::write(c.report_root.join("table.txt"), rows.join("\n") + "\n")?;
+    if !failed.is_empty() {
+        bail!("{} runs failed: {}", failed.len(), failed.join(", "));
+    }
+    Ok(())
 }
 
 /// `phalanx report DIR`.

@@ -798,8 +798,7 @@ pub fn run(o: &RunOptions, v: &Validated) -> Result<Report> {
             }
         }
         // Faults whose trigger came.
-        for i in 0..faults.len() {
-            let f = &faults[i];
+        for (i, f) in faults.iter().enumerate() {
             let anchor = if i == 0 || !matches!(f.trigger, Trigger::AfterEvent(_)) {
                 Some(submit_seq)
             } else {
