@@ -37,7 +37,7 @@ fn read_frame(s: &mut TcpStream) -> Option<Vec<u8>> {
 }
 
 /// Accept node 1's connections to a fake peer; every message goes to `tx`. Connections
-/// that ask for acknowledgements get them (a cumulative u64 count of frames).
+/// that ask for acknowledgements get them (a cumulative u64 count of bytes read).
 fn fake_inbox(l: TcpListener, tx: mpsc::Sender<Message>, stop: Arc<AtomicBool>) {
     l.set_nonblocking(true).unwrap();
     std::thread::spawn(move || {
@@ -60,7 +60,7 @@ fn fake_inbox(l: TcpListener, tx: mpsc::Sender<Message>, stop: Arc<AtomicBool>) 
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     let Some(b) = read_frame(&mut s) else { return };
-                    n += 1;
+                    n += 4 + b.len() as u64;
                     if acks && s.write_all(&n.to_be_bytes()).is_err() {
                         return;
                     }

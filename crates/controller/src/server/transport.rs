@@ -6,8 +6,9 @@
 //! sits in the kernel's retransmission backoff (the RTO doubles up to seconds) long after
 //! the network has healed, and a write only fails once the send buffer is full. So:
 //!
-//! - the receiver acknowledges every frame on the same connection (a cumulative `u64`
-//!   count, big-endian), and the sender pings an idle link with empty frames;
+//! - the receiver acknowledges what it reads on the same connection (a cumulative `u64`
+//!   count of bytes, big-endian, sent after every frame and every 64 KiB of a long one),
+//!   and the sender pings an idle link with empty frames;
 //! - a link whose oldest unacknowledged frame has waited longer than the liveness
 //!   deadline (`ServerConfig::peer_liveness`, two election timeouts by default) with no
 //!   acknowledgement in between is dropped, and the next message redials;
@@ -39,7 +40,7 @@ use crate::wire::{self, PEER_MAGIC};
 struct Handshake {
     from: NodeId,
     token: String,
-    /// The sender wants a cumulative count of frames back and may send empty frames
+    /// The sender wants a cumulative count of bytes read back and may send empty frames
     /// (pings). Nodes of this version always ask.
     #[serde(default)]
     acks: bool,
@@ -106,12 +107,12 @@ fn set_peer_socket_options(s: &TcpStream, user_timeout: Duration) {
 /// One live outgoing connection.
 struct Link {
     w: OwnedWriteHalf,
-    /// The receiver's cumulative count of frames; closed when the connection ends.
+    /// The receiver's cumulative count of bytes read; closed when the connection ends.
     acks: watch::Receiver<u64>,
     reader: tokio::task::JoinHandle<()>,
     sent: u64,
     acked: u64,
-    /// (frame number, when its write completed) of the frames not yet acknowledged.
+    /// (byte offset of its end, when its write completed) of each frame not yet read.
     unacked: VecDeque<(u64, Instant)>,
     last_progress: Instant,
     last_write: Instant,
@@ -170,7 +171,7 @@ impl Link {
                 Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
             }
         }
-        self.sent += 1;
+        self.sent += frame.len() as u64;
         let now = Instant::now();
         self.unacked.push_back((self.sent, now));
         self.last_write = now;
@@ -340,14 +341,50 @@ pub(crate) async fn handle_peer(mut stream: TcpStream, peer: SocketAddr, ctx: Ar
     } else {
         Duration::from_secs(30)
     };
-    let mut frames = 0u64;
-    while let Some(buf) = read_frame(&mut r, ctx.cfg.frame_bytes_max, idle).await {
-        frames += 1;
-        if hs.acks {
-            ack_tx.send_replace(frames);
-            if buf.is_empty() {
-                continue; // ping
+    let mut read = 0u64;
+    loop {
+        let ack = |n: u64| {
+            if hs.acks {
+                ack_tx.send_replace(n);
             }
+        };
+        let mut len = [0u8; 4];
+        match tokio::time::timeout(idle, r.read_exact(&mut len)).await {
+            Ok(Ok(_)) => {}
+            _ => break,
+        }
+        let n = u32::from_be_bytes(len) as u64;
+        if n > ctx.cfg.frame_bytes_max {
+            warn!(%peer, len = n, "peer frame exceeds frame_bytes_max; closed");
+            break;
+        }
+        read += 4;
+        // The body in 64 KiB pieces, each acknowledged, so that a long frame on a slow
+        // link shows progress before it is complete.
+        let mut buf = vec![0u8; n as usize];
+        let mut at = 0usize;
+        let mut ok = true;
+        while at < buf.len() {
+            let end = (at + (64 << 10)).min(buf.len());
+            match tokio::time::timeout(idle, r.read_exact(&mut buf[at..end])).await {
+                Ok(Ok(_)) => {}
+                _ => {
+                    ok = false;
+                    break;
+                }
+            }
+            read += (end - at) as u64;
+            at = end;
+            if at < buf.len() {
+                ack(read);
+            }
+        }
+        if !ok {
+            break;
+        }
+        ack(read);
+        if buf.is_empty() && hs.acks {
+            continue; // ping
         }
         match Message::parse_from_bytes(&buf) {
             Ok(m) => {
@@ -367,5 +404,112 @@ pub(crate) async fn handle_peer(mut stream: TcpStream, peer: SocketAddr, ctx: Ar
     }
     if let Some(a) = acker {
         a.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::PathBuf;
+
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::server::ServerConfig;
+
+    /// A long frame on a slow link is acknowledged piece by piece, so the link is not
+    /// taken for dead while the frame is still arriving (when only whole frames were
+    /// acknowledged, a snapshot slower than the liveness deadline was never delivered: the
+    /// link was dropped and the snapshot sent again, for ever).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_long_frame_on_a_slow_link_keeps_the_link_alive() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let cfg = ServerConfig::new(
+            1,
+            "127.0.0.1:0".into(),
+            BTreeMap::from([(1, "127.0.0.1:1".to_string())]),
+            PathBuf::from("/nonexistent"),
+            "tok".into(),
+        );
+        let ctx = Arc::new(ConnCtx {
+            inputs: tx,
+            token: "tok".into(),
+            cfg,
+        });
+        let receiver = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let receiver_addr = receiver.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, peer)) = receiver.accept().await {
+                tokio::spawn(handle_peer(s, peer, ctx.clone()));
+            }
+        });
+        // A link of 512 KiB/s towards the receiver (acknowledgements flow back freely).
+        let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy_addr = proxy.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let Ok((inbound, _)) = proxy.accept().await else {
+                return;
+            };
+            let outbound = TcpStream::connect(receiver_addr).await.unwrap();
+            let (mut ir, mut iw) = inbound.into_split();
+            let (mut or, mut ow) = outbound.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut or, &mut iw).await;
+            });
+            let mut buf = vec![0u8; 16 << 10];
+            loop {
+                let Ok(n) = ir.read(&mut buf).await else {
+                    return;
+                };
+                if n == 0 || ow.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(31)).await;
+            }
+        });
+
+        let t = LinkTiming::new(Duration::from_millis(400));
+        let mut link = Link::dial(2, &proxy_addr, "tok", t).await.expect("dial");
+        let m = Message {
+            from: 2,
+            to: 1,
+            context: vec![7u8; 1 << 20].into(),
+            ..Default::default()
+        };
+        let frame = wire::encode_frame(&m.write_to_bytes().unwrap());
+        let started = Instant::now();
+        link.write_frame(&frame, t).await.expect("write");
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        loop {
+            let r = rx.clone();
+            let got = tokio::task::spawn_blocking(move || {
+                r.lock()
+                    .unwrap()
+                    .recv_timeout(Duration::from_millis(20))
+                    .ok()
+            })
+            .await
+            .unwrap();
+            if let Some(Input::Peer(got)) = got {
+                assert_eq!(got.context.len(), 1 << 20);
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the frame never arrived"
+            );
+            if let Some(why) = link.dead(t) {
+                panic!(
+                    "the link was taken for dead {:?} into a frame that was still arriving: {why}",
+                    started.elapsed()
+                );
+            }
+        }
+        assert!(
+            started.elapsed() > 2 * t.liveness,
+            "the link was not slow enough to test anything ({:?})",
+            started.elapsed()
+        );
+        assert!(link.dead(t).is_none());
     }
 }
