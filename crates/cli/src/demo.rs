@@ -304,10 +304,9 @@ pub fn run(cmd: DemoCmd) -> Result<()> {
         }
         let injected = String::from_utf8_lossy(&out.stdout).trim().to_string();
         println!("-- step {}: {injected}", before.progress_step);
-        // Detection: the first decision about a worker or the plan after the fault. A
-        // controller leader change is detected by the election.
-        // Detection: the first decision about a worker or the plan after the fault; a
-        // controller leader change is detected by the election.
+        // Detection: the first failure decision about a worker, or the first plan, after
+        // the fault (a worker registering or rejoining after an earlier fault is not one);
+        // a controller leader change is detected by the election.
         let mut detected: Option<(String, f64, u64)> = None;
         wait("recovery", Duration::from_secs(120), || {
             let j = job(&client)?;
@@ -325,7 +324,15 @@ pub fn run(cmd: DemoCmd) -> Result<()> {
                         .into_iter()
                         .find(|e| {
                             e.seq > seen_events
-                                && (e.kind.starts_with("worker_") || e.kind == "plan")
+                                && matches!(
+                                    e.kind.as_str(),
+                                    "worker_failed"
+                                        | "worker_suspect"
+                                        | "worker_quarantined"
+                                        | "worker_draining"
+                                        | "epoch_stuck"
+                                        | "plan"
+                                )
                         })
                         .map(|e| format!("{}: {}", e.kind, e.reason))
                 };
