@@ -39,10 +39,10 @@ pub struct WorkerStartCmd {
     /// A peer that makes no progress in a collective for this many median step times is
     /// reported to the controller at once (which confirms it against the peer's
     /// heartbeats); --op-timeout-ms stays the outer bound.
-    #[arg(long, default_value_t = 4.0)]
+    #[arg(long, env = "PHALANX_SILENCE_FACTOR", default_value_t = 4.0)]
     pub silence_factor: f64,
     /// ... but never sooner than this.
-    #[arg(long, default_value_t = 150)]
+    #[arg(long, env = "PHALANX_SILENCE_FLOOR_MS", default_value_t = 150)]
     pub silence_floor_ms: u64,
     /// Bound on every collective; a dead or hung peer is detected within it.
     #[arg(long, default_value_t = 3_000)]
