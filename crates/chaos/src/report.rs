@@ -472,20 +472,33 @@ pub fn step_time_grid(r: &Report, buckets: usize) -> (f64, Vec<Vec<Option<f64>>>
         .unwrap_or(0.0);
     let buckets = buckets.max(1);
     let width = ((end - start) / buckets as f64).max(1e-3);
+    // Rank r's step at time t, linear between the polls around t (the polls are further
+    // apart than a bucket may be wide).
+    let steps_at = |rank: usize, t: f64| -> f64 {
+        let after = r.progress.iter().position(|p| p.t_s >= t);
+        let at = |p: &ProgressSample| p.rank_steps.get(rank).copied().unwrap_or(0) as f64;
+        match after {
+            Some(0) => at(&r.progress[0]),
+            Some(i) => {
+                let (a, b) = (&r.progress[i - 1], &r.progress[i]);
+                let f = if b.t_s > a.t_s {
+                    (t - a.t_s) / (b.t_s - a.t_s)
+                } else {
+                    1.0
+                };
+                at(a) + (at(b) - at(a)) * f
+            }
+            None => r.progress.last().map(at).unwrap_or(0.0),
+        }
+    };
     let mut grid = vec![vec![None; ranks]; buckets];
     for (b, row) in grid.iter_mut().enumerate() {
         let (t0, t1) = (start + b as f64 * width, start + (b + 1) as f64 * width);
-        // The samples at the bucket's edges (the last one at or before each).
-        let at = |t: f64| r.progress.iter().rev().find(|p| p.t_s <= t + 1e-9);
-        let (Some(p0), Some(p1)) = (at(t0), at(t1)) else {
-            continue;
-        };
         for (rank, cell) in row.iter_mut().enumerate() {
-            let s0 = p0.rank_steps.get(rank).copied().unwrap_or(0);
-            let s1 = p1.rank_steps.get(rank).copied().unwrap_or(0);
-            let dt_ms = (p1.t_s - p0.t_s) * 1e3;
-            if s1 > s0 && dt_ms > 0.0 {
-                *cell = Some(dt_ms / (s1 - s0) as f64);
+            let done = steps_at(rank, t1) - steps_at(rank, t0);
+            // Less than a tenth of a step in the bucket: a stall.
+            if done > 0.1 {
+                *cell = Some(width * 1e3 / done);
             }
         }
     }
@@ -534,8 +547,8 @@ fn plot_step_time(path: &Path, r: &Report) -> PlotResult {
         .disable_mesh()
         .x_desc("seconds since submission")
         .y_desc("rank")
-        .y_labels(ranks.min(16))
-        .y_label_formatter(&|y| format!("{}", y.floor() as i64))
+        .y_labels(ranks.min(16) + 1)
+        .y_label_formatter(&|y| format!("{:.0}", y.floor()))
         .draw()
         .map_err(err)?;
     let cells = grid.iter().enumerate().flat_map(|(b, row)| {

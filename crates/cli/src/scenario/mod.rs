@@ -67,6 +67,9 @@ pub struct RunCmd {
 pub struct ReportCmd {
     /// A report directory written by `phalanx scenario run`.
     pub dir: PathBuf,
+    /// Draw report.md and the plots again from report.json.
+    #[arg(long)]
+    pub redraw: bool,
 }
 
 fn load(file: &Path) -> Result<phalanx_chaos::Validated> {
@@ -301,6 +304,9 @@ fn suite(c: SuiteCmd) -> Result<()> {
 /// `phalanx report DIR`.
 pub fn report(c: ReportCmd) -> Result<()> {
     let r = phalanx_chaos::report::read(&c.dir).map_err(|e| anyhow!(e))?;
+    if c.redraw {
+        phalanx_chaos::report::write(&c.dir, &r).map_err(|e| anyhow!(e))?;
+    }
     print!("{}", phalanx_chaos::report::summary_text(&r));
     Ok(())
 }
