@@ -177,14 +177,17 @@ impl BlockingGroup {
     /// Rendezvous with the other ranks. `listener` must already be bound to
     /// `cfg.peers[cfg.rank]`.
     pub fn connect(cfg: GroupConfig, listener: std::net::TcpListener) -> Result<BlockingGroup> {
-        Self::connect_with(cfg, listener, None)
+        Self::connect_with(cfg, listener, None, None)
     }
 
-    /// [`Self::connect`] with a cancel check that also bounds every later operation.
+    /// [`Self::connect`] with a cancel check that also bounds every later operation, and
+    /// a silence watch that already covers the rendezvous (a neighbour that never shows
+    /// up is reported like one that stops sending).
     pub fn connect_with(
         cfg: GroupConfig,
         listener: std::net::TcpListener,
         cancel: Option<Cancel>,
+        silence: Option<SilenceWatch>,
     ) -> Result<BlockingGroup> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -208,12 +211,17 @@ impl BlockingGroup {
             let _guard = rt.enter();
             tokio::net::TcpListener::from_std(listener).map_err(io)?
         };
-        let mut watch = Watchers {
+        let watch = Watchers {
             cancel,
-            ..Watchers::default()
+            silence,
+            links: WatchedLinks::of(&cfg),
         };
-        let group = drive_unpoisoned(&rt, &watch, Group::connect(cfg, l))?;
-        watch.links = group.watched_links();
+        let activity = watch
+            .links
+            .as_ref()
+            .map(|l| l.activity.clone())
+            .unwrap_or_default();
+        let group = drive_unpoisoned(&rt, &watch, Group::connect_watched(cfg, l, activity))?;
         Ok(BlockingGroup {
             group,
             watch,

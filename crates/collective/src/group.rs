@@ -232,12 +232,29 @@ fn nan_max(a: f64, b: f64) -> f64 {
 
 /// A group's two links as a silence watch sees them.
 pub(crate) struct WatchedLinks {
-    activity: Arc<Activity>,
+    pub(crate) activity: Arc<Activity>,
     left: Peer,
     right: Peer,
 }
 
 impl WatchedLinks {
+    /// The links of `cfg`'s rank (none in a world of 1), watched from the rendezvous on.
+    pub(crate) fn of(cfg: &GroupConfig) -> Option<WatchedLinks> {
+        let (rank, world) = (cfg.rank, cfg.world);
+        if world < 2 || cfg.peers.len() != world || rank >= world {
+            return None;
+        }
+        let peer = |r: usize| Peer {
+            rank: r,
+            addr: cfg.peers[r],
+        };
+        Some(WatchedLinks {
+            activity: Arc::new(Activity::new()),
+            left: peer((rank + world - 1) % world),
+            right: peer((rank + 1) % world),
+        })
+    }
+
     /// Reports each direction that has waited past `w.after`, once (`reported` holds
     /// which already were: inbound, outbound).
     pub(crate) fn report_silence(
@@ -270,8 +287,6 @@ impl WatchedLinks {
 /// the same order with the same lengths.
 pub struct Group {
     cfg: GroupConfig,
-    /// Since when each link has waited on its peer (read by the silence watch).
-    activity: Arc<Activity>,
     tx: Option<TxLink>,
     rx: Option<RxLink>,
     broken: Option<String>,
@@ -293,13 +308,22 @@ impl Group {
     /// Rendezvous: connect to rank `(r+1)%N`, accept from `(r-1+N)%N`, and
     /// exchange validated hello frames, all within `cfg.rendezvous_timeout`.
     pub async fn connect(cfg: GroupConfig, listener: TcpListener) -> Result<Group> {
+        Self::connect_watched(cfg, listener, Arc::new(Activity::new())).await
+    }
+
+    /// [`Self::connect`], recording in `activity` which neighbour the rendezvous waits on,
+    /// so that a silence watch sees a peer that never shows up.
+    pub(crate) async fn connect_watched(
+        cfg: GroupConfig,
+        listener: TcpListener,
+        activity: Arc<Activity>,
+    ) -> Result<Group> {
         cfg.validate()?;
         let (rank, world) = (cfg.rank, cfg.world);
         let span = tracing::debug_span!("rendezvous", rank, world);
         if world == 1 {
             return Ok(Group {
                 cfg,
-                activity: Arc::new(Activity::new()),
                 tx: None,
                 rx: None,
                 broken: None,
@@ -323,8 +347,12 @@ impl Group {
         let fmax = cfg.frame_bytes_max;
         let (tx, rx) = async {
             tokio::join!(
-                connect_right(right, hello, dl, fmax),
-                accept_left(&listener, left, hello, dl, fmax)
+                activity
+                    .send
+                    .during(&activity, connect_right(right, hello, dl, fmax)),
+                activity
+                    .recv
+                    .during(&activity, accept_left(&listener, left, hello, dl, fmax))
             )
         }
         .instrument(span)
@@ -336,7 +364,6 @@ impl Group {
             | (_, Err(e @ CollectiveError::Handshake { .. })) => return Err(e),
             (Err(e), _) | (_, Err(e)) => return Err(e),
         };
-        let activity = Arc::new(Activity::new());
         let mut group = Group {
             tx: Some(TxLink {
                 stream: tx,
@@ -352,7 +379,6 @@ impl Group {
                 frame_bytes_max: fmax,
                 activity: activity.clone(),
             }),
-            activity,
             cfg,
             broken: None,
             scratch_i64: Vec::new(),
@@ -369,16 +395,6 @@ impl Group {
             .await?;
         tracing::debug!(rank, world, "rendezvous complete");
         Ok(group)
-    }
-
-    /// The links and their activity, for a watch that runs beside an operation.
-    pub(crate) fn watched_links(&self) -> Option<WatchedLinks> {
-        let (tx, rx) = (self.tx.as_ref()?, self.rx.as_ref()?);
-        Some(WatchedLinks {
-            activity: self.activity.clone(),
-            left: rx.peer,
-            right: tx.peer,
-        })
     }
 
     pub fn rank(&self) -> usize {

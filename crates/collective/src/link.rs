@@ -28,6 +28,17 @@ impl Pending {
     fn end(&self) {
         self.0.store(0, Ordering::Relaxed);
     }
+    /// Pending while `fut` runs (a rendezvous half waiting on its neighbour).
+    pub(crate) async fn during<T>(
+        &self,
+        a: &Activity,
+        fut: impl std::future::Future<Output = T>,
+    ) -> T {
+        self.begin(a);
+        let out = fut.await;
+        self.end();
+        out
+    }
     /// How long the current frame has been pending, if one is.
     pub(crate) fn waiting(&self, a: &Activity) -> Option<Duration> {
         let since = self.0.load(Ordering::Relaxed);
@@ -46,6 +57,12 @@ pub(crate) struct Activity {
     pub(crate) send: Pending,
     /// The frame awaited from the left neighbour.
     pub(crate) recv: Pending,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Activity {

@@ -121,7 +121,7 @@ fn a_cancelled_rendezvous_ends_at_once_not_at_its_deadline() {
     set_after(&flag, Duration::from_millis(200));
     let started = Instant::now();
     // Rank 1 never shows up; the rendezvous deadline is 10 s.
-    let e = BlockingGroup::connect_with(cfg(0, addrs), l0, Some(cancel)).unwrap_err();
+    let e = BlockingGroup::connect_with(cfg(0, addrs), l0, Some(cancel), None).unwrap_err();
     assert!(
         matches!(&e, CollectiveError::Cancelled { reason } if reason.contains("epoch 9")),
         "{e:?}"
@@ -148,7 +148,7 @@ fn a_cancelled_operation_ends_at_once_and_breaks_the_group() {
     });
     let mut c = cfg(0, addrs);
     c.op_timeout = Duration::from_secs(30);
-    let mut g = BlockingGroup::connect_with(c, l0, Some(cancel)).unwrap();
+    let mut g = BlockingGroup::connect_with(c, l0, Some(cancel), None).unwrap();
     set_after(&flag, Duration::from_millis(200));
     let started = Instant::now();
     let mut v = vec![1i64; 100];

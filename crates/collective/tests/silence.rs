@@ -82,3 +82,25 @@ fn no_report_when_every_peer_keeps_up() {
         assert_eq!(h.join().unwrap(), 0);
     }
 }
+
+#[test]
+fn a_neighbour_that_never_shows_up_is_reported_during_the_rendezvous() {
+    let (mut ls, addrs) = listeners(2);
+    let l0 = ls.remove(0);
+    let seen: Arc<Mutex<Vec<PeerSilent>>> = Arc::default();
+    let s = seen.clone();
+    let watch = SilenceWatch::new(Duration::from_millis(150), move |p| {
+        s.lock().unwrap().push(p.clone())
+    });
+    let mut c = cfg(0, addrs.clone());
+    c.rendezvous_timeout = Duration::from_millis(1_500);
+    // Rank 1 never starts: the rendezvous times out, but the silence was reported first.
+    let e = BlockingGroup::connect_with(c, l0, None, Some(watch)).unwrap_err();
+    assert!(e.peer_rank() == Some(1), "{e:?}");
+    let seen = seen.lock().unwrap();
+    assert!(
+        seen.iter()
+            .any(|p| p.peer_rank == 1 && p.peer_addr == addrs[1]),
+        "{seen:?}"
+    );
+}

@@ -623,6 +623,14 @@ fn report_silence(
     });
 }
 
+/// The silence threshold for the group's recent step times.
+fn silence_after(cfg: &AgentConfig, shared: &Shared) -> Duration {
+    cfg.silence.threshold(
+        &shared.step_times.lock().unwrap_or_else(|p| p.into_inner()),
+        cfg.op_timeout,
+    )
+}
+
 /// Reports progress off the training thread; only the newest step per epoch is sent.
 fn spawn_progress(client: Arc<Client>, id: String) -> mpsc::Sender<(u64, u64)> {
     let (tx, rx) = mpsc::channel::<(u64, u64)>();
@@ -746,7 +754,18 @@ fn run_epoch(
             }
         })
     };
-    let mut group = BlockingGroup::connect_with(gc, listener, Some(cancel))?;
+    // A peer that makes no progress is reported at once (see crate::silence): in the
+    // rendezvous and in training steps at the step-based threshold; in the state agreement
+    // and the final flush, whose legitimate work (reading or writing a checkpoint) is not
+    // measured by steps, only at the operation timeout.
+    let silence = {
+        let (client, id, sh, epoch) = (cfg.client.clone(), cfg.id.clone(), shared.clone(), a.epoch);
+        SilenceWatch::new(silence_after(cfg, shared), move |p| {
+            report_silence(&client, &id, &sh, epoch, p)
+        })
+    };
+    let mut group = BlockingGroup::connect_with(gc, listener, Some(cancel), Some(silence))?;
+    group.set_silence_after(cfg.op_timeout);
     info!(epoch = a.epoch, rank, world, "group formed");
 
     // Only a state this worker agreed on with a group (and trained or loaded since) counts;
@@ -776,19 +795,8 @@ fn run_epoch(
     let mut resume_report = (last_step.is_some() || rank == 0).then_some(source);
     let interrupted_at = *last_step;
     let epoch_began_ms = unix_ms();
-    // From here on a peer that makes no progress is reported at once (see crate::silence).
-    let silence_after = |shared: &Shared| {
-        cfg.silence.threshold(
-            &shared.step_times.lock().unwrap_or_else(|p| p.into_inner()),
-            cfg.op_timeout,
-        )
-    };
-    {
-        let (client, id, sh, epoch) = (cfg.client.clone(), cfg.id.clone(), shared.clone(), a.epoch);
-        group.set_silence_watch(Some(SilenceWatch::new(silence_after(shared), move |p| {
-            report_silence(&client, &id, &sh, epoch, p)
-        })));
-    }
+    // Training from here: a peer silent for the step-based threshold is reported.
+    group.set_silence_after(silence_after(cfg, shared));
     let mut stepper = Stepper::new(engine, &group, &a.micro_shares, cfg.op_timeout)?;
     stepper.grad_check_every = cfg.grad_check_interval;
     let mut writer = Checkpointing::new(job, &job_id, job_dir, world, rank, &shared.disk)?;
@@ -881,7 +889,7 @@ fn run_epoch(
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(report.step_ms);
-        group.set_silence_after(silence_after(shared));
+        group.set_silence_after(silence_after(cfg, shared));
         shared
             .compute
             .lock()
@@ -910,6 +918,7 @@ fn run_epoch(
     if final_step.is_some() && snapped != Some(last) {
         writer.take_final(engine);
     }
+    group.set_silence_after(cfg.op_timeout);
     writer.flush(engine, &mut group, a.epoch, cfg, final_step)?;
     let val = validation_loss(engine, &mut group, cfg.op_timeout)?;
     let sha = check_replicas(engine, &mut group, cfg.op_timeout)?;
