@@ -60,6 +60,12 @@ bench: build
     ./target/release/phalanx demo --dir target/bench-partition-small --model small --workers 5 --steps 60 --faults partition:rank:1@20:4s --summary bench-out/mttr-partition-small.json
     ./target/release/phalanx demo --dir target/bench-perminute --model small --workers 5 --steps 1500 --fault-every-s 60 --summary bench-out/fault-per-minute.json
 
+# The randomized simulation of the controller's Raft group (crashes, partitions, loss,
+# duplication, reordering; checks one leader per term, committed entries, agreement,
+# linearizable reads). `just sim-raft --seeds 10000`; `just sim-raft --seed 42` replays one.
+sim-raft *args:
+    cargo test --release -p phalanx-controller --test sim_raft -- {{args}}
+
 # Format and lint.
 lint:
     cargo fmt --all --check

@@ -44,6 +44,11 @@ pub struct ReplicaConfig {
     pub heartbeat_tick: usize,
     /// Take a state-machine snapshot and compact the log every this many applied entries.
     pub snapshot_entries: u64,
+    /// A snapshot sent to a follower that has not moved it out of raft-rs's `Snapshot`
+    /// progress state after this many ticks is reported lost, so the leader sends another.
+    /// (raft-rs pauses a follower in that state until `report_snapshot`; a snapshot message
+    /// lost on the way would otherwise leave the follower behind until the next election.)
+    pub snapshot_retry_ticks: usize,
     pub limits: StateLimits,
 }
 
@@ -55,6 +60,7 @@ impl ReplicaConfig {
             election_tick_max: 20,
             heartbeat_tick: 2,
             snapshot_entries: 1_000,
+            snapshot_retry_ticks: 100,
             limits: StateLimits::default(),
         }
     }
@@ -100,6 +106,10 @@ pub struct Replica {
     pub addresses: BTreeMap<NodeId, String>,
     pub counters: Counters,
     last_role: StateRole,
+    /// Ticks since open (the clock of `snapshot_sent`).
+    ticks: u64,
+    /// Follower -> tick at which the last snapshot was sent to it.
+    snapshot_sent: BTreeMap<NodeId, u64>,
 }
 
 /// Route raft-rs's slog records into `tracing`.
@@ -160,6 +170,8 @@ impl Replica {
             addresses,
             counters: Counters::default(),
             last_role: StateRole::Follower,
+            ticks: 0,
+            snapshot_sent: BTreeMap::new(),
         })
     }
 
@@ -197,6 +209,52 @@ impl Replica {
 
     pub fn tick(&mut self) {
         self.raw.tick();
+        self.ticks += 1;
+        self.retry_lost_snapshots();
+    }
+
+    /// Report snapshots that have not reached their follower in `snapshot_retry_ticks` as
+    /// failed: raft-rs then probes the follower again and sends a fresh snapshot.
+    fn retry_lost_snapshots(&mut self) {
+        if self.snapshot_sent.is_empty() {
+            return;
+        }
+        if !self.is_leader() {
+            self.snapshot_sent.clear();
+            return;
+        }
+        let retry = self.cfg.snapshot_retry_ticks.max(1) as u64;
+        let now = self.ticks;
+        let due: Vec<NodeId> = self
+            .snapshot_sent
+            .iter()
+            .filter(|(_, at)| now.saturating_sub(**at) >= retry)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            self.snapshot_sent.remove(&id);
+            let stuck = self
+                .raw
+                .raft
+                .prs()
+                .get(id)
+                .is_some_and(|pr| pr.state == raft::ProgressState::Snapshot);
+            if stuck {
+                warn!(
+                    to = id,
+                    ticks = retry,
+                    "snapshot not acknowledged; reporting it lost so that it is sent again"
+                );
+                self.raw.report_snapshot(id, raft::SnapshotStatus::Failure);
+            }
+        }
+    }
+
+    /// The transport could not deliver a snapshot to `to` (link down, queue full).
+    pub fn report_snapshot_lost(&mut self, to: NodeId) {
+        if self.snapshot_sent.remove(&to).is_some() && self.is_leader() {
+            self.raw.report_snapshot(to, raft::SnapshotStatus::Failure);
+        }
     }
 
     pub fn step(&mut self, msg: Message) -> Result<(), NodeError> {
@@ -305,6 +363,11 @@ impl Replica {
         self.apply_entries(committed, &mut out)?;
         self.raw.advance_apply();
         self.maybe_compact()?;
+        for m in &out.messages {
+            if m.get_msg_type() == raft::prelude::MessageType::MsgSnapshot {
+                self.snapshot_sent.insert(m.to, self.ticks);
+            }
+        }
         Ok(out)
     }
 

@@ -404,8 +404,12 @@ impl RaftLoop {
             self.peers.insert(to, tx);
         }
         if let Some(tx) = self.peers.get(&to) {
-            // Full queue: drop; raft retransmits.
-            let _ = tx.try_send(m);
+            // Full queue: drop; raft retransmits. A dropped snapshot is reported at once
+            // (otherwise the replica reports it after `snapshot_retry_ticks`).
+            let snapshot = m.get_msg_type() == raft::prelude::MessageType::MsgSnapshot;
+            if tx.try_send(m).is_err() && snapshot {
+                self.r.report_snapshot_lost(to);
+            }
         }
     }
 
