@@ -121,7 +121,8 @@ impl Procs {
             Some(h) => {
                 let mut fds = Vec::new();
                 for (ns, _) in h {
-                    let p = Path::new("/run/netns").join(ns);
+                    // Where `ip netns add` puts them.
+                    let p = Path::new("/var/run/netns").join(ns);
                     fds.push(Some(
                         File::open(&p).with_context(|| format!("opening {}", p.display()))?,
                     ));

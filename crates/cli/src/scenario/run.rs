@@ -106,9 +106,12 @@ fn run_bounded(mut c: std::process::Command, timeout: Duration) -> Result<String
         if let Some(st) = child.try_wait()? {
             break st;
         }
-        if t0.elapsed() > timeout {
+        if t0.elapsed() > timeout || STOP.load(Ordering::SeqCst) {
             let _ = child.kill();
             let _ = child.wait();
+            if STOP.load(Ordering::SeqCst) {
+                bail!("interrupted");
+            }
             bail!("timed out after {} s", timeout.as_secs());
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -552,6 +555,28 @@ fn undo_due(st: &mut State, lab: Option<&phalanx_netns::Lab>, all: bool) -> Vec<
     notes
 }
 
+/// Remove the namespaces of labs whose runner died (SIGKILL leaves them): building a
+/// lab sweeps them, so build a one-host lab only when there is something to sweep.
+fn sweep_stale_labs() {
+    if phalanx_netns::Lab::check_available().is_err() {
+        return;
+    }
+    let Ok(out) = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+    else {
+        return;
+    };
+    let stale = String::from_utf8_lossy(&out.stdout).lines().any(|l| {
+        l.strip_prefix("phxlab-")
+            .and_then(|r| r.split('-').next())
+            .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+    });
+    if stale {
+        drop(phalanx_netns::Lab::new(1));
+    }
+}
+
 /// The run; `Ok(report)` whether or not the expectations hold.
 pub fn run(o: &RunOptions, v: &Validated) -> Result<Report> {
     install_signal_handlers();
@@ -612,6 +637,7 @@ pub fn run(o: &RunOptions, v: &Validated) -> Result<Report> {
     };
 
     // Hosts.
+    sweep_stale_labs();
     let want_ns = s.cluster.hosts >= 2;
     let lab = if want_ns {
         match phalanx_netns::Lab::check_available()
