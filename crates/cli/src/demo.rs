@@ -304,6 +304,9 @@ pub fn run(cmd: DemoCmd) -> Result<()> {
         }
         let injected = String::from_utf8_lossy(&out.stdout).trim().to_string();
         println!("-- step {}: {injected}", before.progress_step);
+        // Time the recovery from the moment the fault took effect, which the command
+        // reports (its own start-up is not part of the recovery).
+        let t0 = injected_at(&injected).unwrap_or(t0);
         // Detection: the first failure decision about a worker, or the first plan, after
         // the fault (a worker registering or rejoining after an earlier fault is not one);
         // a controller leader change is detected by the election.
@@ -453,4 +456,16 @@ fn client_for(dir: &Path) -> Result<Client> {
 
 fn wait_child(c: &mut Child, t: Duration) -> Result<std::process::ExitStatus> {
     wait("the reference run", t, || c.try_wait().ok().flatten())
+}
+
+/// The instant a `fault inject` output line says the fault took effect
+/// (`... at unix_ms N`), on this process's monotonic clock.
+fn injected_at(line: &str) -> Option<Instant> {
+    let ms: u128 = line.rsplit("at unix_ms ").next()?.trim().parse().ok()?;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_millis();
+    let ago = Duration::from_millis(now_ms.saturating_sub(ms) as u64);
+    Instant::now().checked_sub(ago)
 }

@@ -261,6 +261,12 @@ fn inject(c: InjectCmd) -> Result<()> {
             writeln!(file, "{}", serde_json::to_string(&f)?)?;
         }
     }
+    // When the fault took effect (the signal sent, or the inbox written), for those who
+    // time the recovery from the fault itself rather than from this command's start.
+    let at_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
     let detail = match (c.kind, for_ms) {
         (Kind::Slow, Some(ms)) => format!("slow x{} for {ms} ms", c.factor),
         (k, Some(ms)) => format!("{k:?} for {ms} ms").to_lowercase(),
@@ -274,7 +280,10 @@ fn inject(c: InjectCmd) -> Result<()> {
             "warning: the fault was injected but could not be recorded in the event log: {e}"
         );
     }
-    println!("injected {:?} into {name} (pid {pid})", c.kind);
+    println!(
+        "injected {:?} into {name} (pid {pid}) at unix_ms {at_unix_ms}",
+        c.kind
+    );
     Ok(())
 }
 
