@@ -46,6 +46,10 @@ impl Cluster {
     }
 
     fn start_node(&mut self, id: u64) {
+        self.start_node_with(id, &[]);
+    }
+
+    fn start_node_with(&mut self, id: u64, more: &[&str]) {
         let peers: Vec<String> = self.addrs.iter().map(|(i, a)| format!("{i}={a}")).collect();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -69,6 +73,7 @@ impl Cluster {
             .arg("--token-file")
             .arg(&self.token_file)
             .args(&self.extra)
+            .args(more)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -310,7 +315,30 @@ fn controller_wiped_follower_rejoins_by_snapshot() {
             .unwrap();
     }
     let target = c.status(leader).unwrap().commit_index;
+    // Without --rejoin the wiped node refuses to start: it would vote with a log it no
+    // longer has.
     c.start_node(follower);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let code = loop {
+        let p = c.procs.get_mut(&follower).unwrap();
+        if let Some(st) = p.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a wiped node started without --rejoin kept running:\n{}",
+            tail(&c.log(follower), 3000)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!code.success(), "it must exit with an error");
+    assert!(
+        c.log(follower).contains("--rejoin"),
+        "the error names --rejoin:\n{}",
+        tail(&c.log(follower), 3000)
+    );
+    c.procs.remove(&follower);
+    c.start_node_with(follower, &["--rejoin"]);
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let metrics = http_once(

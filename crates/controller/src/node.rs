@@ -29,6 +29,8 @@ pub enum NodeError {
     Snapshot(#[from] phalanx_core::SnapshotError),
     #[error("invalid config: {0}")]
     Config(String),
+    #[error("membership change refused: {0}")]
+    Refused(String),
 }
 
 /// Raft timing and log-compaction settings of one replica.
@@ -85,6 +87,9 @@ pub struct ReadyOutput {
     pub snapshot_installed: bool,
     /// Confirmed ReadIndex requests: serve each once `applied_index >= index`.
     pub read_states: Vec<raft::ReadState>,
+    /// Conf change entries applied in this round: their index and the voters after them,
+    /// or why raft-rs refused them (the entry is then skipped).
+    pub conf_changes: Vec<(u64, Result<Vec<NodeId>, String>)>,
 }
 
 /// Counters for telemetry (`/v1/metrics`).
@@ -279,7 +284,29 @@ impl Replica {
         add: bool,
         id: NodeId,
         address: &str,
-    ) -> Result<(), NodeError> {
+    ) -> Result<u64, NodeError> {
+        let voters = self.voters();
+        let cs = self.raw.store().conf_state();
+        if !cs.voters_outgoing.is_empty() || self.raw.raft.has_pending_conf() {
+            return Err(NodeError::Refused(
+                "another membership change is still in progress; retry once it is applied".into(),
+            ));
+        }
+        if add && voters.contains(&id) {
+            return Err(NodeError::Refused(format!(
+                "controller {id} is already a voter"
+            )));
+        }
+        if !add && !voters.contains(&id) {
+            return Err(NodeError::Refused(format!(
+                "controller {id} is not a voter"
+            )));
+        }
+        if !add && voters.len() <= 1 {
+            return Err(NodeError::Refused(format!(
+                "removing controller {id} would leave no voter"
+            )));
+        }
         let mut single = ConfChangeSingle {
             node_id: id,
             ..Default::default()
@@ -298,9 +325,31 @@ impl Replica {
             BTreeMap::new()
         };
         cc.set_context(serde_json::to_vec(&ctx).unwrap_or_default().into());
+        let before = self.raw.raft.raft_log.last_index();
         self.raw.propose_conf_change(Vec::new(), cc)?;
         self.counters.proposals += 1;
-        Ok(())
+        let index = self.raw.raft.raft_log.last_index();
+        // raft-rs turns a conf change it will not take (one is pending) into an empty entry.
+        let is_cc = index > before
+            && self
+                .raw
+                .raft
+                .raft_log
+                .slice(
+                    index,
+                    index + 1,
+                    None,
+                    raft::GetEntriesContext::empty(false),
+                )
+                .ok()
+                .and_then(|e| e.first().map(|e| e.get_entry_type()))
+                == Some(EntryType::EntryConfChangeV2);
+        if !is_cc {
+            return Err(NodeError::Refused(
+                "raft refused the change (another membership change is pending)".into(),
+            ));
+        }
+        Ok(index)
     }
 
     /// Process one Ready, in the order raft-rs documents: send leader messages, install a
@@ -402,33 +451,39 @@ impl Replica {
                     }
                 }
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
-                    let cc: ConfChangeV2 = if e.get_entry_type() == EntryType::EntryConfChangeV2 {
-                        ConfChangeV2::parse_from_bytes(&e.data).map_err(raft::Error::CodecError)?
-                    } else {
-                        // Legacy v1 change (never proposed by us): convert by hand.
-                        let v1 = raft::prelude::ConfChange::parse_from_bytes(&e.data)
-                            .map_err(raft::Error::CodecError)?;
-                        let mut single = ConfChangeSingle {
-                            node_id: v1.node_id,
-                            ..Default::default()
-                        };
-                        single.set_change_type(v1.get_change_type());
-                        let mut v2 = ConfChangeV2::default();
-                        v2.set_changes(vec![single].into());
-                        v2.set_context(v1.context.clone());
-                        v2
+                    let cc = match Self::decode_conf_change(&e) {
+                        Ok(cc) => cc,
+                        Err(err) => {
+                            warn!(index = e.index, %err, "undecodable conf change skipped");
+                            self.state.note_index(e.index);
+                            out.conf_changes.push((e.index, Err(err.to_string())));
+                            continue;
+                        }
                     };
                     let ctx: BTreeMap<NodeId, String> =
                         serde_json::from_slice(&cc.context).unwrap_or_default();
+                    // A change raft-rs refuses (it would leave no voter, say) is logged and
+                    // skipped: returning the error would stop the node on every replay.
+                    let cs = match self.raw.apply_conf_change(&cc) {
+                        Ok(cs) => cs,
+                        Err(err) => {
+                            warn!(index = e.index, %err, "conf change refused at apply; skipped");
+                            self.state.note_index(e.index);
+                            out.conf_changes.push((e.index, Err(err.to_string())));
+                            continue;
+                        }
+                    };
                     for (id, addr) in &ctx {
                         self.addresses.insert(*id, addr.clone());
                     }
-                    let cs = self.raw.apply_conf_change(&cc)?;
                     self.raw.mut_store().set_conf_state(cs.clone())?;
                     let voters = cs.voters.clone();
                     let addrs = self.addresses.clone();
                     self.state.set_members(e.index, &voters, &addrs);
                     out.members_changed = true;
+                    let mut sorted = voters.clone();
+                    sorted.sort_unstable();
+                    out.conf_changes.push((e.index, Ok(sorted)));
                     // A new node starts with an empty conf state: raft-rs can neither apply a
                     // joint change on a zero-voter config nor restore a snapshot whose conf
                     // state lacks it. So snapshot right after every membership change; the
@@ -439,6 +494,25 @@ impl Replica {
             }
         }
         Ok(())
+    }
+
+    fn decode_conf_change(e: &Entry) -> Result<ConfChangeV2, raft::Error> {
+        Ok(if e.get_entry_type() == EntryType::EntryConfChangeV2 {
+            ConfChangeV2::parse_from_bytes(&e.data).map_err(raft::Error::CodecError)?
+        } else {
+            // Legacy v1 change (never proposed by us): convert by hand.
+            let v1 = raft::prelude::ConfChange::parse_from_bytes(&e.data)
+                .map_err(raft::Error::CodecError)?;
+            let mut single = ConfChangeSingle {
+                node_id: v1.node_id,
+                ..Default::default()
+            };
+            single.set_change_type(v1.get_change_type());
+            let mut v2 = ConfChangeV2::default();
+            v2.set_changes(vec![single].into());
+            v2.set_context(v1.context.clone());
+            v2
+        })
     }
 
     fn maybe_compact(&mut self) -> Result<(), NodeError> {

@@ -5,7 +5,9 @@
 //! - `e` + index (u64 big-endian): a log entry (protobuf);
 //! - `m/hs`, `m/cs`: hard state and conf state (protobuf);
 //! - `m/snap`: the latest state-machine snapshot, metadata and data (protobuf);
-//! - `m/applied`: the index that the snapshot's state machine image covers.
+//! - `m/applied`: the index that the snapshot's state machine image covers;
+//! - `m/node`, `m/cluster`: the node's id and its cluster's id, written when the node is
+//!   created, so that a data dir is never opened as another node or for another cluster.
 //!
 //! # Durability
 //!
@@ -32,6 +34,8 @@ const KEY_HS: &[u8] = b"m/hs";
 const KEY_CS: &[u8] = b"m/cs";
 const KEY_SNAP: &[u8] = b"m/snap";
 const KEY_APPLIED: &[u8] = b"m/applied";
+const KEY_NODE: &[u8] = b"m/node";
+const KEY_CLUSTER: &[u8] = b"m/cluster";
 
 #[derive(Debug, Error)]
 pub enum StorageError {
@@ -265,13 +269,47 @@ impl SledStorage {
         for i in self.first_index..=index {
             batch.remove(&entry_key(i));
         }
+        // The snapshot's index was applied, so it is committed: store that commit index in
+        // the same batch. raft-rs refuses to start (panics) when the hard state's commit is
+        // below the first index, and a conf change is compacted in the middle of a Ready,
+        // before the Ready's commit index is written.
+        let mut hs = self.hard_state.clone();
+        hs.commit = hs.commit.max(index);
+        batch.insert(KEY_HS, Self::encode(&hs));
         batch.insert(KEY_SNAP, Self::encode(&snap));
         batch.insert(KEY_APPLIED, &index.to_be_bytes());
         self.db.apply_batch(batch).map_err(|e| self.sled_err(e))?;
+        self.hard_state = hs;
         self.snapshot = snap;
         self.applied = index;
         self.first_index = index + 1;
         Ok(())
+    }
+
+    /// The node id and cluster id stored when this data dir was created (if any).
+    pub fn identity(&self) -> Result<(Option<u64>, Option<String>), StorageError> {
+        let node = self
+            .db
+            .get(KEY_NODE)
+            .map_err(|e| self.sled_err(e))?
+            .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+            .map(u64::from_be_bytes);
+        let cluster = self
+            .db
+            .get(KEY_CLUSTER)
+            .map_err(|e| self.sled_err(e))?
+            .map(|b| String::from_utf8_lossy(&b).into_owned());
+        Ok((node, cluster))
+    }
+
+    /// Record the node id and (when known) the cluster id; `sync` makes them durable.
+    pub fn set_identity(&mut self, node: u64, cluster: Option<&str>) -> Result<(), StorageError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(KEY_NODE, &node.to_be_bytes());
+        if let Some(c) = cluster {
+            batch.insert(KEY_CLUSTER, c.as_bytes());
+        }
+        self.db.apply_batch(batch).map_err(|e| self.sled_err(e))
     }
 
     /// Make everything written so far durable (see the module docs for why this suffices).
@@ -418,6 +456,49 @@ mod tests {
             data: format!("d{index}").into_bytes().into(),
             ..Default::default()
         }
+    }
+
+    /// A membership change is compacted in the middle of a Ready, before the Ready's commit
+    /// index is stored. The snapshot must carry its commit index in the same batch, or a
+    /// crash right after leaves a hard state whose commit is below the first index and
+    /// raft-rs refuses to start ("out of range") on every restart.
+    #[test]
+    fn compaction_stores_the_commit_index_with_the_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut s = SledStorage::open(dir.path()).unwrap();
+            s.initialize(&[1]).unwrap();
+            let hs = HardState {
+                term: 1,
+                commit: 2,
+                vote: 1,
+                ..Default::default()
+            };
+            s.append(&(1..=6).map(|i| ent(i, 1)).collect::<Vec<_>>(), Some(&hs))
+                .unwrap();
+            // Applied (and so committed) up to 5; the crash comes before `set_commit`.
+            s.compact(5, b"state@5".to_vec()).unwrap();
+            s.sync().unwrap();
+        }
+        let s = SledStorage::open(dir.path()).unwrap();
+        assert!(
+            s.hard_state().commit >= 5,
+            "commit {}",
+            s.hard_state().commit
+        );
+        let cfg = raft::Config {
+            id: 1,
+            applied: s.applied(),
+            ..Default::default()
+        };
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let node = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            raft::RawNode::new(&cfg, s, &logger).map(|_| ())
+        }));
+        assert!(
+            matches!(node, Ok(Ok(()))),
+            "raft-rs must start from the compacted storage"
+        );
     }
 
     #[test]

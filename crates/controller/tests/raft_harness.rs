@@ -300,6 +300,75 @@ fn lost_snapshot_is_sent_again() {
 }
 
 #[test]
+fn membership_change_refused_when_it_would_leave_no_voter() {
+    let mut net = Net::new(1, 1_000);
+    let l = net.elect();
+    let r = net
+        .nodes
+        .get_mut(&l)
+        .unwrap()
+        .propose_member_change(false, l, "");
+    assert!(
+        matches!(r, Err(phalanx_controller::NodeError::Refused(ref m)) if m.contains("no voter")),
+        "{r:?}"
+    );
+    // One change at a time: a second one while the first is in flight is refused.
+    let mut net = Net::new(3, 1_000);
+    let l = net.elect();
+    let n = net.nodes.get_mut(&l).unwrap();
+    n.propose_member_change(true, 4, "127.0.0.1:9004").unwrap();
+    let r = n.propose_member_change(true, 5, "127.0.0.1:9005");
+    assert!(
+        matches!(r, Err(phalanx_controller::NodeError::Refused(_))),
+        "{r:?}"
+    );
+}
+
+/// A conf change that raft-rs refuses at apply (here: one that removes every voter,
+/// proposed beneath the API's checks) used to stop the node with an error, on every replay
+/// after a restart too. It is now logged and skipped.
+#[test]
+fn conf_change_refused_at_apply_is_skipped() {
+    use raft::prelude::{ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2};
+    let mut net = Net::new(3, 1_000);
+    let l = net.elect();
+    net.put(l, "r0", "k", "v0");
+    let mut cc = ConfChangeV2::default();
+    let changes: Vec<ConfChangeSingle> = (1..=3)
+        .map(|id| {
+            let mut c = ConfChangeSingle {
+                node_id: id,
+                ..Default::default()
+            };
+            c.set_change_type(ConfChangeType::RemoveNode);
+            c
+        })
+        .collect();
+    cc.set_changes(changes.into());
+    cc.set_transition(ConfChangeTransition::Implicit);
+    net.nodes
+        .get_mut(&l)
+        .unwrap()
+        .raw
+        .propose_conf_change(Vec::new(), cc)
+        .unwrap();
+    net.tick(10);
+    for n in net.nodes.values() {
+        assert_eq!(n.voters(), vec![1, 2, 3], "node {}", n.id());
+    }
+    let l = net.elect();
+    net.put(l, "r1", "k", "v1");
+    for id in 1..=3 {
+        net.restart(id);
+    }
+    let l = net.elect();
+    net.put(l, "r2", "k", "v2");
+    for id in 1..=3 {
+        assert_eq!(net.value(id, "k").as_deref(), Some("v2"));
+    }
+}
+
+#[test]
 fn membership_change_adds_and_removes_through_joint_consensus() {
     let mut net = Net::new(3, 1_000);
     let l = net.elect();

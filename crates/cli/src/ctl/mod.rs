@@ -80,6 +80,11 @@ pub struct StartArgs {
     /// Start empty and wait to be added with `phalanx controller add`.
     #[arg(long)]
     join: bool,
+    /// This node's data dir was lost: start empty, have its id removed and added back by
+    /// the running cluster, and catch up from a snapshot. Without it a node with an empty
+    /// data dir that the cluster knows refuses to start.
+    #[arg(long, conflicts_with = "join")]
+    rejoin: bool,
     /// Raft tick in milliseconds (election after 10-20 ticks, heartbeat every 2).
     #[arg(long, default_value_t = 10)]
     tick_ms: u64,
@@ -402,7 +407,10 @@ pub fn controller(cmd: ControllerCmd) -> Result<()> {
             if target.json {
                 print_json(&v)
             } else {
-                println!("proposed: add controller {id}");
+                println!(
+                    "accepted: add controller {id} (index {}; voters now {})",
+                    v["index"], v["voters"]
+                );
                 Ok(())
             }
         }
@@ -419,7 +427,10 @@ pub fn controller(cmd: ControllerCmd) -> Result<()> {
             if target.json {
                 print_json(&v)
             } else {
-                println!("proposed: remove controller {id}");
+                println!(
+                    "accepted: remove controller {id} (index {}; voters now {})",
+                    v["index"], v["voters"]
+                );
                 Ok(())
             }
         }
@@ -452,6 +463,7 @@ fn start(a: StartArgs) -> Result<()> {
     let peers = parse_peers(&a.peers)?;
     let mut cfg = ServerConfig::new(a.id, a.listen.clone(), peers, a.data_dir.clone(), token);
     cfg.join = a.join;
+    cfg.rejoin = a.rejoin;
     cfg.tick_ms = a.tick_ms;
     cfg.snapshot_entries = a.snapshot_entries;
     cfg.lease.suspect_after_ms = a.suspect_after_ms;

@@ -31,6 +31,9 @@ pub enum ApiError {
     Timeout,
     BadRequest(String),
     NotFound(String),
+    /// Refused because of the cluster's state (a membership change that would leave no
+    /// voter, or one while another is in progress).
+    Conflict(String),
     Internal(String),
 }
 
@@ -68,6 +71,7 @@ impl ApiError {
             ),
             ApiError::BadRequest(m) => (400, e("bad_request", m.clone())),
             ApiError::NotFound(m) => (404, e("not_found", m.clone())),
+            ApiError::Conflict(m) => (409, e("refused", m.clone())),
             ApiError::Internal(m) => (500, e("internal", m.clone())),
         }
     }

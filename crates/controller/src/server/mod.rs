@@ -55,6 +55,11 @@ pub struct ServerConfig {
     pub token: String,
     /// Start with no voters and wait to be added with `POST /v1/members`.
     pub join: bool,
+    /// This node's data dir was lost: start empty and rejoin the running cluster by having
+    /// its id removed and added again (each a joint-consensus change), then catch up from a
+    /// snapshot. Without it, a node with an empty data dir that the cluster knows refuses
+    /// to start rather than vote with a log it no longer has.
+    pub rejoin: bool,
     pub tick_ms: u64,
     pub election_tick: usize,
     pub heartbeat_tick: usize,
@@ -86,6 +91,7 @@ impl ServerConfig {
             data_dir,
             token,
             join: false,
+            rejoin: false,
             tick_ms: 10,
             election_tick: 10,
             heartbeat_tick: 2,
@@ -201,15 +207,35 @@ pub fn start(cfg: ServerConfig) -> Result<ControllerHandle, ServerError> {
     rcfg.snapshot_entries = cfg.snapshot_entries;
     rcfg.limits = StateLimits::default();
     // A node of an existing cluster that lost its data dir must not rejoin as if it were
-    // bootstrapping: the leader still believes it holds the log it had acked (raft-rs
-    // would panic on the leader's commit index). It starts empty and has itself removed
-    // and re-added, so the leader catches it up from a snapshot.
+    // bootstrapping: it would vote with a log it no longer has (and the leader, which
+    // still believes it holds what it acked, would make raft-rs panic). Rejoining is an
+    // explicit act (`--rejoin`): the node starts empty and has its id removed and added
+    // again, and the leader catches it up from a snapshot. Without `--rejoin`, a node whose
+    // dir is empty refuses to start when a leader reports it had acknowledged entries.
     let fresh = !crate::storage::SledStorage::has_data(&cfg.data_dir);
-    let rejoin = !cfg.join && fresh && cluster_exists(&cfg);
+    let rejoin = cfg.rejoin && fresh && !cfg.join;
+    if cfg.rejoin && !fresh {
+        warn!(
+            id = cfg.id,
+            "--rejoin ignored: the data dir holds this node's state"
+        );
+    }
+    if fresh && !cfg.join && !cfg.rejoin {
+        if let Some((leader, matched)) = acked_by_cluster(&cfg) {
+            return Err(ServerError::Config(format!(
+                "data dir {} is empty, but controller {} is a member of a running cluster \
+                 (leader {leader} records it as holding the log up to index {matched}): it \
+                 must not vote with a log it no longer has; start it with --rejoin to rejoin \
+                 through a membership change and catch up from a snapshot",
+                cfg.data_dir.display(),
+                cfg.id
+            )));
+        }
+    }
     if rejoin {
         warn!(
             id = cfg.id,
-            "empty data dir but the cluster exists: rejoining through a membership change"
+            "--rejoin with an empty data dir: rejoining through a membership change"
         );
     }
     let voters: Vec<NodeId> = if cfg.join || rejoin {
@@ -218,6 +244,53 @@ pub fn start(cfg: ServerConfig) -> Result<ControllerHandle, ServerError> {
         cfg.peers.keys().copied().collect()
     };
     let replica = Replica::open(&cfg.data_dir, rcfg, &voters, cfg.peers.clone())?;
+    let cluster_id = (!voters.is_empty()).then(|| initial_cluster_id(&cfg));
+    let (stored_node, stored_cluster) = replica.raw.store().identity().map_err(NodeError::from)?;
+    match stored_node {
+        Some(n) if n != cfg.id => {
+            return Err(ServerError::Config(format!(
+                "data dir {} belongs to controller {n}, not {}",
+                cfg.data_dir.display(),
+                cfg.id
+            )));
+        }
+        Some(_) => {}
+        None => {
+            // First start on this dir (or a dir from before identities were stored).
+            let mut replica = replica;
+            let store = replica.raw.mut_store();
+            store
+                .set_identity(cfg.id, cluster_id.as_deref())
+                .and_then(|()| store.sync())
+                .map_err(NodeError::from)?;
+            return start_with(cfg, runtime, listener, local_addr, replica, rejoin);
+        }
+    }
+    info!(id = cfg.id, cluster = ?stored_cluster, "data dir identity checked");
+    start_with(cfg, runtime, listener, local_addr, replica, rejoin)
+}
+
+/// The cluster id of a bootstrapping cluster: a digest of its initial members, the same on
+/// every one of them (FNV-1a, 64 bits, hex).
+fn initial_cluster_id(cfg: &ServerConfig) -> String {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for (id, addr) in &cfg.peers {
+        for b in format!("{id}={addr};").bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    format!("{h:016x}")
+}
+
+fn start_with(
+    cfg: ServerConfig,
+    runtime: tokio::runtime::Runtime,
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    replica: Replica,
+    rejoin: bool,
+) -> Result<ControllerHandle, ServerError> {
     info!(id = cfg.id, addr = %local_addr, voters = ?replica.voters(), term = replica.term(), "controller started");
 
     let (in_tx, in_rx) = std_mpsc::channel::<Input>();
@@ -266,12 +339,11 @@ fn other_peers(cfg: &ServerConfig) -> Vec<String> {
         .collect()
 }
 
-/// Does any other controller report a cluster with committed entries?
-/// Did this node lose data it had acknowledged? True when a leader of the running cluster
-/// records a non-zero matched index for it. A node that merely starts late in a brand-new
-/// cluster has acknowledged nothing (matched 0) and joins normally.
-fn cluster_exists(cfg: &ServerConfig) -> bool {
-    other_peers(cfg).iter().any(|a| {
+/// Did this node lose data it had acknowledged? `Some((leader, matched))` when a leader of
+/// the running cluster records a non-zero matched index for it. A node that merely starts
+/// late in a brand-new cluster has acknowledged nothing (matched 0) and starts normally.
+fn acked_by_cluster(cfg: &ServerConfig) -> Option<(NodeId, u64)> {
+    other_peers(cfg).iter().find_map(|a| {
         crate::client::http_once(
             a,
             "GET",
@@ -283,7 +355,11 @@ fn cluster_exists(cfg: &ServerConfig) -> bool {
         .ok()
         .filter(|(code, _)| *code == 200)
         .and_then(|(_, b)| serde_json::from_slice::<StatusResponse>(&b).ok())
-        .is_some_and(|s| s.role == "leader" && s.matched.get(&cfg.id).copied().unwrap_or(0) > 0)
+        .filter(|s| s.role == "leader")
+        .and_then(|s| {
+            let m = s.matched.get(&cfg.id).copied().unwrap_or(0);
+            (m > 0).then_some((s.node_id, m))
+        })
     })
 }
 

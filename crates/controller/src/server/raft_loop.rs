@@ -51,6 +51,15 @@ struct Waiter {
     deadline: Instant,
 }
 
+/// A membership change proposed at `index`, answered once that entry is applied.
+struct MemberWaiter {
+    index: u64,
+    id: NodeId,
+    action: String,
+    reply: Reply,
+    deadline: Instant,
+}
+
 struct PendingRead {
     query: Query,
     reply: Reply,
@@ -65,6 +74,7 @@ pub(crate) struct RaftLoop {
     rt: tokio::runtime::Handle,
     peers: HashMap<NodeId, mpsc::Sender<Message>>,
     waiters: HashMap<String, Vec<Waiter>>,
+    member_waiters: Vec<MemberWaiter>,
     reads: HashMap<u64, PendingRead>,
     /// Reads that reached this leader before its first commit in the term; their ReadIndex
     /// is requested as soon as that commit lands.
@@ -95,6 +105,7 @@ impl RaftLoop {
             rt,
             peers: HashMap::new(),
             waiters: HashMap::new(),
+            member_waiters: Vec::new(),
             reads: HashMap::new(),
             held_reads: Vec::new(),
             next_read: 1,
@@ -309,8 +320,20 @@ impl RaftLoop {
                     .r
                     .propose_member_change(add, change.id, &change.address)
                 {
-                    Ok(()) => {
-                        let _ = reply.send(Ok(serde_json::json!({"proposed": true})));
+                    // Answered when the entry is applied (accepted, or refused at apply).
+                    Ok(index) => self.member_waiters.push(MemberWaiter {
+                        index,
+                        id: change.id,
+                        action: change.action.clone(),
+                        reply,
+                        deadline: Instant::now()
+                            + Duration::from_millis(self.cfg.request_timeout_ms),
+                    }),
+                    Err(NodeError::Refused(m)) => {
+                        let _ = reply.send(Err(ApiError::Conflict(m)));
+                    }
+                    Err(NodeError::Raft(raft::Error::ProposalDropped)) => {
+                        let _ = reply.send(Err(self.not_leader()));
                     }
                     Err(e) => {
                         let _ = reply.send(Err(ApiError::BadRequest(e.to_string())));
@@ -358,6 +381,26 @@ impl RaftLoop {
                         let _ = w.reply.send(Ok(v.clone()));
                     }
                 }
+            }
+            for (index, result) in out.conf_changes {
+                let Some(k) = self.member_waiters.iter().position(|w| w.index == index) else {
+                    continue;
+                };
+                let w = self.member_waiters.swap_remove(k);
+                let answer = match result {
+                    Ok(voters) => Ok(serde_json::json!({
+                        "accepted": true,
+                        "action": w.action,
+                        "id": w.id,
+                        "index": index,
+                        "voters": voters,
+                    })),
+                    Err(reason) => Err(ApiError::Conflict(format!(
+                        "the change committed at index {index} but raft refused it at apply: \
+                         {reason}"
+                    ))),
+                };
+                let _ = w.reply.send(answer);
             }
             for rs in out.read_states {
                 let id = u64::from_be_bytes(
@@ -430,6 +473,9 @@ impl RaftLoop {
                 for w in ws {
                     let _ = w.reply.send(Err(err.clone()));
                 }
+            }
+            for w in self.member_waiters.drain(..) {
+                let _ = w.reply.send(Err(err.clone()));
             }
             self.held_reads.clear();
             for (_, p) in self.reads.drain() {
@@ -544,6 +590,14 @@ impl RaftLoop {
             *ws = keep;
             !ws.is_empty()
         });
+        let (expired, live): (Vec<MemberWaiter>, Vec<MemberWaiter>) = self
+            .member_waiters
+            .drain(..)
+            .partition(|w| w.deadline <= now);
+        self.member_waiters = live;
+        for w in expired {
+            let _ = w.reply.send(Err(ApiError::Timeout));
+        }
         let expired: Vec<u64> = self
             .reads
             .iter()
