@@ -430,3 +430,45 @@ impl Drop for Procs {
         self.kill_all();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The runner's cluster file is the one `cluster up` writes: the operator verbs and
+    /// `fault inject` read it.
+    #[test]
+    fn the_cluster_file_reads_as_cluster_ups() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = ClusterSpec {
+            spares: 1,
+            ..ClusterSpec::default()
+        };
+        let p = Procs::new(PathBuf::from("/bin/true"), dir.path(), &spec, None).unwrap();
+        let cf = crate::ctl::read_cluster(dir.path()).unwrap();
+        assert_eq!(cf.controller_addresses(), p.controller_addresses());
+        assert_eq!(cf.controller_addresses().len(), 3);
+        assert_eq!(cf.supervisor_pid, std::process::id());
+        let ids: Vec<&str> = cf.workers.iter().map(|w| w.id.as_str()).collect();
+        assert_eq!(ids, ["w0", "w1", "w2", "w3", "w4"]);
+        assert!(cf.workers.iter().all(|w| w.fault_inbox.is_some()));
+        assert!(cf.token_file.exists());
+    }
+
+    #[test]
+    fn hosts_put_controllers_apart_when_there_are_enough() {
+        let spec = ClusterSpec {
+            hosts: 4,
+            ..ClusterSpec::default()
+        };
+        let c: Vec<u32> = (1..=3).map(|id| spec.controller_host(id)).collect();
+        let w: Vec<u32> = (0..4).map(|i| spec.worker_host(i)).collect();
+        assert_eq!((c, w), (vec![0, 1, 2], vec![3, 3, 3, 3]));
+        let spec = ClusterSpec {
+            hosts: 3,
+            ..ClusterSpec::default()
+        };
+        let w: Vec<u32> = (0..4).map(|i| spec.worker_host(i)).collect();
+        assert_eq!(w, vec![0, 1, 2, 0]);
+    }
+}
