@@ -5,7 +5,7 @@
 # (b) the demo with one 5 s hang, for its MTTR. Usage: scripts/silence_tradeoff.sh [STEPS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN=./target/release/phalanx
+BIN=${PHALANX_BIN:-./target/release/phalanx}
 STEPS=${1:-600}
 OUT=bench-out/silence-tradeoff.txt
 mkdir -p bench-out

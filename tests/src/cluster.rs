@@ -269,6 +269,18 @@ impl Drop for LocalCluster {
     }
 }
 
+/// Asserts that one of the job's recoveries restored a checkpoint.
+pub fn assert_recovered_from_checkpoint(job: &Value) {
+    let recs = job["recoveries"].as_array().cloned().unwrap_or_default();
+    assert!(
+        recs.iter().any(|r| r["source"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("checkpoint step")),
+        "no recovery from a checkpoint: {recs:?}"
+    );
+}
+
 /// `phalanx train` of the same math as [`job_toml`], the fault-free reference.
 pub fn reference_sha(steps: u64, dir: &Path) -> String {
     reference_sha_seed(steps, 7, dir)

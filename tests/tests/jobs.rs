@@ -1,7 +1,9 @@
 //! Jobs in a row on one cluster: each has its own checkpoints and its own result.
 use std::time::Duration;
 
-use phalanx_tests::cluster::{job_toml_seed, reference_sha_seed, LocalCluster};
+use phalanx_tests::cluster::{
+    assert_recovered_from_checkpoint, job_toml_seed, reference_sha_seed, LocalCluster,
+};
 
 const STEPS: u64 = 60;
 const LIMIT: Duration = Duration::from_secs(240);
@@ -45,14 +47,7 @@ fn two_jobs_in_a_row_are_each_bit_identical_to_their_own_reference() {
         "the second job is not its own\n{}",
         c.logs()
     );
-    let recs = second["recoveries"].as_array().unwrap();
-    assert!(
-        recs.iter().any(|r| r["source"]
-            .as_str()
-            .unwrap_or("")
-            .starts_with("checkpoint step")),
-        "{recs:?}"
-    );
+    assert_recovered_from_checkpoint(&second);
     // Each job's files in its own directory.
     let root = c.checkpoint_root();
     for id in [&first_id, second["id"].as_str().unwrap()] {

@@ -10,7 +10,9 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use phalanx_tests::cluster::{job_toml_seed, reference_sha_seed, LocalCluster};
+use phalanx_tests::cluster::{
+    assert_recovered_from_checkpoint, job_toml_seed, reference_sha_seed, LocalCluster,
+};
 use phalanx_tests::BusyThreads;
 use serde_json::Value;
 
@@ -141,14 +143,7 @@ fn three_ranks_killed_at_once_under_cpu_contention_converge() {
             let victims: Vec<&str> = ranks[1..].iter().map(String::as_str).collect();
             c.kill_workers_at_once(&victims);
         });
-        let recs = job["recoveries"].as_array().unwrap();
-        assert!(
-            recs.iter().any(|r| r["source"]
-                .as_str()
-                .unwrap_or("")
-                .starts_with("checkpoint step")),
-            "{recs:?}"
-        );
+        assert_recovered_from_checkpoint(&job);
     }
 }
 
@@ -159,13 +154,6 @@ fn every_worker_killed_and_restarted_under_cpu_contention_converges() {
             waits_for_a_checkpoint(c);
             c.kill_workers_at_once(&["w0", "w1", "w2", "w3"]);
         });
-        let recs = job["recoveries"].as_array().unwrap();
-        assert!(
-            recs.iter().any(|r| r["source"]
-                .as_str()
-                .unwrap_or("")
-                .starts_with("checkpoint step")),
-            "{recs:?}"
-        );
+        assert_recovered_from_checkpoint(&job);
     }
 }
