@@ -302,6 +302,13 @@ async fn route(req: &wire::Request, ctx: &ConnCtx, timeout: Duration) -> ApiResu
             if let Command::SubmitJob { spec } = &env.command {
                 phalanx_core::validate_job(spec)
                     .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+                // Replicated text stays small: the job (with its corpus path) lives in
+                // every snapshot.
+                if spec.corpus.len() > 4096 || spec.name.len() > 4096 {
+                    return Err(ApiError::BadRequest(
+                        "job: name and corpus must be at most 4096 bytes".into(),
+                    ));
+                }
             }
             call(ctx, |reply| Input::Propose { env, reply }, timeout).await
         }

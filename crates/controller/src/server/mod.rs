@@ -67,7 +67,11 @@ pub struct ServerConfig {
     pub lease: LeaseConfig,
     pub stragglers: phalanx_core::StragglerConfig,
     pub request_timeout_ms: u64,
+    /// Largest frame on a peer link. A larger message (a snapshot of a large state) goes
+    /// in pieces of this size, reassembled by the receiver up to `message_bytes_max`.
     pub frame_bytes_max: u64,
+    /// Largest raft message (in practice, a snapshot) a peer link carries, in pieces.
+    pub message_bytes_max: u64,
     pub http: HttpLimits,
     pub peer_queue_max: usize,
     /// A peer link whose oldest unacknowledged frame waits longer than this is dropped and
@@ -100,6 +104,7 @@ impl ServerConfig {
             stragglers: phalanx_core::StragglerConfig::default(),
             request_timeout_ms: 3_000,
             frame_bytes_max: 64 << 20,
+            message_bytes_max: 1 << 30,
             http: HttpLimits::default(),
             peer_queue_max: 4_096,
             peer_liveness_ms: None,
@@ -133,6 +138,15 @@ impl ServerConfig {
         }
         if self.election_tick <= self.heartbeat_tick {
             return bad("election_tick: must be greater than heartbeat_tick".into());
+        }
+        if self.frame_bytes_max < 4096 || self.frame_bytes_max >= 1 << 31 {
+            return bad(format!(
+                "frame_bytes_max: {} (expected 4096..2^31)",
+                self.frame_bytes_max
+            ));
+        }
+        if self.message_bytes_max < self.frame_bytes_max {
+            return bad("message_bytes_max: must be at least frame_bytes_max".into());
         }
         if self.snapshot_entries == 0 {
             return bad("snapshot_entries: must be >= 1".into());

@@ -441,9 +441,18 @@ impl RaftLoop {
             let token = self.cfg.token.clone();
             let from = self.cfg.id;
             let frame_max = self.cfg.frame_bytes_max;
+            let message_max = self.cfg.message_bytes_max;
             let timing = LinkTiming::new(self.cfg.peer_liveness());
-            self.rt
-                .spawn(peer_sender(from, to, addr, token, rx, frame_max, timing));
+            self.rt.spawn(peer_sender(
+                from,
+                to,
+                addr,
+                token,
+                rx,
+                frame_max,
+                message_max,
+                timing,
+            ));
             self.peers.insert(to, tx);
         }
         if let Some(tx) = self.peers.get(&to) {

@@ -36,6 +36,9 @@ use super::raft_loop::Input;
 use super::{token_eq, ConnCtx};
 use crate::wire::{self, PEER_MAGIC};
 
+/// Set in a frame's length: the frame is a piece of a longer message, and more follow.
+const FRAME_MORE: u32 = 0x8000_0000;
+
 #[derive(Serialize, Deserialize)]
 struct Handshake {
     from: NodeId,
@@ -204,6 +207,7 @@ impl Link {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn peer_sender(
     from: NodeId,
     to: NodeId,
@@ -211,6 +215,7 @@ pub(crate) async fn peer_sender(
     token: String,
     mut rx: mpsc::Receiver<Message>,
     frame_bytes_max: u64,
+    message_bytes_max: u64,
     t: LinkTiming,
 ) {
     let mut link: Option<Link> = None;
@@ -248,12 +253,12 @@ pub(crate) async fn peer_sender(
             debug!(to, %addr, "peer link up");
         }
         let bytes = match m.write_to_bytes() {
-            Ok(b) if (b.len() as u64) <= frame_bytes_max => b,
+            Ok(b) if (b.len() as u64) <= message_bytes_max => b,
             Ok(b) => {
                 warn!(
                     to,
                     len = b.len(),
-                    "message exceeds frame_bytes_max; dropped"
+                    "message exceeds message_bytes_max; dropped"
                 );
                 continue;
             }
@@ -262,9 +267,28 @@ pub(crate) async fn peer_sender(
                 continue;
             }
         };
-        let frame = wire::encode_frame(&bytes);
-        let Some(l) = link.as_mut() else { continue };
-        if l.write_frame(&frame, t).await.is_err() {
+        let Some(l) = link.as_mut().filter(|_| !bytes.is_empty()) else {
+            continue;
+        };
+        // A message longer than a frame goes in frame-sized pieces; every piece but the
+        // last carries the MORE bit in its length.
+        let piece = (frame_bytes_max as usize).max(1);
+        let n = bytes.len().div_ceil(piece).max(1);
+        let mut failed = false;
+        for (i, part) in bytes.chunks(piece).enumerate() {
+            let mut len = part.len() as u32;
+            if i + 1 < n {
+                len |= FRAME_MORE;
+            }
+            let mut frame = Vec::with_capacity(4 + part.len());
+            frame.extend_from_slice(&len.to_be_bytes());
+            frame.extend_from_slice(part);
+            if l.write_frame(&frame, t).await.is_err() {
+                failed = true;
+                break;
+            }
+        }
+        if failed {
             debug!(to, "peer write failed; reconnecting");
             link = None;
         } else if let Some(why) = l.dead(t) {
@@ -342,6 +366,8 @@ pub(crate) async fn handle_peer(mut stream: TcpStream, peer: SocketAddr, ctx: Ar
         Duration::from_secs(30)
     };
     let mut read = 0u64;
+    // Pieces of a message longer than a frame, until its last piece arrives.
+    let mut pending: Vec<u8> = Vec::new();
     loop {
         let ack = |n: u64| {
             if hs.acks {
@@ -353,7 +379,9 @@ pub(crate) async fn handle_peer(mut stream: TcpStream, peer: SocketAddr, ctx: Ar
             Ok(Ok(_)) => {}
             _ => break,
         }
-        let n = u32::from_be_bytes(len) as u64;
+        let raw_len = u32::from_be_bytes(len);
+        let more = raw_len & FRAME_MORE != 0;
+        let n = (raw_len & !FRAME_MORE) as u64;
         if n > ctx.cfg.frame_bytes_max {
             warn!(%peer, len = n, "peer frame exceeds frame_bytes_max; closed");
             break;
@@ -383,7 +411,17 @@ pub(crate) async fn handle_peer(mut stream: TcpStream, peer: SocketAddr, ctx: Ar
             break;
         }
         ack(read);
-        if buf.is_empty() && hs.acks {
+        if more || !pending.is_empty() {
+            if pending.len() as u64 + buf.len() as u64 > ctx.cfg.message_bytes_max {
+                warn!(%peer, len = pending.len() + buf.len(), "peer message exceeds message_bytes_max; closed");
+                break;
+            }
+            pending.extend_from_slice(&buf);
+            if more {
+                continue;
+            }
+            buf = std::mem::take(&mut pending);
+        } else if buf.is_empty() && hs.acks {
             continue; // ping
         }
         match Message::parse_from_bytes(&buf) {
