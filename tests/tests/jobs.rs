@@ -5,7 +5,10 @@ use phalanx_tests::cluster::{
     assert_recovered_from_checkpoint, job_toml_seed, reference_sha_seed, LocalCluster,
 };
 
+/// The first job's steps; the second runs longer, so that the kill after its first
+/// checkpoint lands mid-run even on a loaded machine.
 const STEPS: u64 = 60;
+const SECOND_STEPS: u64 = 300;
 const LIMIT: Duration = Duration::from_secs(240);
 
 /// The same job file name twice (seeds 7 then 8), the second one with every worker killed
@@ -15,9 +18,9 @@ const LIMIT: Duration = Duration::from_secs(240);
 #[test]
 fn two_jobs_in_a_row_are_each_bit_identical_to_their_own_reference() {
     let dir = tempfile::tempdir().unwrap();
-    let refs: Vec<String> = [7, 8]
+    let refs: Vec<String> = [(STEPS, 7), (SECOND_STEPS, 8)]
         .iter()
-        .map(|&seed| reference_sha_seed(STEPS, seed, dir.path()))
+        .map(|&(steps, seed)| reference_sha_seed(steps, seed, dir.path()))
         .collect();
     assert_ne!(refs[0], refs[1]);
     let c = LocalCluster::start(4, 2);
@@ -34,12 +37,17 @@ fn two_jobs_in_a_row_are_each_bit_identical_to_their_own_reference() {
     assert!(c.committed_checkpoints().contains(&STEPS), "{first}");
     let first_id = first["id"].as_str().unwrap().to_string();
 
-    c.submit(&job_toml_seed("twice", STEPS, 20, 4, 4, 8));
+    c.submit(&job_toml_seed("twice", SECOND_STEPS, 10, 4, 4, 8));
     c.wait_for(LIMIT, "the second job's first checkpoint", |c| {
         let job = c.job().unwrap();
         job["id"] != first_id.as_str() && !c.committed_checkpoints().is_empty()
     });
     c.kill_workers_at_once(&["w0", "w1", "w2", "w3"]);
+    let at_kill = c.job().unwrap();
+    assert!(
+        at_kill["state"] != "completed",
+        "the second job ended before the kill: {at_kill}"
+    );
     let second = c.wait_for_job_done_other_than(&first_id, LIMIT);
     assert_eq!(
         second["params_sha256"].as_str().unwrap(),
@@ -48,6 +56,18 @@ fn two_jobs_in_a_row_are_each_bit_identical_to_their_own_reference() {
         c.logs()
     );
     assert_recovered_from_checkpoint(&second);
+    // The second job's model can be taken home and used.
+    let model = c.dir.path().join("second.safetensors");
+    c.ctl_ok(&["job", "export", "--out", model.to_str().unwrap()]);
+    let mut sample = phalanx_tests::phalanx();
+    sample.args(["sample", "--prompt", "The ", "--tokens", "40", "--weights"]);
+    sample.arg(&model);
+    let out = phalanx_tests::run_with_timeout(sample, Duration::from_secs(120));
+    assert!(
+        out.status.success() && !out.stdout.is_empty(),
+        "sample failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Each job's files in its own directory.
     let root = c.checkpoint_root();
     for id in [&first_id, second["id"].as_str().unwrap()] {
