@@ -66,6 +66,11 @@ bench: build
 sim-raft *args:
     cargo test --release -p phalanx-controller --test sim_raft -- {{args}}
 
+# Leader stability: three controllers under client load beside two busy threads for 10
+# minutes; fails on any new term (a spurious election). PHALANX_SOAK_S sets the length.
+soak-leader:
+    cargo test --release -p phalanx-controller --test soak_leader -- --ignored --nocapture
+
 # Format and lint.
 lint:
     cargo fmt --all --check

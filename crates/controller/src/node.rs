@@ -92,6 +92,12 @@ pub struct ReadyOutput {
     pub conf_changes: Vec<(u64, Result<Vec<NodeId>, String>)>,
 }
 
+/// A Ready between `ready_begin` and `ready_end`.
+pub struct PendingReady {
+    rd: raft::Ready,
+    out: ReadyOutput,
+}
+
 /// Counters for telemetry (`/v1/metrics`).
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
 pub struct Counters {
@@ -356,12 +362,24 @@ impl Replica {
     /// snapshot, apply committed entries, persist entries and hard state (fsync), then send
     /// the messages that must follow persistence, advance, and apply what became committed.
     pub fn on_ready(&mut self) -> Result<ReadyOutput, NodeError> {
-        let mut out = ReadyOutput::default();
+        let Some((early, pending)) = self.ready_begin() else {
+            return Ok(ReadyOutput::default());
+        };
+        let mut out = self.ready_end(pending)?;
+        let mut messages = early;
+        messages.append(&mut out.messages);
+        out.messages = messages;
+        Ok(out)
+    }
+
+    /// The first half of `on_ready`: the messages that may go out before anything is
+    /// persisted (a leader's heartbeats and appends), to be sent at once, so that they never
+    /// wait behind this Ready's fsync. `ready_end` does the rest.
+    pub fn ready_begin(&mut self) -> Option<(Vec<Message>, PendingReady)> {
         if !self.raw.has_ready() {
-            return Ok(out);
+            return None;
         }
-        let span = info_span!("ready", node = self.cfg.id);
-        let _g = span.enter();
+        let mut out = ReadyOutput::default();
         let mut rd = self.raw.ready();
         if let Some(ss) = rd.ss() {
             if ss.raft_state == StateRole::Leader && self.last_role != StateRole::Leader {
@@ -370,8 +388,21 @@ impl Replica {
             }
             self.last_role = ss.raft_state;
         }
-        out.messages.extend(rd.take_messages());
+        let early = rd.take_messages();
+        for m in &early {
+            if m.get_msg_type() == raft::prelude::MessageType::MsgSnapshot {
+                self.snapshot_sent.insert(m.to, self.ticks);
+            }
+        }
         out.read_states = rd.take_read_states();
+        Some((early, PendingReady { rd, out }))
+    }
+
+    /// The second half of `on_ready` (see `ready_begin`).
+    pub fn ready_end(&mut self, pending: PendingReady) -> Result<ReadyOutput, NodeError> {
+        let PendingReady { mut rd, mut out } = pending;
+        let span = info_span!("ready", node = self.cfg.id);
+        let _g = span.enter();
 
         if !rd.snapshot().is_empty() {
             let snap = rd.snapshot().clone();
@@ -397,7 +428,11 @@ impl Replica {
         if !rd.entries().is_empty() || hs.is_some() {
             self.raw.mut_store().append(rd.entries(), hs.as_ref())?;
         }
-        if rd.must_sync() || !rd.entries().is_empty() || hs.is_some() || out.snapshot_installed {
+        // raft-rs says when the Ready must be durable before its messages go: new entries,
+        // a new term or vote. A hard state that only moves the commit index needs no fsync
+        // (the commit index is recovered from the leader), so a follower's answer to a
+        // heartbeat that advances the commit never waits behind the disk.
+        if rd.must_sync() || !rd.entries().is_empty() || out.snapshot_installed {
             self.raw.mut_store().sync()?;
             self.counters.fsyncs += 1;
         }

@@ -364,8 +364,14 @@ impl RaftLoop {
             }
             let span = info_span!("ready_loop", node = self.cfg.id);
             let _g = span.enter();
-            // Read states come with the Ready; grab them before on_ready consumes it.
-            let out = self.r.on_ready()?;
+            // A leader's messages go out before the Ready's fsync, never behind it.
+            let Some((early, pending)) = self.r.ready_begin() else {
+                break;
+            };
+            for m in early {
+                self.send(m);
+            }
+            let out = self.r.ready_end(pending)?;
             for m in out.messages {
                 self.send(m);
             }
