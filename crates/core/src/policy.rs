@@ -36,9 +36,19 @@ pub fn place(
     workers: &BTreeMap<WorkerId, WorkerInfo>,
 ) -> (PlacementDecision, Reason) {
     let fits = |w: &WorkerInfo| w.health.placeable() && w.device.numerics == spec.numerics;
+    // A suspect keeps the rank it holds: suspicion asks for proof (heartbeats, progress),
+    // and only a failure, a drain or a quarantine takes a rank away, so one slow or
+    // briefly silent rank is not evicted. It gets no new rank while suspect.
+    let in_plan = |w: &WorkerInfo| current.is_some_and(|p| p.ranks.contains(&w.id));
+    let holds = |w: &WorkerInfo| {
+        fits(w)
+            || (w.health == WorkerHealth::Suspect
+                && w.device.numerics == spec.numerics
+                && in_plan(w))
+    };
     let placeable: Vec<&WorkerId> = workers
         .values()
-        .filter(|w| fits(w))
+        .filter(|w| holds(w))
         .map(|w| &w.id)
         .collect();
     let other_profile: Vec<String> = workers
@@ -70,7 +80,7 @@ pub fn place(
         let all_alive = plan
             .ranks
             .iter()
-            .all(|id| workers.get(id).map(fits).unwrap_or(false));
+            .all(|id| workers.get(id).map(holds).unwrap_or(false));
         let can_grow = plan.ranks.len() < max && placeable.len() > plan.ranks.len();
         if all_alive && !can_grow {
             return (
@@ -704,6 +714,40 @@ mod tests {
         ws.iter()
             .map(|(id, h)| (id.to_string(), worker(id, *h)))
             .collect()
+    }
+
+    #[test]
+    fn a_suspect_keeps_its_rank_but_gets_no_new_one() {
+        let plan = Plan {
+            epoch: 3,
+            ranks: vec!["a".into(), "b".into()],
+            reason: String::new(),
+            micro_shares: vec![],
+        };
+        let ws = workers(&[
+            ("a", WorkerHealth::Healthy),
+            ("b", WorkerHealth::Suspect),
+            ("s", WorkerHealth::Spare),
+        ]);
+        // Suspicion alone evicts nobody: the plan stands (before, b was swapped for s).
+        assert_eq!(
+            place(&spec(2, 2), Some(&plan), false, &ws).0,
+            PlacementDecision::Keep
+        );
+        // A suspect outside the plan is not placed.
+        let ws = workers(&[
+            ("a", WorkerHealth::Healthy),
+            ("c", WorkerHealth::Suspect),
+            ("s", WorkerHealth::Spare),
+        ]);
+        let plan1 = Plan {
+            ranks: vec!["a".into()],
+            ..plan
+        };
+        match place(&spec(1, 3), Some(&plan1), false, &ws).0 {
+            PlacementDecision::NewPlan { ranks } => assert_eq!(ranks, vec!["a", "s"]),
+            d => panic!("{d:?}"),
+        }
     }
 
     #[test]
