@@ -96,6 +96,17 @@ fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>
 fn run_bounded(mut c: std::process::Command, timeout: Duration) -> Result<String> {
     let out = tempfile::NamedTempFile::new()?;
     let err = tempfile::NamedTempFile::new()?;
+    // A process group of its own, killed whole: `phalanx train` (the reference) has
+    // children of its own.
+    // SAFETY: prctl and setpgid are async-signal-safe.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        c.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+            libc::setpgid(0, 0);
+            Ok(())
+        });
+    }
     let mut child = c
         .stdin(std::process::Stdio::null())
         .stdout(out.reopen()?)
@@ -107,6 +118,10 @@ fn run_bounded(mut c: std::process::Command, timeout: Duration) -> Result<String
             break st;
         }
         if t0.elapsed() > timeout || STOP.load(Ordering::SeqCst) {
+            // SAFETY: kill(2) of the child's own process group.
+            unsafe {
+                libc::kill(-(child.id() as i32), libc::SIGKILL);
+            }
             let _ = child.kill();
             let _ = child.wait();
             if STOP.load(Ordering::SeqCst) {
