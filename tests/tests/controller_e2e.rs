@@ -373,8 +373,10 @@ fn controller_wiped_follower_rejoins_by_snapshot() {
 #[test]
 fn controller_wrong_token_and_malformed_requests_are_rejected() {
     let c = Cluster::start(3, &[]);
-    c.wait_leader(Duration::from_secs(15), 0, None);
-    let addr = &c.addrs[&1];
+    // The leader is a node known to answer (on a loaded machine another may still be
+    // starting its API).
+    let (leader, _) = c.wait_leader(Duration::from_secs(15), 0, None);
+    let addr = &c.addrs[&leader];
     let (code, body) = http_once(
         addr,
         "GET",
