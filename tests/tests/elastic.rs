@@ -172,21 +172,52 @@ fn without_a_spare_the_world_shrinks_then_grows_back() {
 
 #[test]
 fn killing_the_controller_leader_does_not_stop_training() {
-    scenario("leader", 5, 0, |c| {
+    let before = std::cell::Cell::new(0u64);
+    let (c, _job) = scenario("leader", 5, 0, |c| {
+        let s = c.status().expect("phalanx status --json");
+        before.set(s["term"].as_u64().unwrap_or(u64::MAX));
         c.inject("controller:leader", "kill", &[])
     });
+    // The leader really went: a later term has a leader (the job completed under it).
+    let s = c.status().expect("phalanx status --json");
+    let term = s["term"].as_u64().unwrap_or(0);
+    assert!(
+        term > before.get(),
+        "the term did not change after the leader kill: {} -> {term}\n{s}",
+        before.get()
+    );
 }
 
 #[test]
 fn an_ecc_error_quarantines_the_worker() {
-    let (c, job) = scenario("ecc", 5, 0, |c| c.inject("rank:1", "ecc", &[]));
+    let victim = std::cell::RefCell::new(String::new());
+    let (c, job) = scenario("ecc", 5, 0, |c| {
+        *victim.borrow_mut() = c.job().map(|j| ranks(&j)[1].clone()).unwrap_or_default();
+        c.inject("rank:1", "ecc", &[])
+    });
+    let victim = victim.into_inner();
+    assert!(!victim.is_empty());
     assert_eq!(ranks(&job).len(), 4);
-    let ev = event_kinds(&c);
     assert!(
-        ev.iter()
-            .any(|e| e.contains("quarantined") || e.contains("ECC")),
-        "{ev:#?}"
+        !ranks(&job).contains(&victim),
+        "{victim} still holds a rank"
     );
+    let ev = event_kinds(&c);
+    assert_event(
+        &ev,
+        &[
+            &victim,
+            "uncorrectable memory (ECC) error reported by the device at step",
+        ],
+    );
+    let health = c.status().and_then(|s| {
+        s["workers"]
+            .as_array()?
+            .iter()
+            .find(|w| w["id"] == victim.as_str())
+            .and_then(|w| w["health"].as_str().map(str::to_string))
+    });
+    assert_eq!(health.as_deref(), Some("quarantined"), "{ev:#?}");
 }
 
 #[test]
