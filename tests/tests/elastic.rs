@@ -288,6 +288,44 @@ fn a_full_disk_during_checkpoints_is_retried() {
         cps.as_array().map(|a| !a.is_empty()).unwrap_or(false),
         "no checkpoint recorded: {cps}"
     );
+    // The fault hit a write (a logged failure), and a later write succeeded: the catalog
+    // holds a checkpoint at or after the step whose write failed.
+    let mut logs = String::new();
+    for d in [c.dir.path().to_path_buf(), c.cluster_dir()] {
+        for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+            if e.path().extension().is_some_and(|x| x == "log") {
+                logs += &std::fs::read_to_string(e.path()).unwrap_or_default();
+            }
+        }
+    }
+    let failed_step = logs
+        .lines()
+        .filter(|l| l.contains("checkpoint write failed"))
+        .filter_map(|l| {
+            let rest = &l[l.find("step=")? + 5..];
+            rest.split(|ch: char| !ch.is_ascii_digit())
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .min();
+    let Some(failed_step) = failed_step else {
+        panic!(
+            "no checkpoint write failed: the disk-full fault never hit a write\n{}",
+            c.logs()
+        );
+    };
+    let later = cps
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|cp| cp["step"].as_u64())
+        .max()
+        .unwrap_or(0);
+    assert!(
+        later >= failed_step,
+        "no checkpoint at or after step {failed_step}, whose write failed: {cps}"
+    );
 }
 
 #[test]
