@@ -435,11 +435,11 @@ fn controller_wrong_token_and_malformed_requests_are_rejected() {
         s.write_all(&frame).unwrap();
     }
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !c.log(1).contains("wrong cluster token") {
+    while !c.log(leader).contains("wrong cluster token") {
         assert!(
             Instant::now() < deadline,
             "rejection not logged:\n{}",
-            tail(&c.log(1), 2000)
+            tail(&c.log(leader), 2000)
         );
         std::thread::sleep(Duration::from_millis(20));
     }

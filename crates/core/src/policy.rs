@@ -142,7 +142,7 @@ impl Default for LeaseConfig {
             fail_after_ms: 5_000,
             grace_ms: 3_000,
             rejoin_after_ms: 3_000,
-            silent_confirm_ms: 400,
+            silent_confirm_ms: 500,
             report_ttl_ms: 3_000,
         }
     }

@@ -102,7 +102,7 @@ pub struct StartArgs {
     rejoin_after_ms: u64,
     /// A peer's report that a worker is silent is confirmed (the worker failed) when that
     /// worker's heartbeats have also been missing this long.
-    #[arg(long, default_value_t = 400)]
+    #[arg(long, default_value_t = 500)]
     silent_confirm_ms: u64,
 }
 
