@@ -2,7 +2,8 @@
 //! controllers on disk, clients writing and reading without pause, and busy threads beside
 //! them (`PHALANX_SOAK_BUSY`, 2) on this machine's cores. With no fault injected, every new
 //! term is a spurious election; the soak prints how many there were and fails on any.
-//! `PHALANX_SOAK_S` sets the length (600 s).
+//! `PHALANX_SOAK_S` sets the length (600 s), `PHALANX_SOAK_ELECTION_TICK` the election
+//! timeout in 10 ms ticks (10, drawn from 10..20).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -53,13 +54,19 @@ fn no_spurious_elections_under_load_beside_busy_threads() {
     let peers: BTreeMap<u64, String> = (1..=3).map(|i| (i, free_addr())).collect();
     let mut nodes = Vec::new();
     for id in 1..=3 {
-        let cfg = ServerConfig::new(
+        let mut cfg = ServerConfig::new(
             id,
             peers[&id].clone(),
             peers.clone(),
             dir.path().join(format!("n{id}")),
             "tok".into(),
         );
+        if let Some(t) = std::env::var("PHALANX_SOAK_ELECTION_TICK")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            cfg.election_tick = t;
+        }
         nodes.push(server::start(cfg).unwrap());
     }
     let stop = Arc::new(AtomicBool::new(false));
