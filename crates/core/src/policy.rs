@@ -293,7 +293,13 @@ impl Leases {
         );
         let quiet_ms = now_ms.saturating_sub(heard_ms.unwrap_or(self.leader_since_ms));
         let confirm_ms = self.silent_confirm_ms(&w.id, cfg);
-        if quiet_ms >= confirm_ms {
+        // Relative staleness: the reporter's own heartbeats must be current, or it is this
+        // leader that has fallen behind (a slow disk, a starved thread), not the worker.
+        let reporter_quiet_ms = self
+            .last_heartbeat_ms
+            .get(&r.reporter)
+            .map_or(u64::MAX, |t| now_ms.saturating_sub(*t));
+        if quiet_ms >= confirm_ms && reporter_quiet_ms < confirm_ms / 2 {
             self.silent.remove(&w.id);
             return Some((
                 LeaseDecision::MarkFailed,
@@ -903,6 +909,28 @@ mod tests {
     }
 
     #[test]
+    fn a_leader_behind_on_every_heartbeat_confirms_nothing() {
+        let cfg = LeaseConfig {
+            grace_ms: 0,
+            ..LeaseConfig::default()
+        };
+        let ws = workers(&[("w", WorkerHealth::Healthy), ("p", WorkerHealth::Healthy)]);
+        let mut l = Leases::new(0);
+        for t in (0..=1_000).step_by(100) {
+            l.heartbeat("w", t, &cfg);
+            l.heartbeat("p", t, &cfg);
+        }
+        l.silence_report("p", "w", 1, 0, 200, 1_000);
+        // The leader's loop stalled 700 ms: both look quiet, so nothing is confirmed.
+        assert!(l.decide(1_700, &ws, &cfg).is_empty());
+        // Once the reporter's heartbeats are processed again, w's silence is confirmed.
+        l.heartbeat("p", 1_750, &cfg);
+        let d = l.decide(1_760, &ws, &cfg);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!(d[0].1, LeaseDecision::MarkFailed);
+    }
+
+    #[test]
     fn late_heartbeats_of_a_loaded_host_raise_the_confirmation_bar() {
         let cfg = LeaseConfig {
             grace_ms: 0,
@@ -916,10 +944,12 @@ mod tests {
         }
         assert_eq!(l.silent_confirm_ms("w", &cfg), 900);
         l.silence_report("p", "w", 1, 0, 200, 1_000);
+        l.heartbeat("p", 1_150, &cfg);
         assert!(
             l.decide(1_200, &ws, &cfg).is_empty(),
             "500 ms late is not yet stopped"
         );
+        l.heartbeat("p", 1_550, &cfg);
         let d = l.decide(1_600, &ws, &cfg);
         assert_eq!(d.len(), 1);
         assert_eq!(d[0].1, LeaseDecision::MarkFailed);

@@ -165,6 +165,13 @@ impl RaftLoop {
                 Err(std_mpsc::RecvTimeoutError::Timeout) => {}
                 Err(std_mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
             }
+            // Leases are judged right after the queued inputs (heartbeats among them) are
+            // handled, never after a slow Ready while heartbeats wait in the queue.
+            if Instant::now() >= next_lease_check {
+                next_lease_check = Instant::now() + Duration::from_millis(50);
+                self.check_leases()?;
+                self.expire_waiters();
+            }
             if Instant::now() >= next_tick {
                 self.r.tick();
                 next_tick += tick;
@@ -174,11 +181,6 @@ impl RaftLoop {
             }
             self.process_ready()?;
             self.on_role_change();
-            if Instant::now() >= next_lease_check {
-                next_lease_check = Instant::now() + Duration::from_millis(50);
-                self.check_leases()?;
-                self.expire_waiters();
-            }
         }
     }
 
