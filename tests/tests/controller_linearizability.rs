@@ -8,13 +8,15 @@
 //! memoisation). Writes that failed on the client side may or may not have taken effect:
 //! they stay "pending" (may linearize anywhere after their call, or never).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+mod support;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use support::linearizability::{linearizable, Op, OpKind};
 
 use phalanx_controller::client::{http_once, Client};
 use phalanx_proto::{Command, StatusResponse};
@@ -219,70 +221,6 @@ impl Net {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-}
-
-#[derive(Debug, Clone)]
-enum OpKind {
-    Write(u32),
-    Read(Option<u32>),
-}
-
-#[derive(Debug, Clone)]
-struct Op {
-    kind: OpKind,
-    call: u64,
-    /// None: the client got no answer; the write may or may not have happened.
-    ret: Option<u64>,
-}
-
-/// WGL search: is there a total order of the ops, consistent with real time, in which
-/// every completed read returns the latest write? Pending writes may be left out.
-fn linearizable(ops: &[Op]) -> Result<(), String> {
-    let n = ops.len();
-    let words = n.div_ceil(64);
-    let mut memo: HashSet<(Vec<u64>, Option<u32>)> = HashSet::new();
-    let completed: Vec<usize> = (0..n).filter(|i| ops[*i].ret.is_some()).collect();
-    // Iterative DFS: (bitset, state, next candidate cursor).
-    let mut stack: Vec<(Vec<u64>, Option<u32>)> = vec![(vec![0u64; words], None)];
-    let mut explored = 0u64;
-    while let Some((bits, state)) = stack.pop() {
-        explored += 1;
-        if explored > 20_000_000 {
-            return Err("search too large".into());
-        }
-        let done = |i: usize| bits[i / 64] >> (i % 64) & 1 == 1;
-        if completed.iter().all(|i| done(*i)) {
-            return Ok(());
-        }
-        let min_ret = completed
-            .iter()
-            .filter(|i| !done(**i))
-            .filter_map(|i| ops[*i].ret)
-            .min()
-            .unwrap_or(u64::MAX);
-        for i in (0..n).rev() {
-            if done(i) || ops[i].call > min_ret {
-                continue;
-            }
-            let new_state = match ops[i].kind {
-                OpKind::Write(v) => Some(v),
-                OpKind::Read(r) => {
-                    if r != state {
-                        continue;
-                    }
-                    state
-                }
-            };
-            let mut nb = bits.clone();
-            nb[i / 64] |= 1 << (i % 64);
-            if memo.insert((nb.clone(), new_state)) {
-                stack.push((nb, new_state));
-            }
-        }
-    }
-    Err(format!(
-        "no linearization of {n} operations (explored {explored} states)"
-    ))
 }
 
 #[test]

@@ -4,14 +4,13 @@
 //! and `apply` is a deterministic function of the committed log.
 
 pub mod jobfile;
+pub mod leases;
 pub mod policy;
 pub mod state;
 
 pub use jobfile::{job_template, parse_job_toml, validate_job, JobFileError};
-pub use policy::{
-    LeaseConfig, LeaseDecision, Leases, PlacementDecision, Reason, StragglerConfig,
-    StragglerDecision, Stragglers,
-};
+pub use leases::{LeaseConfig, LeaseDecision, Leases};
+pub use policy::{PlacementDecision, Reason, StragglerConfig, StragglerDecision, Stragglers};
 pub use state::{Applied, ClusterState, SnapshotError, StateLimits};
 
 /// Effective training time of a finished job: wall time from the start of training to its
