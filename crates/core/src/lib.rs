@@ -4,11 +4,13 @@
 //! and `apply` is a deterministic function of the committed log.
 
 pub mod jobfile;
+pub mod leader_duties;
 pub mod leases;
 pub mod policy;
 pub mod state;
 
 pub use jobfile::{job_template, parse_job_toml, validate_job, JobFileError};
+pub use leader_duties::{DutiesConfig, Duty, DutyKind, LeaderDuties};
 pub use leases::{LeaseConfig, LeaseDecision, Leases};
 pub use policy::{PlacementDecision, Reason, StragglerConfig, StragglerDecision, Stragglers};
 pub use state::{Applied, ClusterState, SnapshotError, StateLimits};

@@ -1,16 +1,13 @@
 //! The raft thread: a plain loop over a channel with a tick deadline that owns the
 //! `Replica`, so raft logic never waits on a socket.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use phalanx_core::Leases;
-use phalanx_proto::{
-    Command, CommandResponse, Envelope, HeartbeatRequest, MemberChange, NodeId, WorkerHealth,
-    WorkerId,
-};
+use phalanx_core::{DutiesConfig, DutyKind, LeaderDuties};
+use phalanx_proto::{Command, CommandResponse, Envelope, HeartbeatRequest, MemberChange, NodeId};
 use raft::prelude::Message;
 use tokio::sync::mpsc;
 use tracing::{debug, info, info_span};
@@ -80,12 +77,10 @@ pub(crate) struct RaftLoop {
     /// is requested as soon as that commit lands.
     held_reads: Vec<u64>,
     next_read: u64,
-    leases: Option<Leases>,
-    lease_inflight: BTreeMap<WorkerId, (WorkerHealth, Instant)>,
-    /// Leader-local: each worker's latest compute time per micro-batch, from heartbeats.
-    compute_ms: BTreeMap<WorkerId, f64>,
-    stragglers: phalanx_core::Stragglers,
-    straggler_checked: Instant,
+    /// Leases, stragglers and repeat suppression while this node leads: the pure
+    /// `phalanx_core::LeaderDuties`, driven here by the wall clock (the simulator drives
+    /// the same code in virtual time).
+    duties: Option<LeaderDuties>,
     lease_seq: u64,
     start: Instant,
     was_leader: bool,
@@ -109,11 +104,7 @@ impl RaftLoop {
             reads: HashMap::new(),
             held_reads: Vec::new(),
             next_read: 1,
-            leases: None,
-            lease_inflight: BTreeMap::new(),
-            compute_ms: BTreeMap::new(),
-            stragglers: Default::default(),
-            straggler_checked: Instant::now(),
+            duties: None,
             lease_seq: 0,
             start: Instant::now(),
             was_leader: false,
@@ -207,9 +198,9 @@ impl RaftLoop {
                 }
                 if let Command::RegisterWorker { id, .. } = &env.command {
                     // Registration starts the worker's lease.
-                    let now = self.now_ms();
-                    if let Some(l) = self.leases.as_mut() {
-                        l.heartbeat(id, now, &self.cfg.lease);
+                    let (now, cfg) = (self.now_ms(), self.duties_cfg());
+                    if let Some(d) = self.duties.as_mut() {
+                        d.on_register(id, now, &cfg);
                     }
                 }
                 match self.r.propose(&env) {
@@ -257,43 +248,21 @@ impl RaftLoop {
                 let _ = reply.send(query(&self.r));
             }
             Input::Heartbeat { hb, reply } => {
-                let HeartbeatRequest {
-                    worker,
-                    compute_ms,
-                    step,
-                    silent_peer,
-                } = hb;
                 if !self.r.is_leader() {
                     let _ = reply.send(Err(self.not_leader()));
                     return Ok(());
                 }
-                if !self.r.state.workers.contains_key(&worker) {
+                if !self.r.state.workers.contains_key(&hb.worker) {
                     let _ = reply.send(Err(ApiError::NotFound(format!(
-                        "worker {worker} is not registered"
+                        "worker {} is not registered",
+                        hb.worker
                     ))));
                     return Ok(());
                 }
-                let now = self.now_ms();
-                // A silence report names a rank of the current plan; one about another
-                // epoch is stale and ignored.
-                let named = silent_peer.and_then(|sp| {
-                    let plan = self.r.state.job.as_ref()?.plan.as_ref()?;
-                    (plan.epoch == sp.epoch)
-                        .then(|| plan.ranks.get(sp.rank as usize).cloned())
-                        .flatten()
-                        .map(|w| (w, sp))
-                });
-                if let Some(l) = self.leases.as_mut() {
-                    l.heartbeat(&worker, now, &self.cfg.lease);
-                    if let Some(step) = step {
-                        l.progress(&worker, step, now);
-                    }
-                    if let Some((named, sp)) = &named {
-                        l.silence_report(&worker, named, sp.epoch, sp.rank, sp.silent_ms, now);
-                    }
-                }
-                if let Some(t) = compute_ms.filter(|t| t.is_finite() && *t >= 0.0) {
-                    self.compute_ms.insert(worker, t);
+                let (now, cfg) = (self.now_ms(), self.duties_cfg());
+                let plan = self.r.state.job.as_ref().and_then(|j| j.plan.as_ref());
+                if let Some(d) = self.duties.as_mut() {
+                    d.on_heartbeat(&hb, plan, now, &cfg);
                 }
                 let _ = reply.send(Ok(serde_json::json!({"ok": true})));
             }
@@ -478,13 +447,10 @@ impl RaftLoop {
         if leader && !self.was_leader {
             // Fresh leases: this leader has heard no heartbeat yet; the grace period keeps
             // it from failing healthy workers.
-            self.leases = Some(Leases::new(self.now_ms()));
-            self.compute_ms.clear();
-            self.stragglers = Default::default();
-            self.lease_inflight.clear();
+            self.duties = Some(LeaderDuties::new(self.now_ms()));
         }
         if !leader && self.was_leader {
-            self.leases = None;
+            self.duties = None;
             let err = self.not_leader();
             for (_, ws) in self.waiters.drain() {
                 for w in ws {
@@ -502,95 +468,49 @@ impl RaftLoop {
         self.was_leader = leader;
     }
 
-    fn check_leases(&mut self) -> Result<(), NodeError> {
-        let now = self.now_ms();
-        let Some(leases) = self.leases.as_mut() else {
-            return Ok(());
-        };
-        let decisions = leases.decide(now, &self.r.state.workers, &self.cfg.lease);
-        for (worker, decision, reason) in decisions {
-            let health = decision.health();
-            if let Some((h, at)) = self.lease_inflight.get(&worker) {
-                if *h == health && at.elapsed() < Duration::from_secs(2) {
-                    continue;
-                }
-            }
-            self.lease_seq += 1;
-            let env = Envelope {
-                request_id: format!(
-                    "lease-n{}-t{}-{}",
-                    self.cfg.id,
-                    self.r.term(),
-                    self.lease_seq
-                ),
-                command: Command::SetWorkerHealth {
-                    id: worker.clone(),
-                    health,
-                    reason,
-                    address: None,
-                },
-            };
-            info!(worker = %worker, health = health.as_str(), "lease decision");
-            if self.r.propose(&env).is_ok() {
-                self.lease_inflight.insert(worker, (health, Instant::now()));
-            }
+    fn duties_cfg(&self) -> DutiesConfig {
+        DutiesConfig {
+            lease: self.cfg.lease,
+            stragglers: self.cfg.stragglers,
+            ..DutiesConfig::default()
         }
-        self.check_stragglers();
-        Ok(())
     }
 
-    /// Twice a second: a rank whose compute time stays far above the plan's median first
-    /// gets a smaller share of the micro-batches; if it stays slow it is drained, so the
-    /// placement swaps a spare in.
-    fn check_stragglers(&mut self) {
-        if self.straggler_checked.elapsed() < Duration::from_millis(500) {
-            return;
-        }
-        self.straggler_checked = Instant::now();
-        let Some(plan) = self
+    /// The leader's duties: lease decisions (a repeat of one in flight is suppressed) and,
+    /// twice a second, the stragglers of the running job's plan (a rank far slower than
+    /// the median first gets a smaller share, then is drained so a spare takes its place).
+    /// Every duty is proposed with its reason.
+    fn check_leases(&mut self) -> Result<(), NodeError> {
+        let (now, cfg) = (self.now_ms(), self.duties_cfg());
+        let Some(duties) = self.duties.as_mut() else {
+            return Ok(());
+        };
+        let plan = self
             .r
             .state
             .job
             .as_ref()
             .filter(|j| j.state == phalanx_proto::JobState::Running)
-            .and_then(|j| j.plan.clone())
-        else {
-            return;
-        };
-        let decisions = self.stragglers.observe(
-            &plan,
-            &self.compute_ms,
-            &self.r.state.workers,
-            &self.cfg.stragglers,
-        );
-        for (worker, decision, reason) in decisions {
+            .and_then(|j| j.plan.as_ref());
+        for duty in duties.on_tick(now, &self.r.state.workers, plan, &cfg) {
             self.lease_seq += 1;
-            let command = match decision {
-                phalanx_core::StragglerDecision::ReduceShare => Command::ReduceShare {
-                    worker: worker.clone(),
-                    epoch: plan.epoch,
-                    reason,
-                },
-                phalanx_core::StragglerDecision::SwapForSpare => Command::SetWorkerHealth {
-                    id: worker.clone(),
-                    health: WorkerHealth::Draining,
-                    reason,
-                    address: None,
-                },
+            let prefix = match duty.kind {
+                DutyKind::Lease => "lease",
+                DutyKind::Straggler => "straggler",
             };
             let env = Envelope {
                 request_id: format!(
-                    "straggler-n{}-t{}-{}",
+                    "{prefix}-n{}-t{}-{}",
                     self.cfg.id,
                     self.r.term(),
                     self.lease_seq
                 ),
-                command,
+                command: duty.command.clone(),
             };
-            info!(worker = %worker, ?decision, "straggler decision");
+            info!(worker = %duty.worker, health = ?duty.health(), reason = duty.reason(), "{prefix} decision");
             let _ = self.r.propose(&env);
-            self.compute_ms.remove(&worker);
         }
+        Ok(())
     }
 
     fn expire_waiters(&mut self) {
