@@ -60,8 +60,14 @@ pub struct BenchTrain {
     model: String,
     #[arg(long, default_value_t = 8)]
     steps: u64,
+    /// Global batch (sequences per step).
     #[arg(long, default_value_t = 8)]
     batch: usize,
+    /// Sequences per micro-batch, on both sides: the bare loop accumulates the gradients
+    /// of `batch / micro_batch` forward/backward passes before its optimizer step, as
+    /// `phalanx train` does (its default is 2).
+    #[arg(long, default_value_t = 2)]
+    micro_batch: usize,
     /// Alternating rounds of each side; the medians are compared.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
@@ -76,10 +82,24 @@ struct TrainBenchResult {
     model: String,
     steps: u64,
     batch: usize,
+    micro_batch: usize,
     tokens_per_step: u64,
     bare_tch_tokens_per_sec: Vec<f64>,
     phalanx_tokens_per_sec: Vec<f64>,
     ratio_median: f64,
+    /// Tokens per CPU second of each side's step loop (all its threads): steadier than
+    /// tokens/s when other processes share the cores.
+    bare_tch_tokens_per_cpu_s: Vec<f64>,
+    phalanx_tokens_per_cpu_s: Vec<f64>,
+    cpu_ratio_median: f64,
+}
+
+/// The 1, 5 and 15 minute load averages, as `/proc/loadavg` gives them.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "unknown".into())
 }
 
 pub fn run(cmd: BenchCmd) -> Result<()> {
@@ -106,18 +126,21 @@ fn bench_spec(b: &BenchTrain) -> Result<(phalanx_train::engine::TrainSpec, Vec<u
         seed: 1,
         steps: b.steps,
         global_batch: b.batch,
-        micro_batch: b.batch,
+        micro_batch: b.micro_batch,
         val_fraction: 0.1,
         val_micro_batches: 1,
         optim: AdamWConfig::for_steps(b.steps),
     };
+    spec.validate()?;
     let (train, val) = corpus.split(spec.val_fraction, model.ctx_len)?;
     Ok((spec, train, val))
 }
 
-/// The bare loop: tch's own AdamW over the VarStore, one forward/backward per step, timed
-/// like `phalanx train` times its step loop (start-up excluded). Writes
-/// `{"tokens_per_sec": X}` to `--out`.
+/// The bare loop: tch's own AdamW over the VarStore; per step the gradients of the
+/// step's micro-batches (each loss scaled by 1/M) accumulate in the parameters' `.grad`,
+/// then global-norm clipping and one AdamW step, as a PyTorch user writes gradient
+/// accumulation. Timed like `phalanx train` times its step loop (start-up excluded).
+/// Writes `{"tokens_per_sec": X}` to `--out`.
 fn bare_loop(b: BenchTrain) -> Result<()> {
     tch::set_num_threads(1);
     tch::set_num_interop_threads(1);
@@ -132,20 +155,41 @@ fn bare_loop(b: BenchTrain) -> Result<()> {
         amsgrad: false,
     }
     .build(&engine.model.vs, 3e-3)?;
+    let micro = engine.spec.micro_batches();
     let t0 = Instant::now();
+    let cpu0 = phalanx_worker::dp::process_cpu_s();
     for step in 0..b.steps {
-        let (x, y) = engine.train_batch(step, 0)?;
-        let loss = engine.model.loss(&x, &y)?;
-        opt.backward_step_clip_norm(&loss, 1.0);
+        opt.zero_grad();
+        let mut step_loss = 0.0;
+        for m in 0..micro {
+            let (x, y) = engine.train_batch(step, m)?;
+            let loss = engine.model.loss(&x, &y)?.f_div_scalar(micro as f64)?;
+            loss.f_backward()?;
+            step_loss += loss.f_double_value(&[])?;
+        }
+        if !step_loss.is_finite() {
+            bail!("the bare loop's loss is not finite at step {step}");
+        }
+        opt.clip_grad_norm(1.0);
+        opt.step();
     }
     let tps = (tokens_per_step * b.steps) as f64 / t0.elapsed().as_secs_f64();
+    let train_cpu_s = phalanx_worker::dp::process_cpu_s() - cpu0;
     let out = b.out.context("--out is required")?;
-    write_json(&out, &serde_json::json!({ "tokens_per_sec": tps }))
+    write_json(
+        &out,
+        &serde_json::json!({ "tokens_per_sec": tps, "train_cpu_s": train_cpu_s }),
+    )
 }
 
 /// Runs a child process to completion (30 minutes at most) and reads `tokens_per_sec`
 /// from the JSON file it wrote.
-fn child_tokens_per_sec(mut cmd: Command, what: &str, json: &std::path::Path) -> Result<f64> {
+fn child_tokens_per_sec(cmd: Command, what: &str, json: &std::path::Path) -> Result<f64> {
+    Ok(child_rates(cmd, what, json)?.0)
+}
+
+/// [`child_tokens_per_sec`], with the step loop's CPU seconds (`train_cpu_s`).
+fn child_rates(mut cmd: Command, what: &str, json: &std::path::Path) -> Result<(f64, f64)> {
     let mut child = cmd
         .stdout(std::process::Stdio::null())
         .spawn()
@@ -166,9 +210,13 @@ fn child_tokens_per_sec(mut cmd: Command, what: &str, json: &std::path::Path) ->
     }
     let s: serde_json::Value = serde_json::from_slice(&std::fs::read(json)?)
         .with_context(|| format!("reading the JSON of {what}"))?;
-    s["tokens_per_sec"]
+    let tps = s["tokens_per_sec"]
         .as_f64()
-        .with_context(|| format!("{what} wrote no tokens_per_sec"))
+        .with_context(|| format!("{what} wrote no tokens_per_sec"))?;
+    let cpu = s["train_cpu_s"]
+        .as_f64()
+        .with_context(|| format!("{what} wrote no train_cpu_s"))?;
+    Ok((tps, cpu))
 }
 
 /// Alternating rounds of the bare loop and `phalanx train --workers 1`, each in a fresh
@@ -181,6 +229,8 @@ fn bench_train(b: BenchTrain) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("phalanx-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let (mut bare, mut ours) = (Vec::new(), Vec::new());
+    let (mut bare_cpu, mut ours_cpu) = (Vec::new(), Vec::new());
+    let tokens = (tokens_per_step * b.steps) as f64;
     for round in 0..b.rounds {
         let common = |c: &mut Command| {
             c.arg(format!("--model={}", b.model))
@@ -191,25 +241,29 @@ fn bench_train(b: BenchTrain) -> Result<()> {
         let mut c = Command::new(&exe);
         c.args(["bench", "bare-loop"])
             .arg(format!("--batch={}", b.batch))
+            .arg(format!("--micro-batch={}", b.micro_batch))
             .arg(format!("--out={}", bare_json.display()));
         common(&mut c);
         // The same kernels as `phalanx train`'s worker (the default numerics profile).
         phalanx_worker::numerics::apply(phalanx_proto::NumericsProfile::default(), &mut c);
-        let bare_tps = child_tokens_per_sec(c, "the bare tch loop", &bare_json)?;
+        let (bare_tps, cpu) = child_rates(c, "the bare tch loop", &bare_json)?;
         bare.push(bare_tps);
+        bare_cpu.push(tokens / cpu);
 
         let summary = dir.join(format!("train-{round}.json"));
         let mut c = Command::new(&exe);
         c.args(["train", "--workers=1", "--plain", "--seed=1"])
             .arg(format!("--global-batch={}", b.batch))
-            .arg(format!("--micro-batch={}", b.batch))
+            .arg(format!("--micro-batch={}", b.micro_batch))
             .arg("--val-batches=1")
             .arg(format!("--summary={}", summary.display()));
         common(&mut c);
-        let tps = child_tokens_per_sec(c, "phalanx train", &summary)?;
+        let (tps, cpu) = child_rates(c, "phalanx train", &summary)?;
         ours.push(tps);
+        ours_cpu.push(tokens / cpu);
         println!(
-            "round {round}: bare tch {bare_tps:.0} tokens/s, phalanx --workers 1 {tps:.0} tokens/s"
+            "round {round}: bare tch {bare_tps:.0} tokens/s ({:.0} per CPU s), phalanx --workers 1 {tps:.0} tokens/s ({:.0} per CPU s), load average {}",
+            bare_cpu[round], ours_cpu[round], load_average()
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -217,14 +271,22 @@ fn bench_train(b: BenchTrain) -> Result<()> {
         model: b.model,
         steps: b.steps,
         batch: b.batch,
+        micro_batch: b.micro_batch,
         tokens_per_step,
         ratio_median: median(&ours) / median(&bare),
+        cpu_ratio_median: median(&ours_cpu) / median(&bare_cpu),
         bare_tch_tokens_per_sec: bare,
         phalanx_tokens_per_sec: ours,
+        bare_tch_tokens_per_cpu_s: bare_cpu,
+        phalanx_tokens_per_cpu_s: ours_cpu,
     };
     println!(
-        "(a) phalanx train --workers 1 / bare tch loop, tokens/s: {:.3} (goal >= 0.98)",
-        r.ratio_median
+        "(a) phalanx train --workers 1 / bare tch loop ({} micro-batches of {}), tokens/s: {:.3}, tokens per CPU second: {:.3} (goal >= 0.98); load average {}",
+        b.batch / b.micro_batch.max(1),
+        b.micro_batch,
+        r.ratio_median,
+        r.cpu_ratio_median,
+        load_average()
     );
     if let Some(p) = &b.out {
         write_json(p, &r)?;
@@ -277,7 +339,7 @@ fn bench_numerics(b: BenchTrain) -> Result<()> {
                 .arg(format!("--steps={}", b.steps))
                 .arg(format!("--data={data}"))
                 .arg(format!("--global-batch={}", b.batch))
-                .arg(format!("--micro-batch={}", b.batch))
+                .arg(format!("--micro-batch={}", b.micro_batch))
                 .arg("--val-batches=1")
                 .arg(format!("--summary={}", summary.display()));
             let cpu0 = children_cpu_s();

@@ -227,6 +227,8 @@ struct TrainSummary {
     val_loss: f64,
     tokens_per_sec: f64,
     train_s: f64,
+    /// CPU seconds rank 0's process spent in the step loop.
+    train_cpu_s: f64,
     wall_s: f64,
     params_sha256: String,
     losses: Vec<f64>,
@@ -338,6 +340,7 @@ pub fn train(cmd: TrainCmd, json_logs: bool) -> Result<()> {
             val_loss: result.val_loss,
             tokens_per_sec: result.tokens_per_sec,
             train_s: result.train_s,
+            train_cpu_s: result.train_cpu_s,
             wall_s: wall.elapsed().as_secs_f64(),
             params_sha256: result.params_sha256.clone(),
             losses: result.losses.clone(),

@@ -161,10 +161,21 @@ impl Engine {
     /// Forward and backward of micro-batch `micro` of `step`; writes its gradient (of the
     /// micro-batch's mean loss) into `grad` and returns the loss.
     pub fn micro_grad(&self, step: u64, micro: usize, grad: &mut [f32]) -> Result<f64, TrainError> {
+        let (loss, grads) = self.micro_grad_tensors(step, micro)?;
+        self.model.copy_grads(&grads, grad)?;
+        Ok(loss)
+    }
+
+    /// Forward and backward of micro-batch `micro` of `step`: its loss and the gradient
+    /// of each parameter (layout order) as autograd's own tensors, not copied anywhere.
+    /// Same values as [`Engine::micro_grad`].
+    pub fn micro_grad_tensors(
+        &self,
+        step: u64,
+        micro: usize,
+    ) -> Result<(f64, Vec<Tensor>), TrainError> {
         let (x, y) = self.train_batch(step, micro)?;
         let loss = self.model.loss(&x, &y)?;
-        loss.f_backward()?;
-        self.model.take_grads(grad)?;
         let v = loss.f_double_value(&[])?;
         if !v.is_finite() {
             return Err(TrainError::NonFinite {
@@ -172,7 +183,8 @@ impl Engine {
                 step,
             });
         }
-        Ok(v)
+        let grads = self.model.grads_of(&loss)?;
+        Ok((v, grads))
     }
 
     /// Loss of validation micro-batch `micro`, without gradients.

@@ -240,18 +240,30 @@ impl Gpt {
         Ok(())
     }
 
-    /// Moves the accumulated gradients into `flat` and zeroes them in the model. A
-    /// parameter that got no gradient contributes zeros.
-    pub fn take_grads(&self, flat: &mut [f32]) -> Result<(), TrainError> {
+    /// The gradients of `loss` with respect to the parameters, in layout order, as the
+    /// tensors autograd computed: nothing is accumulated into or zeroed in `.grad` (an
+    /// accumulate-then-zero costs two passes over the parameters per micro-batch). The
+    /// values are those `.grad` would receive; a parameter without a gradient gets an
+    /// undefined tensor. Frees the graph.
+    pub fn grads_of(&self, loss: &Tensor) -> Result<Vec<Tensor>, TrainError> {
+        Ok(Tensor::f_run_backward(&[loss], &self.params, false, false)?)
+    }
+
+    /// Copies per-parameter gradients (from [`Gpt::grads_of`]) into the flat vector; an
+    /// undefined one contributes zeros.
+    pub fn copy_grads(&self, grads: &[Tensor], flat: &mut [f32]) -> Result<(), TrainError> {
         check_len("gradient", flat.len(), self.layout.total)?;
-        for (slot, t) in self.layout.slots.iter().zip(&self.params) {
+        check_len("gradient tensor", grads.len(), self.layout.slots.len())?;
+        for (slot, g) in self.layout.slots.iter().zip(grads) {
             let dst = &mut flat[slot.offset..slot.offset + slot.numel];
-            let mut g = t.grad();
-            if g.defined() {
-                g.f_to_device(Device::Cpu)?.f_copy_data(dst, slot.numel)?;
-                let _ = g.f_zero_()?;
-            } else {
+            if !g.defined() {
                 dst.fill(0.0);
+            } else if let Some(src) = cpu_f32(g, slot.numel) {
+                dst.copy_from_slice(src);
+            } else {
+                g.f_to_kind(Kind::Float)?
+                    .f_to_device(Device::Cpu)?
+                    .f_copy_data(dst, slot.numel)?;
             }
         }
         Ok(())
@@ -288,6 +300,23 @@ fn cpu_f32_mut(t: &Tensor, numel: usize) -> Option<&mut [f32]> {
     // optimizer loads parameters (no autograd graph is alive between steps), and the slice
     // does not outlive this call's use of it.
     Some(unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, numel) })
+}
+
+/// The storage of a contiguous f32 CPU tensor of `numel` elements, read-only; `None` for
+/// any other tensor (CUDA, bf16, strided, undefined).
+pub fn cpu_f32(t: &Tensor, numel: usize) -> Option<&[f32]> {
+    let ok = t.defined()
+        && t.device() == Device::Cpu
+        && t.kind() == Kind::Float
+        && t.is_contiguous()
+        && t.numel() == numel;
+    if !ok || numel == 0 {
+        return None;
+    }
+    // SAFETY: a contiguous f32 CPU tensor of `numel` elements; the slice borrows the
+    // tensor handle, which keeps the storage alive, and nothing writes it meanwhile (a
+    // gradient handed over by autograd belongs to the caller alone).
+    Some(unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, numel) })
 }
 
 fn check_len(what: &str, got: usize, want: usize) -> Result<(), TrainError> {

@@ -19,6 +19,15 @@ pub struct StepReport {
     /// Forward + backward time per local micro-batch (0 when the rank had none).
     #[serde(default)]
     pub compute_ms: f64,
+    /// The step's gradient spot check, if it had one (recomputation and hash exchange).
+    #[serde(default)]
+    pub check_ms: f64,
+    /// The deterministic gradient mean (and the loss exchange).
+    #[serde(default)]
+    pub reduce_ms: f64,
+    /// Clipping, AdamW, the parameter all-gather and loading the parameters into the model.
+    #[serde(default)]
+    pub update_ms: f64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -32,6 +41,10 @@ pub struct RunResult {
     pub tokens_per_sec: f64,
     /// Wall time of the step loop (excludes start-up and the final validation).
     pub train_s: f64,
+    /// CPU time (user + system, all threads) this process spent in the step loop: on a
+    /// shared machine a steadier measure of the step's cost than the wall time.
+    #[serde(default)]
+    pub train_cpu_s: f64,
     pub params_sha256: String,
     pub param_count: usize,
 }
@@ -79,7 +92,12 @@ impl ComputeWindow {
 pub struct Stepper {
     mine: std::ops::Range<usize>,
     micro_total: usize,
+    /// Flat micro-batch gradients for the group's reduction (allocated on first use: a
+    /// rank alone reduces straight from the gradient tensors).
     bufs: Vec<Vec<f32>>,
+    /// A rank alone: its micro-batches' gradient tensors, and the i64 chunk of the mean.
+    tensors: Vec<Vec<tch::Tensor>>,
+    scratch: Vec<i64>,
     mean: Vec<f32>,
     pub op_timeout: Duration,
     /// An emulated slow device (thermal throttling, fault injection): compute takes this
@@ -139,7 +157,9 @@ impl Stepper {
             })
             .collect();
         Ok(Self {
-            bufs: mine.clone().map(|_| vec![0f32; n]).collect(),
+            bufs: Vec::new(),
+            tensors: Vec::new(),
+            scratch: Vec::new(),
             mine,
             micro_total,
             mean: vec![0f32; n],
@@ -180,8 +200,21 @@ impl Stepper {
         let t0 = Instant::now();
         let step = engine.step();
         let mut local_losses = Vec::with_capacity(self.mine.len());
+        // A rank alone keeps autograd's tensors and reduces from them; a group needs one
+        // flat vector per micro-batch for the collective.
+        let alone = self.world == 1;
+        self.tensors.clear();
+        if !alone {
+            self.ensure_bufs(engine.params.len());
+        }
         for (k, m) in self.mine.clone().enumerate() {
-            local_losses.push((m, engine.micro_grad(step, m, &mut self.bufs[k])?));
+            if alone {
+                let (loss, grads) = engine.micro_grad_tensors(step, m)?;
+                self.tensors.push(grads);
+                local_losses.push((m, loss));
+            } else {
+                local_losses.push((m, engine.micro_grad(step, m, &mut self.bufs[k])?));
+            }
         }
         let mut compute = t0.elapsed();
         if self.slow_factor > 1.0 {
@@ -190,6 +223,7 @@ impl Stepper {
             compute += extra;
         }
         let compute_ms = compute.as_secs_f64() * 1e3 / self.mine.len().max(1) as f64;
+        let t_check = Instant::now();
         let redo_of_dispute = self.disputed.is_some_and(|d| d.0 == step);
         if self.world > 1
             && self.grad_check_every > 0
@@ -197,15 +231,12 @@ impl Stepper {
         {
             self.check_gradients(engine, group, step)?;
         }
-        let refs: Vec<&[f32]> = self.bufs.iter().map(|b| b.as_slice()).collect();
-        deterministic::reduce_mean(
-            group,
-            &refs,
-            self.micro_total,
-            &mut self.mean,
-            self.op_timeout,
-        )?;
+        let t_reduce = Instant::now();
+        let check_ms = (t_reduce - t_check).as_secs_f64() * 1e3;
+        self.reduce(engine, group)?;
         let loss = mean_in_index_order(group, &local_losses, self.micro_total, self.op_timeout)?;
+        let t_update = Instant::now();
+        let reduce_ms = (t_update - t_reduce).as_secs_f64() * 1e3;
         before_update();
         let stats = engine.apply(&self.mean)?;
         gather_params(engine, group, self.op_timeout)?;
@@ -217,7 +248,46 @@ impl Stepper {
             grad_norm: stats.grad_norm,
             step_ms: t0.elapsed().as_secs_f64() * 1e3,
             compute_ms,
+            check_ms,
+            reduce_ms,
+            update_ms: t_update.elapsed().as_secs_f64() * 1e3,
         })
+    }
+
+    fn ensure_bufs(&mut self, n: usize) {
+        if self.bufs.len() != self.mine.len() || self.bufs.iter().any(|b| b.len() != n) {
+            self.bufs = self.mine.clone().map(|_| vec![0f32; n]).collect();
+        }
+    }
+
+    /// The deterministic mean of the step's micro-batch gradients into `self.mean`.
+    fn reduce(&mut self, engine: &Engine, group: &mut BlockingGroup) -> Result<(), WorkerError> {
+        if !self.tensors.is_empty() {
+            let tensors = std::mem::take(&mut self.tensors);
+            let done = crate::local_mean::local_mean(
+                &tensors,
+                &engine.model.layout,
+                &mut self.mean,
+                &mut self.scratch,
+            )?;
+            if done {
+                return Ok(());
+            }
+            // Tensors the local path cannot read in place (CUDA, bf16): the flat path.
+            self.ensure_bufs(engine.params.len());
+            for (g, buf) in tensors.iter().zip(self.bufs.iter_mut()) {
+                engine.model.copy_grads(g, buf)?;
+            }
+        }
+        let refs: Vec<&[f32]> = self.bufs.iter().map(|b| b.as_slice()).collect();
+        deterministic::reduce_mean(
+            group,
+            &refs,
+            self.micro_total,
+            &mut self.mean,
+            self.op_timeout,
+        )?;
+        Ok(())
     }
 }
 
@@ -441,12 +511,14 @@ pub fn train(
     let mut stepper = Stepper::new(engine, group, &[], opts.op_timeout)?;
     let mut losses = Vec::with_capacity(engine.spec.steps as usize);
     let start = Instant::now();
+    let cpu0 = process_cpu_s();
     while engine.step() < engine.spec.steps {
         let report = stepper.step(engine, group)?;
         losses.push(report.loss);
         on_step(&report);
     }
     let train_s = start.elapsed().as_secs_f64();
+    let train_cpu_s = process_cpu_s() - cpu0;
     let val_loss = validation_loss(engine, group, opts.op_timeout)?;
     // Every replica must hold the same bits; a mismatch is silent data corruption.
     let sha = check_replicas(engine, group, opts.op_timeout)?;
@@ -459,10 +531,24 @@ pub fn train(
         tokens_per_sec: (engine.spec.tokens_per_step() * losses.len() as u64) as f64
             / train_s.max(1e-9),
         train_s,
+        train_cpu_s,
         losses,
         params_sha256: sha,
         param_count: engine.params.len(),
     })
+}
+
+/// CPU seconds (user + system, every thread) this process has used so far.
+pub fn process_cpu_s() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we pass and nothing else.
+    if unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) } != 0 {
+        return f64::NAN;
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
 /// The mean of per-micro-batch values, summed in micro-batch index order whatever rank
@@ -609,6 +695,71 @@ mod tests {
             assert_eq!(o[0], "mismatch owner 1 verifier 0 micro 1", "{outcomes:?}");
             assert_eq!(o[1], "corrupt 1", "{outcomes:?}");
         }
+    }
+
+    /// Runs 3 steps on `world` ranks; every rank's parameter hash and losses.
+    fn three_steps(world: usize) -> Vec<(String, Vec<u64>)> {
+        on_ranks(world, 8, |_, mut e, mut g| {
+            let mut s = Stepper::new(&e, &g, &[], Duration::from_secs(30)).unwrap();
+            let losses = (0..3)
+                .map(|_| s.step(&mut e, &mut g).unwrap().loss.to_bits())
+                .collect();
+            (e.params_sha256(), losses)
+        })
+    }
+
+    #[test]
+    fn a_rank_alone_reduces_from_the_tensors_to_the_same_bits_as_a_group() {
+        let alone = three_steps(1);
+        let pair = three_steps(2);
+        assert_eq!(
+            alone[0], pair[0],
+            "world 1 (local mean) vs world 2 (reduce_mean)"
+        );
+        assert_eq!(pair[0], pair[1]);
+    }
+
+    #[test]
+    fn the_local_mean_equals_reduce_mean_of_the_flat_gradients() {
+        on_ranks(1, 8, |_, e, mut g| {
+            let n = e.params.len();
+            let mut tensors = Vec::new();
+            let mut flats = Vec::new();
+            for m in 0..4 {
+                let (_, t) = e.micro_grad_tensors(0, m).unwrap();
+                let mut flat = vec![0f32; n];
+                e.model.copy_grads(&t, &mut flat).unwrap();
+                tensors.push(t);
+                flats.push(flat);
+            }
+            let mut local = vec![0f32; n];
+            let mut scratch = Vec::new();
+            let done =
+                crate::local_mean::local_mean(&tensors, &e.model.layout, &mut local, &mut scratch)
+                    .unwrap();
+            assert!(done, "CPU f32 gradients are read in place");
+            let refs: Vec<&[f32]> = flats.iter().map(|f| f.as_slice()).collect();
+            let mut reduced = vec![0f32; n];
+            deterministic::reduce_mean(&mut g, &refs, 4, &mut reduced, Duration::from_secs(30))
+                .unwrap();
+            assert!(local
+                .iter()
+                .zip(&reduced)
+                .all(|(a, b)| a.to_bits() == b.to_bits()));
+            // A NaN is refused with its place, as reduce_mean refuses it.
+            let mut bad = tensors[2][3].copy();
+            let _ = bad.f_fill_(f64::NAN).unwrap();
+            tensors[2][3] = bad;
+            let e2 =
+                crate::local_mean::local_mean(&tensors, &e.model.layout, &mut local, &mut scratch)
+                    .unwrap_err()
+                    .to_string();
+            let at = e.model.layout.slots[3].offset;
+            assert!(
+                e2.contains(&format!("micro-batch 2 element {at} = NaN")),
+                "{e2}"
+            );
+        });
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod dp;
 pub mod export;
 pub mod fault;
 pub mod job_checkpoints;
+pub mod local_mean;
 pub mod numerics;
 pub mod rendezvous;
 pub mod silence;

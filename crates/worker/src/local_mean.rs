@@ -1,0 +1,96 @@
+//! The deterministic gradient mean of a group of one, straight from autograd's tensors.
+//!
+//! [`phalanx_collective::deterministic::reduce_mean`] takes one flat f32 vector per
+//! micro-batch. A rank alone in its group has nobody to send them to, and copying every
+//! micro-batch's gradient into a flat vector only to read it again costs two passes over
+//! the parameters per micro-batch. Here the same fixed-point arithmetic runs over the
+//! per-parameter gradient tensors themselves: the global max |g|, the exponent
+//! `choose_scale_exp(max, M)`, the exact i64 sum of `round(g * 2^k)` and the decode
+//! `(sum / 2^k / M) as f32`, with the collective crate's own functions. Integer sums are
+//! exact, so summing per parameter in cache-sized chunks instead of over the whole
+//! vector gives the same integers, and the mean has the same bits as `reduce_mean`
+//! gives for the same micro-gradients at any world size (tested against a group of two).
+use phalanx_collective::error::NonFiniteLocation;
+use phalanx_collective::fixed_point;
+use phalanx_collective::CollectiveError;
+use phalanx_train::model::{cpu_f32, Layout};
+use tch::Tensor;
+
+use crate::WorkerError;
+
+/// Elements encoded and decoded at a time: the i64 chunk (128 KiB) stays in L2.
+const CHUNK: usize = 16 * 1024;
+
+/// Writes the deterministic mean of the micro-batches' gradients `grads[micro][slot]`
+/// into `out`. Returns `Ok(false)`, having written nothing, when some gradient is not a
+/// contiguous f32 CPU tensor (a CUDA or bf16 tensor, an unused parameter): the caller
+/// then takes the flat path. A NaN or infinity is the same error `reduce_mean` returns.
+pub fn local_mean(
+    grads: &[Vec<Tensor>],
+    layout: &Layout,
+    out: &mut [f32],
+    scratch: &mut Vec<i64>,
+) -> Result<bool, WorkerError> {
+    let total = grads.len();
+    if total == 0 || out.len() != layout.total {
+        return Err(WorkerError::Protocol(format!(
+            "local mean of {total} micro-batches into {} values for {} parameters",
+            out.len(),
+            layout.total
+        )));
+    }
+    let mut slices: Vec<Vec<&[f32]>> = Vec::with_capacity(total);
+    for g in grads {
+        if g.len() != layout.slots.len() {
+            return Ok(false);
+        }
+        let mut per_slot = Vec::with_capacity(g.len());
+        for (slot, t) in layout.slots.iter().zip(g) {
+            match cpu_f32(t, slot.numel) {
+                Some(s) => per_slot.push(s),
+                None => return Ok(false),
+            }
+        }
+        slices.push(per_slot);
+    }
+    let mut gmax = 0f64;
+    for (micro, per_slot) in slices.iter().enumerate() {
+        for (slot, s) in layout.slots.iter().zip(per_slot) {
+            let m = fixed_point::max_abs(&[s]);
+            if let Some(loc) = m.non_finite {
+                return Err(CollectiveError::NonFinite {
+                    source_rank: 0,
+                    location: Some(NonFiniteLocation {
+                        micro_batch: micro,
+                        element: slot.offset + loc.element,
+                        value: loc.value,
+                    }),
+                }
+                .into());
+            }
+            gmax = gmax.max(m.max_abs);
+        }
+    }
+    let k = fixed_point::choose_scale_exp(gmax, total).map_err(|e| {
+        WorkerError::Collective(CollectiveError::InvalidArgument {
+            reason: format!("reduce_mean: {e}"),
+        })
+    })?;
+    scratch.resize(CHUNK, 0);
+    let mut chunk: Vec<&[f32]> = Vec::with_capacity(total);
+    for (i, slot) in layout.slots.iter().enumerate() {
+        let mut start = 0;
+        while start < slot.numel {
+            let end = (start + CHUNK).min(slot.numel);
+            let sums = &mut scratch[..end - start];
+            sums.fill(0);
+            chunk.clear();
+            chunk.extend(slices.iter().map(|per_slot| &per_slot[i][start..end]));
+            fixed_point::encode_sum(&chunk, k, sums);
+            let at = slot.offset + start;
+            fixed_point::decode(sums, k, total, &mut out[at..at + end - start]);
+            start = end;
+        }
+    }
+    Ok(true)
+}
