@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod node;
+pub mod persist;
 pub mod proc;
 pub mod server;
 pub mod storage;

@@ -31,6 +31,10 @@ pub enum NodeError {
     Config(String),
     #[error("membership change refused: {0}")]
     Refused(String),
+    /// The background sync of the log failed (or its thread is gone): the node stops, as
+    /// it would on a failed fsync on the raft thread.
+    #[error("persisting the raft log: {0}")]
+    Persist(String),
 }
 
 /// Raft timing and log-compaction settings of one replica.
@@ -92,6 +96,21 @@ pub struct ReadyOutput {
     pub conf_changes: Vec<(u64, Result<Vec<NodeId>, String>)>,
 }
 
+/// One Ready handled by [`Replica::ready_async`], its persistence still to be done.
+pub struct AsyncReady {
+    /// Messages that may go at once (a leader's appends and heartbeats).
+    pub early: Vec<Message>,
+    /// The Ready's number, for [`Replica::on_persisted`].
+    pub number: u64,
+    /// Entries, a new term or vote, or a snapshot were written: an fsync must precede
+    /// `on_persisted`. Otherwise nothing of this Ready needs the disk.
+    pub needs_sync: bool,
+    /// Messages that may go only once this Ready is durable (a follower's acknowledgements
+    /// and votes).
+    pub after_persist: Vec<Message>,
+    pub out: ReadyOutput,
+}
+
 /// A Ready between `ready_begin` and `ready_end`.
 pub struct PendingReady {
     rd: raft::Ready,
@@ -121,6 +140,9 @@ pub struct Replica {
     ticks: u64,
     /// Follower -> tick at which the last snapshot was sent to it.
     snapshot_sent: BTreeMap<NodeId, u64>,
+    /// A snapshot installed by `ready_async` (its Ready's number and index): raft-rs's
+    /// applied index moves to it once that Ready is durable.
+    snapshot_until_durable: Option<(u64, u64)>,
 }
 
 /// Route raft-rs's slog records into `tracing`.
@@ -183,6 +205,7 @@ impl Replica {
             last_role: StateRole::Follower,
             ticks: 0,
             snapshot_sent: BTreeMap::new(),
+            snapshot_until_durable: None,
         })
     }
 
@@ -375,7 +398,7 @@ impl Replica {
     /// The first half of `on_ready`: the messages that may go out before anything is
     /// persisted (a leader's heartbeats and appends), to be sent at once, so that they never
     /// wait behind this Ready's fsync. `ready_end` does the rest.
-    pub fn ready_begin(&mut self) -> Option<(Vec<Message>, PendingReady)> {
+    fn ready_begin(&mut self) -> Option<(Vec<Message>, PendingReady)> {
         if !self.raw.has_ready() {
             return None;
         }
@@ -389,36 +412,19 @@ impl Replica {
             self.last_role = ss.raft_state;
         }
         let early = rd.take_messages();
-        for m in &early {
-            if m.get_msg_type() == raft::prelude::MessageType::MsgSnapshot {
-                self.snapshot_sent.insert(m.to, self.ticks);
-            }
-        }
+        self.note_snapshots_sent(&early);
         out.read_states = rd.take_read_states();
         Some((early, PendingReady { rd, out }))
     }
 
     /// The second half of `on_ready` (see `ready_begin`).
-    pub fn ready_end(&mut self, pending: PendingReady) -> Result<ReadyOutput, NodeError> {
+    fn ready_end(&mut self, pending: PendingReady) -> Result<ReadyOutput, NodeError> {
         let PendingReady { mut rd, mut out } = pending;
         let span = info_span!("ready", node = self.cfg.id);
         let _g = span.enter();
 
         if !rd.snapshot().is_empty() {
-            let snap = rd.snapshot().clone();
-            let index = snap.get_metadata().index;
-            self.state = ClusterState::restore(&snap.data)?;
-            self.state.note_index(index);
-            self.raw.mut_store().apply_snapshot(&snap)?;
-            for m in &self.state.members {
-                if !m.address.is_empty() {
-                    self.addresses.insert(m.id, m.address.clone());
-                }
-            }
-            self.counters.snapshots_installed += 1;
-            out.snapshot_installed = true;
-            out.members_changed = true;
-            info!(index, "installed snapshot from leader");
+            self.install_snapshot(rd.snapshot().clone(), &mut out)?;
         }
 
         let committed = rd.take_committed_entries();
@@ -446,13 +452,98 @@ impl Replica {
         let committed = light.take_committed_entries();
         self.apply_entries(committed, &mut out)?;
         self.raw.advance_apply();
-        self.maybe_compact()?;
-        for m in &out.messages {
+        self.maybe_compact(true)?;
+        self.note_snapshots_sent(&out.messages);
+        Ok(out)
+    }
+
+    /// One Ready with persistence left to the caller (raft-rs's asynchronous Ready), so
+    /// the raft thread never waits on the disk: the Ready's entries and hard state are
+    /// written to sled (memory; fast), its snapshot installed and its committed entries
+    /// applied. The caller sends `early` at once, makes everything written durable when
+    /// `needs_sync` (any number of Readies may share one fsync: see
+    /// `storage::Syncer`), then calls [`Replica::on_persisted`] with `number` (or a larger
+    /// one) and only then sends `after_persist`.
+    pub fn ready_async(&mut self) -> Result<Option<AsyncReady>, NodeError> {
+        let Some((early, pending)) = self.ready_begin() else {
+            return Ok(None);
+        };
+        let PendingReady { mut rd, mut out } = pending;
+        if !rd.snapshot().is_empty() {
+            self.install_snapshot(rd.snapshot().clone(), &mut out)?;
+        }
+        let committed = rd.take_committed_entries();
+        let applied_upto = committed.last().map(|e| e.index);
+        self.apply_entries(committed, &mut out)?;
+        let hs = rd.hs().cloned();
+        if !rd.entries().is_empty() || hs.is_some() {
+            self.raw.mut_store().append(rd.entries(), hs.as_ref())?;
+        }
+        let needs_sync = rd.must_sync() || !rd.entries().is_empty() || out.snapshot_installed;
+        let after_persist = rd.take_persisted_messages();
+        let number = rd.number();
+        self.raw.advance_append_async(rd);
+        // raft-rs lets `applied` pass neither the commit nor what is durable here: entries
+        // (handed out only once durable) advance it now, a snapshot once it is durable.
+        if let Some(last) = applied_upto {
+            self.raw.advance_apply_to(last);
+        }
+        if out.snapshot_installed {
+            self.snapshot_until_durable = Some((number, self.state.applied_index));
+        }
+        self.maybe_compact(false)?;
+        self.note_snapshots_sent(&after_persist);
+        Ok(Some(AsyncReady {
+            early,
+            number,
+            needs_sync,
+            after_persist,
+            out,
+        }))
+    }
+
+    /// Every Ready up to `number` is durable (see [`Replica::ready_async`]); `fsynced` says
+    /// whether it took an fsync (for the counters).
+    pub fn on_persisted(&mut self, number: u64, fsynced: bool) {
+        if fsynced {
+            self.counters.fsyncs += 1;
+        }
+        self.raw.on_persist_ready(number);
+        if let Some((ready, index)) = self.snapshot_until_durable {
+            if number >= ready {
+                self.snapshot_until_durable = None;
+                self.raw.advance_apply_to(index);
+            }
+        }
+    }
+
+    fn note_snapshots_sent(&mut self, messages: &[Message]) {
+        for m in messages {
             if m.get_msg_type() == raft::prelude::MessageType::MsgSnapshot {
                 self.snapshot_sent.insert(m.to, self.ticks);
             }
         }
-        Ok(out)
+    }
+
+    fn install_snapshot(
+        &mut self,
+        snap: raft::prelude::Snapshot,
+        out: &mut ReadyOutput,
+    ) -> Result<(), NodeError> {
+        let index = snap.get_metadata().index;
+        self.state = ClusterState::restore(&snap.data)?;
+        self.state.note_index(index);
+        self.raw.mut_store().apply_snapshot(&snap)?;
+        for m in &self.state.members {
+            if !m.address.is_empty() {
+                self.addresses.insert(m.id, m.address.clone());
+            }
+        }
+        self.counters.snapshots_installed += 1;
+        out.snapshot_installed = true;
+        out.members_changed = true;
+        info!(index, "installed snapshot from leader");
+        Ok(())
     }
 
     fn apply_entries(
@@ -550,24 +641,33 @@ impl Replica {
         })
     }
 
-    fn maybe_compact(&mut self) -> Result<(), NodeError> {
+    /// Compact once `snapshot_entries` entries were applied since the last snapshot.
+    /// `durable_now: false` leaves the fsync to the next background sync (the compaction is
+    /// one sled batch, so a crash before it finds either the old log or the new snapshot).
+    fn maybe_compact(&mut self, durable_now: bool) -> Result<(), NodeError> {
         let snap_index = self.raw.store().current_snapshot().get_metadata().index;
         if self.state.applied_index >= snap_index + self.cfg.snapshot_entries {
-            self.compact_now()?;
+            self.compact(durable_now)?;
         }
         Ok(())
     }
 
     /// Snapshot the state machine at the applied index and drop the log before it.
     pub fn compact_now(&mut self) -> Result<(), NodeError> {
+        self.compact(true)
+    }
+
+    fn compact(&mut self, durable_now: bool) -> Result<(), NodeError> {
         let applied = self.state.applied_index;
         let snap_index = self.raw.store().current_snapshot().get_metadata().index;
         if applied > snap_index && applied <= self.raw.store().last_index_cached() {
             let data = self.state.snapshot_bytes();
             self.raw.mut_store().compact(applied, data)?;
-            self.raw.mut_store().sync()?;
+            if durable_now {
+                self.raw.mut_store().sync()?;
+                self.counters.fsyncs += 1;
+            }
             self.counters.snapshots_taken += 1;
-            self.counters.fsyncs += 1;
             info!(index = applied, "log compacted behind a state snapshot");
         }
         Ok(())

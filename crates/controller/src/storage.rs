@@ -314,10 +314,18 @@ impl SledStorage {
 
     /// Make everything written so far durable (see the module docs for why this suffices).
     pub fn sync(&mut self) -> Result<(), StorageError> {
-        self.db.flush().map_err(|e| self.sled_err(e))?;
-        fsync_tree(&self.dir)?;
+        self.syncer().sync()?;
         self.syncs += 1;
         Ok(())
+    }
+
+    /// A handle that makes this store durable from another thread, so that the raft
+    /// thread keeps ticking and answering while the disk works.
+    pub fn syncer(&self) -> Syncer {
+        Syncer {
+            db: self.db.clone(),
+            dir: self.dir.clone(),
+        }
     }
 
     fn get_entry(&self, index: u64) -> raft::Result<Entry> {
@@ -327,6 +335,25 @@ impl SledStorage {
             .map_err(|e| raft::Error::Store(RaftStorageError::Other(Box::new(e))))?
             .ok_or(raft::Error::Store(RaftStorageError::Unavailable))?;
         Entry::parse_from_bytes(&v).map_err(raft::Error::CodecError)
+    }
+}
+
+/// Makes a [`SledStorage`] durable from any thread: sled's `flush`, then `fsync` of its
+/// files and directory. Everything written to the store before `sync` begins is durable
+/// when it returns (writes made while it runs may or may not be).
+#[derive(Clone)]
+pub struct Syncer {
+    db: sled::Db,
+    dir: PathBuf,
+}
+
+impl Syncer {
+    pub fn sync(&self) -> Result<(), StorageError> {
+        self.db.flush().map_err(|e| StorageError::Sled {
+            path: self.dir.clone(),
+            source: e,
+        })?;
+        fsync_tree(&self.dir)
     }
 }
 

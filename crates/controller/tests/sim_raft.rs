@@ -28,6 +28,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::time::Instant;
 
+use phalanx_controller::node::{NodeError, ReadyOutput};
+use phalanx_controller::persist::PersistQueue;
 use phalanx_controller::{Replica, ReplicaConfig};
 use phalanx_core::ClusterState;
 use phalanx_proto::{Command, Envelope, NodeId};
@@ -115,7 +117,14 @@ struct Profile {
     heal: f64,
     write: f64,
     read: f64,
+    /// 0: each Ready is made durable on the spot (`Replica::on_ready`); otherwise the
+    /// server's asynchronous path (`ready_async` + `PersistQueue`), each sync finishing
+    /// 1..=this many ticks after it starts.
+    sync_delay_max: u64,
 }
+
+/// One node's round: the messages to send and its Ready outputs.
+type Driven = (Vec<Message>, Vec<ReadyOutput>);
 
 struct Sim {
     seed: u64,
@@ -124,6 +133,9 @@ struct Sim {
     root: PathBuf,
     voters: Vec<NodeId>,
     nodes: BTreeMap<NodeId, Replica>,
+    /// Asynchronous persistence per live node: its queue and the running sync (the Ready
+    /// number it covers, the tick it finishes). A crash drops both.
+    persist: BTreeMap<NodeId, (PersistQueue, Option<(u64, u64)>)>,
     down: BTreeSet<NodeId>,
     /// Directed cuts: messages from .0 to .1 are dropped.
     cut: BTreeSet<(NodeId, NodeId)>,
@@ -181,6 +193,7 @@ impl Sim {
             heal: 0.01 + 0.05 * (rng.below(4) as f64 / 4.0),
             write: 0.1 + 0.4 * (rng.below(4) as f64 / 4.0),
             read: 0.05 + 0.3 * (rng.below(4) as f64 / 4.0),
+            sync_delay_max: [0, 1, 3, 8][rng.below(4) as usize],
         };
         let base = if std::path::Path::new("/dev/shm").is_dir() {
             PathBuf::from("/dev/shm")
@@ -205,6 +218,7 @@ impl Sim {
             root,
             voters,
             nodes: BTreeMap::new(),
+            persist: BTreeMap::new(),
             down: BTreeSet::new(),
             cut: BTreeSet::new(),
             net: Vec::new(),
@@ -258,6 +272,7 @@ impl Sim {
             }
         };
         self.nodes.insert(id, r);
+        self.persist.insert(id, Default::default());
         self.down.remove(&id);
         self.checked_to.insert(id, 0);
     }
@@ -276,6 +291,7 @@ impl Sim {
 
     fn crash(&mut self, id: NodeId) {
         self.nodes.remove(&id);
+        self.persist.remove(&id);
         self.down.insert(id);
         self.stats.crashes += 1;
         self.writes.retain(|_, w| w.node != id);
@@ -409,23 +425,60 @@ impl Sim {
 
     /// Run every node's Ready, route the messages into the network, deliver what is due.
     /// Returns whether anything happened.
+    /// Run one node's Readies (and, in the asynchronous mode, finish its sync when due):
+    /// the messages to send and the Ready outputs, or `None` when it had nothing to do.
+    fn drive(&mut self, id: NodeId) -> Result<Option<Driven>, String> {
+        let fail = |e: NodeError| format!("node {id}: ready failed: {e}");
+        let n = self.nodes.get_mut(&id).expect("live node");
+        if self.p.sync_delay_max == 0 {
+            if !n.raw.has_ready() {
+                return Ok(None);
+            }
+            let mut out = n.on_ready().map_err(fail)?;
+            return Ok(Some((std::mem::take(&mut out.messages), vec![out])));
+        }
+        let (queue, sync) = self.persist.get_mut(&id).expect("live node's queue");
+        let mut msgs = Vec::new();
+        let mut outs = Vec::new();
+        let mut start = None;
+        if let Some((number, due)) = *sync {
+            if due <= self.now {
+                *sync = None;
+                let step = queue.on_synced(n, number);
+                msgs.extend(step.send);
+                start = step.start_sync;
+            }
+        }
+        let synced = !msgs.is_empty() || start.is_some();
+        while n.raw.has_ready() {
+            let Some(mut ar) = n.ready_async().map_err(fail)? else {
+                break;
+            };
+            msgs.append(&mut ar.early);
+            let step = queue.after_ready(n, &mut ar);
+            msgs.extend(step.send);
+            start = start.or(step.start_sync);
+            outs.push(ar.out);
+        }
+        if let Some(number) = start {
+            *sync = Some((number, self.now + 1 + self.rng.below(self.p.sync_delay_max)));
+        }
+        if outs.is_empty() && !synced {
+            return Ok(None);
+        }
+        Ok(Some((msgs, outs)))
+    }
+
+    /// Run every node's Ready, route the messages into the network, deliver what is due.
+    /// Returns whether anything happened.
     fn round(&mut self) -> Result<bool, String> {
         let mut busy = false;
         for id in self.live() {
-            let out = {
-                let n = self.nodes.get_mut(&id).expect("live node");
-                if !n.raw.has_ready() {
-                    continue;
-                }
-                busy = true;
-                n.on_ready()
-                    .map_err(|e| format!("node {id}: on_ready failed: {e}"))?
+            let Some((messages, outs)) = self.drive(id)? else {
+                continue;
             };
-            if out.snapshot_installed {
-                self.stats.snapshots_installed += 1;
-                self.trace(format_args!("{id} installed a snapshot"));
-            }
-            for m in out.messages {
+            busy = true;
+            for m in messages {
                 if self.rng.chance(self.p.loss) {
                     continue;
                 }
@@ -438,27 +491,33 @@ impl Sim {
                     });
                 }
             }
-            for a in out.applied {
-                if self.writes.get(&a.request_id).is_some_and(|w| w.node == id) {
-                    let w = self.writes.remove(&a.request_id).expect("pending write");
-                    self.stats.writes_acked += 1;
-                    self.observed = self.observed.max(a.applied.index);
-                    self.acked.insert(
-                        a.request_id.clone(),
-                        (a.applied.index, w.key, a.request_id.clone()),
-                    );
-                    self.trace(format_args!("ack {} at {}", a.request_id, a.applied.index));
+            for out in outs {
+                if out.snapshot_installed {
+                    self.stats.snapshots_installed += 1;
+                    self.trace(format_args!("{id} installed a snapshot"));
                 }
-            }
-            for rs in out.read_states {
-                let ctx = u64::from_be_bytes(
-                    rs.request_ctx
-                        .get(..8)
-                        .and_then(|b| b.try_into().ok())
-                        .unwrap_or([0; 8]),
-                );
-                if let Some(r) = self.reads.get_mut(&ctx).filter(|r| r.node == id) {
-                    r.index = Some(rs.index);
+                for a in out.applied {
+                    if self.writes.get(&a.request_id).is_some_and(|w| w.node == id) {
+                        let w = self.writes.remove(&a.request_id).expect("pending write");
+                        self.stats.writes_acked += 1;
+                        self.observed = self.observed.max(a.applied.index);
+                        self.acked.insert(
+                            a.request_id.clone(),
+                            (a.applied.index, w.key, a.request_id.clone()),
+                        );
+                        self.trace(format_args!("ack {} at {}", a.request_id, a.applied.index));
+                    }
+                }
+                for rs in out.read_states {
+                    let ctx = u64::from_be_bytes(
+                        rs.request_ctx
+                            .get(..8)
+                            .and_then(|b| b.try_into().ok())
+                            .unwrap_or([0; 8]),
+                    );
+                    if let Some(r) = self.reads.get_mut(&ctx).filter(|r| r.node == id) {
+                        r.index = Some(rs.index);
+                    }
                 }
             }
         }

@@ -314,6 +314,7 @@ fn start_with(
         token: cfg.token.clone(),
         cfg: cfg.clone(),
     });
+    let in_tx2 = ctx.inputs.clone();
     runtime.spawn(accept_loop(listener, ctx));
 
     let handle = runtime.handle().clone();
@@ -326,7 +327,7 @@ fn start_with(
     let raft_thread = std::thread::Builder::new()
         .name(format!("raft-{}", cfg.id))
         .spawn(move || {
-            let mut lp = RaftLoop::new(replica, cfg2, handle, gate2);
+            let mut lp = RaftLoop::new(replica, cfg2, handle, gate2, in_tx2);
             if let Err(e) = lp.run(in_rx, &stop2) {
                 error!(%e, "raft loop stopped on a fatal error");
             }

@@ -16,6 +16,7 @@ use super::api::{ApiError, Query, Reply};
 use super::transport::{peer_sender, LinkTiming};
 use super::ServerConfig;
 use crate::node::{NodeError, Replica};
+use crate::persist::{PersistQueue, PersistStep};
 
 pub(crate) enum Input {
     Peer(Message),
@@ -41,6 +42,47 @@ pub(crate) enum Input {
         change: MemberChange,
         reply: Reply,
     },
+    /// The sync thread made every Ready up to `number` durable (or failed to).
+    Persisted {
+        number: u64,
+        result: Result<(), String>,
+    },
+}
+
+/// Persistence off the raft thread (see `crate::persist`): the sync thread runs one
+/// fsync at a time and reports through the raft loop's own input channel.
+struct Persistence {
+    requests: std_mpsc::Sender<u64>,
+    queue: PersistQueue,
+}
+
+impl Persistence {
+    fn start(
+        id: NodeId,
+        syncer: crate::storage::Syncer,
+        inputs: std_mpsc::Sender<Input>,
+    ) -> Persistence {
+        let (tx, rx) = std_mpsc::channel::<u64>();
+        let spawned = std::thread::Builder::new()
+            .name(format!("raft-sync-{id}"))
+            .spawn(move || {
+                // Ends when the raft loop (the sender) is gone.
+                while let Ok(number) = rx.recv() {
+                    let result = syncer.sync().map_err(|e| e.to_string());
+                    if inputs.send(Input::Persisted { number, result }).is_err() {
+                        return;
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            // Without the thread the first sync request fails and the loop stops with it.
+            tracing::error!(%e, "could not start the raft sync thread");
+        }
+        Persistence {
+            requests: tx,
+            queue: PersistQueue::default(),
+        }
+    }
 }
 
 struct Waiter {
@@ -85,6 +127,7 @@ pub(crate) struct RaftLoop {
     start: Instant,
     was_leader: bool,
     peer_gate: Arc<std::sync::atomic::AtomicBool>,
+    persist: Persistence,
 }
 
 impl RaftLoop {
@@ -93,8 +136,11 @@ impl RaftLoop {
         cfg: ServerConfig,
         rt: tokio::runtime::Handle,
         peer_gate: Arc<std::sync::atomic::AtomicBool>,
+        inputs: std_mpsc::Sender<Input>,
     ) -> Self {
+        let persist = Persistence::start(cfg.id, r.raw.store().syncer(), inputs);
         RaftLoop {
+            persist,
             r,
             cfg,
             rt,
@@ -177,6 +223,7 @@ impl RaftLoop {
 
     fn handle(&mut self, input: Input) -> Result<(), NodeError> {
         match input {
+            Input::Persisted { number, result } => self.on_persisted(number, result)?,
             Input::Peer(m) => {
                 if self.peer_gate.load(std::sync::atomic::Ordering::Relaxed) {
                     self.r.step(m)?
@@ -335,17 +382,16 @@ impl RaftLoop {
             }
             let span = info_span!("ready_loop", node = self.cfg.id);
             let _g = span.enter();
-            // A leader's messages go out before the Ready's fsync, never behind it.
-            let Some((early, pending)) = self.r.ready_begin() else {
+            // A leader's messages go out at once; the fsync runs on the sync thread.
+            let Some(mut ar) = self.r.ready_async()? else {
                 break;
             };
-            for m in early {
+            for m in std::mem::take(&mut ar.early) {
                 self.send(m);
             }
-            let out = self.r.ready_end(pending)?;
-            for m in out.messages {
-                self.send(m);
-            }
+            let step = self.persist.queue.after_ready(&mut self.r, &mut ar);
+            self.apply_persist_step(step)?;
+            let out = ar.out;
             for a in out.applied {
                 if let Some(ws) = self.waiters.remove(&a.request_id) {
                     let resp = CommandResponse {
@@ -405,6 +451,26 @@ impl RaftLoop {
             }
         }
         Ok(())
+    }
+
+    /// Send what a persistence step released and start the sync it asks for.
+    fn apply_persist_step(&mut self, step: PersistStep) -> Result<(), NodeError> {
+        for m in step.send {
+            self.send(m);
+        }
+        if let Some(number) = step.start_sync {
+            self.persist
+                .requests
+                .send(number)
+                .map_err(|_| NodeError::Persist("the raft sync thread is gone".into()))?;
+        }
+        Ok(())
+    }
+
+    fn on_persisted(&mut self, number: u64, result: Result<(), String>) -> Result<(), NodeError> {
+        result.map_err(NodeError::Persist)?;
+        let step = self.persist.queue.on_synced(&mut self.r, number);
+        self.apply_persist_step(step)
     }
 
     fn send(&mut self, m: Message) {
