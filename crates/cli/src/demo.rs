@@ -13,7 +13,7 @@ use phalanx_controller::client::Client;
 use phalanx_proto::{Event, JobInfo, JobState, StatusResponse};
 use serde::Serialize;
 
-use crate::train::write_json;
+use crate::util::write_json;
 
 #[derive(Args, Debug)]
 pub struct DemoCmd {
@@ -23,8 +23,10 @@ pub struct DemoCmd {
     /// Model configuration.
     #[arg(long, default_value = "tiny")]
     model: String,
+    /// Optimizer steps of the demo job.
     #[arg(long, default_value_t = 300)]
     steps: u64,
+    /// Seed of the job (initial parameters and data order).
     #[arg(long, default_value_t = 7)]
     seed: u64,
     /// Write the summary as JSON here.

@@ -13,14 +13,8 @@ use phalanx_train::model::Gpt;
 use phalanx_worker::numerics;
 
 /// Parses a numerics profile name (for clap).
-pub fn parse_numerics(s: &str) -> Result<NumericsProfile, String> {
-    NumericsProfile::parse(s).ok_or_else(|| {
-        format!(
-            "unknown numerics profile `{s}`; expected one of {}",
-            NumericsProfile::ALL.map(|p| p.as_str()).join(", ")
-        )
-    })
-}
+// One parser for both binaries.
+pub use phalanx_cli::util::parse_numerics;
 
 #[derive(Args, Debug)]
 pub struct SampleCmd {

@@ -45,6 +45,10 @@ pub struct Client {
     pub request_timeout: Duration,
     /// Bound of a call with all its retries.
     pub deadline: Duration,
+    /// When set, a call gives up after this long if no controller has answered at all
+    /// (every connection refused or timed out): an unreachable cluster is reported
+    /// quickly, while a reachable one that is electing a leader still gets `deadline`.
+    pub unreachable_after: Option<Duration>,
     preferred: AtomicUsize,
 }
 
@@ -127,6 +131,7 @@ impl Client {
             token,
             request_timeout: Duration::from_secs(5),
             deadline: Duration::from_secs(10),
+            unreachable_after: None,
             preferred: AtomicUsize::new(0),
         })
     }
@@ -147,13 +152,22 @@ impl Client {
         let mut i = self.preferred.load(Ordering::Relaxed);
         let mut redirect: Option<String> = None;
         let mut attempt = 0u32;
-        while start.elapsed() < self.deadline {
+        let mut answered = false;
+        // Until some node answers, the shorter bound applies.
+        let bound = |answered: bool| match self.unreachable_after {
+            Some(d) if !answered => d.min(self.deadline),
+            _ => self.deadline,
+        };
+        while start.elapsed() < bound(answered) {
             attempt += 1;
             let addr = redirect
                 .take()
                 .unwrap_or_else(|| self.addrs[i % self.addrs.len()].clone());
+            // A node that accepts the connection gets the full request timeout (a write
+            // may wait on a slow disk); only the connection attempts are bounded by
+            // `unreachable_after` (connect_timeout is at most 1 s in `http_once`).
             let remaining = self.deadline.saturating_sub(start.elapsed());
-            match http_once(
+            let result = http_once(
                 &addr,
                 method,
                 path,
@@ -161,7 +175,9 @@ impl Client {
                 body,
                 self.request_timeout
                     .min(remaining.max(Duration::from_millis(100))),
-            ) {
+            );
+            answered |= result.is_ok();
+            match result {
                 Ok((status, bytes)) if (200..300).contains(&status) => {
                     if let Some(pos) = self.addrs.iter().position(|a| *a == addr) {
                         self.preferred.store(pos, Ordering::Relaxed);
@@ -218,7 +234,7 @@ impl Client {
             }
         }
         Err(ClientError::Unavailable {
-            deadline_ms: self.deadline.as_millis() as u64,
+            deadline_ms: bound(answered).as_millis() as u64,
             addrs: self.addrs.join(","),
             last,
         })

@@ -258,8 +258,10 @@ corpus = "default"
 steps = {steps}
 
 # Sequences per step, summed over all ranks. The result does not depend on the world
-# size; it must be at least world_size_max.
-global_batch = 16
+# size. It is cut into micro-batches of {micro} sequences, at least one per rank of
+# world_size_max: a multiple of {micro} and at least {micro} x world_size_max ({min} here).
+# `phalanx train` and `phalanx demo` use 8 too, so this job reproduces their runs.
+global_batch = 8
 
 # Seed of the model init and the data sampler: (job file, seed) reproduces the run.
 seed = 7
@@ -279,6 +281,8 @@ world_size_max = 4
 numerics = "x86-64-avx2"
 "#,
         models = MODELS.join(", "),
+        micro = MICRO_BATCH,
+        min = MICRO_BATCH * 4,
     );
     parse_job_toml(&text)?;
     Ok(text)
@@ -330,7 +334,7 @@ mod tests {
                 "world_size_min = 0",
                 "`world_size_min`",
             ),
-            ("global_batch = 16", "global_batch = 2", "`global_batch`"),
+            ("global_batch = 8", "global_batch = 2", "`global_batch`"),
             ("seed = 7", "seed = 7\nsede = 8", "`sede`"),
             ("name = \"tiny-60\"", "name = \"bad name!\"", "`name`"),
             (

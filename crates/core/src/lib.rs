@@ -6,6 +6,7 @@
 pub mod jobfile;
 pub mod leader_duties;
 pub mod leases;
+mod operator;
 pub mod policy;
 pub mod state;
 
@@ -14,6 +15,25 @@ pub use leader_duties::{DutiesConfig, Duty, DutyKind, LeaderDuties};
 pub use leases::{LeaseConfig, LeaseDecision, Leases};
 pub use policy::{PlacementDecision, Reason, StragglerConfig, StragglerDecision, Stragglers};
 pub use state::{Applied, ClusterState, SnapshotError, StateLimits};
+
+/// `<root>/<job id>`: a job's own checkpoint directory. The id is the job's name (letters,
+/// digits, `-`, `_`, `.`, validated at submission) and its submission index; anything
+/// else is refused rather than joined into a path.
+pub fn job_checkpoint_dir(
+    root: &std::path::Path,
+    job_id: &str,
+) -> Result<std::path::PathBuf, String> {
+    let ok = !job_id.is_empty()
+        && job_id.len() <= 200
+        && !job_id.starts_with('.')
+        && job_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if !ok {
+        return Err(format!("job id {job_id:?} is not a safe directory name"));
+    }
+    Ok(root.join(job_id))
+}
 
 /// Effective training time of a finished job: wall time from the start of training to its
 /// end, minus the recovery windows its workers measured, over that wall time. `None` until

@@ -73,10 +73,10 @@ pub struct ClusterState {
 const RECOVERIES_MAX: usize = 256;
 const STALLS_MAX: usize = 64;
 
-fn ok(m: impl Into<String>) -> Outcome {
+pub(crate) fn ok(m: impl Into<String>) -> Outcome {
     Outcome::Applied { message: m.into() }
 }
-fn no(m: impl Into<String>) -> Outcome {
+pub(crate) fn no(m: impl Into<String>) -> Outcome {
     Outcome::Rejected { reason: m.into() }
 }
 
@@ -173,7 +173,7 @@ impl ClusterState {
         }
     }
 
-    fn event(&mut self, index: u64, kind: &str, subject: &str, reason: String) {
+    pub(crate) fn event(&mut self, index: u64, kind: &str, subject: &str, reason: String) {
         let seq = self.next_event_seq;
         self.next_event_seq += 1;
         self.events.push_back(Event {
@@ -186,6 +186,10 @@ impl ClusterState {
         while self.events.len() > self.limits.events_max {
             self.events.pop_front();
         }
+    }
+
+    pub(crate) fn too_long_text(&self, s: &str) -> bool {
+        self.too_long(s)
     }
 
     fn too_long(&self, s: &str) -> bool {
@@ -516,24 +520,9 @@ impl ClusterState {
                 self.replan(index);
                 ok(format!("worker {id} {}", health.as_str()))
             }
-            Command::DrainWorker { id, reason } => {
-                let Some(w) = self.workers.get_mut(id) else {
-                    return no(format!("unknown worker {id}"));
-                };
-                if w.health == WorkerHealth::Draining {
-                    return ok(format!("worker {id} already draining"));
-                }
-                w.health = WorkerHealth::Draining;
-                w.health_reason = reason.clone();
-                self.event(
-                    index,
-                    "worker_draining",
-                    id,
-                    format!("operator drain: {reason}"),
-                );
-                self.replan(index);
-                ok(format!("worker {id} draining"))
-            }
+            Command::DrainWorker { id, reason } => self.drain(index, id, reason),
+            Command::UndrainWorker { id, reason } => self.undrain(index, id, reason),
+            Command::RestoreWorker { id, reason } => self.restore_worker(index, id, reason),
             Command::SubmitJob { spec } => {
                 if let Some(j) = &self.job {
                     if !j.state.is_terminal() {
@@ -576,12 +565,14 @@ impl ClusterState {
                     self.event(index, "job_cancelled", &name, reason.clone());
                     ok(format!("job {name} cancelled"))
                 }
-                Some(j) => no(format!(
-                    "job {} is already {}",
+                // Cancelling again changes nothing and is not an error (like a second
+                // drain): the job is where the operator wants it.
+                Some(j) => ok(format!(
+                    "job {} already {}; nothing to cancel",
                     j.spec.name,
                     j.state.as_str()
                 )),
-                None => no("no job"),
+                None => no("no job to cancel"),
             },
             Command::ReportProgress {
                 worker,
@@ -724,7 +715,7 @@ impl ClusterState {
     }
 
     /// Re-run the placement policy after anything that can change it.
-    fn replan(&mut self, index: u64) {
+    pub(crate) fn replan(&mut self, index: u64) {
         let Some(job) = &self.job else { return };
         if job.state.is_terminal() {
             return;

@@ -5,6 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod fault;
+
 /// A controller (Raft) node id. Raft reserves 0, so ids start at 1.
 pub type NodeId = u64;
 /// A worker's id as the operator sees it, e.g. `w0` or `gpu-3`.
@@ -79,6 +81,22 @@ impl NumericsProfile {
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|p| p.as_str() == s)
     }
+
+    /// The variables the profile pins (or, for `native`, removes), with their values
+    /// (`None`: unset). Read by libtorch's libraries once, when they initialise; see
+    /// `phalanx_worker::numerics`.
+    pub fn environment(self) -> [(&'static str, Option<&'static str>); 4] {
+        let v = match self {
+            NumericsProfile::X86_64Avx2 => [Some("avx2"), Some("AVX2"), Some("AVX2"), Some("AVX2")],
+            NumericsProfile::Native => [None; 4],
+        };
+        [
+            ("ATEN_CPU_CAPABILITY", v[0]),
+            ("MKL_CBWR", v[1]),
+            ("ONEDNN_MAX_CPU_ISA", v[2]),
+            ("DNNL_MAX_CPU_ISA", v[3]),
+        ]
+    }
 }
 
 impl std::fmt::Display for NumericsProfile {
@@ -96,6 +114,22 @@ pub struct DeviceSpec {
     /// The numerics profile the worker process applied before libtorch started.
     #[serde(default)]
     pub numerics: NumericsProfile,
+    /// The GPU model an emulated device stands for (e.g. `H100-SXM-80GB`); the CUDA
+    /// device's name for a real one; empty from workers that predate it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub model: String,
+}
+
+impl DeviceSpec {
+    /// What the operator sees: the model it emulates (`H100-SXM-80GB (emulated)`), else
+    /// the kind and index.
+    pub fn display(&self) -> String {
+        match (self.kind.as_str(), self.model.is_empty()) {
+            ("cpu-emulated", false) => format!("{} (emulated)", self.model),
+            (_, false) => format!("{} ({}:{})", self.model, self.kind, self.index),
+            _ => format!("{}:{}", self.kind, self.index),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -267,6 +301,17 @@ pub enum Command {
         address: Option<String>,
     },
     DrainWorker {
+        id: WorkerId,
+        reason: String,
+    },
+    /// The operator takes back a drain: the worker may be placed again.
+    UndrainWorker {
+        id: WorkerId,
+        reason: String,
+    },
+    /// The operator brings a quarantined worker back (its fault was repaired); the reason
+    /// lands in the event log.
+    RestoreWorker {
         id: WorkerId,
         reason: String,
     },

@@ -161,17 +161,19 @@ pub fn run(cfg: AgentConfig) -> Result<(), WorkerError> {
         .local_addr()
         .map_err(|e| WorkerError::Rendezvous(format!("listener: {e}")))?;
     let device = match &cfg.device {
-        phalanx_train::device::DeviceRequest::Emulated { memory_bytes, .. } => DeviceSpec {
+        phalanx_train::device::DeviceRequest::Emulated { spec, memory_bytes } => DeviceSpec {
             kind: "cpu-emulated".into(),
             index: 0,
             memory_bytes: *memory_bytes,
             numerics: cfg.numerics,
+            model: spec.name.to_string(),
         },
         phalanx_train::device::DeviceRequest::Cuda(n) => DeviceSpec {
             kind: "cuda".into(),
             index: *n as u32,
             memory_bytes: 0,
             numerics: cfg.numerics,
+            model: String::new(),
         },
     };
     let reg = Command::RegisterWorker {
@@ -375,7 +377,11 @@ fn inject(cfg: &AgentConfig, engine: &mut Engine, f: &Fault) -> Result<(), Worke
             Ok(())
         }
         // Acted on elsewhere: by the heartbeat thread, or by the step loop (SdcGrad).
-        FaultKind::Slow | FaultKind::DiskFull | FaultKind::Partition | FaultKind::SdcGrad => Ok(()),
+        FaultKind::Slow
+        | FaultKind::DiskFull
+        | FaultKind::Partition
+        | FaultKind::SdcGrad
+        | FaultKind::Heal => Ok(()),
     }
 }
 
@@ -533,6 +539,9 @@ fn ctl(e: phalanx_controller::client::ClientError) -> WorkerError {
     WorkerError::Controller(e.to_string())
 }
 
+/// How long a lasting fault injected without a duration lasts: until healed, in practice.
+const UNTIL_HEALED: Duration = Duration::from_secs(365 * 24 * 3600);
+
 fn spawn_heartbeat(
     client: Arc<Client>,
     id: String,
@@ -542,29 +551,37 @@ fn spawn_heartbeat(
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         while !shared.stop.load(Ordering::SeqCst) {
-            if shared.partitioned() {
-                // Cut off: nothing reaches the controllers.
-                std::thread::sleep(every);
-                continue;
-            }
-            let tick = Instant::now();
-            let body = shared.heartbeat(&id);
+            // The inbox is read even while cut off: a `heal` ends a partition early.
             if let Some(inbox) = inbox.as_mut() {
                 for f in inbox.poll() {
-                    warn!(worker = %id, fault = ?f.kind, "fault injected");
+                    warn!(worker = %id, fault = %f.kind, "fault injected");
+                    // A lasting fault with no duration lasts until `phalanx fault heal`.
+                    let lasts = if f.for_ms == 0 {
+                        UNTIL_HEALED
+                    } else {
+                        f.duration()
+                    };
                     match f.kind {
                         // Acted on at once, off the training thread.
-                        FaultKind::DiskFull => shared.disk.disk_full_for(f.duration()),
+                        FaultKind::DiskFull => shared.disk.disk_full_for(lasts),
                         FaultKind::Partition => {
                             *shared
                                 .partitioned_until
                                 .lock()
-                                .unwrap_or_else(|p| p.into_inner()) =
-                                Some(Instant::now() + f.duration())
+                                .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + lasts)
                         }
                         FaultKind::Slow => {
                             *shared.slow.lock().unwrap_or_else(|p| p.into_inner()) =
-                                Some((f.factor.max(1.0), Instant::now() + f.duration()))
+                                Some((f.factor.max(1.0), Instant::now() + lasts))
+                        }
+                        FaultKind::Heal => {
+                            shared.disk.clear();
+                            *shared
+                                .partitioned_until
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner()) = None;
+                            *shared.slow.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                            info!(worker = %id, "healed: slow, disk-full and partition lifted");
                         }
                         _ => shared
                             .faults
@@ -574,6 +591,13 @@ fn spawn_heartbeat(
                     }
                 }
             }
+            if shared.partitioned() {
+                // Cut off: nothing reaches the controllers.
+                std::thread::sleep(every);
+                continue;
+            }
+            let tick = Instant::now();
+            let body = shared.heartbeat(&id);
             if let Err(e) = client.post::<serde_json::Value>("/v1/heartbeat", &body) {
                 warn!(error = %e, "heartbeat failed");
             }

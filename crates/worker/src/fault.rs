@@ -6,46 +6,9 @@
 //! from the outside.
 use std::io::{BufRead, Seek, SeekFrom};
 use std::path::PathBuf;
-use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FaultKind {
-    /// The process exits non-zero at the next step boundary (a software bug).
-    Crash,
-    /// The device reports an uncorrectable memory error; the worker asks to be quarantined.
-    Ecc,
-    /// One bit of one parameter flips on this replica (silent data corruption).
-    Sdc,
-    /// One bit of this rank's gradient flips before the reduction, at its next gradient
-    /// check (silent data corruption that every replica would apply alike).
-    SdcGrad,
-    /// Steps take `factor` times as long for `for_ms` (a thermal straggler).
-    Slow,
-    /// Checkpoint writes fail with a disk-full error for `for_ms`.
-    DiskFull,
-    /// The worker is cut off from the controllers and its peers for `for_ms`: no
-    /// heartbeats, its collective group is dropped, it joins no group; then it re-registers.
-    Partition,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Fault {
-    pub seq: u64,
-    pub kind: FaultKind,
-    #[serde(default)]
-    pub factor: f64,
-    #[serde(default)]
-    pub for_ms: u64,
-}
-
-impl Fault {
-    pub fn duration(&self) -> Duration {
-        Duration::from_millis(self.for_ms)
-    }
-}
+// The message and its kinds are shared with `phalanx fault` (which links no libtorch).
+pub use phalanx_proto::fault::{Fault, FaultKind};
 
 /// Reads faults appended to a file since the last poll. Malformed lines are skipped with
 /// a warning (the inbox is written by `phalanx fault inject`, but it is still input).
@@ -92,6 +55,7 @@ impl FaultInbox {
 mod tests {
     use super::*;
     use std::io::Write;
+    use std::time::Duration;
 
     #[test]
     fn inbox_yields_each_new_fault_once_and_skips_garbage() {

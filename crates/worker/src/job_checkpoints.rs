@@ -34,18 +34,8 @@ use crate::WorkerError;
 /// digits, `-`, `_`, `.`, validated at submission) and its submission index; anything
 /// else is refused rather than joined into a path.
 pub fn job_checkpoint_dir(root: &Path, job_id: &str) -> Result<PathBuf, WorkerError> {
-    let ok = !job_id.is_empty()
-        && job_id.len() <= 200
-        && !job_id.starts_with('.')
-        && job_id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if !ok {
-        return Err(WorkerError::Protocol(format!(
-            "job id {job_id:?} is not a safe directory name"
-        )));
-    }
-    Ok(root.join(job_id))
+    // One rule, in phalanx-core, shared with the control-plane binary.
+    phalanx_core::job_checkpoint_dir(root, job_id).map_err(WorkerError::Protocol)
 }
 
 /// What a checkpoint of this job must say about itself.

@@ -43,16 +43,8 @@ pub const REEXEC_GUARD: &str = "PHALANX_NUMERICS_APPLIED";
 /// The environment of `profile`: each variable of [`VARS`] with its value, or `None` for
 /// unset.
 pub fn environment(profile: NumericsProfile) -> [(&'static str, Option<&'static str>); 4] {
-    let v = match profile {
-        NumericsProfile::X86_64Avx2 => [Some("avx2"), Some("AVX2"), Some("AVX2"), Some("AVX2")],
-        NumericsProfile::Native => [None; 4],
-    };
-    [
-        (VARS[0], v[0]),
-        (VARS[1], v[1]),
-        (VARS[2], v[2]),
-        (VARS[3], v[3]),
-    ]
+    // One table, in phalanx-proto, shared with the control-plane binary.
+    profile.environment()
 }
 
 /// A variable whose value differs from the profile's: (name, have, want).

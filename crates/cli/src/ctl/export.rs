@@ -124,7 +124,7 @@ pub fn export(
         out: out.to_path_buf(),
         bytes: bytes.len(),
     };
-    if target.json {
+    if target.json() {
         return print_json(&e);
     }
     println!(

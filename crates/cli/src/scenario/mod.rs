@@ -16,11 +16,13 @@ pub enum ScenarioCmd {
     Run(RunCmd),
     /// Check scenario files without running them (errors with line and column).
     Validate {
+        /// Scenario files (TOML) to check.
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
     /// The scenarios of a directory, each with its purpose (its opening comment).
     List {
+        /// The directory of scenario files.
         #[arg(default_value = "scenarios")]
         dir: PathBuf,
     },
@@ -47,6 +49,7 @@ pub struct SuiteCmd {
 
 #[derive(Args, Debug)]
 pub struct RunCmd {
+    /// The scenario file (TOML) to run.
     pub file: PathBuf,
     /// The job's seed (and the swarm's and random targets'); default: the file's.
     #[arg(long)]

@@ -318,7 +318,7 @@ impl Procs {
                         std::env::var("RUST_LOG")
                             .unwrap_or_else(|_| "warn,phalanx_worker=info".into()),
                     );
-                phalanx_worker::numerics::apply(profile, &mut c);
+                crate::util::apply_numerics(profile, &mut c);
             }
         }
         let child = c

@@ -1,0 +1,107 @@
+//! Small helpers shared by both binaries: JSON files, durations, numerics profiles.
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use phalanx_proto::NumericsProfile;
+use serde::Serialize;
+
+pub fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<()> {
+    let body = serde_json::to_string_pretty(v)?;
+    std::fs::write(path, body + "\n").with_context(|| format!("writing {}", path.display()))
+}
+
+/// A duration with its unit, e.g. `5s`, `800ms`, `2m`, `1.5s`. A bare number is refused
+/// (`--for 5` used to mean seconds silently).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(
+        s.find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(s.len()),
+    );
+    let v: f64 = num.parse().map_err(|_| {
+        format!("bad duration `{s}`: expected a number and a unit, e.g. 5s, 800ms, 2m")
+    })?;
+    let secs = match unit {
+        "ms" => v / 1e3,
+        "s" => v,
+        "m" => v * 60.0,
+        "" => {
+            return Err(format!(
+                "duration `{s}` has no unit: write {s}s, {s}ms or {s}m"
+            ))
+        }
+        _ => return Err(format!("bad duration unit in `{s}`: use ms, s or m")),
+    };
+    if !(secs.is_finite() && secs >= 0.0 && secs < 1e9) {
+        return Err(format!("bad duration `{s}`"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+pub fn parse_numerics(s: &str) -> Result<NumericsProfile, String> {
+    NumericsProfile::parse(s).ok_or_else(|| {
+        format!(
+            "unknown numerics profile `{s}`; expected one of {}",
+            NumericsProfile::ALL.map(|p| p.as_str()).join(", ")
+        )
+    })
+}
+
+/// Puts `profile`'s environment on a worker process about to be spawned, so that it does
+/// not have to re-execute itself to apply it (see `phalanx_worker::numerics`).
+pub fn apply_numerics(profile: NumericsProfile, cmd: &mut std::process::Command) {
+    for (var, want) in profile.environment() {
+        match want {
+            Some(v) => cmd.env(var, v),
+            None => cmd.env_remove(var),
+        };
+    }
+}
+
+/// Every argument of `cmd` and of its subcommands, at any depth, that has no help text:
+/// `"phalanx job submit --wait"`. Hidden ones and clap's own --help/--version are
+/// skipped.
+pub fn undocumented_args(cmd: &clap::Command) -> Vec<String> {
+    fn walk(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+        for a in cmd.get_arguments() {
+            let id = a.get_id().as_str();
+            if a.is_hide_set() || id == "help" || id == "version" {
+                continue;
+            }
+            if a.get_help().is_none() && a.get_long_help().is_none() {
+                let name = a
+                    .get_long()
+                    .map(|l| format!("--{l}"))
+                    .unwrap_or_else(|| id.to_string());
+                out.push(format!("{path} {name}"));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            if sub.is_hide_set() {
+                continue;
+            }
+            walk(sub, &format!("{path} {}", sub.get_name()), out);
+        }
+    }
+    let mut out = Vec::new();
+    walk(cmd, cmd.get_name(), &mut out);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_need_a_unit() {
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("800ms").unwrap(), Duration::from_millis(800));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        let e = parse_duration("5").unwrap_err();
+        assert!(e.contains("no unit") && e.contains("5s"), "{e}");
+        assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("abc").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+}
