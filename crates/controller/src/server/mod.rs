@@ -96,9 +96,14 @@ impl ServerConfig {
             token,
             join: false,
             rejoin: false,
+            // An election timeout of 500 ms-1 s (raft-rs draws it from [50, 100) ticks)
+            // and a heartbeat every 50 ms: with 100-200 ms, a loaded 2-core machine saw
+            // 87-199 spurious elections in 10 minutes (docs/benchmarks.md, "Leader
+            // stability"); training does not stop during an election, so the slower
+            // failover costs a controller kill little.
             tick_ms: 10,
-            election_tick: 10,
-            heartbeat_tick: 2,
+            election_tick: 50,
+            heartbeat_tick: 5,
             snapshot_entries: 1_000,
             lease: LeaseConfig::default(),
             stragglers: phalanx_core::StragglerConfig::default(),
