@@ -11,7 +11,8 @@ default:
 setup:
     python3 scripts/setup_libtorch.py
 
-# Build the phalanx binary (release).
+# Build the phalanx binaries (release): `phalanx` (no libtorch; the command to run) and
+# `phalanx-train` beside it (the training verbs, which `phalanx` executes).
 build: setup
     cargo build --release -p phalanx-cli
 
@@ -45,6 +46,7 @@ chaos-soak seed="7": build
 bench: build
     cargo build --release -p phalanx-collective -p phalanx-checkpoint --bins
     mkdir -p bench-out
+    scripts/bench_cli.sh bench-out/cli.json 20
     ./target/release/phalanx bench train --model small --steps 20 --rounds 5 --out bench-out/train.json
     ./target/release/phalanx bench numerics --model small --steps 100 --rounds 5 --out bench-out/numerics.json
     ./target/release/collective-bench --bytes 40000000 --worlds 2,4 --iters 5 --out bench-out/collective.json

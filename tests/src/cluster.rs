@@ -58,7 +58,7 @@ impl LocalCluster {
         let mut up = phalanx();
         up.args(["cluster", "up", "--controllers=3"])
             .arg(format!("--workers={workers}"))
-            .arg(format!("--worker-restart-s={worker_restart_s}"))
+            .arg(format!("--worker-restart={worker_restart_s}s"))
             .arg(format!("--dir={}", dir.path().join("c").display()))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.path().join("cluster-up.log")).unwrap());

@@ -8,12 +8,14 @@ pub mod leader_duties;
 pub mod leases;
 mod operator;
 pub mod policy;
+mod start_failures;
 pub mod state;
 
 pub use jobfile::{job_template, parse_job_toml, validate_job, JobFileError};
 pub use leader_duties::{DutiesConfig, Duty, DutyKind, LeaderDuties};
 pub use leases::{LeaseConfig, LeaseDecision, Leases};
 pub use policy::{PlacementDecision, Reason, StragglerConfig, StragglerDecision, Stragglers};
+pub use start_failures::START_ATTEMPTS_MAX;
 pub use state::{Applied, ClusterState, SnapshotError, StateLimits};
 
 /// `<root>/<job id>`: a job's own checkpoint directory. The id is the job's name (letters,
@@ -83,6 +85,8 @@ mod tests {
             checkpoint_stall_us: vec![],
             started_at_ms: Some(10_000),
             finished_at_ms: None,
+            failure: None,
+            start_failures: 0,
         };
         assert_eq!(effective_training_time(&job), None);
         job.finished_at_ms = Some(30_000);

@@ -520,6 +520,12 @@ impl ClusterState {
                 self.replan(index);
                 ok(format!("worker {id} {}", health.as_str()))
             }
+            Command::ReportStartFailure {
+                worker,
+                job,
+                epoch,
+                reason,
+            } => self.start_failure(index, worker, job, *epoch, reason),
             Command::DrainWorker { id, reason } => self.drain(index, id, reason),
             Command::UndrainWorker { id, reason } => self.undrain(index, id, reason),
             Command::RestoreWorker { id, reason } => self.restore_worker(index, id, reason),
@@ -548,6 +554,8 @@ impl ClusterState {
                     checkpoint_stall_us: Vec::new(),
                     started_at_ms: None,
                     finished_at_ms: None,
+                    failure: None,
+                    start_failures: 0,
                 });
                 self.event(
                     index,

@@ -173,6 +173,9 @@ pub enum JobState {
     Running,
     Completed,
     Cancelled,
+    /// It cannot run: its workers failed to start it (a corpus they cannot read, a model
+    /// they cannot build) on `START_ATTEMPTS_MAX` attempts; [`JobInfo::failure`] says why.
+    Failed,
 }
 
 impl JobState {
@@ -182,10 +185,14 @@ impl JobState {
             JobState::Running => "running",
             JobState::Completed => "completed",
             JobState::Cancelled => "cancelled",
+            JobState::Failed => "failed",
         }
     }
     pub fn is_terminal(self) -> bool {
-        matches!(self, JobState::Completed | JobState::Cancelled)
+        matches!(
+            self,
+            JobState::Completed | JobState::Cancelled | JobState::Failed
+        )
     }
 }
 
@@ -228,6 +235,13 @@ pub struct JobInfo {
     pub started_at_ms: Option<u64>,
     #[serde(default)]
     pub finished_at_ms: Option<u64>,
+    /// Why the job failed (state `failed`): the last start failure a worker reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
+    /// Start failures reported by its workers so far (the job fails at
+    /// `START_ATTEMPTS_MAX`).
+    #[serde(default)]
+    pub start_failures: u32,
 }
 
 /// How the job came back after an interruption (measured by the first rank that resumed).
@@ -359,6 +373,15 @@ pub enum Command {
         /// The rank the reporter's last error names, if any.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         blamed_rank: Option<u32>,
+        reason: String,
+    },
+    /// A worker could not start its rank of the job (the corpus cannot be read, the
+    /// model cannot be built): recorded as an event; the job fails after a bounded number.
+    ReportStartFailure {
+        worker: WorkerId,
+        /// The job's id ([`JobInfo::id`]): a report about an earlier job is refused.
+        job: String,
+        epoch: u64,
         reason: String,
     },
     /// An operator (or a chaos scenario) injected a fault; recorded for the event log.

@@ -241,7 +241,11 @@ pub fn run(cfg: AgentConfig) -> Result<(), WorkerError> {
         };
         shared.epoch.fetch_max(a.epoch, Ordering::SeqCst);
         match a.job_state {
-            Some(JobState::Completed | JobState::Cancelled) if cfg.exit_when_done => break Ok(()),
+            Some(JobState::Completed | JobState::Cancelled | JobState::Failed)
+                if cfg.exit_when_done =>
+            {
+                break Ok(())
+            }
             _ => {}
         }
         let (Some(rank), Some(job), Some(JobState::Running)) = (a.rank, a.job.clone(), a.job_state)
@@ -539,6 +543,20 @@ fn ctl(e: phalanx_controller::client::ClientError) -> WorkerError {
     WorkerError::Controller(e.to_string())
 }
 
+/// Tells the controller that this worker could not start its rank of `job_id`.
+fn report_start_failure(cfg: &AgentConfig, job_id: &str, epoch: u64, e: &WorkerError) {
+    let cmd = Command::ReportStartFailure {
+        worker: cfg.id.clone(),
+        job: job_id.to_string(),
+        epoch,
+        reason: e.to_string(),
+    };
+    warn!(job = job_id, epoch, error = %e, "the job cannot start on this worker");
+    if let Err(e) = cfg.client.command(cmd) {
+        warn!(error = %e, "reporting the start failure failed");
+    }
+}
+
 /// How long a lasting fault injected without a duration lasts: until healed, in practice.
 const UNTIL_HEALED: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -744,13 +762,25 @@ fn run_epoch(
         .map(|sl| sl.job_id != job_id || sl.job != *job)
         .unwrap_or(true)
     {
-        let spec = train_spec(job)?;
-        let corpus = Corpus::load(&corpus_spec(job))?;
-        let (train, val) = corpus.split(spec.val_fraction, spec.model.ctx_len)?;
+        let built = (|| -> Result<Engine, WorkerError> {
+            let spec = train_spec(job)?;
+            let corpus = Corpus::load(&corpus_spec(job))?;
+            let (train, val) = corpus.split(spec.val_fraction, spec.model.ctx_len)?;
+            Ok(Engine::new(spec, train, val, cfg.torch_device)?)
+        })();
+        let engine = match built {
+            Ok(e) => e,
+            Err(e) => {
+                // The job cannot start here: the controller hears why (an event; the job
+                // fails after a bounded number of such reports), not just this log.
+                report_start_failure(cfg, &job_id, a.epoch, &e);
+                return Err(e);
+            }
+        };
         *engine_slot = Some(Slot {
             job_id: job_id.clone(),
             job: job.clone(),
-            engine: Engine::new(spec, train, val, cfg.torch_device)?,
+            engine,
             agreed: false,
         });
     }

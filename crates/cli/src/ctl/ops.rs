@@ -26,6 +26,13 @@ pub enum JobCmd {
     Submit {
         /// The job file (TOML), e.g. from `phalanx job init > job.toml`.
         file: PathBuf,
+        /// Do not check here that the corpus exists. By default a corpus path (file,
+        /// directory or glob) that this machine cannot read is refused, because the
+        /// workers of a local cluster read the same filesystem; with workers on other
+        /// machines pass this, and a corpus they cannot read fails the job with their
+        /// reason after a few start attempts (`phalanx job status`).
+        #[arg(long)]
+        no_corpus_check: bool,
         #[command(flatten)]
         target: Target,
     },
@@ -298,6 +305,15 @@ fn print_job(job: Option<&JobInfo>, workers: &[phalanx_proto::WorkerInfo]) {
             if j.state == phalanx_proto::JobState::Waiting {
                 println!("waiting: {}", waiting_reason(j, workers));
             }
+            if let Some(f) = &j.failure {
+                println!("failed: {f}");
+            } else if j.start_failures > 0 {
+                println!(
+                    "start failures: {} of {} (see `phalanx events`)",
+                    j.start_failures,
+                    phalanx_core::START_ATTEMPTS_MAX
+                );
+            }
             if let Some(p) = &j.plan {
                 let rows: Vec<Vec<String>> = p
                     .ranks
@@ -368,11 +384,18 @@ pub fn job(cmd: JobCmd) -> Result<()> {
             print!("{t}");
             Ok(())
         }
-        JobCmd::Submit { file, target } => {
+        JobCmd::Submit {
+            file,
+            no_corpus_check,
+            target,
+        } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading job file {}", file.display()))?;
             let spec = phalanx_core::parse_job_toml(&text)
                 .map_err(|e| anyhow!("{}: {e}", file.display()))?;
+            if !no_corpus_check {
+                check_corpus(&spec.corpus).map_err(|e| anyhow!("{}: {e}", file.display()))?;
+            }
             let c = target.client()?;
             report(&c.command(Command::SubmitJob { spec })?, target.json())
         }
@@ -428,6 +451,31 @@ pub fn worker_op(cmd: WorkerOpCmd) -> Result<()> {
     };
     let c = target.client()?;
     report(&c.command(command)?, target.json())
+}
+
+/// A corpus that the workers of a local cluster could not read is refused at submission:
+/// `default`, or a file, a directory or a glob with at least one match on this machine.
+/// (Whether the files are readable and non-empty is the workers' check at start.)
+fn check_corpus(corpus: &str) -> Result<()> {
+    let c = corpus.trim();
+    if matches!(c, "" | "default" | "builtin:default") {
+        return Ok(());
+    }
+    let p = std::path::Path::new(c);
+    if p.exists() {
+        return Ok(());
+    }
+    if c.contains(['*', '?', '[']) {
+        let matches = glob::glob(c)
+            .map_err(|e| anyhow!("corpus `{c}` is not a valid glob: {e}"))?
+            .filter_map(|m| m.ok())
+            .count();
+        if matches > 0 {
+            return Ok(());
+        }
+        bail!("corpus `{c}`: no file matches on this machine (the workers of a local cluster read the same paths; pass --no-corpus-check when the workers see another filesystem)");
+    }
+    bail!("corpus `{c}`: no such file or directory on this machine (the workers of a local cluster read the same paths; pass --no-corpus-check when the workers see another filesystem)")
 }
 
 /// Why a waiting job waits, in the placement policy's words (the same function the

@@ -916,6 +916,8 @@ pub fn run(o: &RunOptions, v: &Validated) -> Result<Report> {
         checkpoint_stall_us: vec![],
         started_at_ms: None,
         finished_at_ms: None,
+        failure: None,
+        start_failures: 0,
     });
     let mttrs: Vec<u64> = job.recoveries.iter().filter_map(|r| r.mttr_ms).collect();
     let measured = Measured {
