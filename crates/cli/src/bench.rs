@@ -130,6 +130,7 @@ fn bench_spec(b: &BenchTrain) -> Result<(phalanx_train::engine::TrainSpec, Vec<u
         val_fraction: 0.1,
         val_micro_batches: 1,
         optim: AdamWConfig::for_steps(b.steps),
+        precision: Default::default(),
     };
     spec.validate()?;
     let (train, val) = corpus.split(spec.val_fraction, model.ctx_len)?;
@@ -458,6 +459,7 @@ fn bench_checkpoint(b: BenchCheckpoint) -> Result<()> {
         val_fraction: 0.1,
         val_micro_batches: 1,
         optim: AdamWConfig::for_steps(steps),
+        precision: Default::default(),
     };
     let (train, val) = corpus.split(spec.val_fraction, model.ctx_len)?;
     let mut engine = Engine::new(spec, train, val, tch::Device::Cpu)?;

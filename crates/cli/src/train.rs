@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use phalanx_collective::{BlockingGroup, GroupConfig};
-use phalanx_proto::NumericsProfile;
+use phalanx_proto::{NumericsProfile, Precision};
 use phalanx_train::data::{default_corpus_spec, Corpus};
 use phalanx_train::device::{DeviceRequest, MemoryEstimate, CATALOGUE};
 use phalanx_train::engine::{Engine, TrainSpec};
@@ -80,6 +80,20 @@ pub struct TrainArgs {
     /// kernels of this CPU (see docs/training.md).
     #[arg(long, default_value = "x86-64-avx2", value_parser = crate::model::parse_numerics)]
     pub numerics: NumericsProfile,
+    /// Arithmetic of forward and backward: `fp32`, or `bf16` (bfloat16 matrix products
+    /// and attention, with f32 master weights, gradients and AdamW moments).
+    #[arg(long, default_value = "fp32", value_parser = parse_precision)]
+    pub precision: Precision,
+}
+
+/// Parses a precision name (for clap).
+pub fn parse_precision(s: &str) -> Result<Precision, String> {
+    Precision::parse(s).ok_or_else(|| {
+        format!(
+            "unknown precision `{s}`; expected one of {}",
+            Precision::ALL.map(|p| p.as_str()).join(", ")
+        )
+    })
 }
 
 impl TrainArgs {
@@ -102,6 +116,7 @@ impl TrainArgs {
             val_fraction: self.val_fraction,
             val_micro_batches: self.val_batches.max(1),
             optim,
+            precision: self.precision,
         };
         spec.validate()?;
         Ok(spec)
@@ -134,6 +149,7 @@ impl TrainArgs {
             format!("--op-timeout-ms={}", self.op_timeout_ms),
             format!("--rendezvous-timeout-ms={}", self.rendezvous_timeout_ms),
             format!("--numerics={}", self.numerics),
+            format!("--precision={}", self.precision),
         ];
         if let Some(w) = self.warmup_steps {
             a.push(format!("--warmup-steps={w}"));
@@ -221,6 +237,7 @@ struct TrainSummary {
     device: String,
     /// The numerics profile every worker ran under.
     numerics: NumericsProfile,
+    precision: Precision,
     corpus: CorpusInfo,
     initial_loss: f64,
     final_loss: f64,
@@ -231,8 +248,59 @@ struct TrainSummary {
     train_cpu_s: f64,
     wall_s: f64,
     params_sha256: String,
+    /// Model FLOPs per token, achieved TFLOP/s and MFU against the device's peak.
+    mfu: Option<phalanx_train::mfu::Mfu>,
+    /// Where rank 0's step time goes (medians over the steps).
+    step_profile_ms: StepMedians,
     losses: Vec<f64>,
     reproduce: String,
+}
+
+/// Rank 0's step reports, for the time profile of a step.
+#[derive(Default)]
+struct StepProfile {
+    steps: Vec<dp::StepReport>,
+}
+
+/// Median milliseconds of each part of rank 0's step.
+#[derive(Serialize, Clone, Copy, Debug)]
+struct StepMedians {
+    step: f64,
+    /// Forward and backward of one micro-batch (the gradient hand-over included).
+    compute_per_micro_batch: f64,
+    spot_check: f64,
+    reduce: f64,
+    update: f64,
+}
+
+impl StepProfile {
+    fn push(&mut self, s: &dp::StepReport) {
+        self.steps.push(s.clone());
+    }
+
+    fn medians(&self) -> StepMedians {
+        let med = |f: fn(&dp::StepReport) -> f64| {
+            let mut v: Vec<f64> = self.steps.iter().map(f).collect();
+            v.sort_by(|a, b| a.total_cmp(b));
+            v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+        };
+        StepMedians {
+            step: med(|s| s.step_ms),
+            compute_per_micro_batch: med(|s| s.compute_ms),
+            spot_check: med(|s| s.check_ms),
+            reduce: med(|s| s.reduce_ms),
+            update: med(|s| s.update_ms),
+        }
+    }
+}
+
+impl StepMedians {
+    fn describe(&self) -> String {
+        format!(
+            "step (rank 0, medians): {:.1} ms = forward+backward {:.1} ms per micro-batch, spot check {:.1} ms, reduce {:.1} ms, update {:.1} ms",
+            self.step, self.compute_per_micro_batch, self.spot_check, self.reduce, self.update
+        )
+    }
 }
 
 /// Checks everything that can be checked before any process starts: the spec, the corpus
@@ -288,8 +356,10 @@ pub fn train(cmd: TrainCmd, json_logs: bool) -> Result<()> {
         b
     });
     let step_budget = Duration::from_millis(cmd.train.op_timeout_ms * 4 + 120_000);
+    let mut profile = StepProfile::default();
     let result = group.drive(step_budget, |ev| {
         if let WorkerEvent::Step(s) = ev {
+            profile.push(s);
             let msg = format!(
                 "loss {:.4}  lr {:.2e}  |g| {:.3}  {:.0} ms/step",
                 s.loss, s.lr, s.grad_norm, s.step_ms
@@ -311,6 +381,11 @@ pub fn train(cmd: TrainCmd, json_logs: bool) -> Result<()> {
         "done: {} steps on {} worker(s)  loss {:.4} -> {:.4}  val {:.4}  {:.0} tokens/s  params_sha256 {}",
         result.steps, result.workers, result.initial_loss, result.final_loss, result.val_loss, result.tokens_per_sec, result.params_sha256
     );
+    let profile = profile.medians();
+    println!("{}", profile.describe());
+    if let Some(m) = &result.mfu {
+        println!("{}", m.describe());
+    }
     if let Some(p) = &cmd.save {
         println!(
             "saved {} (safetensors, numerics {})",
@@ -329,6 +404,7 @@ pub fn train(cmd: TrainCmd, json_logs: bool) -> Result<()> {
             micro_batch: spec.micro_batch,
             device: device.describe(),
             numerics: cmd.train.numerics,
+            precision: spec.precision,
             corpus: CorpusInfo {
                 spec: corpus.spec.clone(),
                 files: corpus.files.len(),
@@ -343,6 +419,8 @@ pub fn train(cmd: TrainCmd, json_logs: bool) -> Result<()> {
             train_cpu_s: result.train_cpu_s,
             wall_s: wall.elapsed().as_secs_f64(),
             params_sha256: result.params_sha256.clone(),
+            mfu: result.mfu.clone(),
+            step_profile_ms: profile,
             losses: result.losses.clone(),
             reproduce: format!(
                 "phalanx train --workers {n} {}",
@@ -637,7 +715,7 @@ fn worker_inner(cmd: &WorkerRunCmd) -> Result<()> {
     tracing::info!(rank, world, %addr, "group formed");
 
     let report = cmd.stdio_rendezvous && rank == 0;
-    let result = dp::train(
+    let mut result = dp::train(
         &mut engine,
         &mut group,
         &DpOptions { op_timeout },
@@ -655,6 +733,20 @@ fn worker_inner(cmd: &WorkerRunCmd) -> Result<()> {
             }
         },
     )?;
+    if rank == 0 {
+        // After the timed loop: the peak may take a microbenchmark (cached afterwards).
+        match phalanx_train::mfu::device_peak(&device, engine.spec.precision) {
+            Ok(peak) => {
+                result.mfu = Some(phalanx_train::mfu::Mfu::new(
+                    &engine.spec.model,
+                    result.tokens_per_sec,
+                    world,
+                    &peak,
+                ))
+            }
+            Err(e) => tracing::warn!(error = %e, "no MFU: the device's peak is unknown"),
+        }
+    }
     if let (0, Some(path)) = (rank, &cmd.save) {
         let meta = phalanx_train::export::ExportMeta {
             model: engine.spec.model.name.clone(),

@@ -53,6 +53,41 @@ impl WorkerHealth {
     }
 }
 
+/// The arithmetic of the forward and backward passes. The master weights, the gradients
+/// that are reduced and the AdamW moments stay f32 in both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// f32 throughout.
+    #[default]
+    Fp32,
+    /// Matrix products and attention in bfloat16; norms, the residual stream, the loss
+    /// and the gradients that leave the model in f32.
+    Bf16,
+}
+
+impl Precision {
+    pub const ALL: [Precision; 2] = [Precision::Fp32, Precision::Bf16];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
+    /// The precision named `s` (as written in job files and on the command line).
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Which floating-point kernels a worker's libraries may pick, and so which bits it
 /// computes. Workers of one profile compute the same bits on any x86-64 machine that
 /// supports it; a job runs only on workers of its profile.

@@ -4,7 +4,7 @@ use sha2::{Digest, Sha256};
 use tch::{Device, Tensor};
 
 use crate::config::ModelConfig;
-use crate::model::Gpt;
+use crate::model::{Gpt, Precision};
 use crate::optim::{clip_factor, AdamW, AdamWConfig, AdamWState};
 use crate::sampler::{assign, Sampler};
 use crate::TrainError;
@@ -24,6 +24,9 @@ pub struct TrainSpec {
     /// Validation micro-batches evaluated at the end (and at each eval).
     pub val_micro_batches: usize,
     pub optim: AdamWConfig,
+    /// The arithmetic of forward and backward (absent in older specs: f32).
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 /// Defaults shared by `phalanx train` and controller-run jobs, so that both paths have
@@ -50,6 +53,7 @@ impl TrainSpec {
             val_fraction: DEFAULT_VAL_FRACTION,
             val_micro_batches: DEFAULT_VAL_MICRO_BATCHES,
             optim: AdamWConfig::for_steps(steps),
+            precision: Precision::Fp32,
         }
     }
 
@@ -116,7 +120,8 @@ impl Engine {
                 val.len()
             )));
         }
-        let model = Gpt::new(&spec.model, spec.seed, device)?;
+        let mut model = Gpt::new(&spec.model, spec.seed, device)?;
+        model.precision = spec.precision;
         let mut params = vec![0f32; model.layout.total];
         model.read_params(&mut params)?;
         let decay = model.layout.decay_mask();
@@ -361,6 +366,7 @@ mod tests {
             val_fraction: 0.1,
             val_micro_batches: 2,
             optim: AdamWConfig::for_steps(steps),
+            precision: Precision::Fp32,
         }
     }
 

@@ -12,6 +12,7 @@ pub mod device;
 pub mod engine;
 pub mod export;
 pub mod generate;
+pub mod mfu;
 pub mod model;
 pub mod optim;
 pub mod sampler;

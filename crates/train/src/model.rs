@@ -14,6 +14,7 @@ use tch::{nn, Device, Kind, Tensor};
 use crate::config::ModelConfig;
 use crate::sampler::hash4;
 use crate::TrainError;
+pub use phalanx_proto::Precision;
 
 /// Where each parameter sits in the flat f32 vector.
 #[derive(Clone, Debug)]
@@ -71,6 +72,10 @@ pub struct Gpt {
     /// Parameters in name-sorted order, matching `layout.slots`.
     params: Vec<Tensor>,
     pub layout: Layout,
+    /// The arithmetic of forward and backward. The parameters stay f32 either way (they
+    /// are the master weights); under bf16 each matrix product and the attention take
+    /// bf16 copies of their operands, as autocast does, so the gradients come out f32.
+    pub precision: Precision,
 }
 
 impl Gpt {
@@ -141,6 +146,7 @@ impl Gpt {
             head,
             params,
             layout,
+            precision: Precision::Fp32,
         };
         let init = init_params(cfg, &model.layout, seed);
         model.write_params(&init)?;
@@ -152,8 +158,11 @@ impl Gpt {
         &self.params
     }
 
-    /// Logits `[b, t, vocab]` for token ids `idx` `[b, t]`.
+    /// Logits `[b, t, vocab]` for token ids `idx` `[b, t]` (f32 in either precision).
     pub fn forward(&self, idx: &Tensor) -> Result<Tensor, TrainError> {
+        if self.precision == Precision::Bf16 {
+            return self.forward_bf16(idx);
+        }
         let (b, t) = idx.size2()?;
         if t > self.cfg.ctx_len {
             return Err(TrainError::Config(format!(
@@ -195,6 +204,56 @@ impl Gpt {
         }
         let x = x.f_layer_norm([d], Some(&self.lnf_w), Some(&self.lnf_b), 1e-5, false)?;
         Ok(x.f_linear(&self.head, None::<Tensor>)?)
+    }
+
+    /// [`Gpt::forward`] with bf16 matrix products and attention: LayerNorm runs on the f32
+    /// residual stream, its output is rounded to bf16 for the next product, each
+    /// product's result goes back to f32 before it joins the residual, and the logits
+    /// are f32 for the loss (the mixed-precision recipe of autocast and of large runs).
+    fn forward_bf16(&self, idx: &Tensor) -> Result<Tensor, TrainError> {
+        let (b, t) = idx.size2()?;
+        if t > self.cfg.ctx_len {
+            return Err(TrainError::Config(format!(
+                "sequence length {t} exceeds the model's context {}",
+                self.cfg.ctx_len
+            )));
+        }
+        let (d, nh) = (self.cfg.d_model, self.cfg.n_head);
+        let h16 = Kind::BFloat16;
+        let lin = |x: &Tensor, w: &Tensor, bias: Option<&Tensor>| -> Result<Tensor, TrainError> {
+            let bias = bias.map(|b| b.f_to_kind(h16)).transpose()?;
+            Ok(x.f_to_kind(h16)?
+                .f_linear(&w.f_to_kind(h16)?, bias.as_ref())?)
+        };
+        let pos = Tensor::f_arange(t, (Kind::Int64, self.device))?;
+        let mut x = Tensor::f_embedding(&self.wte, idx, -1, false, false)?
+            .f_add(&Tensor::f_embedding(&self.wpe, &pos, -1, false, false)?)?;
+        for blk in &self.blocks {
+            let h = x.f_layer_norm([d], Some(&blk.ln1_w), Some(&blk.ln1_b), 1e-5, false)?;
+            let qkv = lin(&h, &blk.attn_w, Some(&blk.attn_b))?
+                .f_view([b, t, 3, nh, d / nh])?
+                .f_permute([2, 0, 3, 1, 4])?;
+            let (q, k, v) = (qkv.f_get(0)?, qkv.f_get(1)?, qkv.f_get(2)?);
+            let y = Tensor::f_scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                None::<Tensor>,
+                0.0,
+                true,
+                None,
+                false,
+            )?
+            .f_transpose(1, 2)?
+            .f_contiguous()?
+            .f_view([b, t, d])?;
+            x = x.f_add(&lin(&y, &blk.proj_w, Some(&blk.proj_b))?.f_to_kind(Kind::Float)?)?;
+            let h = x.f_layer_norm([d], Some(&blk.ln2_w), Some(&blk.ln2_b), 1e-5, false)?;
+            let h = lin(&h, &blk.fc_w, Some(&blk.fc_b))?.f_gelu("none")?;
+            x = x.f_add(&lin(&h, &blk.fc2_w, Some(&blk.fc2_b))?.f_to_kind(Kind::Float)?)?;
+        }
+        let x = x.f_layer_norm([d], Some(&self.lnf_w), Some(&self.lnf_b), 1e-5, false)?;
+        Ok(lin(&x, &self.head, None)?.f_to_kind(Kind::Float)?)
     }
 
     /// Mean cross-entropy of predicting `targets` from `idx` (both `[b, t]`).

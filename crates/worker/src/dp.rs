@@ -47,6 +47,9 @@ pub struct RunResult {
     pub train_cpu_s: f64,
     pub params_sha256: String,
     pub param_count: usize,
+    /// Model FLOPs utilisation, filled in by whoever knows the device (rank 0's process).
+    #[serde(default)]
+    pub mfu: Option<phalanx_train::mfu::Mfu>,
 }
 
 pub struct DpOptions {
@@ -535,6 +538,7 @@ pub fn train(
         losses,
         params_sha256: sha,
         param_count: engine.params.len(),
+        mfu: None,
     })
 }
 
@@ -633,6 +637,7 @@ pub(crate) mod testing {
                         val_fraction: 0.1,
                         val_micro_batches: 1,
                         optim: AdamWConfig::for_steps(6),
+                        precision: Default::default(),
                     };
                     let mut e =
                         Engine::new(spec, text.clone(), text[..400].to_vec(), tch::Device::Cpu)
