@@ -1,26 +1,36 @@
-//! `phalanx demo` (what `just run` runs): a local cluster of 3 controllers and 4 emulated
-//! GPUs plus a spare trains a GPT while a worker is killed, another hangs and the
-//! controller leader is killed. It ends with a summary of every fault: how it was
+//! `phalanx demo` (what `just run` runs): the library scenario `scenarios/demo.toml`, run
+//! by the scenario runner (no fault engine of its own). A local cluster of 3 controllers
+//! and 4 emulated GPUs plus a spare trains a GPT while a worker is killed, another hangs
+//! and the controller leader is killed. It ends with a summary of every fault: how it was
 //! detected, the time to recover, the steps redone, the effective training time, and
 //! whether the final parameters are bit-identical to a fault-free `phalanx train`.
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+//!
+//! The flags adapt the scenario (model, steps, seed, workers, the fault schedule); the
+//! scenario actually run is written next to the cluster directory, so `phalanx scenario
+//! run` replays it, and the runner's report (JSON, Markdown, plots) lands in the cluster
+//! directory's `report/`.
+use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
-use phalanx_controller::client::Client;
-use phalanx_proto::{Event, JobInfo, JobState, StatusResponse};
+use phalanx_chaos::report::{FiredFault, Report};
 use serde::Serialize;
 
 use crate::util::write_json;
+
+/// The library scenario the demo runs (compiled in, so the binary runs it from anywhere).
+const DEMO_SCENARIO: &str = include_str!("../../../scenarios/demo.toml");
+/// The job length the scenario's fault steps are written for.
+const DEMO_STEPS: i64 = 300;
+/// The job uses at most this many workers; the rest are spares.
+const DEMO_WORLD_MAX: u32 = 4;
 
 #[derive(Args, Debug)]
 pub struct DemoCmd {
     /// Cluster directory (recreated).
     #[arg(long, default_value = "target/demo-cluster")]
     dir: PathBuf,
-    /// Model configuration.
+    /// Model configuration (tiny, small, base, gpt2-124m).
     #[arg(long, default_value = "tiny")]
     model: String,
     /// Optimizer steps of the demo job.
@@ -35,86 +45,124 @@ pub struct DemoCmd {
     /// Workers to start (the job uses at most 4; the rest are spares).
     #[arg(long, default_value_t = 5)]
     workers: u32,
-    /// The fault schedule, `KIND:TARGET@STEP[:FOR]`, comma-separated (`phalanx fault
-    /// inject` kinds and targets). Default: kill rank 1 at 1/5 of the steps, hang rank 2
-    /// for 10 s at 2/5, kill the controller leader at 3/5.
+    /// The fault schedule, `KIND:TARGET@STEP[:FOR]`, comma-separated (scenario fault kinds
+    /// and targets, FOR in seconds with a unit: `10s`). Default: the scenario's (kill rank
+    /// 1 at 1/5 of the steps, hang rank 2 for 10 s at 2/5, kill the controller leader at
+    /// 3/5).
     #[arg(long, value_delimiter = ',')]
     faults: Vec<String>,
     /// Instead of a schedule by step: kill a rank (cycling 0..3) every this many seconds.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "faults")]
     fault_every_s: Option<u64>,
 }
 
-/// One scheduled fault.
-struct Planned {
-    kind: String,
-    target: String,
-    at: Trigger,
-    for_: Option<String>,
-}
-
-enum Trigger {
-    Step(u64),
-    Secs(u64),
-}
-
-fn parse_fault(s: &str) -> Result<Planned> {
-    let bad = || {
-        anyhow!("bad --faults entry `{s}`: expected KIND:TARGET@STEP[:FOR], e.g. kill:rank:1@60 or hang:rank:2@120:10s")
+/// `KIND:TARGET@STEP[:FOR]` as a scenario `[[faults]]` table.
+fn parse_fault(s: &str) -> Result<toml::Table> {
+    let bad = |why: &str| {
+        anyhow!(
+            "bad --faults entry `{s}`: {why} (expected KIND:TARGET@STEP[:FOR], e.g. \
+             kill:rank:1@60 or hang:rank:2@120:10s)"
+        )
     };
-    let (head, tail) = s.split_once('@').ok_or_else(bad)?;
-    let (kind, target) = head.split_once(':').ok_or_else(bad)?;
+    let (head, tail) = s.split_once('@').ok_or_else(|| bad("no `@STEP`"))?;
+    let (kind, target) = head.split_once(':').ok_or_else(|| bad("no `:TARGET`"))?;
     let (step, for_) = match tail.split_once(':') {
-        Some((st, f)) => (st, Some(f.to_string())),
+        Some((st, f)) => (st, Some(f)),
         None => (tail, None),
     };
-    Ok(Planned {
-        kind: kind.into(),
-        target: target.into(),
-        at: Trigger::Step(step.parse().map_err(|_| bad())?),
-        for_,
-    })
+    let mut t = toml::Table::new();
+    t.insert("kind".into(), kind.into());
+    t.insert("target".into(), target.into());
+    let step: i64 = step.parse().map_err(|_| bad("STEP is not a number"))?;
+    t.insert("at_step".into(), step.into());
+    if let Some(f) = for_ {
+        let secs = f
+            .strip_suffix('s')
+            .and_then(|n| n.parse::<f64>().ok())
+            .ok_or_else(|| bad("FOR must be seconds with a unit, like 10s"))?;
+        t.insert("duration_s".into(), secs.into());
+    }
+    Ok(t)
 }
 
 impl DemoCmd {
-    fn schedule(&self) -> Result<Vec<Planned>> {
-        if let Some(every) = self.fault_every_s {
+    /// The scenario file this run executes: the library's, adapted by the flags. Its
+    /// validation (with line and column) is the scenario parser's.
+    fn scenario_text(&self) -> Result<String> {
+        let mut doc: toml::Table = DEMO_SCENARIO
+            .parse()
+            .context("the built-in demo scenario")?;
+        let section = |doc: &mut toml::Table, name: &str| -> Result<toml::Table> {
+            doc.get(name)
+                .and_then(|v| v.as_table())
+                .cloned()
+                .ok_or_else(|| anyhow!("the built-in demo scenario has no [{name}]"))
+        };
+        let mut job = section(&mut doc, "job")?;
+        let steps = i64::try_from(self.steps).map_err(|_| anyhow!("--steps is too large"))?;
+        job.insert("model".into(), self.model.as_str().into());
+        job.insert("steps".into(), steps.into());
+        let seed = i64::try_from(self.seed).map_err(|_| anyhow!("--seed is too large"))?;
+        job.insert("seed".into(), seed.into());
+        doc.insert("job".into(), job.into());
+
+        let mut cluster = section(&mut doc, "cluster")?;
+        if self.workers == 0 {
+            bail!("--workers must be at least 1");
+        }
+        let workers = self.workers.min(DEMO_WORLD_MAX);
+        cluster.insert("workers".into(), i64::from(workers).into());
+        cluster.insert("spares".into(), i64::from(self.workers - workers).into());
+        doc.insert("cluster".into(), cluster.into());
+
+        let faults: Vec<toml::Value> = if let Some(every) = self.fault_every_s {
             if every == 0 {
                 bail!("--fault-every-s must be positive");
             }
-            return Ok((1..=64)
-                .map(|i| Planned {
-                    kind: "kill".into(),
-                    target: format!("rank:{}", i % 4),
-                    at: Trigger::Secs(every * i),
-                    for_: None,
+            (1..=64i64)
+                .map(|i| {
+                    let mut t = toml::Table::new();
+                    t.insert("kind".into(), "kill".into());
+                    t.insert("target".into(), format!("rank:{}", i % 4).into());
+                    t.insert("at_s".into(), ((every as f64) * i as f64).into());
+                    t.into()
                 })
-                .collect());
+                .collect()
+        } else if !self.faults.is_empty() {
+            self.faults
+                .iter()
+                .map(|f| parse_fault(f).map(Into::into))
+                .collect::<Result<_>>()?
+        } else {
+            // The scenario's own schedule, at the same fractions of the job's length.
+            let mut own: Vec<toml::Value> = doc
+                .get("faults")
+                .and_then(|f| f.as_array())
+                .cloned()
+                .unwrap_or_default();
+            for f in own.iter_mut().filter_map(|f| f.as_table_mut()) {
+                if let Some(at) = f.get("at_step").and_then(|v| v.as_integer()) {
+                    f.insert("at_step".into(), (at * steps / DEMO_STEPS).into());
+                }
+            }
+            own
+        };
+        doc.insert("faults".into(), faults.into());
+        if self.fault_every_s.is_some() || self.steps as i64 > DEMO_STEPS {
+            // Long runs: the wall-time bound of the 300-step demo does not apply.
+            if let Some(expect) = doc.get_mut("expect").and_then(|e| e.as_table_mut()) {
+                expect.remove("max_wall_s");
+            }
         }
-        if !self.faults.is_empty() {
-            return self.faults.iter().map(|f| parse_fault(f)).collect();
-        }
-        let n = self.steps;
-        Ok(vec![
-            Planned {
-                kind: "kill".into(),
-                target: "rank:1".into(),
-                at: Trigger::Step(n / 5),
-                for_: None,
-            },
-            Planned {
-                kind: "hang".into(),
-                target: "rank:2".into(),
-                at: Trigger::Step(n * 2 / 5),
-                for_: Some("10s".into()),
-            },
-            Planned {
-                kind: "kill".into(),
-                target: "controller:leader".into(),
-                at: Trigger::Step(n * 3 / 5),
-                for_: None,
-            },
-        ])
+        let header: String = DEMO_SCENARIO
+            .lines()
+            .take_while(|l| l.starts_with('#'))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        Ok(format!(
+            "{header}# Written by `phalanx demo`, from scenarios/demo.toml and its flags.\n{}",
+            toml::to_string(&doc)?
+        ))
     }
 }
 
@@ -147,272 +195,188 @@ struct DemoSummary {
     bit_identical: bool,
 }
 
-struct Cluster {
-    up: Child,
-    dir: PathBuf,
-    exe: PathBuf,
+/// Event kinds that are a decision about a failure (either spelling of the vocabulary).
+fn is_detection(kind: &str) -> bool {
+    matches!(
+        kind.replace('-', "_").as_str(),
+        "worker_failed"
+            | "worker_suspect"
+            | "worker_quarantined"
+            | "worker_draining"
+            | "epoch_stuck"
+            | "plan"
+    )
 }
 
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = Command::new(&self.exe)
-            .args(["cluster", "down", "--dir"])
-            .arg(&self.dir)
-            .stdout(Stdio::null())
-            .status();
-        let _ = self.up.kill();
-        let _ = self.up.wait();
-    }
-}
-
-fn wait<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
-    let t0 = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return Ok(v);
+/// Detection and recovery of one fired fault, from what the runner recorded.
+///
+/// A worker fault's recovery is the first one of a later plan epoch than the one the
+/// fault hit; its MTTR is the one the job reports (from the interrupted rank's last step
+/// before the fault to its first step after it, measured by the workers), and its
+/// detection the first failure decision the runner saw after the fault (to its 200 ms
+/// poll). A controller fault needs no new plan: it is detected by the election (a leader
+/// other than the one before it, in the runner's 250 ms samples of every controller), and
+/// recovered when the job's progress moves past where it stood at the election.
+fn fault_report(r: &Report, f: &FiredFault, until_s: f64) -> FaultReport {
+    let m = &r.measured;
+    let mut out = FaultReport {
+        fault: f.kind.clone(),
+        target: f.target.clone(),
+        at_step: f.step,
+        detected_by: String::new(),
+        detect_s: f64::NAN,
+        mttr_s: f64::NAN,
+        steps_redone: 0,
+    };
+    if f.target.starts_with("controller") {
+        let before = m
+            .leaders
+            .iter()
+            .filter(|l| l.t_s <= f.t_s && l.leader != 0)
+            .map(|l| l.leader)
+            .next_back()
+            .unwrap_or(0);
+        if let Some(l) = m
+            .leaders
+            .iter()
+            .find(|l| l.t_s > f.t_s && l.leader != 0 && l.leader != before && l.node == l.leader)
+        {
+            out.detected_by = format!("Raft election: node {} leads term {}", l.leader, l.term);
+            out.detect_s = l.t_s - f.t_s;
+            let at_election = r
+                .progress
+                .iter()
+                .filter(|p| p.t_s <= l.t_s)
+                .map(|p| p.progress_step)
+                .max()
+                .unwrap_or(f.step);
+            if let Some(p) = r
+                .progress
+                .iter()
+                .find(|p| p.t_s > l.t_s && p.progress_step > at_election)
+            {
+                out.mttr_s = p.t_s - f.t_s;
+            }
         }
-        if t0.elapsed() > timeout {
-            bail!("timed out after {} s waiting for {what}", timeout.as_secs());
-        }
-        std::thread::sleep(Duration::from_millis(50));
+        return out;
     }
-}
-
-fn job(c: &Client) -> Option<JobInfo> {
-    c.get::<Option<JobInfo>>("/v1/job").ok().flatten()
-}
-
-fn events(c: &Client) -> Vec<Event> {
-    c.get("/v1/events?limit=500").unwrap_or_default()
+    if let Some(e) = m
+        .events
+        .iter()
+        .find(|e| e.t_s >= f.t_s && e.t_s < until_s && is_detection(&e.kind))
+    {
+        out.detected_by = format!("{}: {}", e.kind, e.reason);
+        out.detect_s = e.t_s - f.t_s;
+    }
+    let epoch_at_fault = r
+        .progress
+        .iter()
+        .filter(|p| p.t_s <= f.t_s)
+        .map(|p| p.epoch)
+        .max()
+        .unwrap_or(0);
+    if let Some(rec) = m.recoveries.iter().find(|rec| rec.epoch > epoch_at_fault) {
+        out.mttr_s = rec.mttr_s.unwrap_or(f64::NAN);
+        out.steps_redone = rec.steps_redone;
+    }
+    out
 }
 
 pub fn run(cmd: DemoCmd) -> Result<()> {
-    let exe = std::env::current_exe()?;
-    let _ = std::fs::remove_dir_all(&cmd.dir);
-    std::fs::create_dir_all(&cmd.dir)?;
-    let dir = cmd.dir.canonicalize()?;
-    let schedule = cmd.schedule()?;
-    println!(
-        "== starting a local cluster in {}: 3 controllers, {} emulated GPUs ({} spare)",
-        dir.display(),
-        cmd.workers,
-        cmd.workers.saturating_sub(4)
-    );
-    let up = Command::new(&exe)
-        .args(["cluster", "up", "--controllers=3", "--worker-restart-s=5"])
-        .arg(format!("--workers={}", cmd.workers))
-        .arg("--dir")
-        .arg(&dir)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.with_extension("up.log"))?)
-        .spawn()?;
-    let cluster = Cluster {
-        up,
-        dir: dir.clone(),
-        exe: exe.clone(),
+    let text = cmd.scenario_text()?;
+    // The old demo recreated its directory; the runner refuses a directory it did not make.
+    if cmd.dir.exists() && !cmd.dir.join(".phalanx-scenario").exists() {
+        std::fs::remove_dir_all(&cmd.dir)
+            .with_context(|| format!("recreating {}", cmd.dir.display()))?;
+    }
+    let file = cmd.dir.with_extension("scenario.toml");
+    if let Some(parent) = file.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&file, &text).with_context(|| format!("writing {}", file.display()))?;
+    let v = phalanx_chaos::parse(&file.display().to_string(), &text)
+        .map_err(|e| anyhow!("the demo's flags make an invalid scenario:\n{e}"))?;
+    let report_dir = cmd.dir.join("report");
+    let opts = crate::scenario::RunOptions {
+        file: file.clone(),
+        seed: Some(cmd.seed),
+        report: Some(report_dir.clone()),
+        dir: Some(cmd.dir.clone()),
+        timeout_s: None,
     };
-    let client = wait("the cluster file", Duration::from_secs(30), || {
-        client_for(&dir).ok()
-    })?;
-    wait(
-        "a leader and every worker registered",
-        Duration::from_secs(60),
-        || {
-            let st: StatusResponse = client.get("/v1/status").ok()?;
-            (st.leader_id != 0 && st.workers.len() == cmd.workers as usize).then_some(())
-        },
-    )?;
+    let report = crate::scenario::run_and_write(&opts, &v, &report_dir)?;
 
-    // The fault-free reference, computed alongside by `phalanx train`.
-    let ref_summary = dir.join("reference.json");
-    let mut reference = Command::new(&exe)
-        .args(["train", "--plain", "--workers=1", "--global-batch=8"])
-        .arg(format!("--model={}", cmd.model))
-        .arg(format!("--steps={}", cmd.steps))
-        .arg(format!("--seed={}", cmd.seed))
-        .arg(format!("--summary={}", ref_summary.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-
-    let job_file = dir.join("job.toml");
-    std::fs::write(
-        &job_file,
-        format!(
-            "name = \"demo\"\nmodel = \"{}\"\ncorpus = \"default\"\nsteps = {}\nglobal_batch = 8\nseed = {}\n\
-             checkpoint_interval_steps = 25\nworld_size_min = 3\nworld_size_max = 4\n",
-            cmd.model, cmd.steps, cmd.seed
-        ),
-    )?;
-    let spec = phalanx_core::parse_job_toml(&std::fs::read_to_string(&job_file)?)
-        .map_err(|e| anyhow!("{e}"))?;
-    client.command(phalanx_proto::Command::SubmitJob { spec })?;
-    println!(
-        "== job submitted: {} model, {} steps, global batch 8, seed {}",
-        cmd.model, cmd.steps, cmd.seed
-    );
-    let started = Instant::now();
-
-    let mut reports = Vec::new();
-    // Mean time per step before the first fault (includes the job's start-up).
-    let mut step_ms: Option<f64> = None;
-    for Planned {
-        kind,
-        target,
-        at,
-        for_,
-    } in &schedule
-    {
-        let (kind, target) = (kind.as_str(), target.as_str());
-        let extra: Vec<String> = for_
-            .iter()
-            .flat_map(|f| ["--for".to_string(), f.clone()])
-            .collect();
-        let reached = wait("the next fault's trigger", Duration::from_secs(900), || {
-            let j = job(&client)?;
-            if j.state == JobState::Completed {
-                return Some(false);
-            }
-            match at {
-                Trigger::Step(s) => (j.progress_step >= *s).then_some(true),
-                Trigger::Secs(s) => (started.elapsed() >= Duration::from_secs(*s)).then_some(true),
-            }
-        })?;
-        if !reached {
-            break;
-        }
-        let before = job(&client).ok_or_else(|| anyhow!("the job vanished"))?;
-        if step_ms.is_none() && before.progress_step > 0 {
-            step_ms = Some(started.elapsed().as_secs_f64() * 1e3 / before.progress_step as f64);
-        }
-        let seen_events = events(&client).last().map(|e| e.seq).unwrap_or(0);
-        let high = before.rank_steps.iter().copied().max().unwrap_or(0);
-        let old_leader = client
-            .get::<StatusResponse>("/v1/status")
-            .map(|s| s.leader_id)
-            .unwrap_or(0);
-        let t0 = Instant::now();
-        let out = Command::new(&exe)
-            .args(["fault", "inject", "--kind", kind, "--target", target])
-            .args(&extra)
-            .arg("--dir")
-            .arg(&dir)
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "fault inject failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let injected = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        println!("-- step {}: {injected}", before.progress_step);
-        // Time the recovery from the moment the fault took effect, which the command
-        // reports (its own start-up is not part of the recovery).
-        let t0 = injected_at(&injected).unwrap_or(t0);
-        // Detection: the first failure decision about a worker, or the first plan, after
-        // the fault (a worker registering or rejoining after an earlier fault is not one);
-        // a controller leader change is detected by the election.
-        let mut detected: Option<(String, f64, u64)> = None;
-        wait("recovery", Duration::from_secs(120), || {
-            let j = job(&client)?;
-            let Some((_, _, high_at_detection)) = &detected else {
-                let by = if target.starts_with("controller") {
-                    let st: StatusResponse = client.get("/v1/status").ok()?;
-                    (st.leader_id != 0 && st.leader_id != old_leader).then(|| {
-                        format!(
-                            "Raft election: node {} leads term {}",
-                            st.leader_id, st.term
-                        )
-                    })
-                } else {
-                    events(&client)
-                        .into_iter()
-                        .find(|e| {
-                            e.seq > seen_events
-                                && matches!(
-                                    e.kind.as_str(),
-                                    "worker_failed"
-                                        | "worker_suspect"
-                                        | "worker_quarantined"
-                                        | "worker_draining"
-                                        | "epoch_stuck"
-                                        | "plan"
-                                )
-                        })
-                        .map(|e| format!("{}: {}", e.kind, e.reason))
-                };
-                let high_now = j.rank_steps.iter().copied().max().unwrap_or(0).max(high);
-                detected = by.map(|b| (b, t0.elapsed().as_secs_f64(), high_now));
-                return None;
-            };
-            (j.progress_step > *high_at_detection || j.state == JobState::Completed).then_some(())
-        })?;
-        let mttr = t0.elapsed().as_secs_f64();
-        let (detected_by, detect_s, high_at_detection) = detected.unwrap_or_default();
-        // Steps redone: the newest step reached before the fault minus where the next epoch
-        // resumed (from the `resumed` event of rank 0).
-        let resumed = events(&client)
-            .into_iter()
-            .filter(|e| e.seq > seen_events && e.kind == "resumed")
-            .filter_map(|e| {
-                e.reason
-                    .split("at step ")
-                    .nth(1)?
-                    .split(' ')
-                    .next()?
-                    .parse::<u64>()
-                    .ok()
-            })
-            .min();
-        let rep = FaultReport {
-            fault: kind.to_string(),
-            target: target.to_string(),
-            at_step: before.progress_step,
-            detected_by,
-            detect_s,
-            mttr_s: mttr,
-            steps_redone: resumed
-                .map(|r| high_at_detection.saturating_sub(r))
-                .unwrap_or(0),
-        };
-        println!(
-            "   detected in {:.2} s by {}; training again after {mttr:.2} s",
-            rep.detect_s, rep.detected_by
-        );
-        reports.push(rep);
-    }
-    let done = wait("the job to complete", Duration::from_secs(900), || {
-        job(&client).filter(|j| j.state == JobState::Completed && j.params_sha256.is_some())
-    })?;
-    let wall = started.elapsed().as_secs_f64();
-    let st = wait_child(&mut reference, Duration::from_secs(900))?;
-    if !st.success() {
-        bail!("the reference `phalanx train` failed ({st})");
-    }
-    let rv: serde_json::Value = serde_json::from_slice(&std::fs::read(&ref_summary)?)
-        .context("reading the reference summary")?;
-    let reference_sha = rv["params_sha256"].as_str().unwrap_or_default().to_string();
-    let sha = done.params_sha256.clone().unwrap_or_default();
-    let lost: f64 = reports.iter().map(|r| r.mttr_s).sum();
+    let m = &report.measured;
+    let fired: Vec<&FiredFault> = report.faults.iter().filter(|f| f.error.is_none()).collect();
+    let faults: Vec<FaultReport> = fired
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let until = fired.get(i + 1).map(|n| n.t_s).unwrap_or(f64::INFINITY);
+            fault_report(&report, f, until)
+        })
+        .collect();
+    let first_fault_s = report.faults.first().map(|f| f.t_s);
+    let step_ms_before_faults = first_fault_s
+        .and_then(|t| {
+            report
+                .progress
+                .iter()
+                .filter(|p| p.t_s <= t && p.progress_step > 0)
+                .next_back()
+                .map(|p| p.t_s * 1e3 / p.progress_step as f64)
+        })
+        .unwrap_or(f64::NAN);
+    let sha = m.params_sha256.clone().unwrap_or_default();
+    let reference = m.reference_sha256.clone().unwrap_or_default();
     let summary = DemoSummary {
         model: cmd.model.clone(),
         steps: cmd.steps,
         seed: cmd.seed,
-        faults: reports.clone(),
-        wall_s: wall,
-        effective_training_time: ((wall - lost) / wall).max(0.0),
-        final_epoch: done.plan.as_ref().map(|p| p.epoch).unwrap_or(0),
-        step_ms_before_faults: step_ms.unwrap_or(f64::NAN),
-        bit_identical: sha == reference_sha,
+        faults,
+        wall_s: m.wall_s,
+        effective_training_time: m.effective_training_time.unwrap_or(f64::NAN),
+        final_epoch: report.progress.last().map(|p| p.epoch).unwrap_or(0),
+        step_ms_before_faults,
+        bit_identical: !sha.is_empty() && sha == reference,
         params_sha256: sha,
-        reference_params_sha256: reference_sha,
+        reference_params_sha256: reference,
     };
     print_summary(&summary);
+    if let Some(parent) = cmd.summary.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
     write_json(&cmd.summary, &summary)?;
     println!("summary written to {}", cmd.summary.display());
-    drop(cluster);
+    println!(
+        "scenario {} (replay: {}); report {}",
+        file.display(),
+        report.replay,
+        report_dir.join("report.md").display()
+    );
     if !summary.bit_identical {
-        bail!("the final parameters differ from the fault-free run (seed {}; rerun: phalanx demo --seed {})", cmd.seed, cmd.seed);
+        bail!(
+            "the final parameters differ from the fault-free run (seed {}; rerun: phalanx demo --seed {})",
+            cmd.seed,
+            cmd.seed
+        );
+    }
+    if !report.passed {
+        let failed: Vec<String> = report
+            .failed()
+            .map(|v| format!("{} (measured {})", v.name, v.measured))
+            .collect();
+        bail!(
+            "the demo scenario failed: {}",
+            if failed.is_empty() {
+                report
+                    .error
+                    .clone()
+                    .unwrap_or_else(|| "a fault could not be fired".into())
+            } else {
+                failed.join(", ")
+            }
+        );
     }
     Ok(())
 }
@@ -450,24 +414,62 @@ fn print_summary(s: &DemoSummary) {
     );
 }
 
-fn client_for(dir: &Path) -> Result<Client> {
-    let cf = crate::ctl::read_cluster(dir)?;
-    let token = std::fs::read_to_string(&cf.token_file)?.trim().to_string();
-    Ok(Client::new(cf.controller_addresses(), token)?)
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
 
-fn wait_child(c: &mut Child, t: Duration) -> Result<std::process::ExitStatus> {
-    wait("the reference run", t, || c.try_wait().ok().flatten())
-}
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        demo: DemoCmd,
+    }
 
-/// The instant a `fault inject` output line says the fault took effect
-/// (`... at unix_ms N`), on this process's monotonic clock.
-fn injected_at(line: &str) -> Option<Instant> {
-    let ms: u128 = line.rsplit("at unix_ms ").next()?.trim().parse().ok()?;
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .ok()?
-        .as_millis();
-    let ago = Duration::from_millis(now_ms.saturating_sub(ms) as u64);
-    Instant::now().checked_sub(ago)
+    fn scenario(args: &[&str]) -> Result<phalanx_chaos::Validated> {
+        let cmd = Cli::try_parse_from(std::iter::once("demo").chain(args.iter().copied()))?.demo;
+        let text = cmd.scenario_text()?;
+        phalanx_chaos::parse("demo", &text).map_err(|e| anyhow!("{e}"))
+    }
+
+    #[test]
+    fn the_default_demo_is_the_library_scenario() {
+        let v = scenario(&[]).unwrap();
+        let lib = phalanx_chaos::parse("scenarios/demo.toml", DEMO_SCENARIO).unwrap();
+        assert_eq!(v.faults, lib.faults);
+        assert_eq!(v.scenario.job, lib.scenario.job);
+        assert_eq!(v.scenario.cluster, lib.scenario.cluster);
+        assert_eq!(v.scenario.expect, lib.scenario.expect);
+    }
+
+    #[test]
+    fn flags_adapt_the_scenario() {
+        let v = scenario(&["--steps", "200", "--workers", "4", "--model", "small"]).unwrap();
+        let steps: Vec<String> = v.faults.iter().map(|f| f.trigger.to_string()).collect();
+        assert_eq!(steps, ["at step 40", "at step 80", "at step 120"]);
+        assert_eq!((v.scenario.cluster.workers, v.scenario.cluster.spares), (4, 0));
+        assert_eq!(v.scenario.job.model.as_str(), "small");
+
+        let v = scenario(&["--faults", "hang:rank:1@60:5s,partition:rank:2@90:4s"]).unwrap();
+        assert_eq!(v.faults.len(), 2);
+        assert_eq!(v.faults[0].duration_s, Some(5.0));
+        assert_eq!(v.faults[1].kind.as_str(), "partition");
+
+        let v = scenario(&["--fault-every-s", "60", "--steps", "1500"]).unwrap();
+        assert_eq!(v.faults.len(), 64);
+        assert_eq!(v.scenario.expect.max_wall_s, None);
+    }
+
+    #[test]
+    fn bad_flags_name_what_is_wrong() {
+        let e = scenario(&["--faults", "kill:rank:1"]).unwrap_err().to_string();
+        assert!(e.contains("no `@STEP`"), "{e}");
+        let e = scenario(&["--faults", "hang:rank:1@60:5"]).unwrap_err().to_string();
+        assert!(e.contains("seconds with a unit"), "{e}");
+        let e = scenario(&["--faults", "explode:rank:1@60"]).unwrap_err().to_string();
+        assert!(e.contains("explode"), "{e}");
+        let e = scenario(&["--model", "huge"]).unwrap_err().to_string();
+        assert!(e.contains("huge"), "{e}");
+        let e = scenario(&["--faults", "kill:rank:1@999"]).unwrap_err().to_string();
+        assert!(e.contains("999"), "{e}");
+    }
 }

@@ -8,6 +8,8 @@ use clap::{Args, Subcommand};
 mod procs;
 mod run;
 
+pub use run::RunOptions;
+
 #[derive(Subcommand, Debug)]
 pub enum ScenarioCmd {
     /// Run a scenario: bring up its cluster, run its job, fire its faults, check its
@@ -147,25 +149,36 @@ pub fn run(cmd: ScenarioCmd) -> Result<()> {
     }
 }
 
+/// Run a validated scenario and write its report directory (a failure to write it is a
+/// warning: the verdict stands).
+pub fn run_and_write(
+    opts: &RunOptions,
+    v: &phalanx_chaos::Validated,
+    report_dir: &Path,
+) -> Result<phalanx_chaos::report::Report> {
+    let report = run::run(opts, v)?;
+    if let Err(e) = phalanx_chaos::report::write(report_dir, &report) {
+        eprintln!("warning: writing the report: {e}");
+    }
+    Ok(report)
+}
+
 fn run_one(c: RunCmd) -> Result<()> {
     let v = load(&c.file)?;
-    let opts = run::RunOptions {
+    let opts = RunOptions {
         file: c.file.clone(),
         seed: c.seed,
         report: c.report.clone(),
         dir: c.dir.clone(),
         timeout_s: c.timeout_s,
     };
-    let report = run::run(&opts, &v)?;
     let dir = c.report.clone().unwrap_or_else(|| {
         c.dir
             .clone()
             .unwrap_or_else(|| PathBuf::from("target/scenarios").join(&v.scenario.name))
             .join("report")
     });
-    if let Err(e) = phalanx_chaos::report::write(&dir, &report) {
-        eprintln!("warning: writing the report: {e}");
-    }
+    let report = run_and_write(&opts, &v, &dir)?;
     println!();
     print!("{}", phalanx_chaos::report::summary_text(&report));
     println!("report: {}", dir.join("report.md").display());
