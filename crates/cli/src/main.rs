@@ -91,7 +91,8 @@ enum Command {
     Scenario(scenario::ScenarioCmd),
     /// Print the summary of a scenario run's report directory again.
     Report(scenario::ReportCmd),
-    // `phalanx sim` (crate phalanx-sim) goes here when it lands, as `Sim(...)`.
+    /// The cluster simulator: 16k-131k GPUs in virtual time (see docs/simulator.md).
+    Sim(phalanx_sim::cli::SimCommand),
     /// Print a shell completion script: `phalanx completions bash > /etc/bash_completion.d/phalanx`.
     Completions {
         /// The shell.
@@ -188,6 +189,7 @@ fn main() -> ExitCode {
         Command::Events(c) => ctl::ops::events(c),
         Command::Scenario(c) => scenario::run(c),
         Command::Report(c) => scenario::report(c),
+        Command::Sim(c) => phalanx_sim::cli::run(c),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,
