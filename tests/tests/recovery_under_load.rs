@@ -84,20 +84,38 @@ fn waits_for_a_checkpoint(c: &LocalCluster) {
 
 /// No faults, two busy threads: not one suspect or failed decision (a silence report
 /// needs the named worker's heartbeats to have stopped, or its step to stand still, before
-/// anything is decided). `just chaos-soak` runs it for 20 minutes
-/// (`PHALANX_SOAK_NO_FAULT_STEPS`).
+/// anything is decided). `just soak-recovery` runs it for 20 minutes
+/// (`PHALANX_SOAK_NO_FAULT_S=1200`: a job too long to finish, judged after that long;
+/// `PHALANX_SOAK_NO_FAULT_STEPS` sets a step count instead).
 #[test]
 fn no_faults_under_cpu_contention_mean_no_suspect_or_failed_decisions() {
-    let steps: u64 = std::env::var("PHALANX_SOAK_NO_FAULT_STEPS")
+    let secs: Option<u64> = std::env::var("PHALANX_SOAK_NO_FAULT_S")
         .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(STEPS);
-    let limit = LIMIT.max(Duration::from_secs(steps / 5));
+        .and_then(|s| s.parse().ok());
+    let steps: u64 = match secs {
+        Some(_) => 10_000_000,
+        None => std::env::var("PHALANX_SOAK_NO_FAULT_STEPS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(STEPS),
+    };
     let c = LocalCluster::start(5, 0);
     let busy = BusyThreads::start(2);
     c.submit(&job_toml_seed("no-faults", steps, 50, 3, 4, 7));
-    c.wait_done(limit);
+    let t0 = std::time::Instant::now();
+    match secs {
+        Some(s) => {
+            let until = Duration::from_secs(s);
+            c.wait_for(until + LIMIT, "the soak's length to pass", |c| {
+                t0.elapsed() >= until && c.job().is_some()
+            });
+        }
+        None => {
+            c.wait_done(LIMIT.max(Duration::from_secs(steps / 5)));
+        }
+    }
     drop(busy);
+    let job = c.job().unwrap();
     let ev: Vec<String> = c
         .events()
         .as_array()
@@ -107,9 +125,23 @@ fn no_faults_under_cpu_contention_mean_no_suspect_or_failed_decisions() {
         .collect();
     let spurious: Vec<&String> = ev
         .iter()
-        .filter(|e| e.contains("worker_suspect") || e.contains("worker_failed"))
+        .filter(|e| {
+            let e = e.replace('-', "_");
+            e.contains("worker-suspect") || e.contains("worker-failed")
+        })
         .collect();
+    eprintln!(
+        "no-fault soak: {:.0} s beside 2 busy threads, step {} of the job, plan epoch {}, {} events, {} suspect or failed decisions",
+        t0.elapsed().as_secs_f64(),
+        job["progress_step"],
+        job["plan"]["epoch"],
+        ev.len(),
+        spurious.len()
+    );
     assert!(spurious.is_empty(), "{spurious:#?}\n{}", c.logs());
+    if secs.is_none() {
+        assert_eq!(job["state"], "completed", "{job}");
+    }
 }
 
 #[test]
