@@ -81,4 +81,4 @@ lint:
 # Recovery soak: the recovery-under-load cases over five seeds, and a 20-minute fault-free
 # run beside two busy threads that must see no suspect or failed decision.
 soak-recovery: build
-    PHALANX_BIN="$PWD/target/release/phalanx" PHALANX_SOAK_SEEDS=7,8,9,10,11 PHALANX_SOAK_NO_FAULT_STEPS=20000 cargo test --release -p phalanx-tests --test recovery_under_load -- --test-threads 1 --nocapture
+    PHALANX_BIN="$PWD/target/release/phalanx" PHALANX_SOAK_SEEDS=7,8,9,10,11 PHALANX_SOAK_NO_FAULT_S=1200 cargo test --release -p phalanx-tests --test recovery_under_load -- --test-threads 1 --nocapture
