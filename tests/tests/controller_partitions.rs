@@ -35,8 +35,8 @@ use phalanx_tests::{phalanx_bin, KillOnDrop};
 use support::linearizability::{linearizable, Op, OpKind};
 
 const TOKEN: &str = "partition-token";
-/// Controller timing (the binary's defaults): 10 ms ticks, election timeout 10-20 ticks.
-const ELECTION_MAX: Duration = Duration::from_millis(200);
+/// Controller timing (the binary's defaults): 10 ms ticks, election timeout 50-100 ticks.
+const ELECTION_MAX: Duration = Duration::from_millis(1000);
 /// The longest outage a client may see when one follower is cut: one election, taken as
 /// the re-election benchmark's worst case on this 2-core machine (321 ms, see
 /// docs/controller.md) with headroom for a loaded machine. Cutting one follower should

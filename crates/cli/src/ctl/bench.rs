@@ -278,7 +278,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
 
     let result = serde_json::json!({
         "bench": "controller",
-        "config": {"controllers": 3, "tick_ms": a.tick_ms, "election_tick": 10, "election_timeout_ticks": "10..20",
+        "config": {"controllers": 3, "tick_ms": a.tick_ms, "election_tick": 50, "election_timeout_ticks": "50..100",
                    "clients": a.clients, "seconds": a.seconds, "kills": a.kills},
         "reelection_ms": reelection,
         "throughput": {"committed_commands_per_s": cmds_per_s, "committed": committed,

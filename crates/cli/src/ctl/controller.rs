@@ -63,7 +63,7 @@ pub struct StartArgs {
     /// data dir that the cluster knows refuses to start.
     #[arg(long, conflicts_with = "join")]
     rejoin: bool,
-    /// Raft tick in milliseconds (election after 10-20 ticks, heartbeat every 2).
+    /// Raft tick in milliseconds (election after 50-100 ticks, heartbeat every 5).
     #[arg(long, default_value_t = 10)]
     tick_ms: u64,
     /// Snapshot the state and compact the log every this many entries.

@@ -75,8 +75,10 @@ pub struct ServerConfig {
     pub http: HttpLimits,
     pub peer_queue_max: usize,
     /// A peer link whose oldest unacknowledged frame waits longer than this is dropped and
-    /// redialed (also its sockets' `TCP_USER_TIMEOUT`). `None`: two election timeouts,
-    /// `2 * election_tick * tick_ms`.
+    /// redialed (also its sockets' `TCP_USER_TIMEOUT`). `None`: four heartbeat intervals,
+    /// `4 * heartbeat_tick * tick_ms` (200 ms by default), well inside an election
+    /// timeout, so a link cut while it held data is redialed before the leader's quorum
+    /// rests on it for an election timeout.
     pub peer_liveness_ms: Option<u64>,
 }
 
@@ -120,7 +122,7 @@ impl ServerConfig {
     pub fn peer_liveness(&self) -> Duration {
         let ms = self
             .peer_liveness_ms
-            .unwrap_or(2 * self.election_tick as u64 * self.tick_ms);
+            .unwrap_or(4 * self.heartbeat_tick as u64 * self.tick_ms);
         Duration::from_millis(ms.max(50))
     }
 
