@@ -66,7 +66,8 @@ pub struct TrainArgs {
     /// Device of each worker: `emulated[:MODEL]` (see `phalanx devices`) or `cuda:N`.
     #[arg(long, default_value = "emulated:H100-SXM-80GB")]
     pub device: String,
-    /// Override an emulated GPU's memory capacity, in GiB.
+    /// Override an emulated GPU's memory capacity, in GiB; on `cuda:N`, cap each worker's
+    /// use of the GPU (several workers can then share one).
     #[arg(long)]
     pub memory_gib: Option<f64>,
     /// Bound on every collective operation.
@@ -271,6 +272,8 @@ struct StepMedians {
     spot_check: f64,
     reduce: f64,
     update: f64,
+    /// The gradients' copy from a CUDA device to the host (0 on CPU).
+    grad_copy: f64,
 }
 
 impl StepProfile {
@@ -290,6 +293,7 @@ impl StepProfile {
             spot_check: med(|s| s.check_ms),
             reduce: med(|s| s.reduce_ms),
             update: med(|s| s.update_ms),
+            grad_copy: med(|s| s.grad_copy_ms),
         }
     }
 }
@@ -297,8 +301,8 @@ impl StepProfile {
 impl StepMedians {
     fn describe(&self) -> String {
         format!(
-            "step (rank 0, medians): {:.1} ms = forward+backward {:.1} ms per micro-batch, spot check {:.1} ms, reduce {:.1} ms, update {:.1} ms",
-            self.step, self.compute_per_micro_batch, self.spot_check, self.reduce, self.update
+            "step (rank 0, medians): {:.1} ms = forward+backward {:.1} ms per micro-batch, gradient copy to host {:.1} ms, spot check {:.1} ms, reduce {:.1} ms, update {:.1} ms",
+            self.step, self.compute_per_micro_batch, self.grad_copy, self.spot_check, self.reduce, self.update
         )
     }
 }
@@ -685,7 +689,11 @@ fn worker_inner(cmd: &WorkerRunCmd) -> Result<()> {
     let (spec, corpus, device) = preflight(&cmd.train, world)?;
     let local = assign(spec.micro_batches(), world, rank).len();
     device.check_fits(&MemoryEstimate::new(&spec.model, spec.micro_batch, local))?;
-    // Before the first torch call: thread count, or the CUDA library.
+    // Before the first torch call: thread count, or the CUDA library (and a memory cap,
+    // so that several workers can share one GPU).
+    if let (DeviceRequest::Cuda(n), Some(gib)) = (&device, cmd.train.memory_gib) {
+        phalanx_train::device::cap_cuda_memory(*n, gib)?;
+    }
     let tdev = device.activate()?;
     let (train, val) = corpus.split(spec.val_fraction, spec.model.ctx_len)?;
     let mut engine = Engine::new(spec, train, val, tdev)?;

@@ -127,6 +127,11 @@ impl DeviceRequest {
                 Ok(tch::Device::Cpu)
             }
             Self::Cuda(n) => {
+                // cuBLAS picks reduction orders by workspace; a fixed configuration
+                // makes its products deterministic (UNVERIFIED here: no GPU).
+                if std::env::var_os("CUBLAS_WORKSPACE_CONFIG").is_none() {
+                    std::env::set_var("CUBLAS_WORKSPACE_CONFIG", ":4096:8");
+                }
                 load_cuda()?;
                 let count = tch::Cuda::device_count();
                 if (*n as i64) >= count {
@@ -155,6 +160,68 @@ impl DeviceRequest {
         }
         Ok(())
     }
+}
+
+/// Caps this process's use of CUDA device `n` at `gib` GiB, so that several worker
+/// processes can share one GPU: libtorch's caching allocator refuses allocations past
+/// `per_process_memory_fraction` of the device (set through `PYTORCH_CUDA_ALLOC_CONF`,
+/// read when CUDA initialises, so call this before [`DeviceRequest::activate`]). The
+/// device's size comes from `nvidia-smi`. UNVERIFIED here: no GPU.
+pub fn cap_cuda_memory(n: usize, gib: f64) -> Result<f64, TrainError> {
+    if !(gib.is_finite() && gib > 0.0) {
+        return Err(TrainError::Device(format!(
+            "memory cap {gib} GiB must be positive"
+        )));
+    }
+    let total_mib = nvidia_smi_query(n, "memory.total").and_then(|s| s.parse::<f64>().ok());
+    let total_gib = total_mib.map(|m| m / 1024.0).ok_or_else(|| {
+        TrainError::Device(format!(
+            "cannot read the memory size of cuda:{n} from nvidia-smi, needed for --memory-gib"
+        ))
+    })?;
+    let fraction = gib / total_gib;
+    if fraction > 1.0 {
+        return Err(TrainError::Device(format!(
+            "memory cap {gib} GiB exceeds cuda:{n}'s {total_gib:.1} GiB"
+        )));
+    }
+    let mut conf = std::env::var("PYTORCH_CUDA_ALLOC_CONF").unwrap_or_default();
+    if !conf.is_empty() {
+        conf.push(',');
+    }
+    conf.push_str(&format!("per_process_memory_fraction:{fraction:.6}"));
+    std::env::set_var("PYTORCH_CUDA_ALLOC_CONF", conf);
+    Ok(fraction)
+}
+
+/// One field of `nvidia-smi --query-gpu` for device `n` (no units), with a bounded wait.
+pub fn nvidia_smi_query(n: usize, field: &str) -> Option<String> {
+    let mut child = std::process::Command::new("nvidia-smi")
+        .arg(format!("--query-gpu={field}"))
+        .args(["--format=csv,noheader,nounits", "-i"])
+        .arg(n.to_string())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match child.try_wait() {
+            Ok(Some(st)) if st.success() => break,
+            Ok(Some(_)) | Err(_) => return None,
+            Ok(None) if std::time::Instant::now() > deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    let mut out = String::new();
+    use std::io::Read;
+    child.stdout.take()?.read_to_string(&mut out).ok()?;
+    let v = out.lines().next()?.trim().to_string();
+    (!v.is_empty()).then_some(v)
 }
 
 /// Bytes a training rank needs.

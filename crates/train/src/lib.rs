@@ -7,6 +7,7 @@
 //! reduction between the two halves: [`engine::Engine::micro_grad`] then
 //! [`engine::Engine::apply`].
 pub mod config;
+pub mod cuda_io;
 pub mod data;
 pub mod device;
 pub mod engine;

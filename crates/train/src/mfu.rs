@@ -123,31 +123,7 @@ fn gpu_peak(n: usize) -> Result<Peak, TrainError> {
 }
 
 fn nvidia_smi_name(n: usize) -> Option<String> {
-    let mut child = std::process::Command::new("nvidia-smi")
-        .args(["--query-gpu=name", "--format=csv,noheader", "-i"])
-        .arg(n.to_string())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .ok()?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match child.try_wait() {
-            Ok(Some(st)) if st.success() => break,
-            Ok(Some(_)) | Err(_) => return None,
-            Ok(None) if Instant::now() > deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    }
-    let mut out = String::new();
-    use std::io::Read;
-    child.stdout.take()?.read_to_string(&mut out).ok()?;
-    let name = out.lines().next()?.trim().to_string();
-    (!name.is_empty()).then_some(name)
+    crate::device::nvidia_smi_query(n, "name")
 }
 
 /// What a measured CPU peak depends on: the CPU, the kernel settings (the numerics

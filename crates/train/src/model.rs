@@ -76,6 +76,8 @@ pub struct Gpt {
     /// are the master weights); under bf16 each matrix product and the attention take
     /// bf16 copies of their operands, as autocast does, so the gradients come out f32.
     pub precision: Precision,
+    /// Pinned host memory for the parameter upload to a CUDA device.
+    upload: std::sync::Mutex<Option<Tensor>>,
 }
 
 impl Gpt {
@@ -147,6 +149,7 @@ impl Gpt {
             params,
             layout,
             precision: Precision::Fp32,
+            upload: std::sync::Mutex::new(None),
         };
         let init = init_params(cfg, &model.layout, seed);
         model.write_params(&init)?;
@@ -272,6 +275,16 @@ impl Gpt {
     /// Copies the flat parameter vector into the model's tensors.
     pub fn write_params(&self, flat: &[f32]) -> Result<(), TrainError> {
         check_len("parameter", flat.len(), self.layout.total)?;
+        if self.device.is_cuda() {
+            let mut staging = self.upload.lock().unwrap_or_else(|p| p.into_inner());
+            return crate::cuda_io::params_to_device(
+                flat,
+                &self.params,
+                &self.layout,
+                self.device,
+                &mut staging,
+            );
+        }
         tch::no_grad(|| -> Result<(), TrainError> {
             for (slot, t) in self.layout.slots.iter().zip(&self.params) {
                 let src = &flat[slot.offset..slot.offset + slot.numel];

@@ -28,6 +28,10 @@ pub struct StepReport {
     /// Clipping, AdamW, the parameter all-gather and loading the parameters into the model.
     #[serde(default)]
     pub update_ms: f64,
+    /// The gradients' copy from a CUDA device to host memory (0 on CPU); counted in
+    /// neither `compute_ms` nor `reduce_ms`.
+    #[serde(default)]
+    pub grad_copy_ms: f64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -101,6 +105,9 @@ pub struct Stepper {
     /// A rank alone: its micro-batches' gradient tensors, and the i64 chunk of the mean.
     tensors: Vec<Vec<tch::Tensor>>,
     scratch: Vec<i64>,
+    /// Pinned host memory for the one gradient download per step from a CUDA device.
+    download: Option<tch::Tensor>,
+    grad_copy_ms: f64,
     mean: Vec<f32>,
     pub op_timeout: Duration,
     /// An emulated slow device (thermal throttling, fault injection): compute takes this
@@ -163,6 +170,8 @@ impl Stepper {
             bufs: Vec::new(),
             tensors: Vec::new(),
             scratch: Vec::new(),
+            download: None,
+            grad_copy_ms: 0.0,
             mine,
             micro_total,
             mean: vec![0f32; n],
@@ -204,14 +213,16 @@ impl Stepper {
         let step = engine.step();
         let mut local_losses = Vec::with_capacity(self.mine.len());
         // A rank alone keeps autograd's tensors and reduces from them; a group needs one
-        // flat vector per micro-batch for the collective.
+        // flat vector per micro-batch for the collective. A CUDA device keeps them too,
+        // and they come to the host in one copy after the last micro-batch.
         let alone = self.world == 1;
+        let on_cuda = engine.model.device.is_cuda();
         self.tensors.clear();
         if !alone {
             self.ensure_bufs(engine.params.len());
         }
         for (k, m) in self.mine.clone().enumerate() {
-            if alone {
+            if alone || on_cuda {
                 let (loss, grads) = engine.micro_grad_tensors(step, m)?;
                 self.tensors.push(grads);
                 local_losses.push((m, loss));
@@ -220,6 +231,11 @@ impl Stepper {
             }
         }
         let mut compute = t0.elapsed();
+        self.grad_copy_ms = 0.0;
+        if on_cuda && !alone {
+            let tensors = std::mem::take(&mut self.tensors);
+            self.download(engine, &tensors)?;
+        }
         if self.slow_factor > 1.0 {
             let extra = compute.mul_f64(self.slow_factor - 1.0);
             std::thread::sleep(extra);
@@ -236,10 +252,11 @@ impl Stepper {
         }
         let t_reduce = Instant::now();
         let check_ms = (t_reduce - t_check).as_secs_f64() * 1e3;
+        let copied = self.grad_copy_ms;
         self.reduce(engine, group)?;
         let loss = mean_in_index_order(group, &local_losses, self.micro_total, self.op_timeout)?;
         let t_update = Instant::now();
-        let reduce_ms = (t_update - t_reduce).as_secs_f64() * 1e3;
+        let reduce_ms = (t_update - t_reduce).as_secs_f64() * 1e3 - (self.grad_copy_ms - copied);
         before_update();
         let stats = engine.apply(&self.mean)?;
         gather_params(engine, group, self.op_timeout)?;
@@ -254,7 +271,26 @@ impl Stepper {
             check_ms,
             reduce_ms,
             update_ms: t_update.elapsed().as_secs_f64() * 1e3,
+            grad_copy_ms: self.grad_copy_ms,
         })
+    }
+
+    /// A CUDA rank's gradients to the host in one copy, timed.
+    fn download(
+        &mut self,
+        engine: &Engine,
+        tensors: &[Vec<tch::Tensor>],
+    ) -> Result<(), WorkerError> {
+        let t = Instant::now();
+        self.ensure_bufs(engine.params.len());
+        phalanx_train::cuda_io::grads_to_host(
+            tensors,
+            &engine.model.layout,
+            &mut self.bufs,
+            &mut self.download,
+        )?;
+        self.grad_copy_ms += t.elapsed().as_secs_f64() * 1e3;
+        Ok(())
     }
 
     fn ensure_bufs(&mut self, n: usize) {
@@ -276,10 +312,14 @@ impl Stepper {
             if done {
                 return Ok(());
             }
-            // Tensors the local path cannot read in place (CUDA, bf16): the flat path.
+            // Tensors the local path cannot read in place (CUDA): the flat path.
             self.ensure_bufs(engine.params.len());
-            for (g, buf) in tensors.iter().zip(self.bufs.iter_mut()) {
-                engine.model.copy_grads(g, buf)?;
+            if engine.model.device.is_cuda() {
+                self.download(engine, &tensors)?;
+            } else {
+                for (g, buf) in tensors.iter().zip(self.bufs.iter_mut()) {
+                    engine.model.copy_grads(g, buf)?;
+                }
             }
         }
         let refs: Vec<&[f32]> = self.bufs.iter().map(|b| b.as_slice()).collect();
