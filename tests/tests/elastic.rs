@@ -89,7 +89,7 @@ fn event_kinds(c: &LocalCluster) -> Vec<String> {
 fn killing_a_worker_swaps_in_the_spare() {
     let (c, job) = scenario("kill", 5, 0, |c| c.inject("worker:w1", "kill", &[]));
     let ev = event_kinds(&c);
-    assert_no_event(&ev, &["worker_joining", "w1"]);
+    assert_no_event(&ev, &["worker-joining", "w1"]);
     let r = ranks(&job);
     assert!(
         !r.contains(&"w1".to_string()) && r.contains(&"w4".to_string()) && r.len() == 4,
@@ -126,9 +126,9 @@ fn a_hung_worker_is_replaced_and_fenced_out() {
     // before the 2 s lease would have made it suspect.
     assert_event(
         &ev,
-        &["worker_failed", "w2", "silent for", "heartbeats stopped"],
+        &["worker-failed", "w2", "silent for", "heartbeats stopped"],
     );
-    assert_no_event(&ev, &["worker_suspect", "w2", "no heartbeat for"]);
+    assert_no_event(&ev, &["worker-suspect", "w2", "no heartbeat for"]);
 }
 
 /// Waits until worker `id` is placeable again (joining, healthy or spare).
@@ -233,7 +233,7 @@ fn a_flipped_gradient_bit_is_caught_by_recomputation_and_the_step_redone() {
     // see this; the gradient spot check (a neighbour recomputes the micro-batch) does.
     let (c, job) = scenario("sdcgrad", 5, 0, |c| c.inject("rank:1", "sdc-grad", &[]));
     let ev = event_kinds(&c);
-    assert_event(&ev, &["gradient_mismatch", "rank 1's gradient"]);
+    assert_event(&ev, &["gradient-mismatch", "rank 1's gradient"]);
     // A transient flip: the redo agrees, nobody is quarantined and no epoch is lost.
     assert_no_event(&ev, &["quarantined"]);
     assert_eq!(job["plan"]["epoch"].as_u64(), Some(1), "{job}");
@@ -362,7 +362,7 @@ fn a_corrupt_newest_checkpoint_and_all_workers_killed_resume_from_the_previous_o
     });
     assert!(rec["steps_redone"].as_u64().unwrap() >= 20, "{rec}");
     let ev = event_kinds(&c);
-    assert_event(&ev, &["fault_injected", "corrupt"]);
+    assert_event(&ev, &["fault-injected", "corrupt"]);
 }
 
 #[test]
@@ -380,20 +380,20 @@ fn a_partitioned_worker_is_replaced_and_rejoins_when_the_partition_heals() {
     // After the partition heals, the worker registers again and is placeable once more.
     wait_placeable(&c, &cut);
     let ev = event_kinds(&c);
-    assert_event(&ev, &["fault_injected", "partition"]);
+    assert_event(&ev, &["fault-injected", "partition"]);
     // The cut is found by its peers' silence reports (its links went quiet), confirmed
     // by its missing heartbeats, without waiting for the 2 s lease.
     assert_event(
         &ev,
         &[
-            "worker_failed",
+            "worker-failed",
             cut.as_str(),
             "silent",
             "heartbeats stopped",
         ],
     );
-    assert_no_event(&ev, &["worker_suspect", cut.as_str(), "no heartbeat for"]);
-    assert_event(&ev, &["worker_registered", cut.as_str()]);
+    assert_no_event(&ev, &["worker-suspect", cut.as_str(), "no heartbeat for"]);
+    assert_event(&ev, &["worker-registered", cut.as_str()]);
 }
 
 #[test]
@@ -418,5 +418,5 @@ fn a_straggler_with_no_spare_gets_fewer_micro_batches() {
     );
     assert_eq!(ranks(&job).len(), 4, "no spare: the straggler stays");
     let ev = event_kinds(&c);
-    assert_event(&ev, &["straggler_share", "share is halved"]);
+    assert_event(&ev, &["straggler-share", "share is halved"]);
 }

@@ -273,7 +273,7 @@ mod tests {
             events: vec![SeenEvent {
                 seq: 7,
                 t_s: 3.0,
-                kind: "straggler_share".into(),
+                kind: "straggler-share".into(),
                 subject: "w2".into(),
                 reason: "rank 2 is slow".into(),
             }],

@@ -415,45 +415,10 @@ impl JsonSchema for Target {
     }
 }
 
-/// Kinds of controller event a trigger or an expectation can name (`phalanx events`).
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
-)]
-#[serde(rename_all = "snake_case")]
-pub enum EventKind {
-    Plan,
-    Resumed,
-    Members,
-    WorkerRegistered,
-    WorkerJoining,
-    WorkerHealthy,
-    WorkerSuspect,
-    WorkerFailed,
-    WorkerDraining,
-    WorkerQuarantined,
-    WorkerSpare,
-    StragglerShare,
-    EpochStuck,
-    GradientMismatch,
-    FaultInjected,
-    CheckpointDurable,
-    CheckpointRefused,
-    JobSubmitted,
-    JobWaiting,
-    JobCompleted,
-    JobResult,
-    JobCancelled,
-}
-
-impl EventKind {
-    pub fn as_str(self) -> String {
-        // The serde name is the wire name.
-        serde_json::to_value(self)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default()
-    }
-}
+/// Kinds of controller event a trigger or an expectation can name (`phalanx events`):
+/// the controller's own enum, so a scenario file spells them as `phalanx events` prints
+/// them (kebab-case; the snake_case of earlier files is still read).
+pub use phalanx_proto::EventKind;
 
 /// An event that a trigger waits for, or that an expectation requires or forbids.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -479,7 +444,7 @@ impl fmt::Display for EventMatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.contains {
             Some(c) => write!(f, "{} containing {c:?}", self.kind.as_str()),
-            None => f.write_str(&self.kind.as_str()),
+            None => f.write_str(self.kind.as_str()),
         }
     }
 }

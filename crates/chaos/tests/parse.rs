@@ -38,8 +38,8 @@ threads = 2
 [expect]
 bit_exact_with_reference = true
 max_mttr_s = 30.0
-required_events = [{ kind = "worker_failed", contains = "rank 1" }]
-forbidden_events = [{ kind = "worker_quarantined" }]
+required_events = [{ kind = "worker-failed", contains = "rank 1" }]
+forbidden_events = [{ kind = "worker-quarantined" }]
 "#;
 
 /// The error's first diagnostic as (line, column, message).
@@ -143,8 +143,8 @@ fn contradictory_expectations_are_refused() {
     assert_eq!(line, 35, "{msg}");
     assert!(msg.contains("contradictory"), "{msg}");
     let text = GOOD.replace(
-        "forbidden_events = [{ kind = \"worker_quarantined\" }]",
-        "forbidden_events = [{ kind = \"worker_failed\" }]",
+        "forbidden_events = [{ kind = \"worker-quarantined\" }]",
+        "forbidden_events = [{ kind = \"worker-failed\" }]",
     );
     let (line, _, msg) = first_error(&text);
     assert_eq!(line, 36);

@@ -199,11 +199,11 @@ struct DemoSummary {
 fn is_detection(kind: &str) -> bool {
     matches!(
         kind.replace('-', "_").as_str(),
-        "worker_failed"
-            | "worker_suspect"
-            | "worker_quarantined"
-            | "worker_draining"
-            | "epoch_stuck"
+        "worker-failed"
+            | "worker-suspect"
+            | "worker-quarantined"
+            | "worker-draining"
+            | "epoch-stuck"
             | "plan"
     )
 }

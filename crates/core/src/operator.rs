@@ -2,7 +2,7 @@
 //!
 //! Each verb is idempotent: asking for the state a worker is already in changes nothing
 //! and is applied (not rejected), so a repeated command exits like the first one.
-use phalanx_proto::{Outcome, WorkerHealth};
+use phalanx_proto::{EventKind, Outcome, WorkerHealth};
 
 use crate::state::{no, ok, ClusterState};
 
@@ -23,7 +23,7 @@ impl ClusterState {
         w.health_reason = reason.to_string();
         self.event(
             index,
-            "worker_draining",
+            EventKind::WorkerDraining,
             id,
             format!("{} -> draining: {reason}", from.as_str()),
         );
@@ -61,7 +61,7 @@ impl ClusterState {
         w.health_reason = format!("undrained: {reason}");
         self.event(
             index,
-            "worker_undrained",
+            EventKind::WorkerUndrained,
             id,
             format!("draining -> joining: {reason}"),
         );
@@ -101,7 +101,7 @@ impl ClusterState {
         w.health_reason = format!("restored: {reason}");
         self.event(
             index,
-            "worker_restored",
+            EventKind::WorkerRestored,
             id,
             format!("quarantined -> joining: {reason}"),
         );
@@ -176,7 +176,7 @@ mod tests {
         let drained = s
             .events
             .iter()
-            .find(|e| e.kind == "worker_draining")
+            .find(|e| e.kind == "worker-draining")
             .unwrap();
         assert_eq!(
             drained.reason, "healthy -> draining: maintenance",
@@ -192,7 +192,7 @@ mod tests {
         assert!(s
             .events
             .iter()
-            .any(|e| e.kind == "worker_undrained" && e.reason.contains("maintenance done")));
+            .any(|e| e.kind == "worker-undrained" && e.reason.contains("maintenance done")));
         let again = s.apply(7, &env("u2", undrain("a")));
         assert!(
             again.outcome.is_applied(),
@@ -248,7 +248,7 @@ mod tests {
         let e = s
             .events
             .iter()
-            .find(|e| e.kind == "worker_restored")
+            .find(|e| e.kind == "worker-restored")
             .unwrap();
         assert!(e.reason.contains("DIMM replaced"), "{}", e.reason);
     }

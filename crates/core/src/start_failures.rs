@@ -1,7 +1,7 @@
 //! A job that cannot run says so: a worker that fails to start its rank (a corpus it
 //! cannot read, a model it cannot build) reports why; each report is an event, and after
 //! [`START_ATTEMPTS_MAX`] reports the job is `failed` with the last reason.
-use phalanx_proto::{JobState, Outcome};
+use phalanx_proto::{EventKind, JobState, Outcome};
 
 use crate::state::{no, ok, ClusterState};
 
@@ -41,7 +41,7 @@ impl ClusterState {
         if n < START_ATTEMPTS_MAX {
             self.event(
                 index,
-                "job_start_failed",
+                EventKind::JobStartFailed,
                 &name,
                 format!("attempt {n} of {START_ATTEMPTS_MAX}: {why}"),
             );
@@ -52,7 +52,7 @@ impl ClusterState {
         j.failure = Some(why.clone());
         self.event(
             index,
-            "job_failed",
+            EventKind::JobFailed,
             &name,
             format!("{n} start failures; the last: {why}"),
         );
@@ -136,9 +136,9 @@ mod tests {
         assert!(j.failure.as_deref().unwrap().contains("no file matches"));
         let kinds: Vec<&str> = s.events.iter().map(|e| e.kind.as_str()).collect();
         assert_eq!(
-            kinds.iter().filter(|k| **k == "job_start_failed").count(),
+            kinds.iter().filter(|k| **k == "job-start-failed").count(),
             START_ATTEMPTS_MAX as usize - 1
         );
-        assert_eq!(kinds.last(), Some(&"job_failed"));
+        assert_eq!(kinds.last(), Some(&"job-failed"));
     }
 }

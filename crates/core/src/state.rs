@@ -3,8 +3,8 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use phalanx_proto::{
-    CheckpointInfo, Command, ControllerMember, Envelope, Event, JobInfo, JobState, NodeId, Outcome,
-    Plan, WorkerHealth, WorkerId, WorkerInfo,
+    CheckpointInfo, Command, ControllerMember, Envelope, Event, EventKind, JobInfo, JobState,
+    NodeId, Outcome, Plan, WorkerHealth, WorkerId, WorkerInfo,
 };
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -166,20 +166,20 @@ impl ClusterState {
             self.members = members;
             self.event(
                 index,
-                "members",
+                EventKind::Members,
                 "controllers",
                 format!("voters now [{}]", ids.join(", ")),
             );
         }
     }
 
-    pub(crate) fn event(&mut self, index: u64, kind: &str, subject: &str, reason: String) {
+    pub(crate) fn event(&mut self, index: u64, kind: EventKind, subject: &str, reason: String) {
         let seq = self.next_event_seq;
         self.next_event_seq += 1;
         self.events.push_back(Event {
             seq,
             index,
-            kind: kind.into(),
+            kind: kind.as_str().into(),
             subject: subject.into(),
             reason,
         });
@@ -252,7 +252,7 @@ impl ClusterState {
                     .unwrap_or_default();
                 self.event(
                     index,
-                    "resumed",
+                    EventKind::Resumed,
                     &name,
                     format!("epoch {epoch} resumed at step {step} from {source}, {steps_redone} steps redone{mttr} (reported by {worker})"),
                 );
@@ -290,8 +290,8 @@ impl ClusterState {
                 plan.reason = format!("{worker}'s micro-batch share halved");
                 j.rank_steps = vec![j.progress_step; plan.ranks.len()];
                 let name = j.spec.name.clone();
-                self.event(index, "straggler_share", worker, reason.clone());
-                self.event(index, "plan", &name, format!("epoch {new_epoch}: {worker}'s micro-batch share halved (shares {shares:?})"));
+                self.event(index, EventKind::StragglerShare, worker, reason.clone());
+                self.event(index, EventKind::Plan, &name, format!("epoch {new_epoch}: {worker}'s micro-batch share halved (shares {shares:?})"));
                 ok("share reduced")
             }
             Command::ReportEpochStuck {
@@ -328,13 +328,13 @@ impl ClusterState {
                 let name = j.spec.name.clone();
                 self.event(
                     index,
-                    "epoch_stuck",
+                    EventKind::EpochStuck,
                     worker,
                     format!("epoch {epoch}: {attempts} attempts by {worker} failed with no step committed{blamed}; last error: {reason}"),
                 );
                 self.event(
                     index,
-                    "plan",
+                    EventKind::Plan,
                     &name,
                     format!("epoch {new_epoch}: epoch {epoch} did not converge; the same ranks regroup under a new group id [{ranks}]"),
                 );
@@ -360,7 +360,7 @@ impl ClusterState {
                 let name = j.spec.name.clone();
                 self.event(
                     index,
-                    "gradient_mismatch",
+                    EventKind::GradientMismatch,
                     &name,
                     format!(
                         "epoch {epoch} step {step}: rank {owner_rank}'s gradient of micro-batch {micro} differs from rank {verifier_rank}'s recomputation; the step is redone (reported by {worker})"
@@ -372,7 +372,7 @@ impl ClusterState {
                 if self.too_long(target) || self.too_long(kind) {
                     return no("fault target and kind must be at most text_bytes_max bytes");
                 }
-                self.event(index, "fault_injected", target, kind.clone());
+                self.event(index, EventKind::FaultInjected, target, kind.clone());
                 ok("fault recorded")
             }
             Command::ReportResult {
@@ -415,13 +415,13 @@ impl ClusterState {
                 let name = j.spec.name.clone();
                 self.event(
                     index,
-                    "job_result",
+                    EventKind::JobResult,
                     &name,
                     format!("params_sha256 {params_sha256} (reported by {worker}, epoch {epoch})"),
                 );
                 self.event(
                     index,
-                    "job_completed",
+                    EventKind::JobCompleted,
                     &name,
                     format!(
                         "all ranks reached step {last}; final checkpoint step {last} committed"
@@ -483,7 +483,12 @@ impl ClusterState {
                         format!("worker {id} registered")
                     }
                 };
-                self.event(index, "worker_registered", id, format!("at {address}"));
+                self.event(
+                    index,
+                    EventKind::WorkerRegistered,
+                    id,
+                    format!("at {address}"),
+                );
                 self.replan(index);
                 ok(msg)
             }
@@ -513,7 +518,7 @@ impl ClusterState {
                 w.health_reason = reason.clone();
                 self.event(
                     index,
-                    &format!("worker_{}", health.as_str()),
+                    EventKind::of_health(*health),
                     id,
                     format!("{} -> {}: {reason}", from.as_str(), health.as_str()),
                 );
@@ -559,7 +564,7 @@ impl ClusterState {
                 });
                 self.event(
                     index,
-                    "job_submitted",
+                    EventKind::JobSubmitted,
                     &spec.name,
                     format!("{} steps of {}", spec.steps, spec.model),
                 );
@@ -570,7 +575,7 @@ impl ClusterState {
                 Some(j) if !j.state.is_terminal() => {
                     j.state = JobState::Cancelled;
                     let name = j.spec.name.clone();
-                    self.event(index, "job_cancelled", &name, reason.clone());
+                    self.event(index, EventKind::JobCancelled, &name, reason.clone());
                     ok(format!("job {name} cancelled"))
                 }
                 // Cancelling again changes nothing and is not an error (like a second
@@ -695,7 +700,7 @@ impl ClusterState {
                 if *durable {
                     self.event(
                         index,
-                        "checkpoint_durable",
+                        EventKind::CheckpointDurable,
                         &format!("step {step}"),
                         format!("{} shards, epoch {epoch}, job {job}", shards.len()),
                     );
@@ -713,7 +718,7 @@ impl ClusterState {
                 }
                 self.event(
                     index,
-                    "checkpoint_refused",
+                    EventKind::CheckpointRefused,
                     &format!("step {step}"),
                     format!("job {job}: {reason} (reported by {worker})"),
                 );
@@ -738,7 +743,7 @@ impl ClusterState {
                 let j = self.job.as_mut().expect("checked above");
                 if j.state != JobState::Waiting {
                     j.state = JobState::Waiting;
-                    self.event(index, "job_waiting", &name, reason);
+                    self.event(index, EventKind::JobWaiting, &name, reason);
                 }
             }
             PlacementDecision::NewPlan { ranks } => {
@@ -773,7 +778,7 @@ impl ClusterState {
                 }
                 self.event(
                     index,
-                    "plan",
+                    EventKind::Plan,
                     &name,
                     format!("epoch {epoch}: {reason} [{}]", ranks.join(", ")),
                 );
@@ -873,7 +878,7 @@ mod tests {
             .map(|e| (e.kind.clone(), e.reason.clone()))
             .collect();
         assert!(
-            ev.iter().any(|(k, r)| k == "epoch_stuck"
+            ev.iter().any(|(k, r)| k == "epoch-stuck"
                 && r.contains("blames rank 2 (c)")
                 && r.contains("closed the connection")),
             "{ev:?}"
@@ -1003,7 +1008,7 @@ mod tests {
         assert!(s
             .events
             .iter()
-            .any(|e| e.kind == "worker_failed" && e.reason.contains("no heartbeat")));
+            .any(|e| e.kind == "worker-failed" && e.reason.contains("no heartbeat")));
         // A finished job's catalog takes nothing more.
         let late = s.apply(next(), &env("c-late", record(&id, 2, 20)));
         assert!(!late.outcome.is_applied());

@@ -5,7 +5,10 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod event;
 pub mod fault;
+
+pub use event::EventKind;
 
 /// A controller (Raft) node id. Raft reserves 0, so ids start at 1.
 pub type NodeId = u64;

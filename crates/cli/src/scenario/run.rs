@@ -815,7 +815,7 @@ pub fn run(o: &RunOptions, v: &Validated) -> Result<Report> {
             let seen = last_seq;
             for e in evs.into_iter().filter(|e| e.seq > seen) {
                 last_seq = e.seq;
-                if e.kind != "checkpoint_durable" {
+                if e.kind != "checkpoint-durable" {
                     println!(
                         "   {t_s:>6.1} s  event {} {}: {}",
                         e.kind, e.subject, e.reason
