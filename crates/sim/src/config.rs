@@ -325,7 +325,9 @@ impl Default for RestartTimings {
     }
 }
 
-/// Phalanx's timings: measured on the emulated cluster (`phalanx sim calibrate`).
+/// Phalanx's timings: measured on the emulated cluster (`phalanx sim calibrate`). The
+/// defaults come from `phalanx demo --steps 120` on this project's 2-core machine
+/// (2026-11-30; docs/simulator.md, "Calibration").
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PhalanxTimings {
@@ -360,15 +362,18 @@ pub struct PhalanxTimings {
     #[serde(default = "d_grad_check")]
     pub grad_check_interval_steps: u64,
     /// Where these numbers were measured.
-    #[serde(default)]
+    #[serde(default = "d_source")]
     pub source: String,
 }
 
+fn d_source() -> String {
+    "phalanx demo --steps 120, calibrated with phalanx sim calibrate (docs/simulator.md)".into()
+}
 fn d_hb() -> u64 {
     100
 }
 fn d_silence() -> u64 {
-    155
+    159
 }
 fn d_confirm() -> u64 {
     500
@@ -380,13 +385,13 @@ fn d_fail() -> u64 {
     5_000
 }
 fn d_crash_report() -> u64 {
-    221
+    222
 }
 fn d_op_timeout() -> u64 {
     3_000
 }
 fn d_replan() -> u64 {
-    250
+    483
 }
 fn d_process_restart() -> f64 {
     60.0
@@ -408,7 +413,7 @@ impl Default for PhalanxTimings {
             replan_ms: d_replan(),
             process_restart_s: d_process_restart(),
             grad_check_interval_steps: d_grad_check(),
-            source: String::new(),
+            source: d_source(),
         }
     }
 }
