@@ -61,6 +61,8 @@ bench: build
     ./target/release/phalanx demo --dir target/bench-hang-small --model small --workers 5 --steps 60 --faults hang:rank:1@20:5s --summary bench-out/mttr-hang-small.json
     ./target/release/phalanx demo --dir target/bench-partition-small --model small --workers 5 --steps 60 --faults partition:rank:1@20:4s --summary bench-out/mttr-partition-small.json
     ./target/release/phalanx demo --dir target/bench-perminute --model small --workers 5 --steps 1500 --fault-every-s 60 --summary bench-out/fault-per-minute.json
+    cargo build --release -p phalanx-sim --bins
+    ./target/release/sim-bench --out bench-out/sim.json
 
 # The randomized simulation of the controller's Raft group (crashes, partitions, loss,
 # duplication, reordering; checks one leader per term, committed entries, agreement,
