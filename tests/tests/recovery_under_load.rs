@@ -130,8 +130,9 @@ fn no_faults_under_cpu_contention_mean_no_suspect_or_failed_decisions() {
             e.contains("worker-suspect") || e.contains("worker-failed")
         })
         .collect();
+    let replans: Vec<&String> = ev.iter().filter(|e| e.starts_with("\"plan\"")).collect();
     eprintln!(
-        "no-fault soak: {:.0} s beside 2 busy threads, step {} of the job, plan epoch {}, {} events, {} suspect or failed decisions",
+        "no-fault soak: {:.0} s beside 2 busy threads, step {} of the job, plan epoch {}, {} events, {} suspect or failed decisions; plans: {replans:#?}",
         t0.elapsed().as_secs_f64(),
         job["progress_step"],
         job["plan"]["epoch"],

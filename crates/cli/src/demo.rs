@@ -195,16 +195,19 @@ struct DemoSummary {
     bit_identical: bool,
 }
 
-/// Event kinds that are a decision about a failure (either spelling of the vocabulary).
+/// Event kinds that are a decision about a failure.
 fn is_detection(kind: &str) -> bool {
+    use phalanx_proto::EventKind as K;
     matches!(
-        kind.replace('-', "_").as_str(),
-        "worker-failed"
-            | "worker-suspect"
-            | "worker-quarantined"
-            | "worker-draining"
-            | "epoch-stuck"
-            | "plan"
+        K::parse(kind),
+        Some(
+            K::WorkerFailed
+                | K::WorkerSuspect
+                | K::WorkerQuarantined
+                | K::WorkerDraining
+                | K::EpochStuck
+                | K::Plan
+        )
     )
 }
 
