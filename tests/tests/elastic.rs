@@ -129,6 +129,17 @@ fn a_hung_worker_is_replaced_and_fenced_out() {
         &["worker-failed", "w2", "silent for", "heartbeats stopped"],
     );
     assert_no_event(&ev, &["worker-suspect", "w2", "no heartbeat for"]);
+    // Fenced out: when it woke up, its epoch (1) had been superseded; it left that epoch
+    // without committing anything (the final parameters are bit-identical, checked by
+    // `scenario`) and its old group no longer exists for it to rejoin.
+    let log = std::fs::read_to_string(c.cluster_dir().join("w2.log")).unwrap_or_default();
+    assert!(
+        log.lines().any(|l| l.contains("epoch=1")
+            && (l.contains("superseded") || l.contains("epoch ended with an error"))),
+        "w2 never learned that its epoch was superseded:\n{log}"
+    );
+    let job = c.job().unwrap();
+    assert!(job["plan"]["epoch"].as_u64().unwrap() >= 2, "{job}");
 }
 
 /// Waits until worker `id` is placeable again (joining, healthy or spare).
@@ -188,12 +199,13 @@ fn killing_the_controller_leader_does_not_stop_training() {
     );
 }
 
-#[test]
-fn an_ecc_error_quarantines_the_worker() {
+/// Runs [`scenario`] with `kind` injected into rank `rank`; checks that the worker that
+/// held it was quarantined (health, no rank) for `reason`, and returns it.
+fn quarantined_victim(name: &str, kind: &str, rank: usize, reason: &str) -> String {
     let victim = std::cell::RefCell::new(String::new());
-    let (c, job) = scenario("ecc", 5, 0, |c| {
-        *victim.borrow_mut() = c.job().map(|j| ranks(&j)[1].clone()).unwrap_or_default();
-        c.inject("rank:1", "ecc", &[])
+    let (c, job) = scenario(name, 5, 0, |c| {
+        *victim.borrow_mut() = c.job().map(|j| ranks(&j)[rank].clone()).unwrap_or_default();
+        c.inject(&format!("rank:{rank}"), kind, &[])
     });
     let victim = victim.into_inner();
     assert!(!victim.is_empty());
@@ -203,13 +215,7 @@ fn an_ecc_error_quarantines_the_worker() {
         "{victim} still holds a rank"
     );
     let ev = event_kinds(&c);
-    assert_event(
-        &ev,
-        &[
-            &victim,
-            "uncorrectable memory (ECC) error reported by the device at step",
-        ],
-    );
+    assert_event(&ev, &[&victim, reason]);
     let health = c.status().and_then(|s| {
         s["workers"]
             .as_array()?
@@ -218,13 +224,28 @@ fn an_ecc_error_quarantines_the_worker() {
             .and_then(|w| w["health"].as_str().map(str::to_string))
     });
     assert_eq!(health.as_deref(), Some("quarantined"), "{ev:#?}");
+    victim
+}
+
+#[test]
+fn an_ecc_error_quarantines_the_worker() {
+    quarantined_victim(
+        "ecc",
+        "ecc",
+        1,
+        "uncorrectable memory (ECC) error reported by the device at step",
+    );
 }
 
 #[test]
 fn silent_data_corruption_is_caught_and_the_replica_quarantined() {
-    let (c, _job) = scenario("sdc", 5, 0, |c| c.inject("rank:2", "sdc", &[]));
-    let ev = event_kinds(&c);
-    assert_event(&ev, &["silent data corruption"]);
+    // The replicas compare parameter hashes; the odd one out is quarantined, the rest go on.
+    quarantined_victim(
+        "sdc",
+        "sdc",
+        2,
+        "silent data corruption: rank 2's parameters hash to",
+    );
 }
 
 #[test]
