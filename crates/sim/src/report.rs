@@ -168,10 +168,24 @@ pub fn timeline_svg(o: &Outcome, path: &Path) -> Result<(), PlotError> {
     let root = SVGBackend::new(path, (1000, 420)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| plot_err(path, e))?;
     let days = o.days.max(1e-9);
+    // The effective share of each sample window (the samples hold the running total).
+    let mut window = Vec::new();
+    let mut prev = (0.0, 0.0);
+    for (h, e, _) in &o.samples {
+        let progress = e * h;
+        if *h > prev.0 {
+            window.push((
+                h / 24.0,
+                ((progress - prev.1) / (h - prev.0)).clamp(0.0, 1.0),
+            ));
+        }
+        prev = (*h, progress);
+    }
     let lo = o
         .samples
         .iter()
         .map(|(_, e, c)| e.min(*c))
+        .chain(window.iter().map(|(_, w)| *w))
         .fold(1.0f64, f64::min);
     let y0 = (lo - 0.02).clamp(0.0, 0.98);
     let mut chart = ChartBuilder::on(&root)
@@ -204,6 +218,17 @@ pub fn timeline_svg(o: &Outcome, path: &Path) -> Result<(), PlotError> {
         .map_err(|e| plot_err(path, e))?
         .label("effective training time so far")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLUE));
+    chart
+        .draw_series(LineSeries::new(
+            window,
+            RGBColor(150, 150, 230).stroke_width(1),
+        ))
+        .map_err(|e| plot_err(path, e))?
+        .label(format!(
+            "effective share per {:.1}-day window",
+            days / crate::engine::SAMPLES as f64
+        ))
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], RGBColor(150, 150, 230)));
     chart
         .draw_series(LineSeries::new(
             o.samples.iter().map(|(h, _, c)| (h / 24.0, *c)),
