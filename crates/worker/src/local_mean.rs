@@ -77,7 +77,6 @@ pub fn local_mean(
         })
     })?;
     scratch.resize(CHUNK, 0);
-    let wide = avx512();
     let mut chunk: Vec<&[f32]> = Vec::with_capacity(total);
     for (i, slot) in layout.slots.iter().enumerate() {
         let mut start = 0;
@@ -87,112 +86,11 @@ pub fn local_mean(
             sums.fill(0);
             chunk.clear();
             chunk.extend(slices.iter().map(|per_slot| &per_slot[i][start..end]));
+            fixed_point::encode_sum(&chunk, k, sums);
             let at = slot.offset + start;
-            let dst = &mut out[at..at + end - start];
-            if wide {
-                sum_decode_avx512(&chunk, k, total, sums, dst);
-            } else {
-                fixed_point::encode_sum(&chunk, k, sums);
-                fixed_point::decode(sums, k, total, dst);
-            }
+            fixed_point::decode(sums, k, total, &mut out[at..at + end - start]);
             start = end;
         }
     }
     Ok(true)
-}
-
-fn avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512dq")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// `fixed_point::encode_sum` then `fixed_point::decode` of one chunk, with the float form
-/// of the encoder (`fixed_point::encode_one`, documented to give the same integers as the
-/// bit-level one for every finite value in range, which `choose_scale_exp` guarantees)
-/// and `s as f64` for the decoder's exact split conversion (the same correctly rounded
-/// value). Both vectorise only with AVX-512's f64/i64 conversions, 8 lanes wide. Call
-/// only where [`avx512`] holds.
-#[inline(always)]
-fn sum_decode_kernel(chunk: &[&[f32]], scale: f64, m: f64, sums: &mut [i64], out: &mut [f32]) {
-    let sums = &mut sums[..out.len()];
-    let (first, rest) = chunk.split_first().expect("at least one micro-batch");
-    for (s, &g) in sums.iter_mut().zip(*first) {
-        *s = fixed_point::encode_one(g, scale);
-    }
-    for g in rest {
-        for (s, &x) in sums.iter_mut().zip(*g) {
-            *s = s.wrapping_add(fixed_point::encode_one(x, scale));
-        }
-    }
-    for (o, &s) in out.iter_mut().zip(sums.iter()) {
-        *o = ((s as f64 / scale) / m) as f32;
-    }
-}
-
-fn sum_decode_avx512(chunk: &[&[f32]], k: i32, total: usize, sums: &mut [i64], out: &mut [f32]) {
-    let (scale, m) = (fixed_point::pow2(k), total.max(1) as f64);
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx512dq")]
-        unsafe fn wide(chunk: &[&[f32]], scale: f64, m: f64, sums: &mut [i64], out: &mut [f32]) {
-            sum_decode_kernel(chunk, scale, m, sums, out)
-        }
-        if avx512() {
-            // SAFETY: the CPU supports AVX-512F and DQ (checked just above).
-            return unsafe { wide(chunk, scale, m, sums, out) };
-        }
-    }
-    sum_decode_kernel(chunk, scale, m, sums, out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The AVX-512 chunk kernel gives the collective's integers and mean, on values that
-    /// hit every case of the encoder: ties at the scale, subnormals, negative zero, the
-    /// global max itself, tiny values that round to zero.
-    #[test]
-    fn the_wide_kernel_gives_the_collectives_bits() {
-        let n = 4099;
-        let mut gs: Vec<Vec<f32>> = (0..3)
-            .map(|m| {
-                (0..n)
-                    .map(|i| {
-                        let x = (((i * 7919 + m * 104_729) % 20_011) as f32 - 10_005.0) * 1e-4;
-                        match i % 11 {
-                            0 => f32::from_bits(1 + i as u32),
-                            1 => -0.0,
-                            2 => x * 1e-30,
-                            _ => x,
-                        }
-                    })
-                    .collect()
-            })
-            .collect();
-        gs[1][17] = 3.0;
-        let refs: Vec<&[f32]> = gs.iter().map(|g| g.as_slice()).collect();
-        let max = fixed_point::max_abs(&refs).max_abs;
-        let k = fixed_point::choose_scale_exp(max, 3).unwrap();
-        // Exact ties: half a quantum above a multiple of it.
-        let q = 1.0 / fixed_point::pow2(k);
-        gs[2][5] = (1000.5 * q) as f32;
-        gs[2][6] = (-1000.5 * q) as f32;
-        let refs: Vec<&[f32]> = gs.iter().map(|g| g.as_slice()).collect();
-        let mut want_sums = vec![0i64; n];
-        fixed_point::encode_sum(&refs, k, &mut want_sums);
-        let mut want = vec![0f32; n];
-        fixed_point::decode(&want_sums, k, 3, &mut want);
-        let (mut sums, mut got) = (vec![0i64; n], vec![0f32; n]);
-        sum_decode_avx512(&refs, k, 3, &mut sums, &mut got);
-        assert_eq!(sums, want_sums);
-        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&got), bits(&want));
-    }
 }
