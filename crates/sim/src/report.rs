@@ -138,11 +138,13 @@ pub fn text(f: &SimFile, job: &Job, o: &Outcome) -> String {
         o.goodput_tokens_per_s / 1e6,
         job.step.tokens_per_s / 1e6
     );
-    let _ = writeln!(
-        s,
-        "spares: {} at the start, {} at the lowest; {} shrinks",
-        f.policy.spare_hosts, o.spares_min, o.shrinks
-    );
+    if o.policy == crate::config::PolicyKind::Phalanx {
+        let _ = writeln!(
+            s,
+            "spares: {} at the start, {} at the lowest; {} shrinks",
+            f.policy.spare_hosts, o.spares_min, o.shrinks
+        );
+    }
     let _ = writeln!(s, "events simulated: {}", thousands(o.events));
     s
 }
