@@ -423,4 +423,19 @@ mod tests {
         assert!(Kind::Hang.lasts() && Kind::Partition.lasts());
         assert!(!Kind::Kill.lasts() && !Kind::Ecc.lasts());
     }
+
+    /// The three fault enums (this verb's, the worker inbox's and the scenario files')
+    /// spell every kind they share the same way.
+    #[test]
+    fn fault_kinds_are_spelled_alike_on_the_command_line_in_the_inbox_and_in_scenarios() {
+        for k in Kind::value_variants() {
+            let name = format!("\"{}\"", k.as_str());
+            let scenario: phalanx_chaos::FaultKind = serde_json::from_str(&name)
+                .unwrap_or_else(|e| panic!("scenario files do not know {name}: {e}"));
+            assert_eq!(format!("\"{}\"", scenario.as_str()), name);
+            if let Some(inbox) = k.inbox_kind() {
+                assert_eq!(inbox.as_str(), k.as_str());
+            }
+        }
+    }
 }
