@@ -193,7 +193,8 @@ pub struct CauseCount {
 pub struct Checkpoint {
     #[serde(default)]
     pub mode: CheckpointMode,
-    /// Minutes between checkpoints; absent: the Young/Daly optimum for this run.
+    /// Minutes between checkpoints (0.1 to a year); absent: the Young/Daly optimum for
+    /// this run (at least 6 s).
     #[serde(default)]
     pub interval_min: Option<f64>,
     /// An asynchronous checkpoint blocks training for this share of a synchronous one
@@ -570,10 +571,10 @@ impl SimFile {
         }
         let c = &self.checkpoint;
         if let Some(m) = c.interval_min {
-            if !(m.is_finite() && m > 0.0) {
+            if !(m.is_finite() && (0.1..=525_600.0).contains(&m)) {
                 return bad(
                     "checkpoint.interval_min",
-                    format!("{m} (expected a positive number of minutes)"),
+                    format!("{m} (expected 0.1 to 525600 minutes)"),
                 );
             }
         }

@@ -239,7 +239,9 @@ pub fn timeline_svg(o: &Outcome, path: &Path) -> Result<(), PlotError> {
         .map_err(|e| plot_err(path, e))?
         .label("replicas running")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], GREEN));
-    let marks = o.incidents.iter().map(|i| {
+    // At most about 20,000 marks: a long run at scale keeps every tenth or so.
+    let every = o.incidents.len() / 20_000 + 1;
+    let marks = o.incidents.iter().step_by(every).map(|i| {
         let color = if i.interrupted { RED } else { BLACK };
         Circle::new((i.t_h / 24.0, y0 + 0.004), 2, color.filled())
     });

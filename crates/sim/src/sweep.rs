@@ -138,8 +138,10 @@ pub fn apply(f: &SimFile, p: Param, v: f64) -> Result<SimFile, String> {
     let mut g = f.clone();
     match p {
         Param::CheckpointIntervalMin => {
-            if v <= 0.0 {
-                return Err("checkpoint_interval_min must be > 0".into());
+            if !(0.1..=525_600.0).contains(&v) {
+                return Err(format!(
+                    "checkpoint_interval_min {v}: expected 0.1 to 525600 minutes"
+                ));
             }
             g.checkpoint.interval_min = Some(v);
         }

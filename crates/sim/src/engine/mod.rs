@@ -221,7 +221,11 @@ pub fn checkpoint_interval_s(f: &SimFile, job: &Job) -> (f64, f64) {
             CheckpointMode::Async => f.checkpoint.async_blocking_fraction.max(1e-6),
         };
     let daly = daly_interval_s(delta, rates.mtbf_s(), restart_mean_s(f, job, &rates));
-    let daly = if daly.is_finite() { daly } else { 86_400.0 };
+    let daly = if daly.is_finite() {
+        daly.max(6.0)
+    } else {
+        86_400.0
+    };
     // An asynchronous write must end before the next one starts.
     let daly = match f.checkpoint.mode {
         CheckpointMode::Sync => daly,
