@@ -104,6 +104,8 @@ pub struct Stepper {
     bufs: Vec<Vec<f32>>,
     /// A rank alone: its micro-batches' gradient tensors, and the i64 chunk of the mean.
     tensors: Vec<Vec<tch::Tensor>>,
+    /// Their max |g|, each taken right after its backward (None: not readable in place).
+    maxes: Vec<Option<f64>>,
     scratch: Vec<i64>,
     /// Pinned host memory for the one gradient download per step from a CUDA device.
     download: Option<tch::Tensor>,
@@ -169,6 +171,7 @@ impl Stepper {
         Ok(Self {
             bufs: Vec::new(),
             tensors: Vec::new(),
+            maxes: Vec::new(),
             scratch: Vec::new(),
             download: None,
             grad_copy_ms: 0.0,
@@ -218,12 +221,21 @@ impl Stepper {
         let alone = self.world == 1;
         let on_cuda = engine.model.device.is_cuda();
         self.tensors.clear();
+        self.maxes.clear();
         if !alone {
             self.ensure_bufs(engine.params.len());
         }
         for (k, m) in self.mine.clone().enumerate() {
             if alone || on_cuda {
                 let (loss, grads) = engine.micro_grad_tensors(step, m)?;
+                if alone && !on_cuda {
+                    let max = crate::local_mean::micro_max(
+                        &grads,
+                        &engine.model.layout,
+                        self.tensors.len(),
+                    )?;
+                    self.maxes.push(max);
+                }
                 self.tensors.push(grads);
                 local_losses.push((m, loss));
             } else {
@@ -303,8 +315,10 @@ impl Stepper {
     fn reduce(&mut self, engine: &Engine, group: &mut BlockingGroup) -> Result<(), WorkerError> {
         if !self.tensors.is_empty() {
             let tensors = std::mem::take(&mut self.tensors);
+            let maxes: Option<Vec<f64>> = self.maxes.iter().copied().collect();
             let done = crate::local_mean::local_mean(
                 &tensors,
+                maxes.as_deref(),
                 &engine.model.layout,
                 &mut self.mean,
                 &mut self.scratch,
@@ -779,9 +793,14 @@ mod tests {
             }
             let mut local = vec![0f32; n];
             let mut scratch = Vec::new();
-            let done =
-                crate::local_mean::local_mean(&tensors, &e.model.layout, &mut local, &mut scratch)
-                    .unwrap();
+            let done = crate::local_mean::local_mean(
+                &tensors,
+                None,
+                &e.model.layout,
+                &mut local,
+                &mut scratch,
+            )
+            .unwrap();
             assert!(done, "CPU f32 gradients are read in place");
             let refs: Vec<&[f32]> = flats.iter().map(|f| f.as_slice()).collect();
             let mut reduced = vec![0f32; n];
@@ -795,10 +814,15 @@ mod tests {
             let mut bad = tensors[2][3].copy();
             let _ = bad.f_fill_(f64::NAN).unwrap();
             tensors[2][3] = bad;
-            let e2 =
-                crate::local_mean::local_mean(&tensors, &e.model.layout, &mut local, &mut scratch)
-                    .unwrap_err()
-                    .to_string();
+            let e2 = crate::local_mean::local_mean(
+                &tensors,
+                None,
+                &e.model.layout,
+                &mut local,
+                &mut scratch,
+            )
+            .unwrap_err()
+            .to_string();
             let at = e.model.layout.slots[3].offset;
             assert!(
                 e2.contains(&format!("micro-batch 2 element {at} = NaN")),

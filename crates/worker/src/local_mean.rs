@@ -25,8 +25,43 @@ const CHUNK: usize = 16 * 1024;
 /// into `out`. Returns `Ok(false)`, having written nothing, when some gradient is not a
 /// contiguous f32 CPU tensor (a CUDA or bf16 tensor, an unused parameter): the caller
 /// then takes the flat path. A NaN or infinity is the same error `reduce_mean` returns.
+/// Max |g| over micro-batch `micro`'s gradient tensors, computed right after its backward
+/// while they are still in cache; `Ok(None)` when some tensor is not a contiguous f32 CPU
+/// tensor. A NaN or infinity is the error `reduce_mean` returns for it.
+pub fn micro_max(
+    grads: &[Tensor],
+    layout: &Layout,
+    micro: usize,
+) -> Result<Option<f64>, WorkerError> {
+    if grads.len() != layout.slots.len() {
+        return Ok(None);
+    }
+    let mut max = 0f64;
+    for (slot, t) in layout.slots.iter().zip(grads) {
+        let Some(s) = cpu_f32(t, slot.numel) else {
+            return Ok(None);
+        };
+        let m = fixed_point::max_abs(&[s]);
+        if let Some(loc) = m.non_finite {
+            return Err(CollectiveError::NonFinite {
+                source_rank: 0,
+                location: Some(NonFiniteLocation {
+                    micro_batch: micro,
+                    element: slot.offset + loc.element,
+                    value: loc.value,
+                }),
+            }
+            .into());
+        }
+        max = max.max(m.max_abs);
+    }
+    Ok(Some(max))
+}
+
+/// `maxes`: each micro-batch's [`micro_max`], if the caller has them.
 pub fn local_mean(
     grads: &[Vec<Tensor>],
+    maxes: Option<&[f64]>,
     layout: &Layout,
     out: &mut [f32],
     scratch: &mut Vec<i64>,
@@ -54,21 +89,15 @@ pub fn local_mean(
         slices.push(per_slot);
     }
     let mut gmax = 0f64;
-    for (micro, per_slot) in slices.iter().enumerate() {
-        for (slot, s) in layout.slots.iter().zip(per_slot) {
-            let m = fixed_point::max_abs(&[s]);
-            if let Some(loc) = m.non_finite {
-                return Err(CollectiveError::NonFinite {
-                    source_rank: 0,
-                    location: Some(NonFiniteLocation {
-                        micro_batch: micro,
-                        element: slot.offset + loc.element,
-                        value: loc.value,
-                    }),
+    match maxes.filter(|m| m.len() == total) {
+        Some(m) => gmax = m.iter().fold(0f64, |a, &b| a.max(b)),
+        None => {
+            for (micro, g) in grads.iter().enumerate() {
+                match micro_max(g, layout, micro)? {
+                    Some(m) => gmax = gmax.max(m),
+                    None => return Ok(false),
                 }
-                .into());
             }
-            gmax = gmax.max(m.max_abs);
         }
     }
     let k = fixed_point::choose_scale_exp(gmax, total).map_err(|e| {
