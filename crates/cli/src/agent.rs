@@ -34,6 +34,8 @@ pub struct WorkerStartCmd {
     /// Committed checkpoints to keep.
     #[arg(long, default_value_t = 3)]
     pub checkpoint_retain: usize,
+    /// Milliseconds between heartbeats to the controller (they carry step progress and
+    /// silence reports).
     #[arg(long, default_value_t = 100)]
     pub heartbeat_interval_ms: u64,
     /// A peer that makes no progress in a collective for this many median step times is
@@ -47,6 +49,8 @@ pub struct WorkerStartCmd {
     /// Bound on every collective; a dead or hung peer is detected within it.
     #[arg(long, default_value_t = 3_000)]
     pub op_timeout_ms: u64,
+    /// Milliseconds to wait for every rank of a new plan epoch to connect before the
+    /// attempt fails.
     #[arg(long, default_value_t = 10_000)]
     pub rendezvous_timeout_ms: u64,
     /// Compare parameter hashes across replicas every N steps (0 disables).

@@ -34,6 +34,7 @@ pub enum BenchCmd {
 
 #[derive(Args, Debug)]
 pub struct BenchCheckpoint {
+    /// Model preset (tiny, small, base, gpt2-124m).
     #[arg(long, default_value = "base")]
     model: String,
     /// Checkpoints of each kind (they alternate).
@@ -42,22 +43,27 @@ pub struct BenchCheckpoint {
     /// Training steps between two checkpoints.
     #[arg(long, default_value_t = 2)]
     every: u64,
+    /// Global batch (sequences per step).
     #[arg(long, default_value_t = 8)]
     batch: usize,
     /// Where the checkpoints go (default: a temporary folder, removed afterwards). Put it
     /// on the disk whose speed you want to measure.
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Training corpus (a file, a directory or a glob; default: the default corpus).
     #[arg(long)]
     data: Option<String>,
+    /// Write the result as JSON here.
     #[arg(long)]
     out: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
 pub struct BenchTrain {
+    /// Model preset (tiny, small, base, gpt2-124m).
     #[arg(long, default_value = "small")]
     model: String,
+    /// Optimizer steps per round and side.
     #[arg(long, default_value_t = 8)]
     steps: u64,
     /// Global batch (sequences per step).
@@ -71,8 +77,10 @@ pub struct BenchTrain {
     /// Alternating rounds of each side; the medians are compared.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Training corpus (a file, a directory or a glob; default: the default corpus).
     #[arg(long)]
     data: Option<String>,
+    /// Write the result as JSON here.
     #[arg(long)]
     out: Option<PathBuf>,
 }

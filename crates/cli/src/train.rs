@@ -53,11 +53,13 @@ pub struct TrainArgs {
     /// Peak learning rate (after warm-up; cosine decay to --lr-min).
     #[arg(long, default_value_t = 3e-3)]
     pub lr: f32,
+    /// Learning rate at the end of the cosine decay.
     #[arg(long, default_value_t = 3e-4)]
     pub lr_min: f32,
     /// Warm-up steps (default: a tenth of --steps).
     #[arg(long)]
     pub warmup_steps: Option<u64>,
+    /// AdamW's decoupled weight decay.
     #[arg(long, default_value_t = 0.1)]
     pub weight_decay: f32,
     /// Global gradient-norm clip (0 disables).
