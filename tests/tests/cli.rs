@@ -164,6 +164,62 @@ fn operator_verbs_are_honest_reversible_and_end_quietly_on_a_closed_pipe() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("unknown worker nobody"), "{err}");
 
+    // A hang until healed, and its undo; a disk-full until healed, and its undo.
+    let cf: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(c.cluster_dir().join("cluster.json")).unwrap(),
+    )
+    .unwrap();
+    let pid = cf["workers"][0]["pid"].as_u64().unwrap();
+    let stopped = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('T')
+            })
+            .unwrap_or(false)
+    };
+    let (code, out, err) = ctl(
+        &c,
+        &[
+            "fault",
+            "inject",
+            "--kind",
+            "hang",
+            "--target",
+            "worker:w0",
+            "--until-healed",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("hang until healed"), "{out}");
+    assert!(stopped(), "the hang stopped worker w0 (pid {pid})");
+    let (code, _, err) = ctl(&c, &["fault", "heal", "--target", "worker:w0"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!stopped(), "fault heal resumed worker w0");
+    let (code, _, err) = ctl(
+        &c,
+        &[
+            "fault",
+            "inject",
+            "--kind",
+            "disk-full",
+            "--target",
+            "worker:w0",
+            "--until-healed",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = ctl(&c, &["fault", "heal", "--target", "worker:w0"]);
+    assert_eq!(code, Some(0), "{err}");
+    c.wait_for(Duration::from_secs(30), "w0 to log that it healed", |c| {
+        std::fs::read_to_string(c.cluster_dir().join("w0.log"))
+            .unwrap_or_default()
+            .contains("healed: slow, disk-full and partition lifted")
+    });
+
     // A corpus that does not exist is refused at submission...
     let job = c.dir.path().join("bad.toml");
     std::fs::write(
