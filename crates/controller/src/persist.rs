@@ -32,18 +32,20 @@ pub struct PersistQueue {
     waiting: VecDeque<(u64, bool, Vec<Message>)>,
 }
 
-/// A message that says nothing about this node's durable log: it may leave before an
-/// earlier Ready's sync ends when its own Ready wrote nothing that needs one. (A vote that
-/// is granted changes the hard state, so its Ready needs a sync and it waits.)
+/// A message that says nothing about this node's durable log or vote: it may leave before
+/// an earlier Ready's sync ends when its own Ready wrote nothing that needs one. A granted
+/// vote never does: raft-rs grants a repeated request from the candidate it already voted
+/// for without changing the hard state, so that Ready needs no sync of its own while the
+/// vote itself may still be on its way to the disk; only a refusal goes early.
 fn independent_of_disk(m: &Message) -> bool {
-    matches!(
-        m.get_msg_type(),
+    match m.get_msg_type() {
         MessageType::MsgHeartbeatResponse
-            | MessageType::MsgRequestPreVote
-            | MessageType::MsgRequestPreVoteResponse
-            | MessageType::MsgRequestVoteResponse
-            | MessageType::MsgReadIndex
-    )
+        | MessageType::MsgRequestPreVote
+        | MessageType::MsgRequestPreVoteResponse
+        | MessageType::MsgReadIndex => true,
+        MessageType::MsgRequestVoteResponse => m.reject,
+        _ => false,
+    }
 }
 
 impl PersistQueue {
@@ -101,5 +103,47 @@ impl PersistQueue {
             }
         }
         step
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(t: MessageType, reject: bool) -> Message {
+        let mut m = Message::default();
+        m.set_msg_type(t);
+        m.reject = reject;
+        m
+    }
+
+    #[test]
+    fn only_messages_that_claim_nothing_durable_go_early() {
+        assert!(independent_of_disk(&msg(
+            MessageType::MsgHeartbeatResponse,
+            false
+        )));
+        assert!(independent_of_disk(&msg(
+            MessageType::MsgRequestPreVoteResponse,
+            false
+        )));
+        // A refused vote claims nothing; a granted one (even a repeated grant whose Ready
+        // changed no hard state) claims a vote that must be on disk first.
+        assert!(independent_of_disk(&msg(
+            MessageType::MsgRequestVoteResponse,
+            true
+        )));
+        assert!(!independent_of_disk(&msg(
+            MessageType::MsgRequestVoteResponse,
+            false
+        )));
+        assert!(!independent_of_disk(&msg(
+            MessageType::MsgAppendResponse,
+            false
+        )));
+        assert!(!independent_of_disk(&msg(
+            MessageType::MsgAppendResponse,
+            true
+        )));
     }
 }

@@ -66,10 +66,26 @@ impl Persistence {
         let spawned = std::thread::Builder::new()
             .name(format!("raft-sync-{id}"))
             .spawn(move || {
+                // Whatever ends this thread while a sync is asked for (a panic in sled, say)
+                // is reported, so the raft loop stops instead of holding acknowledgements.
+                struct Report(std_mpsc::Sender<Input>, Option<u64>);
+                impl Drop for Report {
+                    fn drop(&mut self) {
+                        if let Some(number) = self.1.take() {
+                            let _ = self.0.send(Input::Persisted {
+                                number,
+                                result: Err("the raft sync thread ended during a sync".into()),
+                            });
+                        }
+                    }
+                }
+                let mut report = Report(inputs, None);
                 // Ends when the raft loop (the sender) is gone.
                 while let Ok(number) = rx.recv() {
+                    report.1 = Some(number);
                     let result = syncer.sync().map_err(|e| e.to_string());
-                    if inputs.send(Input::Persisted { number, result }).is_err() {
+                    report.1 = None;
+                    if report.0.send(Input::Persisted { number, result }).is_err() {
                         return;
                     }
                 }
@@ -558,7 +574,8 @@ impl RaftLoop {
             .as_ref()
             .filter(|j| j.state == phalanx_proto::JobState::Running)
             .and_then(|j| j.plan.as_ref());
-        for duty in duties.on_tick(now, &self.r.state.workers, plan, &cfg) {
+        let due = duties.on_tick(now, &self.r.state.workers, plan, &cfg);
+        for duty in due {
             self.lease_seq += 1;
             let prefix = match duty.kind {
                 DutyKind::Lease => "lease",
@@ -574,7 +591,12 @@ impl RaftLoop {
                 command: duty.command.clone(),
             };
             info!(worker = %duty.worker, health = ?duty.health(), reason = duty.reason(), "{prefix} decision");
-            let _ = self.r.propose(&env);
+            if let Err(e) = self.r.propose(&env) {
+                debug!(%e, "{prefix} decision not proposed; decided again at the next check");
+                if let Some(d) = self.duties.as_mut() {
+                    d.not_proposed(&duty);
+                }
+            }
         }
         Ok(())
     }

@@ -10,7 +10,7 @@
 //!   count of bytes, big-endian, sent after every frame and every 64 KiB of a long one),
 //!   and the sender pings an idle link with empty frames;
 //! - a link whose oldest unacknowledged frame has waited longer than the liveness
-//!   deadline (`ServerConfig::peer_liveness`, two election timeouts by default) with no
+//!   deadline (`ServerConfig::peer_liveness`, four heartbeat intervals by default) with no
 //!   acknowledgement in between is dropped, and the next message redials;
 //! - peer sockets carry `TCP_USER_TIMEOUT` (the same deadline) and keepalives, so the
 //!   kernel also aborts a connection whose data goes unacknowledged;
