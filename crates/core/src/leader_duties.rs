@@ -126,6 +126,15 @@ impl LeaderDuties {
         }
     }
 
+    /// A returned duty could not be proposed (raft-rs dropped it, say during a leader
+    /// transfer): it is not in flight, so the next check decides it again instead of
+    /// suppressing it for `repeat_suppress_ms`.
+    pub fn not_proposed(&mut self, duty: &Duty) {
+        if duty.kind == DutyKind::Lease {
+            self.inflight.remove(&duty.worker);
+        }
+    }
+
     /// The periodic check: lease decisions for workers whose recorded health disagrees
     /// with their lease (a decision proposed less than `repeat_suppress_ms` ago is not
     /// repeated), then, every `straggler_check_ms`, the stragglers of `running_plan` (the

@@ -87,6 +87,7 @@ mod tests {
             finished_at_ms: None,
             failure: None,
             start_failures: 0,
+            start_failed_workers: Vec::new(),
         };
         assert_eq!(effective_training_time(&job), None);
         job.finished_at_ms = Some(30_000);

@@ -1,6 +1,9 @@
 //! A job that cannot run says so: a worker that fails to start its rank (a corpus it
 //! cannot read, a model it cannot build) reports why; each report is an event, and after
-//! [`START_ATTEMPTS_MAX`] reports the job is `failed` with the last reason.
+//! [`START_ATTEMPTS_MAX`] reports since the job's last progress, from as many distinct
+//! workers as its plan has ranks (up to that number), the job is `failed` with the last
+//! reason. One worker's passing trouble therefore never ends a job that has other
+//! workers, and progress clears the count.
 use phalanx_proto::{EventKind, JobState, Outcome};
 
 use crate::state::{no, ok, ClusterState};
@@ -35,15 +38,24 @@ impl ClusterState {
             return ok(format!("job {} already {}", j.spec.name, j.state.as_str()));
         }
         j.start_failures += 1;
+        if !j.start_failed_workers.iter().any(|w| w == worker) {
+            j.start_failed_workers.push(worker.to_string());
+        }
         let n = j.start_failures;
+        let distinct = j.start_failed_workers.len() as u32;
+        let ranks = j.plan.as_ref().map(|p| p.ranks.len() as u32).unwrap_or(1);
+        let distinct_needed = START_ATTEMPTS_MAX.min(ranks.max(1));
         let name = j.spec.name.clone();
         let why = format!("worker {worker} (epoch {epoch}): {reason}");
-        if n < START_ATTEMPTS_MAX {
+        if n < START_ATTEMPTS_MAX || distinct < distinct_needed {
             self.event(
                 index,
                 EventKind::JobStartFailed,
                 &name,
-                format!("attempt {n} of {START_ATTEMPTS_MAX}: {why}"),
+                format!(
+                    "attempt {n} ({distinct} of {distinct_needed} distinct workers needed to \
+                     fail the job): {why}"
+                ),
             );
             return ok(format!("start failure {n} of job {name} recorded"));
         }
@@ -54,7 +66,7 @@ impl ClusterState {
             index,
             EventKind::JobFailed,
             &name,
-            format!("{n} start failures; the last: {why}"),
+            format!("{n} start failures from {distinct} workers; the last: {why}"),
         );
         ok(format!("job {name} failed"))
     }
@@ -140,5 +152,71 @@ mod tests {
             START_ATTEMPTS_MAX as usize - 1
         );
         assert_eq!(kinds.last(), Some(&"job-failed"));
+    }
+
+    #[test]
+    fn one_workers_repeated_failures_do_not_fail_a_job_that_has_others() {
+        let mut s = ClusterState::new(StateLimits::default());
+        for (i, w) in ["w0", "w1", "w2"].iter().enumerate() {
+            s.apply(
+                1 + i as u64,
+                &env(
+                    &format!("reg-{w}"),
+                    Command::RegisterWorker {
+                        id: (*w).into(),
+                        address: format!("127.0.0.1:{}", 9000 + i),
+                        device: DeviceSpec::default(),
+                    },
+                ),
+            );
+        }
+        let spec = JobSpec {
+            name: "flaky".into(),
+            model: "tiny".into(),
+            corpus: "default".into(),
+            steps: 10,
+            global_batch: 6,
+            seed: 1,
+            checkpoint_interval_steps: 0,
+            world_size_min: 1,
+            world_size_max: 3,
+            numerics: Default::default(),
+        };
+        s.apply(10, &env("submit", Command::SubmitJob { spec }));
+        let id = s.job.as_ref().unwrap().id.clone();
+        assert_eq!(
+            s.job.as_ref().unwrap().plan.as_ref().unwrap().ranks.len(),
+            3
+        );
+        let mut index = 20;
+        let mut report = |s: &mut ClusterState, w: &str| {
+            index += 1;
+            s.apply(
+                index,
+                &env(
+                    &format!("f{index}"),
+                    Command::ReportStartFailure {
+                        worker: w.into(),
+                        job: id.clone(),
+                        epoch: 1,
+                        reason: "device busy".into(),
+                    },
+                ),
+            )
+        };
+        for _ in 0..2 * START_ATTEMPTS_MAX {
+            assert!(report(&mut s, "w0").outcome.is_applied());
+        }
+        assert_eq!(s.job.as_ref().unwrap().state, JobState::Running);
+        report(&mut s, "w1");
+        assert_eq!(s.job.as_ref().unwrap().state, JobState::Running);
+        report(&mut s, "w2");
+        let j = s.job.as_ref().unwrap();
+        assert_eq!(
+            j.state,
+            JobState::Failed,
+            "three distinct workers failed to start it"
+        );
+        assert!(j.failure.as_deref().unwrap().contains("w2"));
     }
 }

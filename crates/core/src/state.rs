@@ -561,6 +561,7 @@ impl ClusterState {
                     finished_at_ms: None,
                     failure: None,
                     start_failures: 0,
+                    start_failed_workers: Vec::new(),
                 });
                 self.event(
                     index,
@@ -614,6 +615,9 @@ impl ClusterState {
                 j.rank_steps[rank] = j.rank_steps[rank].max(step);
                 let watermark = j.rank_steps.iter().copied().min().unwrap_or(0);
                 j.progress_step = j.progress_step.max(watermark);
+                // It runs: earlier start failures were passing trouble.
+                j.start_failures = 0;
+                j.start_failed_workers.clear();
                 // Reaching the last step is not the end: the job completes with its result,
                 // which needs the final checkpoint committed (see ReportResult).
                 ok(format!("progress {step}"))

@@ -276,10 +276,14 @@ pub struct JobInfo {
     /// Why the job failed (state `failed`): the last start failure a worker reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
-    /// Start failures reported by its workers so far (the job fails at
-    /// `START_ATTEMPTS_MAX`).
+    /// Start failures reported by its workers since its last progress (the job fails at
+    /// `START_ATTEMPTS_MAX` reports from as many distinct workers as it can have, up to
+    /// that number).
     #[serde(default)]
     pub start_failures: u32,
+    /// The workers those reports came from.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub start_failed_workers: Vec<WorkerId>,
 }
 
 /// How the job came back after an interruption (measured by the first rank that resumed).

@@ -815,7 +815,9 @@ pub fn run(o: &RunOptions, v: &Validated) -> Result<Report> {
             let seen = last_seq;
             for e in evs.into_iter().filter(|e| e.seq > seen) {
                 last_seq = e.seq;
-                if e.kind != "checkpoint-durable" {
+                if phalanx_proto::EventKind::parse(&e.kind)
+                    != Some(phalanx_proto::EventKind::CheckpointDurable)
+                {
                     println!(
                         "   {t_s:>6.1} s  event {} {}: {}",
                         e.kind, e.subject, e.reason
@@ -918,6 +920,7 @@ pub fn run(o: &RunOptions, v: &Validated) -> Result<Report> {
         finished_at_ms: None,
         failure: None,
         start_failures: 0,
+        start_failed_workers: Vec::new(),
     });
     let mttrs: Vec<u64> = job.recoveries.iter().filter_map(|r| r.mttr_ms).collect();
     let measured = Measured {
