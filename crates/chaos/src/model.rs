@@ -431,8 +431,10 @@ pub struct EventMatch {
 }
 
 impl EventMatch {
+    /// `kind` in either spelling (events recorded before the vocabulary was one are kept
+    /// as they were).
     pub fn matches(&self, kind: &str, subject: &str, reason: &str) -> bool {
-        kind == self.kind.as_str()
+        EventKind::parse(kind) == Some(self.kind)
             && self
                 .contains
                 .as_deref()

@@ -278,7 +278,25 @@ fn fault_report(r: &Report, f: &FiredFault, until_s: f64) -> FaultReport {
         .map(|p| p.epoch)
         .max()
         .unwrap_or(0);
-    if let Some(rec) = m.recoveries.iter().find(|rec| rec.epoch > epoch_at_fault) {
+    // The recovery must come from a plan made before the next fault fired, or it is that
+    // fault's (a fault that caused no new plan in its window gets none).
+    let epoch_by_next = r
+        .progress
+        .iter()
+        .filter(|p| p.t_s <= until_s)
+        .map(|p| p.epoch)
+        .max()
+        .unwrap_or(u64::MAX);
+    let epoch_by_next = if until_s.is_finite() {
+        epoch_by_next
+    } else {
+        u64::MAX
+    };
+    if let Some(rec) = m
+        .recoveries
+        .iter()
+        .find(|rec| rec.epoch > epoch_at_fault && rec.epoch <= epoch_by_next)
+    {
         out.mttr_s = rec.mttr_s.unwrap_or(f64::NAN);
         out.steps_redone = rec.steps_redone;
     }
@@ -325,8 +343,7 @@ pub fn run(cmd: DemoCmd) -> Result<()> {
             report
                 .progress
                 .iter()
-                .filter(|p| p.t_s <= t && p.progress_step > 0)
-                .next_back()
+                .rfind(|p| p.t_s <= t && p.progress_step > 0)
                 .map(|p| p.t_s * 1e3 / p.progress_step as f64)
         })
         .unwrap_or(f64::NAN);
@@ -449,7 +466,10 @@ mod tests {
         let v = scenario(&["--steps", "200", "--workers", "4", "--model", "small"]).unwrap();
         let steps: Vec<String> = v.faults.iter().map(|f| f.trigger.to_string()).collect();
         assert_eq!(steps, ["at step 40", "at step 80", "at step 120"]);
-        assert_eq!((v.scenario.cluster.workers, v.scenario.cluster.spares), (4, 0));
+        assert_eq!(
+            (v.scenario.cluster.workers, v.scenario.cluster.spares),
+            (4, 0)
+        );
         assert_eq!(v.scenario.job.model.as_str(), "small");
 
         let v = scenario(&["--faults", "hang:rank:1@60:5s,partition:rank:2@90:4s"]).unwrap();
@@ -464,15 +484,23 @@ mod tests {
 
     #[test]
     fn bad_flags_name_what_is_wrong() {
-        let e = scenario(&["--faults", "kill:rank:1"]).unwrap_err().to_string();
+        let e = scenario(&["--faults", "kill:rank:1"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no `@STEP`"), "{e}");
-        let e = scenario(&["--faults", "hang:rank:1@60:5"]).unwrap_err().to_string();
+        let e = scenario(&["--faults", "hang:rank:1@60:5"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("seconds with a unit"), "{e}");
-        let e = scenario(&["--faults", "explode:rank:1@60"]).unwrap_err().to_string();
+        let e = scenario(&["--faults", "explode:rank:1@60"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("explode"), "{e}");
         let e = scenario(&["--model", "huge"]).unwrap_err().to_string();
         assert!(e.contains("huge"), "{e}");
-        let e = scenario(&["--faults", "kill:rank:1@999"]).unwrap_err().to_string();
+        let e = scenario(&["--faults", "kill:rank:1@999"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("999"), "{e}");
     }
 }

@@ -124,7 +124,9 @@ pub struct InjectCmd {
 
 #[derive(Args, Debug)]
 pub struct HealCmd {
-    /// `worker:ID`, `rank:R`, `controller:leader` or `controller:ID`.
+    /// `worker:ID` or `controller:ID`: the process the fault was injected into (after a
+    /// hang is detected, its rank belongs to someone else and a hung leader leads no more,
+    /// so `rank:R` and `controller:leader` are refused here).
     #[arg(long)]
     target: String,
     #[command(flatten)]
@@ -389,6 +391,14 @@ fn heal(c: HealCmd) -> Result<()> {
     let dir = local_dir(&c.cluster)?;
     let cluster = read_cluster(&dir)?;
     let client = c.cluster.client()?;
+    if c.target.starts_with("rank:") || c.target == "controller:leader" {
+        return usage(format!(
+            "--target {}: heal names the process the fault went into (worker:ID or \
+             controller:ID, as `fault inject` printed it): once a fault is detected, ranks \
+             and leadership move to others",
+            c.target
+        ));
+    }
     let Resolved { name, pid, inbox } = resolve(&c.target, &dir, &cluster, &client)?;
     signal(pid, libc::SIGCONT).with_context(|| format!("resuming {name} (pid {pid})"))?;
     let mut what = vec!["hang (SIGCONT)"];

@@ -9,7 +9,7 @@
 use std::ffi::OsString;
 use std::process::ExitCode;
 
-use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use phalanx_cli::{ctl, demo, fault, forward, outcome, scenario};
 
 #[derive(Parser, Debug)]
@@ -21,22 +21,10 @@ use phalanx_cli::{ctl, demo, fault, forward, outcome, scenario};
 )]
 #[command(propagate_version = true)]
 struct Cli {
-    /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
-    /// Log filter (tracing EnvFilter syntax); `RUST_LOG` overrides it.
-    #[arg(long, global = true, default_value = "warn,phalanx=info")]
-    log: String,
+    #[command(flatten)]
+    logs: phalanx_cli::util::LogArgs,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
 }
 
 /// The arguments of a verb that `phalanx-train` runs; `phalanx VERB --help` shows them.
@@ -121,21 +109,6 @@ enum WorkerCmd {
     Op(ctl::WorkerOpCmd),
 }
 
-fn init_tracing(format: LogFormat, filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    use std::io::IsTerminal;
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => b.init(),
-        LogFormat::Json => b.json().init(),
-    }
-}
-
 fn man(out_dir: Option<std::path::PathBuf>) -> anyhow::Result<()> {
     let cmd = Cli::command();
     match out_dir {
@@ -171,7 +144,7 @@ fn main() -> ExitCode {
     if short {
         outcome::quiet_broken_pipe();
     }
-    init_tracing(cli.log_format, &cli.log);
+    cli.logs.init_tracing();
     let res = match cli.command {
         Command::Train(_)
         | Command::Worker(WorkerCmd::Run(_) | WorkerCmd::Start(_))

@@ -4,7 +4,7 @@
 //! `job export`. Run it as `phalanx VERB ...`; calling it directly works too.
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 
 mod agent;
 mod bench;
@@ -30,22 +30,10 @@ use phalanx_cli::outcome;
 )]
 #[command(propagate_version = true)]
 struct Cli {
-    /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
-    /// Log filter (tracing EnvFilter syntax); `RUST_LOG` overrides it.
-    #[arg(long, global = true, default_value = "warn,phalanx=info")]
-    log: String,
+    #[command(flatten)]
+    logs: phalanx_cli::util::LogArgs,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -97,25 +85,10 @@ enum JobCmd {
     },
 }
 
-fn init_tracing(format: LogFormat, filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    use std::io::IsTerminal;
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => b.init(),
-        LogFormat::Json => b.json().init(),
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format, &cli.log);
-    let json_logs = matches!(cli.log_format, LogFormat::Json);
+    cli.logs.init_tracing();
+    let json_logs = cli.logs.log_format == phalanx_cli::util::LogFormat::Json;
     let res = match cli.command {
         Command::Train(c) => train::train(c, json_logs),
         Command::Worker(WorkerCmd::Run(c)) => train::worker_run(c),

@@ -105,3 +105,41 @@ mod tests {
         assert!(parse_duration("-1s").is_err());
     }
 }
+
+/// Log format on stderr (`--log-format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The logging flags of both binaries (global: they go before or after the verb).
+#[derive(clap::Args, Debug)]
+pub struct LogArgs {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log filter (tracing EnvFilter syntax); `RUST_LOG` overrides it.
+    #[arg(long, global = true, default_value = "warn,phalanx=info")]
+    pub log: String,
+}
+
+impl LogArgs {
+    /// Install the `tracing` subscriber these flags ask for (colours only on a terminal).
+    pub fn init_tracing(&self) {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .or_else(|_| tracing_subscriber::EnvFilter::try_new(&self.log))
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        use std::io::IsTerminal;
+        let b = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr);
+        match self.log_format {
+            LogFormat::Text => b.init(),
+            LogFormat::Json => b.json().init(),
+        }
+    }
+}

@@ -21,10 +21,6 @@ use crate::WorkerError;
 /// Elements encoded and decoded at a time: the i64 chunk (128 KiB) stays in L2.
 const CHUNK: usize = 16 * 1024;
 
-/// Writes the deterministic mean of the micro-batches' gradients `grads[micro][slot]`
-/// into `out`. Returns `Ok(false)`, having written nothing, when some gradient is not a
-/// contiguous f32 CPU tensor (a CUDA or bf16 tensor, an unused parameter): the caller
-/// then takes the flat path. A NaN or infinity is the same error `reduce_mean` returns.
 /// Max |g| over micro-batch `micro`'s gradient tensors, computed right after its backward
 /// while they are still in cache; `Ok(None)` when some tensor is not a contiguous f32 CPU
 /// tensor. A NaN or infinity is the error `reduce_mean` returns for it.
@@ -58,6 +54,10 @@ pub fn micro_max(
     Ok(Some(max))
 }
 
+/// Writes the deterministic mean of the micro-batches' gradients `grads[micro][slot]`
+/// into `out`. Returns `Ok(false)`, having written nothing, when some gradient is not a
+/// contiguous f32 CPU tensor (a CUDA or bf16 tensor, an unused parameter): the caller
+/// then takes the flat path. A NaN or infinity is the same error `reduce_mean` returns.
 /// `maxes`: each micro-batch's [`micro_max`], if the caller has them.
 pub fn local_mean(
     grads: &[Vec<Tensor>],
