@@ -174,13 +174,7 @@ fn main() -> ExitCode {
         }
         Command::Man { out_dir } => man(out_dir),
     };
-    match res {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(outcome::exit_code(&e))
-        }
-    }
+    outcome::exit(res)
 }
 
 #[cfg(test)]

@@ -44,6 +44,18 @@ pub fn usage<T>(m: impl Into<String>) -> anyhow::Result<T> {
 }
 
 /// The exit code of an error, by the table above.
+/// A verb's result as the process's exit: 0, or its error on stderr (one line) and the
+/// code of the table above.
+pub fn exit(res: anyhow::Result<()>) -> std::process::ExitCode {
+    match res {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
 pub fn exit_code(e: &anyhow::Error) -> u8 {
     if let Some(f) = e.downcast_ref::<Failure>() {
         return match f {

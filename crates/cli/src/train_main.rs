@@ -106,13 +106,7 @@ fn main() -> ExitCode {
             export::export(&out, step, checkpoint_dir, &target)
         }
     };
-    match res {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(outcome::exit_code(&e))
-        }
-    }
+    outcome::exit(res)
 }
 
 #[cfg(test)]

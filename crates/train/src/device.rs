@@ -196,15 +196,22 @@ pub fn cap_cuda_memory(n: usize, gib: f64) -> Result<f64, TrainError> {
 
 /// One field of `nvidia-smi --query-gpu` for device `n` (no units), with a bounded wait.
 pub fn nvidia_smi_query(n: usize, field: &str) -> Option<String> {
-    let mut child = std::process::Command::new("nvidia-smi")
-        .arg(format!("--query-gpu={field}"))
+    let mut cmd = std::process::Command::new("nvidia-smi");
+    cmd.arg(format!("--query-gpu={field}"))
         .args(["--format=csv,noheader,nounits", "-i"])
-        .arg(n.to_string())
+        .arg(n.to_string());
+    first_line_of(cmd, Duration::from_secs(20))
+}
+
+/// The first line of a command's standard output when it succeeds within `timeout`
+/// (killed and `None` otherwise, or when that line is empty).
+fn first_line_of(mut cmd: std::process::Command, timeout: Duration) -> Option<String> {
+    let mut child = cmd
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
         .ok()?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let deadline = std::time::Instant::now() + timeout;
     loop {
         match child.try_wait() {
             Ok(Some(st)) if st.success() => break,
@@ -333,33 +340,12 @@ fn dlopen_global(path: &str) -> Result<(), String> {
 
 /// Asks Python where PyTorch lives, with a bound on the wait.
 fn python_torch_lib_dir() -> Option<String> {
-    let mut child = std::process::Command::new("python3")
-        .args([
-            "-c",
-            "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .ok()?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        match child.try_wait() {
-            Ok(Some(st)) if st.success() => break,
-            Ok(Some(_)) | Err(_) => return None,
-            Ok(None) if std::time::Instant::now() > deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
-        }
-    }
-    let mut out = String::new();
-    use std::io::Read;
-    child.stdout.take()?.read_to_string(&mut out).ok()?;
-    let dir = out.trim().to_string();
-    (!dir.is_empty()).then_some(dir)
+    let mut cmd = std::process::Command::new("python3");
+    cmd.args([
+        "-c",
+        "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))",
+    ]);
+    first_line_of(cmd, Duration::from_secs(30))
 }
 
 #[cfg(test)]
