@@ -320,24 +320,13 @@ impl ClusterState {
                     Some(w) => format!("; it blames rank {} ({w})", blamed_rank.unwrap_or(0)),
                     None => String::new(),
                 };
-                let new_epoch = plan.epoch + 1;
-                plan.epoch = new_epoch;
-                plan.reason = format!("epoch {epoch} did not converge");
-                let ranks = plan.ranks.join(", ");
-                j.rank_steps = vec![j.progress_step; plan.ranks.len()];
-                let name = j.spec.name.clone();
                 self.event(
                     index,
                     EventKind::EpochStuck,
                     worker,
                     format!("epoch {epoch}: {attempts} attempts by {worker} failed with no step committed{blamed}; last error: {reason}"),
                 );
-                self.event(
-                    index,
-                    EventKind::Plan,
-                    &name,
-                    format!("epoch {new_epoch}: epoch {epoch} did not converge; the same ranks regroup under a new group id [{ranks}]"),
-                );
+                self.reissue_epoch(index, format!("epoch {epoch} did not converge"));
                 ok("epoch re-issued")
             }
             Command::ReportGradientMismatch {
@@ -452,6 +441,16 @@ impl ClusterState {
                 if id.is_empty() || self.too_long(id) || self.too_long(address) {
                     return no("worker id must be 1..=text_bytes_max bytes");
                 }
+                // A worker of the running plan that registers from a new address is a new
+                // process: whatever the epoch held in its memory is gone, so the epoch
+                // cannot go on; the same ranks regroup under a new epoch (and its resume,
+                // from peers or a checkpoint, is recorded as a recovery).
+                let restarted_in_plan = self.workers.get(id).is_some_and(|w| w.address != *address)
+                    && self.job.as_ref().is_some_and(|j| {
+                        j.state == JobState::Running
+                            && j.plan.as_ref().is_some_and(|p| p.ranks.contains(id))
+                    });
+                let epoch_before = self.plan_epoch();
                 let msg = match self.workers.get_mut(id) {
                     Some(w) => {
                         w.address = address.clone();
@@ -490,6 +489,12 @@ impl ClusterState {
                     format!("at {address}"),
                 );
                 self.replan(index);
+                if restarted_in_plan && self.plan_epoch() == epoch_before {
+                    self.reissue_epoch(
+                        index,
+                        format!("{id} restarted (now at {address}); its state is gone"),
+                    );
+                }
                 ok(msg)
             }
             Command::SetWorkerHealth {
@@ -732,6 +737,28 @@ impl ClusterState {
     }
 
     /// Re-run the placement policy after anything that can change it.
+    fn plan_epoch(&self) -> Option<u64> {
+        self.job.as_ref()?.plan.as_ref().map(|p| p.epoch)
+    }
+
+    /// The running plan again under a new epoch (and so a new group id): the same ranks
+    /// regroup, each resuming from peers or a checkpoint. `why` goes in the plan's reason.
+    pub(crate) fn reissue_epoch(&mut self, index: u64, why: String) {
+        let Some(j) = self.job.as_mut() else { return };
+        let Some(plan) = j.plan.as_mut() else { return };
+        plan.epoch += 1;
+        plan.reason = why.clone();
+        let (epoch, ranks) = (plan.epoch, plan.ranks.join(", "));
+        j.rank_steps = vec![j.progress_step; plan.ranks.len()];
+        let name = j.spec.name.clone();
+        self.event(
+            index,
+            EventKind::Plan,
+            &name,
+            format!("epoch {epoch}: {why}; the same ranks regroup under a new group id [{ranks}]"),
+        );
+    }
+
     pub(crate) fn replan(&mut self, index: u64) {
         let Some(job) = &self.job else { return };
         if job.state.is_terminal() {
@@ -894,6 +921,35 @@ mod tests {
         // A worker without a rank cannot bump the epoch.
         let outsider = s.apply(7, &env("stuck-z-2", stuck("z", 2)));
         assert!(!outsider.outcome.is_applied());
+    }
+
+    #[test]
+    fn a_ranked_worker_that_registers_from_a_new_address_starts_a_new_epoch() {
+        let mut s = ClusterState::new(StateLimits::default());
+        for (i, w) in ["a", "b", "c"].iter().enumerate() {
+            s.apply(1 + i as u64, &env(&format!("reg-{w}"), reg(w)));
+        }
+        s.apply(5, &env("submit", Command::SubmitJob { spec: spec() }));
+        let epoch = |s: &ClusterState| s.job.as_ref().unwrap().plan.as_ref().unwrap().epoch;
+        assert_eq!(epoch(&s), 1);
+        // The same process registering again (same address) changes nothing.
+        s.apply(6, &env("again-a", reg("a")));
+        assert_eq!(epoch(&s), 1);
+        // A restarted process (all workers killed and back before any lease expired): its
+        // memory is gone, so the same ranks regroup under a new epoch.
+        let restarted = Command::RegisterWorker {
+            id: "b".into(),
+            address: "127.0.0.1:9999".into(),
+            device: DeviceSpec::default(),
+        };
+        s.apply(7, &env("restart-b", restarted));
+        let plan = s.job.as_ref().unwrap().plan.clone().unwrap();
+        assert_eq!(plan.epoch, 2);
+        assert_eq!(plan.ranks, vec!["a", "b", "c"]);
+        assert!(s
+            .events
+            .iter()
+            .any(|e| e.kind == "plan" && e.reason.contains("b restarted")));
     }
 
     #[test]
