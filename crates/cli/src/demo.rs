@@ -211,6 +211,15 @@ fn is_detection(kind: &str) -> bool {
     )
 }
 
+/// The largest `field` of the runner's progress samples taken up to `t_s`.
+fn max_until(
+    r: &Report,
+    t_s: f64,
+    field: impl Fn(&phalanx_chaos::report::ProgressSample) -> u64,
+) -> Option<u64> {
+    r.progress.iter().filter(|p| p.t_s <= t_s).map(field).max()
+}
+
 /// Detection and recovery of one fired fault, from what the runner recorded.
 ///
 /// A worker fault's recovery is the first one of a later plan epoch than the one the
@@ -246,13 +255,7 @@ fn fault_report(r: &Report, f: &FiredFault, until_s: f64) -> FaultReport {
         {
             out.detected_by = format!("Raft election: node {} leads term {}", l.leader, l.term);
             out.detect_s = l.t_s - f.t_s;
-            let at_election = r
-                .progress
-                .iter()
-                .filter(|p| p.t_s <= l.t_s)
-                .map(|p| p.progress_step)
-                .max()
-                .unwrap_or(f.step);
+            let at_election = max_until(r, l.t_s, |p| p.progress_step).unwrap_or(f.step);
             if let Some(p) = r
                 .progress
                 .iter()
@@ -271,24 +274,11 @@ fn fault_report(r: &Report, f: &FiredFault, until_s: f64) -> FaultReport {
         out.detected_by = format!("{}: {}", e.kind, e.reason);
         out.detect_s = e.t_s - f.t_s;
     }
-    let epoch_at_fault = r
-        .progress
-        .iter()
-        .filter(|p| p.t_s <= f.t_s)
-        .map(|p| p.epoch)
-        .max()
-        .unwrap_or(0);
+    let epoch_at_fault = max_until(r, f.t_s, |p| p.epoch).unwrap_or(0);
     // The recovery must come from a plan made before the next fault fired, or it is that
     // fault's (a fault that caused no new plan in its window gets none).
-    let epoch_by_next = r
-        .progress
-        .iter()
-        .filter(|p| p.t_s <= until_s)
-        .map(|p| p.epoch)
-        .max()
-        .unwrap_or(u64::MAX);
     let epoch_by_next = if until_s.is_finite() {
-        epoch_by_next
+        max_until(r, until_s, |p| p.epoch).unwrap_or(u64::MAX)
     } else {
         u64::MAX
     };
