@@ -49,10 +49,6 @@ fn independent_of_disk(m: &Message) -> bool {
 }
 
 impl PersistQueue {
-    pub fn inflight(&self) -> bool {
-        self.inflight
-    }
-
     /// Route one Ready from [`Replica::ready_async`] (its `early` messages are the
     /// caller's to send first).
     pub fn after_ready(&mut self, r: &mut Replica, ar: &mut AsyncReady) -> PersistStep {
