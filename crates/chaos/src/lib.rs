@@ -35,6 +35,7 @@ pub fn job_spec(s: &Scenario, seed: u64) -> phalanx_proto::JobSpec {
         world_size_min: s.job.world_size_min(),
         world_size_max: s.job.world_size_max(&s.cluster),
         numerics: Default::default(),
+        precision: Default::default(),
     }
 }
 

@@ -3,7 +3,7 @@
 //! Errors name the field and say what was expected, so an operator can fix the file
 //! without reading code.
 
-use phalanx_proto::{JobSpec, NumericsProfile};
+use phalanx_proto::{JobSpec, NumericsProfile, Precision};
 use thiserror::Error;
 
 /// The model configurations the data plane has (`phalanx_train::config::MODEL_NAMES`;
@@ -56,6 +56,7 @@ const FIELDS: &[(&str, &str)] = &[
         "numerics",
         "`x86-64-avx2` or `native` (optional; default `x86-64-avx2`)",
     ),
+    ("precision", "`fp32` or `bf16` (optional; default `fp32`)"),
 ];
 
 fn expected_of(field: &'static str) -> &'static str {
@@ -106,25 +107,37 @@ fn get_u32(t: &toml::Table, field: &'static str) -> Result<u32, JobFileError> {
     })
 }
 
-/// The optional `numerics` field: absent means the default profile.
-fn get_numerics(t: &toml::Table) -> Result<NumericsProfile, JobFileError> {
-    let field = "numerics";
+/// An optional field naming one of `names` (parsed by `parse`): absent means
+/// `T::default()`.
+fn get_choice<T: Default>(
+    t: &toml::Table,
+    field: &'static str,
+    parse: fn(&str) -> Option<T>,
+    names: &[&str],
+) -> Result<T, JobFileError> {
     match t.get(field) {
-        None => Ok(NumericsProfile::default()),
-        Some(toml::Value::String(s)) => {
-            NumericsProfile::parse(s).ok_or_else(|| JobFileError::Invalid {
-                field,
-                message: format!(
-                    "{s:?}: expected one of {}",
-                    NumericsProfile::ALL.map(|p| p.as_str()).join(", ")
-                ),
-            })
-        }
+        None => Ok(T::default()),
+        Some(toml::Value::String(s)) => parse(s).ok_or_else(|| JobFileError::Invalid {
+            field,
+            message: format!("{s:?}: expected one of {}", names.join(", ")),
+        }),
         Some(_) => Err(JobFileError::Type {
             field: field.into(),
             expected: "a string",
         }),
     }
+}
+
+/// The optional `numerics` field: absent means the default profile.
+fn get_numerics(t: &toml::Table) -> Result<NumericsProfile, JobFileError> {
+    let names = NumericsProfile::ALL.map(|p| p.as_str());
+    get_choice(t, "numerics", NumericsProfile::parse, &names)
+}
+
+/// The optional `precision` field: absent means fp32.
+fn get_precision(t: &toml::Table) -> Result<Precision, JobFileError> {
+    let names = Precision::ALL.map(|p| p.as_str());
+    get_choice(t, "precision", Precision::parse, &names)
 }
 
 /// Parse and validate a job file.
@@ -155,6 +168,7 @@ pub fn parse_job_toml(text: &str) -> Result<JobSpec, JobFileError> {
         world_size_min: get_u32(&table, "world_size_min")?,
         world_size_max: get_u32(&table, "world_size_max")?,
         numerics: get_numerics(&table)?,
+        precision: get_precision(&table)?,
     };
     validate_job(&spec)?;
     Ok(spec)
@@ -242,7 +256,7 @@ pub fn job_template(model: &str, steps: u64) -> Result<String, JobFileError> {
     let interval = (steps / 4).max(1);
     let text = format!(
         r#"# Phalanx job file. Submit it with `phalanx job submit FILE`.
-# Every field but `numerics` is required; `phalanx job submit` names any field it rejects.
+# Every field but `numerics` and `precision` is required; `phalanx job submit` names any field it rejects.
 
 # Job name: letters, digits, '-', '_' or '.' (at most 64 characters).
 name = "{model}-{steps}"
@@ -279,6 +293,12 @@ world_size_max = 4
 # them pick the fastest kernels of each CPU (not portable). Only workers started with
 # the job's profile get a rank.
 numerics = "x86-64-avx2"
+
+# Arithmetic of the forward and backward passes (optional): `fp32`, the default, or
+# `bf16` (bfloat16 matrix products and attention; the master weights, the reduced
+# gradients and the AdamW moments stay fp32). Every rank trains in it, and the result
+# is the same bits for any world size in either.
+precision = "fp32"
 "#,
         models = MODELS.join(", "),
         micro = MICRO_BATCH,
@@ -344,6 +364,12 @@ mod tests {
             ),
             ("numerics = \"x86-64-avx2\"", "numerics = 2", "`numerics`"),
             (
+                "precision = \"fp32\"",
+                "precision = \"fp16\"",
+                "`precision`",
+            ),
+            ("precision = \"fp32\"", "precision = true", "`precision`"),
+            (
                 "checkpoint_interval_steps = 15",
                 "checkpoint_interval_steps = 61",
                 "`checkpoint_interval_steps`",
@@ -378,6 +404,35 @@ mod tests {
         v.as_object_mut().unwrap().remove("numerics");
         let spec: JobSpec = serde_json::from_value(v).unwrap();
         assert_eq!(spec.numerics, NumericsProfile::X86_64Avx2);
+    }
+
+    #[test]
+    fn precision_is_optional_and_parsed() {
+        assert_eq!(
+            parse_job_toml(&template()).unwrap().precision,
+            Precision::Fp32
+        );
+        let old = template().replace("precision = \"fp32\"\n", "");
+        assert!(!old.contains("precision ="));
+        assert_eq!(parse_job_toml(&old).unwrap().precision, Precision::Fp32);
+        assert_eq!(
+            with("precision = \"fp32\"", "precision = \"bf16\"")
+                .unwrap()
+                .precision,
+            Precision::Bf16
+        );
+        let err = with("precision = \"fp32\"", "precision = \"fp16\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("\"fp16\": expected one of fp32, bf16"),
+            "{err}"
+        );
+        // A job spec from an older client (JSON without the field) still deserialises.
+        let mut v = serde_json::to_value(parse_job_toml(&template()).unwrap()).unwrap();
+        v.as_object_mut().unwrap().remove("precision");
+        let spec: JobSpec = serde_json::from_value(v).unwrap();
+        assert_eq!(spec.precision, Precision::Fp32);
     }
 
     #[test]

@@ -66,6 +66,7 @@ mod tests {
             world_size_max: 1,
             numerics: Default::default(),
         };
+            precision: Default::default(),
         let rec = |ms| Recovery {
             epoch: 2,
             source: "peers".into(),

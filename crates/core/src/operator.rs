@@ -148,6 +148,7 @@ mod tests {
             world_size_min: 1,
             world_size_max: 2,
             numerics: Default::default(),
+            precision: Default::default(),
         };
         s.apply(3, &env("submit", Command::SubmitJob { spec }));
         s

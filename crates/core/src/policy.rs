@@ -338,6 +338,7 @@ mod tests {
             world_size_min: min,
             world_size_max: max,
             numerics: Default::default(),
+            precision: Default::default(),
         }
     }
 

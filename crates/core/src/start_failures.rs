@@ -110,6 +110,7 @@ mod tests {
             world_size_min: 1,
             world_size_max: 1,
             numerics: Default::default(),
+            precision: Default::default(),
         };
         s.apply(2, &env("submit", Command::SubmitJob { spec }));
         let id = s.job.as_ref().unwrap().id.clone();
@@ -181,6 +182,7 @@ mod tests {
             world_size_min: 1,
             world_size_max: 3,
             numerics: Default::default(),
+            precision: Default::default(),
         };
         s.apply(10, &env("submit", Command::SubmitJob { spec }));
         let id = s.job.as_ref().unwrap().id.clone();

@@ -201,6 +201,10 @@ pub struct JobSpec {
     /// default).
     #[serde(default)]
     pub numerics: NumericsProfile,
+    /// The arithmetic of forward and backward on every rank (absent in older job files:
+    /// fp32).
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

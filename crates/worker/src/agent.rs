@@ -77,13 +77,16 @@ pub struct AgentConfig {
 /// The training math of a controller-run job: the same defaults as `phalanx train`.
 pub fn train_spec(job: &JobSpec) -> Result<TrainSpec, WorkerError> {
     let model = ModelConfig::named(&job.model)?;
-    let spec = TrainSpec::with_defaults(
-        model,
-        job.seed,
-        job.steps,
-        job.global_batch as usize,
-        DEFAULT_MICRO_BATCH,
-    );
+    let spec = TrainSpec {
+        precision: job.precision,
+        ..TrainSpec::with_defaults(
+            model,
+            job.seed,
+            job.steps,
+            job.global_batch as usize,
+            DEFAULT_MICRO_BATCH,
+        )
+    };
     spec.validate()?;
     Ok(spec)
 }
