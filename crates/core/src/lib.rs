@@ -3,6 +3,7 @@
 //! No I/O, no tokio, no wall clock, no thread RNG: time comes in as `now_ms` arguments,
 //! and `apply` is a deterministic function of the committed log.
 
+pub mod history;
 pub mod jobfile;
 pub mod leader_duties;
 pub mod leases;
@@ -89,6 +90,7 @@ mod tests {
             failure: None,
             start_failures: 0,
             start_failed_workers: Vec::new(),
+            history: Default::default(),
         };
         assert_eq!(effective_training_time(&job), None);
         job.finished_at_ms = Some(30_000);

@@ -567,6 +567,7 @@ impl ClusterState {
                     failure: None,
                     start_failures: 0,
                     start_failed_workers: Vec::new(),
+                    history: Default::default(),
                 });
                 self.event(
                     index,
@@ -597,6 +598,8 @@ impl ClusterState {
                 worker,
                 epoch,
                 step,
+                loss_millionths,
+                compute_us,
             } => {
                 let Some(j) = &mut self.job else {
                     return no("no job");
@@ -617,6 +620,17 @@ impl ClusterState {
                     return no(format!("worker {worker} has no rank in epoch {epoch}"));
                 };
                 let step = (*step).min(j.spec.steps);
+                crate::history::record(
+                    &mut j.history,
+                    crate::history::RankReport {
+                        epoch: *epoch,
+                        ranks: plan.ranks.len(),
+                        rank,
+                        step,
+                        loss_millionths: *loss_millionths,
+                        compute_us: *compute_us,
+                    },
+                );
                 j.rank_steps[rank] = j.rank_steps[rank].max(step);
                 let watermark = j.rank_steps.iter().copied().min().unwrap_or(0);
                 j.progress_step = j.progress_step.max(watermark);

@@ -174,6 +174,8 @@ fn job_lifecycle_replans_on_failure_and_completes() {
                 worker: "a".into(),
                 epoch: 1,
                 step: 5,
+                loss_millionths: None,
+                compute_us: None,
             },
         ),
     );
@@ -186,6 +188,8 @@ fn job_lifecycle_replans_on_failure_and_completes() {
                 worker: "a".into(),
                 epoch: 2,
                 step: 20,
+                loss_millionths: None,
+                compute_us: None,
             },
         ),
     );
@@ -198,6 +202,8 @@ fn job_lifecycle_replans_on_failure_and_completes() {
                 worker: "c".into(),
                 epoch: 2,
                 step: 20,
+                loss_millionths: None,
+                compute_us: None,
             },
         ),
     );

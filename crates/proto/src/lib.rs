@@ -288,6 +288,37 @@ pub struct JobInfo {
     /// The workers those reports came from.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub start_failed_workers: Vec<WorkerId>,
+    /// The loss curve and each rank's compute time, for the dashboard (bounded).
+    #[serde(default)]
+    pub history: JobHistory,
+}
+
+/// A job's recent course as its ranks report it with their progress: the newest compute
+/// time of each rank and a thinned history of (step, loss, compute time per rank). Kept
+/// for the dashboard; bounded by `phalanx_core::history::SAMPLES_MAX` samples.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct JobHistory {
+    /// The plan epoch `rank_compute_us` belongs to.
+    pub epoch: u64,
+    /// The newest compute time per micro-batch (forward + backward) of each rank of that
+    /// epoch's plan, in µs; 0 until the rank reported one.
+    pub rank_compute_us: Vec<u64>,
+    /// One sample every `stride` steps, oldest first; when full, every other one is
+    /// dropped and the stride doubles, so the curve always spans the whole run.
+    pub samples: Vec<StepSample>,
+    pub stride: u64,
+}
+
+/// One recorded step of [`JobHistory`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepSample {
+    pub step: u64,
+    pub epoch: u64,
+    /// The step's training loss (the same on every rank) in millionths: fixed point, so
+    /// the replicated state compares and round-trips through JSON exactly.
+    pub loss_millionths: u64,
+    /// Each rank's newest compute time per micro-batch at that step, in µs (0: unknown).
+    pub compute_us: Vec<u64>,
 }
 
 /// How the job came back after an interruption (measured by the first rank that resumed).
@@ -385,6 +416,12 @@ pub enum Command {
         worker: WorkerId,
         epoch: u64,
         step: u64,
+        /// The step's loss in millionths (see [`StepSample`]); absent from older workers.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        loss_millionths: Option<u64>,
+        /// The rank's recent compute time per micro-batch, in µs.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        compute_us: Option<u64>,
     },
     /// Rank 0 of a new epoch tells where the group's state came from.
     ReportResume {

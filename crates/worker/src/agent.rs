@@ -676,19 +676,47 @@ fn silence_after(cfg: &AgentConfig, shared: &Shared) -> Duration {
     )
 }
 
+/// A progress report: the epoch, the number of steps done and, after a step, its loss
+/// and this rank's compute time per micro-batch (both for the dashboard's history).
+#[derive(Clone, Copy)]
+struct Progress {
+    epoch: u64,
+    step: u64,
+    loss_millionths: Option<u64>,
+    compute_us: Option<u64>,
+}
+
+impl Progress {
+    fn at(epoch: u64, step: u64) -> Self {
+        Progress {
+            epoch,
+            step,
+            loss_millionths: None,
+            compute_us: None,
+        }
+    }
+}
+
 /// Reports progress off the training thread; only the newest step per epoch is sent.
-fn spawn_progress(client: Arc<Client>, id: String) -> mpsc::Sender<(u64, u64)> {
-    let (tx, rx) = mpsc::channel::<(u64, u64)>();
+fn spawn_progress(client: Arc<Client>, id: String) -> mpsc::Sender<Progress> {
+    let (tx, rx) = mpsc::channel::<Progress>();
     std::thread::spawn(move || {
         while let Ok(mut latest) = rx.recv() {
             while let Ok(newer) = rx.try_recv() {
                 latest = newer;
             }
-            let (epoch, step) = latest;
+            let Progress {
+                epoch,
+                step,
+                loss_millionths,
+                compute_us,
+            } = latest;
             let cmd = Command::ReportProgress {
                 worker: id.clone(),
                 epoch,
                 step,
+                loss_millionths,
+                compute_us,
             };
             if let Err(e) = client.command_with_id(
                 new_request_id(&format!("progress-{id}-{epoch}-{step}")),
@@ -740,7 +768,7 @@ fn run_epoch(
     job: &JobSpec,
     engine_slot: &mut Option<Slot>,
     shared: &Arc<Shared>,
-    progress: &mpsc::Sender<(u64, u64)>,
+    progress: &mpsc::Sender<Progress>,
     last_step: &mut Option<(Instant, u64)>,
 ) -> Result<(), WorkerError> {
     let world = a.world_size as usize;
@@ -859,7 +887,7 @@ fn run_epoch(
     let mut writer = Checkpointing::new(job, &job_id, job_dir, world, rank, &shared.disk)?;
     // The step of the last snapshot this epoch took.
     let mut snapped: Option<u64> = None;
-    let _ = progress.send((a.epoch, engine.step()));
+    let _ = progress.send(Progress::at(a.epoch, engine.step()));
 
     while engine.step() < engine.spec.steps {
         if shared.epoch.load(Ordering::SeqCst) > a.epoch {
@@ -937,7 +965,11 @@ fn run_epoch(
                 warn!(error = %e, "reporting the resume point failed");
             }
         }
-        let _ = progress.send((a.epoch, report.step + 1));
+        let _ = progress.send(Progress {
+            loss_millionths: phalanx_core::history::loss_millionths(report.loss),
+            compute_us: (report.compute_ms > 0.0).then(|| (report.compute_ms * 1e3).round() as u64),
+            ..Progress::at(a.epoch, report.step + 1)
+        });
         *last_step = Some((Instant::now(), report.step + 1));
         shared.step.store(report.step + 2, Ordering::SeqCst);
         *shared.silent.lock().unwrap_or_else(|p| p.into_inner()) = None;
@@ -991,7 +1023,7 @@ fn run_epoch(
             warn!(error = %e, "reporting the result failed");
         }
     }
-    let _ = progress.send((a.epoch, engine.step()));
+    let _ = progress.send(Progress::at(a.epoch, engine.step()));
     // Wait for the controller to see the end, so that we do not retrain a finished job.
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
