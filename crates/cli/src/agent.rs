@@ -74,6 +74,11 @@ pub struct WorkerStartCmd {
     /// rank only in jobs of this profile). See docs/training.md.
     #[arg(long, default_value = "x86-64-avx2", value_parser = crate::model::parse_numerics)]
     pub numerics: phalanx_proto::NumericsProfile,
+    /// Serve this worker's metrics at http://ADDR/metrics in the Prometheus text format
+    /// (plain HTTP, numbers only, for a scrape on a trusted network; port 0 picks one, the
+    /// log names it). Off without it. See docs/observability.md.
+    #[arg(long, env = "PHALANX_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 pub fn start(cmd: WorkerStartCmd) -> Result<()> {
@@ -99,6 +104,7 @@ pub fn start(cmd: WorkerStartCmd) -> Result<()> {
     silence
         .validate()
         .map_err(|e| anyhow::anyhow!("--silence-factor / --silence-floor-ms: {e}"))?;
+    let _metrics = crate::train::serve_metrics(cmd.metrics_listen, &cmd.id)?;
     let cfg = AgentConfig {
         id: cmd.id,
         client: Arc::new(client),

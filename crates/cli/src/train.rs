@@ -205,6 +205,11 @@ pub struct WorkerRunCmd {
     /// Rank 0 writes the trained parameters here as safetensors.
     #[arg(long)]
     pub save: Option<PathBuf>,
+    /// Serve this worker's metrics at http://ADDR/metrics in the Prometheus text format
+    /// (plain HTTP, numbers only, for a scrape on a trusted network; port 0 picks one, the
+    /// log names it). Off without it. See docs/observability.md.
+    #[arg(long, env = "PHALANX_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     pub train: TrainArgs,
 }
@@ -665,6 +670,21 @@ fn wait_timeout(c: &mut Child, t: Duration) -> Result<std::process::ExitStatus> 
     }
 }
 
+/// `--metrics-listen`: turns this worker's metrics on and serves them until the returned
+/// server is dropped (`None`: metrics stay off).
+pub fn serve_metrics(
+    addr: Option<SocketAddr>,
+    instance: &str,
+) -> Result<Option<phalanx_telemetry::server::MetricsServer>> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let server = phalanx_telemetry::server::serve_worker(addr, instance)
+        .with_context(|| "--metrics-listen")?;
+    tracing::info!(metrics_addr = %server.local_addr(), "serving /metrics");
+    Ok(Some(server))
+}
+
 pub fn worker_run(cmd: WorkerRunCmd) -> Result<()> {
     // First of all, before libtorch does any work: the numerics profile's environment
     // (this re-executes the process when its environment differs).
@@ -724,12 +744,15 @@ fn worker_inner(cmd: &WorkerRunCmd) -> Result<()> {
     let mut group = BlockingGroup::connect(cfg, listener)?;
     tracing::info!(rank, world, %addr, "group formed");
 
+    let _metrics = serve_metrics(cmd.metrics_listen, &format!("rank-{rank}"))?;
+    let tokens_per_step = engine.spec.tokens_per_step();
     let report = cmd.stdio_rendezvous && rank == 0;
     let mut result = dp::train(
         &mut engine,
         &mut group,
         &DpOptions { op_timeout },
         &mut |s| {
+            phalanx_worker::metrics::step(s, tokens_per_step);
             if report {
                 rendezvous::emit(&WorkerEvent::Step(s.clone()));
             } else if rank == 0 {

@@ -126,6 +126,11 @@ pub struct Counters {
     pub snapshots_taken: u64,
     pub snapshots_installed: u64,
     pub fsyncs: u64,
+    /// Times this node saw the leader change to a known leader (`/metrics`).
+    pub leader_changes: u64,
+    /// The leader this node knew last (0: none).
+    #[serde(skip)]
+    pub last_leader: u64,
 }
 
 pub struct Replica {
@@ -410,6 +415,10 @@ impl Replica {
                 info!(term = self.raw.raft.term, "became leader");
             }
             self.last_role = ss.raft_state;
+            if ss.leader_id != 0 && ss.leader_id != self.counters.last_leader {
+                self.counters.leader_changes += 1;
+                self.counters.last_leader = ss.leader_id;
+            }
         }
         let early = rd.take_messages();
         self.note_snapshots_sent(&early);

@@ -342,10 +342,7 @@ mod tests {
     fn a_scrape_shows_the_sample_and_counts_each_recovery_once() {
         let m = ControllerMetrics::new(1).unwrap();
         m.proposal(Duration::from_millis(12), ProposalOutcome::Applied);
-        let s = scrape(
-            &m.render(sample(&[(2, "peer rank 1", Some(1500))]))
-                .unwrap(),
-        );
+        let s = scrape(&m.render(sample(&[(2, "peer rank 1", Some(1500))])).unwrap());
         assert_eq!(value(&s, "phalanx_raft_term", None), 4.0);
         assert_eq!(value(&s, "phalanx_raft_commit_index", None), 120.0);
         assert_eq!(value(&s, "phalanx_raft_is_leader", None), 1.0);

@@ -159,7 +159,10 @@ fn answer(req: &Request<Incoming>, render: &Render) -> Response<Full<Bytes>> {
     if req.uri().path().trim_end_matches('/') != "/metrics" {
         return text(
             StatusCode::NOT_FOUND,
-            format!("no route {}: this server has only GET /metrics\n", req.uri().path()),
+            format!(
+                "no route {}: this server has only GET /metrics\n",
+                req.uri().path()
+            ),
         );
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -217,12 +220,16 @@ mod tests {
         assert!(ok.contains("phalanx_train_plan_epoch 7"), "{ok}");
         let missing = get(addr, "GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n");
         assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
-        let post = get(addr, "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n");
+        let post = get(
+            addr,
+            "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+        );
         assert!(post.starts_with("HTTP/1.1 405"), "{post}");
         // A client that never sends its request is cut off at the head deadline.
         let t = std::time::Instant::now();
         let mut idle = std::net::TcpStream::connect(addr).unwrap();
-        idle.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        idle.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
         let mut buf = Vec::new();
         let _ = idle.read_to_end(&mut buf);
         assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
@@ -233,9 +240,13 @@ mod tests {
     fn a_taken_address_is_an_error_that_names_it() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
-        let e = serve(addr, Arc::new(|| Ok(String::new())), ServerLimits::default())
-            .err()
-            .expect("the port is taken");
+        let e = serve(
+            addr,
+            Arc::new(|| Ok(String::new())),
+            ServerLimits::default(),
+        )
+        .err()
+        .expect("the port is taken");
         assert!(e.to_string().contains(&addr.to_string()), "{e}");
     }
 }

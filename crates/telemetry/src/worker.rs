@@ -175,7 +175,13 @@ mod tests {
         assert_eq!(value(&text, "phalanx_train_gradient_norm"), 0.5);
         assert_eq!(value(&text, "phalanx_train_tokens_per_second"), 4096.0);
         assert_eq!(value(&text, "phalanx_train_plan_epoch"), 3.0);
-        assert!(text.contains("phalanx_train_step_duration_seconds_count 4"), "{text}");
-        assert!(text.contains("phalanx_train_step_duration_seconds_sum 1"), "{text}");
+        assert!(
+            text.contains("phalanx_train_step_duration_seconds_count 4"),
+            "{text}"
+        );
+        assert!(
+            text.contains("phalanx_train_step_duration_seconds_sum 1"),
+            "{text}"
+        );
     }
 }

@@ -852,6 +852,7 @@ fn run_epoch(
     let mut group = BlockingGroup::connect_with(gc, listener, Some(cancel), Some(silence))?;
     group.set_silence_after(cfg.op_timeout);
     info!(epoch = a.epoch, rank, world, "group formed");
+    crate::metrics::plan_epoch(a.epoch);
 
     // Only a state this worker agreed on with a group (and trained or loaded since) counts;
     // an engine that was merely built holds the seed's initial state, which counts as none,
@@ -970,6 +971,7 @@ fn run_epoch(
             compute_us: (report.compute_ms > 0.0).then(|| (report.compute_ms * 1e3).round() as u64),
             ..Progress::at(a.epoch, report.step + 1)
         });
+        crate::metrics::step(&report, engine.spec.tokens_per_step());
         *last_step = Some((Instant::now(), report.step + 1));
         shared.step.store(report.step + 2, Ordering::SeqCst);
         *shared.silent.lock().unwrap_or_else(|p| p.into_inner()) = None;

@@ -311,7 +311,15 @@ impl Checkpointing {
     ) -> Result<(), WorkerError> {
         while let Ok(ev) = self.events.try_recv() {
             match ev {
-                CheckpointEvent::Durable { shard, .. } => self.durable.push(shard),
+                CheckpointEvent::Durable {
+                    step,
+                    shard,
+                    write_ms,
+                    ..
+                } => {
+                    crate::metrics::checkpoint_durable(write_ms, self.snaps.stall(step));
+                    self.durable.push(shard)
+                }
                 CheckpointEvent::Failed {
                     step,
                     error,

@@ -11,6 +11,7 @@ pub mod export;
 pub mod fault;
 pub mod job_checkpoints;
 pub mod local_mean;
+pub mod metrics;
 pub mod numerics;
 pub mod rendezvous;
 pub mod silence;

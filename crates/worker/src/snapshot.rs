@@ -90,6 +90,14 @@ impl Snapshots {
         found
     }
 
+    /// The training-thread time spent on the snapshot of `step` so far (kept).
+    pub fn stall(&self, step: u64) -> Option<Duration> {
+        self.stalls
+            .iter()
+            .find(|(s, _)| *s == step)
+            .map(|(_, d)| *d)
+    }
+
     fn add_stall(&mut self, step: u64, blocked: Duration) {
         match self.stalls.iter_mut().find(|(s, _)| *s == step) {
             Some((_, total)) => *total += blocked,

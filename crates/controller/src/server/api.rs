@@ -146,6 +146,10 @@ pub(crate) async fn handle_http(stream: &mut TcpStream, peer: SocketAddr, ctx: A
         return;
     }
     let timeout = Duration::from_millis(ctx.cfg.request_timeout_ms + 500);
+    // Prometheus text, not JSON: answered by server/metrics.rs.
+    if req.method == "GET" && req.path.trim_end_matches('/') == "/metrics" {
+        return super::metrics::respond(stream, &ctx, timeout).await;
+    }
     let result = route(&req, &ctx, timeout).await;
     match result {
         Ok(v) => write_json(stream, 200, &v).await,
@@ -156,7 +160,11 @@ pub(crate) async fn handle_http(stream: &mut TcpStream, peer: SocketAddr, ctx: A
     }
 }
 
-async fn call(ctx: &ConnCtx, make: impl FnOnce(Reply) -> Input, timeout: Duration) -> ApiResult {
+pub(super) async fn call(
+    ctx: &ConnCtx,
+    make: impl FnOnce(Reply) -> Input,
+    timeout: Duration,
+) -> ApiResult {
     let (tx, rx) = oneshot::channel();
     ctx.inputs
         .send(make(tx))
@@ -310,7 +318,10 @@ async fn route(req: &wire::Request, ctx: &ConnCtx, timeout: Duration) -> ApiResu
                     ));
                 }
             }
-            call(ctx, |reply| Input::Propose { env, reply }, timeout).await
+            let started = std::time::Instant::now();
+            let result = call(ctx, |reply| Input::Propose { env, reply }, timeout).await;
+            super::metrics::proposal_done(ctx, started.elapsed(), &result);
+            result
         }
         ("POST", "/v1/heartbeat") => {
             let hb: HeartbeatRequest = parse_body(req)?;

@@ -6,6 +6,7 @@
 //! port is HTTP.
 
 mod api;
+mod metrics;
 mod raft_loop;
 mod transport;
 
@@ -320,6 +321,7 @@ fn start_with(
         inputs: in_tx,
         token: cfg.token.clone(),
         cfg: cfg.clone(),
+        metrics: metrics::new_metrics(cfg.id)?,
     });
     let in_tx2 = ctx.inputs.clone();
     runtime.spawn(accept_loop(listener, ctx));
@@ -456,6 +458,7 @@ pub(crate) struct ConnCtx {
     pub(crate) inputs: std_mpsc::Sender<Input>,
     pub(crate) token: String,
     pub(crate) cfg: ServerConfig,
+    pub(crate) metrics: Arc<phalanx_telemetry::controller::ControllerMetrics>,
 }
 
 async fn accept_loop(listener: TcpListener, ctx: Arc<ConnCtx>) {
