@@ -74,6 +74,8 @@ enum Command {
     Checkpoint(ctl::CheckpointCmd),
     /// The controller's decisions and their reasons.
     Events(ctl::EventsCmd),
+    /// Print the address of the leader's live dashboard (with the token); opens nothing.
+    Dashboard(ctl::dashboard::DashboardCmd),
     /// Chaos scenario files: run, validate, list (see docs/scenarios.md).
     #[command(subcommand)]
     Scenario(scenario::ScenarioCmd),
@@ -132,6 +134,7 @@ fn main() -> ExitCode {
             | Command::Job(_)
             | Command::Checkpoint(_)
             | Command::Events(_)
+            | Command::Dashboard(_)
             | Command::Worker(WorkerCmd::Op(_))
             | Command::Fault(_)
             | Command::Report(_)
@@ -160,6 +163,7 @@ fn main() -> ExitCode {
         Command::Job(c) => ctl::ops::job(c),
         Command::Checkpoint(c) => ctl::ops::checkpoint(c),
         Command::Events(c) => ctl::ops::events(c),
+        Command::Dashboard(c) => ctl::dashboard::dashboard(c),
         Command::Scenario(c) => scenario::run(c),
         Command::Report(c) => scenario::report(c),
         Command::Sim(c) => phalanx_sim::cli::run(c),

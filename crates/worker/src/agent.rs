@@ -968,7 +968,13 @@ fn run_epoch(
         }
         let _ = progress.send(Progress {
             loss_millionths: phalanx_core::history::loss_millionths(report.loss),
-            compute_us: (report.compute_ms > 0.0).then(|| (report.compute_ms * 1e3).round() as u64),
+            // The window's median, as the heartbeats (and the straggler policy) see it.
+            compute_us: shared
+                .compute
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .median()
+                .map(|ms| (ms * 1e3).round() as u64),
             ..Progress::at(a.epoch, report.step + 1)
         });
         crate::metrics::step(&report, engine.spec.tokens_per_step());

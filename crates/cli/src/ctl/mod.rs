@@ -2,6 +2,7 @@
 //!
 //! - [`cluster`]: `cluster up` / `cluster down` (a local cluster and its supervisor),
 //! - [`controller`]: `controller start|add|remove|bench`,
+//! - [`dashboard`]: `dashboard` (the address of the leader's live web page),
 //! - [`ops`]: `status`, `job`, `events`, `checkpoint list`, `worker drain|undrain|restore`,
 //! - [`output`]: tables, JSON and how an outcome is reported.
 //!
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 pub mod bench;
 pub mod cluster;
 pub mod controller;
+pub mod dashboard;
 pub mod ops;
 pub mod output;
 

@@ -130,11 +130,25 @@ pub(crate) async fn handle_http(stream: &mut TcpStream, peer: SocketAddr, ctx: A
             }
         }
     };
+    // A bearer token; else, for the dashboard, `/ui/?token=T` or the cookie that answer set
+    // (a cookie authorizes reads only: it travels with whatever the browser sends).
+    let ui = phalanx_dashboard::is_ui_path(&req.path);
+    let query_token = ui
+        .then(|| req.query_param("token"))
+        .flatten()
+        .and_then(phalanx_dashboard::token_from_query);
+    let cookie_token = (req.method == "GET")
+        .then(|| req.header("cookie"))
+        .flatten()
+        .and_then(phalanx_dashboard::token_from_cookie);
     let presented = req
         .header("authorization")
         .and_then(|h| h.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if !token_eq(presented, &ctx.token) {
+        .map(str::to_string)
+        .or(query_token.clone())
+        .or(cookie_token)
+        .unwrap_or_default();
+    if !token_eq(&presented, &ctx.token) {
         warn!(%peer, method = %req.method, path = %req.path, "API call rejected: missing or wrong cluster token");
         let body = ErrorResponse {
             error: "unauthorized".into(),
@@ -143,6 +157,15 @@ pub(crate) async fn handle_http(stream: &mut TcpStream, peer: SocketAddr, ctx: A
             leader_address: None,
         };
         write_json(stream, 401, &body).await;
+        return;
+    }
+    if ui {
+        write_ui(
+            stream,
+            &req,
+            query_token.is_some().then_some(ctx.token.as_str()),
+        )
+        .await;
         return;
     }
     let timeout = Duration::from_millis(ctx.cfg.request_timeout_ms + 500);
@@ -158,6 +181,36 @@ pub(crate) async fn handle_http(stream: &mut TcpStream, peer: SocketAddr, ctx: A
             write_json(stream, status, &body).await;
         }
     }
+}
+
+/// `GET /ui/...`: the dashboard's embedded files (`phalanx_dashboard`), with the cookie
+/// that keeps the token when it came in the query.
+async fn write_ui(stream: &mut TcpStream, req: &wire::Request, token_to_keep: Option<&str>) {
+    let asset = (req.method == "GET")
+        .then(|| phalanx_dashboard::asset(&req.path))
+        .flatten();
+    let Some(asset) = asset else {
+        let body = ErrorResponse {
+            error: "not_found".into(),
+            message: format!("no route {} {}", req.method, req.path),
+            leader_id: None,
+            leader_address: None,
+        };
+        write_json(stream, 404, &body).await;
+        return;
+    };
+    let mut resp = "HTTP/1.1 200 OK\r\n".to_string();
+    for (k, v) in phalanx_dashboard::headers(&asset, token_to_keep) {
+        resp += &format!("{k}: {v}\r\n");
+    }
+    resp += &format!(
+        "Content-Length: {}\r\nConnection: close\r\n\r\n",
+        asset.body.len()
+    );
+    let mut bytes = resp.into_bytes();
+    bytes.extend_from_slice(asset.body);
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&bytes)).await;
+    let _ = stream.shutdown().await;
 }
 
 pub(super) async fn call(
