@@ -5,7 +5,7 @@
 //! | bytes | field                                  |
 //! |-------|----------------------------------------|
 //! | 0..4  | magic `b"PHX1"`                        |
-//! | 4     | tag (1 = hello, 2 = data)              |
+//! | 4     | tag (1 hello, 2 data, 3 confirm, 4 challenge) |
 //! | 5..8  | reserved, must be zero                 |
 //! | 8..16 | sequence number (per direction of link)|
 //! | 16..20| payload length in bytes                |
@@ -17,8 +17,10 @@
 pub const MAGIC: [u8; 4] = *b"PHX1";
 /// Size of the fixed frame header.
 pub const HEADER_BYTES: usize = 20;
-/// Size of the hello (handshake) payload.
-pub const HELLO_BYTES: usize = 16;
+/// Size of the hello (handshake) payload: group id, rank, world, nonce, MAC.
+pub const HELLO_BYTES: usize = 16 + crate::auth::NONCE_BYTES + crate::auth::MAC_BYTES;
+/// Size of the challenge payload: the listener's nonce.
+pub const CHALLENGE_BYTES: usize = crate::auth::NONCE_BYTES;
 
 /// Frame kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +35,9 @@ pub enum Tag {
     /// this, so a connection whose dialer gave up (and closed it) is never mistaken for a
     /// live link.
     Confirm = 3,
+    /// The listener's fresh nonce, sent first on every accepted connection: the dialer's
+    /// hello must prove the epoch secret over it (see [`crate::auth`]).
+    Challenge = 4,
 }
 
 impl Tag {
@@ -41,6 +46,7 @@ impl Tag {
             1 => Some(Tag::Hello),
             2 => Some(Tag::Data),
             3 => Some(Tag::Confirm),
+            4 => Some(Tag::Challenge),
             _ => None,
         }
     }
@@ -188,12 +194,16 @@ pub fn check_header(
     Ok(())
 }
 
-/// Handshake payload.
+/// Handshake payload (tags `Hello` and `Confirm`). `nonce` is the sender's own nonce
+/// (the listener's answer echoes the challenge), `mac` proves the epoch secret over the
+/// whole exchange ([`crate::auth::mac`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Hello {
     pub group_id: u64,
     pub rank: u32,
     pub world: u32,
+    pub nonce: [u8; crate::auth::NONCE_BYTES],
+    pub mac: [u8; crate::auth::MAC_BYTES],
 }
 
 impl Hello {
@@ -202,6 +212,8 @@ impl Hello {
         out[0..8].copy_from_slice(&self.group_id.to_le_bytes());
         out[8..12].copy_from_slice(&self.rank.to_le_bytes());
         out[12..16].copy_from_slice(&self.world.to_le_bytes());
+        out[16..48].copy_from_slice(&self.nonce);
+        out[48..80].copy_from_slice(&self.mac);
         out
     }
 
@@ -218,10 +230,16 @@ impl Hello {
         r.copy_from_slice(&payload[8..12]);
         let mut w = [0u8; 4];
         w.copy_from_slice(&payload[12..16]);
+        let mut nonce = [0u8; crate::auth::NONCE_BYTES];
+        nonce.copy_from_slice(&payload[16..48]);
+        let mut mac = [0u8; crate::auth::MAC_BYTES];
+        mac.copy_from_slice(&payload[48..80]);
         Ok(Hello {
             group_id: u64::from_le_bytes(g),
             rank: u32::from_le_bytes(r),
             world: u32::from_le_bytes(w),
+            nonce,
+            mac,
         })
     }
 }
@@ -242,6 +260,8 @@ mod tests {
             group_id: 9,
             rank: 2,
             world: 5,
+            nonce: [3; 32],
+            mac: [4; 32],
         };
         assert_eq!(Hello::decode(&hello.encode()).unwrap(), hello);
     }

@@ -1,6 +1,5 @@
 //! The async group: rendezvous and ring collectives over TCP.
 
-use std::net::SocketAddr;
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,89 +8,14 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+pub use crate::config::{
+    GroupConfig, DEFAULT_CHUNK_BYTES, DEFAULT_FRAME_BYTES_MAX, DEFAULT_GROUP_ID,
+    DEFAULT_HELLO_TIMEOUT,
+};
 use crate::error::{CollectiveError, Result};
-use crate::frame::{self, Hello};
+use crate::frame;
 use crate::handshake::{accept_left, connect_right};
 use crate::link::{frame_err, Activity, Deadline, Peer, RxLink, TxLink};
-
-/// Default chunk size for pipelined ring transfers.
-pub const DEFAULT_CHUNK_BYTES: usize = 1 << 20;
-/// Default max payload per frame.
-pub const DEFAULT_FRAME_BYTES_MAX: usize = 16 << 20;
-/// Default group id carried in the handshake.
-pub const DEFAULT_GROUP_ID: u64 = 0x5048_414c_414e_5831; // "PHALANX1"
-
-/// Configuration of one rank's membership in a group.
-#[derive(Debug, Clone)]
-pub struct GroupConfig {
-    /// This process's rank, `0..world`.
-    pub rank: usize,
-    /// Number of ranks.
-    pub world: usize,
-    /// Listen address of every rank, indexed by rank.
-    pub peers: Vec<SocketAddr>,
-    /// Must match on all ranks (e.g. derived from job id and epoch) so that a
-    /// stale worker from an older epoch cannot join.
-    pub group_id: u64,
-    /// Bound on the whole rendezvous (connect retries, accept, handshake).
-    pub rendezvous_timeout: Duration,
-    /// Default bound on each collective operation.
-    pub op_timeout: Duration,
-    /// Pipelining chunk size for ring transfers.
-    pub chunk_bytes: usize,
-    /// Largest payload accepted in one frame.
-    pub frame_bytes_max: usize,
-}
-
-impl GroupConfig {
-    /// A config with defaults: world = peers.len(), 10 s rendezvous, 30 s ops,
-    /// 1 MiB chunks, 16 MiB frame limit, the default group id.
-    pub fn new(rank: usize, peers: Vec<SocketAddr>) -> Self {
-        GroupConfig {
-            rank,
-            world: peers.len(),
-            peers,
-            group_id: DEFAULT_GROUP_ID,
-            rendezvous_timeout: Duration::from_secs(10),
-            op_timeout: Duration::from_secs(30),
-            chunk_bytes: DEFAULT_CHUNK_BYTES,
-            frame_bytes_max: DEFAULT_FRAME_BYTES_MAX,
-        }
-    }
-
-    fn validate(&self) -> Result<()> {
-        let bad = |reason: String| Err(CollectiveError::InvalidArgument { reason });
-        if self.world == 0 {
-            return bad("world must be >= 1".into());
-        }
-        if self.world > u32::MAX as usize {
-            return bad(format!("world {} too large", self.world));
-        }
-        if self.rank >= self.world {
-            return bad(format!(
-                "rank {} out of range for world {}",
-                self.rank, self.world
-            ));
-        }
-        if self.peers.len() != self.world {
-            return bad(format!(
-                "peers has {} addresses, world is {}",
-                self.peers.len(),
-                self.world
-            ));
-        }
-        if self.frame_bytes_max < 64 || self.frame_bytes_max > u32::MAX as usize {
-            return bad(format!(
-                "frame_bytes_max {} must be in 64..=u32::MAX",
-                self.frame_bytes_max
-            ));
-        }
-        if self.chunk_bytes < 8 {
-            return bad(format!("chunk_bytes {} must be >= 8", self.chunk_bytes));
-        }
-        Ok(())
-    }
-}
 
 /// Plain-old-data numeric types: every bit pattern is a valid value and there
 /// is no padding, so a slice may be viewed as bytes and back.
@@ -339,20 +263,16 @@ impl Group {
             rank: (rank + world - 1) % world,
             addr: cfg.peers[(rank + world - 1) % world],
         };
-        let hello = Hello {
-            group_id: cfg.group_id,
-            rank: rank as u32,
-            world: world as u32,
-        };
+        let hs = Arc::new(cfg.handshake());
         let fmax = cfg.frame_bytes_max;
         let (tx, rx) = async {
             tokio::join!(
                 activity
                     .send
-                    .during(&activity, connect_right(right, hello, dl, fmax)),
+                    .during(&activity, connect_right(right, hs.clone(), dl)),
                 activity
                     .recv
-                    .during(&activity, accept_left(&listener, left, hello, dl, fmax))
+                    .during(&activity, accept_left(&listener, left, hs.clone(), dl))
             )
         }
         .instrument(span)

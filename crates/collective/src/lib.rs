@@ -4,9 +4,14 @@
 //!
 //! Ranks `0..N` form a ring. Every rank has a listener already bound by the
 //! caller; rank `r` connects to `(r+1) % N` ("right") and accepts one
-//! connection from `(r-1+N) % N` ("left"). Each new connection starts with a
-//! hello frame in both directions carrying a group id, the rank and the world
-//! size, which are validated. Connects are retried until the rendezvous
+//! connection from `(r-1+N) % N` ("left"). Each new connection runs a handshake
+//! ([`auth`]): the listener's fresh nonce, then hellos both ways carrying the group id,
+//! the rank and the world size, each with an HMAC that proves the plan epoch's secret
+//! over both nonces, then the dialer's confirmation. With worker credentials the links
+//! are mutual TLS and each end checks that the other's certificate names the worker the
+//! plan puts at that rank ([`Security`]). The listener runs every incoming handshake
+//! concurrently under its own short deadline, so an idle or hostile connection never
+//! delays the real neighbour. Connects are retried until the rendezvous
 //! timeout. Afterwards the outbound socket is only written and the inbound one
 //! only read, so sending and receiving are independent streams that run
 //! concurrently (`try_join!`) — large messages cannot deadlock on full socket
@@ -50,7 +55,9 @@
 //! size, `frame_bytes_max`) by the pure [`frame`] module. After an error
 //! mid-operation the group is marked broken and must be rebuilt.
 
+pub mod auth;
 pub mod blocking;
+mod config;
 pub mod deterministic;
 pub mod error;
 pub mod fixed_point;
@@ -58,10 +65,13 @@ pub mod frame;
 pub mod group;
 mod handshake;
 mod link;
+pub mod secure;
 
 pub use blocking::{BlockingGroup, Cancel, PeerSilent, SilenceWatch};
 pub use error::{CollectiveError, NonFiniteLocation, Result};
 pub use frame::FrameError;
 pub use group::{
     Group, GroupConfig, DEFAULT_CHUNK_BYTES, DEFAULT_FRAME_BYTES_MAX, DEFAULT_GROUP_ID,
+    DEFAULT_HELLO_TIMEOUT,
 };
+pub use secure::{EpochSecret, RingCredentials, RingTls, Security};

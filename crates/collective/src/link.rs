@@ -7,13 +7,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::error::{CollectiveError, Result};
 use crate::frame::{self, FrameHeader, Tag, HEADER_BYTES};
 use crate::group::{bytes_of, bytes_of_mut};
+use crate::secure::Conn;
 
 /// Since when one direction of a link has been waiting for its current frame (µs after
 /// the group's origin, plus one; 0 when nothing is pending).
@@ -136,22 +136,27 @@ impl Deadline {
     }
 }
 
-pub(crate) async fn write_all_by(
-    s: &mut TcpStream,
+/// Writes all of `buf` and flushes it (a TLS stream may hold back the last record).
+pub(crate) async fn write_all_by<S: AsyncWrite + Unpin>(
+    s: &mut S,
     buf: &[u8],
     op: &'static str,
     p: Peer,
     dl: Deadline,
 ) -> Result<()> {
-    match tokio::time::timeout_at(dl.at, s.write_all(buf)).await {
+    let write = async {
+        s.write_all(buf).await?;
+        s.flush().await
+    };
+    match tokio::time::timeout_at(dl.at, write).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(map_io(op, p, e)),
         Err(_) => Err(timeout_err(op, p, dl.started)),
     }
 }
 
-pub(crate) async fn read_exact_by(
-    s: &mut TcpStream,
+pub(crate) async fn read_exact_by<S: AsyncRead + Unpin>(
+    s: &mut S,
     buf: &mut [u8],
     op: &'static str,
     p: Peer,
@@ -165,9 +170,10 @@ pub(crate) async fn read_exact_by(
 }
 
 /// Write all of `bufs` (header + payload) with vectored writes, so that a
-/// frame costs no copy into an intermediate buffer.
-pub(crate) async fn write_all_vectored(
-    s: &mut TcpStream,
+/// frame costs no copy into an intermediate buffer, then flush (TLS: the last record
+/// leaves now, not with the next frame, which may never come before the peer answers).
+pub(crate) async fn write_all_vectored<S: AsyncWrite + Unpin>(
+    s: &mut S,
     mut bufs: &mut [IoSlice<'_>],
 ) -> std::io::Result<()> {
     while !bufs.is_empty() {
@@ -177,12 +183,12 @@ pub(crate) async fn write_all_vectored(
         }
         IoSlice::advance_slices(&mut bufs, n);
     }
-    Ok(())
+    s.flush().await
 }
 
 /// The outbound link (to the right neighbour); only written after rendezvous.
 pub(crate) struct TxLink {
-    pub(crate) stream: TcpStream,
+    pub(crate) stream: Conn,
     pub(crate) peer: Peer,
     pub(crate) seq: u64,
     pub(crate) activity: Arc<Activity>,
@@ -228,7 +234,7 @@ impl TxLink {
 
 /// The inbound link (from the left neighbour); only read after rendezvous.
 pub(crate) struct RxLink {
-    pub(crate) stream: TcpStream,
+    pub(crate) stream: Conn,
     pub(crate) peer: Peer,
     pub(crate) seq: u64,
     /// Scratch for payloads that are combined rather than stored; `u64` backing

@@ -4,36 +4,22 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::{cfg, listeners};
-use phalanx_collective::frame::{self, Hello, Tag, HEADER_BYTES};
+use common::{cfg, fake, listeners};
+use phalanx_collective::auth;
+use phalanx_collective::frame::{self, Tag, HEADER_BYTES};
 use phalanx_collective::{BlockingGroup, CollectiveError, DEFAULT_GROUP_ID};
 
-/// A hand-written rank 1 of a world of 2: performs the handshakes, returns
-/// (outbound to rank 0, inbound from rank 0).
+/// A hand-written rank 1 of a world of 2 (an open group): performs the handshakes,
+/// returns (outbound to rank 0, inbound from rank 0).
 fn fake_rank1(l1: &TcpListener, addr0: std::net::SocketAddr) -> (TcpStream, TcpStream) {
-    let hello = Hello {
+    let me = fake::Claim {
+        key: auth::open_key(DEFAULT_GROUP_ID),
         group_id: DEFAULT_GROUP_ID,
-        rank: 1,
         world: 2,
+        rank: 1,
     };
-    let f = frame::encode_frame(Tag::Hello, 0, &hello.encode()).unwrap();
-    let mut out = TcpStream::connect(addr0).unwrap();
-    out.write_all(&f).unwrap();
-    let mut reply = [0u8; HEADER_BYTES + frame::HELLO_BYTES];
-    out.read_exact(&mut reply).unwrap();
-    out.write_all(&frame::encode_frame(Tag::Confirm, 0, &hello.encode()).unwrap())
-        .unwrap();
-    let (inb, _) = l1.accept().unwrap();
-    let mut inb = inb;
-    let mut their = [0u8; HEADER_BYTES + frame::HELLO_BYTES];
-    inb.read_exact(&mut their).unwrap();
-    let (_, p, _) = frame::decode_frame(&their, 1 << 20).unwrap();
-    assert_eq!(Hello::decode(p).unwrap().rank, 0);
-    inb.write_all(&f).unwrap();
-    let mut confirm = [0u8; HEADER_BYTES + frame::HELLO_BYTES];
-    inb.read_exact(&mut confirm).unwrap();
-    let (h, _, _) = frame::decode_frame(&confirm, 1 << 20).unwrap();
-    assert_eq!(h.tag, Tag::Confirm);
+    let mut out = fake::dial(addr0, me, 0).unwrap();
+    let mut inb = fake::answer(l1, me, 0).unwrap();
     // The formation barrier: an all-gather of nothing (one length frame, seq 1, each way).
     out.write_all(&frame::encode_frame(Tag::Data, 1, &0u64.to_le_bytes()).unwrap())
         .unwrap();

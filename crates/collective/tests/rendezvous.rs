@@ -8,8 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{cfg, listeners};
-use phalanx_collective::frame::{self, Hello, Tag};
+use common::{cfg, fake, listeners};
+use phalanx_collective::auth;
+use phalanx_collective::frame::{self, Tag};
 use phalanx_collective::{BlockingGroup, Cancel, CollectiveError, DEFAULT_GROUP_ID};
 
 /// Every rank of `world` connects (rank r after `delay(r)`) and runs one all-reduce with
@@ -52,10 +53,11 @@ fn assert_sum(res: &[Result<Vec<i64>, CollectiveError>], world: usize) {
     }
 }
 
-/// A dialer of an earlier attempt sent a valid hello and gave up (closed) before the
-/// listener got to it: without the handshake's confirmation the listener took that dead
-/// connection for its left link, and the group broke on its first operation while the
-/// live dialer waited in the backlog.
+/// A dialer of an earlier attempt connected, sent what it had and gave up (closed)
+/// before the listener got to it: without the handshake's last legs the listener took
+/// such a dead connection for its left link, and the group broke on its first operation
+/// while the live dialer waited in the backlog. (A hello now answers the listener's
+/// challenge, so a dialer cannot prove anything before it is accepted.)
 #[test]
 fn a_dialer_that_gave_up_is_never_taken_for_a_link() {
     let res = staggered_all_reduce(
@@ -64,11 +66,16 @@ fn a_dialer_that_gave_up_is_never_taken_for_a_link() {
         // Rank 0 starts accepting only after the stale connection is queued.
         |r| Duration::from_millis(if r == 0 { 300 } else { 0 }),
         |addrs| {
-            let hello = Hello {
-                group_id: DEFAULT_GROUP_ID,
-                rank: 1,
-                world: 2,
-            };
+            let (hello, _) = fake::dial_hello(
+                fake::Claim {
+                    key: auth::open_key(DEFAULT_GROUP_ID),
+                    group_id: DEFAULT_GROUP_ID,
+                    world: 2,
+                    rank: 1,
+                },
+                0,
+                [0; 32],
+            );
             let mut stale = TcpStream::connect(addrs[0]).unwrap();
             stale
                 .write_all(&frame::encode_frame(Tag::Hello, 0, &hello.encode()).unwrap())
