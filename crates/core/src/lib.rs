@@ -11,6 +11,7 @@ mod operator;
 pub mod policy;
 mod start_failures;
 pub mod state;
+pub mod throughput;
 
 pub use jobfile::{job_template, parse_job_toml, validate_job, JobFileError};
 pub use leader_duties::{DutiesConfig, Duty, DutyKind, LeaderDuties};
@@ -66,8 +67,8 @@ mod tests {
             world_size_min: 1,
             world_size_max: 1,
             numerics: Default::default(),
-        };
             precision: Default::default(),
+        };
         let rec = |ms| Recovery {
             epoch: 2,
             source: "peers".into(),
@@ -91,6 +92,7 @@ mod tests {
             start_failures: 0,
             start_failed_workers: Vec::new(),
             history: Default::default(),
+            throughput: None,
         };
         assert_eq!(effective_training_time(&job), None);
         job.finished_at_ms = Some(30_000);

@@ -568,6 +568,7 @@ impl ClusterState {
                     start_failures: 0,
                     start_failed_workers: Vec::new(),
                     history: Default::default(),
+                    throughput: None,
                 });
                 self.event(
                     index,
@@ -600,6 +601,7 @@ impl ClusterState {
                 step,
                 loss_millionths,
                 compute_us,
+                throughput,
             } => {
                 let Some(j) = &mut self.job else {
                     return no("no job");
@@ -619,6 +621,12 @@ impl ClusterState {
                 let Some(rank) = plan.ranks.iter().position(|w| w == worker) else {
                     return no(format!("worker {worker} has no rank in epoch {epoch}"));
                 };
+                if let Some(t) = throughput {
+                    if let Err(why) = crate::throughput::check(t, plan.ranks.len(), j.spec.steps) {
+                        return no(format!("throughput report refused: {why}"));
+                    }
+                    j.throughput = Some(t.clone());
+                }
                 let step = (*step).min(j.spec.steps);
                 crate::history::record(
                     &mut j.history,

@@ -176,6 +176,7 @@ fn job_lifecycle_replans_on_failure_and_completes() {
                 step: 5,
                 loss_millionths: None,
                 compute_us: None,
+                throughput: None,
             },
         ),
     );
@@ -190,6 +191,7 @@ fn job_lifecycle_replans_on_failure_and_completes() {
                 step: 20,
                 loss_millionths: None,
                 compute_us: None,
+                throughput: None,
             },
         ),
     );
@@ -204,6 +206,7 @@ fn job_lifecycle_replans_on_failure_and_completes() {
                 step: 20,
                 loss_millionths: None,
                 compute_us: None,
+                throughput: None,
             },
         ),
     );

@@ -291,6 +291,44 @@ pub struct JobInfo {
     /// The loss curve and each rank's compute time, for the dashboard (bounded).
     #[serde(default)]
     pub history: JobHistory,
+    /// The newest throughput and model FLOPs utilisation rank 0 reported with its
+    /// progress (absent until the job has run a few steps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throughput: Option<Throughput>,
+}
+
+/// A job's training throughput over the reporting rank's recent steps, and the model
+/// FLOPs utilisation (MFU) it stands for. Integers, so that the replicated state compares
+/// and round-trips through JSON exactly; see docs/training.md for the FLOPs formula.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Throughput {
+    /// The last step of the measurement (steps done).
+    pub step: u64,
+    /// Steps measured: the wall time between that many consecutive step completions.
+    pub steps: u32,
+    /// Tokens per second of the whole job (every rank's micro-batches together).
+    pub tokens_per_s: u64,
+    /// Training FLOPs per token of the model (forward and backward: 6N plus attention).
+    pub flops_per_token: u64,
+    /// Model FLOPs per second the job achieved, in MFLOP/s.
+    pub achieved_mflops: u64,
+    /// Devices (ranks) of the plan.
+    pub devices: u32,
+    /// One device's peak, in MFLOP/s, and where that figure comes from.
+    pub peak_mflops_per_device: u64,
+    pub peak_source: String,
+    /// achieved / (devices × peak), in millionths.
+    pub mfu_ppm: u64,
+}
+
+impl Throughput {
+    /// The longest `peak_source` a report may carry.
+    pub const SOURCE_BYTES_MAX: usize = 256;
+
+    /// MFU as a fraction.
+    pub fn mfu(&self) -> f64 {
+        self.mfu_ppm as f64 / 1e6
+    }
 }
 
 /// A job's recent course as its ranks report it with their progress: the newest compute
@@ -422,6 +460,9 @@ pub enum Command {
         /// The rank's recent compute time per micro-batch, in µs.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         compute_us: Option<u64>,
+        /// Rank 0's recent throughput and MFU (at most about once a second).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        throughput: Option<Throughput>,
     },
     /// Rank 0 of a new epoch tells where the group's state came from.
     ReportResume {

@@ -12,6 +12,7 @@
 //! CPU thread) a matrix-product microbenchmark on this CPU in the run's arithmetic,
 //! measured once and cached per CPU model, kernel settings and precision, so that MFU
 //! compares a run with what its own core can do.
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -74,6 +75,111 @@ impl Mfu {
             self.peak_tflops_per_device,
             self.peak_source
         )
+    }
+}
+
+impl Mfu {
+    /// The report a running job's rank 0 sends with its progress: integers (tokens/s,
+    /// MFLOP/s, millionths of MFU) for the replicated state, the source cut to
+    /// [`phalanx_proto::Throughput::SOURCE_BYTES_MAX`] bytes.
+    pub fn to_report(
+        &self,
+        step: u64,
+        steps: u32,
+        tokens_per_sec: f64,
+    ) -> phalanx_proto::Throughput {
+        let int = |x: f64| {
+            if x.is_finite() && x > 0.0 {
+                x.round() as u64
+            } else {
+                0
+            }
+        };
+        let mut source = self.peak_source.clone();
+        if source.len() > phalanx_proto::Throughput::SOURCE_BYTES_MAX {
+            let mut end = phalanx_proto::Throughput::SOURCE_BYTES_MAX;
+            while !source.is_char_boundary(end) {
+                end -= 1;
+            }
+            source.truncate(end);
+        }
+        phalanx_proto::Throughput {
+            step,
+            steps,
+            tokens_per_s: int(tokens_per_sec),
+            flops_per_token: int(self.flops_per_token),
+            achieved_mflops: int(self.achieved_tflops * 1e6),
+            devices: self.devices as u32,
+            peak_mflops_per_device: int(self.peak_tflops_per_device * 1e6),
+            peak_source: source,
+            mfu_ppm: int(self.mfu * 1e6),
+        }
+    }
+}
+
+/// A running job's throughput, as its rank 0 measures it: tokens/s over the wall time
+/// between its last [`StepRate::WINDOW`] step completions (everything the step loop does
+/// counts: the step, checkpoint hand-overs, replica checks), reported at most once per
+/// `every` so that the progress reports stay small.
+pub struct StepRate {
+    done: VecDeque<Instant>,
+    last_report: Option<Instant>,
+    every: Duration,
+}
+
+impl StepRate {
+    /// Step completions kept: the rate is over `WINDOW - 1` steps.
+    pub const WINDOW: usize = 10;
+
+    pub fn new(every: Duration) -> Self {
+        Self {
+            done: VecDeque::with_capacity(Self::WINDOW),
+            last_report: None,
+            every,
+        }
+    }
+
+    /// Records that `step` steps are done at `at`; returns the report when one is due
+    /// (at least two completions measured and `every` since the last one). `peak`: one
+    /// device's peak (`None` when unknown: the report then carries no MFU).
+    pub fn on_step(
+        &mut self,
+        at: Instant,
+        step: u64,
+        cfg: &ModelConfig,
+        tokens_per_step: u64,
+        devices: usize,
+        peak: Option<&Peak>,
+    ) -> Option<phalanx_proto::Throughput> {
+        if self.done.len() == Self::WINDOW {
+            self.done.pop_front();
+        }
+        self.done.push_back(at);
+        let first = *self.done.front()?;
+        let steps = self.done.len() - 1;
+        let secs = at.saturating_duration_since(first).as_secs_f64();
+        if steps == 0 || secs <= 0.0 {
+            return None;
+        }
+        if self
+            .last_report
+            .is_some_and(|t| at.saturating_duration_since(t) < self.every)
+        {
+            return None;
+        }
+        self.last_report = Some(at);
+        let tokens_per_sec = (tokens_per_step * steps as u64) as f64 / secs;
+        let unknown = Peak {
+            tflops: f64::INFINITY,
+            source: "unknown".into(),
+        };
+        let mut report = Mfu::new(cfg, tokens_per_sec, devices, peak.unwrap_or(&unknown))
+            .to_report(step, steps as u32, tokens_per_sec);
+        if peak.is_none() {
+            report.peak_mflops_per_device = 0;
+            report.mfu_ppm = 0;
+        }
+        Some(report)
     }
 }
 
@@ -246,6 +352,54 @@ mod tests {
         assert!((m.achieved_tflops - achieved).abs() < 1e-12);
         assert!((m.mfu - achieved / 0.2).abs() < 1e-12);
         assert!(m.describe().contains("of 2 × 0.1000 TFLOP/s (test)"));
+    }
+
+    #[test]
+    fn the_step_rate_reports_tokens_and_mfu_over_its_window_at_most_once_per_period() {
+        let cfg = ModelConfig::named("small").unwrap();
+        let peak = Peak {
+            tflops: 0.1,
+            source: "x".repeat(300),
+        };
+        let mut r = StepRate::new(Duration::from_secs(1));
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // 1,024 tokens per step every 100 ms: 10,240 tokens/s.
+        assert!(
+            r.on_step(at(0), 1, &cfg, 1024, 2, Some(&peak)).is_none(),
+            "one completion measures nothing"
+        );
+        let first = r.on_step(at(100), 2, &cfg, 1024, 2, Some(&peak)).unwrap();
+        assert_eq!(
+            (first.step, first.steps, first.tokens_per_s),
+            (2, 1, 10_240)
+        );
+        let achieved = 10_240.0 * flops_per_token(&cfg);
+        assert_eq!(first.achieved_mflops, (achieved / 1e6).round() as u64);
+        assert_eq!(first.flops_per_token, flops_per_token(&cfg) as u64);
+        assert_eq!((first.devices, first.peak_mflops_per_device), (2, 100_000));
+        assert_eq!(first.mfu_ppm, (achieved / 0.2e12 * 1e6).round() as u64);
+        assert_eq!(
+            first.peak_source.len(),
+            phalanx_proto::Throughput::SOURCE_BYTES_MAX
+        );
+        // Within the period: nothing; after it, the window's rate (the last 9 intervals).
+        for (i, ms) in (200..=900).step_by(100).enumerate() {
+            assert!(r
+                .on_step(at(ms), 3 + i as u64, &cfg, 1024, 2, Some(&peak))
+                .is_none());
+        }
+        let slow = r.on_step(at(1300), 11, &cfg, 1024, 2, Some(&peak)).unwrap();
+        assert_eq!(slow.steps, 9);
+        assert_eq!(slow.tokens_per_s, (9.0 * 1024.0 / 1.2f64).round() as u64);
+        // An unknown peak: throughput without MFU.
+        let mut r = StepRate::new(Duration::ZERO);
+        r.on_step(at(0), 1, &cfg, 1024, 1, None);
+        let none = r.on_step(at(50), 2, &cfg, 1024, 1, None).unwrap();
+        assert_eq!(
+            (none.tokens_per_s, none.mfu_ppm, none.peak_mflops_per_device),
+            (20_480, 0, 0)
+        );
     }
 
     #[test]

@@ -677,13 +677,15 @@ fn silence_after(cfg: &AgentConfig, shared: &Shared) -> Duration {
 }
 
 /// A progress report: the epoch, the number of steps done and, after a step, its loss
-/// and this rank's compute time per micro-batch (both for the dashboard's history).
-#[derive(Clone, Copy)]
+/// and this rank's compute time per micro-batch (both for the dashboard's history); on
+/// rank 0, now and then, the job's throughput and MFU.
+#[derive(Clone)]
 struct Progress {
     epoch: u64,
     step: u64,
     loss_millionths: Option<u64>,
     compute_us: Option<u64>,
+    throughput: Option<phalanx_proto::Throughput>,
 }
 
 impl Progress {
@@ -693,6 +695,7 @@ impl Progress {
             step,
             loss_millionths: None,
             compute_us: None,
+            throughput: None,
         }
     }
 }
@@ -703,13 +706,18 @@ fn spawn_progress(client: Arc<Client>, id: String) -> mpsc::Sender<Progress> {
     std::thread::spawn(move || {
         while let Ok(mut latest) = rx.recv() {
             while let Ok(newer) = rx.try_recv() {
-                latest = newer;
+                // A throughput report rides on the newest progress of its epoch.
+                let older = std::mem::replace(&mut latest, newer);
+                if latest.throughput.is_none() && latest.epoch == older.epoch {
+                    latest.throughput = older.throughput;
+                }
             }
             let Progress {
                 epoch,
                 step,
                 loss_millionths,
                 compute_us,
+                throughput,
             } = latest;
             let cmd = Command::ReportProgress {
                 worker: id.clone(),
@@ -717,6 +725,7 @@ fn spawn_progress(client: Arc<Client>, id: String) -> mpsc::Sender<Progress> {
                 step,
                 loss_millionths,
                 compute_us,
+                throughput,
             };
             if let Err(e) = client.command_with_id(
                 new_request_id(&format!("progress-{id}-{epoch}-{step}")),
@@ -745,6 +754,9 @@ struct Slot {
     engine: Engine,
     /// The engine holds a state agreed with a group (not just the freshly built one).
     agreed: bool,
+    /// One device's peak for the job's MFU, found the first time this worker is rank 0
+    /// (`Some(None)`: unknown).
+    peak: Option<Option<phalanx_train::mfu::Peak>>,
 }
 
 /// The group of `(job id, epoch)`: two jobs of the same name (whose epochs both count
@@ -813,9 +825,21 @@ fn run_epoch(
             job: job.clone(),
             engine,
             agreed: false,
+            peak: None,
         });
     }
     let slot = engine_slot.as_mut().expect("engine built above");
+    if rank == 0 && slot.peak.is_none() {
+        // Before the rendezvous: on a machine that has not cached it, the CPU's peak is a
+        // short microbenchmark on this thread.
+        let precision = slot.engine.spec.precision;
+        slot.peak = Some(
+            phalanx_train::mfu::device_peak(&cfg.device, precision)
+                .map_err(|e| warn!(error = %e, "no MFU: the device's peak is unknown"))
+                .ok(),
+        );
+    }
+    let peak = slot.peak.clone().flatten();
     let engine = &mut slot.engine;
     let listener = cfg
         .listener
@@ -889,6 +913,8 @@ fn run_epoch(
     // The step of the last snapshot this epoch took.
     let mut snapped: Option<u64> = None;
     let _ = progress.send(Progress::at(a.epoch, engine.step()));
+    // Rank 0 reports the job's throughput and MFU with its progress.
+    let mut rate = phalanx_train::mfu::StepRate::new(Duration::from_secs(1));
 
     while engine.step() < engine.spec.steps {
         if shared.epoch.load(Ordering::SeqCst) > a.epoch {
@@ -966,7 +992,21 @@ fn run_epoch(
                 warn!(error = %e, "reporting the resume point failed");
             }
         }
+        let throughput = (rank == 0)
+            .then(|| {
+                let (model, tokens) = (&engine.spec.model, engine.spec.tokens_per_step());
+                rate.on_step(
+                    Instant::now(),
+                    report.step + 1,
+                    model,
+                    tokens,
+                    world,
+                    peak.as_ref(),
+                )
+            })
+            .flatten();
         let _ = progress.send(Progress {
+            throughput,
             loss_millionths: phalanx_core::history::loss_millionths(report.loss),
             // The window's median, as the heartbeats (and the straggler policy) see it.
             compute_us: shared

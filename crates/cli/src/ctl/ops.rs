@@ -290,8 +290,12 @@ fn print_job(job: Option<&JobInfo>, workers: &[phalanx_proto::WorkerInfo]) {
     match job {
         None => println!("job: none"),
         Some(j) => {
+            let precision = match j.spec.precision {
+                phalanx_proto::Precision::Fp32 => String::new(),
+                p => format!(" ({p})"),
+            };
             println!(
-                "job: {}  state: {}  model: {}  progress: {}/{} steps  epoch: {}",
+                "job: {}  state: {}  model: {}{precision}  progress: {}/{} steps  epoch: {}",
                 j.spec.name,
                 j.state.as_str(),
                 j.spec.model,
@@ -331,6 +335,9 @@ fn print_job(job: Option<&JobInfo>, workers: &[phalanx_proto::WorkerInfo]) {
                     })
                     .collect();
                 println!("{}", table(&["RANK", "WORKER", "STEP"], &rows));
+            }
+            if let Some(t) = &j.throughput {
+                println!("{}", throughput_line(t));
             }
             if let Some(sha) = &j.params_sha256 {
                 println!("params_sha256: {sha}");
@@ -375,6 +382,30 @@ fn print_job(job: Option<&JobInfo>, workers: &[phalanx_proto::WorkerInfo]) {
             }
         }
     }
+}
+
+/// `job status`'s throughput line: tokens/s, model TFLOP/s and MFU, as rank 0 measured
+/// them over its recent steps.
+fn throughput_line(t: &phalanx_proto::Throughput) -> String {
+    let mfu = if t.peak_mflops_per_device == 0 {
+        "MFU unknown (no peak for the device)".to_string()
+    } else {
+        format!(
+            "MFU {:.1}% of {} × {:.4} TFLOP/s ({})",
+            t.mfu() * 100.0,
+            t.devices,
+            t.peak_mflops_per_device as f64 / 1e6,
+            t.peak_source
+        )
+    };
+    format!(
+        "throughput: {} tokens/s, {:.4} TFLOP/s at {:.3e} FLOPs/token (steps {}-{}); {mfu}",
+        t.tokens_per_s,
+        t.achieved_mflops as f64 / 1e6,
+        t.flops_per_token as f64,
+        t.step.saturating_sub(u64::from(t.steps)) + 1,
+        t.step,
+    )
 }
 
 pub fn job(cmd: JobCmd) -> Result<()> {
@@ -545,4 +576,31 @@ pub fn events(cmd: EventsCmd) -> Result<()> {
         )
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_throughput_line_shows_tokens_flops_and_mfu_or_says_it_is_unknown() {
+        let mut t = phalanx_proto::Throughput {
+            step: 60,
+            steps: 9,
+            tokens_per_s: 10_240,
+            flops_per_token: 5_410_816,
+            achieved_mflops: 55_407,
+            devices: 2,
+            peak_mflops_per_device: 100_700,
+            peak_source: "measured matmul peak of this CPU".into(),
+            mfu_ppm: 275_109,
+        };
+        assert_eq!(
+            throughput_line(&t),
+            "throughput: 10240 tokens/s, 0.0554 TFLOP/s at 5.411e6 FLOPs/token (steps 52-60); \
+             MFU 27.5% of 2 × 0.1007 TFLOP/s (measured matmul peak of this CPU)"
+        );
+        t.peak_mflops_per_device = 0;
+        assert!(throughput_line(&t).ends_with("; MFU unknown (no peak for the device)"));
+    }
 }

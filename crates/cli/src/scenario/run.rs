@@ -922,6 +922,7 @@ pub fn run(o: &RunOptions, v: &Validated) -> Result<Report> {
         start_failures: 0,
         start_failed_workers: Vec::new(),
         history: Default::default(),
+        throughput: None,
     });
     let mttrs: Vec<u64> = job.recoveries.iter().filter_map(|r| r.mttr_ms).collect();
     let measured = Measured {
