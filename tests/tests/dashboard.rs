@@ -1,0 +1,221 @@
+//! The live dashboard in a real browser: a cluster trains, a worker is killed, and headless
+//! Chromium (Debian's `chromium`, driven through `chromium-driver` over WebDriver) shows
+//! what a person would see on the page that `phalanx dashboard` names. A screenshot lands
+//! in target/dashboard/.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client, ClientBuilder};
+use phalanx_tests::cluster::{job_toml, LocalCluster};
+use phalanx_tests::{free_port, KillOnDrop};
+use serde_json::{json, Value};
+
+const INSTALL: &str = "apt-get install chromium chromium-driver";
+/// How long the page may take to show each thing (polls once a second; a loaded machine).
+const PAGE_LIMIT: Duration = Duration::from_secs(120);
+
+/// `name` on the PATH (or `$env_var`), or a failure that says how to install it.
+fn find_tool(env_var: &str, names: &[&str]) -> PathBuf {
+    if let Some(p) = std::env::var_os(env_var) {
+        let p = PathBuf::from(p);
+        assert!(p.is_file(), "{env_var}={} does not exist", p.display());
+        return p;
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path) {
+        for n in names {
+            let p = dir.join(n);
+            if p.is_file() {
+                return p;
+            }
+        }
+    }
+    panic!(
+        "none of {names:?} is on the PATH: the dashboard's browser test needs Debian's \
+         Chromium and its WebDriver (`{INSTALL}`; .ci/run installs them), or set {env_var}"
+    );
+}
+
+/// chromedriver on a free port, up and answering.
+fn start_chromedriver(driver: &Path, log: &Path) -> (KillOnDrop, String) {
+    let port = free_port();
+    let child = Command::new(driver)
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", driver.display()));
+    let child = KillOnDrop(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "chromedriver did not listen on port {port} within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (child, format!("http://127.0.0.1:{port}"))
+}
+
+async fn open_browser(webdriver: &str, chromium: &Path) -> Client {
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        json!({
+            "binary": chromium,
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                     "--disable-dev-shm-usage", "--window-size=1400,1750"],
+        }),
+    );
+    let mut builder = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new());
+    builder.capabilities(caps);
+    let connect = builder.connect(webdriver);
+    tokio::time::timeout(Duration::from_secs(60), connect)
+        .await
+        .expect("Chromium did not start within 60 s")
+        .expect("a WebDriver session in Chromium")
+}
+
+/// What the page shows, read from its rendered text (`innerText`: what is on the screen).
+const READ_PAGE: &str = r##"
+const text = (sel) => { const e = document.querySelector(sel); return e ? e.innerText.trim() : null; };
+const shown = (sel) => { const e = document.querySelector(sel); return !!e && e.offsetParent !== null; };
+const rows = (sel) => [...document.querySelectorAll(sel + " tbody tr")];
+return {
+  leader: text("#leader"),
+  conn: text("#conn"),
+  workers: rows("#workers").map((r) => ({ id: r.dataset.worker, health: r.dataset.health, text: r.innerText })),
+  epoch: text("#epoch"),
+  recoveries: rows("#recoveries").map((r) => r.innerText),
+  loss_points: Number(document.querySelector("#loss").dataset.points),
+  loss_drawn: shown("#loss canvas"),
+  heat_columns: Number(document.querySelector("#heat").dataset.columns),
+  heat_shown: shown("#heat"),
+  events: rows("#events").map((r) => ({ kind: r.dataset.kind, text: r.innerText })),
+  cookie_visible_to_script: document.cookie.includes("phalanx_token"),
+  address: location.href,
+};
+"##;
+
+/// Everything a person should see after the kill; `Err` names what is still missing.
+fn check(page: &Value, leader: u64, killed: &str) -> Result<(), String> {
+    let leader_text = page["leader"].as_str().unwrap_or("");
+    if !leader_text.starts_with(&format!("node {leader} ")) {
+        return Err(format!(
+            "the leader shown is {leader_text:?}, not node {leader}"
+        ));
+    }
+    if page["conn"] != "live" {
+        return Err(format!("the page is not live: {}", page["conn"]));
+    }
+    let workers = page["workers"].as_array().cloned().unwrap_or_default();
+    if workers.len() != 4 {
+        return Err(format!("{} workers shown, not 4", workers.len()));
+    }
+    let dead = workers.iter().find(|w| w["id"] == killed);
+    if !dead.is_some_and(|w| {
+        w["health"] == "failed" && w["text"].as_str().unwrap_or("").contains("failed")
+    }) {
+        return Err(format!("{killed} is not shown failed: {dead:?}"));
+    }
+    let epoch: u64 = page["epoch"]
+        .as_str()
+        .and_then(|e| e.parse().ok())
+        .unwrap_or(0);
+    if epoch < 2 {
+        return Err(format!("plan epoch shown: {}", page["epoch"]));
+    }
+    let recoveries = page["recoveries"].as_array().cloned().unwrap_or_default();
+    let with_mttr = recoveries.iter().filter_map(|r| r.as_str()).find(|r| {
+        r.split("MTTR ")
+            .nth(1)
+            .is_some_and(|m| m.starts_with(|c: char| c.is_ascii_digit()))
+    });
+    if with_mttr.is_none() {
+        return Err(format!("no recovery with an MTTR shown: {recoveries:?}"));
+    }
+    if !(page["loss_points"].as_u64().unwrap_or(0) > 1 && page["loss_drawn"] == true) {
+        return Err(format!(
+            "the loss curve shows {} points (drawn: {})",
+            page["loss_points"], page["loss_drawn"]
+        ));
+    }
+    if !(page["heat_columns"].as_u64().unwrap_or(0) > 1 && page["heat_shown"] == true) {
+        return Err(format!(
+            "the heat map shows {} columns",
+            page["heat_columns"]
+        ));
+    }
+    let events = page["events"].as_array().cloned().unwrap_or_default();
+    if !events
+        .iter()
+        .any(|e| e["kind"] == "worker-failed" && e["text"].as_str().unwrap_or("").contains(killed))
+    {
+        return Err(format!(
+            "no worker-failed event for {killed} in the event log"
+        ));
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_shows_a_killed_worker_its_recovery_and_the_loss_curve() {
+    let chromium = find_tool(
+        "PHALANX_CHROMIUM",
+        &["chromium", "chromium-browser", "google-chrome"],
+    );
+    let driver = find_tool("PHALANX_CHROMEDRIVER", &["chromedriver"]);
+    let shots = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/dashboard");
+    std::fs::create_dir_all(&shots).unwrap();
+
+    // Four workers, no restarts (the killed one stays failed); the job outlives the test.
+    let c = LocalCluster::start(4, 0);
+    c.submit(&job_toml("dash", 100_000, 50, 2, 4));
+    c.wait_step(10, Duration::from_secs(120));
+    let leader = c.status().unwrap()["leader_id"].as_u64().unwrap();
+    let killed = "w1";
+    c.kill_workers_at_once(&[killed]);
+
+    let url = c.ctl_ok(&["dashboard"]).trim().to_string();
+    assert!(
+        url.starts_with("http://127.0.0.1:") && url.contains("/ui/?token="),
+        "{url}"
+    );
+
+    let (_driver, webdriver) = start_chromedriver(&driver, &c.dir.path().join("chromedriver.log"));
+    let browser = open_browser(&webdriver, &chromium).await;
+    browser.goto(&url).await.expect("open the dashboard");
+
+    let started = Instant::now();
+    let (page, verdict) = loop {
+        let page = browser
+            .execute(READ_PAGE, vec![])
+            .await
+            .expect("read the page");
+        match check(&page, leader, killed) {
+            Ok(()) => break (page, Ok(())),
+            Err(e) if started.elapsed() > PAGE_LIMIT => break (page, Err(e)),
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    };
+    let png = browser.screenshot().await.expect("a screenshot");
+    let shot = shots.join("dashboard.png");
+    std::fs::write(&shot, &png).unwrap();
+    browser.close().await.expect("close the browser");
+    if let Err(e) = verdict {
+        panic!(
+            "after {PAGE_LIMIT:?} the dashboard does not show it: {e}\npage: {page:#}\nscreenshot: {}\n{}",
+            shot.display(),
+            c.logs()
+        );
+    }
+    // The token went into an HttpOnly cookie: not in the address bar, not readable by script.
+    assert!(
+        !page["address"].as_str().unwrap().contains("token="),
+        "{}",
+        page["address"]
+    );
+    assert_eq!(page["cookie_visible_to_script"], false);
+    eprintln!("dashboard screenshot: {}", shot.display());
+}
