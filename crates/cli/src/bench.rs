@@ -83,6 +83,28 @@ pub struct BenchTrain {
     /// Write the result as JSON here.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// `bench train`: each round also runs `phalanx train` with the worker's metrics on
+    /// (`PHALANX_METRICS_LISTEN=127.0.0.1:0`), in alternating order with the run without
+    /// them, and reports on / off (see docs/observability.md).
+    #[arg(long)]
+    metrics_overhead: bool,
+}
+
+/// Metrics on against off, side by side in one `bench train` run.
+#[derive(Serialize)]
+struct MetricsOverhead {
+    /// One recording of a step's metrics (what the training loop calls), in ns: the mean
+    /// over 100,000 calls in this process.
+    record_step_ns: f64,
+    /// `record_step_ns` over the median step time of the runs with metrics off.
+    record_share_of_step: f64,
+    off_tokens_per_sec: Vec<f64>,
+    on_tokens_per_sec: Vec<f64>,
+    off_tokens_per_cpu_s: Vec<f64>,
+    on_tokens_per_cpu_s: Vec<f64>,
+    /// median(on) / median(off), tokens/s and tokens per CPU second.
+    ratio_median: f64,
+    cpu_ratio_median: f64,
 }
 
 #[derive(Serialize)]
@@ -100,6 +122,26 @@ struct TrainBenchResult {
     bare_tch_tokens_per_cpu_s: Vec<f64>,
     phalanx_tokens_per_cpu_s: Vec<f64>,
     cpu_ratio_median: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metrics_overhead: Option<MetricsOverhead>,
+}
+
+/// The mean cost of recording one step's metrics, in ns (100,000 calls on a provider of
+/// this process's own, as a worker with `--metrics-listen` records them).
+fn record_step_ns() -> Result<f64> {
+    let m = phalanx_telemetry::worker::WorkerMetrics::new("bench")?;
+    let n = 100_000u64;
+    let t = Instant::now();
+    for i in 0..n {
+        m.step(&phalanx_telemetry::worker::StepSample {
+            step: i + 1,
+            duration: Duration::from_micros(250_000 + i % 1000),
+            tokens: 2048,
+            loss: 3.0 + (i % 7) as f64 * 0.01,
+            grad_norm: 0.9,
+        });
+    }
+    Ok(t.elapsed().as_secs_f64() * 1e9 / n as f64)
 }
 
 /// The 1, 5 and 15 minute load averages, as `/proc/loadavg` gives them.
@@ -239,6 +281,7 @@ fn bench_train(b: BenchTrain) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let (mut bare, mut ours) = (Vec::new(), Vec::new());
     let (mut bare_cpu, mut ours_cpu) = (Vec::new(), Vec::new());
+    let (mut on, mut on_cpu) = (Vec::new(), Vec::new());
     let tokens = (tokens_per_step * b.steps) as f64;
     for round in 0..b.rounds {
         let common = |c: &mut Command| {
@@ -259,22 +302,72 @@ fn bench_train(b: BenchTrain) -> Result<()> {
         bare.push(bare_tps);
         bare_cpu.push(tokens / cpu);
 
-        let summary = dir.join(format!("train-{round}.json"));
-        let mut c = Command::new(&exe);
-        c.args(["train", "--workers=1", "--plain", "--seed=1"])
-            .arg(format!("--global-batch={}", b.batch))
-            .arg(format!("--micro-batch={}", b.micro_batch))
-            .arg("--val-batches=1")
-            .arg(format!("--summary={}", summary.display()));
-        common(&mut c);
-        let (tps, cpu) = child_rates(c, "phalanx train", &summary)?;
+        let train = |metrics: bool| {
+            let summary = dir.join(format!("train-{round}-{metrics}.json"));
+            let mut c = Command::new(&exe);
+            c.args(["train", "--workers=1", "--plain", "--seed=1"])
+                .arg(format!("--global-batch={}", b.batch))
+                .arg(format!("--micro-batch={}", b.micro_batch))
+                .arg("--val-batches=1")
+                .arg(format!("--summary={}", summary.display()))
+                .env_remove("PHALANX_METRICS_LISTEN");
+            if metrics {
+                c.env("PHALANX_METRICS_LISTEN", "127.0.0.1:0");
+            }
+            common(&mut c);
+            child_rates(c, "phalanx train", &summary)
+        };
+        // With --metrics-overhead, the run with metrics goes first in odd rounds.
+        let on_first = b.metrics_overhead && round % 2 == 1;
+        if on_first {
+            let (tps, cpu) = train(true)?;
+            on.push(tps);
+            on_cpu.push(tokens / cpu);
+        }
+        let (tps, cpu) = train(false)?;
         ours.push(tps);
         ours_cpu.push(tokens / cpu);
+        if b.metrics_overhead && !on_first {
+            let (tps, cpu) = train(true)?;
+            on.push(tps);
+            on_cpu.push(tokens / cpu);
+        }
+        let metrics_part = match (on.last(), on_cpu.last()) {
+            (Some(t), Some(c)) if b.metrics_overhead => {
+                format!(", with metrics {t:.0} tokens/s ({c:.0} per CPU s)")
+            }
+            _ => String::new(),
+        };
         println!(
-            "round {round}: bare tch {bare_tps:.0} tokens/s ({:.0} per CPU s), phalanx --workers 1 {tps:.0} tokens/s ({:.0} per CPU s), load average {}",
+            "round {round}: bare tch {bare_tps:.0} tokens/s ({:.0} per CPU s), phalanx --workers 1 {tps:.0} tokens/s ({:.0} per CPU s){metrics_part}, load average {}",
             bare_cpu[round], ours_cpu[round], load_average()
         );
     }
+    let metrics_overhead = if b.metrics_overhead {
+        let ns = record_step_ns()?;
+        let step_s = tokens_per_step as f64 / median(&ours);
+        let m = MetricsOverhead {
+            record_step_ns: ns,
+            record_share_of_step: ns * 1e-9 / step_s,
+            ratio_median: median(&on) / median(&ours),
+            cpu_ratio_median: median(&on_cpu) / median(&ours_cpu),
+            off_tokens_per_sec: ours.clone(),
+            on_tokens_per_sec: on,
+            off_tokens_per_cpu_s: ours_cpu.clone(),
+            on_tokens_per_cpu_s: on_cpu,
+        };
+        println!(
+            "metrics on / off (phalanx train --workers 1, PHALANX_METRICS_LISTEN=127.0.0.1:0): tokens/s {:.4}, tokens per CPU second {:.4}; recording one step's metrics: {:.0} ns = {:.5}% of a {:.1} ms step (goal: overhead < 1%)",
+            m.ratio_median,
+            m.cpu_ratio_median,
+            m.record_step_ns,
+            m.record_share_of_step * 100.0,
+            step_s * 1e3
+        );
+        Some(m)
+    } else {
+        None
+    };
     let _ = std::fs::remove_dir_all(&dir);
     let r = TrainBenchResult {
         model: b.model,
@@ -288,6 +381,7 @@ fn bench_train(b: BenchTrain) -> Result<()> {
         phalanx_tokens_per_sec: ours,
         bare_tch_tokens_per_cpu_s: bare_cpu,
         phalanx_tokens_per_cpu_s: ours_cpu,
+        metrics_overhead,
     };
     println!(
         "(a) phalanx train --workers 1 / bare tch loop ({} micro-batches of {}), tokens/s: {:.3}, tokens per CPU second: {:.3} (goal >= 0.98); load average {}",
@@ -328,6 +422,9 @@ struct NumericsBenchResult {
 /// `phalanx train --workers 1` under each profile, alternating, each round of each side a
 /// fresh process (the profile is an environment fixed at process start).
 fn bench_numerics(b: BenchTrain) -> Result<()> {
+    if b.metrics_overhead {
+        bail!("--metrics-overhead is a flag of `bench train`, not of `bench numerics`");
+    }
     if b.rounds == 0 {
         bail!("--rounds must be at least 1");
     }
@@ -371,15 +468,7 @@ fn bench_numerics(b: BenchTrain) -> Result<()> {
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into());
+    let cpu = phalanx_train::mfu::cpu_model_name().unwrap_or_else(|| "unknown".into());
     let [pinned_sha, native_sha] = sha;
     let r = NumericsBenchResult {
         model: b.model,

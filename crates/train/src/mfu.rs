@@ -236,15 +236,7 @@ fn nvidia_smi_name(n: usize) -> Option<String> {
 /// profile's variables) and the arithmetic. An emulated GPU always computes on one
 /// thread ([`DeviceRequest::activate`]), and so does the microbenchmark in its process.
 fn cpu_key(precision: Precision) -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
+    let cpu = cpu_model_name().unwrap_or_else(|| "unknown CPU".into());
     let env = |k: &str| std::env::var(k).unwrap_or_else(|_| "-".into());
     format!(
         "{cpu} | {precision} | 1 thread | ATEN_CPU_CAPABILITY={} MKL_CBWR={} ONEDNN_MAX_CPU_ISA={}",
@@ -252,6 +244,22 @@ fn cpu_key(precision: Precision) -> String {
         env("MKL_CBWR"),
         env("ONEDNN_MAX_CPU_ISA")
     )
+}
+
+/// This machine's CPU model, as the first `model name` line of `/proc/cpuinfo` gives
+/// it (`None` where there is no such line).
+pub fn cpu_model_name() -> Option<String> {
+    cpu_model_in(&std::fs::read_to_string("/proc/cpuinfo").ok()?)
+}
+
+/// The first `model name` of a `/proc/cpuinfo` text.
+fn cpu_model_in(cpuinfo: &str) -> Option<String> {
+    cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, name)| name.trim().to_string())
+        .filter(|name| !name.is_empty())
 }
 
 /// `$XDG_CACHE_HOME/phalanx/cpu-peak.json` (or `~/.cache/...`).
@@ -420,6 +428,14 @@ mod tests {
             "{second:?} vs {first:?}"
         );
         assert!(second.source.contains("cached"), "{second:?}");
+    }
+
+    #[test]
+    fn the_cpu_model_is_the_first_model_name_line() {
+        let info = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9B14\n\nprocessor\t: 1\nmodel name\t: other\n";
+        assert_eq!(cpu_model_in(info).as_deref(), Some("AMD EPYC 9B14"));
+        assert_eq!(cpu_model_in("processor\t: 0\nmodel name\t:  \n"), None);
+        assert_eq!(cpu_model_in(""), None);
     }
 
     #[test]
