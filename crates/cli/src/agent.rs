@@ -123,6 +123,8 @@ pub fn start(cmd: WorkerStartCmd) -> Result<()> {
         fault_inbox: cmd.fault_inbox,
         numerics: cmd.numerics,
         silence,
+        // issue 11: the lead's --tls-dir sets this (ring links then use mutual TLS)
+        tls: None,
     };
     agent::run(cfg)?;
     Ok(())

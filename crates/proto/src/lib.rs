@@ -692,6 +692,26 @@ pub struct Assignment {
     /// The plan's micro-batch shares (empty: equal).
     #[serde(default)]
     pub micro_shares: Vec<u32>,
+    /// The worker at each rank of the plan, in rank order: the identity each ring
+    /// neighbour's certificate must name.
+    #[serde(default)]
+    pub rank_workers: Vec<WorkerId>,
+    /// The plan epoch's collective secret (64 hex digits): every ring hello proves it.
+    /// Given only to the epoch's ranks; never in status, job, events or logs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch_secret: Option<SecretHex>,
+}
+
+/// A secret as hex digits. Serialized as the plain string; its `Debug` never shows it,
+/// so a logged message that holds one does not leak it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SecretHex(pub String);
+
+impl std::fmt::Debug for SecretHex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretHex(<redacted>)")
+    }
 }
 
 /// `POST /v1/members` (joint-consensus membership change).

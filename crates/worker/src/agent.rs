@@ -72,6 +72,9 @@ pub struct AgentConfig {
     /// The numerics profile this process applied before libtorch started (reported at
     /// registration; placement gives it only jobs of that profile).
     pub numerics: phalanx_proto::NumericsProfile,
+    /// The cluster's credentials directory: with it, ring links are mutual TLS with this
+    /// worker's certificate (`None`: the epoch secret alone guards them).
+    pub tls: Option<phalanx_pki::TlsDir>,
 }
 
 /// The training math of a controller-run job: the same defaults as `phalanx train`.
@@ -163,6 +166,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), WorkerError> {
         .listener
         .local_addr()
         .map_err(|e| WorkerError::Rendezvous(format!("listener: {e}")))?;
+    let ring = crate::rendezvous::ring_credentials(cfg.tls.as_ref(), &cfg.id)?;
     let device = match &cfg.device {
         phalanx_train::device::DeviceRequest::Emulated { spec, memory_bytes } => DeviceSpec {
             kind: "cpu-emulated".into(),
@@ -259,6 +263,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), WorkerError> {
         let step_before = last_step.map(|(_, s)| s);
         let outcome = run_epoch(
             &cfg,
+            ring.as_ref(),
             &a,
             rank as usize,
             &job,
@@ -775,6 +780,7 @@ fn group_id(job: &JobSpec, job_id: &str, epoch: u64) -> u64 {
 #[allow(clippy::too_many_arguments)]
 fn run_epoch(
     cfg: &AgentConfig,
+    ring: Option<&Arc<phalanx_collective::RingCredentials>>,
     a: &Assignment,
     rank: usize,
     job: &JobSpec,
@@ -849,6 +855,7 @@ fn run_epoch(
     gc.group_id = group_id(job, &job_id, a.epoch);
     gc.rendezvous_timeout = cfg.rendezvous_timeout;
     gc.op_timeout = cfg.op_timeout;
+    gc.security = Some(crate::rendezvous::epoch_security(a, ring)?);
     // A rank waiting on a dead or hung peer leaves as soon as the controller has moved on.
     let cancel = {
         let (shared, epoch) = (shared.clone(), a.epoch);

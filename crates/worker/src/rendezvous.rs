@@ -1,5 +1,7 @@
-//! How `phalanx train` starts a local data-parallel group.
+//! How a rank learns its ring: the peers of `phalanx train`'s local group over stdio,
+//! and the security of a cluster epoch's ring ([`epoch_security`]).
 //!
+//! How `phalanx train` starts a local data-parallel group:
 //! The parent spawns N `phalanx worker run --rendezvous stdio` children. Each child binds
 //! 127.0.0.1:0, prints a `listening` event with its address on stdout, and waits (with a
 //! timeout) for one line on stdin naming every peer's address. Then the ranks connect
@@ -7,9 +9,11 @@
 //! object per line; anything else a child prints goes to stderr.
 use std::io::{BufRead, Write};
 use std::net::SocketAddr;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
+use phalanx_collective::{EpochSecret, RingCredentials, RingTls, Security};
+use phalanx_proto::Assignment;
 use serde::{Deserialize, Serialize};
 
 use crate::dp::{RunResult, StepReport};
@@ -113,6 +117,56 @@ pub fn validate_peers(
     Ok(())
 }
 
+/// A worker's ring credentials from its credentials directory (`None`: no TLS on the
+/// ring; the epoch secret still guards every link). Loaded once, at the worker's start,
+/// so that a missing or wrong certificate fails the start, not a later epoch.
+pub fn ring_credentials(
+    tls: Option<&phalanx_pki::TlsDir>,
+    worker_id: &str,
+) -> Result<Option<Arc<RingCredentials>>, WorkerError> {
+    tls.map(|dir| {
+        RingCredentials::load(dir, worker_id)
+            .map(Arc::new)
+            .map_err(|e| WorkerError::Rendezvous(format!("ring credentials: {e}")))
+    })
+    .transpose()
+}
+
+/// What the ring of assignment `a` must prove: the epoch's secret (the controller gives
+/// it to the epoch's ranks only) and, with credentials, mutual TLS in which each
+/// neighbour's certificate names the worker the plan puts at its rank.
+pub fn epoch_security(
+    a: &Assignment,
+    creds: Option<&Arc<RingCredentials>>,
+) -> Result<Security, WorkerError> {
+    let hex = a.epoch_secret.as_ref().ok_or_else(|| {
+        WorkerError::Protocol(format!(
+            "the assignment of epoch {} gives this worker a rank but no epoch secret",
+            a.epoch
+        ))
+    })?;
+    let secret = EpochSecret::from_hex(&hex.0)
+        .map_err(|e| WorkerError::Protocol(format!("assignment of epoch {}: {e}", a.epoch)))?;
+    let tls = match creds {
+        None => None,
+        Some(creds) => {
+            if a.rank_workers.len() != a.world_size as usize {
+                return Err(WorkerError::Protocol(format!(
+                    "the assignment of epoch {} names {} rank workers for world size {}",
+                    a.epoch,
+                    a.rank_workers.len(),
+                    a.world_size
+                )));
+            }
+            Some(RingTls {
+                creds: creds.clone(),
+                peer_workers: a.rank_workers.clone(),
+            })
+        }
+    };
+    Ok(Security { secret, tls })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,6 +183,53 @@ mod tests {
         assert!(validate_peers(&[a], 0, 2, None).is_err());
         assert!(validate_peers(&[a, b], 2, 2, None).is_err());
         assert!(validate_peers(&[a, b], 0, 2, Some(b)).is_err());
+    }
+
+    fn assignment(secret: Option<&str>) -> Assignment {
+        Assignment {
+            worker: "w1".into(),
+            rank: Some(1),
+            epoch: 4,
+            world_size: 2,
+            peers: vec!["127.0.0.1:1".into(), "127.0.0.1:2".into()],
+            job: None,
+            job_id: Some("j".into()),
+            job_state: None,
+            resume_step: 0,
+            micro_shares: vec![],
+            rank_workers: vec!["w0".into(), "w1".into()],
+            epoch_secret: secret.map(|s| phalanx_proto::SecretHex(s.into())),
+        }
+    }
+
+    #[test]
+    fn an_epoch_ring_needs_the_epoch_secret() {
+        let s = epoch_security(&assignment(Some(&"ab".repeat(32))), None).unwrap();
+        assert_eq!(s.secret.bytes(), &[0xab; 32]);
+        assert!(s.tls.is_none());
+        let e = epoch_security(&assignment(None), None).unwrap_err();
+        assert!(e.to_string().contains("no epoch secret"), "{e}");
+        let e = epoch_security(&assignment(Some("12")), None).unwrap_err();
+        assert!(e.to_string().contains("64 hex digits"), "{e}");
+        // The secret never shows in a logged assignment.
+        let a = assignment(Some(&"ab".repeat(32)));
+        assert!(!format!("{a:?}").contains("abab"));
+    }
+
+    #[test]
+    fn an_epoch_ring_with_credentials_checks_every_ranks_worker() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = phalanx_pki::TlsDir::create(dir.path()).unwrap();
+        tls.issue(&phalanx_pki::Role::Worker("w1".into()), &[])
+            .unwrap();
+        let creds = ring_credentials(Some(&tls), "w1").unwrap();
+        let s = epoch_security(&assignment(Some(&"ab".repeat(32))), creds.as_ref()).unwrap();
+        assert_eq!(s.tls.unwrap().peer_workers, vec!["w0", "w1"]);
+        let mut short = assignment(Some(&"ab".repeat(32)));
+        short.rank_workers.pop();
+        assert!(epoch_security(&short, creds.as_ref()).is_err());
+        // A worker without a certificate of its own fails at its start.
+        assert!(ring_credentials(Some(&tls), "w9").is_err());
     }
 
     #[test]

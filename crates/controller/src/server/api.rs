@@ -271,7 +271,16 @@ pub fn status_of(r: &Replica) -> StatusResponse {
     }
 }
 
-fn assignment(r: &Replica, worker: &str) -> ApiResult {
+/// The key from which each plan epoch's collective secret is derived.
+// issue 11: the lead replaces this key with TlsDir::epoch_key()
+pub(crate) fn epoch_secret_key(cluster_token: &str) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(cluster_token.as_bytes()).into()
+}
+
+/// `GET /v1/assignment/{worker}`. The plan epoch's collective secret goes only to a
+/// worker that holds a rank in it.
+fn assignment(r: &Replica, worker: &str, epoch_key: &[u8; 32]) -> ApiResult {
     let s = &r.state;
     let Some(_w) = s.workers.get(worker) else {
         return Err(ApiError::NotFound(format!(
@@ -320,6 +329,13 @@ fn assignment(r: &Replica, worker: &str) -> ApiResult {
         job_state: job.map(|j| j.state),
         resume_step,
         micro_shares: plan.map(|p| p.micro_shares.clone()).unwrap_or_default(),
+        rank_workers: plan.map(|p| p.ranks.clone()).unwrap_or_default(),
+        epoch_secret: match (rank, job, plan) {
+            (Some(_), Some(j), Some(p)) => Some(phalanx_proto::SecretHex(hex::encode(
+                phalanx_pki::epoch_secret(epoch_key, &j.id, p.epoch),
+            ))),
+            _ => None,
+        },
     })
 }
 
@@ -419,7 +435,8 @@ async fn route(req: &wire::Request, ctx: &ConnCtx, timeout: Duration) -> ApiResu
         }
         ("GET", p) if p.starts_with("/v1/assignment/") => {
             let worker = p["/v1/assignment/".len()..].to_string();
-            read(Box::new(move |r| assignment(r, &worker))).await
+            let key = epoch_secret_key(&ctx.token);
+            read(Box::new(move |r| assignment(r, &worker, &key))).await
         }
         (_, p) if p.starts_with("/v1/") => Err(ApiError::NotFound(format!(
             "no route {} {}",

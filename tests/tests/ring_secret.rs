@@ -1,0 +1,70 @@
+//! Each plan epoch's collective secret (issue 11): the controller gives it to the epoch's
+//! ranks only, the ring forms and trains with it, and it shows nowhere else (status, the
+//! job, events, the controllers' and workers' logs).
+use std::time::{Duration, Instant};
+
+use phalanx_controller::client::Client;
+use phalanx_proto::Assignment;
+use phalanx_tests::cluster::{job_toml, LocalCluster};
+
+#[test]
+fn the_epoch_secret_goes_to_the_ranks_only_and_shows_nowhere_else() {
+    // Three workers, a job of two ranks: one worker is a spare.
+    let c = LocalCluster::start(3, 0);
+    c.submit(&job_toml("secret", 400, 100, 2, 2));
+    // Steps only happen once the ring formed, and it forms only with the secret.
+    c.wait_step(2, Duration::from_secs(180));
+
+    let token = std::fs::read_to_string(c.cluster_dir().join("token")).unwrap();
+    let status = c.status().expect("status");
+    let addrs: Vec<String> = status["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["address"].as_str().unwrap().to_string())
+        .collect();
+    let client = Client::new(addrs, token.trim().to_string()).unwrap();
+
+    // The three assignments of one epoch (a new plan between two reads: read again).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let assignments = loop {
+        let all: Vec<Assignment> = ["w0", "w1", "w2"]
+            .iter()
+            .map(|w| client.get(&format!("/v1/assignment/{w}")).unwrap())
+            .collect();
+        if all.iter().all(|a| a.epoch == all[0].epoch) {
+            break all;
+        }
+        assert!(Instant::now() < deadline, "no stable plan epoch: {all:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let (ranks, spares): (Vec<&Assignment>, Vec<&Assignment>) =
+        assignments.iter().partition(|a| a.rank.is_some());
+    assert_eq!((ranks.len(), spares.len()), (2, 1), "{assignments:?}");
+    assert!(spares[0].epoch_secret.is_none(), "a spare got the secret");
+    let secret = ranks[0]
+        .epoch_secret
+        .clone()
+        .expect("a rank without a secret")
+        .0;
+    assert!(
+        secret.len() == 64 && secret.bytes().all(|b| b.is_ascii_hexdigit()),
+        "not 64 hex digits"
+    );
+    assert_eq!(ranks[1].epoch_secret.as_ref().map(|s| &s.0), Some(&secret));
+    for a in &ranks {
+        assert_eq!(a.rank_workers.len(), 2);
+        assert_eq!(a.rank_workers[a.rank.unwrap() as usize], a.worker);
+    }
+
+    let job: serde_json::Value = client.get("/v1/job").unwrap();
+    let places = [
+        ("status", c.status().unwrap().to_string()),
+        ("the job", job.to_string()),
+        ("events", c.events().to_string()),
+        ("logs", c.logs()),
+    ];
+    for (what, text) in places {
+        assert!(!text.contains(&secret), "the epoch secret shows in {what}");
+    }
+}
