@@ -473,6 +473,7 @@ mod tests {
             inputs: tx,
             token: "tok".into(),
             cfg,
+            metrics: crate::server::metrics::new_metrics(1).unwrap(),
         });
         let receiver = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let receiver_addr = receiver.local_addr().unwrap();
