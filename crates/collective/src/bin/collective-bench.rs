@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! collective-bench [--bytes N] [--worlds 2,4] [--iters K] [--chunk-bytes C]
-//!                  [--timeout-s S] [--out FILE.json]
+//!                  [--timeout-s S] [--no-tls] [--out FILE.json]
 //! ```
 //!
 //! Measures, in one run:
@@ -11,7 +11,12 @@
 //! * `all_reduce_sum_f32` bus bandwidth, `busbw = 2 (N-1)/N * bytes / time`
 //!   (the NCCL-tests definition), for each N, and the ratio busbw / raw;
 //! * `deterministic::reduce_mean` (1 micro-batch per rank) on the same number
-//!   of f32 elements, as a time ratio against the plain f32 ring.
+//!   of f32 elements, as a time ratio against the plain f32 ring;
+//! * both again over mutual TLS (worker certificates of a throw-away cluster CA made for
+//!   the run, as a worker of a cluster uses them), and the ratio TLS / plain TCP.
+//!
+//! Every ring proves an epoch secret in its hellos, with and without TLS (a cost paid
+//! once per rendezvous, outside the timed operations).
 //!
 //! Children are this same binary re-executed with a hidden `--child` mode; each
 //! binds 127.0.0.1:0 and prints `ADDR <addr>` on stdout, the parent answers
@@ -23,7 +28,11 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use phalanx_collective::{deterministic, BlockingGroup, GroupConfig};
+use std::sync::Arc;
+
+use phalanx_collective::{
+    deterministic, BlockingGroup, EpochSecret, GroupConfig, RingCredentials, RingTls, Security,
+};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
@@ -42,7 +51,14 @@ struct Args {
     rank: usize,
     world: usize,
     peer: Option<SocketAddr>,
+    /// Parent: skip the TLS rings.
+    no_tls: bool,
+    /// Child: the credentials directory (TLS on), with certificates `w<rank>`.
+    tls_dir: Option<String>,
 }
+
+/// The epoch secret of the benchmark's rings (a loopback benchmark: not a secret).
+const BENCH_SECRET: [u8; 32] = [0x42; 32];
 
 fn parse_args() -> Result<Args, BoxErr> {
     let mut a = Args {
@@ -56,6 +72,8 @@ fn parse_args() -> Result<Args, BoxErr> {
         rank: 0,
         world: 1,
         peer: None,
+        no_tls: false,
+        tls_dir: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -82,8 +100,10 @@ fn parse_args() -> Result<Args, BoxErr> {
             "--rank" => a.rank = v()?.parse()?,
             "--world" => a.world = v()?.parse()?,
             "--peer" => a.peer = Some(v()?.parse()?),
+            "--no-tls" => a.no_tls = true,
+            "--tls-dir" => a.tls_dir = Some(v()?),
             "-h" | "--help" => {
-                println!("collective-bench [--bytes N] [--worlds 2,4] [--iters K] [--chunk-bytes C] [--timeout-s S] [--out FILE.json]");
+                println!("collective-bench [--bytes N] [--worlds 2,4] [--iters K] [--chunk-bytes C] [--timeout-s S] [--no-tls] [--out FILE.json]");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other:?}").into()),
@@ -239,6 +259,20 @@ fn child_main(mode: &str, a: &Args) -> Result<(), BoxErr> {
             cfg.rendezvous_timeout = timeout;
             cfg.op_timeout = timeout;
             cfg.chunk_bytes = a.chunk_bytes;
+            let tls = match &a.tls_dir {
+                None => None,
+                Some(dir) => {
+                    let dir = phalanx_pki::TlsDir::open(std::path::Path::new(dir))?;
+                    Some(RingTls {
+                        creds: Arc::new(RingCredentials::load(&dir, &format!("w{}", a.rank))?),
+                        peer_workers: (0..a.world).map(|r| format!("w{r}")).collect(),
+                    })
+                }
+            };
+            cfg.security = Some(Security {
+                secret: EpochSecret::new(BENCH_SECRET),
+                tls,
+            });
             let mut g = BlockingGroup::connect(cfg, l)?;
             let elems = a.bytes / 4;
             let mut data: Vec<f32> = (0..elems)
@@ -377,21 +411,23 @@ async fn bench_ring(
     a: &Args,
     world: usize,
     timeout: Duration,
+    tls_dir: Option<&std::path::Path>,
 ) -> Result<(Vec<f64>, Vec<f64>), BoxErr> {
     let mut kids = Vec::new();
     for r in 0..world {
-        kids.push(spawn_kid(
-            format!("ring rank {r}/{world}"),
-            a,
-            &[
-                "--child".into(),
-                "ring".into(),
-                "--rank".into(),
-                r.to_string(),
-                "--world".into(),
-                world.to_string(),
-            ],
-        )?);
+        let mut extra: Vec<String> = vec![
+            "--child".into(),
+            "ring".into(),
+            "--rank".into(),
+            r.to_string(),
+            "--world".into(),
+            world.to_string(),
+        ];
+        if let Some(d) = tls_dir {
+            extra.extend(["--tls-dir".into(), d.display().to_string()]);
+        }
+        let tag = if tls_dir.is_some() { " TLS" } else { "" };
+        kids.push(spawn_kid(format!("ring{tag} rank {r}/{world}"), a, &extra)?);
     }
     let mut addrs = Vec::new();
     for k in kids.iter_mut() {
@@ -450,8 +486,37 @@ fn parent_main(a: &Args) -> Result<(), BoxErr> {
     })
 }
 
+/// A throw-away cluster CA with worker certificates `w0..w<n>`, removed on drop.
+struct BenchPki(std::path::PathBuf);
+
+impl BenchPki {
+    fn create(workers: usize) -> Result<BenchPki, BoxErr> {
+        let dir = std::env::temp_dir().join(format!("collective-bench-tls-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let pki = BenchPki(dir);
+        let t = phalanx_pki::TlsDir::create(&pki.0)?;
+        for w in 0..workers {
+            t.issue(&phalanx_pki::Role::Worker(format!("w{w}")), &[])?;
+        }
+        Ok(pki)
+    }
+}
+
+impl Drop for BenchPki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 async fn parent_run(a: &Args, timeout: Duration) -> Result<(), BoxErr> {
     let b = a.bytes as f64;
+    let pki = if a.no_tls {
+        None
+    } else {
+        Some(BenchPki::create(
+            a.worlds.iter().copied().max().unwrap_or(2),
+        )?)
+    };
     println!(
         "collective-bench: bytes={} iters={} chunk_bytes={} (median after 1 warm-up)",
         a.bytes, a.iters, a.chunk_bytes
@@ -476,8 +541,9 @@ async fn parent_run(a: &Args, timeout: Duration) -> Result<(), BoxErr> {
         "det busbw MB/s"
     );
     let mut rows = Vec::new();
+    let mut tls_rows = Vec::new();
     for &n in &a.worlds {
-        let (f, d) = bench_ring(a, n, timeout).await?;
+        let (f, d) = bench_ring(a, n, timeout, None).await?;
         let tf = median(&f);
         let td = median(&d);
         let factor = 2.0 * (n as f64 - 1.0) / n as f64;
@@ -493,7 +559,7 @@ async fn parent_run(a: &Args, timeout: Duration) -> Result<(), BoxErr> {
             td / tf,
             det_busbw / 1e6
         );
-        rows.push(json!({
+        let mut row = json!({
             "world": n,
             "f32_times_s": f,
             "f32_median_s": tf,
@@ -503,7 +569,51 @@ async fn parent_run(a: &Args, timeout: Duration) -> Result<(), BoxErr> {
             "det_median_s": td,
             "det_over_f32_time": td / tf,
             "det_busbw_bytes_per_s": det_busbw,
-        }));
+        });
+        if let Some(pki) = &pki {
+            let (f, d) = bench_ring(a, n, timeout, Some(&pki.0)).await?;
+            let (tf_tls, td_tls) = (median(&f), median(&d));
+            let busbw_tls = factor * b / tf_tls;
+            let det_busbw_tls = factor * b / td_tls;
+            row["tls"] = json!({
+                "f32_times_s": f,
+                "f32_median_s": tf_tls,
+                "busbw_bytes_per_s": busbw_tls,
+                "busbw_over_plain": busbw_tls / busbw,
+                "det_times_s": d,
+                "det_median_s": td_tls,
+                "det_busbw_bytes_per_s": det_busbw_tls,
+                "det_busbw_over_plain": det_busbw_tls / det_busbw,
+            });
+            tls_rows.push((n, busbw, busbw_tls, det_busbw, det_busbw_tls));
+        }
+        rows.push(row);
+    }
+    if !tls_rows.is_empty() {
+        println!();
+        println!("the same rings over mutual TLS (worker certificates), against plain TCP:");
+        println!(
+            "{:>5} {:>14} {:>14} {:>10} {:>16} {:>16} {:>10}",
+            "world",
+            "busbw MB/s",
+            "TLS busbw",
+            "TLS/plain",
+            "det busbw MB/s",
+            "TLS det busbw",
+            "TLS/plain"
+        );
+        for (n, p, t, dp, dt) in tls_rows {
+            println!(
+                "{:>5} {:>14.1} {:>14.1} {:>10.3} {:>16.1} {:>16.1} {:>10.3}",
+                n,
+                p / 1e6,
+                t / 1e6,
+                t / p,
+                dp / 1e6,
+                dt / 1e6,
+                dt / dp
+            );
+        }
     }
     let report = json!({
         "bytes": a.bytes,
