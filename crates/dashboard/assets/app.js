@@ -8,14 +8,19 @@ const POLL_MS = 1000;
 const FETCH_TIMEOUT_MS = 4000;
 const EVENTS_SHOWN = 200;
 
+// How many times this page has followed the leader to another controller just before.
+const HOPS = Number(new URLSearchParams(location.search).get("hop")) || 0;
+const HOPS_MAX = 5;
+const LOADED_AT = Date.now();
 // The token came in the address: the cookie holds it now, the address bar need not.
-if (location.search.includes("token=")) {
+if (location.search) {
   history.replaceState(null, "", location.pathname);
 }
 
 const $ = (id) => document.getElementById(id);
 let lastStatus = null;
 let lossPlot = null;
+let failures = 0;
 
 function el(tag, attrs, ...children) {
   const e = document.createElement(tag);
@@ -39,7 +44,9 @@ function badge(health) {
 
 function ms(v) {
   if (v === null || v === undefined) return "–";
-  return v >= 1000 ? (v / 1000).toFixed(2) + " s" : Math.round(v) + " ms";
+  if (v >= 1000) return (v / 1000).toFixed(2) + " s";
+  if (v >= 10) return Math.round(v) + " ms";
+  return v >= 0.1 ? v.toFixed(1) + " ms" : "< 0.1 ms";
 }
 
 function device(d) {
@@ -310,6 +317,29 @@ function renderSummary(s) {
   $("summary").textContent = parts.join(" · ");
 }
 
+// ------------------------------------------------------------------ following the leader
+
+// A page on a follower, or on a controller that stopped answering, moves to the leader's
+// page (or to the next controller's). The cookie goes along on the same host: cookies do
+// not depend on the port. A page that moved HOPS_MAX times in a row stays (and says why).
+function follow(address) {
+  if (!address || address === location.host) return false;
+  const hop = Date.now() - LOADED_AT > 60000 ? 1 : HOPS + 1;
+  if (hop > HOPS_MAX) return false;
+  setConn("connecting", `moving to ${address}`);
+  location.href = `http://${address}/ui/?hop=${hop}`;
+  return true;
+}
+
+function nextController(s) {
+  const members = (s && s.members) || [];
+  const leader = members.find((m) => m.id === s.leader_id && m.address !== location.host);
+  if (leader) return leader.address;
+  const i = members.findIndex((m) => m.address === location.host);
+  const next = members[(i + 1) % members.length];
+  return next ? next.address : null;
+}
+
 // ------------------------------------------------------------------ polling
 
 async function pollOnce() {
@@ -317,10 +347,13 @@ async function pollOnce() {
   try {
     st = await getJson("/v1/status");
   } catch (e) {
+    failures += 1;
     setConn("lost", "no answer");
     banner(["This controller does not answer. Try another:", ...otherControllerLinks(lastStatus)]);
+    if (failures >= 3) follow(nextController(lastStatus));
     return;
   }
+  failures = 0;
   if (st.status === 401) {
     setConn("lost", "unauthorized");
     banner(["Not authorized: open the address that ", el("code", {}, "phalanx dashboard --dir DIR"),
@@ -334,6 +367,10 @@ async function pollOnce() {
   }
   const s = st.body;
   lastStatus = s;
+  if (s.role !== "leader" && s.leader_id) {
+    const leader = (s.members || []).find((m) => m.id === s.leader_id);
+    if (leader && follow(leader.address)) return;
+  }
   banner(null);
   renderSummary(s);
   renderControllers(s);

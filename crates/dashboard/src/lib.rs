@@ -24,6 +24,10 @@ pub const PREFIX: &str = "/ui";
 /// The most bytes of a token this crate accepts from a query or a cookie.
 pub const TOKEN_BYTES_MAX: usize = 512;
 
+/// The 401 message of a dashboard path without a valid token.
+pub const UNAUTHORIZED: &str = "missing or wrong cluster token: open the address that \
+    `phalanx dashboard --dir DIR` prints (its ?token= is kept in a cookie by the page)";
+
 /// An embedded file: its `Content-Type` and bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Asset {

@@ -712,6 +712,16 @@ pub fn run(o: &RunOptions, v: &Validated) -> Result<Report> {
                 .then_some(())
         },
     )?;
+    // The live page (issue 12): every controller serves it; this is the leader's.
+    if let Ok(st) = client.get::<StatusResponse>("/v1/status") {
+        let leader = st.members.iter().find(|m| m.id == st.leader_id);
+        if let (Some(m), Ok(token)) = (leader, std::fs::read_to_string(&procs.token_file)) {
+            println!(
+                "   dashboard {}",
+                phalanx_dashboard::url(&m.address, token.trim())
+            );
+        }
+    }
     let before: Vec<Event> = client.get("/v1/events?limit=1000").unwrap_or_default();
     let mut last_seq = before.last().map(|e| e.seq).unwrap_or(0);
     let spec = phalanx_chaos::job_spec(s, seed);

@@ -152,7 +152,11 @@ pub(crate) async fn handle_http(stream: &mut TcpStream, peer: SocketAddr, ctx: A
         warn!(%peer, method = %req.method, path = %req.path, "API call rejected: missing or wrong cluster token");
         let body = ErrorResponse {
             error: "unauthorized".into(),
-            message: "missing or wrong cluster token: send `Authorization: Bearer <token>` with the token from the cluster's token file".into(),
+            message: if ui {
+                phalanx_dashboard::UNAUTHORIZED.into()
+            } else {
+                "missing or wrong cluster token: send `Authorization: Bearer <token>` with the token from the cluster's token file".into()
+            },
             leader_id: None,
             leader_address: None,
         };
