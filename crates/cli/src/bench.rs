@@ -122,6 +122,11 @@ struct TrainBenchResult {
     bare_tch_tokens_per_cpu_s: Vec<f64>,
     phalanx_tokens_per_cpu_s: Vec<f64>,
     cpu_ratio_median: f64,
+    /// The median of each round's own ratio, by tokens/s and per CPU second: a round's
+    /// two runs are back to back, so they share the machine's load more than the medians
+    /// of separate rounds do.
+    ratio_paired_median: f64,
+    cpu_ratio_paired_median: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     metrics_overhead: Option<MetricsOverhead>,
 }
@@ -159,6 +164,12 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Numerics(b) => bench_numerics(b),
         BenchCmd::BareLoop(b) => bare_loop(b),
     }
+}
+
+/// The median of `a[i] / b[i]` over the rounds.
+fn paired_median(a: &[f64], b: &[f64]) -> f64 {
+    let ratios: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
+    median(&ratios)
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -273,6 +284,9 @@ fn child_rates(mut cmd: Command, what: &str, json: &std::path::Path) -> Result<(
 /// Alternating rounds of the bare loop and `phalanx train --workers 1`, each in a fresh
 /// process, so that neither side gets a warm process the other lacks.
 fn bench_train(b: BenchTrain) -> Result<()> {
+    if b.rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
     let (spec, _, _) = bench_spec(&b)?;
     let tokens_per_step = spec.tokens_per_step();
     let data = b.data.clone().unwrap_or_else(default_corpus_spec);
@@ -377,6 +391,8 @@ fn bench_train(b: BenchTrain) -> Result<()> {
         tokens_per_step,
         ratio_median: median(&ours) / median(&bare),
         cpu_ratio_median: median(&ours_cpu) / median(&bare_cpu),
+        ratio_paired_median: paired_median(&ours, &bare),
+        cpu_ratio_paired_median: paired_median(&ours_cpu, &bare_cpu),
         bare_tch_tokens_per_sec: bare,
         phalanx_tokens_per_sec: ours,
         bare_tch_tokens_per_cpu_s: bare_cpu,
@@ -384,11 +400,13 @@ fn bench_train(b: BenchTrain) -> Result<()> {
         metrics_overhead,
     };
     println!(
-        "(a) phalanx train --workers 1 / bare tch loop ({} micro-batches of {}), tokens/s: {:.3}, tokens per CPU second: {:.3} (goal >= 0.98); load average {}",
+        "(a) phalanx train --workers 1 / bare tch loop ({} micro-batches of {}), tokens/s: {:.3}, tokens per CPU second: {:.3}; paired by round: {:.3} and {:.3} (goal >= 0.98); load average {}",
         b.batch / b.micro_batch.max(1),
         b.micro_batch,
         r.ratio_median,
         r.cpu_ratio_median,
+        r.ratio_paired_median,
+        r.cpu_ratio_paired_median,
         load_average()
     );
     if let Some(p) = &b.out {
