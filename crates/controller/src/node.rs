@@ -102,8 +102,8 @@ pub struct AsyncReady {
     pub early: Vec<Message>,
     /// The Ready's number, for [`Replica::on_persisted`].
     pub number: u64,
-    /// Entries, a new term or vote, or a snapshot were written: an fsync must precede
-    /// `on_persisted`. Otherwise nothing of this Ready needs the disk.
+    /// Entries, a new term or vote, a snapshot received or a compaction were written: an
+    /// fsync must precede `on_persisted`. Otherwise nothing of this Ready needs the disk.
     pub needs_sync: bool,
     /// Messages that may go only once this Ready is durable (a follower's acknowledgements
     /// and votes).
@@ -171,6 +171,16 @@ impl Replica {
         if !store.is_initialized() && !initial_voters.is_empty() {
             store.initialize(initial_voters)?;
         }
+        Self::from_storage(store, cfg, addresses)
+    }
+
+    /// The replica over a store already opened (and initialized, unless it waits to be
+    /// added): what [`Replica::open`] does after opening its directory.
+    pub fn from_storage(
+        store: SledStorage,
+        cfg: ReplicaConfig,
+        addresses: BTreeMap<NodeId, String>,
+    ) -> Result<Self, NodeError> {
         let snap = store.current_snapshot().clone();
         let state = if snap.data.is_empty() {
             ClusterState::new(cfg.limits)
@@ -247,9 +257,31 @@ impl Replica {
     }
 
     pub fn tick(&mut self) {
-        self.raw.tick();
+        if !self.election_waits_for_disk() {
+            self.raw.tick();
+        }
         self.ticks += 1;
         self.retry_lost_snapshots();
+    }
+
+    /// A voter that is the whole quorum by itself wins its election inside the tick that
+    /// starts it, and raft-rs asserts at once that its whole log is durable
+    /// (`last_index == persisted` in `become_leader`): with more voters the vote requests
+    /// wait for the disk, so the log is durable before any vote comes back, but a lone
+    /// voter asks nobody. With asynchronous persistence a lone voter can hold entries not yet
+    /// durable (ones it took as a follower just before the other voters were removed, say)
+    /// while its sync is slower than an election timeout. Its election clock then waits for
+    /// the disk: nobody else can lead this group, so waiting costs nothing but the wait.
+    fn election_waits_for_disk(&self) -> bool {
+        let raft = &self.raw.raft;
+        if raft.state == StateRole::Leader || raft.raft_log.persisted >= raft.raft_log.last_index()
+        {
+            return false;
+        }
+        // The quorum is this node alone when it is the only voter of the incoming and the
+        // outgoing configuration (an empty half of a joint config needs no vote).
+        let voters = raft.prs().conf().voters().ids();
+        voters.contains(self.cfg.id) && voters.iter().all(|id| id == self.cfg.id)
     }
 
     /// Report snapshots that have not reached their follower in `snapshot_retry_ticks` as
@@ -431,6 +463,7 @@ impl Replica {
         let PendingReady { mut rd, mut out } = pending;
         let span = info_span!("ready", node = self.cfg.id);
         let _g = span.enter();
+        let snapshots_before = self.counters.snapshots_taken;
 
         if !rd.snapshot().is_empty() {
             self.install_snapshot(rd.snapshot().clone(), &mut out)?;
@@ -461,7 +494,11 @@ impl Replica {
         let committed = light.take_committed_entries();
         self.apply_entries(committed, &mut out)?;
         self.raw.advance_apply();
-        self.maybe_compact(true)?;
+        self.maybe_compact()?;
+        if self.counters.snapshots_taken != snapshots_before {
+            self.raw.mut_store().sync()?;
+            self.counters.fsyncs += 1;
+        }
         self.note_snapshots_sent(&out.messages);
         Ok(out)
     }
@@ -478,6 +515,7 @@ impl Replica {
             return Ok(None);
         };
         let PendingReady { mut rd, mut out } = pending;
+        let snapshots_before = self.counters.snapshots_taken;
         if !rd.snapshot().is_empty() {
             self.install_snapshot(rd.snapshot().clone(), &mut out)?;
         }
@@ -488,7 +526,7 @@ impl Replica {
         if !rd.entries().is_empty() || hs.is_some() {
             self.raw.mut_store().append(rd.entries(), hs.as_ref())?;
         }
-        let needs_sync = rd.must_sync() || !rd.entries().is_empty() || out.snapshot_installed;
+        let mut needs_sync = rd.must_sync() || !rd.entries().is_empty() || out.snapshot_installed;
         let after_persist = rd.take_persisted_messages();
         let number = rd.number();
         self.raw.advance_append_async(rd);
@@ -500,7 +538,10 @@ impl Replica {
         if out.snapshot_installed {
             self.snapshot_until_durable = Some((number, self.state.applied_index));
         }
-        self.maybe_compact(false)?;
+        self.maybe_compact()?;
+        // A compaction (after a membership change, or every `snapshot_entries`) is made
+        // durable by the sync thread like the rest of the Ready, never here.
+        needs_sync |= self.counters.snapshots_taken != snapshots_before;
         self.note_snapshots_sent(&after_persist);
         Ok(Some(AsyncReady {
             early,
@@ -623,7 +664,9 @@ impl Replica {
                     // joint change on a zero-voter config nor restore a snapshot whose conf
                     // state lacks it. So snapshot right after every membership change; the
                     // leader then catches the new node up with a snapshot that includes it.
-                    self.compact_now()?;
+                    // The caller makes it durable: `on_ready` at once, `ready_async` on the
+                    // sync thread (never an fsync on the raft thread).
+                    self.compact()?;
                     info!(index = e.index, voters = ?cs.voters, outgoing = ?cs.voters_outgoing, "conf change applied");
                 }
             }
@@ -651,31 +694,25 @@ impl Replica {
     }
 
     /// Compact once `snapshot_entries` entries were applied since the last snapshot.
-    /// `durable_now: false` leaves the fsync to the next background sync (the compaction is
-    /// one sled batch, so a crash before it finds either the old log or the new snapshot).
-    fn maybe_compact(&mut self, durable_now: bool) -> Result<(), NodeError> {
+    fn maybe_compact(&mut self) -> Result<(), NodeError> {
         let snap_index = self.raw.store().current_snapshot().get_metadata().index;
         if self.state.applied_index >= snap_index + self.cfg.snapshot_entries {
-            self.compact(durable_now)?;
+            self.compact()?;
         }
         Ok(())
     }
 
-    /// Snapshot the state machine at the applied index and drop the log before it.
-    pub fn compact_now(&mut self) -> Result<(), NodeError> {
-        self.compact(true)
-    }
-
-    fn compact(&mut self, durable_now: bool) -> Result<(), NodeError> {
+    /// Snapshot the state machine at the applied index and drop the log before it, in one
+    /// sled batch that also stores the commit index (see `SledStorage::compact`). It is not
+    /// made durable here: the Ready that compacted asks for a sync (`needs_sync`, done by the
+    /// sync thread; `on_ready` syncs at its end). A crash before that sync finds the old log
+    /// and snapshot, from which the replay compacts again.
+    fn compact(&mut self) -> Result<(), NodeError> {
         let applied = self.state.applied_index;
         let snap_index = self.raw.store().current_snapshot().get_metadata().index;
         if applied > snap_index && applied <= self.raw.store().last_index_cached() {
             let data = self.state.snapshot_bytes();
             self.raw.mut_store().compact(applied, data)?;
-            if durable_now {
-                self.raw.mut_store().sync()?;
-                self.counters.fsyncs += 1;
-            }
             self.counters.snapshots_taken += 1;
             info!(index = applied, "log compacted behind a state snapshot");
         }

@@ -71,6 +71,29 @@ pub struct SledStorage {
     last_index: u64,
     /// Count of fsync rounds (telemetry).
     pub syncs: u64,
+    /// Writes made through this handle (orders the images of one store).
+    writes: u64,
+    /// With [`SledStorage::record_synced_images`]: the image the last `sync` made durable.
+    synced_image: Option<Option<StoreImage>>,
+}
+
+/// Everything a store holds, as raft reads it back after a restart: its log, hard state,
+/// conf state, snapshot and identity. A crash model (`tests/sim_raft.rs`) keeps the image
+/// that each completed sync made durable and brings a crashed node back with exactly that,
+/// since a reopened sled still has the writes that no sync covered (sled flushes on drop).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StoreImage {
+    pub hard_state: HardState,
+    pub conf_state: ConfState,
+    pub snapshot: Snapshot,
+    pub applied: u64,
+    /// The log after the snapshot, in index order.
+    pub entries: Vec<Entry>,
+    pub node: Option<u64>,
+    pub cluster: Option<String>,
+    /// How many writes the store had taken when the image was made: of two images of one
+    /// store (opened once), the one with more writes is the newer.
+    pub writes: u64,
 }
 
 impl SledStorage {
@@ -84,6 +107,15 @@ impl SledStorage {
             source: e,
         })?;
         let db = sled::Config::new().path(dir).open().map_err(sled_err)?;
+        Self::load(db, dir)
+    }
+
+    /// Read the raft state of an opened database.
+    fn load(db: sled::Db, dir: &Path) -> Result<Self, StorageError> {
+        let sled_err = |source| StorageError::Sled {
+            path: dir.to_path_buf(),
+            source,
+        };
         let get = |key: &[u8]| db.get(key).map_err(sled_err);
         fn decode<M: PbMessage>(key: &[u8], v: Option<sled::IVec>) -> Result<M, StorageError> {
             match v {
@@ -119,7 +151,80 @@ impl SledStorage {
             first_index: snap_index + 1,
             last_index: last_index.max(snap_index),
             syncs: 0,
+            writes: 0,
+            synced_image: None,
         })
+    }
+
+    /// Create a store in `dir` (which must hold none) holding exactly `image`, durable.
+    pub fn create_from_image(dir: &Path, image: &StoreImage) -> Result<Self, StorageError> {
+        if Self::has_data(dir) {
+            return Err(StorageError::Corrupt {
+                key: dir.display().to_string(),
+                message: "a store from an image needs an empty directory".into(),
+            });
+        }
+        let mut s = Self::open(dir)?;
+        let mut batch = sled::Batch::default();
+        for e in &image.entries {
+            batch.insert(&entry_key(e.index), Self::encode(e));
+        }
+        batch.insert(KEY_HS, Self::encode(&image.hard_state));
+        batch.insert(KEY_CS, Self::encode(&image.conf_state));
+        if image.snapshot != Snapshot::default() {
+            batch.insert(KEY_SNAP, Self::encode(&image.snapshot));
+        }
+        batch.insert(KEY_APPLIED, &image.applied.to_be_bytes());
+        if let Some(node) = image.node {
+            batch.insert(KEY_NODE, &node.to_be_bytes());
+        }
+        if let Some(c) = &image.cluster {
+            batch.insert(KEY_CLUSTER, c.as_bytes());
+        }
+        s.db.apply_batch(batch).map_err(|e| s.sled_err(e))?;
+        s.sync()?;
+        // Read it back the way a restart does (a new `open` of the directory could find
+        // sled's lock still held by the handle just dropped).
+        Self::load(s.db.clone(), dir)
+    }
+
+    /// The store's contents now (see [`StoreImage`]).
+    pub fn image(&self) -> Result<StoreImage, StorageError> {
+        let (node, cluster) = self.identity()?;
+        let mut entries = Vec::new();
+        for i in self.first_index..=self.last_index {
+            entries.push(self.get_entry(i).map_err(|e| StorageError::Corrupt {
+                key: format!("entry {i}"),
+                message: e.to_string(),
+            })?);
+        }
+        Ok(StoreImage {
+            hard_state: self.hard_state.clone(),
+            conf_state: self.conf_state.clone(),
+            snapshot: self.snapshot.clone(),
+            applied: self.applied,
+            entries,
+            node,
+            cluster,
+            writes: self.writes,
+        })
+    }
+
+    /// From now on every `sync` on this handle keeps the image it made durable, for
+    /// [`SledStorage::take_synced_image`] (a crash model; it costs a read of the log per
+    /// sync, so the server never turns it on).
+    pub fn record_synced_images(&mut self) {
+        self.synced_image.get_or_insert(None);
+    }
+
+    /// The image of the last `sync` since the previous call, when recording.
+    pub fn take_synced_image(&mut self) -> Option<StoreImage> {
+        self.synced_image.as_mut().and_then(Option::take)
+    }
+
+    /// Writes made through this handle so far (compare with [`StoreImage::writes`]).
+    pub fn writes(&self) -> u64 {
+        self.writes
     }
 
     /// Does `dir` hold a sled database already (without opening it)?
@@ -202,6 +307,7 @@ impl SledStorage {
             batch.insert(KEY_HS, Self::encode(hs));
         }
         self.db.apply_batch(batch).map_err(|e| self.sled_err(e))?;
+        self.writes += 1;
         if !entries.is_empty() {
             self.last_index = new_last;
         }
@@ -221,6 +327,7 @@ impl SledStorage {
         self.db
             .insert(KEY_CS, Self::encode(&cs))
             .map_err(|e| self.sled_err(e))?;
+        self.writes += 1;
         self.conf_state = cs;
         Ok(())
     }
@@ -240,6 +347,7 @@ impl SledStorage {
         batch.insert(KEY_SNAP, Self::encode(snap));
         batch.insert(KEY_APPLIED, &meta.index.to_be_bytes());
         self.db.apply_batch(batch).map_err(|e| self.sled_err(e))?;
+        self.writes += 1;
         self.hard_state = hs;
         self.conf_state = meta.get_conf_state().clone();
         self.snapshot = snap.clone();
@@ -279,6 +387,7 @@ impl SledStorage {
         batch.insert(KEY_SNAP, Self::encode(&snap));
         batch.insert(KEY_APPLIED, &index.to_be_bytes());
         self.db.apply_batch(batch).map_err(|e| self.sled_err(e))?;
+        self.writes += 1;
         self.hard_state = hs;
         self.snapshot = snap;
         self.applied = index;
@@ -309,13 +418,18 @@ impl SledStorage {
         if let Some(c) = cluster {
             batch.insert(KEY_CLUSTER, c.as_bytes());
         }
-        self.db.apply_batch(batch).map_err(|e| self.sled_err(e))
+        self.db.apply_batch(batch).map_err(|e| self.sled_err(e))?;
+        self.writes += 1;
+        Ok(())
     }
 
     /// Make everything written so far durable (see the module docs for why this suffices).
     pub fn sync(&mut self) -> Result<(), StorageError> {
         self.syncer().sync()?;
         self.syncs += 1;
+        if self.synced_image.is_some() {
+            self.synced_image = Some(Some(self.image()?));
+        }
         Ok(())
     }
 

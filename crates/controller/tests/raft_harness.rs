@@ -3,9 +3,14 @@
 //! Ticks by hand; links can be cut, nodes isolated, and everything healed. Each node gets a
 //! fixed election timeout (raft-rs's randomised range is one value wide), so every run
 //! elects the same leader in the same term. Storage is real sled in temp dirs.
+//!
+//! A `Net` drives its replicas either through the synchronous `Replica::on_ready` (fsync in
+//! place) or, from `Net::new_async`, the way the server does: `Replica::ready_async` with a
+//! `PersistQueue`, each sync finishing at the node's next turn unless the test holds it.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use phalanx_controller::persist::PersistQueue;
 use phalanx_controller::{Replica, ReplicaConfig};
 use phalanx_proto::{Command, Envelope, NodeId};
 use raft::prelude::Message;
@@ -20,6 +25,15 @@ struct Net {
     snapshot_entries: u64,
     /// Drop this many of the next snapshot messages (a link that died mid-snapshot).
     drop_snapshots: usize,
+    /// Asynchronous persistence (the server's path) instead of `on_ready`.
+    async_persist: bool,
+    persist: BTreeMap<NodeId, PersistQueue>,
+    /// Per node: the Ready number its sync in flight covers.
+    syncing: BTreeMap<NodeId, u64>,
+    /// Per node: the number of its latest Ready.
+    last_ready: BTreeMap<NodeId, u64>,
+    /// Syncs of these nodes covering a Ready above this number do not finish (a slow disk).
+    hold_syncs_after: BTreeMap<NodeId, u64>,
 }
 
 fn cfg(id: NodeId, snapshot_entries: u64) -> ReplicaConfig {
@@ -42,6 +56,11 @@ impl Net {
             queue: VecDeque::new(),
             snapshot_entries,
             drop_snapshots: 0,
+            async_persist: false,
+            persist: BTreeMap::new(),
+            syncing: BTreeMap::new(),
+            last_ready: BTreeMap::new(),
+            hold_syncs_after: BTreeMap::new(),
         };
         for id in 1..=n {
             let dir = tempfile::tempdir().unwrap();
@@ -55,6 +74,13 @@ impl Net {
             net.nodes.insert(id, r);
             net.dirs.insert(id, dir);
         }
+        net
+    }
+
+    /// Like `new`, driven through the server's asynchronous Ready.
+    fn new_async(n: u64, snapshot_entries: u64) -> Net {
+        let mut net = Net::new(n, snapshot_entries);
+        net.async_persist = true;
         net
     }
 
@@ -85,6 +111,43 @@ impl Net {
         )
         .unwrap();
         self.nodes.insert(id, r);
+        self.persist.remove(&id);
+        self.syncing.remove(&id);
+        self.last_ready.remove(&id);
+    }
+
+    fn sync_held(&self, id: NodeId, number: u64) -> bool {
+        self.hold_syncs_after.get(&id).is_some_and(|h| number > *h)
+    }
+
+    /// One node's turn on the asynchronous path: finish its sync (unless held), run its
+    /// Readies, start the next sync. Returns whether anything happened.
+    fn drive_async(&mut self, id: NodeId) -> bool {
+        let mut busy = false;
+        let n = self.nodes.get_mut(&id).unwrap();
+        let q = self.persist.entry(id).or_default();
+        let mut start = None;
+        if let Some(&number) = self.syncing.get(&id) {
+            if !self.hold_syncs_after.get(&id).is_some_and(|h| number > *h) {
+                self.syncing.remove(&id);
+                let step = q.on_synced(n, number);
+                self.queue.extend(step.send);
+                start = step.start_sync;
+                busy = true;
+            }
+        }
+        while let Some(mut ar) = n.ready_async().unwrap() {
+            busy = true;
+            self.last_ready.insert(id, ar.number);
+            self.queue.extend(std::mem::take(&mut ar.early));
+            let step = q.after_ready(n, &mut ar);
+            self.queue.extend(step.send);
+            start = start.or(step.start_sync);
+        }
+        if let Some(number) = start {
+            self.syncing.insert(id, number);
+        }
+        busy
     }
 
     fn link_ok(&self, from: NodeId, to: NodeId) -> bool {
@@ -96,15 +159,31 @@ impl Net {
 
     /// Deliver messages until the network is quiet.
     fn settle(&mut self) {
+        self.settle_until(|_| false);
+    }
+
+    /// Deliver messages until `stop` holds (checked after every node's turn and every
+    /// message; returns true) or the network is quiet (returns false). Syncs that are
+    /// held do not count as activity.
+    fn settle_until(&mut self, stop: impl Fn(&Net) -> bool) -> bool {
         for _ in 0..10_000 {
             let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+            let mut busy = false;
             for id in ids {
-                let out = self.nodes.get_mut(&id).unwrap().on_ready().unwrap();
-                self.queue.extend(out.messages);
+                if self.async_persist {
+                    busy |= self.drive_async(id);
+                } else {
+                    let out = self.nodes.get_mut(&id).unwrap().on_ready().unwrap();
+                    self.queue.extend(out.messages);
+                }
+                if stop(self) {
+                    return true;
+                }
             }
             let Some(m) = self.queue.pop_front() else {
-                if self.nodes.values().all(|n| !n.raw.has_ready()) {
-                    return;
+                let syncs_done = self.syncing.iter().all(|(id, n)| self.sync_held(*id, *n));
+                if !busy && syncs_done && self.nodes.values().all(|n| !n.raw.has_ready()) {
+                    return false;
                 }
                 continue;
             };
@@ -119,6 +198,9 @@ impl Net {
                     n.step(m).unwrap();
                 }
             }
+            if stop(self) {
+                return true;
+            }
         }
         panic!("network did not settle");
     }
@@ -130,6 +212,20 @@ impl Net {
             }
             self.settle();
         }
+    }
+
+    /// Tick up to `ticks` times, settling after each, until `stop` holds (see
+    /// `settle_until`); returns whether it did.
+    fn tick_until(&mut self, ticks: usize, stop: impl Fn(&Net) -> bool) -> bool {
+        for _ in 0..ticks {
+            for n in self.nodes.values_mut() {
+                n.tick();
+            }
+            if self.settle_until(&stop) {
+                return true;
+            }
+        }
+        false
     }
 
     fn leader(&self) -> Option<NodeId> {
@@ -454,4 +550,130 @@ fn full_restart_keeps_committed_state() {
             "node {id}"
         );
     }
+}
+
+/// The index of the last entry of `id`'s log when it is a conf change.
+fn last_conf_change(net: &Net, id: NodeId) -> Option<u64> {
+    let log = &net.nodes[&id].raw.raft.raft_log;
+    let last = log.last_index();
+    let e = log
+        .slice(last, last + 1, None, raft::GetEntriesContext::empty(false))
+        .ok()?;
+    (e.first()?.get_entry_type() == raft::prelude::EntryType::EntryConfChangeV2).then_some(last)
+}
+
+/// A membership change compacts the log at once (a new voter is caught up from a snapshot
+/// that names it). On the server's asynchronous path that compaction used to fsync on the
+/// raft thread, in the middle of its Ready; it is now made durable by the sync that covers
+/// the Ready, on the sync thread. The store's own `sync` is the raft thread's fsync: it
+/// must not run, while the snapshot (with its commit index, in the same batch) is taken.
+#[test]
+fn compaction_after_a_membership_change_leaves_the_fsync_to_the_sync_thread() {
+    let mut net = Net::new_async(3, 1_000);
+    let l = net.elect();
+    net.put(l, "r0", "k", "v0");
+    let syncs_before: BTreeMap<NodeId, u64> = net
+        .nodes
+        .iter()
+        .map(|(id, n)| (*id, n.raw.store().syncs))
+        .collect();
+    let victim = (1..=3).find(|i| *i != l).unwrap();
+    let index = net
+        .nodes
+        .get_mut(&l)
+        .unwrap()
+        .propose_member_change(false, victim, "")
+        .unwrap();
+    net.tick(20);
+    for (id, n) in &net.nodes {
+        assert_eq!(n.voters().len(), 2, "node {id} applied the removal");
+        let snap = n.raw.store().current_snapshot().get_metadata().index;
+        assert!(
+            snap >= index,
+            "node {id} compacted at the change (snapshot {snap})"
+        );
+        assert!(n.counters.snapshots_taken >= 1, "node {id}");
+        assert!(
+            n.raw.store().hard_state().commit >= snap,
+            "node {id}: the commit index is stored with the snapshot"
+        );
+        assert_eq!(
+            n.raw.store().syncs,
+            syncs_before[id],
+            "node {id} fsynced on the raft thread"
+        );
+    }
+    // The group goes on after the change.
+    let l = net.elect();
+    net.put(l, "r1", "k", "v1");
+    assert_eq!(net.value(l, "k").as_deref(), Some("v1"));
+}
+
+/// raft-rs asserts `last_index == persisted` when a node becomes leader. A lone voter wins
+/// inside the tick that starts its election, without asking anybody, so with asynchronous
+/// persistence it could become leader while entries it took as a follower were still on
+/// their way to the disk: here node 2 becomes the only voter (leader 1 removed itself)
+/// while its sync of leader 1's last entry is slower than its election timeout. Its
+/// election now waits for the disk; once the sync finishes it leads and the entry commits.
+#[test]
+fn lone_voter_with_entries_not_yet_durable_waits_for_its_disk_to_lead() {
+    let mut net = Net::new_async(2, 1_000);
+    let l = net.elect();
+    assert_eq!(l, 1);
+    net.put(1, "r0", "k", "v0");
+    // Leader 1 removes itself through joint consensus; it appends the entry that leaves
+    // the joint configuration (L) once the change is applied.
+    let cc = net
+        .nodes
+        .get_mut(&1)
+        .unwrap()
+        .propose_member_change(false, 1, "")
+        .unwrap();
+    // Stop as soon as node 2 has L and a sync covering it is in flight.
+    let reached = net.tick_until(20, |net| {
+        last_conf_change(net, 2).is_some_and(|i| i > cc)
+            && net.syncing.get(&2).is_some()
+            && net.syncing.get(&2) == net.last_ready.get(&2)
+    });
+    assert!(
+        reached,
+        "node 2 received the entry that leaves the joint configuration"
+    );
+    let leave = last_conf_change(&net, 2).unwrap();
+    // Leader 1 (still a voter of the outgoing half) takes one more write; node 2's disk
+    // becomes slow for everything after the sync now in flight.
+    net.hold_syncs_after.insert(2, net.syncing[&2]);
+    let env = Envelope {
+        request_id: "w".into(),
+        command: Command::SetAnnotation {
+            key: "k".into(),
+            value: "w".into(),
+        },
+    };
+    net.nodes.get_mut(&1).unwrap().propose(&env).unwrap();
+    net.settle();
+    let n2 = &net.nodes[&2];
+    assert_eq!(n2.voters(), vec![2], "node 2 is the lone voter");
+    let log = &n2.raw.raft.raft_log;
+    assert!(
+        log.last_index() > leave && log.persisted < log.last_index(),
+        "node 2 holds an entry that is not durable (last {}, persisted {})",
+        log.last_index(),
+        log.persisted
+    );
+    // Leader 1 is gone; node 2's election timeout passes several times over.
+    net.isolated.insert(1);
+    net.tick(60);
+    assert!(
+        !net.nodes[&2].is_leader(),
+        "a lone voter leads only once its log is durable"
+    );
+    // The disk catches up: node 2 leads, and the entry it held commits.
+    net.hold_syncs_after.clear();
+    net.nodes.remove(&1);
+    let l = net.elect();
+    assert_eq!(l, 2);
+    net.put(2, "r2", "k2", "after");
+    assert_eq!(net.value(2, "k").as_deref(), Some("w"));
+    assert_eq!(net.value(2, "k2").as_deref(), Some("after"));
 }

@@ -1,13 +1,24 @@
 //! A randomized simulation of the controller's Raft group, in the spirit of FoundationDB's
 //! simulation and TigerBeetle's VOPR.
 //!
-//! Each seed draws a schedule: crashes and restarts (the replica is dropped and reopened
-//! from its sled directory), partitions (isolated nodes, splits, one-way cuts) and their
+//! Each seed draws a schedule: crashes and restarts, partitions (isolated nodes, splits, one-way cuts) and their
 //! heals, message loss, duplication, delay and reordering, and clients that propose writes
 //! and ask for linearizable reads (ReadIndex, as the server's raft loop does). The nodes are
 //! the real `Replica` (raft-rs `RawNode` over `SledStorage`) and the real state machine.
+//!
+//! **The crash model is a real disk's:** a crashed node comes back with exactly what its last
+//! completed sync made durable (log, hard state, conf state, snapshot), not with what its
+//! sled still held (sled flushes on drop, so reopening its directory would keep writes that
+//! no fsync covered). Every sync records the store's image (`SledStorage::image`): the
+//! server's asynchronous path (`ready_async` + `PersistQueue`) as the sync starts, to be
+//! durable when it finishes 1..=`sync_delay_max` ticks later; the synchronous path
+//! (`on_ready`) at each `SledStorage::sync`. A restart builds a fresh store from that image.
+//!
 //! After every simulated tick it checks:
 //!
+//! - nodes acknowledge only what is durable: an append response vouches for entries (above
+//!   its commit index) that its durable log holds with the same terms, a granted vote and a
+//!   vote request for a term and vote its durable hard state holds;
 //! - at most one leader per term;
 //! - no committed entry is lost or changed (the same index always holds the same entry, and
 //!   a node that becomes leader holds every entry committed before it won);
@@ -30,10 +41,11 @@ use std::time::Instant;
 
 use phalanx_controller::node::{NodeError, ReadyOutput};
 use phalanx_controller::persist::PersistQueue;
+use phalanx_controller::storage::{SledStorage, StoreImage};
 use phalanx_controller::{Replica, ReplicaConfig};
 use phalanx_core::ClusterState;
 use phalanx_proto::{Command, Envelope, NodeId};
-use raft::prelude::Message;
+use raft::prelude::{Message, MessageType};
 use raft::GetEntriesContext;
 
 /// Fast batch run by `cargo test` / `just test`.
@@ -126,6 +138,16 @@ struct Profile {
 /// One node's round: the messages to send and its Ready outputs.
 type Driven = (Vec<Message>, Vec<ReadyOutput>);
 
+/// A sync in flight in the asynchronous mode.
+struct InFlightSync {
+    /// The Ready number it reports durable.
+    number: u64,
+    /// The tick at which it finishes.
+    due: u64,
+    /// What it makes durable: the store as the sync began.
+    image: StoreImage,
+}
+
 struct Sim {
     seed: u64,
     rng: Rng,
@@ -134,8 +156,14 @@ struct Sim {
     voters: Vec<NodeId>,
     nodes: BTreeMap<NodeId, Replica>,
     /// Asynchronous persistence per live node: its queue and the running sync (the Ready
-    /// number it covers, the tick it finishes). A crash drops both.
-    persist: BTreeMap<NodeId, (PersistQueue, Option<(u64, u64)>)>,
+    /// number it covers, the tick it finishes, the image it makes durable). A crash drops
+    /// both.
+    persist: BTreeMap<NodeId, (PersistQueue, Option<InFlightSync>)>,
+    /// Per node: what its disk holds, the image of its last completed sync. Kept across a
+    /// crash: the restart begins from it.
+    durable: BTreeMap<NodeId, StoreImage>,
+    /// Per node: how many times it was restarted from its image (each in a new directory).
+    generation: BTreeMap<NodeId, u64>,
     down: BTreeSet<NodeId>,
     /// Directed cuts: messages from .0 to .1 are dropped.
     cut: BTreeSet<(NodeId, NodeId)>,
@@ -219,6 +247,8 @@ impl Sim {
             voters,
             nodes: BTreeMap::new(),
             persist: BTreeMap::new(),
+            durable: BTreeMap::new(),
+            generation: BTreeMap::new(),
             down: BTreeSet::new(),
             cut: BTreeSet::new(),
             net: Vec::new(),
@@ -257,24 +287,104 @@ impl Sim {
         c
     }
 
+    fn dir(&self, id: NodeId) -> PathBuf {
+        let g = self.generation.get(&id).copied().unwrap_or(0);
+        self.root.join(format!("n{id}-g{g}"))
+    }
+
+    /// Start a node: a new one from scratch, a crashed one from its durable image, in a
+    /// fresh directory (the crashed store's sled may still be writing its old one).
     fn open(&mut self, id: NodeId) {
-        let dir = self.root.join(format!("n{id}"));
-        // sled releases its directory lock when its background flusher lets go of the
-        // dropped database, a moment after the drop: retry for a bounded time.
-        let deadline = Instant::now() + std::time::Duration::from_secs(10);
-        let r = loop {
-            match Replica::open(&dir, self.cfg(id), &self.voters, BTreeMap::new()) {
-                Ok(r) => break r,
-                Err(e) if e.to_string().contains("acquire lock") && Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(2));
-                }
-                Err(e) => panic!("seed {}: node {id} failed to open: {e}", self.seed),
+        let r = match self.durable.get(&id).cloned() {
+            None => Replica::open(&self.dir(id), self.cfg(id), &self.voters, BTreeMap::new())
+                .unwrap_or_else(|e| panic!("seed {}: node {id} failed to open: {e}", self.seed)),
+            Some(image) => {
+                let old = self.dir(id);
+                *self.generation.entry(id).or_default() += 1;
+                let _ = std::fs::remove_dir_all(old);
+                let store = SledStorage::create_from_image(&self.dir(id), &image)
+                    .unwrap_or_else(|e| panic!("seed {}: node {id}: restore: {e}", self.seed));
+                Replica::from_storage(store, self.cfg(id), BTreeMap::new())
+                    .unwrap_or_else(|e| panic!("seed {}: node {id} failed to open: {e}", self.seed))
             }
         };
+        self.install(id, r);
+    }
+
+    fn install(&mut self, id: NodeId, mut r: Replica) {
+        r.raw.mut_store().record_synced_images();
+        // All it holds now is on disk: read back from it, or written and synced by `open`.
+        let image = r.raw.store().image().expect("image of a store just opened");
+        self.durable.insert(id, image);
         self.nodes.insert(id, r);
-        self.persist.insert(id, Default::default());
+        self.persist.insert(id, (PersistQueue::default(), None));
         self.down.remove(&id);
         self.checked_to.insert(id, 0);
+    }
+
+    /// A sync of `id` made `image` durable (images of one store are ordered by writes).
+    fn made_durable(&mut self, id: NodeId, image: StoreImage) {
+        let d = self
+            .durable
+            .get_mut(&id)
+            .expect("a live node has a durable image");
+        if image.writes >= d.writes {
+            *d = image;
+        }
+    }
+
+    /// Nodes acknowledge only what their disk holds: `msgs` were just sent by `id`.
+    fn check_acks(&self, id: NodeId, msgs: &[Message]) -> Result<(), String> {
+        let n = &self.nodes[&id];
+        let d = &self.durable[&id];
+        let hs = &d.hard_state;
+        for m in msgs {
+            match m.get_msg_type() {
+                MessageType::MsgAppendResponse if !m.reject => {
+                    // Up to its commit index the entries are committed already (raft-rs
+                    // answers a stale append with its commit index); above it, the append
+                    // response vouches for the durable log.
+                    let i = m.index;
+                    if i <= n.commit_index() || i <= d.snapshot.get_metadata().index {
+                        continue;
+                    }
+                    let durable_term = d
+                        .entries
+                        .first()
+                        .and_then(|e| i.checked_sub(e.index))
+                        .and_then(|k| d.entries.get(k as usize))
+                        .map(|e| e.term);
+                    let term = n.raw.raft.raft_log.term(i).unwrap_or(0);
+                    if durable_term != Some(term) {
+                        return Err(format!(
+                            "node {id} acknowledged entry {i} (term {term}) to {} before it \
+                             was durable (its disk has {durable_term:?} at {i})",
+                            m.to
+                        ));
+                    }
+                }
+                MessageType::MsgRequestVoteResponse if !m.reject => {
+                    if hs.term < m.term || (hs.term == m.term && hs.vote != m.to) {
+                        return Err(format!(
+                            "node {id} granted its vote in term {} to {} before it was \
+                             durable (its disk has term {}, vote {})",
+                            m.term, m.to, hs.term, hs.vote
+                        ));
+                    }
+                }
+                MessageType::MsgRequestVote => {
+                    if hs.term < m.term || (hs.term == m.term && hs.vote != id) {
+                        return Err(format!(
+                            "node {id} asked {} for a vote in term {} before its own vote \
+                             was durable (its disk has term {}, vote {})",
+                            m.to, m.term, hs.term, hs.vote
+                        ));
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     fn trace(&mut self, what: std::fmt::Arguments) {
@@ -289,6 +399,7 @@ impl Sim {
         self.nodes.keys().copied().collect()
     }
 
+    /// The node stops; what its last completed sync made durable is all it keeps.
     fn crash(&mut self, id: NodeId) {
         self.nodes.remove(&id);
         self.persist.remove(&id);
@@ -429,27 +540,35 @@ impl Sim {
     /// the messages to send and the Ready outputs, or `None` when it had nothing to do.
     fn drive(&mut self, id: NodeId) -> Result<Option<Driven>, String> {
         let fail = |e: NodeError| format!("node {id}: ready failed: {e}");
+        let image_err = |e| format!("node {id}: image of its store: {e}");
         let n = self.nodes.get_mut(&id).expect("live node");
         if self.p.sync_delay_max == 0 {
             if !n.raw.has_ready() {
                 return Ok(None);
             }
             let mut out = n.on_ready().map_err(fail)?;
+            // `on_ready` syncs in place: the store recorded what its syncs made durable.
+            if let Some(image) = n.raw.mut_store().take_synced_image() {
+                self.made_durable(id, image);
+            }
             return Ok(Some((std::mem::take(&mut out.messages), vec![out])));
         }
         let (queue, sync) = self.persist.get_mut(&id).expect("live node's queue");
         let mut msgs = Vec::new();
         let mut outs = Vec::new();
         let mut start = None;
-        if let Some((number, due)) = *sync {
-            if due <= self.now {
-                *sync = None;
-                let step = queue.on_synced(n, number);
-                msgs.extend(step.send);
-                start = step.start_sync;
-            }
+        let mut done = None;
+        if sync.as_ref().is_some_and(|s| s.due <= self.now) {
+            let s = sync.take().expect("a sync in flight");
+            // It made the store as it began durable; only then is raft-rs told.
+            done = Some(s.image);
+            let step = queue.on_synced(n, s.number);
+            msgs.extend(step.send);
+            start = step
+                .start_sync
+                .map(|number| (number, n.raw.store().image()));
         }
-        let synced = !msgs.is_empty() || start.is_some();
+        let synced = done.is_some();
         while n.raw.has_ready() {
             let Some(mut ar) = n.ready_async().map_err(fail)? else {
                 break;
@@ -457,11 +576,31 @@ impl Sim {
             msgs.append(&mut ar.early);
             let step = queue.after_ready(n, &mut ar);
             msgs.extend(step.send);
-            start = start.or(step.start_sync);
+            if start.is_none() {
+                // The sync begins now: it covers what the store holds at this moment.
+                start = step
+                    .start_sync
+                    .map(|number| (number, n.raw.store().image()));
+            }
             outs.push(ar.out);
         }
-        if let Some(number) = start {
-            *sync = Some((number, self.now + 1 + self.rng.below(self.p.sync_delay_max)));
+        // The raft thread never syncs by itself in this mode (compactions included).
+        let direct = n.raw.mut_store().take_synced_image();
+        if let Some((number, image)) = start {
+            let image = image.map_err(image_err)?;
+            *sync = Some(InFlightSync {
+                number,
+                due: self.now + 1 + self.rng.below(self.p.sync_delay_max),
+                image,
+            });
+        }
+        if direct.is_some() {
+            return Err(format!(
+                "node {id}: a Ready of the asynchronous path synced on the raft thread"
+            ));
+        }
+        if let Some(image) = done {
+            self.made_durable(id, image);
         }
         if outs.is_empty() && !synced {
             return Ok(None);
@@ -478,6 +617,7 @@ impl Sim {
                 continue;
             };
             busy = true;
+            self.check_acks(id, &messages)?;
             for m in messages {
                 if self.rng.chance(self.p.loss) {
                     continue;
