@@ -56,7 +56,8 @@ mod tests {
     fn a_consistent_report_is_kept_and_each_inconsistency_is_named() {
         assert_eq!(check(&report(), 2, 20), Ok(()));
         assert!((report().mfu() - 0.25).abs() < 1e-12);
-        let cases: [(fn(&mut Throughput), &str); 5] = [
+        type Spoil = fn(&mut Throughput);
+        let cases: [(Spoil, &str); 5] = [
             (
                 |t| t.peak_source = "x".repeat(300),
                 "peak source of 300 bytes",
