@@ -621,11 +621,13 @@ impl ClusterState {
                 let Some(rank) = plan.ranks.iter().position(|w| w == worker) else {
                     return no(format!("worker {worker} has no rank in epoch {epoch}"));
                 };
+                // A bad throughput report is dropped, never the progress it rides on.
+                let mut dropped = String::new();
                 if let Some(t) = throughput {
-                    if let Err(why) = crate::throughput::check(t, plan.ranks.len(), j.spec.steps) {
-                        return no(format!("throughput report refused: {why}"));
+                    match crate::throughput::check(t, plan.ranks.len(), j.spec.steps) {
+                        Ok(()) => j.throughput = Some(t.clone()),
+                        Err(why) => dropped = format!("; throughput report dropped: {why}"),
                     }
-                    j.throughput = Some(t.clone());
                 }
                 let step = (*step).min(j.spec.steps);
                 crate::history::record(
@@ -647,7 +649,7 @@ impl ClusterState {
                 j.start_failed_workers.clear();
                 // Reaching the last step is not the end: the job completes with its result,
                 // which needs the final checkpoint committed (see ReportResult).
-                ok(format!("progress {step}"))
+                ok(format!("progress {step}{dropped}"))
             }
             Command::RecordCheckpoint {
                 job,
