@@ -642,6 +642,52 @@ mod tests {
         );
     }
 
+    /// A store rebuilt from an image holds exactly that image: what the crash model of
+    /// `sim_raft` restarts a crashed node from. Writes after the image are not in it.
+    #[test]
+    fn a_store_from_an_image_holds_exactly_the_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SledStorage::open(&dir.path().join("a")).unwrap();
+        s.initialize(&[1, 2, 3]).unwrap();
+        s.set_identity(2, Some("c-1")).unwrap();
+        let hs = HardState {
+            term: 3,
+            commit: 4,
+            vote: 2,
+            ..Default::default()
+        };
+        s.append(&(1..=8).map(|i| ent(i, 3)).collect::<Vec<_>>(), Some(&hs))
+            .unwrap();
+        s.compact(4, b"state@4".to_vec()).unwrap();
+        let image = s.image().unwrap();
+        // Written after the image: a later entry and a new vote, never synced.
+        let later = HardState {
+            term: 4,
+            vote: 3,
+            ..hs.clone()
+        };
+        s.append(&[ent(9, 4)], Some(&later)).unwrap();
+        assert!(s.image().unwrap().writes > image.writes);
+
+        let b = SledStorage::create_from_image(&dir.path().join("b"), &image).unwrap();
+        let back = b.image().unwrap();
+        assert_eq!(
+            StoreImage {
+                writes: image.writes,
+                ..back
+            },
+            image
+        );
+        assert_eq!(b.first_index().unwrap(), 5);
+        assert_eq!(b.last_index().unwrap(), 8);
+        assert_eq!(b.hard_state().vote, 2);
+        assert_eq!(b.applied(), 4);
+        assert_eq!(b.identity().unwrap(), (Some(2), Some("c-1".to_string())));
+        assert_eq!(&b.snapshot(0, 1).unwrap().data[..], b"state@4");
+        // A directory that holds a store already is refused.
+        assert!(SledStorage::create_from_image(&dir.path().join("a"), &image).is_err());
+    }
+
     #[test]
     fn append_truncate_compact_reopen() {
         let dir = tempfile::tempdir().unwrap();

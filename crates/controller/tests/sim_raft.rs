@@ -343,9 +343,16 @@ impl Sim {
                 MessageType::MsgAppendResponse if !m.reject => {
                     // Up to its commit index the entries are committed already (raft-rs
                     // answers a stale append with its commit index); above it, the append
-                    // response vouches for the durable log.
+                    // response vouches for the durable log. An answer from an earlier term
+                    // than the disk's goes out with the sync that made the later term
+                    // durable, which may have truncated what it answers for (a leader of that
+                    // later term did): like a message delayed on the wire, raft tolerates
+                    // it, since that leader's voters had the entry if it was committed.
                     let i = m.index;
-                    if i <= n.commit_index() || i <= d.snapshot.get_metadata().index {
+                    if i <= n.commit_index()
+                        || i <= d.snapshot.get_metadata().index
+                        || m.term < hs.term
+                    {
                         continue;
                     }
                     let durable_term = d
