@@ -1,7 +1,8 @@
 //! The live dashboard in a real browser: a cluster trains, a worker is killed, and headless
 //! Chromium (Debian's `chromium`, driven through `chromium-driver` over WebDriver) shows
 //! what a person would see on the page that `phalanx dashboard` names. A screenshot lands
-//! in target/dashboard/.
+//! in target/dashboard/. And the token's way into the browser, over raw HTTP: a cookie that
+//! authorizes reads only.
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -218,4 +219,74 @@ async fn the_page_shows_a_killed_worker_its_recovery_and_the_loss_curve() {
     );
     assert_eq!(page["cookie_visible_to_script"], false);
     eprintln!("dashboard screenshot: {}", shot.display());
+}
+
+/// One raw HTTP/1.1 exchange (the server closes the connection): status and the whole text.
+fn raw_http(address: &str, request: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(address).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    (status, text)
+}
+
+#[test]
+fn the_token_becomes_a_cookie_that_authorizes_reads_only() {
+    let c = LocalCluster::start(0, 0);
+    let url = c.ctl_ok(&["dashboard"]).trim().to_string();
+    let rest = url.strip_prefix("http://").unwrap();
+    let (address, target) = rest.split_at(rest.find('/').unwrap());
+    let token = target.split_once("token=").unwrap().1;
+    let get = |path: &str, extra: &str| {
+        raw_http(
+            address,
+            &format!("GET {path} HTTP/1.1\r\nHost: {address}\r\n{extra}\r\n"),
+        )
+    };
+
+    // The page answers with the cookie, never cached.
+    let (status, page) = get(target, "");
+    assert_eq!(status, 200, "{page}");
+    let set_cookie =
+        format!("Set-Cookie: phalanx_token={token}; HttpOnly; SameSite=Strict; Path=/\r\n");
+    assert!(page.contains(&set_cookie), "{page}");
+    assert!(page.contains("Cache-Control: no-store\r\n"), "{page}");
+    assert!(page.contains("<script src=\"app.js\">"), "{page}");
+    let cookie = format!("Cookie: phalanx_token={token}\r\n");
+    // The cookie reads the API and the page's files...
+    for path in ["/v1/status", "/ui/app.js", "/ui/vendor/uPlot.iife.min.js"] {
+        let (status, text) = get(path, &cookie);
+        assert_eq!(status, 200, "GET {path} with the cookie: {text}");
+        assert!(!text.contains("Set-Cookie"), "GET {path}: {text}");
+    }
+    // ...and changes nothing: a POST with only the cookie is refused.
+    let body =
+        r#"{"request_id":"dash-1","command":{"type":"set_annotation","key":"k","value":"v"}}"#;
+    let (status, text) = raw_http(
+        address,
+        &format!(
+            "POST /v1/command HTTP/1.1\r\nHost: {address}\r\n{cookie}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    assert_eq!(status, 401, "a cookie authorized a POST: {text}");
+    // Without a token, or with a wrong one, nothing; the page's 401 says what to open.
+    for (path, extra) in [
+        ("/ui/", String::new()),
+        ("/ui/?token=wrong", String::new()),
+        ("/v1/status", "Cookie: phalanx_token=wrong\r\n".to_string()),
+    ] {
+        let (status, text) = get(path, &extra);
+        assert_eq!(status, 401, "GET {path} {extra:?}: {text}");
+        assert!(!text.contains("Set-Cookie"), "{text}");
+    }
+    assert!(get("/ui/", "").1.contains("phalanx dashboard --dir DIR"));
 }
