@@ -128,7 +128,7 @@ impl Net {
         let q = self.persist.entry(id).or_default();
         let mut start = None;
         if let Some(&number) = self.syncing.get(&id) {
-            if !self.hold_syncs_after.get(&id).is_some_and(|h| number > *h) {
+            if self.hold_syncs_after.get(&id).is_none_or(|h| number <= *h) {
                 self.syncing.remove(&id);
                 let step = q.on_synced(n, number);
                 self.queue.extend(step.send);
@@ -632,7 +632,7 @@ fn lone_voter_with_entries_not_yet_durable_waits_for_its_disk_to_lead() {
     // Stop as soon as node 2 has L and a sync covering it is in flight.
     let reached = net.tick_until(20, |net| {
         last_conf_change(net, 2).is_some_and(|i| i > cc)
-            && net.syncing.get(&2).is_some()
+            && net.syncing.contains_key(&2)
             && net.syncing.get(&2) == net.last_ready.get(&2)
     });
     assert!(

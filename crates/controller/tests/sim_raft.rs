@@ -370,23 +370,24 @@ impl Sim {
                         ));
                     }
                 }
-                MessageType::MsgRequestVoteResponse if !m.reject => {
-                    if hs.term < m.term || (hs.term == m.term && hs.vote != m.to) {
-                        return Err(format!(
-                            "node {id} granted its vote in term {} to {} before it was \
-                             durable (its disk has term {}, vote {})",
-                            m.term, m.to, hs.term, hs.vote
-                        ));
-                    }
+                MessageType::MsgRequestVoteResponse
+                    if !m.reject
+                        && (hs.term < m.term || (hs.term == m.term && hs.vote != m.to)) =>
+                {
+                    return Err(format!(
+                        "node {id} granted its vote in term {} to {} before it was durable \
+                         (its disk has term {}, vote {})",
+                        m.term, m.to, hs.term, hs.vote
+                    ));
                 }
-                MessageType::MsgRequestVote => {
-                    if hs.term < m.term || (hs.term == m.term && hs.vote != id) {
-                        return Err(format!(
-                            "node {id} asked {} for a vote in term {} before its own vote \
-                             was durable (its disk has term {}, vote {})",
-                            m.to, m.term, hs.term, hs.vote
-                        ));
-                    }
+                MessageType::MsgRequestVote
+                    if hs.term < m.term || (hs.term == m.term && hs.vote != id) =>
+                {
+                    return Err(format!(
+                        "node {id} asked {} for a vote in term {} before its own vote was \
+                         durable (its disk has term {}, vote {})",
+                        m.to, m.term, hs.term, hs.vote
+                    ));
                 }
                 _ => {}
             }
