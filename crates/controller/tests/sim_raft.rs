@@ -12,7 +12,8 @@
 //! no fsync covered). Every sync records the store's image (`SledStorage::image`): the
 //! server's asynchronous path (`ready_async` + `PersistQueue`) as the sync starts, to be
 //! durable when it finishes 1..=`sync_delay_max` ticks later; the synchronous path
-//! (`on_ready`) at each `SledStorage::sync`. A restart builds a fresh store from that image.
+//! (`on_ready`) at each `SledStorage::sync`. A sync in flight at the crash may or may not
+//! have reached the disk. A restart builds a fresh store from that image.
 //!
 //! After every simulated tick it checks:
 //!
@@ -407,10 +408,16 @@ impl Sim {
         self.nodes.keys().copied().collect()
     }
 
-    /// The node stops; what its last completed sync made durable is all it keeps.
+    /// The node stops; what its last completed sync made durable is all it keeps. A sync in
+    /// flight may have reached the disk before the crash without the node hearing of it
+    /// (half the time it did).
     fn crash(&mut self, id: NodeId) {
         self.nodes.remove(&id);
-        self.persist.remove(&id);
+        if let Some((_, Some(sync))) = self.persist.remove(&id) {
+            if self.rng.chance(0.5) {
+                self.made_durable(id, sync.image);
+            }
+        }
         self.down.insert(id);
         self.stats.crashes += 1;
         self.writes.retain(|_, w| w.node != id);
