@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::linearizability::{linearizable, Op, OpKind};
 
-use phalanx_controller::client::{http_once, Client};
+use phalanx_controller::client::{http_once, Client, Credentials};
 use phalanx_proto::{Command, StatusResponse};
 use phalanx_tests::{free_port, phalanx, KillOnDrop};
 
@@ -197,7 +197,7 @@ impl Net {
                 addr,
                 "GET",
                 "/v1/status",
-                TOKEN,
+                &Credentials::insecure(TOKEN),
                 None,
                 Duration::from_millis(300),
             ) {
@@ -273,7 +273,7 @@ fn controller_linearizable_under_leader_kill_and_partition() {
     for c in 0..4u32 {
         let (history, stop, addrs) = (history.clone(), stop.clone(), addrs.clone());
         clients.push(std::thread::spawn(move || {
-            let mut client = Client::new(addrs, TOKEN.into()).unwrap();
+            let mut client = Client::new(addrs, Credentials::insecure(TOKEN)).unwrap();
             client.request_timeout = Duration::from_millis(800);
             client.deadline = Duration::from_millis(2500);
             let now = || start.elapsed().as_micros() as u64;

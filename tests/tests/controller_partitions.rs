@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use phalanx_controller::client::{http_once, Client};
+use phalanx_controller::client::{http_once, Client, Credentials};
 use phalanx_netns::{Cut, Lab};
 use phalanx_proto::{Command, StatusResponse};
 use phalanx_tests::{phalanx_bin, KillOnDrop};
@@ -110,7 +110,7 @@ impl Cluster {
                     a,
                     "GET",
                     "/v1/status",
-                    TOKEN,
+                    &Credentials::insecure(TOKEN),
                     None,
                     Duration::from_millis(300),
                 )
@@ -263,7 +263,7 @@ fn controller_partitions_heal_fast_and_stay_linearizable() {
             // Start at a different node each, so some clients always talk to the cut one.
             let mut addrs = addrs;
             addrs.rotate_left(c as usize % 3);
-            let mut client = Client::new(addrs, TOKEN.into()).unwrap();
+            let mut client = Client::new(addrs, Credentials::insecure(TOKEN)).unwrap();
             client.request_timeout = Duration::from_millis(800);
             client.deadline = Duration::from_millis(2500);
             let mut k = 0u32;

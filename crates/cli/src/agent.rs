@@ -87,7 +87,11 @@ pub fn start(cmd: WorkerStartCmd) -> Result<()> {
     phalanx_worker::numerics::ensure(cmd.numerics)?;
     let device = DeviceRequest::parse(&cmd.device, cmd.memory_gib)?;
     let torch_device = device.activate()?;
-    let client = cmd.target.client()?;
+    // The worker speaks as itself: its own certificate (issued here when the CA key is at
+    // hand, as in a local cluster).
+    let client = cmd
+        .target
+        .client_as(&phalanx_pki::Role::Worker(cmd.id.clone()))?;
     let checkpoint_root = match (&cmd.checkpoint_dir, cmd.target.dir()) {
         (Some(d), _) => d.clone(),
         (None, Some(d)) => d.join("checkpoints"),

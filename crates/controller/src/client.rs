@@ -1,24 +1,27 @@
-//! A small blocking client of the controller API, for the CLI, workers and tests.
+//! A blocking client of the controller API, for the CLI, workers and tests, on ureq
+//! (keep-alive connections, rustls).
 //!
 //! It knows every controller address, follows `not_leader` redirects, and retries on
-//! another node when one is down, until its deadline. Commands carry a request id that
-//! stays the same across retries, so a retried command applies once.
+//! another node when one is down, with jittered exponential backoff, until its deadline.
+//! Commands carry a request id that stays the same across retries, so a retried command
+//! applies once.
 
-use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::io::Read;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use phalanx_pki::{Identity, PkiError, Role, TlsDir, TokenKind, ALPN_HTTP1};
 use phalanx_proto::{Command, CommandResponse, Envelope, ErrorResponse, StatusResponse};
 use serde::de::DeserializeOwned;
 use thiserror::Error;
-
-use crate::wire;
 
 #[derive(Debug, Error)]
 pub enum ClientError {
     #[error("unauthorized (401) from {addr}: {message}")]
     Unauthorized { addr: String, message: String },
+    #[error("forbidden (403) by {addr}: {message}")]
+    Forbidden { addr: String, message: String },
     #[error("{addr} answered {status} {error}: {message}")]
     Api {
         addr: String,
@@ -40,7 +43,8 @@ pub enum ClientError {
 
 pub struct Client {
     addrs: Vec<String>,
-    token: String,
+    creds: Credentials,
+    agent: ureq::Agent,
     /// Bound of one HTTP exchange.
     pub request_timeout: Duration,
     /// Bound of a call with all its retries.
@@ -67,68 +71,160 @@ pub fn new_request_id(prefix: &str) -> String {
     )
 }
 
-/// One HTTP exchange with one address.
+/// How a client proves who it is: TLS with the cluster CA (and a client certificate of
+/// its role, or a bearer token), or `--insecure`'s plain HTTP with the shared token.
+#[derive(Clone)]
+pub struct Credentials {
+    tls: Option<Arc<rustls::ClientConfig>>,
+    bearer: Option<String>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("tls", &self.tls.is_some())
+            .field("bearer", &self.bearer.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl Credentials {
+    /// Plain HTTP with the shared token (`--insecure` clusters).
+    pub fn insecure(token: impl Into<String>) -> Self {
+        Credentials {
+            tls: None,
+            bearer: Some(token.into()),
+        }
+    }
+
+    /// TLS with `identity`'s client certificate.
+    pub fn identity(dir: &TlsDir, identity: &Identity) -> Result<Self, PkiError> {
+        Ok(Credentials {
+            tls: Some(dir.client_config(Some(identity), &[ALPN_HTTP1])?),
+            bearer: None,
+        })
+    }
+
+    /// TLS with the client certificate of `role` from `dir`.
+    pub fn role(dir: &TlsDir, role: &Role) -> Result<Self, PkiError> {
+        Credentials::identity(dir, &dir.identity(role)?)
+    }
+
+    /// TLS without a client certificate, with an operator token from `dir`.
+    pub fn token(dir: &TlsDir, kind: TokenKind) -> Result<Self, PkiError> {
+        Ok(Credentials {
+            tls: Some(dir.client_config(None, &[ALPN_HTTP1])?),
+            bearer: Some(dir.token(kind)?),
+        })
+    }
+
+    /// TLS without a client certificate, with a bearer `token`.
+    pub fn tls_with_token(dir: &TlsDir, token: String) -> Result<Self, PkiError> {
+        Ok(Credentials {
+            tls: Some(dir.client_config(None, &[ALPN_HTTP1])?),
+            bearer: Some(token),
+        })
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// A keep-alive agent for these credentials.
+    fn agent(&self) -> ureq::Agent {
+        let mut b = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(1))
+            .max_idle_connections_per_host(4)
+            .redirects(0)
+            .user_agent(concat!("phalanx/", env!("CARGO_PKG_VERSION")));
+        if let Some(t) = &self.tls {
+            b = b.tls_config(t.clone());
+        }
+        b.build()
+    }
+}
+
+/// Largest response body a client reads.
+const RESPONSE_BYTES_MAX: u64 = 64 << 20;
+
+/// One HTTP exchange with one address, on `agent`'s pooled connections. `Ok` for every
+/// HTTP answer (any status), `Err` when none came.
+fn exchange(
+    agent: &ureq::Agent,
+    creds: &Credentials,
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<(u16, Vec<u8>), std::io::Error> {
+    let url = format!("{}://{addr}{path}", creds.scheme());
+    let mut req = agent
+        .request(method, &url)
+        .timeout(timeout)
+        .set("Content-Type", "application/json");
+    if let Some(t) = &creds.bearer {
+        req = req.set("Authorization", &format!("Bearer {t}"));
+    }
+    let r = match body {
+        Some(b) => req.send_bytes(b),
+        None => req.call(),
+    };
+    let resp = match r {
+        Ok(resp) => resp,
+        Err(ureq::Error::Status(_, resp)) => resp,
+        Err(ureq::Error::Transport(t)) => {
+            return Err(std::io::Error::other(format!("{addr}: {t}")));
+        }
+    };
+    let status = resp.status();
+    let mut buf = Vec::new();
+    resp.into_reader()
+        .take(RESPONSE_BYTES_MAX)
+        .read_to_end(&mut buf)?;
+    Ok((status, buf))
+}
+
+/// One HTTP exchange with one address, on a fresh connection.
 pub fn http_once(
     addr: &str,
     method: &str,
     path: &str,
-    token: &str,
+    creds: &Credentials,
     body: Option<&[u8]>,
     timeout: Duration,
 ) -> Result<(u16, Vec<u8>), std::io::Error> {
-    let sa = addr.to_socket_addrs()?.next().ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!("bad address {addr}"),
-        )
-    })?;
-    let mut s = TcpStream::connect_timeout(&sa, timeout.min(Duration::from_secs(1)))?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))?;
-    let _ = s.set_nodelay(true);
-    let body = body.unwrap_or(b"");
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    let mut req = head.into_bytes();
-    req.extend_from_slice(body);
-    s.write_all(&req)?;
-    let mut buf = Vec::new();
-    let start = Instant::now();
-    let mut chunk = [0u8; 16384];
-    loop {
-        if let Ok(Some(r)) = wire::parse_response(&buf, 64 << 20) {
-            return Ok(r);
-        }
-        if start.elapsed() > timeout {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "response timed out",
-            ));
-        }
-        let n = s.read(&mut chunk)?;
-        if n == 0 {
-            return match wire::parse_response(&buf, 64 << 20) {
-                Ok(Some(r)) => Ok(r),
-                _ => Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "connection closed mid-response",
-                )),
-            };
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
+    exchange(&creds.agent(), creds, addr, method, path, body, timeout)
+}
+
+/// Jittered exponential backoff between retries (20 ms doubling to 500 ms).
+fn backoff() -> impl Iterator<Item = Duration> {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(20))
+        .with_max_delay(Duration::from_millis(500))
+        .with_jitter()
+        .without_max_times()
+        .build()
 }
 
 impl Client {
-    pub fn new(addrs: Vec<String>, token: String) -> Result<Self, ClientError> {
+    pub fn new(addrs: Vec<String>, creds: Credentials) -> Result<Self, ClientError> {
         if addrs.is_empty() {
             return Err(ClientError::NoAddresses);
         }
         Ok(Client {
             addrs,
-            token,
+            agent: creds.agent(),
+            creds,
             request_timeout: Duration::from_secs(5),
             deadline: Duration::from_secs(10),
             unreachable_after: None,
@@ -153,6 +249,7 @@ impl Client {
         let mut redirect: Option<String> = None;
         let mut attempt = 0u32;
         let mut answered = false;
+        let mut pause = backoff();
         // Until some node answers, the shorter bound applies.
         let bound = |answered: bool| match self.unreachable_after {
             Some(d) if !answered => d.min(self.deadline),
@@ -167,11 +264,12 @@ impl Client {
             // may wait on a slow disk); only the connection attempts are bounded by
             // `unreachable_after` (connect_timeout is at most 1 s in `http_once`).
             let remaining = self.deadline.saturating_sub(start.elapsed());
-            let result = http_once(
+            let result = exchange(
+                &self.agent,
+                &self.creds,
                 &addr,
                 method,
                 path,
-                &self.token,
                 body,
                 self.request_timeout
                     .min(remaining.max(Duration::from_millis(100))),
@@ -199,6 +297,12 @@ impl Client {
                                 message: err.message,
                             })
                         }
+                        403 => {
+                            return Err(ClientError::Forbidden {
+                                addr,
+                                message: err.message,
+                            })
+                        }
                         421 => {
                             last = format!("{addr}: not leader");
                             if let Some(a) = err.leader_address.filter(|a| !a.is_empty()) {
@@ -209,7 +313,7 @@ impl Client {
                         }
                         503 | 504 => {
                             last = format!("{addr}: {} ({})", err.error, err.message);
-                            std::thread::sleep(Duration::from_millis(30));
+                            self.pause(&mut pause, start, bound(answered));
                             if attempt % 2 == 0 {
                                 i += 1;
                             }
@@ -228,7 +332,7 @@ impl Client {
                     last = format!("{addr}: {e}");
                     i += 1;
                     if attempt as usize % self.addrs.len() == 0 {
-                        std::thread::sleep(Duration::from_millis(30));
+                        self.pause(&mut pause, start, bound(answered));
                     }
                 }
             }
@@ -280,18 +384,33 @@ impl Client {
         )
     }
 
+    /// Sleeps the backoff's next pause, never past the call's bound.
+    fn pause(&self, p: &mut impl Iterator<Item = Duration>, start: Instant, bound: Duration) {
+        let left = bound.saturating_sub(start.elapsed());
+        std::thread::sleep(p.next().unwrap_or(Duration::from_millis(500)).min(left));
+    }
+
     /// The status of every controller that answers (no retries), in address order.
     pub fn status_all(&self) -> Vec<(String, Result<StatusResponse, String>)> {
+        self.status_all_within(Duration::from_millis(800))
+    }
+
+    /// As [`Client::status_all`], each exchange bounded by `timeout`.
+    pub fn status_all_within(
+        &self,
+        timeout: Duration,
+    ) -> Vec<(String, Result<StatusResponse, String>)> {
         self.addrs
             .iter()
             .map(|a| {
-                let r = http_once(
+                let r = exchange(
+                    &self.agent,
+                    &self.creds,
                     a,
                     "GET",
                     "/v1/status",
-                    &self.token,
                     None,
-                    Duration::from_millis(800),
+                    timeout,
                 )
                 .map_err(|e| e.to_string())
                 .and_then(|(status, body)| {

@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use phalanx_controller::client::{http_once, Client};
-use phalanx_controller::server::{self, ControllerHandle, ServerConfig};
+use phalanx_controller::client::{http_once, Client, Credentials};
+use phalanx_controller::server::{self, ControllerHandle, Security, ServerConfig};
 use phalanx_proto::{Command, StatusResponse};
 
 fn free_addr() -> String {
@@ -20,7 +20,7 @@ fn status(addr: &str) -> Option<StatusResponse> {
         addr,
         "GET",
         "/v1/status",
-        "tok",
+        &Credentials::insecure("tok"),
         None,
         Duration::from_millis(500),
     )
@@ -59,12 +59,16 @@ fn three_nodes_in_process_serve_writes_reads_and_fail_over() {
             peers[&id].clone(),
             peers.clone(),
             dir.path().join(format!("n{id}")),
-            "tok".into(),
+            Security::insecure("tok"),
         );
         nodes.insert(id, server::start(cfg).unwrap());
     }
     let (l, term) = leader(&peers, 0, None);
-    let client = Client::new(peers.values().cloned().collect(), "tok".into()).unwrap();
+    let client = Client::new(
+        peers.values().cloned().collect(),
+        Credentials::insecure("tok"),
+    )
+    .unwrap();
     let r = client
         .command_with_id(
             "req-a".into(),
@@ -92,7 +96,7 @@ fn three_nodes_in_process_serve_writes_reads_and_fail_over() {
         &peers[&1],
         "GET",
         "/v1/status",
-        "bad",
+        &Credentials::insecure("bad"),
         None,
         Duration::from_secs(1),
     )
@@ -104,7 +108,7 @@ fn three_nodes_in_process_serve_writes_reads_and_fail_over() {
         &peers[&f],
         "GET",
         "/v1/job",
-        "tok",
+        &Credentials::insecure("tok"),
         None,
         Duration::from_secs(1),
     )
@@ -143,7 +147,7 @@ fn members_answer_says_whether_the_change_was_accepted() {
             peers[&id].clone(),
             peers.clone(),
             dir.path().join(format!("n{id}")),
-            "tok".into(),
+            Security::insecure("tok"),
         );
         nodes.insert(id, server::start(cfg).unwrap());
     }
@@ -156,7 +160,7 @@ fn members_answer_says_whether_the_change_was_accepted() {
                 &peers[&l],
                 "POST",
                 "/v1/members",
-                "tok",
+                &Credentials::insecure("tok"),
                 Some(&serde_json::to_vec(&body).unwrap()),
                 Duration::from_secs(5),
             )

@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use phalanx_controller::client::{http_once, Client};
-use phalanx_controller::server::{self, ControllerHandle, ServerConfig};
+use phalanx_controller::client::{http_once, Client, Credentials};
+use phalanx_controller::server::{self, ControllerHandle, Security, ServerConfig};
 use phalanx_proto::{Command, StatusResponse};
 
 const FRAME: u64 = 64 << 10;
@@ -20,8 +20,15 @@ fn free_addr() -> String {
 }
 
 fn get_json<T: serde::de::DeserializeOwned>(addr: &str, path: &str) -> Option<T> {
-    let (code, body) =
-        http_once(addr, "GET", path, "tok", None, Duration::from_millis(500)).ok()?;
+    let (code, body) = http_once(
+        addr,
+        "GET",
+        path,
+        &Credentials::insecure("tok"),
+        None,
+        Duration::from_millis(500),
+    )
+    .ok()?;
     (code == 200)
         .then(|| serde_json::from_slice(&body).ok())
         .flatten()
@@ -46,7 +53,13 @@ fn leader(peers: &BTreeMap<u64, String>, skip: Option<u64>) -> u64 {
 }
 
 fn config(id: u64, peers: &BTreeMap<u64, String>, dir: std::path::PathBuf) -> ServerConfig {
-    let mut cfg = ServerConfig::new(id, peers[&id].clone(), peers.clone(), dir, "tok".into());
+    let mut cfg = ServerConfig::new(
+        id,
+        peers[&id].clone(),
+        peers.clone(),
+        dir,
+        Security::insecure("tok"),
+    );
     cfg.frame_bytes_max = FRAME;
     cfg.snapshot_entries = 50;
     cfg
@@ -62,7 +75,11 @@ fn wiped_follower_catches_up_on_a_state_larger_than_a_frame() {
         nodes.insert(id, server::start(cfg).unwrap());
     }
     let l = leader(&peers, None);
-    let client = Client::new(peers.values().cloned().collect(), "tok".into()).unwrap();
+    let client = Client::new(
+        peers.values().cloned().collect(),
+        Credentials::insecure("tok"),
+    )
+    .unwrap();
     let value = "v".repeat(4000);
     let put = |i: usize| {
         let r = client

@@ -14,8 +14,8 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use phalanx_controller::client::http_once;
-use phalanx_controller::server::{self, ServerConfig};
+use phalanx_controller::client::{http_once, Credentials};
+use phalanx_controller::server::{self, Security, ServerConfig};
 use phalanx_proto::StatusResponse;
 use protobuf::Message as _;
 use raft::prelude::{Message, MessageType};
@@ -91,7 +91,7 @@ fn status(addr: &str) -> Option<StatusResponse> {
         addr,
         "GET",
         "/v1/status",
-        TOKEN,
+        &Credentials::insecure(TOKEN),
         None,
         Duration::from_millis(500),
     )
@@ -121,7 +121,13 @@ fn read_on_new_leader_waits_for_first_commit_then_is_served() {
     fake_inbox(fake2, tx2, stop.clone());
     fake_inbox(fake3, tx3, stop.clone());
 
-    let mut cfg = ServerConfig::new(1, addr1.clone(), peers, dir.path().join("n1"), TOKEN.into());
+    let mut cfg = ServerConfig::new(
+        1,
+        addr1.clone(),
+        peers,
+        dir.path().join("n1"),
+        Security::insecure(TOKEN),
+    );
     cfg.request_timeout_ms = 3_000;
     let node = server::start(cfg).unwrap();
 
@@ -194,7 +200,7 @@ fn read_on_new_leader_waits_for_first_commit_then_is_served() {
             &a,
             "GET",
             "/v1/annotations/x",
-            TOKEN,
+            &Credentials::insecure(TOKEN),
             None,
             Duration::from_secs(10),
         );

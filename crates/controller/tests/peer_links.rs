@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use phalanx_controller::client::{http_once, Client};
-use phalanx_controller::server::{self, ControllerHandle, ServerConfig};
+use phalanx_controller::client::{http_once, Client, Credentials};
+use phalanx_controller::server::{self, ControllerHandle, Security, ServerConfig};
 use phalanx_proto::{Command, StatusResponse};
 
 const TOKEN: &str = "tok";
@@ -129,7 +129,7 @@ fn status(addr: &str) -> Option<StatusResponse> {
         addr,
         "GET",
         "/v1/status",
-        TOKEN,
+        &Credentials::insecure(TOKEN),
         None,
         Duration::from_millis(500),
     )
@@ -183,11 +183,15 @@ fn follower_follows_again_soon_after_a_stalling_cut_heals() {
             real[&id].clone(),
             peers,
             dir.path().join(format!("n{id}")),
-            TOKEN.into(),
+            Security::insecure(TOKEN),
         );
         nodes.push(server::start(cfg).unwrap());
     }
-    let client = Client::new(real.values().cloned().collect(), TOKEN.into()).unwrap();
+    let client = Client::new(
+        real.values().cloned().collect(),
+        Credentials::insecure(TOKEN),
+    )
+    .unwrap();
     let write = |v: &str| {
         client
             .command(Command::SetAnnotation {

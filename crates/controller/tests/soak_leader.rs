@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use phalanx_controller::client::{http_once, Client};
-use phalanx_controller::server::{self, ServerConfig};
+use phalanx_controller::client::{http_once, Client, Credentials};
+use phalanx_controller::server::{self, Security, ServerConfig};
 use phalanx_proto::{Command, StatusResponse};
 
 fn free_addr() -> String {
@@ -27,7 +27,7 @@ fn status(addr: &str) -> Option<StatusResponse> {
         addr,
         "GET",
         "/v1/status",
-        "tok",
+        &Credentials::insecure("tok"),
         None,
         Duration::from_millis(500),
     )
@@ -59,7 +59,7 @@ fn no_spurious_elections_under_load_beside_busy_threads() {
             peers[&id].clone(),
             peers.clone(),
             dir.path().join(format!("n{id}")),
-            "tok".into(),
+            Security::insecure("tok"),
         );
         if let Some(t) = std::env::var("PHALANX_SOAK_ELECTION_TICK")
             .ok()
@@ -89,7 +89,7 @@ fn no_spurious_elections_under_load_beside_busy_threads() {
         let (stop, ops, errors) = (stop.clone(), ops.clone(), errors.clone());
         let addrs: Vec<String> = peers.values().cloned().collect();
         threads.push(std::thread::spawn(move || {
-            let client = Client::new(addrs, "tok".into()).unwrap();
+            let client = Client::new(addrs, Credentials::insecure("tok")).unwrap();
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 i += 1;

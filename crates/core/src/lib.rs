@@ -3,6 +3,7 @@
 //! No I/O, no tokio, no wall clock, no thread RNG: time comes in as `now_ms` arguments,
 //! and `apply` is a deterministic function of the committed log.
 
+pub mod authz;
 pub mod history;
 pub mod jobfile;
 pub mod leader_duties;

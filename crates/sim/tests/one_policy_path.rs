@@ -11,8 +11,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use phalanx_controller::client::Client;
-use phalanx_controller::server::{self, ServerConfig};
+use phalanx_controller::client::{Client, Credentials};
+use phalanx_controller::server::{self, Security, ServerConfig};
 use phalanx_proto::{Command, HeartbeatRequest, StatusResponse, WorkerHealth, WorkerInfo};
 use phalanx_sim::detect::{replay, DutyInput, World, CHECK_MS};
 
@@ -45,10 +45,16 @@ fn the_controller_and_the_simulator_make_the_same_decisions_from_one_trace() {
     let dir = tempfile::tempdir().unwrap();
     let addr = free_addr();
     let peers = BTreeMap::from([(1u64, addr.clone())]);
-    let cfg = ServerConfig::new(1, addr.clone(), peers, dir.path().join("n1"), "tok".into());
+    let cfg = ServerConfig::new(
+        1,
+        addr.clone(),
+        peers,
+        dir.path().join("n1"),
+        Security::insecure("tok"),
+    );
     let lease = cfg.lease;
     let node = server::start(cfg).unwrap();
-    let client = Client::new(vec![addr.clone()], "tok".into()).unwrap();
+    let client = Client::new(vec![addr.clone()], Credentials::insecure("tok")).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Ok(s) = client.get::<StatusResponse>("/v1/status") {

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use phalanx_controller::client::{http_once, Client};
-use phalanx_controller::server::{self, ControllerHandle, ServerConfig};
+use phalanx_controller::client::{Client, Credentials};
+use phalanx_controller::server::{self, ControllerHandle, Security, ServerConfig};
 use phalanx_proto::{Command, NodeId, StatusResponse};
 use serde::Serialize;
 
@@ -61,10 +61,13 @@ fn summary(mut v: Vec<f64>) -> Summary {
     }
 }
 
-const TOKEN: &str = "bench-token";
-
+/// Three in-process controllers with real TLS credentials (made for the run).
 struct Cluster {
     dir: PathBuf,
+    tls: phalanx_pki::TlsDir,
+    admin: Credentials,
+    /// One client per node, so that polls reuse their TLS connections.
+    per_node: BTreeMap<NodeId, Client>,
     peers: BTreeMap<NodeId, String>,
     nodes: BTreeMap<NodeId, Option<ControllerHandle>>,
     tick_ms: u64,
@@ -77,8 +80,23 @@ impl Cluster {
             let l = std::net::TcpListener::bind("127.0.0.1:0")?;
             peers.insert(id, l.local_addr()?.to_string());
         }
+        let tls = super::create_credentials(
+            &dir.join("tls"),
+            &peers
+                .iter()
+                .map(|(i, a)| (*i, a.clone()))
+                .collect::<Vec<_>>(),
+        )?;
+        let admin = Credentials::role(&tls, &phalanx_pki::Role::Admin)?;
+        let per_node = peers
+            .iter()
+            .map(|(id, a)| Ok((*id, Client::new(vec![a.clone()], admin.clone())?)))
+            .collect::<Result<_>>()?;
         let mut c = Cluster {
+            per_node,
             dir: dir.to_path_buf(),
+            tls,
+            admin,
             peers,
             nodes: BTreeMap::new(),
             tick_ms,
@@ -95,7 +113,7 @@ impl Cluster {
             self.peers[&id].clone(),
             self.peers.clone(),
             self.dir.join(format!("node{id}")),
-            TOKEN.into(),
+            Security::tls(&self.tls, id)?,
         );
         cfg.tick_ms = self.tick_ms;
         // sled releases its directory lock shortly after the old instance stops.
@@ -116,18 +134,11 @@ impl Cluster {
     }
 
     fn status(&self, id: NodeId) -> Option<StatusResponse> {
-        let (code, body) = http_once(
-            &self.peers[&id],
-            "GET",
-            "/v1/status",
-            TOKEN,
-            None,
-            Duration::from_millis(300),
-        )
-        .ok()?;
-        (code == 200)
-            .then(|| serde_json::from_slice(&body).ok())
-            .flatten()
+        self.per_node[&id]
+            .status_all_within(Duration::from_millis(300))
+            .pop()?
+            .1
+            .ok()
     }
 
     /// The leader that every live node agrees on.
@@ -154,7 +165,7 @@ impl Cluster {
     fn client(&self) -> Result<Client> {
         Ok(Client::new(
             self.peers.values().cloned().collect(),
-            TOKEN.into(),
+            self.admin.clone(),
         )?)
     }
 }

@@ -1,6 +1,5 @@
 //! `phalanx cluster up|down`: a local cluster of controllers and worker agents, and the
 //! supervisor that restarts them.
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -54,13 +53,6 @@ pub enum ClusterCmd {
     },
 }
 
-fn random_token() -> Result<String> {
-    let mut f = std::fs::File::open("/dev/urandom").context("opening /dev/urandom")?;
-    let mut b = [0u8; 24];
-    f.read_exact(&mut b)?;
-    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
-}
-
 fn free_port() -> Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
@@ -70,7 +62,7 @@ fn spawn_node(
     exe: &Path,
     n: &NodeEntry,
     peers: &str,
-    token_file: &Path,
+    tls_dir: &Path,
 ) -> Result<std::process::Child> {
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -89,8 +81,8 @@ fn spawn_node(
         ])
         .arg("--data-dir")
         .arg(&n.data_dir)
-        .arg("--token-file")
-        .arg(token_file)
+        .arg("--tls-dir")
+        .arg(tls_dir)
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -181,15 +173,6 @@ fn cluster_up(n: u32, dir: &Path, base_port: u16, ws: &WorkersSpec) -> Result<()
             bail!("a cluster is already up in {} (supervisor pid {}); run `phalanx cluster down --dir {}`", dir.display(), old.supervisor_pid, dir.display());
         }
     }
-    let token_file = dir.join("token");
-    if !token_file.exists() {
-        std::fs::write(&token_file, random_token()? + "\n")?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600))?;
-        }
-    }
     // Reuse the addresses of an earlier run in this directory: the data dirs remember them.
     let previous = read_cluster(&dir).ok();
     let mut nodes = Vec::new();
@@ -215,15 +198,24 @@ fn cluster_up(n: u32, dir: &Path, base_port: u16, ws: &WorkersSpec) -> Result<()
         .map(|n| format!("{}={}", n.id, n.address))
         .collect::<Vec<_>>()
         .join(",");
+    let tls_dir = dir.join("tls");
+    super::create_credentials(
+        &tls_dir,
+        &nodes
+            .iter()
+            .map(|n| (n.id, n.address.clone()))
+            .collect::<Vec<_>>(),
+    )?;
     let exe = std::env::current_exe()?;
     let mut children = Vec::new();
     for node in nodes.iter_mut() {
-        let c = spawn_node(&exe, node, &peers, &token_file)?;
+        let c = spawn_node(&exe, node, &peers, &tls_dir)?;
         node.pid = c.id();
         children.push(Some(c));
     }
     let mut cf = ClusterFile {
-        token_file: token_file.clone(),
+        token_file: None,
+        tls_dir: Some(tls_dir.clone()),
         supervisor_pid: std::process::id(),
         controllers: nodes.clone(),
         workers: Vec::new(),
@@ -266,7 +258,10 @@ fn cluster_up(n: u32, dir: &Path, base_port: u16, ws: &WorkersSpec) -> Result<()
                 .collect::<Vec<_>>(),
         )
     );
-    println!("token file: {}", token_file.display());
+    println!(
+        "credentials: {} (operators: admin.pem/.key, reader.pem/.key, admin.token, reader.token)",
+        tls_dir.display()
+    );
     println!(
         "controllers: {}",
         nodes
@@ -326,7 +321,7 @@ fn cluster_up(n: u32, dir: &Path, base_port: u16, ws: &WorkersSpec) -> Result<()
                             dead_since[i] = Some(Instant::now());
                         }
                         if slot.is_none() && dead_since[i].is_some_and(|t| t.elapsed() >= Duration::from_secs(1)) {
-                            match spawn_node(&exe, &nodes[i], &peers, &token_file) {
+                            match spawn_node(&exe, &nodes[i], &peers, &tls_dir) {
                                 Ok(c) => {
                                     eprintln!("controller {} restarted (pid {})", nodes[i].id, c.id());
                                     cf.controllers[i].pid = c.id();

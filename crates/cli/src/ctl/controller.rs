@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Result};
 use clap::{Args, Subcommand};
-use phalanx_controller::server::{self, ServerConfig};
+use phalanx_controller::server::{self, Security, ServerConfig};
 use phalanx_proto::NodeId;
 
 use super::bench;
@@ -52,8 +52,18 @@ pub struct StartArgs {
     /// Directory of this node's sled storage.
     #[arg(long)]
     data_dir: PathBuf,
-    /// File holding the cluster token; else `PHALANX_TOKEN`.
-    #[arg(long)]
+    /// Credentials directory: the CA, this controller's certificate and key
+    /// (`controller-<ID>.pem/.key`), the operator tokens and the epoch key
+    /// (docs/security.md).
+    #[arg(long, env = "PHALANX_TLS_DIR", required_unless_present = "insecure")]
+    tls_dir: Option<PathBuf>,
+    /// No TLS and one shared token for every role (--token-file or PHALANX_TOKEN):
+    /// anyone who can reach the port and holds the token can do anything, and everything
+    /// travels in clear text. For loopback benchmarks only.
+    #[arg(long, conflicts_with = "tls_dir")]
+    insecure: bool,
+    /// With --insecure: the file holding the shared token; else `PHALANX_TOKEN`.
+    #[arg(long, requires = "insecure")]
     token_file: Option<PathBuf>,
     /// Start empty and wait to be added with `phalanx controller add`.
     #[arg(long)]
@@ -155,13 +165,27 @@ pub(crate) fn parse_peers(peers: &[String]) -> Result<BTreeMap<NodeId, String>> 
 }
 
 fn start(a: StartArgs) -> Result<()> {
-    let token = match &a.token_file {
-        Some(f) => super::read_token(f)?,
-        None => std::env::var("PHALANX_TOKEN")
-            .map_err(|_| anyhow!("no cluster token: pass --token-file F or set PHALANX_TOKEN"))?,
+    let security = match (&a.tls_dir, a.insecure) {
+        (Some(d), false) => Security::tls(&phalanx_pki::TlsDir::open(d)?, a.id)?,
+        (None, true) => {
+            let token = match &a.token_file {
+                Some(f) => super::read_token(f)?,
+                None => std::env::var("PHALANX_TOKEN")
+                    .map_err(|_| anyhow!("--insecure: pass --token-file F or set PHALANX_TOKEN"))?,
+            };
+            eprintln!(
+                "WARNING: controller {} runs with --insecure: no TLS, and one shared token \
+                 grants every role. Use it only for loopback benchmarks.",
+                a.id
+            );
+            Security::insecure(token)
+        }
+        _ => bail!(
+            "pass --tls-dir DIR (see docs/security.md), or --insecure for a loopback benchmark"
+        ),
     };
     let peers = parse_peers(&a.peers)?;
-    let mut cfg = ServerConfig::new(a.id, a.listen.clone(), peers, a.data_dir.clone(), token);
+    let mut cfg = ServerConfig::new(a.id, a.listen.clone(), peers, a.data_dir.clone(), security);
     cfg.join = a.join;
     cfg.rejoin = a.rejoin;
     cfg.tick_ms = a.tick_ms;

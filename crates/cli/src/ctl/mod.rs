@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
-use phalanx_controller::client::Client;
+use phalanx_controller::client::{Client, Credentials};
+use phalanx_pki::{Role, TlsDir};
 use phalanx_proto::NodeId;
 use serde::{Deserialize, Serialize};
 
@@ -30,20 +31,33 @@ pub use controller::ControllerCmd;
 pub use ops::{CheckpointCmd, EventsCmd, JobCmd, StatusCmd, WorkerOpCmd};
 pub use output::Output;
 
-/// Where to find the controllers: `--controllers` or a cluster directory, and the token.
-/// (A worker agent takes only this; the operator verbs take a [`Target`].)
+/// Where to find the controllers (`--controllers` or a cluster directory) and which
+/// credentials to present (docs/security.md). (A worker agent takes only this; the
+/// operator verbs take a [`Target`].)
 #[derive(Args, Debug, Clone)]
 pub struct Endpoint {
     /// Controller addresses, comma-separated (any node answers; writes go to the leader).
     #[arg(long, env = "PHALANX_CONTROLLERS", value_delimiter = ',')]
     pub controllers: Vec<String>,
-    /// Cluster directory written by `phalanx cluster up` (addresses and token file).
+    /// Cluster directory written by `phalanx cluster up` (addresses and credentials).
     /// Default: ./local-cluster when it exists.
     #[arg(long)]
     pub dir: Option<PathBuf>,
-    /// File holding the cluster token (default: DIR/token). `PHALANX_TOKEN` also works.
+    /// Credentials directory (CA, certificates, tokens; default: DIR/tls).
+    #[arg(long, env = "PHALANX_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// Present the read-only operator credential instead of the admin one.
+    #[arg(long)]
+    pub read_only: bool,
+    /// A bearer token file: with TLS, an operator token (admin.token or reader.token)
+    /// instead of a client certificate; with `--insecure`, the shared token.
+    /// `PHALANX_TOKEN` also works.
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// Plain HTTP with a shared token, for a cluster started with `--insecure`
+    /// (loopback benchmarks only).
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 /// An operator verb's cluster: where the controllers are, how long to wait for them and
@@ -106,7 +120,12 @@ pub struct WorkerEntry {
 
 #[derive(Debug, Serialize, Deserialize, Clone)]
 pub struct ClusterFile {
-    pub token_file: PathBuf,
+    /// The shared token of an `--insecure` cluster (none with TLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// The credentials directory of a TLS cluster (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_dir: Option<PathBuf>,
     pub supervisor_pid: u32,
     pub(crate) controllers: Vec<NodeEntry>,
     #[serde(default)]
@@ -166,8 +185,19 @@ impl Endpoint {
         })
     }
 
-    /// A client with the default bounds (it keeps trying for 10 s).
+    /// An operator's client (admin, or reader with `--read-only`) with the default bounds
+    /// (it keeps trying for 10 s).
     pub fn client(&self) -> Result<Client> {
+        let role = if self.read_only {
+            Role::Reader
+        } else {
+            Role::Admin
+        };
+        self.client_as(&role)
+    }
+
+    /// A client presenting `role`'s credentials.
+    pub fn client_as(&self, role: &Role) -> Result<Client> {
         let dir = self.dir();
         let mut addrs: Vec<String> = self
             .controllers
@@ -175,25 +205,81 @@ impl Endpoint {
             .filter(|s| !s.is_empty())
             .cloned()
             .collect();
-        let mut token_file = self.token_file.clone();
-        if let Some(d) = &dir {
-            let c = read_cluster(d)?;
+        let cf = dir.as_deref().map(read_cluster).transpose()?;
+        if let Some(c) = &cf {
             if addrs.is_empty() {
-                addrs = c.controllers.iter().map(|n| n.address.clone()).collect();
+                addrs = c.controller_addresses();
             }
-            token_file = token_file.or(Some(c.token_file));
         }
         if addrs.is_empty() {
             return crate::outcome::usage(
                 "no controllers: pass --controllers ADDR,... or --dir DIR (from `phalanx cluster up`)",
             );
         }
-        let token = match token_file {
-            Some(f) => read_token(&f)?,
-            None => std::env::var("PHALANX_TOKEN").map_err(|_| {
-                anyhow!("no token: pass --token-file F, --dir DIR or set PHALANX_TOKEN")
-            })?,
+        let token = match &self.token_file {
+            Some(f) => Some(read_token(f)?),
+            None => std::env::var("PHALANX_TOKEN")
+                .ok()
+                .filter(|t| !t.trim().is_empty()),
         };
-        Ok(Client::new(addrs, token)?)
+        let insecure_file = cf.as_ref().and_then(|c| c.token_file.clone());
+        let creds = if self.insecure || (insecure_file.is_some() && self.tls_dir.is_none()) {
+            let token = match (token, insecure_file) {
+                (Some(t), _) => t,
+                (None, Some(f)) => read_token(&f)?,
+                (None, None) => bail!(
+                    "--insecure needs the shared token: pass --token-file F or set PHALANX_TOKEN"
+                ),
+            };
+            Credentials::insecure(token)
+        } else {
+            let tls_dir = self
+                .tls_dir
+                .clone()
+                .or_else(|| cf.as_ref().and_then(|c| c.tls_dir.clone()))
+                .or_else(|| dir.as_ref().map(|d| d.join("tls")))
+                .ok_or_else(|| {
+                    anyhow!(
+                        "no credentials: pass --dir DIR (from `phalanx cluster up`) or \
+                         --tls-dir DIR (see docs/security.md)"
+                    )
+                })?;
+            let tls = TlsDir::open(&tls_dir)?;
+            match token {
+                Some(t) => Credentials::tls_with_token(&tls, t)?,
+                None => credentials_for(&tls, role)?,
+            }
+        };
+        Ok(Client::new(addrs, creds)?)
     }
+}
+
+/// `role`'s client credentials from `tls`. A worker certificate that is missing is issued
+/// when the CA key is at hand (a local cluster adding a worker); otherwise the error names
+/// the file to provide.
+pub fn credentials_for(tls: &TlsDir, role: &Role) -> Result<Credentials> {
+    if let Role::Worker(_) = role {
+        if !tls.has_identity(role) && tls.path().join("ca.key").exists() {
+            tls.issue(role, &[])?;
+        }
+    }
+    Ok(Credentials::role(tls, role)?)
+}
+
+/// Creates a local cluster's credentials in `dir` (`<cluster dir>/tls`): the CA, the
+/// operator certificates and tokens, and one certificate per controller (valid for its
+/// address's host and `localhost`). Workers' certificates are issued as they start.
+pub fn create_credentials(dir: &Path, controllers: &[(NodeId, String)]) -> Result<TlsDir> {
+    let tls = TlsDir::create(dir)?;
+    for r in [Role::Admin, Role::Reader] {
+        tls.issue(&r, &[])?;
+    }
+    for (id, addr) in controllers {
+        let host = addr
+            .rsplit_once(':')
+            .map(|(h, _)| h.trim_matches(['[', ']']).to_string())
+            .unwrap_or_else(|| addr.clone());
+        tls.issue(&Role::Controller(*id), &[host, "localhost".into()])?;
+    }
+    Ok(tls)
 }

@@ -42,7 +42,8 @@ pub struct Proc {
 pub struct Procs {
     pub exe: PathBuf,
     pub dir: PathBuf,
-    pub token_file: PathBuf,
+    /// The cluster's credentials (`<dir>/tls`).
+    pub tls_dir: PathBuf,
     pub procs: Vec<Proc>,
     device: String,
     /// Open handles of the hosts' network namespaces (`None`: everything in this one).
@@ -69,7 +70,7 @@ struct WorkerEntryOut<'a> {
 
 #[derive(Serialize)]
 struct ClusterFileOut<'a> {
-    token_file: &'a Path,
+    tls_dir: &'a Path,
     supervisor_pid: u32,
     controllers: Vec<NodeEntryOut<'a>>,
     workers: Vec<WorkerEntryOut<'a>>,
@@ -78,14 +79,6 @@ struct ClusterFileOut<'a> {
 fn free_port() -> Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
-}
-
-fn random_token() -> Result<String> {
-    use std::io::Read;
-    let mut f = File::open("/dev/urandom").context("opening /dev/urandom")?;
-    let mut b = [0u8; 24];
-    f.read_exact(&mut b)?;
-    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
 /// Send `sig` to `pid` (no-op for pid 0).
@@ -111,12 +104,6 @@ impl Procs {
     ) -> Result<Procs> {
         std::fs::create_dir_all(dir.join("faults"))?;
         std::fs::create_dir_all(dir.join("checkpoints"))?;
-        let token_file = dir.join("token");
-        std::fs::write(&token_file, random_token()? + "\n")?;
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600))?;
-        }
         let (host_ns, host_ips) = match &hosts {
             Some(h) => {
                 let mut fds = Vec::new();
@@ -172,16 +159,36 @@ impl Procs {
                 restarts: 0,
             });
         }
+        let tls_dir = dir.join("tls");
+        crate::ctl::create_credentials(
+            &tls_dir,
+            &procs
+                .iter()
+                .filter_map(|p| match p.role {
+                    Role::Controller(id) => Some((id, p.address.clone())),
+                    Role::Worker(_) => None,
+                })
+                .collect::<Vec<_>>(),
+        )?;
         let p = Procs {
             exe,
             dir: dir.to_path_buf(),
-            token_file,
+            tls_dir,
             procs,
             device: spec.device.clone(),
             host_ns,
         };
         p.write_cluster_file()?;
         Ok(p)
+    }
+
+    /// The operator's admin credentials for this cluster.
+    pub fn admin_credentials(&self) -> Result<phalanx_controller::client::Credentials> {
+        let tls = phalanx_pki::TlsDir::open(&self.tls_dir)?;
+        Ok(phalanx_controller::client::Credentials::role(
+            &tls,
+            &phalanx_pki::Role::Admin,
+        )?)
     }
 
     pub fn controller_addresses(&self) -> Vec<String> {
@@ -211,7 +218,7 @@ impl Procs {
 
     pub fn write_cluster_file(&self) -> Result<()> {
         let out = ClusterFileOut {
-            token_file: &self.token_file,
+            tls_dir: &self.tls_dir,
             supervisor_pid: std::process::id(),
             controllers: self
                 .procs
@@ -301,8 +308,8 @@ impl Procs {
                     .args(["--listen", &p.address, "--peers", &peers])
                     .arg("--data-dir")
                     .arg(self.dir.join(format!("node{id}")))
-                    .arg("--token-file")
-                    .arg(&self.token_file);
+                    .arg("--tls-dir")
+                    .arg(&self.tls_dir);
             }
             Role::Worker(id) => {
                 let profile = phalanx_proto::NumericsProfile::default();
@@ -452,7 +459,7 @@ mod tests {
         let ids: Vec<&str> = cf.workers.iter().map(|w| w.id.as_str()).collect();
         assert_eq!(ids, ["w0", "w1", "w2", "w3", "w4"]);
         assert!(cf.workers.iter().all(|w| w.fault_inbox.is_some()));
-        assert!(cf.token_file.exists());
+        assert!(cf.tls_dir.unwrap().join("ca.pem").exists());
     }
 
     #[test]

@@ -67,10 +67,7 @@ struct State {
 }
 
 fn poll_client(procs: &Procs) -> Result<Client> {
-    let token = std::fs::read_to_string(&procs.token_file)?
-        .trim()
-        .to_string();
-    let mut c = Client::new(procs.controller_addresses(), token)?;
+    let mut c = Client::new(procs.controller_addresses(), procs.admin_credentials()?)?;
     c.request_timeout = Duration::from_millis(1500);
     c.deadline = Duration::from_secs(3);
     Ok(c)

@@ -1,24 +1,38 @@
-//! The HTTP/JSON API: routing, authentication, and the answers of the raft loop mapped to
-//! status codes.
+//! The HTTP/JSON API on axum: authentication (before any body is read), the route table's
+//! roles, the handlers, and the answers of the raft loop mapped to status codes.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query as UrlQuery, Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Router};
 use phalanx_proto::{
     Assignment, Command, ControllerMember, Envelope, ErrorResponse, HeartbeatRequest, MemberChange,
     NodeId, StatusResponse,
 };
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tracing::warn;
 
 use super::raft_loop::Input;
-use super::{token_eq, ConnCtx};
+use super::routes;
+use super::security::Principal;
+use super::ConnCtx;
 use crate::node::Replica;
-use crate::wire;
+
+/// What the listener knows of a connection before any request: the peer's address and
+/// the role its verified client certificate names, if it presented one.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnInfo {
+    pub peer: SocketAddr,
+    pub cert: Option<Principal>,
+}
 
 /// An API failure, mapped to an HTTP status.
 #[derive(Debug, Clone)]
@@ -34,11 +48,15 @@ pub enum ApiError {
     /// Refused because of the cluster's state (a membership change that would leave no
     /// voter, or one while another is in progress).
     Conflict(String),
+    /// No credential, or one this cluster does not know.
+    Unauthorized(String),
+    /// A known credential whose role may not do this.
+    Forbidden(String),
     Internal(String),
 }
 
 impl ApiError {
-    fn status_and_body(&self) -> (u16, ErrorResponse) {
+    pub(crate) fn status_and_body(&self) -> (u16, ErrorResponse) {
         let e = |error: &str, message: String| ErrorResponse {
             error: error.into(),
             message,
@@ -72,150 +90,33 @@ impl ApiError {
             ApiError::BadRequest(m) => (400, e("bad_request", m.clone())),
             ApiError::NotFound(m) => (404, e("not_found", m.clone())),
             ApiError::Conflict(m) => (409, e("refused", m.clone())),
+            ApiError::Unauthorized(m) => (401, e("unauthorized", m.clone())),
+            ApiError::Forbidden(m) => (403, e("forbidden", m.clone())),
             ApiError::Internal(m) => (500, e("internal", m.clone())),
         }
     }
 }
 
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, body) = self.status_and_body();
+        json_response(status, &body)
+    }
+}
+
+fn json_response(status: u16, body: &impl Serialize) -> Response {
+    let body = serde_json::to_vec_pretty(body).unwrap_or_default();
+    (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        [(header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
+}
+
 pub(crate) type ApiResult = Result<serde_json::Value, ApiError>;
 pub(crate) type Reply = oneshot::Sender<ApiResult>;
 pub(crate) type Query = Box<dyn FnOnce(&Replica) -> ApiResult + Send>;
-
-async fn write_json(stream: &mut TcpStream, status: u16, body: &impl Serialize) {
-    let body = serde_json::to_vec_pretty(body).unwrap_or_default();
-    let resp = wire::encode_response(status, &body);
-    let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&resp)).await;
-    let _ = stream.shutdown().await;
-}
-
-pub(crate) async fn handle_http(stream: &mut TcpStream, peer: SocketAddr, ctx: Arc<ConnCtx>) {
-    let limits = ctx.cfg.http;
-    let mut buf = Vec::with_capacity(1024);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let req = loop {
-        match wire::parse_request(&buf, limits) {
-            Ok(Some(r)) => break r,
-            Ok(None) => {}
-            Err(e) => {
-                let status = match e {
-                    wire::HttpError::BodyTooLarge { .. } | wire::HttpError::HeadersTooLarge(_) => {
-                        413
-                    }
-                    _ => 400,
-                };
-                warn!(%peer, %e, "bad HTTP request");
-                let body = ErrorResponse {
-                    error: "bad_request".into(),
-                    message: e.to_string(),
-                    leader_id: None,
-                    leader_address: None,
-                };
-                write_json(stream, status, &body).await;
-                return;
-            }
-        }
-        let mut chunk = [0u8; 8192];
-        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return,
-            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
-            Err(_) => {
-                let body = ErrorResponse {
-                    error: "timeout".into(),
-                    message: "request not received in time".into(),
-                    leader_id: None,
-                    leader_address: None,
-                };
-                write_json(stream, 408, &body).await;
-                return;
-            }
-        }
-    };
-    // A bearer token; else, for the dashboard, `/ui/?token=T` or the cookie that answer set
-    // (a cookie authorizes reads only: it travels with whatever the browser sends).
-    let ui = phalanx_dashboard::is_ui_path(&req.path);
-    let query_token = ui
-        .then(|| req.query_param("token"))
-        .flatten()
-        .and_then(phalanx_dashboard::token_from_query);
-    let cookie_token = (req.method == "GET")
-        .then(|| req.header("cookie"))
-        .flatten()
-        .and_then(phalanx_dashboard::token_from_cookie);
-    let presented = req
-        .header("authorization")
-        .and_then(|h| h.strip_prefix("Bearer "))
-        .map(str::to_string)
-        .or(query_token.clone())
-        .or(cookie_token)
-        .unwrap_or_default();
-    if !token_eq(&presented, &ctx.token) {
-        warn!(%peer, method = %req.method, path = %req.path, "API call rejected: missing or wrong cluster token");
-        let body = ErrorResponse {
-            error: "unauthorized".into(),
-            message: if ui {
-                phalanx_dashboard::UNAUTHORIZED.into()
-            } else {
-                "missing or wrong cluster token: send `Authorization: Bearer <token>` with the token from the cluster's token file".into()
-            },
-            leader_id: None,
-            leader_address: None,
-        };
-        write_json(stream, 401, &body).await;
-        return;
-    }
-    if ui {
-        write_ui(
-            stream,
-            &req,
-            query_token.is_some().then_some(ctx.token.as_str()),
-        )
-        .await;
-        return;
-    }
-    let timeout = Duration::from_millis(ctx.cfg.request_timeout_ms + 500);
-    // Prometheus text, not JSON: answered by server/metrics.rs.
-    if req.method == "GET" && req.path.trim_end_matches('/') == "/metrics" {
-        return super::metrics::respond(stream, &ctx, timeout).await;
-    }
-    let result = route(&req, &ctx, timeout).await;
-    match result {
-        Ok(v) => write_json(stream, 200, &v).await,
-        Err(e) => {
-            let (status, body) = e.status_and_body();
-            write_json(stream, status, &body).await;
-        }
-    }
-}
-
-/// `GET /ui/...`: the dashboard's embedded files (`phalanx_dashboard`), with the cookie
-/// that keeps the token when it came in the query.
-async fn write_ui(stream: &mut TcpStream, req: &wire::Request, token_to_keep: Option<&str>) {
-    let asset = (req.method == "GET")
-        .then(|| phalanx_dashboard::asset(&req.path))
-        .flatten();
-    let Some(asset) = asset else {
-        let body = ErrorResponse {
-            error: "not_found".into(),
-            message: format!("no route {} {}", req.method, req.path),
-            leader_id: None,
-            leader_address: None,
-        };
-        write_json(stream, 404, &body).await;
-        return;
-    };
-    let mut resp = "HTTP/1.1 200 OK\r\n".to_string();
-    for (k, v) in phalanx_dashboard::headers(&asset, token_to_keep) {
-        resp += &format!("{k}: {v}\r\n");
-    }
-    resp += &format!(
-        "Content-Length: {}\r\nConnection: close\r\n\r\n",
-        asset.body.len()
-    );
-    let mut bytes = resp.into_bytes();
-    bytes.extend_from_slice(asset.body);
-    let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&bytes)).await;
-    let _ = stream.shutdown().await;
-}
 
 pub(super) async fn call(
     ctx: &ConnCtx,
@@ -231,10 +132,6 @@ pub(super) async fn call(
         Ok(Err(_)) => Err(ApiError::Internal("raft loop dropped the request".into())),
         Err(_) => Err(ApiError::Timeout),
     }
-}
-
-fn parse_body<T: for<'de> Deserialize<'de>>(req: &wire::Request) -> Result<T, ApiError> {
-    serde_json::from_slice(&req.body).map_err(|e| ApiError::BadRequest(format!("body: {e}")))
 }
 
 fn to_json<T: Serialize>(v: &T) -> ApiResult {
@@ -273,13 +170,6 @@ pub fn status_of(r: &Replica) -> StatusResponse {
             Default::default()
         },
     }
-}
-
-/// The key from which each plan epoch's collective secret is derived.
-// issue 11: the lead replaces this key with TlsDir::epoch_key()
-pub(crate) fn epoch_secret_key(cluster_token: &str) -> [u8; 32] {
-    use sha2::{Digest, Sha256};
-    Sha256::digest(cluster_token.as_bytes()).into()
 }
 
 /// `GET /v1/assignment/{worker}`. The plan epoch's collective secret goes only to a
@@ -343,82 +233,204 @@ fn assignment(r: &Replica, worker: &str, epoch_key: &[u8; 32]) -> ApiResult {
     })
 }
 
-async fn route(req: &wire::Request, ctx: &ConnCtx, timeout: Duration) -> ApiResult {
-    let path = req.path.trim_end_matches('/');
-    let read = |f: Query| call(ctx, move |reply| Input::Read { query: f, reply }, timeout);
-    match (req.method.as_str(), path) {
-        ("GET", "/v1/status") => {
-            call(
-                ctx,
-                |reply| Input::Local {
-                    query: Box::new(|r| to_json(&status_of(r))),
-                    reply,
-                },
-                timeout,
+/// The API's router for one connection's requests.
+pub(crate) fn router(ctx: Arc<ConnCtx>) -> Router {
+    let body_max = ctx.cfg.http.body_bytes_max;
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/metrics", get(metrics))
+        .route("/v1/workers", get(workers))
+        .route("/v1/job", get(job))
+        .route("/v1/checkpoints", get(checkpoints))
+        .route("/v1/events", get(events))
+        .route("/v1/annotations/{key}", get(annotation))
+        .route("/v1/assignment/{worker}", get(assignment_of))
+        .route("/v1/command", post(command))
+        .route("/v1/heartbeat", post(heartbeat))
+        .route("/v1/members", post(members))
+        .route("/metrics", get(prometheus))
+        .route("/ui", get(ui))
+        .route("/ui/", get(ui))
+        .route("/ui/{*file}", get(ui))
+        // Runs once a route matched, before its handler extracts (reads) the body.
+        .route_layer(middleware::from_fn_with_state(ctx.clone(), authorize))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(body_max))
+        .with_state(ctx)
+}
+
+/// The caller of a request: a bearer token (header, or the dashboard's cookie) if one is
+/// presented, else the role of the connection's client certificate.
+fn principal(
+    ctx: &ConnCtx,
+    method: &Method,
+    uri: &axum::http::Uri,
+    headers: &HeaderMap,
+    conn: &ConnInfo,
+) -> Result<Principal, ApiError> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_string);
+    // The dashboard: `/ui/?token=T`, or the cookie that answer set. A cookie travels with
+    // whatever the browser sends, so it authorizes reads (GET) only.
+    let query = || ui_query_token(uri);
+    let cookie = || {
+        (method == Method::GET)
+            .then(|| {
+                headers
+                    .get_all(header::COOKIE)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .find_map(phalanx_dashboard::token_from_cookie)
+            })
+            .flatten()
+    };
+    if let Some(t) = bearer.or_else(query).or_else(cookie) {
+        return ctx.cfg.security.token_principal(t.trim()).ok_or_else(|| {
+            ApiError::Unauthorized(
+                "the token is not one of this cluster's (admin.token, reader.token)".into(),
             )
-            .await
+        });
+    }
+    conn.cert.clone().ok_or_else(|| {
+        ApiError::Unauthorized(if ctx.cfg.security.is_tls() {
+            "no credential: present a client certificate of this cluster or \
+             `Authorization: Bearer <admin or reader token>`"
+                .into()
+        } else {
+            "missing cluster token: send `Authorization: Bearer <token>` with the token \
+             from the cluster's token file"
+                .into()
+        })
+    })
+}
+
+async fn authorize(
+    State(ctx): State<Arc<ConnCtx>>,
+    Extension(conn): Extension<ConnInfo>,
+    matched: MatchedPath,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let p = match principal(&ctx, req.method(), req.uri(), req.headers(), &conn) {
+        Ok(p) => p,
+        Err(e) => {
+            warn!(peer = %conn.peer, method = %req.method(), path = %req.uri().path(), "API call rejected: no valid credential");
+            return e.into_response();
         }
-        ("GET", "/v1/metrics") => {
-            call(
-                ctx,
-                |reply| Input::Local {
-                    query: Box::new(|r| {
-                        let mut v = to_json(&r.counters)?;
-                        v["storage_syncs"] = r.raw.store().syncs.into();
-                        Ok(v)
-                    }),
-                    reply,
-                },
-                timeout,
-            )
-            .await
-        }
-        ("POST", "/v1/command") => {
-            let env: Envelope = parse_body(req)?;
-            if env.request_id.is_empty() || env.request_id.len() > 128 {
-                return Err(ApiError::BadRequest(
-                    "request_id: expected 1..=128 bytes".into(),
-                ));
-            }
-            if let Command::SubmitJob { spec } = &env.command {
-                phalanx_core::validate_job(spec)
-                    .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-                // Replicated text stays small: the job (with its corpus path) lives in
-                // every snapshot.
-                if spec.corpus.len() > 4096 || spec.name.len() > 4096 {
-                    return Err(ApiError::BadRequest(
-                        "job: name and corpus must be at most 4096 bytes".into(),
-                    ));
-                }
-            }
-            let started = std::time::Instant::now();
-            let result = call(ctx, |reply| Input::Propose { env, reply }, timeout).await;
-            super::metrics::proposal_done(ctx, started.elapsed(), &result);
-            result
-        }
-        ("POST", "/v1/heartbeat") => {
-            let hb: HeartbeatRequest = parse_body(req)?;
-            call(ctx, |reply| Input::Heartbeat { hb, reply }, timeout).await
-        }
-        ("POST", "/v1/members") => {
-            let change: MemberChange = parse_body(req)?;
-            call(ctx, |reply| Input::Member { change, reply }, timeout).await
-        }
-        ("GET", "/v1/workers") => {
-            read(Box::new(|r| {
-                to_json(&r.state.workers.values().collect::<Vec<_>>())
-            }))
-            .await
-        }
-        ("GET", "/v1/job") => read(Box::new(|r| to_json(&r.state.job))).await,
-        ("GET", "/v1/checkpoints") => read(Box::new(|r| to_json(&r.state.checkpoints))).await,
-        ("GET", "/v1/events") => {
-            let limit: usize = req
-                .query_param("limit")
-                .and_then(|l| l.parse().ok())
-                .unwrap_or(100)
-                .min(10_000);
-            read(Box::new(move |r| {
+    };
+    let spec = routes::spec(req.method().as_str(), matched.as_str());
+    let allowed = match spec {
+        Some(r) => routes::check(&p, r),
+        None => Err(format!(
+            "{} {} is in no route table",
+            req.method(),
+            matched.as_str()
+        )),
+    };
+    if let Err(m) = allowed {
+        warn!(peer = %conn.peer, principal = %p, method = %req.method(), path = %req.uri().path(), "API call forbidden");
+        return ApiError::Forbidden(m).into_response();
+    }
+    req.extensions_mut().insert(p);
+    next.run(req).await
+}
+
+async fn not_found(
+    State(ctx): State<Arc<ConnCtx>>,
+    Extension(conn): Extension<ConnInfo>,
+    method: Method,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> ApiError {
+    match principal(&ctx, &method, &uri, &headers, &conn) {
+        Err(e) => e,
+        Ok(_) => ApiError::NotFound(format!("no route {method} {}", uri.path())),
+    }
+}
+
+fn timeout(ctx: &ConnCtx) -> Duration {
+    Duration::from_millis(ctx.cfg.request_timeout_ms + 500)
+}
+
+fn reply(r: ApiResult) -> Response {
+    match r {
+        Ok(v) => json_response(200, &v),
+        Err(e) => e.into_response(),
+    }
+}
+
+fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("body: {e}")))
+}
+
+async fn read(ctx: &ConnCtx, f: Query) -> ApiResult {
+    call(
+        ctx,
+        move |reply| Input::Read { query: f, reply },
+        timeout(ctx),
+    )
+    .await
+}
+
+async fn local(ctx: &ConnCtx, f: Query) -> ApiResult {
+    call(
+        ctx,
+        move |reply| Input::Local { query: f, reply },
+        timeout(ctx),
+    )
+    .await
+}
+
+async fn status(State(ctx): State<Arc<ConnCtx>>) -> Response {
+    reply(local(&ctx, Box::new(|r| to_json(&status_of(r)))).await)
+}
+
+async fn metrics(State(ctx): State<Arc<ConnCtx>>) -> Response {
+    reply(
+        local(
+            &ctx,
+            Box::new(|r| {
+                let mut v = to_json(&r.counters)?;
+                v["storage_syncs"] = r.raw.store().syncs.into();
+                Ok(v)
+            }),
+        )
+        .await,
+    )
+}
+
+async fn workers(State(ctx): State<Arc<ConnCtx>>) -> Response {
+    reply(
+        read(
+            &ctx,
+            Box::new(|r| to_json(&r.state.workers.values().collect::<Vec<_>>())),
+        )
+        .await,
+    )
+}
+
+async fn job(State(ctx): State<Arc<ConnCtx>>) -> Response {
+    reply(read(&ctx, Box::new(|r| to_json(&r.state.job))).await)
+}
+
+async fn checkpoints(State(ctx): State<Arc<ConnCtx>>) -> Response {
+    reply(read(&ctx, Box::new(|r| to_json(&r.state.checkpoints))).await)
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    limit: Option<usize>,
+}
+
+async fn events(State(ctx): State<Arc<ConnCtx>>, UrlQuery(q): UrlQuery<EventsQuery>) -> Response {
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    reply(
+        read(
+            &ctx,
+            Box::new(move |r| {
                 let n = r.state.events.len();
                 to_json(
                     &r.state
@@ -427,28 +439,153 @@ async fn route(req: &wire::Request, ctx: &ConnCtx, timeout: Duration) -> ApiResu
                         .skip(n.saturating_sub(limit))
                         .collect::<Vec<_>>(),
                 )
-            }))
-            .await
-        }
-        ("GET", p) if p.starts_with("/v1/annotations/") => {
-            let key = p["/v1/annotations/".len()..].to_string();
-            read(Box::new(move |r| {
+            }),
+        )
+        .await,
+    )
+}
+
+async fn annotation(State(ctx): State<Arc<ConnCtx>>, Path(key): Path<String>) -> Response {
+    reply(
+        read(
+            &ctx,
+            Box::new(move |r| {
                 Ok(serde_json::json!({"key": key, "value": r.state.annotations.get(&key)}))
-            }))
-            .await
-        }
-        ("GET", p) if p.starts_with("/v1/assignment/") => {
-            let worker = p["/v1/assignment/".len()..].to_string();
-            let key = epoch_secret_key(&ctx.token);
-            read(Box::new(move |r| assignment(r, &worker, &key))).await
-        }
-        (_, p) if p.starts_with("/v1/") => Err(ApiError::NotFound(format!(
-            "no route {} {}",
-            req.method, req.path
+            }),
+        )
+        .await,
+    )
+}
+
+/// A worker speaks only for itself.
+fn same_worker(p: &Principal, worker: &str, what: &str) -> Result<(), ApiError> {
+    match p {
+        Principal::Worker(me) if me != worker => Err(ApiError::Forbidden(format!(
+            "worker {me} may not {what} of worker {worker}"
         ))),
-        _ => Err(ApiError::NotFound(format!(
-            "no route {} {}",
-            req.method, req.path
-        ))),
+        _ => Ok(()),
     }
+}
+
+async fn assignment_of(
+    State(ctx): State<Arc<ConnCtx>>,
+    Extension(p): Extension<Principal>,
+    Path(worker): Path<String>,
+) -> Response {
+    if let Err(e) = same_worker(&p, &worker, "read the assignment") {
+        return e.into_response();
+    }
+    let key = ctx.cfg.security.epoch_key();
+    reply(read(&ctx, Box::new(move |r| assignment(r, &worker, &key))).await)
+}
+
+async fn command(
+    State(ctx): State<Arc<ConnCtx>>,
+    Extension(p): Extension<Principal>,
+    body: Bytes,
+) -> Response {
+    reply(command_inner(&ctx, &p, &body).await)
+}
+
+async fn command_inner(ctx: &ConnCtx, p: &Principal, body: &[u8]) -> ApiResult {
+    let env: Envelope = parse_body(body)?;
+    if env.request_id.is_empty() || env.request_id.len() > 128 {
+        return Err(ApiError::BadRequest(
+            "request_id: expected 1..=128 bytes".into(),
+        ));
+    }
+    if let Command::SubmitJob { spec } = &env.command {
+        phalanx_core::validate_job(spec).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        // Replicated text stays small: the job (with its corpus path) lives in every
+        // snapshot.
+        if spec.corpus.len() > 4096 || spec.name.len() > 4096 {
+            return Err(ApiError::BadRequest(
+                "job: name and corpus must be at most 4096 bytes".into(),
+            ));
+        }
+    }
+    if let Principal::Worker(_) = p {
+        // What a worker may report depends on the current plan: read it here (a plan
+        // that changes in between only fences the command further when it applies).
+        let ranks = local(
+            ctx,
+            Box::new(|r| to_json(&phalanx_core::authz::plan_ranks(&r.state))),
+        )
+        .await?;
+        let ranks: Vec<String> = serde_json::from_value(ranks).unwrap_or_default();
+        phalanx_core::authz::authorize_command(p.caller(), &env.command, &ranks)
+            .map_err(ApiError::Forbidden)?;
+    } else {
+        phalanx_core::authz::authorize_command(p.caller(), &env.command, &[])
+            .map_err(ApiError::Forbidden)?;
+    }
+    let started = std::time::Instant::now();
+    let result = call(ctx, |reply| Input::Propose { env, reply }, timeout(ctx)).await;
+    super::metrics::proposal_done(ctx, started.elapsed(), &result);
+    result
+}
+
+async fn heartbeat(
+    State(ctx): State<Arc<ConnCtx>>,
+    Extension(p): Extension<Principal>,
+    body: Bytes,
+) -> Response {
+    let r = async {
+        let hb: HeartbeatRequest = parse_body(&body)?;
+        same_worker(&p, &hb.worker, "send the heartbeat")?;
+        call(&ctx, |reply| Input::Heartbeat { hb, reply }, timeout(&ctx)).await
+    };
+    reply(r.await)
+}
+
+async fn members(
+    State(ctx): State<Arc<ConnCtx>>,
+    Extension(p): Extension<Principal>,
+    body: Bytes,
+) -> Response {
+    let r = async {
+        let change: MemberChange = parse_body(&body)?;
+        if let Principal::Controller(me) = p {
+            if change.id != me {
+                return Err(ApiError::Forbidden(format!(
+                    "controller {me} may change only its own membership, not controller {}",
+                    change.id
+                )));
+            }
+        }
+        call(&ctx, |reply| Input::Member { change, reply }, timeout(&ctx)).await
+    };
+    reply(r.await)
+}
+
+/// The token of a dashboard address's query (`/ui/?token=T`), if any.
+fn ui_query_token(uri: &axum::http::Uri) -> Option<String> {
+    if !phalanx_dashboard::is_ui_path(uri.path()) {
+        return None;
+    }
+    uri.query()?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("token="))
+        .and_then(phalanx_dashboard::token_from_query)
+}
+
+/// `GET /metrics`: Prometheus text (server/metrics.rs).
+async fn prometheus(State(ctx): State<Arc<ConnCtx>>) -> Response {
+    super::metrics::respond(&ctx, timeout(&ctx)).await
+}
+
+/// `GET /ui/...`: the dashboard's embedded files, with the cookie that keeps the token
+/// when it came in the query.
+async fn ui(uri: axum::http::Uri) -> Response {
+    let Some(asset) = phalanx_dashboard::asset(uri.path()) else {
+        return ApiError::NotFound(format!("no dashboard file {}", uri.path())).into_response();
+    };
+    let keep = ui_query_token(&uri);
+    let mut resp = asset.body.into_response();
+    for (k, v) in phalanx_dashboard::headers(&asset, keep.as_deref()) {
+        if let Ok(v) = axum::http::HeaderValue::from_str(&v) {
+            resp.headers_mut().append(k, v);
+        }
+    }
+    resp
 }

@@ -1,5 +1,5 @@
 //! `GET /metrics`: the controller's metrics in the Prometheus text format (see
-//! docs/observability.md), behind the same token as the rest of the API.
+//! docs/observability.md), for the reader and admin roles.
 //!
 //! A scrape asks the raft thread for a [`ControllerSample`] (a copy of a few numbers, as
 //! `/v1/status` does) and renders it on the API's task; the raft thread does nothing for
@@ -8,11 +8,11 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
 use phalanx_proto::{CommandResponse, Outcome};
 use phalanx_telemetry::controller::{ControllerMetrics, ControllerSample, ProposalOutcome};
 use serde::Deserialize;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tracing::warn;
 
 use super::api::{call, ApiResult};
@@ -42,8 +42,8 @@ pub(crate) fn sample_of(r: &Replica) -> ControllerSample {
     s
 }
 
-/// Answers `GET /metrics` on `stream` (the caller has checked the token).
-pub(crate) async fn respond(stream: &mut TcpStream, ctx: &ConnCtx, timeout: Duration) {
+/// Answers `GET /metrics` (the route table has checked the caller's role).
+pub(crate) async fn respond(ctx: &ConnCtx, timeout: Duration) -> Response {
     let slot: Arc<Mutex<Option<ControllerSample>>> = Arc::default();
     let put = slot.clone();
     let asked = call(
@@ -61,27 +61,27 @@ pub(crate) async fn respond(stream: &mut TcpStream, ctx: &ConnCtx, timeout: Dura
     let sample = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
     let (status, body) = match (asked, sample) {
         (Ok(_), Some(s)) => match ctx.metrics.render(s) {
-            Ok(text) => (200, text),
-            Err(e) => (500, format!("{e}\n")),
+            Ok(text) => (StatusCode::OK, text),
+            Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
         },
-        (Err(e), _) => (503, format!("the raft loop did not answer: {e:?}\n")),
-        (Ok(_), None) => (500, "the raft loop gave no sample\n".to_string()),
+        (Err(e), _) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the raft loop did not answer: {e:?}\n"),
+        ),
+        (Ok(_), None) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the raft loop gave no sample\n".to_string(),
+        ),
     };
-    if status != 200 {
-        warn!(status, "GET /metrics failed: {}", body.trim_end());
+    if status != StatusCode::OK {
+        warn!(%status, "GET /metrics failed: {}", body.trim_end());
     }
-    let head = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        if status == 200 { "OK" } else { "Error" },
-        phalanx_telemetry::CONTENT_TYPE,
-        body.len()
-    );
-    let write = async {
-        stream.write_all(head.as_bytes()).await?;
-        stream.write_all(body.as_bytes()).await?;
-        stream.shutdown().await
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(5), write).await;
+    (
+        status,
+        [(header::CONTENT_TYPE, phalanx_telemetry::CONTENT_TYPE)],
+        body,
+    )
+        .into_response()
 }
 
 /// Records how a `POST /v1/command` ended and how long it took.

@@ -1,13 +1,16 @@
 //! The controller process: a raft thread that owns the `Replica`, a tokio runtime for the
-//! peer transport and the HTTP API, all on one port.
+//! peer transport and the HTTP API, all on one port (TLS by default; see `listen` and
+//! `security`).
 //!
 //! The raft thread is a plain loop over a channel with a tick deadline, so raft logic never
-//! waits on a socket. Peer connections begin with the magic `PHXR`; anything else on the
-//! port is HTTP.
+//! waits on a socket.
 
 mod api;
+mod listen;
 mod metrics;
 mod raft_loop;
+pub mod routes;
+pub mod security;
 mod transport;
 
 use std::collections::BTreeMap;
@@ -18,18 +21,35 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use phalanx_core::{LeaseConfig, StateLimits};
-use phalanx_proto::{MemberChange, NodeId, StatusResponse};
+use phalanx_proto::{MemberChange, NodeId};
 use thiserror::Error;
-use tokio::net::{TcpListener, TcpStream};
-use tracing::{error, info, info_span, warn, Instrument};
+use tokio::net::TcpListener;
+use tracing::{error, info, warn};
 
+use crate::client::Client;
 use crate::node::{NodeError, Replica, ReplicaConfig};
-use crate::wire::{HttpLimits, PEER_MAGIC};
 
-use api::handle_http;
 pub use api::{status_of, ApiError};
 use raft_loop::{Input, RaftLoop};
-use transport::handle_peer;
+pub use security::{Principal, Security};
+
+/// Bounds of the HTTP API.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// Largest request body; a larger one is refused with 413 before it is read.
+    pub body_bytes_max: usize,
+    /// Open connections at once (API and peer links); more are closed on accept.
+    pub connections_max: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            body_bytes_max: 1024 * 1024,
+            connections_max: 512,
+        }
+    }
+}
 
 #[derive(Debug, Error)]
 pub enum ServerError {
@@ -53,7 +73,8 @@ pub struct ServerConfig {
     /// Every controller of the initial cluster, this one included: id -> address.
     pub peers: BTreeMap<NodeId, String>,
     pub data_dir: PathBuf,
-    pub token: String,
+    /// Credentials: TLS with a certificate per role (the default), or `--insecure`.
+    pub security: Security,
     /// Start with no voters and wait to be added with `POST /v1/members`.
     pub join: bool,
     /// This node's data dir was lost: start empty and rejoin the running cluster by having
@@ -89,14 +110,14 @@ impl ServerConfig {
         listen: String,
         peers: BTreeMap<NodeId, String>,
         data_dir: PathBuf,
-        token: String,
+        security: Security,
     ) -> Self {
         ServerConfig {
             id,
             listen,
             peers,
             data_dir,
-            token,
+            security,
             join: false,
             rejoin: false,
             // An election timeout of 500 ms-1 s (raft-rs draws it from [50, 100) ticks)
@@ -132,8 +153,17 @@ impl ServerConfig {
         if self.id == 0 {
             return bad("id: must be >= 1 (raft reserves 0)".into());
         }
-        if self.token.trim().is_empty() {
-            return bad("token: the cluster token is empty".into());
+        match &self.security {
+            Security::Insecure { token } if token.trim().is_empty() => {
+                return bad("token: the cluster token is empty".into());
+            }
+            Security::Tls(t) if t.id != self.id => {
+                return bad(format!(
+                    "tls: the certificate is controller {}'s, this is controller {}",
+                    t.id, self.id
+                ));
+            }
+            _ => {}
         }
         if !self.join && !self.peers.contains_key(&self.id) {
             return bad(format!(
@@ -319,12 +349,11 @@ fn start_with(
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let ctx = Arc::new(ConnCtx {
         inputs: in_tx,
-        token: cfg.token.clone(),
         cfg: cfg.clone(),
         metrics: metrics::new_metrics(cfg.id)?,
     });
     let in_tx2 = ctx.inputs.clone();
-    runtime.spawn(accept_loop(listener, ctx));
+    runtime.spawn(listen::accept_loop(listener, ctx));
 
     let handle = runtime.handle().clone();
     let stop2 = stop.clone();
@@ -367,29 +396,20 @@ fn other_peers(cfg: &ServerConfig) -> Vec<String> {
 /// the running cluster records a non-zero matched index for it. A node that merely starts
 /// late in a brand-new cluster has acknowledged nothing (matched 0) and starts normally.
 fn acked_by_cluster(cfg: &ServerConfig) -> Option<(NodeId, u64)> {
-    other_peers(cfg).iter().find_map(|a| {
-        crate::client::http_once(
-            a,
-            "GET",
-            "/v1/status",
-            &cfg.token,
-            None,
-            Duration::from_millis(500),
-        )
-        .ok()
-        .filter(|(code, _)| *code == 200)
-        .and_then(|(_, b)| serde_json::from_slice::<StatusResponse>(&b).ok())
-        .filter(|s| s.role == "leader")
-        .and_then(|s| {
+    let client = Client::new(other_peers(cfg), cfg.security.client_credentials()).ok()?;
+    client
+        .status_all_within(Duration::from_millis(500))
+        .into_iter()
+        .find_map(|(_, s)| {
+            let s = s.ok().filter(|s| s.role == "leader")?;
             let m = s.matched.get(&cfg.id).copied().unwrap_or(0);
             (m > 0).then_some((s.node_id, m))
         })
-    })
 }
 
 /// Remove this node's id from the cluster, then add it back (each a joint-consensus change).
 fn rejoin_cluster(cfg: &ServerConfig, gate: &std::sync::atomic::AtomicBool) {
-    let Ok(mut client) = crate::client::Client::new(other_peers(cfg), cfg.token.clone()) else {
+    let Ok(mut client) = Client::new(other_peers(cfg), cfg.security.client_credentials()) else {
         return;
     };
     client.deadline = Duration::from_secs(5);
@@ -398,25 +418,14 @@ fn rejoin_cluster(cfg: &ServerConfig, gate: &std::sync::atomic::AtomicBool) {
         .get(&cfg.id)
         .cloned()
         .unwrap_or_else(|| cfg.listen.clone());
-    let members_of = |client: &crate::client::Client| -> Option<Vec<NodeId>> {
-        for a in client.addrs() {
-            let Ok((200, b)) = crate::client::http_once(
-                a,
-                "GET",
-                "/v1/status",
-                &cfg.token,
-                None,
-                Duration::from_millis(500),
-            ) else {
-                continue;
-            };
-            if let Ok(s) = serde_json::from_slice::<StatusResponse>(&b) {
-                if s.role == "leader" {
-                    return Some(s.members.iter().map(|m| m.id).collect());
-                }
-            }
-        }
-        None
+    let members_of = |client: &Client| -> Option<Vec<NodeId>> {
+        client
+            .status_all_within(Duration::from_millis(500))
+            .into_iter()
+            .find_map(|(_, s)| {
+                let s = s.ok().filter(|s| s.role == "leader")?;
+                Some(s.members.iter().map(|m| m.id).collect())
+            })
     };
     let deadline = Instant::now() + Duration::from_secs(60);
     for (action, want_member) in [("remove", false), ("add", true)] {
@@ -456,55 +465,6 @@ fn rejoin_cluster(cfg: &ServerConfig, gate: &std::sync::atomic::AtomicBool) {
 
 pub(crate) struct ConnCtx {
     pub(crate) inputs: std_mpsc::Sender<Input>,
-    pub(crate) token: String,
     pub(crate) cfg: ServerConfig,
     pub(crate) metrics: Arc<phalanx_telemetry::controller::ControllerMetrics>,
-}
-
-async fn accept_loop(listener: TcpListener, ctx: Arc<ConnCtx>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                let ctx = ctx.clone();
-                tokio::spawn(async move { handle_conn(stream, peer, ctx).await });
-            }
-            Err(e) => {
-                warn!(%e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
-pub(crate) fn token_eq(a: &str, b: &str) -> bool {
-    // Constant-time in the length of the presented token.
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    let mut diff = (a.len() != b.len()) as u8;
-    for (i, x) in a.iter().enumerate() {
-        diff |= x ^ b.get(i).copied().unwrap_or(0);
-    }
-    diff == 0
-}
-
-async fn handle_conn(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<ConnCtx>) {
-    let mut first = [0u8; 4];
-    let deadline = Instant::now() + Duration::from_secs(5);
-    // Peek until 4 bytes arrived (or the client sent fewer and waits: then treat as HTTP).
-    loop {
-        match tokio::time::timeout(Duration::from_millis(200), stream.peek(&mut first)).await {
-            Ok(Ok(0)) => return,
-            Ok(Ok(n)) if n >= 4 => break,
-            Ok(Ok(_)) | Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            _ => return,
-        }
-    }
-    if &first == PEER_MAGIC {
-        handle_peer(stream, peer, ctx).await;
-    } else {
-        let span = info_span!("api", %peer);
-        handle_http(&mut stream, peer, ctx).instrument(span).await;
-    }
 }

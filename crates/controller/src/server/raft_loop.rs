@@ -497,7 +497,7 @@ impl RaftLoop {
                 return;
             };
             let (tx, rx) = mpsc::channel(self.cfg.peer_queue_max);
-            let token = self.cfg.token.clone();
+            let sec = self.cfg.security.clone();
             let from = self.cfg.id;
             let frame_max = self.cfg.frame_bytes_max;
             let message_max = self.cfg.message_bytes_max;
@@ -506,7 +506,7 @@ impl RaftLoop {
                 from,
                 to,
                 addr,
-                token,
+                sec,
                 rx,
                 frame_max,
                 message_max,

@@ -22,18 +22,20 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use phalanx_pki::Role;
 use phalanx_proto::NodeId;
 use protobuf::Message as PbMessage;
 use raft::prelude::Message;
+use rustls::pki_types::ServerName;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use super::raft_loop::Input;
-use super::{token_eq, ConnCtx};
+use super::security::{token_eq, Security};
+use super::ConnCtx;
 use crate::wire::{self, PEER_MAGIC};
 
 /// Set in a frame's length: the frame is a piece of a longer message, and more follow.
@@ -41,7 +43,10 @@ const FRAME_MORE: u32 = 0x8000_0000;
 
 #[derive(Serialize, Deserialize)]
 struct Handshake {
+    /// The sender's node id: with TLS it must be the one its certificate names.
     from: NodeId,
+    /// The shared token in `--insecure` mode; empty with TLS.
+    #[serde(default)]
     token: String,
     /// The sender wants a cumulative count of bytes read back and may send empty frames
     /// (pings). Nodes of this version always ask.
@@ -75,7 +80,7 @@ impl LinkTiming {
 
 /// `TCP_USER_TIMEOUT` and keepalives on a peer socket: the kernel aborts a connection
 /// whose data stays unacknowledged for `user_timeout`.
-fn set_peer_socket_options(s: &TcpStream, user_timeout: Duration) {
+pub(crate) fn set_peer_socket_options(s: &TcpStream, user_timeout: Duration) {
     use std::os::fd::AsRawFd;
     let fd = s.as_raw_fd();
     let _ = s.set_nodelay(true);
@@ -108,8 +113,10 @@ fn set_peer_socket_options(s: &TcpStream, user_timeout: Duration) {
 }
 
 /// One live outgoing connection.
+type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
 struct Link {
-    w: OwnedWriteHalf,
+    w: BoxWrite,
     /// The receiver's cumulative count of bytes read; closed when the connection ends.
     acks: watch::Receiver<u64>,
     reader: tokio::task::JoinHandle<()>,
@@ -128,21 +135,61 @@ impl Drop for Link {
 }
 
 impl Link {
-    async fn dial(from: NodeId, addr: &str, token: &str, t: LinkTiming) -> Option<Link> {
+    /// Dials node `to` at `addr`: with TLS, the server must present `to`'s controller
+    /// certificate.
+    async fn dial(
+        from: NodeId,
+        to: NodeId,
+        addr: &str,
+        sec: &Security,
+        t: LinkTiming,
+    ) -> Option<Link> {
         let s = tokio::time::timeout(t.connect, TcpStream::connect(addr))
             .await
             .ok()?
             .ok()?;
         set_peer_socket_options(&s, t.liveness);
+        let token = match sec {
+            Security::Insecure { token } => token.clone(),
+            Security::Tls(_) => String::new(),
+        };
         let hs = serde_json::to_vec(&Handshake {
             from,
-            token: token.to_string(),
+            token,
             acks: true,
         })
         .ok()?;
         let mut hello = PEER_MAGIC.to_vec();
         hello.extend_from_slice(&wire::encode_frame(&hs));
-        let (mut r, mut w) = s.into_split();
+        let (mut r, mut w): (Box<dyn AsyncRead + Send + Unpin>, BoxWrite) = match sec {
+            Security::Insecure { .. } => {
+                let (r, w) = s.into_split();
+                (Box::new(r), Box::new(w))
+            }
+            Security::Tls(tls) => {
+                let conn = tokio_rustls::TlsConnector::from(tls.raft_client.clone());
+                let name = ServerName::try_from("phalanx-controller").ok()?;
+                let st = match tokio::time::timeout(t.connect, conn.connect(name, s)).await {
+                    Ok(Ok(st)) => st,
+                    Ok(Err(e)) => {
+                        debug!(to, %addr, %e, "peer TLS handshake failed");
+                        return None;
+                    }
+                    Err(_) => return None,
+                };
+                let who = st
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .map(|c| phalanx_pki::peer_role(c, tls.dir.cluster_id()));
+                if !matches!(who, Some(Ok(Role::Controller(id))) if id == to) {
+                    warn!(to, %addr, ?who, "peer link refused: the server is not controller {to}");
+                    return None;
+                }
+                let (r, w) = tokio::io::split(st);
+                (Box::new(r), Box::new(w))
+            }
+        };
         tokio::time::timeout(t.connect, w.write_all(&hello))
             .await
             .ok()?
@@ -212,7 +259,7 @@ pub(crate) async fn peer_sender(
     from: NodeId,
     to: NodeId,
     addr: String,
-    token: String,
+    sec: Security,
     mut rx: mpsc::Receiver<Message>,
     frame_bytes_max: u64,
     message_bytes_max: u64,
@@ -243,7 +290,7 @@ pub(crate) async fn peer_sender(
             }
         };
         if link.is_none() {
-            link = Link::dial(from, &addr, &token, t).await;
+            link = Link::dial(from, to, &addr, &sec, t).await;
             if link.is_none() {
                 // Unreachable: drop what is queued (raft retransmits) and back off a little.
                 while rx.try_recv().is_ok() {}
@@ -320,7 +367,16 @@ async fn read_frame<R: AsyncRead + Unpin>(
     Some(buf)
 }
 
-pub(crate) async fn handle_peer(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<ConnCtx>) {
+/// Serves one incoming peer link. `verified`: the node id of the TLS client certificate
+/// (`None` in `--insecure` mode, where the shared token is checked instead).
+pub(crate) async fn handle_peer<S>(
+    mut stream: S,
+    peer: SocketAddr,
+    ctx: Arc<ConnCtx>,
+    verified: Option<NodeId>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let mut magic = [0u8; 4];
     if stream.read_exact(&mut magic).await.is_err() {
         return;
@@ -336,14 +392,25 @@ pub(crate) async fn handle_peer(mut stream: TcpStream, peer: SocketAddr, ctx: Ar
             return;
         }
     };
-    if !token_eq(&hs.token, &ctx.token) {
-        warn!(%peer, from = hs.from, "peer connection rejected: wrong cluster token");
+    if &magic != PEER_MAGIC {
+        warn!(%peer, "peer link without the PHXR magic; closed");
         return;
+    }
+    match (verified, &ctx.cfg.security) {
+        (Some(id), _) if id != hs.from => {
+            warn!(%peer, claimed = hs.from, certificate = id, "peer connection rejected: it claims another node's id than its certificate names");
+            return;
+        }
+        (Some(_), _) => {}
+        (None, Security::Insecure { token }) if token_eq(&hs.token, token) => {}
+        (None, _) => {
+            warn!(%peer, from = hs.from, "peer connection rejected: wrong cluster token");
+            return;
+        }
     }
     debug!(%peer, from = hs.from, acks = hs.acks, "peer connected");
     let liveness = ctx.cfg.peer_liveness();
-    set_peer_socket_options(&stream, liveness);
-    let (mut r, mut w) = stream.into_split();
+    let (mut r, mut w) = tokio::io::split(stream);
     // Acknowledgements go back from their own task, so a stalled back channel never holds
     // up delivery; only the latest count matters.
     let (ack_tx, mut ack_rx) = watch::channel(0u64);
@@ -467,11 +534,10 @@ mod tests {
             "127.0.0.1:0".into(),
             BTreeMap::from([(1, "127.0.0.1:1".to_string())]),
             PathBuf::from("/nonexistent"),
-            "tok".into(),
+            Security::insecure("tok"),
         );
         let ctx = Arc::new(ConnCtx {
             inputs: tx,
-            token: "tok".into(),
             cfg,
             metrics: crate::server::metrics::new_metrics(1).unwrap(),
         });
@@ -479,7 +545,7 @@ mod tests {
         let receiver_addr = receiver.local_addr().unwrap();
         tokio::spawn(async move {
             while let Ok((s, peer)) = receiver.accept().await {
-                tokio::spawn(handle_peer(s, peer, ctx.clone()));
+                tokio::spawn(handle_peer(s, peer, ctx.clone(), None));
             }
         });
         // A link of 512 KiB/s towards the receiver (acknowledgements flow back freely).
@@ -508,7 +574,9 @@ mod tests {
         });
 
         let t = LinkTiming::new(Duration::from_millis(400));
-        let mut link = Link::dial(2, &proxy_addr, "tok", t).await.expect("dial");
+        let mut link = Link::dial(2, 1, &proxy_addr, &Security::insecure("tok"), t)
+            .await
+            .expect("dial");
         let m = Message {
             from: 2,
             to: 1,
