@@ -334,6 +334,24 @@ async fn authorize(
         warn!(peer = %conn.peer, principal = %p, method = %req.method(), path = %req.uri().path(), "API call forbidden");
         return ApiError::Forbidden(m).into_response();
     }
+    // A body announced larger than the limit is refused before any of it is read.
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let max = ctx.cfg.http.body_bytes_max;
+    if announced.is_some_and(|n| n > max as u64) {
+        return json_response(
+            413,
+            &ErrorResponse {
+                error: "payload_too_large".into(),
+                message: format!("the request body may be at most {max} bytes"),
+                leader_id: None,
+                leader_address: None,
+            },
+        );
+    }
     req.extensions_mut().insert(p);
     next.run(req).await
 }
