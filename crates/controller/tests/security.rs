@@ -318,7 +318,8 @@ fn request_for(
     let path = route
         .path
         .replace("{key}", "color")
-        .replace("{worker}", "w0");
+        .replace("{worker}", "w0")
+        .replace("{*file}", "index.html");
     let body = match (route.path, who) {
         ("/v1/command", Who::Worker) => Some(Command::RegisterWorker {
             id: "w0".into(),

@@ -119,10 +119,11 @@ mod tests {
     fn workers_speak_for_themselves_and_their_plan_only() {
         let s: Vec<WorkerId> = vec!["w0".into(), "w1".into()];
         let w0 = Caller::Worker("w0");
-        let progress = |w: &str| Command::ReportProgress {
+        let progress = |w: &str| Command::ReportCheckpointRefused {
             worker: w.into(),
-            epoch: 1,
+            job: "j".into(),
             step: 3,
+            reason: "r".into(),
         };
         assert!(authorize_command(w0, &progress("w0"), &s[..]).is_ok());
         let e = authorize_command(w0, &progress("w1"), &s[..]).unwrap_err();

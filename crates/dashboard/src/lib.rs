@@ -146,7 +146,7 @@ pub fn token_from_query(raw: &str) -> Option<String> {
 /// The dashboard's address on the controller at `address` (`host:port`), with the token
 /// in its query.
 pub fn url(address: &str, token: &str) -> String {
-    format!("http://{address}{PREFIX}/?token={}", percent_encode(token))
+    format!("https://{address}{PREFIX}/?token={}", percent_encode(token))
 }
 
 fn percent_encode(s: &str) -> String {

@@ -28,7 +28,7 @@ struct DashboardAddress {
 }
 
 pub fn dashboard(cmd: DashboardCmd) -> Result<()> {
-    let client = cmd.target.client()?;
+    let client = cmd.target.client_as(&phalanx_pki::Role::Reader)?;
     let token = token(&cmd.target)?;
     let start = Instant::now();
     let (leader_id, address) = loop {
@@ -93,17 +93,24 @@ fn pick(all: &[(String, Result<StatusResponse, String>)]) -> Option<(u64, String
         })
 }
 
-/// The token the other verbs use: `--token-file`, else the cluster directory's, else
-/// `PHALANX_TOKEN`.
+/// The token the page is opened with: `--token-file`, else `PHALANX_TOKEN`, else the
+/// read-only operator token of the credentials directory (`--tls-dir`, or the cluster
+/// directory's).
 fn token(target: &Target) -> Result<String> {
     if let Some(f) = &target.endpoint.token_file {
         return read_token(f);
     }
-    if let Some(d) = target.dir() {
-        return read_token(&read_cluster(&d)?.token_file);
+    if let Ok(t) = std::env::var("PHALANX_TOKEN") {
+        if !t.trim().is_empty() {
+            return Ok(t.trim().to_string());
+        }
     }
-    match std::env::var("PHALANX_TOKEN") {
-        Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
-        _ => bail!("no token: pass --token-file F, --dir DIR or set PHALANX_TOKEN"),
-    }
+    let tls = match (&target.endpoint.tls_dir, target.dir()) {
+        (Some(t), _) => t.clone(),
+        (None, Some(d)) => read_cluster(&d)?
+            .tls_dir
+            .unwrap_or_else(|| d.join("tls")),
+        (None, None) => bail!("no token: pass --token-file F, --dir DIR or --tls-dir DIR"),
+    };
+    Ok(phalanx_pki::TlsDir::open(&tls)?.token(phalanx_pki::TokenKind::Reader)?)
 }

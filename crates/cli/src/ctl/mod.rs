@@ -89,9 +89,18 @@ impl Target {
         self.endpoint.dir()
     }
 
-    /// A client that reports an unreachable cluster after `--wait` (exit code 3).
+    /// An operator's client (admin, or reader with `--read-only`) that reports an
+    /// unreachable cluster after `--wait` (exit code 3).
     pub fn client(&self) -> Result<Client> {
-        let mut c = self.endpoint.client()?;
+        self.bounded(self.endpoint.client()?)
+    }
+
+    /// As [`Target::client`], presenting `role`'s credentials.
+    pub fn client_as(&self, role: &Role) -> Result<Client> {
+        self.bounded(self.endpoint.client_as(role)?)
+    }
+
+    fn bounded(&self, mut c: Client) -> Result<Client> {
         c.unreachable_after = Some(self.wait);
         c.deadline = c.deadline.max(self.wait);
         Ok(c)
