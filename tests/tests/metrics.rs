@@ -6,6 +6,8 @@ use std::net::TcpStream;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use phalanx_controller::client::{http_once, Credentials};
+use phalanx_pki::{TlsDir, TokenKind};
 use phalanx_tests::cluster::{job_toml, LocalCluster};
 use phalanx_tests::{phalanx, KillOnDrop};
 use prometheus_parse::{Scrape, Value};
@@ -34,6 +36,13 @@ fn get(addr: &str, token: Option<&str>) -> Result<(u16, String), String> {
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| format!("no status in {head:?}"))?;
     Ok((status, body.to_string()))
+}
+
+/// `GET /metrics` on controller `addr` over TLS with `creds`; (status, body).
+fn ctl_get(addr: &str, creds: &Credentials) -> Result<(u16, String), String> {
+    http_once(addr, "GET", "/metrics", creds, None, Duration::from_secs(10))
+        .map(|(code, body)| (code, String::from_utf8_lossy(&body).into_owned()))
+        .map_err(|e| e.to_string())
 }
 
 fn parse(text: &str) -> Scrape {
@@ -164,9 +173,10 @@ fn controllers_and_a_worker_serve_prometheus_text_with_live_values() {
         },
     );
 
-    // The controllers: the API's token is required.
-    let token = std::fs::read_to_string(c.cluster_dir().join("token")).unwrap();
-    let token = token.trim();
+    // The controllers: TLS, and the read-only credential is required.
+    let tls = TlsDir::open(&c.cluster_dir().join("tls")).unwrap();
+    let reader = Credentials::token(&tls, TokenKind::Reader).unwrap();
+    let anonymous = Credentials::tls_with_token(&tls, String::new()).unwrap();
     let status = c.status().expect("status");
     let members: Vec<(u64, String)> = status["members"]
         .as_array()
@@ -180,13 +190,13 @@ fn controllers_and_a_worker_serve_prometheus_text_with_live_values() {
         })
         .collect();
     assert_eq!(members.len(), 3, "{status}");
-    let (code, body) = get(&members[0].1, None).unwrap();
-    assert_eq!(code, 401, "no token: {body}");
+    let (code, body) = ctl_get(&members[0].1, &anonymous).unwrap();
+    assert_eq!(code, 401, "no credential: {body}");
     for (_, addr) in &members {
         let s = scrape_until(
             &format!("controller {addr}'s metrics"),
             Duration::from_secs(30),
-            || get(addr, Some(token)),
+            || ctl_get(addr, &reader),
             |s| value(s, "phalanx_raft_term", None).is_some(),
         );
         assert!(value(&s, "phalanx_raft_term", None).unwrap() >= 1.0);
@@ -199,7 +209,7 @@ fn controllers_and_a_worker_serve_prometheus_text_with_live_values() {
         Duration::from_secs(60),
         || {
             for (_, addr) in &members {
-                if let Ok((200, text)) = get(addr, Some(token)) {
+                if let Ok((200, text)) = ctl_get(addr, &reader) {
                     if value(&parse(&text), "phalanx_raft_is_leader", None) == Some(1.0) {
                         return Ok((200, text));
                     }
@@ -241,7 +251,7 @@ fn controllers_and_a_worker_serve_prometheus_text_with_live_values() {
         Duration::from_secs(120),
         || {
             for (_, addr) in &members {
-                if let Ok((200, text)) = get(addr, Some(token)) {
+                if let Ok((200, text)) = ctl_get(addr, &reader) {
                     if value(&parse(&text), "phalanx_raft_is_leader", None) == Some(1.0) {
                         return Ok((200, text));
                     }
