@@ -68,6 +68,9 @@ fn completions_and_the_man_page_come_from_the_same_definitions() {
 #[test]
 fn an_unreachable_cluster_is_reported_within_2_s_with_exit_code_3() {
     let addr = format!("127.0.0.1:{}", free_port());
+    let creds = tempfile::tempdir().unwrap();
+    let tls = phalanx_pki::TlsDir::create(creds.path()).unwrap();
+    tls.issue(&phalanx_pki::Role::Admin, &[]).unwrap();
     for args in [
         vec!["status"],
         vec!["job", "status"],
@@ -76,7 +79,8 @@ fn an_unreachable_cluster_is_reported_within_2_s_with_exit_code_3() {
         let mut c = phalanx();
         c.args(&args)
             .args(["--controllers", &addr])
-            .env("PHALANX_TOKEN", "t");
+            .arg("--tls-dir")
+            .arg(creds.path());
         let t0 = Instant::now();
         let out = run_with_timeout(c, Duration::from_secs(30));
         let took = t0.elapsed();
