@@ -40,9 +40,16 @@ fn get(addr: &str, token: Option<&str>) -> Result<(u16, String), String> {
 
 /// `GET /metrics` on controller `addr` over TLS with `creds`; (status, body).
 fn ctl_get(addr: &str, creds: &Credentials) -> Result<(u16, String), String> {
-    http_once(addr, "GET", "/metrics", creds, None, Duration::from_secs(10))
-        .map(|(code, body)| (code, String::from_utf8_lossy(&body).into_owned()))
-        .map_err(|e| e.to_string())
+    http_once(
+        addr,
+        "GET",
+        "/metrics",
+        creds,
+        None,
+        Duration::from_secs(10),
+    )
+    .map(|(code, body)| (code, String::from_utf8_lossy(&body).into_owned()))
+    .map_err(|e| e.to_string())
 }
 
 fn parse(text: &str) -> Scrape {

@@ -3,7 +3,8 @@
 //! job, events, the controllers' and workers' logs).
 use std::time::{Duration, Instant};
 
-use phalanx_controller::client::Client;
+use phalanx_controller::client::{Client, Credentials};
+use phalanx_pki::{Role, TlsDir};
 use phalanx_proto::Assignment;
 use phalanx_tests::cluster::{job_toml, LocalCluster};
 
@@ -15,7 +16,7 @@ fn the_epoch_secret_goes_to_the_ranks_only_and_shows_nowhere_else() {
     // Steps only happen once the ring formed, and it forms only with the secret.
     c.wait_step(2, Duration::from_secs(180));
 
-    let token = std::fs::read_to_string(c.cluster_dir().join("token")).unwrap();
+    let tls = TlsDir::open(&c.cluster_dir().join("tls")).unwrap();
     let status = c.status().expect("status");
     let addrs: Vec<String> = status["members"]
         .as_array()
@@ -23,14 +24,27 @@ fn the_epoch_secret_goes_to_the_ranks_only_and_shows_nowhere_else() {
         .iter()
         .map(|m| m["address"].as_str().unwrap().to_string())
         .collect();
-    let client = Client::new(addrs, token.trim().to_string()).unwrap();
+    // Each worker reads its own assignment, with its own certificate (another worker's
+    // is refused: crates/controller/tests/security.rs).
+    let as_worker = |w: &str| {
+        Client::new(
+            addrs.clone(),
+            Credentials::role(&tls, &Role::Worker(w.into())).unwrap(),
+        )
+        .unwrap()
+    };
+    let client = Client::new(
+        addrs.clone(),
+        Credentials::role(&tls, &Role::Admin).unwrap(),
+    )
+    .unwrap();
 
     // The three assignments of one epoch (a new plan between two reads: read again).
     let deadline = Instant::now() + Duration::from_secs(60);
     let assignments = loop {
         let all: Vec<Assignment> = ["w0", "w1", "w2"]
             .iter()
-            .map(|w| client.get(&format!("/v1/assignment/{w}")).unwrap())
+            .map(|w| as_worker(w).get(&format!("/v1/assignment/{w}")).unwrap())
             .collect();
         if all.iter().all(|a| a.epoch == all[0].epoch) {
             break all;

@@ -127,8 +127,8 @@ pub fn start(cmd: WorkerStartCmd) -> Result<()> {
         fault_inbox: cmd.fault_inbox,
         numerics: cmd.numerics,
         silence,
-        // issue 11: the lead's --tls-dir sets this (ring links then use mutual TLS)
-        tls: None,
+        // With TLS credentials the ring links run mutual TLS as well.
+        tls: cmd.target.tls_dir_in_use()?,
     };
     agent::run(cfg)?;
     Ok(())

@@ -107,9 +107,7 @@ fn token(target: &Target) -> Result<String> {
     }
     let tls = match (&target.endpoint.tls_dir, target.dir()) {
         (Some(t), _) => t.clone(),
-        (None, Some(d)) => read_cluster(&d)?
-            .tls_dir
-            .unwrap_or_else(|| d.join("tls")),
+        (None, Some(d)) => read_cluster(&d)?.tls_dir.unwrap_or_else(|| d.join("tls")),
         (None, None) => bail!("no token: pass --token-file F, --dir DIR or --tls-dir DIR"),
     };
     Ok(phalanx_pki::TlsDir::open(&tls)?.token(phalanx_pki::TokenKind::Reader)?)

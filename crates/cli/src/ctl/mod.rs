@@ -194,6 +194,25 @@ impl Endpoint {
         })
     }
 
+    /// The credentials directory this endpoint uses, unless it is `--insecure` (then
+    /// `None`): `--tls-dir`, else the cluster directory's.
+    pub fn tls_dir_in_use(&self) -> Result<Option<TlsDir>> {
+        let cf = self.dir().as_deref().map(read_cluster).transpose()?;
+        let insecure_file = cf.as_ref().and_then(|c| c.token_file.clone());
+        if self.insecure || (insecure_file.is_some() && self.tls_dir.is_none()) {
+            return Ok(None);
+        }
+        let dir = self
+            .tls_dir
+            .clone()
+            .or_else(|| cf.as_ref().and_then(|c| c.tls_dir.clone()))
+            .or_else(|| self.dir().map(|d| d.join("tls")));
+        Ok(match dir {
+            Some(d) => Some(TlsDir::open(&d)?),
+            None => None,
+        })
+    }
+
     /// An operator's client (admin, or reader with `--read-only`) with the default bounds
     /// (it keeps trying for 10 s).
     pub fn client(&self) -> Result<Client> {

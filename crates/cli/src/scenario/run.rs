@@ -712,7 +712,9 @@ pub fn run(o: &RunOptions, v: &Validated) -> Result<Report> {
     // The live page (issue 12): every controller serves it; this is the leader's.
     if let Ok(st) = client.get::<StatusResponse>("/v1/status") {
         let leader = st.members.iter().find(|m| m.id == st.leader_id);
-        if let (Some(m), Ok(token)) = (leader, std::fs::read_to_string(&procs.token_file)) {
+        let reader = phalanx_pki::TlsDir::open(&procs.tls_dir)
+            .and_then(|t| t.token(phalanx_pki::TokenKind::Reader));
+        if let (Some(m), Ok(token)) = (leader, reader) {
             println!(
                 "   dashboard {}",
                 phalanx_dashboard::url(&m.address, token.trim())
