@@ -65,8 +65,11 @@ async fn open_browser(webdriver: &str, chromium: &Path) -> Client {
         "goog:chromeOptions".into(),
         json!({
             "binary": chromium,
+            // The controllers' certificates come from the cluster's own CA, which this
+            // throw-away browser profile does not trust.
             "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
-                     "--disable-dev-shm-usage", "--window-size=1400,1750"],
+                     "--disable-dev-shm-usage", "--window-size=1400,1750",
+                     "--ignore-certificate-errors"],
         }),
     );
     let mut builder = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new());
@@ -185,7 +188,7 @@ async fn the_page_shows_a_killed_worker_its_recovery_and_the_loss_curve() {
 
     let url = c.ctl_ok(&["dashboard"]).trim().to_string();
     assert!(
-        url.starts_with("http://127.0.0.1:") && url.contains("/ui/?token="),
+        url.starts_with("https://127.0.0.1:") && url.contains("/ui/?token="),
         "{url}"
     );
 
@@ -233,14 +236,18 @@ async fn the_page_shows_a_killed_worker_its_recovery_and_the_loss_curve() {
     eprintln!("dashboard screenshot: {}", shot.display());
 }
 
-/// One raw HTTP/1.1 exchange (the server closes the connection): status and the whole text.
-fn raw_http(address: &str, request: &str) -> (u16, String) {
+/// One raw HTTP/1.1 exchange over TLS, anonymous at the TLS layer (as a browser is),
+/// the connection closed after it: status and the whole text.
+fn raw_https(tls: &phalanx_pki::TlsDir, address: &str, request: &str) -> (u16, String) {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(address).unwrap();
+    let cfg = tls.client_config(None, &[phalanx_pki::ALPN_HTTP1]).unwrap();
+    let s = std::net::TcpStream::connect(address).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut s = rustls::StreamOwned::new(rustls::ClientConnection::new(cfg, name).unwrap(), s);
     s.write_all(request.as_bytes()).unwrap();
     let mut buf = Vec::new();
-    s.read_to_end(&mut buf).unwrap();
+    let _ = s.read_to_end(&mut buf);
     let text = String::from_utf8_lossy(&buf).into_owned();
     let status = text
         .split(' ')
@@ -254,38 +261,47 @@ fn raw_http(address: &str, request: &str) -> (u16, String) {
 fn the_token_becomes_a_cookie_that_authorizes_reads_only() {
     let c = LocalCluster::start(0, 0);
     let url = c.ctl_ok(&["dashboard"]).trim().to_string();
-    let rest = url.strip_prefix("http://").unwrap();
+    let tls = phalanx_pki::TlsDir::open(&c.cluster_dir().join("tls")).unwrap();
+    let rest = url.strip_prefix("https://").unwrap();
     let (address, target) = rest.split_at(rest.find('/').unwrap());
     let token = target.split_once("token=").unwrap().1;
     let get = |path: &str, extra: &str| {
-        raw_http(
+        raw_https(
+            &tls,
             address,
-            &format!("GET {path} HTTP/1.1\r\nHost: {address}\r\n{extra}\r\n"),
+            &format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n{extra}\r\n"),
         )
     };
 
     // The page answers with the cookie, never cached.
+    // (hyper writes header names in lower case; HTTP does not care.)
     let (status, page) = get(target, "");
+    let page = page.to_lowercase();
     assert_eq!(status, 200, "{page}");
     let set_cookie =
-        format!("Set-Cookie: phalanx_token={token}; HttpOnly; SameSite=Strict; Path=/\r\n");
+        format!("set-cookie: phalanx_token={token}; httponly; samesite=strict; path=/\r\n")
+            .to_lowercase();
     assert!(page.contains(&set_cookie), "{page}");
-    assert!(page.contains("Cache-Control: no-store\r\n"), "{page}");
+    assert!(page.contains("cache-control: no-store\r\n"), "{page}");
     assert!(page.contains("<script src=\"app.js\">"), "{page}");
     let cookie = format!("Cookie: phalanx_token={token}\r\n");
     // The cookie reads the API and the page's files...
     for path in ["/v1/status", "/ui/app.js", "/ui/vendor/uPlot.iife.min.js"] {
         let (status, text) = get(path, &cookie);
         assert_eq!(status, 200, "GET {path} with the cookie: {text}");
-        assert!(!text.contains("Set-Cookie"), "GET {path}: {text}");
+        assert!(
+            !text.to_lowercase().contains("set-cookie"),
+            "GET {path}: {text}"
+        );
     }
     // ...and changes nothing: a POST with only the cookie is refused.
     let body =
         r#"{"request_id":"dash-1","command":{"type":"set_annotation","key":"k","value":"v"}}"#;
-    let (status, text) = raw_http(
+    let (status, text) = raw_https(
+        &tls,
         address,
         &format!(
-            "POST /v1/command HTTP/1.1\r\nHost: {address}\r\n{cookie}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            "POST /v1/command HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n{cookie}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         ),
     );
@@ -298,7 +314,7 @@ fn the_token_becomes_a_cookie_that_authorizes_reads_only() {
     ] {
         let (status, text) = get(path, &extra);
         assert_eq!(status, 401, "GET {path} {extra:?}: {text}");
-        assert!(!text.contains("Set-Cookie"), "{text}");
+        assert!(!text.to_lowercase().contains("set-cookie"), "{text}");
     }
     assert!(get("/ui/", "").1.contains("phalanx dashboard --dir DIR"));
 }

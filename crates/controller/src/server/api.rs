@@ -295,7 +295,9 @@ fn principal(
         });
     }
     conn.cert.clone().ok_or_else(|| {
-        ApiError::Unauthorized(if ctx.cfg.security.is_tls() {
+        ApiError::Unauthorized(if phalanx_dashboard::is_ui_path(uri.path()) {
+            phalanx_dashboard::UNAUTHORIZED.into()
+        } else if ctx.cfg.security.is_tls() {
             "no credential: present a client certificate of this cluster or \
              `Authorization: Bearer <admin or reader token>`"
                 .into()
@@ -602,7 +604,7 @@ async fn ui(uri: axum::http::Uri) -> Response {
     let mut resp = asset.body.into_response();
     for (k, v) in phalanx_dashboard::headers(&asset, keep.as_deref()) {
         if let Ok(v) = axum::http::HeaderValue::from_str(&v) {
-            resp.headers_mut().append(k, v);
+            resp.headers_mut().insert(k, v);
         }
     }
     resp
