@@ -99,12 +99,11 @@ impl Cluster {
         loop {
             let s: Vec<_> = self.peers.keys().filter_map(|i| self.status(*i)).collect();
             if s.len() == 3
+                && s[0].leader_id != 0
                 && s.iter()
                     .all(|x| x.leader_id == s[0].leader_id && x.term == s[0].term)
             {
-                if s[0].leader_id != 0 {
-                    return (s[0].leader_id, s[0].term);
-                }
+                return (s[0].leader_id, s[0].term);
             }
             assert!(Instant::now() < deadline, "no settled leader");
             std::thread::sleep(Duration::from_millis(20));
