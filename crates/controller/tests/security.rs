@@ -425,6 +425,38 @@ fn every_endpoint_answers_each_role_as_the_table_says() {
             );
         }
     }
+    // Paths are percent-decoded: a key with a space and a slash is one segment.
+    let admin = c.creds(&Role::Admin);
+    let set = serde_json::to_vec(&phalanx_proto::Envelope {
+        request_id: phalanx_controller::client::new_request_id("pct"),
+        command: Command::SetAnnotation {
+            key: "a b/c".into(),
+            value: "v".into(),
+        },
+    })
+    .unwrap();
+    let (code, _) = http_once(
+        &addr,
+        "POST",
+        "/v1/command",
+        &admin,
+        Some(&set),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert_eq!(code, 200);
+    let (code, b) = http_once(
+        &addr,
+        "GET",
+        "/v1/annotations/a%20b%2Fc",
+        &admin,
+        None,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!((code, v["value"].as_str()), (200, Some("v")), "{v}");
+
     // Without any credential, every route is a 401.
     let anon = Credentials::tls_with_token(&c.tls, String::new()).unwrap();
     for route in ROUTES {

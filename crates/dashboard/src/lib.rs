@@ -278,7 +278,7 @@ mod tests {
     #[test]
     fn the_url_carries_the_encoded_token() {
         let u = url("127.0.0.1:7000", "a&b");
-        assert_eq!(u, "http://127.0.0.1:7000/ui/?token=a%26b");
+        assert_eq!(u, "https://127.0.0.1:7000/ui/?token=a%26b");
         let raw = u.split_once("token=").unwrap().1;
         assert_eq!(token_from_query(raw).as_deref(), Some("a&b"));
         assert_eq!(token_from_query("%4"), None);
