@@ -9,6 +9,8 @@
 //! - [`controller`]: a controller's metrics, computed when scraped from a sample of the
 //!   replicated state and the raft counters (nothing runs on the raft thread for them
 //!   but the copy of a few numbers).
+//! - [`traces`]: `tracing` spans to OpenTelemetry, exported over OTLP/HTTP when an
+//!   endpoint is set, and the W3C `traceparent` across processes.
 //! - [`server`]: the workers' small `/metrics` HTTP server (bounded: a connection cap,
 //!   read and write deadlines).
 //!
@@ -18,6 +20,7 @@
 pub mod catalog;
 pub mod controller;
 pub mod server;
+pub mod traces;
 pub mod worker;
 
 use opentelemetry::metrics::{Meter, MeterProvider as _};
@@ -40,6 +43,8 @@ pub enum TelemetryError {
     Encode(String),
     #[error("metrics server: {0}")]
     Server(String),
+    #[error("traces: {0}")]
+    Traces(String),
 }
 
 /// Which kind of process the metrics describe (the `service.name` of the resource, which

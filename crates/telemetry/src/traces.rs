@@ -1,0 +1,327 @@
+//! Traces (issue 12): `tracing` spans to OpenTelemetry through `tracing-opentelemetry`,
+//! exported over OTLP/HTTP-protobuf when an endpoint is given (`--otlp-endpoint` or
+//! `OTEL_EXPORTER_OTLP_ENDPOINT`), and nowhere otherwise: without an endpoint no layer
+//! is installed, so a span costs what it cost before.
+//!
+//! A dead endpoint never holds a process up: every export is bounded by
+//! [`EXPORT_TIMEOUT`], spans go through the SDK's batch processor (its own thread, a
+//! bounded queue that drops when full), and [`Traces::shutdown`] runs on a thread of its
+//! own under a bound the caller gives.
+//!
+//! Trace context crosses processes as a W3C `traceparent` header
+//! ([`TraceContextPropagator`]): [`inject`] writes the context of a span into a request's
+//! headers, [`set_parent_from_headers`] makes a span the child of the one that sent them.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::KeyValue;
+use opentelemetry_otlp::{Protocol, WithExportConfig};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, SdkTracer, SdkTracerProvider,
+};
+use opentelemetry_sdk::Resource;
+use tracing_opentelemetry::{OpenTelemetryLayer, OpenTelemetrySpanExt};
+use tracing_subscriber::registry::LookupSpan;
+
+use crate::TelemetryError;
+
+/// The environment variable OpenTelemetry's exporters read for their endpoint.
+pub const ENDPOINT_ENV: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+
+/// The longest one export (one HTTP request to the collector) may take.
+pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How often the batch processor sends what it holds (the SDK's default is 5 s; a
+/// short-lived CLI command flushes at exit anyway).
+pub const SCHEDULED_DELAY: Duration = Duration::from_millis(500);
+
+/// The HTTP header that carries a span's context to another process.
+pub const TRACEPARENT: &str = "traceparent";
+
+/// An installed trace pipeline: hand [`Traces::layer`] to the subscriber, and call
+/// [`Traces::shutdown`] before the process exits so that the last spans leave.
+pub struct Traces {
+    provider: SdkTracerProvider,
+    tracer: SdkTracer,
+    endpoint: String,
+}
+
+impl std::fmt::Debug for Traces {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Traces")
+            .field("endpoint", &self.endpoint)
+            .finish()
+    }
+}
+
+/// Checks an OTLP endpoint (the collector's base address, `http://HOST:PORT`, to which
+/// `/v1/traces` is appended) and returns the traces URL.
+pub fn traces_url(endpoint: &str) -> Result<String, TelemetryError> {
+    let e = endpoint.trim();
+    let rest = if let Some(r) = e.strip_prefix("http://") {
+        r
+    } else if e.starts_with("https://") {
+        return Err(TelemetryError::Traces(format!(
+            "OTLP endpoint {e:?}: https is not supported (the exporter speaks plain \
+             HTTP; run a local collector)"
+        )));
+    } else {
+        return Err(TelemetryError::Traces(format!(
+            "OTLP endpoint {e:?}: expected http://HOST:PORT"
+        )));
+    };
+    let host = rest.split('/').next().unwrap_or("");
+    if host.is_empty() || host.chars().any(|c| c.is_whitespace()) {
+        return Err(TelemetryError::Traces(format!(
+            "OTLP endpoint {e:?}: no host after http://"
+        )));
+    }
+    let base = e.trim_end_matches('/');
+    if base.ends_with("/v1/traces") {
+        Ok(base.to_string())
+    } else {
+        Ok(format!("{base}/v1/traces"))
+    }
+}
+
+impl Traces {
+    /// The pipeline for `endpoint`, or `None` when there is none (absent or empty).
+    /// `service` is the `service.name` of every span this process exports.
+    pub fn from_endpoint(
+        service: &str,
+        endpoint: Option<&str>,
+    ) -> Result<Option<Traces>, TelemetryError> {
+        let Some(endpoint) = endpoint.filter(|e| !e.trim().is_empty()) else {
+            return Ok(None);
+        };
+        let url = traces_url(endpoint)?;
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(Protocol::HttpBinary)
+            .with_endpoint(url.clone())
+            .with_timeout(EXPORT_TIMEOUT)
+            .build()
+            .map_err(|e| TelemetryError::Traces(format!("OTLP exporter for {url}: {e}")))?;
+        let batch = BatchSpanProcessor::builder(exporter)
+            .with_batch_config(
+                BatchConfigBuilder::default()
+                    .with_scheduled_delay(SCHEDULED_DELAY)
+                    .build(),
+            )
+            .build();
+        Ok(Some(Self::with_processor(service, batch, url)))
+    }
+
+    /// A pipeline around any span processor (the tests give one with an in-memory
+    /// exporter).
+    pub fn with_processor(
+        service: &str,
+        processor: impl opentelemetry_sdk::trace::SpanProcessor + 'static,
+        endpoint: String,
+    ) -> Traces {
+        let resource = Resource::builder()
+            .with_service_name(service.to_string())
+            .with_attribute(KeyValue::new("process.pid", i64::from(std::process::id())))
+            .build();
+        let provider = SdkTracerProvider::builder()
+            .with_span_processor(processor)
+            .with_resource(resource)
+            .build();
+        let tracer = provider.tracer("phalanx");
+        Traces {
+            provider,
+            tracer,
+            endpoint,
+        }
+    }
+
+    /// Where the spans go.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// The `tracing` layer that turns spans into OpenTelemetry spans.
+    pub fn layer<S>(&self) -> OpenTelemetryLayer<S, SdkTracer>
+    where
+        S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    {
+        tracing_opentelemetry::layer()
+            .with_tracer(self.tracer.clone())
+            .with_threads(false)
+    }
+
+    /// Sends what is left and stops, on a thread of its own, waiting at most `bound`
+    /// (then the process goes on without it). True when it finished in time and well.
+    pub fn shutdown(self, bound: Duration) -> bool {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let provider = self.provider;
+        let spawned = std::thread::Builder::new()
+            .name("otel-shutdown".into())
+            .spawn(move || {
+                let _ = tx.send(provider.shutdown_with_timeout(bound).is_ok());
+            });
+        if spawned.is_err() {
+            return false;
+        }
+        rx.recv_timeout(bound + Duration::from_millis(100))
+            .unwrap_or(false)
+    }
+}
+
+/// The trace context of `span` as headers (`traceparent`, and `tracestate` when there is
+/// one); empty when no trace pipeline is installed or the span is disabled.
+pub fn inject(span: &tracing::Span) -> HashMap<String, String> {
+    let mut headers = HashMap::new();
+    let cx = span.context();
+    TraceContextPropagator::new().inject_context(&cx, &mut headers);
+    headers
+}
+
+struct HeaderExtractor<'a>(&'a hyper::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// Makes `span` the child of the span whose context `headers` carry (a `traceparent`
+/// from another process). A missing or malformed header leaves the span a root: the
+/// propagator ignores what it cannot parse.
+pub fn set_parent_from_headers(span: &tracing::Span, headers: &hyper::HeaderMap) {
+    if headers.get(TRACEPARENT).is_none() {
+        return;
+    }
+    let cx = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+    // Fails only when the span is disabled or no OpenTelemetry layer is installed: then
+    // there is nothing to link.
+    let _ = span.set_parent(cx);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry::trace::{SpanId, TraceId};
+    use opentelemetry_sdk::trace::{InMemorySpanExporter, SimpleSpanProcessor};
+    use tracing_subscriber::layer::SubscriberExt;
+
+    #[test]
+    fn endpoints_are_checked() {
+        assert_eq!(
+            traces_url("http://127.0.0.1:4318").unwrap(),
+            "http://127.0.0.1:4318/v1/traces"
+        );
+        assert_eq!(
+            traces_url("http://collector:4318/").unwrap(),
+            "http://collector:4318/v1/traces"
+        );
+        assert_eq!(
+            traces_url("http://c:4318/v1/traces").unwrap(),
+            "http://c:4318/v1/traces"
+        );
+        let e = traces_url("https://c:4318").unwrap_err().to_string();
+        assert!(e.contains("https is not supported"), "{e}");
+        let e = traces_url("c:4318").unwrap_err().to_string();
+        assert!(e.contains("expected http://HOST:PORT"), "{e}");
+        let e = traces_url("http:///v1").unwrap_err().to_string();
+        assert!(e.contains("no host"), "{e}");
+        assert!(Traces::from_endpoint("t", None).unwrap().is_none());
+        assert!(Traces::from_endpoint("t", Some(" ")).unwrap().is_none());
+    }
+
+    /// Two processes in one: the "client" span's context goes out as headers, the
+    /// "server" span takes them as its parent; the exported spans share the trace id and
+    /// the server's parent is the client span.
+    #[test]
+    fn a_traceparent_round_trip_makes_the_server_span_a_child_of_the_client_span() {
+        let exporter = InMemorySpanExporter::default();
+        let traces = Traces::with_processor(
+            "test",
+            SimpleSpanProcessor::new(exporter.clone()),
+            "memory".into(),
+        );
+        let subscriber = tracing_subscriber::registry().with(traces.layer());
+        let mut headers = hyper::HeaderMap::new();
+        tracing::subscriber::with_default(subscriber, || {
+            let client = tracing::info_span!("api.call");
+            let sent = inject(&client);
+            assert!(sent.contains_key(TRACEPARENT), "{sent:?}");
+            for (k, v) in sent {
+                headers.insert(
+                    hyper::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            drop(client);
+            // No ambient span here: the parent can only come from the headers.
+            let server = tracing::info_span!(parent: None, "api.request");
+            set_parent_from_headers(&server, &headers);
+            server.in_scope(|| {
+                let _inner = tracing::info_span!("raft.propose").entered();
+            });
+        });
+        let spans = exporter.get_finished_spans().unwrap();
+        let by = |name: &str| {
+            spans
+                .iter()
+                .find(|s| s.name == name)
+                .unwrap_or_else(|| panic!("no span {name} in {spans:?}"))
+        };
+        let (client, server, propose) = (by("api.call"), by("api.request"), by("raft.propose"));
+        assert_ne!(client.span_context.trace_id(), TraceId::INVALID);
+        assert_eq!(
+            server.span_context.trace_id(),
+            client.span_context.trace_id()
+        );
+        assert_eq!(server.parent_span_id, client.span_context.span_id());
+        assert_eq!(
+            propose.span_context.trace_id(),
+            client.span_context.trace_id()
+        );
+        assert_eq!(propose.parent_span_id, server.span_context.span_id());
+        assert_eq!(client.parent_span_id, SpanId::INVALID);
+        let tp = headers.get(TRACEPARENT).unwrap().to_str().unwrap();
+        assert!(
+            tp.contains(&client.span_context.trace_id().to_string()),
+            "{tp}"
+        );
+    }
+
+    #[test]
+    fn without_a_pipeline_nothing_is_injected_and_a_header_is_ignored() {
+        let span = tracing::info_span!("alone");
+        assert!(inject(&span).is_empty());
+        let mut h = hyper::HeaderMap::new();
+        h.insert(
+            TRACEPARENT,
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+                .parse()
+                .unwrap(),
+        );
+        set_parent_from_headers(&span, &h);
+    }
+
+    #[test]
+    fn a_closed_port_does_not_hold_up_shutdown() {
+        // Port 9 (discard) on localhost is closed in the test environments we run in;
+        // whatever answers, shutdown stays within its bound.
+        let traces = Traces::from_endpoint("test", Some("http://127.0.0.1:9"))
+            .unwrap()
+            .unwrap();
+        let subscriber = tracing_subscriber::registry().with(traces.layer());
+        tracing::subscriber::with_default(subscriber, || {
+            let _s = tracing::info_span!("lost").entered();
+        });
+        let t = std::time::Instant::now();
+        traces.shutdown(Duration::from_secs(2));
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    }
+}
