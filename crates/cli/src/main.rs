@@ -147,7 +147,11 @@ fn main() -> ExitCode {
     if short {
         outcome::quiet_broken_pipe();
     }
-    cli.logs.init_tracing();
+    let service = match &cli.command {
+        Command::Controller(ctl::ControllerCmd::Start(_)) => "phalanx-controller",
+        _ => "phalanx",
+    };
+    let traces = cli.logs.init_tracing(service);
     let res = match cli.command {
         Command::Train(_)
         | Command::Worker(WorkerCmd::Run(_) | WorkerCmd::Start(_))
@@ -178,6 +182,9 @@ fn main() -> ExitCode {
         }
         Command::Man { out_dir } => man(out_dir),
     };
+    if let Some(t) = traces {
+        t.shutdown(phalanx_cli::util::TRACES_SHUTDOWN_BOUND);
+    }
     outcome::exit(res)
 }
 

@@ -87,7 +87,11 @@ enum JobCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    cli.logs.init_tracing();
+    let service = match &cli.command {
+        Command::Worker(_) => "phalanx-worker",
+        _ => "phalanx-train",
+    };
+    let traces = cli.logs.init_tracing(service);
     let json_logs = cli.logs.log_format == phalanx_cli::util::LogFormat::Json;
     let res = match cli.command {
         Command::Train(c) => train::train(c, json_logs),
@@ -106,6 +110,9 @@ fn main() -> ExitCode {
             export::export(&out, step, checkpoint_dir, &target)
         }
     };
+    if let Some(t) = traces {
+        t.shutdown(phalanx_cli::util::TRACES_SHUTDOWN_BOUND);
+    }
     outcome::exit(res)
 }
 

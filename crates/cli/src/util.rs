@@ -124,22 +124,63 @@ pub struct LogArgs {
     /// Log filter (tracing EnvFilter syntax); `RUST_LOG` overrides it.
     #[arg(long, global = true, default_value = "warn,phalanx=info")]
     pub log: String,
+    /// Export trace spans over OTLP/HTTP-protobuf to this collector (http://HOST:PORT;
+    /// `/v1/traces` is appended). Unset: no spans leave the process.
+    #[arg(
+        long,
+        global = true,
+        env = "OTEL_EXPORTER_OTLP_ENDPOINT",
+        value_name = "URL"
+    )]
+    pub otlp_endpoint: Option<String>,
 }
 
+/// How long a process waits at exit for its last spans to reach the collector.
+pub const TRACES_SHUTDOWN_BOUND: std::time::Duration = std::time::Duration::from_secs(3);
+
 impl LogArgs {
-    /// Install the `tracing` subscriber these flags ask for (colours only on a terminal).
-    pub fn init_tracing(&self) {
+    /// Install the `tracing` subscriber these flags ask for (colours only on a terminal),
+    /// with the OpenTelemetry layer when an OTLP endpoint is set; `service` is the
+    /// `service.name` of the spans. The returned pipeline must be shut down at exit
+    /// ([`phalanx_telemetry::traces::Traces::shutdown`]). A bad endpoint is reported on
+    /// stderr and tracing goes on without it.
+    pub fn init_tracing(&self, service: &str) -> Option<phalanx_telemetry::traces::Traces> {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
         let filter = tracing_subscriber::EnvFilter::try_from_default_env()
             .or_else(|_| tracing_subscriber::EnvFilter::try_new(&self.log))
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        let traces = match phalanx_telemetry::traces::Traces::from_endpoint(
+            service,
+            self.otlp_endpoint.as_deref(),
+        ) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("warning: --otlp-endpoint / OTEL_EXPORTER_OTLP_ENDPOINT: {e}; no traces are exported");
+                None
+            }
+        };
         use std::io::IsTerminal;
-        let b = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_ansi(std::io::stderr().is_terminal())
-            .with_writer(std::io::stderr);
+        let ansi = std::io::stderr().is_terminal();
+        let otel = traces.as_ref().map(|t| t.layer());
+        let registry = tracing_subscriber::registry().with(filter).with(otel);
         match self.log_format {
-            LogFormat::Text => b.init(),
-            LogFormat::Json => b.json().init(),
+            LogFormat::Text => registry
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .with_ansi(ansi)
+                        .with_writer(std::io::stderr),
+                )
+                .init(),
+            LogFormat::Json => registry
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .json()
+                        .with_ansi(ansi)
+                        .with_writer(std::io::stderr),
+                )
+                .init(),
         }
+        traces
     }
 }

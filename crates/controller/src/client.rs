@@ -174,6 +174,11 @@ fn exchange(
     if let Some(t) = &creds.bearer {
         req = req.set("Authorization", &format!("Bearer {t}"));
     }
+    // The caller's span goes along as a W3C `traceparent` (nothing without a trace
+    // pipeline): the controller's request span becomes its child.
+    for (k, v) in phalanx_telemetry::traces::inject(&tracing::Span::current()) {
+        req = req.set(&k, &v);
+    }
     let r = match body {
         Some(b) => req.send_bytes(b),
         None => req.call(),
@@ -243,6 +248,9 @@ impl Client {
         path: &str,
         body: Option<&[u8]>,
     ) -> Result<Vec<u8>, ClientError> {
+        // One span for the call, its retries included; each attempt carries its context.
+        let span = tracing::info_span!("api.call", http.request.method = method, url.path = path);
+        let _entered = span.enter();
         let start = Instant::now();
         let mut last = String::from("none");
         let mut i = self.preferred.load(Ordering::Relaxed);

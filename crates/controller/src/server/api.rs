@@ -18,7 +18,7 @@ use phalanx_proto::{
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
-use tracing::warn;
+use tracing::{warn, Instrument};
 
 use super::raft_loop::Input;
 use super::routes;
@@ -254,6 +254,8 @@ pub(crate) fn router(ctx: Arc<ConnCtx>) -> Router {
         .route("/ui/{*file}", get(ui))
         // Runs once a route matched, before its handler extracts (reads) the body.
         .route_layer(middleware::from_fn_with_state(ctx.clone(), authorize))
+        // Outside the credentials check: the request's span covers it (issue 12).
+        .route_layer(middleware::from_fn(super::trace::traced))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(body_max))
         .with_state(ctx)
@@ -540,7 +542,11 @@ async fn command_inner(ctx: &ConnCtx, p: &Principal, body: &[u8]) -> ApiResult {
             .map_err(ApiError::Forbidden)?;
     }
     let started = std::time::Instant::now();
-    let result = call(ctx, |reply| Input::Propose { env, reply }, timeout(ctx)).await;
+    let span = super::trace::propose_span(&env.request_id);
+    let result = call(ctx, |reply| Input::Propose { env, reply }, timeout(ctx))
+        .instrument(span.clone())
+        .await;
+    span.record("outcome", if result.is_ok() { "applied" } else { "error" });
     super::metrics::proposal_done(ctx, started.elapsed(), &result);
     result
 }

@@ -11,6 +11,7 @@ mod metrics;
 mod raft_loop;
 pub mod routes;
 pub mod security;
+mod trace;
 mod transport;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,35 @@
+//! Trace spans of the API (issue 12): one `api.request` span per routed request, the
+//! child of the caller's span when the request carries a W3C `traceparent`, and one
+//! `raft.propose` span from a command's proposal to its commit and apply as the handler
+//! sees it. Without a trace pipeline (`--otlp-endpoint`) these are plain `tracing` spans
+//! that nothing records.
+
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::Next;
+use axum::response::Response;
+use tracing::Instrument;
+
+/// The middleware around every routed request (credentials check included).
+pub(super) async fn traced(matched: MatchedPath, req: Request, next: Next) -> Response {
+    let span = tracing::info_span!(
+        "api.request",
+        otel.kind = "server",
+        http.request.method = %req.method(),
+        http.route = matched.as_str(),
+        http.response.status_code = tracing::field::Empty,
+    );
+    phalanx_telemetry::traces::set_parent_from_headers(&span, req.headers());
+    let resp = next.run(req).instrument(span.clone()).await;
+    span.record("http.response.status_code", resp.status().as_u16());
+    resp
+}
+
+/// The span of one proposal, from its submission to the raft loop until the handler has
+/// its outcome (committed and applied, or an error).
+pub(super) fn propose_span(request_id: &str) -> tracing::Span {
+    tracing::info_span!(
+        "raft.propose",
+        request_id = request_id,
+        outcome = tracing::field::Empty
+    )
+}
