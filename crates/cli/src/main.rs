@@ -125,7 +125,21 @@ fn man(out_dir: Option<std::path::PathBuf>) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    // The verb and its sub-verb ("job submit"): the name of a short command's root span.
+    let verb = {
+        let mut v = Vec::new();
+        let mut m = &matches;
+        while let Some((name, sub)) = m.subcommand() {
+            v.push(name);
+            m = sub;
+        }
+        v.join(" ")
+    };
     // Short verbs end quietly when their reader goes away (`| head -1`); the long-running
     // ones (controller, cluster up, demo, scenarios) keep Rust's default.
     let short = matches!(
@@ -152,6 +166,15 @@ fn main() -> ExitCode {
         _ => "phalanx",
     };
     let traces = cli.logs.init_tracing(service);
+    // A short command is one trace: its API calls are children of this span. The
+    // long-running ones (a controller, `cluster up`) get none, or every call they make for
+    // hours would hang under one root.
+    let root = if short {
+        tracing::info_span!("cli.command", otel.kind = "client", command = verb.as_str())
+    } else {
+        tracing::Span::none()
+    };
+    let entered = root.enter();
     let res = match cli.command {
         Command::Train(_)
         | Command::Worker(WorkerCmd::Run(_) | WorkerCmd::Start(_))
@@ -182,6 +205,8 @@ fn main() -> ExitCode {
         }
         Command::Man { out_dir } => man(out_dir),
     };
+    drop(entered);
+    drop(root);
     if let Some(t) = traces {
         t.shutdown(phalanx_cli::util::TRACES_SHUTDOWN_BOUND);
     }
