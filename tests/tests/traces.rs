@@ -31,6 +31,8 @@ struct Got {
     trace_id: Vec<u8>,
     span_id: Vec<u8>,
     parent_span_id: Vec<u8>,
+    start_ns: u64,
+    end_ns: u64,
     attributes: HashMap<String, String>,
 }
 
@@ -66,6 +68,8 @@ fn decode(body: &[u8]) -> Result<Vec<Got>, prost::DecodeError> {
                     trace_id: s.trace_id.clone(),
                     span_id: s.span_id.clone(),
                     parent_span_id: s.parent_span_id.clone(),
+                    start_ns: s.start_time_unix_nano,
+                    end_ns: s.end_time_unix_nano,
                     attributes: attrs(&s.attributes),
                 });
             }
@@ -296,20 +300,38 @@ fn a_cli_command_and_the_controller_that_serves_it_share_one_trace_over_otlp() {
         propose.attributes.get("outcome").map(String::as_str),
         Some("applied")
     );
-    eprintln!(
-        "trace {}: {} pid {} {} {:?} -> {} pid {} {} {:?} -> {} {:?}",
-        hex(&call.trace_id),
-        call.service,
-        call.pid,
-        call.name,
-        call.attributes,
-        request.service,
-        request.pid,
-        request.name,
-        request.attributes,
-        propose.name,
-        propose.attributes
-    );
+    assert!(call.end_ns >= call.start_ns && request.end_ns >= request.start_ns);
+    // The trace as received (docs/observability.md shows one such excerpt).
+    let mut trace: Vec<&Got> = spans
+        .iter()
+        .filter(|s| s.trace_id == call.trace_id)
+        .collect();
+    trace.sort_by_key(|s| s.start_ns);
+    eprintln!("trace {}:", hex(&call.trace_id));
+    let keys = [
+        "command",
+        "http.request.method",
+        "url.path",
+        "http.route",
+        "http.response.status_code",
+        "outcome",
+    ];
+    for s in trace {
+        let shown: Vec<String> = keys
+            .iter()
+            .filter_map(|k| s.attributes.get(*k).map(|v| format!("{k}={v}")))
+            .collect();
+        eprintln!(
+            "  {:<18} pid {:<6} {:<13} span {} parent {} {:>8.3} ms  {}",
+            s.service,
+            s.pid,
+            s.name,
+            hex(&s.span_id),
+            hex(&s.parent_span_id),
+            s.end_ns.saturating_sub(s.start_ns) as f64 / 1e6,
+            shown.join(" ")
+        );
+    }
 
     // A dead endpoint does not hold a command up: a closed port (connection refused)
     // and a listener that accepts and never answers (the export's timeout, then the
