@@ -190,7 +190,7 @@ fn a_cli_command_and_the_controller_that_serves_it_share_one_trace_over_otlp() {
     let dir = tempfile::tempdir().unwrap();
     let cdir = dir.path().join("c");
     let mut up = phalanx();
-    up.args(["cluster", "up", "--controllers=3", "--workers=0"])
+    up.args(["cluster", "up", "--controllers=3", "--workers=1"])
         .arg(format!("--dir={}", cdir.display()))
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint())
         .stdout(Stdio::null())
@@ -223,7 +223,7 @@ fn a_cli_command_and_the_controller_that_serves_it_share_one_trace_over_otlp() {
 
     // The submit, traced to the receiver.
     let job = dir.path().join("job.toml");
-    std::fs::write(&job, job_toml("traced", 5, 0, 1, 1)).unwrap();
+    std::fs::write(&job, job_toml("traced", 4, 2, 1, 1)).unwrap();
     let mut submit = phalanx();
     submit
         .args(["job", "submit", job.to_str().unwrap()])
@@ -368,6 +368,43 @@ fn a_cli_command_and_the_controller_that_serves_it_share_one_trace_over_otlp() {
         eprintln!("status with a dead OTLP endpoint (port {port}): {took:?}");
     }
     drop(silent);
+
+    // The worker (`phalanx-train worker start`, started by `cluster up` with the same
+    // environment) exports too: its checkpoint writes as spans.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let spans = receiver.spans();
+        let mut names: Vec<(String, String, String)> = spans
+            .iter()
+            .map(|s| {
+                let parent = spans
+                    .iter()
+                    .find(|p| p.span_id == s.parent_span_id)
+                    .map(|p| p.name.clone())
+                    .unwrap_or_default();
+                (s.service.clone(), s.name.clone(), parent)
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        let has = |svc: &str, name: &str, parent: &str| {
+            names
+                .iter()
+                .any(|(s, n, p)| s == svc && n == name && p == parent)
+        };
+        if has("phalanx-worker", "ckpt_write_shard", "ckpt_async_write")
+            && names.iter().any(|(_, n, _)| n == "ckpt_commit_manifest")
+        {
+            eprintln!("(service, span, parent span) received: {names:#?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint spans from the worker within 120 s; received: {names:#?}\n{}",
+            std::fs::read_to_string(dir.path().join("cluster-up.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 fn hex(b: &[u8]) -> String {

@@ -147,6 +147,7 @@ impl LogArgs {
     pub fn init_tracing(&self, service: &str) -> Option<phalanx_telemetry::traces::Traces> {
         use tracing_subscriber::layer::SubscriberExt;
         use tracing_subscriber::util::SubscriberInitExt;
+        use tracing_subscriber::Layer;
         let filter = tracing_subscriber::EnvFilter::try_from_default_env()
             .or_else(|_| tracing_subscriber::EnvFilter::try_new(&self.log))
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
@@ -162,14 +163,20 @@ impl LogArgs {
         };
         use std::io::IsTerminal;
         let ansi = std::io::stderr().is_terminal();
-        let otel = traces.as_ref().map(|t| t.layer());
-        let registry = tracing_subscriber::registry().with(filter).with(otel);
+        // The log filter applies to the logs; the exported spans have their own.
+        let otel = traces.as_ref().map(|t| {
+            t.layer().with_filter(tracing_subscriber::EnvFilter::new(
+                phalanx_telemetry::traces::EXPORT_FILTER,
+            ))
+        });
+        let registry = tracing_subscriber::registry().with(otel);
         match self.log_format {
             LogFormat::Text => registry
                 .with(
                     tracing_subscriber::fmt::layer()
                         .with_ansi(ansi)
-                        .with_writer(std::io::stderr),
+                        .with_writer(std::io::stderr)
+                        .with_filter(filter),
                 )
                 .init(),
             LogFormat::Json => registry
@@ -177,7 +184,8 @@ impl LogArgs {
                     tracing_subscriber::fmt::layer()
                         .json()
                         .with_ansi(ansi)
-                        .with_writer(std::io::stderr),
+                        .with_writer(std::io::stderr)
+                        .with_filter(filter),
                 )
                 .init(),
         }

@@ -39,6 +39,12 @@ pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(3);
 /// short-lived CLI command flushes at exit anyway).
 pub const SCHEDULED_DELAY: Duration = Duration::from_millis(500);
 
+/// Which spans are exported (an `EnvFilter`, apart from the log filter): the Phalanx
+/// crates' info spans, less the per-connection `api` span (a keep-alive connection lives
+/// for hours) and the raft loop's `ready_loop` (many per second).
+pub const EXPORT_FILTER: &str =
+    "off,phalanx=info,phalanx_controller::server::listen=off,phalanx_controller::server::raft_loop=off";
+
 /// The HTTP header that carries a span's context to another process.
 pub const TRACEPARENT: &str = "traceparent";
 
@@ -194,8 +200,8 @@ impl Extractor for HeaderExtractor<'_> {
 }
 
 /// Makes `span` the child of the span whose context `headers` carry (a `traceparent`
-/// from another process). A missing or malformed header leaves the span a root: the
-/// propagator ignores what it cannot parse.
+/// from another process). Without one the span keeps the parent it was created with; one
+/// the propagator cannot parse is ignored the same way.
 pub fn set_parent_from_headers(span: &tracing::Span, headers: &hyper::HeaderMap) {
     if headers.get(TRACEPARENT).is_none() {
         return;

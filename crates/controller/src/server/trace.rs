@@ -11,7 +11,10 @@ use tracing::Instrument;
 
 /// The middleware around every routed request (credentials check included).
 pub(super) async fn traced(matched: MatchedPath, req: Request, next: Next) -> Response {
+    // A root unless the caller sent its context: not the child of the connection's span
+    // (a keep-alive connection carries many requests, for hours).
     let span = tracing::info_span!(
+        parent: None,
         "api.request",
         otel.kind = "server",
         http.request.method = %req.method(),
