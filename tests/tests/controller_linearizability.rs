@@ -19,10 +19,9 @@ use std::time::{Duration, Instant};
 use support::linearizability::{linearizable, Op, OpKind};
 
 use phalanx_controller::client::{http_once, Client, Credentials};
+use phalanx_pki::{Role, TlsDir};
 use phalanx_proto::{Command, StatusResponse};
 use phalanx_tests::{free_port, phalanx, KillOnDrop};
-
-const TOKEN: &str = "lin-token";
 
 /// A cuttable one-way TCP forwarder for one peer link.
 struct Proxy {
@@ -102,6 +101,8 @@ impl Drop for Proxy {
 
 struct Net {
     dir: tempfile::TempDir,
+    /// The admin operator's credentials (the cluster runs with TLS).
+    admin: Credentials,
     real: BTreeMap<u64, String>,
     /// (from, to) -> proxy that `from` dials to reach `to`.
     links: BTreeMap<(u64, u64), Proxy>,
@@ -111,10 +112,16 @@ struct Net {
 impl Net {
     fn new(n: u64) -> Net {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("token"), TOKEN).unwrap();
         let real: BTreeMap<u64, String> = (1..=n)
             .map(|i| (i, format!("127.0.0.1:{}", free_port())))
             .collect();
+        let tls = TlsDir::create(&dir.path().join("tls")).unwrap();
+        tls.issue(&Role::Admin, &[]).unwrap();
+        for id in real.keys() {
+            tls.issue(&Role::Controller(*id), &["127.0.0.1".into()])
+                .unwrap();
+        }
+        let admin = Credentials::role(&tls, &Role::Admin).unwrap();
         let mut links = BTreeMap::new();
         for from in 1..=n {
             for to in 1..=n {
@@ -125,6 +132,7 @@ impl Net {
         }
         let mut net = Net {
             dir,
+            admin,
             real,
             links,
             procs: BTreeMap::new(),
@@ -165,8 +173,8 @@ impl Net {
             ])
             .arg("--data-dir")
             .arg(self.dir.path().join(format!("node{id}")))
-            .arg("--token-file")
-            .arg(self.dir.path().join("token"))
+            .arg("--tls-dir")
+            .arg(self.dir.path().join("tls"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -197,7 +205,7 @@ impl Net {
                 addr,
                 "GET",
                 "/v1/status",
-                &Credentials::insecure(TOKEN),
+                &self.admin,
                 None,
                 Duration::from_millis(300),
             ) {
@@ -272,8 +280,9 @@ fn controller_linearizable_under_leader_kill_and_partition() {
     let mut clients = Vec::new();
     for c in 0..4u32 {
         let (history, stop, addrs) = (history.clone(), stop.clone(), addrs.clone());
+        let admin = net.admin.clone();
         clients.push(std::thread::spawn(move || {
-            let mut client = Client::new(addrs, Credentials::insecure(TOKEN)).unwrap();
+            let mut client = Client::new(addrs, admin).unwrap();
             client.request_timeout = Duration::from_millis(800);
             client.deadline = Duration::from_millis(2500);
             let now = || start.elapsed().as_micros() as u64;

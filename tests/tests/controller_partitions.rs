@@ -30,11 +30,11 @@ use std::time::{Duration, Instant};
 
 use phalanx_controller::client::{http_once, Client, Credentials};
 use phalanx_netns::{Cut, Lab};
+use phalanx_pki::{Role, TlsDir};
 use phalanx_proto::{Command, StatusResponse};
 use phalanx_tests::{phalanx_bin, KillOnDrop};
 use support::linearizability::{linearizable, Op, OpKind};
 
-const TOKEN: &str = "partition-token";
 /// Controller timing (the binary's defaults): 10 ms ticks, election timeout 50-100 ticks.
 const ELECTION_MAX: Duration = Duration::from_millis(1000);
 /// The longest outage a client may see when one follower is cut: one election, taken as
@@ -48,6 +48,8 @@ struct Cluster {
     _procs: BTreeMap<u64, KillOnDrop>,
     dir: tempfile::TempDir,
     addrs: BTreeMap<u64, String>,
+    /// The admin operator's credentials (the cluster runs with TLS).
+    admin: Credentials,
     lab: Lab,
 }
 
@@ -63,12 +65,18 @@ impl Cluster {
         } else {
             tempfile::tempdir().unwrap()
         };
-        std::fs::write(dir.path().join("token"), TOKEN).unwrap();
         let addrs: BTreeMap<u64, String> = lab
             .hosts()
             .iter()
             .map(|h| (h.index as u64 + 1, format!("{}:7400", h.ip)))
             .collect();
+        let tls = TlsDir::create(&dir.path().join("tls")).unwrap();
+        tls.issue(&Role::Admin, &[]).unwrap();
+        for (id, a) in &addrs {
+            let host = a.rsplit_once(':').unwrap().0.to_string();
+            tls.issue(&Role::Controller(*id), &[host]).unwrap();
+        }
+        let admin = Credentials::role(&tls, &Role::Admin).unwrap();
         let peers: Vec<String> = addrs.iter().map(|(i, a)| format!("{i}={a}")).collect();
         let mut procs = BTreeMap::new();
         for (id, addr) in &addrs {
@@ -80,8 +88,8 @@ impl Cluster {
                 .args(["--listen", addr, "--peers", &peers.join(",")])
                 .arg("--data-dir")
                 .arg(dir.path().join(format!("node{id}")))
-                .arg("--token-file")
-                .arg(dir.path().join("token"))
+                .arg("--tls-dir")
+                .arg(dir.path().join("tls"))
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().unwrap())
                 .stderr(log)
@@ -93,6 +101,7 @@ impl Cluster {
             _procs: procs,
             dir,
             addrs,
+            admin,
             lab,
         }
     }
@@ -110,7 +119,7 @@ impl Cluster {
                     a,
                     "GET",
                     "/v1/status",
-                    &Credentials::insecure(TOKEN),
+                    &self.admin,
                     None,
                     Duration::from_millis(300),
                 )
@@ -259,11 +268,12 @@ fn controller_partitions_heal_fast_and_stay_linearizable() {
     let mut clients = Vec::new();
     for c in 0..CLIENTS {
         let (record, stop, addrs) = (record.clone(), stop.clone(), addrs.clone());
+        let admin = net.admin.clone();
         clients.push(std::thread::spawn(move || {
             // Start at a different node each, so some clients always talk to the cut one.
             let mut addrs = addrs;
             addrs.rotate_left(c as usize % 3);
-            let mut client = Client::new(addrs, Credentials::insecure(TOKEN)).unwrap();
+            let mut client = Client::new(addrs, admin).unwrap();
             client.request_timeout = Duration::from_millis(800);
             client.deadline = Duration::from_millis(2500);
             let mut k = 0u32;
