@@ -1,11 +1,11 @@
-//! Traces over OTLP across processes (issue 12): three controllers started with
-//! `OTEL_EXPORTER_OTLP_ENDPOINT` pointing at an OTLP/HTTP receiver inside this test (hyper,
-//! decoding `ExportTraceServiceRequest` with `opentelemetry-proto`), and a `phalanx job
-//! submit` with the same endpoint. The CLI's `cli.command` root span and its `api.call` span and a controller's
-//! `api.request` span share one trace id, the controller's span is the CLI span's child,
-//! and the proposal's `raft.propose` is the request span's child. With the endpoint on a
-//! closed port, or on a listener that never answers, a CLI command still finishes
-//! promptly.
+//! Traces over OTLP across processes (issue 12): three controllers and one worker started
+//! with `OTEL_EXPORTER_OTLP_ENDPOINT` pointing at an OTLP/HTTP receiver inside this test
+//! (hyper, decoding `ExportTraceServiceRequest` with `opentelemetry-proto`), and a
+//! `phalanx job submit` with the same endpoint. The CLI's `cli.command` root span, its
+//! `api.call` and a controller's `api.request` share one trace id, the controller's span
+//! is the `api.call`'s child, and the proposal's `raft.propose` is the request span's
+//! child. With the endpoint on a closed port, or on a listener that never answers, a CLI
+//! command still finishes promptly. The worker exports its checkpoint spans.
 use std::collections::HashMap;
 use std::net::TcpListener as StdListener;
 use std::process::Stdio;
@@ -185,7 +185,8 @@ fn linked(spans: &[Got], pid: i64) -> Option<(Got, Got, Got)> {
 }
 
 #[test]
-fn a_cli_command_and_the_controller_that_serves_it_share_one_trace_over_otlp() {
+fn otlp_links_cli_and_controller_spans_in_one_trace_exports_worker_checkpoints_and_survives_a_dead_endpoint(
+) {
     let receiver = Receiver::start();
     let dir = tempfile::tempdir().unwrap();
     let cdir = dir.path().join("c");
