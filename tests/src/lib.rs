@@ -26,6 +26,10 @@ pub fn phalanx() -> Command {
     c.env_remove("RUST_LOG");
     c.env_remove("PHALANX_CONTROLLERS");
     c.env_remove("PHALANX_TOKEN");
+    c.env_remove("PHALANX_TLS_DIR");
+    // A collector set in the environment would receive every test's spans (tests that
+    // want traces set it on their own command).
+    c.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
     c
 }
 
