@@ -184,6 +184,21 @@ fn linked(spans: &[Got], pid: i64) -> Option<(Got, Got, Got)> {
     Some((call.clone(), request.clone(), propose.clone()))
 }
 
+/// Runs `phalanx cluster down --dir DIR` when dropped, passing or failing.
+struct ClusterDown(std::path::PathBuf);
+
+impl Drop for ClusterDown {
+    fn drop(&mut self) {
+        let mut c = phalanx();
+        c.args(["cluster", "down"])
+            .arg(format!("--dir={}", self.0.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // `cluster down` bounds its own waits; a panic here (mid-unwind) would abort.
+        let _ = c.status();
+    }
+}
+
 #[test]
 fn otlp_links_cli_and_controller_spans_in_one_trace_exports_worker_checkpoints_and_survives_a_dead_endpoint(
 ) {
@@ -197,6 +212,9 @@ fn otlp_links_cli_and_controller_spans_in_one_trace_exports_worker_checkpoints_a
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.path().join("cluster-up.log")).unwrap());
     let _up = KillOnDrop(up.spawn().expect("spawn cluster up"));
+    // Dropped before `_up` (declared after it): `cluster down` stops the controllers and the
+    // worker, which a SIGKILL of the supervisor alone would leave running.
+    let _down = ClusterDown(cdir.clone());
     let status = || {
         let mut c = phalanx();
         c.args(["status", "--json"])
