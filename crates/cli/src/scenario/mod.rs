@@ -6,6 +6,7 @@ use anyhow::{anyhow, bail, Result};
 use clap::{Args, Subcommand};
 
 mod procs;
+mod reference;
 mod run;
 
 pub use run::RunOptions;
