@@ -102,7 +102,8 @@ fn killing_a_worker_swaps_in_the_spare() {
             .as_str()
             .unwrap()
             .starts_with("peers in memory"),
-        "{rec}"
+        "{rec}\n{}",
+        c.logs()
     );
     assert!(rec["steps_redone"].as_u64().unwrap() <= 1, "{rec}");
     assert!(rec["mttr_ms"].as_u64().is_some(), "{rec}");

@@ -96,6 +96,12 @@ pub struct Engine {
     pub opt: AdamWState,
     /// A replica of the previous rank's shard (ZeRO-1 with one buddy), when sharded.
     pub buddy: Option<AdamWState>,
+    /// When sharded: the shards as they were before the last [`Engine::apply`], at that
+    /// step, in the [`Engine::shards_bytes`] format (the buffer is reused every step). A
+    /// collective can complete on some ranks and fail on others, so a failure in a step's
+    /// last reduction leaves some survivors one step ahead; with this they can still
+    /// offer the step before.
+    undo: Option<(u64, Vec<u8>)>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -138,6 +144,7 @@ impl Engine {
             decay,
             opt,
             buddy: None,
+            undo: None,
         })
     }
 
@@ -213,6 +220,12 @@ impl Engine {
                 step: self.opt.step,
             });
         }
+        if self.buddy.is_some() {
+            let mut buf = self.undo.take().map(|u| u.1).unwrap_or_default();
+            buf.clear();
+            self.write_shards(&mut buf);
+            self.undo = Some((self.opt.step, buf));
+        }
         let params = Arc::make_mut(&mut self.params);
         AdamW::update_range(
             &self.spec.optim,
@@ -275,6 +288,7 @@ impl Engine {
         }
         self.opt = own;
         self.buddy = buddy;
+        self.undo = None;
         Ok(())
     }
 
@@ -298,6 +312,18 @@ impl Engine {
     /// for when the group has to agree on a state.
     pub fn shards_bytes(&self) -> Vec<u8> {
         let mut out = Vec::new();
+        self.write_shards(&mut out);
+        out
+    }
+
+    /// The shards before the last [`Engine::apply`] (see the `undo` field): the step they
+    /// hold and their [`Engine::shards_bytes`]. None when not sharded or when the state
+    /// was replaced since.
+    pub fn undo_shards(&self) -> Option<(u64, &[u8])> {
+        self.undo.as_ref().map(|(s, b)| (*s, b.as_slice()))
+    }
+
+    fn write_shards(&self, out: &mut Vec<u8>) {
         for s in std::iter::once(&self.opt).chain(self.buddy.as_ref()) {
             out.extend_from_slice(&(s.range.start as u64).to_le_bytes());
             out.extend_from_slice(&(s.range.end as u64).to_le_bytes());
@@ -309,7 +335,6 @@ impl Engine {
                 out.extend_from_slice(&x.to_le_bytes());
             }
         }
-        out
     }
 
     /// Back to the seed's initial parameters at step 0 (the shards are set by the caller).
@@ -320,6 +345,7 @@ impl Engine {
             self.spec.seed,
         ));
         self.opt.step = 0;
+        self.undo = None;
         self.sync_model()
     }
 
@@ -334,6 +360,7 @@ impl Engine {
         }
         self.params = Arc::new(params);
         self.opt.step = step;
+        self.undo = None;
         self.sync_model()
     }
 
