@@ -81,6 +81,24 @@ impl TrainSpec {
     }
 }
 
+/// One shard in the [`Engine::shards_bytes`] format: its range, then its parameters, `m`
+/// and `v`, little-endian.
+fn write_shard(out: &mut Vec<u8>, range: &Range<usize>, parts: [&[f32]; 3]) {
+    out.reserve(16 + 12 * range.len());
+    out.extend_from_slice(&(range.start as u64).to_le_bytes());
+    out.extend_from_slice(&(range.end as u64).to_le_bytes());
+    for x in parts.into_iter().flatten() {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+}
+
+/// A copy of the shards (own, then buddy) before an update: per shard its range, then the
+/// parameters, `m` and `v` of that range.
+struct Undo {
+    step: u64,
+    shards: Vec<(Range<usize>, Vec<f32>, Vec<f32>, Vec<f32>)>,
+}
+
 pub struct Engine {
     pub spec: TrainSpec,
     pub model: Gpt,
@@ -96,12 +114,11 @@ pub struct Engine {
     pub opt: AdamWState,
     /// A replica of the previous rank's shard (ZeRO-1 with one buddy), when sharded.
     pub buddy: Option<AdamWState>,
-    /// When sharded: the shards as they were before the last [`Engine::apply`], at that
-    /// step, in the [`Engine::shards_bytes`] format (the buffer is reused every step). A
-    /// collective can complete on some ranks and fail on others, so a failure in a step's
-    /// last reduction leaves some survivors one step ahead; with this they can still
-    /// offer the step before.
-    undo: Option<(u64, Vec<u8>)>,
+    /// When sharded: the shards as they were before the last [`Engine::apply`] (its
+    /// buffers are reused every step). A collective can complete on some ranks and fail on
+    /// others, so a failure in a step's last reduction leaves some survivors one step
+    /// ahead; with this they can still offer the step before.
+    undo: Option<Undo>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -221,10 +238,7 @@ impl Engine {
             });
         }
         if self.buddy.is_some() {
-            let mut buf = self.undo.take().map(|u| u.1).unwrap_or_default();
-            buf.clear();
-            self.write_shards(&mut buf);
-            self.undo = Some((self.opt.step, buf));
+            self.keep_undo();
         }
         let params = Arc::make_mut(&mut self.params);
         AdamW::update_range(
@@ -316,24 +330,52 @@ impl Engine {
         out
     }
 
-    /// The shards before the last [`Engine::apply`] (see the `undo` field): the step they
-    /// hold and their [`Engine::shards_bytes`]. None when not sharded or when the state
-    /// was replaced since.
-    pub fn undo_shards(&self) -> Option<(u64, &[u8])> {
-        self.undo.as_ref().map(|(s, b)| (*s, b.as_slice()))
+    /// The step of the shards kept before the last [`Engine::apply`] (see the `undo`
+    /// field). None when not sharded or when the state was replaced since.
+    pub fn undo_step(&self) -> Option<u64> {
+        self.undo.as_ref().map(|u| u.step)
+    }
+
+    /// The shards kept before the last [`Engine::apply`], in the
+    /// [`Engine::shards_bytes`] format.
+    pub fn undo_shards_bytes(&self) -> Option<Vec<u8>> {
+        let undo = self.undo.as_ref()?;
+        let mut out = Vec::new();
+        for (range, p, m, v) in &undo.shards {
+            write_shard(&mut out, range, [p, m, v]);
+        }
+        Some(out)
+    }
+
+    /// Copies the shards into the `undo` buffers (reused: plain copies, no allocation
+    /// after the first step).
+    fn keep_undo(&mut self) {
+        let mut undo = self.undo.take().unwrap_or(Undo {
+            step: 0,
+            shards: Vec::new(),
+        });
+        let shards: Vec<&AdamWState> = std::iter::once(&self.opt)
+            .chain(self.buddy.as_ref())
+            .collect();
+        undo.shards.resize_with(shards.len(), Default::default);
+        for (s, (range, p, m, v)) in shards.into_iter().zip(undo.shards.iter_mut()) {
+            *range = s.range.clone();
+            for (dst, src) in [
+                (p, &self.params[s.range.clone()]),
+                (m, &s.m[..]),
+                (v, &s.v[..]),
+            ] {
+                dst.clear();
+                dst.extend_from_slice(src);
+            }
+        }
+        undo.step = self.opt.step;
+        self.undo = Some(undo);
     }
 
     fn write_shards(&self, out: &mut Vec<u8>) {
         for s in std::iter::once(&self.opt).chain(self.buddy.as_ref()) {
-            out.extend_from_slice(&(s.range.start as u64).to_le_bytes());
-            out.extend_from_slice(&(s.range.end as u64).to_le_bytes());
-            for x in self.params[s.range.clone()]
-                .iter()
-                .chain(s.m.iter())
-                .chain(s.v.iter())
-            {
-                out.extend_from_slice(&x.to_le_bytes());
-            }
+            write_shard(out, &s.range, [&self.params[s.range.clone()], &s.m, &s.v]);
         }
     }
 
@@ -494,9 +536,15 @@ mod tests {
         let mut shards: Vec<Engine> = (0..3).map(|_| engine(9, 3)).collect();
         for (r, e) in shards.iter_mut().enumerate() {
             e.zero_shards(3, r).unwrap();
+            let before = e.shards_bytes();
             e.apply(&g).unwrap();
+            // The shards before the update are kept, at the step they held.
+            assert_eq!((e.step(), e.undo_step()), (1, Some(0)));
+            assert_eq!(e.undo_shards_bytes().unwrap(), before);
+            assert_ne!(e.shards_bytes(), before);
         }
         whole.apply(&g).unwrap();
+        assert_eq!(whole.undo_step(), None, "nothing is kept when not sharded");
         // Each rank's own range and its buddy's range hold the whole update's bits.
         for (r, e) in shards.iter().enumerate() {
             let (own, buddy) = e.shard_ranges(3, r);
@@ -507,6 +555,10 @@ mod tests {
                     .all(|(a, b)| a.to_bits() == b.to_bits()));
             }
         }
+        // Replacing the state drops what was kept.
+        let p = shards[2].params.to_vec();
+        shards[2].load_params(1, p).unwrap();
+        assert_eq!(shards[2].undo_step(), None);
         assert_eq!(
             shards[1].shards_bytes().len(),
             2 * 16

@@ -37,9 +37,7 @@ pub fn sync_state(
     let (world, rank) = (group.world(), group.rank());
     let mine = Announcement {
         step: has_state.then(|| engine.step()),
-        undo: has_state
-            .then(|| engine.undo_shards().map(|u| u.0))
-            .flatten(),
+        undo: has_state.then(|| engine.undo_step()).flatten(),
         ranges: std::iter::once(engine.opt.range.clone())
             .chain(engine.buddy.as_ref().map(|b| b.range.clone()))
             .collect(),
@@ -62,7 +60,7 @@ pub fn sync_state(
     };
     let contribution = match plan.offers[rank] {
         Some(Offer::Current) => engine.shards_bytes(),
-        Some(Offer::Undo) => engine.undo_shards().map(|u| u.1.to_vec()).ok_or_else(|| {
+        Some(Offer::Undo) => engine.undo_shards_bytes().ok_or_else(|| {
             WorkerError::Protocol("announced kept shards it does not hold".into())
         })?,
         None => Vec::new(),
