@@ -96,8 +96,11 @@ fn write_shard(out: &mut Vec<u8>, range: &Range<usize>, parts: [&[f32]; 3]) {
 /// parameters, `m` and `v` of that range.
 struct Undo {
     step: u64,
-    shards: Vec<(Range<usize>, Vec<f32>, Vec<f32>, Vec<f32>)>,
+    shards: Vec<KeptShard>,
 }
+
+/// (range, parameters, m, v) of one kept shard.
+type KeptShard = (Range<usize>, Vec<f32>, Vec<f32>, Vec<f32>);
 
 pub struct Engine {
     pub spec: TrainSpec,
