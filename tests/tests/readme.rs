@@ -1,5 +1,7 @@
 //! The README's examples are reproducible: its `phalanx train` command, run by this build,
-//! prints the `params_sha256` the README shows.
+//! prints the `params_sha256` the README shows for this machine's CPU vendor (the output
+//! shown is from one CPU; a table gives the hash per `vendor_id`, because the numerics
+//! profile pins the kernels' ISA but AMD and Intel CPUs still compute other bits).
 use std::time::Duration;
 
 use phalanx_tests::{phalanx, run_with_timeout, stderr_of};
@@ -27,7 +29,7 @@ fn readme_train_example() -> (Vec<String>, String) {
         .map(str::to_string)
         .collect();
     let rest = &text[at..];
-    let sha = rest
+    let shown = rest
         .lines()
         .find_map(|l| {
             l.trim_start()
@@ -38,8 +40,37 @@ fn readme_train_example() -> (Vec<String>, String) {
         .expect("the README's example output has a `done: ... params_sha256 X` line")
         .trim()
         .to_string();
+    let vendor = cpu_vendor();
+    let row = format!("(`{vendor}`)");
+    let sha = rest
+        .lines()
+        .find(|l| l.starts_with('|') && l.contains(&row))
+        .and_then(|l| l.split('`').nth(3))
+        .unwrap_or_else(|| {
+            panic!(
+                "README.md records no params_sha256 for CPU vendor {vendor}; run its command \
+                 on this machine and add a row"
+            )
+        })
+        .to_string();
+    assert!(
+        rest.lines().any(|l| l.contains(&format!("`{shown}`"))),
+        "the example output's hash {shown} is in the table too"
+    );
     assert_eq!(sha.len(), 64, "{sha:?}");
     (args, sha)
+}
+
+/// This machine's CPU vendor (`vendor_id` of /proc/cpuinfo).
+fn cpu_vendor() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .expect("/proc/cpuinfo")
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("vendor_id")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_string())
+        })
+        .expect("a vendor_id line in /proc/cpuinfo")
 }
 
 #[test]
@@ -71,8 +102,9 @@ fn the_readme_train_example_reproduces_its_params_sha256() {
     assert_eq!(
         got,
         sha,
-        "README.md shows params_sha256 {sha} for `phalanx train {}`; this build prints {got}. \
+        "README.md shows params_sha256 {sha} for `phalanx train {}` on {}; this build prints {got}. \
          Regenerate the example (docs/training.md, numerics) if the change of bits is intended.",
-        args.join(" ")
+        args.join(" "),
+        cpu_vendor()
     );
 }

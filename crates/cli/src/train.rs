@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
-use phalanx_collective::{BlockingGroup, GroupConfig};
+use phalanx_collective::{BlockingGroup, EpochSecret, GroupConfig, Security};
 use phalanx_proto::{NumericsProfile, Precision};
 use phalanx_train::data::{default_corpus_spec, Corpus};
 use phalanx_train::device::{DeviceRequest, MemoryEstimate, CATALOGUE};
@@ -78,8 +78,15 @@ pub struct TrainArgs {
     /// Bound on forming the group (all peers connected).
     #[arg(long, default_value_t = 60_000)]
     pub rendezvous_timeout_ms: u64,
+    /// Every N steps each rank recomputes a neighbour's micro-batch and compares the
+    /// gradients (0 disables; costs one micro-batch of compute per rank each time, and
+    /// changes no bits). A mismatch redoes the step; a device that disagrees again with
+    /// two others ends the run naming its rank.
+    #[arg(long, default_value_t = 10)]
+    pub grad_check_interval: u64,
     /// Numerics profile: `x86-64-avx2` pins ATen, MKL and oneDNN to their AVX2 kernels, so
-    /// that any x86-64 machine computes the same bits; `native` lets them pick the fastest
+    /// that machines with one vendor's x86-64 CPUs compute the same bits (AMD and Intel
+    /// still differ); `native` lets them pick the fastest
     /// kernels of this CPU (see docs/training.md).
     #[arg(long, default_value = "x86-64-avx2", value_parser = crate::model::parse_numerics)]
     pub numerics: NumericsProfile,
@@ -97,6 +104,13 @@ pub fn parse_precision(s: &str) -> Result<Precision, String> {
             Precision::ALL.map(|p| p.as_str()).join(", ")
         )
     })
+}
+
+/// The group secret of a `--peers` ring from `path` (64 hex digits).
+fn read_ring_secret(path: &std::path::Path) -> Result<EpochSecret> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading --ring-secret-file {}", path.display()))?;
+    EpochSecret::from_hex(&text).map_err(|e| anyhow!("--ring-secret-file {}: {e}", path.display()))
 }
 
 impl TrainArgs {
@@ -151,6 +165,7 @@ impl TrainArgs {
             format!("--device={}", self.device),
             format!("--op-timeout-ms={}", self.op_timeout_ms),
             format!("--rendezvous-timeout-ms={}", self.rendezvous_timeout_ms),
+            format!("--grad-check-interval={}", self.grad_check_interval),
             format!("--numerics={}", self.numerics),
             format!("--precision={}", self.precision),
         ];
@@ -196,9 +211,15 @@ pub struct WorkerRunCmd {
     /// Address to listen on; default: our entry of --peers, or 127.0.0.1:0 with --stdio-rendezvous.
     #[arg(long)]
     pub listen: Option<SocketAddr>,
-    /// Announce our address on stdout and read the peer list from stdin (used by `phalanx train`).
+    /// Announce our address on stdout and read the peer list and the group's secret from
+    /// stdin (used by `phalanx train`).
     #[arg(long)]
     pub stdio_rendezvous: bool,
+    /// With --peers: a file holding the group's secret (64 hex digits, e.g. from
+    /// `openssl rand -hex 32`), the same for every rank; every ring connection proves it.
+    /// Without it a --peers ring accepts any connection that speaks its protocol.
+    #[arg(long, conflicts_with = "stdio_rendezvous")]
+    pub ring_secret_file: Option<PathBuf>,
     /// Rank 0 writes the run summary here.
     #[arg(long)]
     pub summary: Option<PathBuf>,
@@ -256,6 +277,10 @@ struct TrainSummary {
     train_cpu_s: f64,
     wall_s: f64,
     params_sha256: String,
+    /// Gradient spot checks rank 0 ran (`--grad-check-interval`; none with one worker),
+    /// and steps redone because one failed.
+    grad_checks: u64,
+    steps_redone: u64,
     /// Model FLOPs per token, achieved TFLOP/s and MFU against the device's peak.
     mfu: Option<phalanx_train::mfu::Mfu>,
     /// Where rank 0's step time goes (medians over the steps).
@@ -392,6 +417,12 @@ pub fn train(cmd: TrainCmd, json_logs: bool) -> Result<()> {
         "done: {} steps on {} worker(s)  loss {:.4} -> {:.4}  val {:.4}  {:.0} tokens/s  params_sha256 {}",
         result.steps, result.workers, result.initial_loss, result.final_loss, result.val_loss, result.tokens_per_sec, result.params_sha256
     );
+    if result.grad_checks > 0 {
+        println!(
+            "gradient spot checks: {} on rank 0, {} step(s) redone",
+            result.grad_checks, result.steps_redone
+        );
+    }
     let profile = profile.medians();
     println!("{}", profile.describe());
     if let Some(m) = &result.mfu {
@@ -430,6 +461,8 @@ pub fn train(cmd: TrainCmd, json_logs: bool) -> Result<()> {
             train_cpu_s: result.train_cpu_s,
             wall_s: wall.elapsed().as_secs_f64(),
             params_sha256: result.params_sha256.clone(),
+            grad_checks: result.grad_checks,
+            steps_redone: result.steps_redone,
             mfu: result.mfu.clone(),
             step_profile_ms: profile,
             losses: result.losses.clone(),
@@ -571,6 +604,7 @@ impl LocalGroup {
                 .into_iter()
                 .map(|a| a.expect("all announced"))
                 .collect(),
+            secret: EpochSecret::random().to_hex(),
         };
         let line = serde_json::to_string(&list)? + "\n";
         for (rank, c) in self.children.iter_mut().enumerate() {
@@ -731,16 +765,22 @@ fn worker_inner(cmd: &WorkerRunCmd) -> Result<()> {
     let listener = TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
     let addr = listener.local_addr()?;
     let rdv_timeout = Duration::from_millis(cmd.train.rendezvous_timeout_ms);
-    let peers = if cmd.stdio_rendezvous {
-        rendezvous::stdio_peers(rank, world, addr, rdv_timeout)?
+    let (peers, secret) = if cmd.stdio_rendezvous {
+        let (peers, secret) = rendezvous::stdio_peers(rank, world, addr, rdv_timeout)?;
+        (peers, Some(secret))
     } else {
         rendezvous::validate_peers(&cmd.peers, rank, world, None)?;
-        cmd.peers.clone()
+        let secret = match &cmd.ring_secret_file {
+            Some(p) => Some(read_ring_secret(p)?),
+            None => None,
+        };
+        (cmd.peers.clone(), secret)
     };
     let op_timeout = Duration::from_millis(cmd.train.op_timeout_ms);
     let mut cfg = GroupConfig::new(rank, peers);
     cfg.rendezvous_timeout = rdv_timeout;
     cfg.op_timeout = op_timeout;
+    cfg.security = secret.map(|secret| Security { secret, tls: None });
     let mut group = BlockingGroup::connect(cfg, listener)?;
     tracing::info!(rank, world, %addr, "group formed");
 
@@ -750,7 +790,10 @@ fn worker_inner(cmd: &WorkerRunCmd) -> Result<()> {
     let mut result = dp::train(
         &mut engine,
         &mut group,
-        &DpOptions { op_timeout },
+        &DpOptions {
+            op_timeout,
+            grad_check_every: cmd.train.grad_check_interval,
+        },
         &mut |s| {
             phalanx_worker::metrics::step(s, tokens_per_step);
             if report {

@@ -45,6 +45,17 @@ impl EpochSecret {
         Ok(EpochSecret(out))
     }
 
+    /// 32 random bytes (for a group whose members are given it privately, such as the
+    /// children of `phalanx train`).
+    pub fn random() -> Self {
+        EpochSecret(rand::random())
+    }
+
+    /// The 64 hex digits that [`EpochSecret::from_hex`] reads.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     pub fn bytes(&self) -> &[u8; 32] {
         &self.0
     }

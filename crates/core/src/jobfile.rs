@@ -289,7 +289,8 @@ world_size_min = 1
 world_size_max = 4
 
 # Numerics profile (optional): `x86-64-avx2`, the default, pins the CPU libraries to
-# their AVX2 kernels so that every x86-64 machine computes the same bits; `native` lets
+# their AVX2 kernels so that machines with one vendor's x86-64 CPUs compute the same
+# bits (AMD and Intel still differ; docs/training.md); `native` lets
 # them pick the fastest kernels of each CPU (not portable). Only workers started with
 # the job's profile get a rank.
 numerics = "x86-64-avx2"

@@ -53,6 +53,12 @@ pub struct RunResult {
     pub train_cpu_s: f64,
     pub params_sha256: String,
     pub param_count: usize,
+    /// Gradient spot checks run (`--grad-check-interval`), and steps redone because one
+    /// failed.
+    #[serde(default)]
+    pub grad_checks: u64,
+    #[serde(default)]
+    pub steps_redone: u64,
     /// Model FLOPs utilisation, filled in by whoever knows the device (rank 0's process).
     #[serde(default)]
     pub mfu: Option<phalanx_train::mfu::Mfu>,
@@ -60,6 +66,9 @@ pub struct RunResult {
 
 pub struct DpOptions {
     pub op_timeout: Duration,
+    /// Recompute a neighbour's micro-batch and compare gradients every this many steps
+    /// (0: never; see [`Stepper::grad_check_every`]).
+    pub grad_check_every: u64,
 }
 
 /// The median of a rank's last few per-micro-batch compute times. Heartbeats carry this
@@ -123,6 +132,8 @@ pub struct Stepper {
     /// Fault injection: flip one bit of this rank's first micro-batch gradient at the
     /// next gradient check, before the reduction.
     pub corrupt_next_checked_grad: bool,
+    /// Gradient spot checks run so far (a redo's check counts again).
+    pub grad_checks: u64,
     rank: usize,
     world: usize,
     /// The first micro-batch of every rank (None: a rank with no micro-batch).
@@ -176,6 +187,7 @@ impl Stepper {
             slow_factor: 1.0,
             grad_check_every: 0,
             corrupt_next_checked_grad: false,
+            grad_checks: 0,
             rank,
             world,
             firsts,
@@ -440,11 +452,34 @@ pub fn train(
 ) -> Result<RunResult, WorkerError> {
     engine.zero_shards(group.world(), group.rank())?;
     let mut stepper = Stepper::new(engine, group, &[], opts.op_timeout)?;
+    stepper.grad_check_every = opts.grad_check_every;
     let mut losses = Vec::with_capacity(engine.spec.steps as usize);
+    let mut steps_redone = 0;
     let start = Instant::now();
     let cpu0 = process_cpu_s();
     while engine.step() < engine.spec.steps {
-        let report = stepper.step(engine, group)?;
+        let report = match stepper.step(engine, group) {
+            Ok(r) => r,
+            Err(WorkerError::GradientMismatch {
+                step,
+                micro,
+                owner,
+                verifier,
+            }) => {
+                // Nothing was applied; every rank saw the same check and redoes the step
+                // (a device that corrupts again is named: `GradientCorrupt` ends the run).
+                tracing::warn!(
+                    step,
+                    micro,
+                    owner,
+                    verifier,
+                    "gradient check failed; redoing the step"
+                );
+                steps_redone += 1;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         losses.push(report.loss);
         on_step(&report);
     }
@@ -466,6 +501,8 @@ pub fn train(
         losses,
         params_sha256: sha,
         param_count: engine.params.len(),
+        grad_checks: stepper.grad_checks,
+        steps_redone,
         mfu: None,
     })
 }

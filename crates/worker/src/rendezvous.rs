@@ -31,6 +31,9 @@ pub enum WorkerEvent {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PeerList {
     pub peers: Vec<SocketAddr>,
+    /// The group's secret (64 hex digits), which every ring hello proves: only the
+    /// parent's children, who read it from their stdin, can join.
+    pub secret: String,
 }
 
 /// Prints one event as a JSON line on stdout and flushes it.
@@ -42,13 +45,14 @@ pub fn emit(ev: &WorkerEvent) {
     let _ = out.flush();
 }
 
-/// Announces `addr` and reads the peer list from stdin within `timeout`.
+/// Announces `addr` and reads the peer list and the group's secret from stdin within
+/// `timeout`.
 pub fn stdio_peers(
     rank: usize,
     world: usize,
     addr: SocketAddr,
     timeout: Duration,
-) -> Result<Vec<SocketAddr>, WorkerError> {
+) -> Result<(Vec<SocketAddr>, EpochSecret), WorkerError> {
     emit(&WorkerEvent::Listening { rank, addr });
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -75,10 +79,17 @@ pub fn stdio_peers(
             )))
         }
     };
-    let list: PeerList = serde_json::from_str(line.trim())
-        .map_err(|e| WorkerError::Rendezvous(format!("bad peer list `{}`: {e}", line.trim())))?;
+    // The line holds the secret: an error names the fault, never echoes the line.
+    let list: PeerList = serde_json::from_str(line.trim()).map_err(|e| {
+        WorkerError::Rendezvous(format!(
+            "bad peer list on stdin ({} bytes): {e}",
+            line.trim().len()
+        ))
+    })?;
     validate_peers(&list.peers, rank, world, Some(addr))?;
-    Ok(list.peers)
+    let secret = EpochSecret::from_hex(&list.secret)
+        .map_err(|e| WorkerError::Rendezvous(format!("peer list: {e}")))?;
+    Ok((list.peers, secret))
 }
 
 /// Checks a peer list: one address per rank, no duplicates, and ours where expected.

@@ -37,6 +37,7 @@ impl Stepper {
                 g[i] = f32::from_bits(g[i].to_bits() ^ (1 << 20));
             }
         }
+        self.grad_checks += 1;
         // This attempt redoes a step whose check failed: a third rank weighs in.
         let dispute = self.disputed.filter(|d| d.0 == step);
         let mut checks: Vec<(usize, u64)> = Vec::new();
