@@ -631,7 +631,7 @@ impl LocalGroup {
         while done.iter().any(Option::is_none) {
             match self.rx.recv_timeout(idle) {
                 Ok((rank, Line::Event(WorkerEvent::Done { result, .. }))) => {
-                    done[rank] = Some(result)
+                    done[rank] = Some(*result)
                 }
                 Ok((rank, Line::Event(WorkerEvent::Error { message, .. }))) => {
                     return Err(self.fail(rank, &message))
@@ -838,7 +838,7 @@ fn worker_inner(cmd: &WorkerRunCmd) -> Result<()> {
     if cmd.stdio_rendezvous {
         rendezvous::emit(&WorkerEvent::Done {
             rank,
-            result: result.clone(),
+            result: Box::new(result.clone()),
         });
     }
     if let (0, Some(path)) = (rank, &cmd.summary) {

@@ -24,7 +24,7 @@ use crate::WorkerError;
 pub enum WorkerEvent {
     Listening { rank: usize, addr: SocketAddr },
     Step(StepReport),
-    Done { rank: usize, result: RunResult },
+    Done { rank: usize, result: Box<RunResult> },
     Error { rank: usize, message: String },
 }
 
