@@ -4,7 +4,7 @@
 //! when the set is dropped, whether the test passed or not.
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use phalanx_controller::client::{http_once, Client, Credentials};
@@ -69,16 +69,26 @@ impl Controllers {
     /// The addresses and credentials of `n` controllers (admin and reader roles issued),
     /// none started: a test routes links ([`Self::route`]) before [`Self::start_node`].
     pub fn prepare(n: u64, extra: &[&str]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
         let addrs: BTreeMap<u64, String> = (1..=n)
             .map(|id| (id, format!("127.0.0.1:{}", free_port())))
             .collect();
+        Self::prepare_at(tempfile::tempdir().unwrap(), addrs, extra)
+    }
+
+    /// [`Self::prepare`] of controllers listening at `addrs` (each one's certificate names
+    /// the host of its address), their data, logs and credentials in `dir`.
+    pub fn prepare_at(
+        dir: tempfile::TempDir,
+        addrs: BTreeMap<u64, String>,
+        extra: &[&str],
+    ) -> Self {
         let tls = TlsDir::create(&dir.path().join("tls")).unwrap();
         for r in [Role::Admin, Role::Reader] {
             tls.issue(&r, &[]).unwrap();
         }
-        for id in addrs.keys() {
-            tls.issue(&Role::Controller(*id), &["127.0.0.1".into()])
+        for (id, a) in &addrs {
+            let host = a.rsplit_once(':').map_or(a.as_str(), |(h, _)| h);
+            tls.issue(&Role::Controller(*id), &[host.to_string()])
                 .unwrap();
         }
         let admin = Credentials::role(&tls, &Role::Admin).unwrap();
@@ -108,6 +118,14 @@ impl Controllers {
 
     /// Starts node `id` with `more` flags after the common ones; its log is appended to.
     pub fn start_node_with(&mut self, id: u64, more: &[&str]) {
+        let mut base = phalanx();
+        base.args(["--log", "info"]);
+        self.start_node_from(id, base, more);
+    }
+
+    /// [`Self::start_node_with`] from `base`, a command that runs the `phalanx` binary
+    /// (in a network namespace, say) to which the controller's arguments are added.
+    pub fn start_node_from(&mut self, id: u64, mut base: Command, more: &[&str]) {
         let peers: Vec<String> = self
             .addrs
             .iter()
@@ -121,15 +139,8 @@ impl Controllers {
             .append(true)
             .open(self.dir.path().join(format!("node{id}.log")))
             .unwrap();
-        let child = phalanx()
-            .args([
-                "--log",
-                "info",
-                "controller",
-                "start",
-                "--id",
-                &id.to_string(),
-            ])
+        let child = base
+            .args(["controller", "start", "--id", &id.to_string()])
             .args(["--listen", &self.addrs[&id], "--peers", &peers.join(",")])
             .arg("--data-dir")
             .arg(self.data_dir(id))
@@ -161,7 +172,11 @@ impl Controllers {
     }
 
     pub fn status(&self, id: u64) -> Option<StatusResponse> {
-        status_of(&self.addrs[&id], &self.admin, Duration::from_millis(500))
+        self.status_within(id, Duration::from_millis(500))
+    }
+
+    pub fn status_within(&self, id: u64, timeout: Duration) -> Option<StatusResponse> {
+        status_of(&self.addrs[&id], &self.admin, timeout)
     }
 
     /// The leader of the highest term any node reports being, if one does now.
