@@ -1,10 +1,15 @@
-//! A local cluster for end-to-end tests: 3 controllers (`phalanx cluster up`) and worker
-//! agents (`phalanx worker start`), all real processes on 127.0.0.1.
+//! A local cluster for end-to-end tests: controllers and worker agents started by
+//! `phalanx cluster up` (the operator's own way to start one, with its credentials and
+//! directories), all real processes on 127.0.0.1. Dropping it runs `phalanx cluster down`
+//! and kills `cluster up`, whether the test passed or failed. What the cluster answers is
+//! read into the `phalanx_proto` types.
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use phalanx_proto::{
+    CheckpointInfo, ClusterStatus, Event, JobInfo, JobState, Recovery, WorkerHealth,
+};
 
 use crate::{phalanx, run_with_timeout, KillOnDrop};
 
@@ -50,13 +55,20 @@ impl LocalCluster {
     /// `phalanx cluster up --controllers 3 --workers N` (fault hooks on); exited workers
     /// are restarted after `worker_restart_s` seconds when it is not 0.
     pub fn start(workers: usize, worker_restart_s: u64) -> Self {
+        Self::start_with(3, workers, worker_restart_s)
+    }
+
+    /// [`Self::start`] with `controllers` controllers. Returns once a leader is known,
+    /// every controller is a member and every worker has registered.
+    pub fn start_with(controllers: usize, workers: usize, worker_restart_s: u64) -> Self {
         // A test that panicked poisons the lock; the next cluster does not care.
         let serial = ONE_CLUSTER_AT_A_TIME
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let dir = tempfile::tempdir().unwrap();
         let mut up = phalanx();
-        up.args(["cluster", "up", "--controllers=3"])
+        up.args(["cluster", "up"])
+            .arg(format!("--controllers={controllers}"))
             .arg(format!("--workers={workers}"))
             .arg(format!("--worker-restart={worker_restart_s}s"))
             .arg(format!("--dir={}", dir.path().join("c").display()))
@@ -70,13 +82,10 @@ impl LocalCluster {
         };
         c.wait_for(Duration::from_secs(30), "a controller leader", |c| {
             c.status()
-                .map(|s| s["leader_id"].as_u64().unwrap_or(0) != 0)
-                .unwrap_or(false)
+                .is_some_and(|s| s.leader_id != 0 && s.members.len() == controllers)
         });
         c.wait_for(Duration::from_secs(60), "every worker to register", |c| {
-            c.status()
-                .map(|s| s["workers"].as_array().map(|w| w.len()) == Some(workers))
-                .unwrap_or(false)
+            c.status().is_some_and(|s| s.workers.len() == workers)
         });
         c
     }
@@ -95,7 +104,8 @@ impl LocalCluster {
         self.dir.path().join("c")
     }
 
-    fn ctl(&self, args: &[&str]) -> std::process::Output {
+    /// `phalanx ARGS --dir <cluster dir>`, within 60 s.
+    pub fn ctl(&self, args: &[&str]) -> std::process::Output {
         let mut c = phalanx();
         c.args(args)
             .arg(format!("--dir={}", self.cluster_dir().display()));
@@ -112,7 +122,8 @@ impl LocalCluster {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    pub fn status(&self) -> Option<Value> {
+    /// `phalanx status --json`; `None` when it fails.
+    pub fn status(&self) -> Option<ClusterStatus> {
         let out = self.ctl(&["status", "--json"]);
         out.status
             .success()
@@ -126,10 +137,9 @@ impl LocalCluster {
         self.ctl_ok(&["job", "submit", f.to_str().unwrap()]);
     }
 
-    pub fn job(&self) -> Option<Value> {
-        self.status()
-            .map(|s| s["job"].clone())
-            .filter(|j| !j.is_null())
+    /// The cluster's job, if it has one.
+    pub fn job(&self) -> Option<JobInfo> {
+        self.status().and_then(|s| s.job)
     }
 
     pub fn wait_for(&self, timeout: Duration, what: &str, mut f: impl FnMut(&Self) -> bool) {
@@ -150,45 +160,47 @@ impl LocalCluster {
         self.wait_for(
             timeout,
             &format!("job progress to reach step {step}"),
-            |c| {
-                c.job()
-                    .map(|j| j["progress_step"].as_u64().unwrap_or(0) >= step)
-                    .unwrap_or(false)
-            },
+            |c| c.job().is_some_and(|j| j.progress_step >= step),
         );
     }
 
     /// Waits for the job to complete with a result; returns the job.
-    pub fn wait_done(&self, timeout: Duration) -> Value {
-        let mut last = Value::Null;
-        self.wait_for(timeout, "the job to complete", |c| match c.job() {
-            Some(j) if j["state"] == "completed" && j["params_sha256"].is_string() => {
-                last = j;
-                true
-            }
-            _ => false,
-        });
-        last
+    pub fn wait_done(&self, timeout: Duration) -> JobInfo {
+        self.wait_job_done(timeout, "the job to complete", |_| true)
     }
 
     /// [`Self::wait_done`] for a job whose id is not `old_id` (the next job).
-    pub fn wait_for_job_done_other_than(&self, old_id: &str, timeout: Duration) -> Value {
-        let mut last = Value::Null;
-        self.wait_for(timeout, "the next job to complete", |c| match c.job() {
-            Some(j)
-                if j["id"] != old_id
-                    && j["state"] == "completed"
-                    && j["params_sha256"].is_string() =>
-            {
-                last = j;
-                true
-            }
-            _ => false,
-        });
-        last
+    pub fn wait_for_job_done_other_than(&self, old_id: &str, timeout: Duration) -> JobInfo {
+        self.wait_job_done(timeout, "the next job to complete", |j| j.id != old_id)
     }
 
-    pub fn events(&self) -> Value {
+    fn wait_job_done(
+        &self,
+        timeout: Duration,
+        what: &str,
+        which: impl Fn(&JobInfo) -> bool,
+    ) -> JobInfo {
+        let mut last = None;
+        self.wait_for(timeout, what, |c| {
+            last = c.job().filter(|j| {
+                which(j) && j.state == JobState::Completed && j.params_sha256.is_some()
+            });
+            last.is_some()
+        });
+        last.expect("the job the wait ended on")
+    }
+
+    /// Worker `id`'s health, if the cluster knows the worker.
+    pub fn health(&self, id: &str) -> Option<WorkerHealth> {
+        self.status()?
+            .workers
+            .into_iter()
+            .find(|w| w.id == id)
+            .map(|w| w.health)
+    }
+
+    /// `phalanx events --json`.
+    pub fn events(&self) -> Vec<Event> {
         serde_json::from_str(&self.ctl_ok(&["events", "--json"])).unwrap()
     }
 
@@ -214,22 +226,31 @@ impl LocalCluster {
         s
     }
 
+    /// The pid `cluster.json` records for each of `ids` (a worker's or a controller's,
+    /// `w0` or `1`).
+    pub fn pids(&self, ids: &[&str]) -> Vec<u32> {
+        let text = std::fs::read_to_string(self.cluster_dir().join("cluster.json")).unwrap();
+        let file: ClusterFile = serde_json::from_str(&text).unwrap();
+        ids.iter()
+            .map(|id| {
+                file.workers
+                    .iter()
+                    .find(|w| w.id == *id)
+                    .map(|w| w.pid)
+                    .or_else(|| {
+                        file.controllers
+                            .iter()
+                            .find(|c| c.id.to_string() == *id)
+                            .map(|c| c.pid)
+                    })
+                    .unwrap_or_else(|| panic!("no process {id} in cluster.json"))
+            })
+            .collect()
+    }
+
     /// SIGKILLs the given workers in one `kill` call (at once, not one CLI call each).
     pub fn kill_workers_at_once(&self, ids: &[&str]) {
-        let text = std::fs::read_to_string(self.cluster_dir().join("cluster.json")).unwrap();
-        let file: Value = serde_json::from_str(&text).unwrap();
-        let pids: Vec<String> = ids
-            .iter()
-            .map(|id| {
-                file["workers"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .find(|w| w["id"] == *id)
-                    .unwrap_or_else(|| panic!("no worker {id} in cluster.json"))["pid"]
-                    .to_string()
-            })
-            .collect();
+        let pids: Vec<String> = self.pids(ids).iter().map(|p| p.to_string()).collect();
         let st = std::process::Command::new("kill")
             .arg("-9")
             .args(&pids)
@@ -240,19 +261,28 @@ impl LocalCluster {
 
     /// The steps of the current job's durable checkpoints in the controller's catalog.
     pub fn committed_checkpoints(&self) -> Vec<u64> {
-        let Some(id) = self.job().and_then(|j| j["id"].as_str().map(String::from)) else {
+        let Some(id) = self.job().map(|j| j.id) else {
             return Vec::new();
         };
         let out = self.ctl(&["checkpoint", "list", "--json"]);
-        let cps: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-        cps.as_array()
-            .map(|a| {
-                a.iter()
-                    .filter(|c| c["job"] == id.as_str() && c["durable"] == true)
-                    .filter_map(|c| c["step"].as_u64())
-                    .collect()
-            })
-            .unwrap_or_default()
+        let cps: Vec<CheckpointInfo> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        cps.into_iter()
+            .filter(|c| c.job == id && c.durable)
+            .map(|c| c.step)
+            .collect()
+    }
+
+    /// `phalanx cluster down` now (the harness runs it again when dropped).
+    pub fn down(&self) -> std::process::Output {
+        let mut c = phalanx();
+        c.args(["cluster", "down"])
+            .arg(format!("--dir={}", self.cluster_dir().display()));
+        run_with_timeout(c, Duration::from_secs(30))
+    }
+
+    /// Whether `cluster up` exited within `timeout`.
+    pub fn wait_up_exited(&mut self, timeout: Duration) -> bool {
+        self._up.wait_timeout(timeout).is_some()
     }
 
     pub fn checkpoint_root(&self) -> PathBuf {
@@ -262,21 +292,36 @@ impl LocalCluster {
 
 impl Drop for LocalCluster {
     fn drop(&mut self) {
+        // Bounded: a wedged `cluster down` must not hang the test; `_up` is killed after.
         let mut c = phalanx();
         c.args(["cluster", "down"])
-            .arg(format!("--dir={}", self.cluster_dir().display()));
-        let _ = c.stdout(Stdio::null()).stderr(Stdio::null()).status();
+            .arg(format!("--dir={}", self.cluster_dir().display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Ok(child) = c.spawn() {
+            let _ = KillOnDrop(child).wait_timeout(Duration::from_secs(30));
+        }
     }
 }
 
+/// The parts of `cluster.json` (written by `cluster up`) that tests read.
+#[derive(serde::Deserialize)]
+struct ClusterFile {
+    controllers: Vec<ProcEntry<u64>>,
+    workers: Vec<ProcEntry<String>>,
+}
+
+#[derive(serde::Deserialize)]
+struct ProcEntry<Id> {
+    id: Id,
+    pid: u32,
+}
+
 /// Asserts that one of the job's recoveries restored a checkpoint.
-pub fn assert_recovered_from_checkpoint(job: &Value) {
-    let recs = job["recoveries"].as_array().cloned().unwrap_or_default();
+pub fn assert_recovered_from_checkpoint(job: &JobInfo) {
+    let recs: &[Recovery] = &job.recoveries;
     assert!(
-        recs.iter().any(|r| r["source"]
-            .as_str()
-            .unwrap_or("")
-            .starts_with("checkpoint step")),
+        recs.iter().any(|r| r.source.starts_with("checkpoint step")),
         "no recovery from a checkpoint: {recs:?}"
     );
 }
@@ -306,6 +351,6 @@ pub fn reference_sha_seed(steps: u64, seed: u64, dir: &Path) -> String {
         "reference run failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: Value = serde_json::from_slice(&std::fs::read(summary).unwrap()).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(summary).unwrap()).unwrap();
     v["params_sha256"].as_str().unwrap().to_string()
 }

@@ -100,6 +100,7 @@ pub fn stderr_of(o: &Output) -> String {
 }
 
 pub mod cluster;
+pub mod controllers;
 
 /// Busy threads competing with the cluster's processes for the cores, as a noisy
 /// neighbour on a shared machine does; they stop when dropped.

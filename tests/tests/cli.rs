@@ -5,6 +5,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use phalanx_proto::{JobState, WorkerHealth};
 use phalanx_tests::cluster::LocalCluster;
 use phalanx_tests::{free_port, phalanx, phalanx_bin, run_with_timeout, stderr_of};
 
@@ -97,10 +98,7 @@ fn an_unreachable_cluster_is_reported_within_2_s_with_exit_code_3() {
 
 /// `phalanx ARGS --dir D`: (exit code, stdout, stderr).
 fn ctl(c: &LocalCluster, args: &[&str]) -> (Option<i32>, String, String) {
-    let mut cmd = phalanx();
-    cmd.args(args)
-        .arg(format!("--dir={}", c.cluster_dir().display()));
-    let out = run_with_timeout(cmd, Duration::from_secs(60));
+    let out = c.ctl(args);
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -108,14 +106,9 @@ fn ctl(c: &LocalCluster, args: &[&str]) -> (Option<i32>, String, String) {
     )
 }
 
-fn health(c: &LocalCluster, id: &str) -> String {
-    c.status().unwrap()["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|w| w["id"] == id)
-        .map(|w| w["health"].as_str().unwrap().to_string())
-        .unwrap()
+fn health(c: &LocalCluster, id: &str) -> WorkerHealth {
+    c.health(id)
+        .unwrap_or_else(|| panic!("no worker {id} in status"))
 }
 
 #[test]
@@ -151,16 +144,21 @@ fn operator_verbs_are_honest_reversible_and_end_quietly_on_a_closed_pipe() {
         assert_eq!(code, Some(0), "{err}");
         assert!(out.contains("draining"), "{out}");
     }
-    assert_eq!(health(&c, "w0"), "draining");
+    assert_eq!(health(&c, "w0"), WorkerHealth::Draining);
     let (code, out, err) = ctl(
         &c,
         &["worker", "undrain", "w0", "--reason", "maintenance done"],
     );
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("undrained"), "{out}");
-    assert_ne!(health(&c, "w0"), "draining");
-    let ev = c.events().to_string();
-    assert!(ev.contains("maintenance done"), "{ev}");
+    assert_ne!(health(&c, "w0"), WorkerHealth::Draining);
+    let ev = c.events();
+    assert!(
+        ev.iter().any(
+            |e| e.reason.contains("maintenance done") || e.subject.contains("maintenance done")
+        ),
+        "{ev:#?}"
+    );
     // A rejected command: one error line on stderr, nothing on stdout, exit 1.
     let (code, out, err) = ctl(&c, &["worker", "undrain", "nobody"]);
     assert_eq!(code, Some(1), "{err}");
@@ -169,11 +167,7 @@ fn operator_verbs_are_honest_reversible_and_end_quietly_on_a_closed_pipe() {
     assert!(err.contains("unknown worker nobody"), "{err}");
 
     // A hang until healed, and its undo; a disk-full until healed, and its undo.
-    let cf: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(c.cluster_dir().join("cluster.json")).unwrap(),
-    )
-    .unwrap();
-    let pid = cf["workers"][0]["pid"].as_u64().unwrap();
+    let pid = c.pids(&["w0"])[0];
     let stopped = || {
         std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .map(|s| {
@@ -244,15 +238,14 @@ fn operator_verbs_are_honest_reversible_and_end_quietly_on_a_closed_pipe() {
     );
     assert_eq!(code, Some(0), "{err}");
     c.wait_for(Duration::from_secs(60), "the job to fail", |c| {
-        c.job().is_some_and(|j| j["state"] == "failed")
+        c.job().is_some_and(|j| j.state == JobState::Failed)
     });
     let j = c.job().unwrap();
     assert!(
-        j["failure"]
-            .as_str()
-            .unwrap()
-            .contains("/nonexistent/phalanx-corpus"),
-        "{j}"
+        j.failure
+            .as_deref()
+            .is_some_and(|f| f.contains("/nonexistent/phalanx-corpus")),
+        "{j:?}"
     );
     let (_, out, _) = ctl(&c, &["job", "status"]);
     assert!(

@@ -1,167 +1,17 @@
 //! End-to-end tests of the raft-replicated controller: real `phalanx controller start`
 //! processes on 127.0.0.1, killed with SIGKILL.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use phalanx_controller::client::{http_once, Client, Credentials};
 use phalanx_pki::{Role, TlsDir};
-use phalanx_proto::{Command, DeviceSpec, Event, JobInfo, StatusResponse, WorkerInfo};
-use phalanx_tests::{free_port, phalanx, run_with_timeout, stderr_of, KillOnDrop};
-
-struct Cluster {
-    dir: tempfile::TempDir,
-    tls: TlsDir,
-    admin: Credentials,
-    addrs: BTreeMap<u64, String>,
-    procs: BTreeMap<u64, KillOnDrop>,
-    extra: Vec<String>,
-}
-
-impl Cluster {
-    fn start(n: u64, extra: &[&str]) -> Cluster {
-        let dir = tempfile::tempdir().unwrap();
-        let addrs: BTreeMap<u64, String> = (1..=n)
-            .map(|id| (id, format!("127.0.0.1:{}", free_port())))
-            .collect();
-        let tls = TlsDir::create(&dir.path().join("tls")).unwrap();
-        for r in [Role::Admin, Role::Reader] {
-            tls.issue(&r, &[]).unwrap();
-        }
-        for id in addrs.keys() {
-            tls.issue(&Role::Controller(*id), &["127.0.0.1".into()])
-                .unwrap();
-        }
-        let admin = Credentials::role(&tls, &Role::Admin).unwrap();
-        let mut c = Cluster {
-            dir,
-            tls,
-            admin,
-            addrs,
-            procs: BTreeMap::new(),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-        };
-        for id in 1..=n {
-            c.start_node(id);
-        }
-        c
-    }
-
-    fn data_dir(&self, id: u64) -> PathBuf {
-        self.dir.path().join(format!("node{id}"))
-    }
-
-    fn start_node(&mut self, id: u64) {
-        self.start_node_with(id, &[]);
-    }
-
-    fn start_node_with(&mut self, id: u64, more: &[&str]) {
-        let peers: Vec<String> = self.addrs.iter().map(|(i, a)| format!("{i}={a}")).collect();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join(format!("node{id}.log")))
-            .unwrap();
-        let child = phalanx()
-            .args([
-                "--log",
-                "info",
-                "controller",
-                "start",
-                "--id",
-                &id.to_string(),
-                "--listen",
-                &self.addrs[&id],
-            ])
-            .args(["--peers", &peers.join(",")])
-            .arg("--data-dir")
-            .arg(self.data_dir(id))
-            .arg("--tls-dir")
-            .arg(self.tls.path())
-            .args(&self.extra)
-            .args(more)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn phalanx controller start");
-        self.procs.insert(id, KillOnDrop(child));
-    }
-
-    /// SIGKILL one node.
-    fn kill(&mut self, id: u64) {
-        if let Some(mut p) = self.procs.remove(&id) {
-            let _ = p.0.kill();
-            let _ = p.0.wait();
-        }
-    }
-
-    fn log(&self, id: u64) -> String {
-        std::fs::read_to_string(self.dir.path().join(format!("node{id}.log"))).unwrap_or_default()
-    }
-
-    fn client(&self) -> Client {
-        Client::new(self.addrs.values().cloned().collect(), self.admin.clone()).unwrap()
-    }
-
-    fn status(&self, id: u64) -> Option<StatusResponse> {
-        let (code, body) = http_once(
-            &self.addrs[&id],
-            "GET",
-            "/v1/status",
-            &self.admin,
-            None,
-            Duration::from_millis(500),
-        )
-        .ok()?;
-        (code == 200)
-            .then(|| serde_json::from_slice(&body).ok())
-            .flatten()
-    }
-
-    fn wait_leader(&self, timeout: Duration, above_term: u64, exclude: Option<u64>) -> (u64, u64) {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            for id in self.addrs.keys().filter(|i| Some(**i) != exclude) {
-                if let Some(s) = self.status(*id) {
-                    if s.role == "leader" && s.term > above_term {
-                        return (s.node_id, s.term);
-                    }
-                }
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let logs: Vec<String> = self
-            .addrs
-            .keys()
-            .map(|i| format!("--- node {i}\n{}", tail(&self.log(*i), 2000)))
-            .collect();
-        panic!(
-            "no leader above term {above_term} within {timeout:?}\n{}",
-            logs.join("\n")
-        );
-    }
-
-    fn cli_target(&self) -> Vec<String> {
-        vec![
-            "--controllers".into(),
-            self.addrs.values().cloned().collect::<Vec<_>>().join(","),
-            "--tls-dir".into(),
-            self.tls.path().display().to_string(),
-        ]
-    }
-}
-
-fn tail(s: &str, n: usize) -> &str {
-    let start = s.len().saturating_sub(n);
-    let mut i = start;
-    while !s.is_char_boundary(i) {
-        i += 1;
-    }
-    &s[i..]
-}
+use phalanx_proto::{
+    ClusterStatus, Command, DeviceSpec, Event, HeartbeatRequest, JobInfo, WorkerInfo,
+};
+use phalanx_tests::cluster::LocalCluster;
+use phalanx_tests::controllers::{get_json, tail, Controllers};
+use phalanx_tests::{phalanx, run_with_timeout, stderr_of};
 
 fn register(c: &Client, id: &str) {
     let r = c
@@ -199,7 +49,7 @@ fn controller_sigkill_leader_elects_a_new_leader_and_cli_writes_succeed() {
     // How fast is a benchmark (`phalanx controller bench`, docs/benchmarks.md row 3), not
     // a wall-clock assertion here: this checks that a new leader is elected in a later
     // term and that writes go on.
-    let mut c = Cluster::start(3, &[]);
+    let mut c = Controllers::start(3, &[]);
     let (leader, term) = c.wait_leader(Duration::from_secs(15), 0, None);
     register(&c.client(), "w0");
 
@@ -241,7 +91,7 @@ fn controller_sigkill_leader_elects_a_new_leader_and_cli_writes_succeed() {
 #[test]
 fn controller_restart_all_keeps_workers_job_and_events() {
     // Long leases: no heartbeats are sent, and lease decisions would add events.
-    let mut c = Cluster::start(
+    let mut c = Controllers::start(
         3,
         &[
             "--snapshot-entries",
@@ -297,7 +147,7 @@ fn controller_restart_all_keeps_workers_job_and_events() {
 
 #[test]
 fn controller_wiped_follower_rejoins_by_snapshot() {
-    let mut c = Cluster::start(3, &["--snapshot-entries", "20"]);
+    let mut c = Controllers::start(3, &["--snapshot-entries", "20"]);
     let (leader, _) = c.wait_leader(Duration::from_secs(15), 0, None);
     let client = c.client();
     for i in 0..60 {
@@ -347,20 +197,13 @@ fn controller_wiped_follower_rejoins_by_snapshot() {
     c.start_node_with(follower, &["--rejoin"]);
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let metrics = http_once(
+        // The counters have no proto type: a JSON object of numbers.
+        let metrics: Option<serde_json::Value> = get_json(
             &c.addrs[&follower],
-            "GET",
-            "/v1/metrics",
             &c.admin,
-            None,
+            "/v1/metrics",
             Duration::from_millis(500),
-        )
-        .ok()
-        .and_then(|(code, b)| {
-            (code == 200)
-                .then(|| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                .flatten()
-        });
+        );
         let st = c.status(follower);
         if let (Some(m), Some(s)) = (metrics, st) {
             if m["snapshots_installed"].as_u64().unwrap_or(0) >= 1 && s.applied_index >= target {
@@ -378,7 +221,7 @@ fn controller_wiped_follower_rejoins_by_snapshot() {
 
 #[test]
 fn controller_wrong_token_plain_tcp_and_malformed_requests_are_rejected() {
-    let c = Cluster::start(3, &[]);
+    let c = Controllers::start(3, &[]);
     // The leader is a node known to answer (on a loaded machine another may still be
     // starting its API).
     let (leader, _) = c.wait_leader(Duration::from_secs(15), 0, None);
@@ -443,39 +286,16 @@ fn controller_wrong_token_plain_tcp_and_malformed_requests_are_rejected() {
 
 #[test]
 fn controller_cluster_up_status_and_operator_verbs() {
-    let dir = tempfile::tempdir().unwrap();
-    let cdir = dir.path().join("local-cluster");
-    let up = phalanx()
-        .args(["cluster", "up", "--controllers", "3", "--dir"])
-        .arg(&cdir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut up = KillOnDrop(up);
-    let d = cdir.display().to_string();
-    let run = |args: &[&str]| {
-        let mut cmd = phalanx();
-        cmd.args(args).args(["--dir", &d]);
-        run_with_timeout(cmd, Duration::from_secs(30))
-    };
-    // Wait for a leader through the CLI.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if cdir.join("cluster.json").exists() {
-            let out = run(&["status", "--json"]);
-            if out.status.success() {
-                let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-                if v["leader_id"].as_u64().unwrap_or(0) != 0
-                    && v["members"].as_array().map(|m| m.len()) == Some(3)
-                {
-                    break v;
-                }
-            }
-        }
-        assert!(Instant::now() < deadline, "cluster up: no leader");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    // `cluster up` with no workers; the harness waits for a leader and the three members,
+    // and runs `cluster down` when it is dropped, should an assertion below fail.
+    let mut c = LocalCluster::start_with(3, 0, 0);
+    let dir = &c.dir;
+    let cdir = c.cluster_dir();
+    let run = |args: &[&str]| c.ctl(args);
+    // `status --json` has every field of the view, and reads back as its type.
+    let out = run(&["status", "--json"]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let raw: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     for k in [
         "leader_id",
         "term",
@@ -484,8 +304,13 @@ fn controller_cluster_up_status_and_operator_verbs() {
         "workers",
         "job",
     ] {
-        assert!(status.get(k).is_some(), "status --json lacks {k}: {status}");
+        assert!(raw.get(k).is_some(), "status --json lacks {k}: {raw}");
     }
+    let status: ClusterStatus = serde_json::from_value(raw).unwrap();
+    assert!(
+        status.leader_id != 0 && status.members.len() == 3,
+        "{status:?}"
+    );
 
     // A malformed job file gets an error naming the field.
     let bad = dir.path().join("bad.toml");
@@ -502,12 +327,7 @@ fn controller_cluster_up_status_and_operator_verbs() {
     assert!(stderr_of(&out).contains("`steps`"), "{}", stderr_of(&out));
 
     let tls = TlsDir::open(&cdir.join("tls")).unwrap();
-    let addrs: Vec<String> = status["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["address"].as_str().unwrap().to_string())
-        .collect();
+    let addrs: Vec<String> = status.members.iter().map(|m| m.address.clone()).collect();
     // Each simulated worker speaks with its own certificate (issued with the cluster's CA).
     let as_worker = |w: &str| {
         tls.issue(&Role::Worker(w.into()), &[]).unwrap();
@@ -530,7 +350,12 @@ fn controller_cluster_up_status_and_operator_verbs() {
                 for (w, client) in &workers {
                     let _ = client.post::<serde_json::Value>(
                         "/v1/heartbeat",
-                        &serde_json::json!({"worker": w}),
+                        &HeartbeatRequest {
+                            worker: w.to_string(),
+                            compute_ms: None,
+                            step: None,
+                            silent_peer: None,
+                        },
                     );
                 }
                 std::thread::sleep(Duration::from_millis(300));
@@ -562,17 +387,10 @@ fn controller_cluster_up_status_and_operator_verbs() {
 
     beating.store(false, std::sync::atomic::Ordering::Relaxed);
     hb.join().unwrap();
-    let out = run_with_timeout(
-        {
-            let mut c = phalanx();
-            c.args(["cluster", "down", "--dir", &d]);
-            c
-        },
-        Duration::from_secs(20),
-    );
+    let out = c.down();
     assert!(out.status.success(), "{}", stderr_of(&out));
     assert!(
-        up.wait_timeout(Duration::from_secs(10)).is_some(),
+        c.wait_up_exited(Duration::from_secs(10)),
         "cluster up did not exit after cluster down"
     );
 }

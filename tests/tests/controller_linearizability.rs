@@ -12,16 +12,14 @@ mod support;
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::linearizability::{linearizable, Op, OpKind};
 
-use phalanx_controller::client::{http_once, Client, Credentials};
-use phalanx_pki::{Role, TlsDir};
-use phalanx_proto::{Command, StatusResponse};
-use phalanx_tests::{free_port, phalanx, KillOnDrop};
+use phalanx_controller::client::Client;
+use phalanx_proto::Command;
+use phalanx_tests::controllers::Controllers;
 
 /// A cuttable one-way TCP forwarder for one peer link.
 struct Proxy {
@@ -99,95 +97,31 @@ impl Drop for Proxy {
     }
 }
 
+/// The shared controller harness with a proxy on every directed peer link.
 struct Net {
-    dir: tempfile::TempDir,
-    /// The admin operator's credentials (the cluster runs with TLS).
-    admin: Credentials,
-    real: BTreeMap<u64, String>,
-    /// (from, to) -> proxy that `from` dials to reach `to`.
+    c: Controllers,
+    /// (from, to) -> proxy that `from` dials to reach `to`. After the processes (in `c`)
+    /// in drop order.
     links: BTreeMap<(u64, u64), Proxy>,
-    procs: BTreeMap<u64, KillOnDrop>,
 }
 
 impl Net {
     fn new(n: u64) -> Net {
-        let dir = tempfile::tempdir().unwrap();
-        let real: BTreeMap<u64, String> = (1..=n)
-            .map(|i| (i, format!("127.0.0.1:{}", free_port())))
-            .collect();
-        let tls = TlsDir::create(&dir.path().join("tls")).unwrap();
-        tls.issue(&Role::Admin, &[]).unwrap();
-        for id in real.keys() {
-            tls.issue(&Role::Controller(*id), &["127.0.0.1".into()])
-                .unwrap();
-        }
-        let admin = Credentials::role(&tls, &Role::Admin).unwrap();
+        let mut c = Controllers::prepare(n, &[]);
         let mut links = BTreeMap::new();
         for from in 1..=n {
             for to in 1..=n {
                 if from != to {
-                    links.insert((from, to), Proxy::new(real[&to].clone()));
+                    let p = Proxy::new(c.addrs[&to].clone());
+                    c.route(from, to, p.addr.clone());
+                    links.insert((from, to), p);
                 }
             }
         }
-        let mut net = Net {
-            dir,
-            admin,
-            real,
-            links,
-            procs: BTreeMap::new(),
-        };
         for id in 1..=n {
-            net.start(id);
+            c.start_node(id);
         }
-        net
-    }
-
-    fn start(&mut self, id: u64) {
-        let peers: Vec<String> = self
-            .real
-            .keys()
-            .map(|j| {
-                if *j == id {
-                    format!("{j}={}", self.real[j])
-                } else {
-                    format!("{j}={}", self.links[&(id, *j)].addr)
-                }
-            })
-            .collect();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join(format!("node{id}.log")))
-            .unwrap();
-        let child = phalanx()
-            .args([
-                "controller",
-                "start",
-                "--id",
-                &id.to_string(),
-                "--listen",
-                &self.real[&id],
-                "--peers",
-                &peers.join(","),
-            ])
-            .arg("--data-dir")
-            .arg(self.dir.path().join(format!("node{id}")))
-            .arg("--tls-dir")
-            .arg(self.dir.path().join("tls"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.procs.insert(id, KillOnDrop(child));
-    }
-
-    fn kill(&mut self, id: u64) {
-        if let Some(mut p) = self.procs.remove(&id) {
-            let _ = p.0.kill();
-            let _ = p.0.wait();
-        }
+        Net { c, links }
     }
 
     fn isolate(&self, id: u64, cut: bool) {
@@ -198,31 +132,10 @@ impl Net {
         }
     }
 
-    fn leader(&self) -> Option<u64> {
-        let mut best: Option<(u64, u64)> = None;
-        for (id, addr) in &self.real {
-            if let Ok((200, body)) = http_once(
-                addr,
-                "GET",
-                "/v1/status",
-                &self.admin,
-                None,
-                Duration::from_millis(300),
-            ) {
-                if let Ok(s) = serde_json::from_slice::<StatusResponse>(&body) {
-                    if s.role == "leader" && best.is_none_or(|(t, _)| s.term > t) {
-                        best = Some((s.term, *id));
-                    }
-                }
-            }
-        }
-        best.map(|(_, id)| id)
-    }
-
     fn wait_leader(&self, timeout: Duration) -> u64 {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(l) = self.leader() {
+            if let Some(l) = self.c.leader() {
                 return l;
             }
             assert!(Instant::now() < deadline, "no leader within {timeout:?}");
@@ -273,14 +186,14 @@ fn checker_accepts_linearizable_and_rejects_stale_reads() {
 fn controller_linearizable_under_leader_kill_and_partition() {
     let mut net = Net::new(3);
     net.wait_leader(Duration::from_secs(15));
-    let addrs: Vec<String> = net.real.values().cloned().collect();
+    let addrs: Vec<String> = net.c.addrs.values().cloned().collect();
     let start = Instant::now();
     let history: Arc<Mutex<Vec<Op>>> = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(AtomicBool::new(false));
     let mut clients = Vec::new();
     for c in 0..4u32 {
         let (history, stop, addrs) = (history.clone(), stop.clone(), addrs.clone());
-        let admin = net.admin.clone();
+        let admin = net.c.admin.clone();
         clients.push(std::thread::spawn(move || {
             let mut client = Client::new(addrs, admin).unwrap();
             client.request_timeout = Duration::from_millis(800);
@@ -323,9 +236,9 @@ fn controller_linearizable_under_leader_kill_and_partition() {
     // Nemesis.
     std::thread::sleep(Duration::from_millis(1200));
     let l1 = net.wait_leader(Duration::from_secs(5));
-    net.kill(l1);
+    net.c.kill(l1);
     std::thread::sleep(Duration::from_millis(1500));
-    net.start(l1);
+    net.c.start_node(l1);
     std::thread::sleep(Duration::from_millis(1000));
     let l2 = net.wait_leader(Duration::from_secs(5));
     net.isolate(l2, true);

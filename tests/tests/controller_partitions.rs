@@ -23,16 +23,15 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use phalanx_controller::client::{http_once, Client, Credentials};
+use phalanx_controller::client::Client;
 use phalanx_netns::{Cut, Lab};
-use phalanx_pki::{Role, TlsDir};
 use phalanx_proto::{Command, StatusResponse};
-use phalanx_tests::{phalanx_bin, KillOnDrop};
+use phalanx_tests::controllers::Controllers;
+use phalanx_tests::phalanx_bin;
 use support::linearizability::{linearizable, Op, OpKind};
 
 /// Controller timing (the binary's defaults): 10 ms ticks, election timeout 50-100 ticks.
@@ -43,13 +42,10 @@ const ELECTION_MAX: Duration = Duration::from_millis(1000);
 /// cost no election at all.
 const ONE_ELECTION: Duration = Duration::from_millis(800);
 
+/// The shared controller harness, each node in its own namespace of the lab.
 struct Cluster {
     /// Processes first: they are killed before the lab (declared after) is removed.
-    _procs: BTreeMap<u64, KillOnDrop>,
-    dir: tempfile::TempDir,
-    addrs: BTreeMap<u64, String>,
-    /// The admin operator's credentials (the cluster runs with TLS).
-    admin: Credentials,
+    c: Controllers,
     lab: Lab,
 }
 
@@ -70,40 +66,13 @@ impl Cluster {
             .iter()
             .map(|h| (h.index as u64 + 1, format!("{}:7400", h.ip)))
             .collect();
-        let tls = TlsDir::create(&dir.path().join("tls")).unwrap();
-        tls.issue(&Role::Admin, &[]).unwrap();
-        for (id, a) in &addrs {
-            let host = a.rsplit_once(':').unwrap().0.to_string();
-            tls.issue(&Role::Controller(*id), &[host]).unwrap();
+        let mut c = Controllers::prepare_at(dir, addrs, &[]);
+        for id in 1..=3 {
+            let mut base = lab.command(Self::host(id), phalanx_bin());
+            base.env("RUST_LOG", "info");
+            c.start_node_from(id, base, &[]);
         }
-        let admin = Credentials::role(&tls, &Role::Admin).unwrap();
-        let peers: Vec<String> = addrs.iter().map(|(i, a)| format!("{i}={a}")).collect();
-        let mut procs = BTreeMap::new();
-        for (id, addr) in &addrs {
-            let log = std::fs::File::create(dir.path().join(format!("node{id}.log"))).unwrap();
-            let child = lab
-                .command(*id as usize - 1, phalanx_bin())
-                .env("RUST_LOG", "info")
-                .args(["controller", "start", "--id", &id.to_string()])
-                .args(["--listen", addr, "--peers", &peers.join(",")])
-                .arg("--data-dir")
-                .arg(dir.path().join(format!("node{id}")))
-                .arg("--tls-dir")
-                .arg(dir.path().join("tls"))
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .expect("spawn a controller in its namespace");
-            procs.insert(*id, KillOnDrop(child));
-        }
-        Cluster {
-            _procs: procs,
-            dir,
-            addrs,
-            admin,
-            lab,
-        }
+        Cluster { c, lab }
     }
 
     fn host(id: u64) -> usize {
@@ -112,21 +81,12 @@ impl Cluster {
     }
 
     fn statuses(&self) -> BTreeMap<u64, StatusResponse> {
-        self.addrs
-            .iter()
-            .filter_map(|(id, a)| {
-                let (code, body) = http_once(
-                    a,
-                    "GET",
-                    "/v1/status",
-                    &self.admin,
-                    None,
-                    Duration::from_millis(300),
-                )
-                .ok()?;
-                (code == 200)
-                    .then(|| serde_json::from_slice(&body).ok())
-                    .flatten()
+        self.c
+            .addrs
+            .keys()
+            .filter_map(|id| {
+                self.c
+                    .status_within(*id, Duration::from_millis(300))
                     .map(|s| (*id, s))
             })
             .collect()
@@ -135,7 +95,7 @@ impl Cluster {
     /// The leader when all three nodes agree on it (same term, the others followers).
     fn all_follow(&self) -> Option<u64> {
         let s = self.statuses();
-        if s.len() != self.addrs.len() {
+        if s.len() != self.c.addrs.len() {
             return None;
         }
         let (lid, l) = s.iter().find(|(_, s)| s.role == "leader")?;
@@ -174,9 +134,8 @@ impl Cluster {
     /// The lines of every node's log about leadership and peer links, trimmed.
     fn raft_events(&self) -> String {
         let mut s = String::new();
-        for id in self.addrs.keys() {
-            let text = std::fs::read_to_string(self.dir.path().join(format!("node{id}.log")))
-                .unwrap_or_default();
+        for id in self.c.addrs.keys() {
+            let text = self.c.log(*id);
             for l in text.lines().filter(|l| {
                 ["became leader at", "stepped down", "peer link dead"]
                     .iter()
@@ -191,9 +150,8 @@ impl Cluster {
 
     fn logs(&self) -> String {
         let mut s = String::new();
-        for id in self.addrs.keys() {
-            let text = std::fs::read_to_string(self.dir.path().join(format!("node{id}.log")))
-                .unwrap_or_default();
+        for id in self.c.addrs.keys() {
+            let text = self.c.log(*id);
             let tail: Vec<&str> = text.lines().rev().take(25).collect();
             s += &format!(
                 "--- node{id}.log (last lines)\n{}\n",
@@ -263,12 +221,12 @@ fn controller_partitions_heal_fast_and_stay_linearizable() {
     let now = move || start.elapsed().as_micros() as u64;
     let record = Arc::new(Mutex::new(Record::default()));
     let stop = Arc::new(AtomicBool::new(false));
-    let addrs: Vec<String> = net.addrs.values().cloned().collect();
+    let addrs: Vec<String> = net.c.addrs.values().cloned().collect();
     const CLIENTS: u32 = 4;
     let mut clients = Vec::new();
     for c in 0..CLIENTS {
         let (record, stop, addrs) = (record.clone(), stop.clone(), addrs.clone());
-        let admin = net.admin.clone();
+        let admin = net.c.admin.clone();
         clients.push(std::thread::spawn(move || {
             // Start at a different node each, so some clients always talk to the cut one.
             let mut addrs = addrs;
@@ -318,7 +276,13 @@ fn controller_partitions_heal_fast_and_stay_linearizable() {
         let k = kind.name();
         // 1. One follower cut off for 4 s.
         let (leader, _) = net.wait_all_follow(Duration::from_secs(10), "a settled cluster");
-        let fs: Vec<u64> = net.addrs.keys().copied().filter(|i| *i != leader).collect();
+        let fs: Vec<u64> = net
+            .c
+            .addrs
+            .keys()
+            .copied()
+            .filter(|i| *i != leader)
+            .collect();
         let t_cut = now();
         net.lab.isolate(Cluster::host(fs[0]), kind).unwrap();
         hold(Duration::from_secs(4));

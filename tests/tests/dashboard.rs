@@ -177,11 +177,7 @@ async fn the_page_shows_a_killed_worker_its_recovery_and_the_loss_curve() {
     let c = LocalCluster::start(4, 0);
     c.submit(&job_toml("dash", 100_000, 50, 2, 4));
     c.wait_step(10, Duration::from_secs(120));
-    let leader_now = || {
-        c.status()
-            .and_then(|s| s["leader_id"].as_u64())
-            .unwrap_or(0)
-    };
+    let leader_now = || c.status().map(|s| s.leader_id).unwrap_or(0);
     let mut leader = leader_now();
     let killed = "w1";
     c.kill_workers_at_once(&[killed]);

@@ -5,8 +5,8 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use phalanx_proto::{CheckpointInfo, JobInfo, JobState, WorkerHealth};
 use phalanx_tests::cluster::{job_toml, reference_sha, LocalCluster};
-use serde_json::Value;
 
 /// Long enough (a few seconds on 4 ranks) that a fault injected through the CLI at step 30
 /// lands mid-run even on a loaded machine.
@@ -25,7 +25,7 @@ fn scenario(
     workers: usize,
     restart_s: u64,
     fault: impl FnOnce(&LocalCluster),
-) -> (LocalCluster, Value) {
+) -> (LocalCluster, JobInfo) {
     scenario_min_world(name, workers, restart_s, 3, fault)
 }
 
@@ -36,14 +36,14 @@ fn scenario_min_world(
     restart_s: u64,
     world_min: u32,
     fault: impl FnOnce(&LocalCluster),
-) -> (LocalCluster, Value) {
+) -> (LocalCluster, JobInfo) {
     let c = LocalCluster::start(workers, restart_s);
     c.submit(&job_toml(name, STEPS, 20, world_min, 4));
     c.wait_step(30, LIMIT);
     fault(&c);
     let job = c.wait_done(LIMIT);
     assert_eq!(
-        job["params_sha256"].as_str().unwrap(),
+        job.params_sha256.as_deref().unwrap(),
         reference(),
         "{name}: not bit-identical\n{}",
         c.logs()
@@ -51,13 +51,13 @@ fn scenario_min_world(
     (c, job)
 }
 
-fn ranks(job: &Value) -> Vec<String> {
-    job["plan"]["ranks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r.as_str().unwrap().to_string())
-        .collect()
+fn ranks(job: &JobInfo) -> Vec<String> {
+    job.plan.as_ref().expect("the job's plan").ranks.clone()
+}
+
+/// The job's plan epoch (0 before its first plan).
+fn epoch(job: &JobInfo) -> u64 {
+    job.plan.as_ref().map_or(0, |p| p.epoch)
 }
 
 /// Asserts that some event contains every one of `parts`.
@@ -78,10 +78,8 @@ fn assert_no_event(ev: &[String], parts: &[&str]) {
 
 fn event_kinds(c: &LocalCluster) -> Vec<String> {
     c.events()
-        .as_array()
-        .unwrap()
         .iter()
-        .map(|e| format!("{} {} {}", e["kind"], e["subject"], e["reason"]))
+        .map(|e| format!("{} {} {}", e.kind, e.subject, e.reason))
         .collect()
 }
 
@@ -96,23 +94,17 @@ fn killing_a_worker_swaps_in_the_spare() {
         "{r:?}"
     );
     // The survivors held the state: no disk read, at most the in-flight step redone.
-    let rec = &job["recoveries"][0];
+    let rec = &job.recoveries[0];
     assert!(
-        rec["source"]
-            .as_str()
-            .unwrap()
-            .starts_with("peers in memory"),
-        "{rec}\n{}",
+        rec.source.starts_with("peers in memory"),
+        "{rec:?}\n{}",
         c.logs()
     );
-    assert!(rec["steps_redone"].as_u64().unwrap() <= 1, "{rec}");
-    assert!(rec["mttr_ms"].as_u64().is_some(), "{rec}");
+    assert!(rec.steps_redone <= 1, "{rec:?}");
+    let mttr_ms = rec.mttr_ms.unwrap_or_else(|| panic!("no MTTR: {rec:?}"));
     // Enough to compute the effective training time shown by `job status`.
-    let (start, end) = (
-        job["started_at_ms"].as_u64().unwrap(),
-        job["finished_at_ms"].as_u64().unwrap(),
-    );
-    assert!(end > start + rec["mttr_ms"].as_u64().unwrap(), "{job}");
+    let (start, end) = (job.started_at_ms.unwrap(), job.finished_at_ms.unwrap());
+    assert!(end > start + mttr_ms, "{job:?}");
 }
 
 #[test]
@@ -140,19 +132,18 @@ fn a_hung_worker_is_replaced_and_fenced_out() {
         "w2 never learned that its epoch was superseded:\n{log}"
     );
     let job = c.job().unwrap();
-    assert!(job["plan"]["epoch"].as_u64().unwrap() >= 2, "{job}");
+    assert!(epoch(&job) >= 2, "{job:?}");
 }
 
 /// Waits until worker `id` is placeable again (joining, healthy or spare).
 fn wait_placeable(c: &LocalCluster, id: &str) {
     c.wait_for(LIMIT, &format!("worker {id} to be placeable again"), |c| {
-        c.status().and_then(|s| {
-            s["workers"]
-                .as_array()?
-                .iter()
-                .find(|w| w["id"] == id)
-                .map(|w| matches!(w["health"].as_str(), Some("joining" | "healthy" | "spare")))
-        }) == Some(true)
+        c.health(id).is_some_and(|h| {
+            matches!(
+                h,
+                WorkerHealth::Joining | WorkerHealth::Healthy | WorkerHealth::Spare
+            )
+        })
     });
 }
 
@@ -167,15 +158,12 @@ fn without_a_spare_the_world_shrinks_then_grows_back() {
     });
     c.wait_for(LIMIT, "a plan of 4 ranks again", |c| {
         c.job()
-            .map(|j| {
-                ranks(&j).len() == 4 && j["plan"]["epoch"].as_u64() >= Some(3)
-                    || j["state"] == "completed"
-            })
+            .map(|j| ranks(&j).len() == 4 && epoch(&j) >= 3 || j.state == JobState::Completed)
             .unwrap_or(false)
     });
     let job = c.wait_done(LIMIT);
     assert_eq!(
-        job["params_sha256"].as_str().unwrap(),
+        job.params_sha256.as_deref().unwrap(),
         reference(),
         "{}",
         c.logs()
@@ -187,15 +175,15 @@ fn killing_the_controller_leader_does_not_stop_training() {
     let before = std::cell::Cell::new(0u64);
     let (c, _job) = scenario("leader", 5, 0, |c| {
         let s = c.status().expect("phalanx status --json");
-        before.set(s["term"].as_u64().unwrap_or(u64::MAX));
+        before.set(s.term);
         c.inject("controller:leader", "kill", &[])
     });
     // The leader really went: a later term has a leader (the job completed under it).
     let s = c.status().expect("phalanx status --json");
-    let term = s["term"].as_u64().unwrap_or(0);
+    let term = s.term;
     assert!(
         term > before.get(),
-        "the term did not change after the leader kill: {} -> {term}\n{s}",
+        "the term did not change after the leader kill: {} -> {term}\n{s:?}",
         before.get()
     );
 }
@@ -217,14 +205,8 @@ fn quarantined_victim(name: &str, kind: &str, rank: usize, reason: &str) -> Stri
     );
     let ev = event_kinds(&c);
     assert_event(&ev, &[&victim, reason]);
-    let health = c.status().and_then(|s| {
-        s["workers"]
-            .as_array()?
-            .iter()
-            .find(|w| w["id"] == victim.as_str())
-            .and_then(|w| w["health"].as_str().map(str::to_string))
-    });
-    assert_eq!(health.as_deref(), Some("quarantined"), "{ev:#?}");
+    let health = c.health(&victim);
+    assert_eq!(health, Some(WorkerHealth::Quarantined), "{ev:#?}");
     victim
 }
 
@@ -258,7 +240,7 @@ fn a_flipped_gradient_bit_is_caught_by_recomputation_and_the_step_redone() {
     assert_event(&ev, &["gradient-mismatch", "rank 1's gradient"]);
     // A transient flip: the redo agrees, nobody is quarantined and no epoch is lost.
     assert_no_event(&ev, &["quarantined"]);
-    assert_eq!(job["plan"]["epoch"].as_u64(), Some(1), "{job}");
+    assert_eq!(job.plan.as_ref().map(|p| p.epoch), Some(1), "{job:?}");
 }
 
 /// A `steps`-step job on `workers` workers whose rank 0 is slowed ×4 from step 30 on;
@@ -280,8 +262,8 @@ fn a_persistent_straggler_is_swapped_for_the_spare() {
     c.wait_for(LIMIT, "the straggler to leave the plan", |c| {
         let Some(j) = c.job() else { return false };
         assert_ne!(
-            j["state"],
-            "completed",
+            j.state,
+            JobState::Completed,
             "the job finished with the straggler {slow} still in the plan\n{:#?}\n{}",
             event_kinds(c),
             c.logs()
@@ -290,7 +272,7 @@ fn a_persistent_straggler_is_swapped_for_the_spare() {
     });
     let job = c.wait_done(LIMIT);
     assert_eq!(
-        job["params_sha256"].as_str().unwrap(),
+        job.params_sha256.as_deref().unwrap(),
         reference_sha(steps, c.dir.path()),
         "{}",
         c.logs()
@@ -305,11 +287,9 @@ fn a_full_disk_during_checkpoints_is_retried() {
     let (c, _job) = scenario("diskfull", 5, 0, |c| {
         c.inject("rank:0", "disk-full", &["--for", "2s"])
     });
-    let cps: Value = serde_json::from_str(&c.ctl_ok(&["checkpoint", "list", "--json"])).unwrap();
-    assert!(
-        cps.as_array().map(|a| !a.is_empty()).unwrap_or(false),
-        "no checkpoint recorded: {cps}"
-    );
+    let cps: Vec<CheckpointInfo> =
+        serde_json::from_str(&c.ctl_ok(&["checkpoint", "list", "--json"])).unwrap();
+    assert!(!cps.is_empty(), "no checkpoint recorded: {cps:?}");
     // The fault hit a write (a logged failure), and a later write succeeded: the catalog
     // holds a checkpoint at or after the step whose write failed.
     let mut logs = String::new();
@@ -337,16 +317,10 @@ fn a_full_disk_during_checkpoints_is_retried() {
             c.logs()
         );
     };
-    let later = cps
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|cp| cp["step"].as_u64())
-        .max()
-        .unwrap_or(0);
+    let later = cps.iter().map(|cp| cp.step).max().unwrap_or(0);
     assert!(
         later >= failed_step,
-        "no checkpoint at or after step {failed_step}, whose write failed: {cps}"
+        "no checkpoint at or after step {failed_step}, whose write failed: {cps:?}"
     );
 }
 
@@ -373,16 +347,16 @@ fn a_corrupt_newest_checkpoint_and_all_workers_killed_resume_from_the_previous_o
             .and_then(|s| s.parse().ok())
             .expect("corrupted step");
     });
-    let recs = job["recoveries"].as_array().unwrap();
+    let recs = &job.recoveries;
     let want = format!("checkpoint step {}", corrupted - 20);
-    let rec = recs.iter().find(|r| r["source"] == want.as_str());
+    let rec = recs.iter().find(|r| r.source == want);
     let rec = rec.unwrap_or_else(|| {
         panic!(
             "no recovery from {want} (corrupted {corrupted}): {recs:?}\n{}",
             c.logs()
         )
     });
-    assert!(rec["steps_redone"].as_u64().unwrap() >= 20, "{rec}");
+    assert!(rec.steps_redone >= 20, "{rec:?}");
     let ev = event_kinds(&c);
     assert_event(&ev, &["fault-injected", "corrupt"]);
 }
@@ -395,7 +369,7 @@ fn a_partitioned_worker_is_replaced_and_rejoins_when_the_partition_heals() {
         c.inject("rank:1", "partition", &["--for", "4s"]);
         c.wait_for(LIMIT, "the partitioned worker to leave the plan", |c| {
             c.job()
-                .map(|j| !ranks(&j).contains(&cut) || j["state"] == "completed")
+                .map(|j| !ranks(&j).contains(&cut) || j.state == JobState::Completed)
                 .unwrap_or(false)
         });
     });
@@ -425,15 +399,15 @@ fn a_straggler_with_no_spare_gets_fewer_micro_batches() {
     c.wait_for(LIMIT, "a smaller share for the straggler", |c| {
         c.job()
             .map(|j| {
-                j["plan"]["micro_shares"]
-                    .as_array()
-                    .is_some_and(|s| s.first() == Some(&Value::from(1)))
+                j.plan
+                    .as_ref()
+                    .is_some_and(|p| p.micro_shares.first() == Some(&1))
             })
             .unwrap_or(false)
     });
     let job = c.wait_done(LIMIT);
     assert_eq!(
-        job["params_sha256"].as_str().unwrap(),
+        job.params_sha256.as_deref().unwrap(),
         reference_sha(steps, c.dir.path()),
         "{}",
         c.logs()

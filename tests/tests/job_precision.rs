@@ -2,6 +2,7 @@
 //! its throughput and MFU in `job status`.
 use std::time::Duration;
 
+use phalanx_proto::Precision;
 use phalanx_tests::cluster::{job_toml, LocalCluster};
 use serde_json::Value;
 
@@ -55,29 +56,36 @@ fn a_bf16_job_has_the_same_bits_on_one_and_two_workers_and_job_status_shows_its_
 
     c.submit(&job(1));
     let one = c.wait_done(LIMIT);
-    assert_eq!(one["spec"]["precision"], "bf16", "{one}");
+    assert_eq!(one.spec.precision, Precision::Bf16, "{one:?}");
     assert_eq!(
-        one["params_sha256"].as_str().unwrap(),
+        one.params_sha256.as_deref().unwrap(),
         bf16,
         "world 1\n{}",
         c.logs()
     );
-    assert_eq!(one["throughput"]["devices"], 1, "{one}");
+    assert_eq!(
+        one.throughput.as_ref().map(|t| t.devices),
+        Some(1),
+        "{one:?}"
+    );
 
     c.submit(&job(2));
-    let two = c.wait_for_job_done_other_than(one["id"].as_str().unwrap(), LIMIT);
+    let two = c.wait_for_job_done_other_than(&one.id, LIMIT);
     assert_eq!(
-        two["params_sha256"].as_str().unwrap(),
+        two.params_sha256.as_deref().unwrap(),
         bf16,
         "world 2\n{}",
         c.logs()
     );
-    let t = &two["throughput"];
-    assert_eq!(t["devices"], 2, "{two}");
-    assert!(t["tokens_per_s"].as_u64().unwrap() > 0, "{t}");
-    assert!(t["mfu_ppm"].as_u64().unwrap() > 0, "{t}");
-    assert!(t["peak_mflops_per_device"].as_u64().unwrap() > 0, "{t}");
-    assert!(t["step"].as_u64().unwrap() <= STEPS, "{t}");
+    let t = two
+        .throughput
+        .as_ref()
+        .unwrap_or_else(|| panic!("no throughput: {two:?}"));
+    assert_eq!(t.devices, 2, "{two:?}");
+    assert!(t.tokens_per_s > 0, "{t:?}");
+    assert!(t.mfu_ppm > 0, "{t:?}");
+    assert!(t.peak_mflops_per_device > 0, "{t:?}");
+    assert!(t.step <= STEPS, "{t:?}");
 
     let human = c.ctl_ok(&["job", "status"]);
     assert!(human.contains("model: tiny (bf16)"), "{human}");

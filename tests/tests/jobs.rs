@@ -1,6 +1,7 @@
 //! Jobs in a row on one cluster: each has its own checkpoints and its own result.
 use std::time::Duration;
 
+use phalanx_proto::JobState;
 use phalanx_tests::cluster::{
     assert_recovered_from_checkpoint, job_toml_seed, reference_sha_seed, LocalCluster,
 };
@@ -28,29 +29,29 @@ fn two_jobs_in_a_row_are_each_bit_identical_to_their_own_reference() {
     c.submit(&job_toml_seed("twice", STEPS, 20, 4, 4, 7));
     let first = c.wait_done(LIMIT);
     assert_eq!(
-        first["params_sha256"].as_str().unwrap(),
+        first.params_sha256.as_deref().unwrap(),
         refs[0],
         "{}",
         c.logs()
     );
     // The final step is always checkpointed before the job completes.
-    assert!(c.committed_checkpoints().contains(&STEPS), "{first}");
-    let first_id = first["id"].as_str().unwrap().to_string();
+    assert!(c.committed_checkpoints().contains(&STEPS), "{first:?}");
+    let first_id = first.id.clone();
 
     c.submit(&job_toml_seed("twice", SECOND_STEPS, 10, 4, 4, 8));
     c.wait_for(LIMIT, "the second job's first checkpoint", |c| {
         let job = c.job().unwrap();
-        job["id"] != first_id.as_str() && !c.committed_checkpoints().is_empty()
+        job.id != first_id && !c.committed_checkpoints().is_empty()
     });
     c.kill_workers_at_once(&["w0", "w1", "w2", "w3"]);
     let at_kill = c.job().unwrap();
     assert!(
-        at_kill["state"] != "completed",
-        "the second job ended before the kill: {at_kill}"
+        at_kill.state != JobState::Completed,
+        "the second job ended before the kill: {at_kill:?}"
     );
     let second = c.wait_for_job_done_other_than(&first_id, LIMIT);
     assert_eq!(
-        second["params_sha256"].as_str().unwrap(),
+        second.params_sha256.as_deref().unwrap(),
         refs[1],
         "the second job is not its own\n{}",
         c.logs()
@@ -70,7 +71,7 @@ fn two_jobs_in_a_row_are_each_bit_identical_to_their_own_reference() {
     );
     // Each job's files in its own directory.
     let root = c.checkpoint_root();
-    for id in [&first_id, second["id"].as_str().unwrap()] {
+    for id in [&first_id, &second.id] {
         assert!(root.join(id).is_dir(), "no {}", root.join(id).display());
     }
 }

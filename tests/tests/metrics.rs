@@ -138,9 +138,7 @@ fn controllers_and_a_worker_serve_prometheus_text_with_live_values() {
     let _wm = KillOnDrop(w.spawn().expect("spawn worker wm"));
     let waddr = metrics_addr(&log, Duration::from_secs(60));
     c.wait_for(Duration::from_secs(60), "wm to register", |c| {
-        c.status()
-            .map(|s| s["workers"].as_array().map(|w| w.len()) == Some(2))
-            .unwrap_or(false)
+        c.status().is_some_and(|s| s.workers.len() == 2)
     });
     // Two ranks at first; one is enough to go on after the kill. Long enough that the
     // kill comes before the end, even on a fast machine.
@@ -185,18 +183,12 @@ fn controllers_and_a_worker_serve_prometheus_text_with_live_values() {
     let reader = Credentials::token(&tls, TokenKind::Reader).unwrap();
     let anonymous = Credentials::tls_with_token(&tls, String::new()).unwrap();
     let status = c.status().expect("status");
-    let members: Vec<(u64, String)> = status["members"]
-        .as_array()
-        .unwrap()
+    let members: Vec<(u64, String)> = status
+        .members
         .iter()
-        .map(|m| {
-            (
-                m["id"].as_u64().unwrap(),
-                m["address"].as_str().unwrap().to_string(),
-            )
-        })
+        .map(|m| (m.id, m.address.clone()))
         .collect();
-    assert_eq!(members.len(), 3, "{status}");
+    assert_eq!(members.len(), 3, "{status:?}");
     let (code, body) = ctl_get(&members[0].1, &anonymous).unwrap();
     assert_eq!(code, 401, "no credential: {body}");
     for (_, addr) in &members {

@@ -3,6 +3,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use phalanx_proto::{CheckpointInfo, JobState};
 use phalanx_tests::cluster::{job_toml, LocalCluster};
 use phalanx_tests::{phalanx, run_with_timeout, stderr_of};
 use serde_json::Value;
@@ -157,7 +158,7 @@ fn job_export_writes_the_jobs_final_parameters() {
     let c = LocalCluster::start(2, 0);
     c.submit(&job_toml("export-me", 20, 10, 1, 2));
     c.wait_for(Duration::from_secs(240), "the job to complete", |c| {
-        c.job().is_some_and(|j| j["state"] == "completed")
+        c.job().is_some_and(|j| j.state == JobState::Completed)
     });
     // The final step's checkpoint is committed by the time the job completes (or soon
     // after, while it is recorded).
@@ -166,9 +167,8 @@ fn job_export_writes_the_jobs_final_parameters() {
         "a durable checkpoint of step 20",
         |c| {
             let out = c.ctl_ok(&["checkpoint", "list", "--json"]);
-            let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
-            v.as_array()
-                .is_some_and(|a| a.iter().any(|e| e["step"] == 20 && e["durable"] == true))
+            let cps: Vec<CheckpointInfo> = serde_json::from_str(&out).unwrap_or_default();
+            cps.iter().any(|e| e.step == 20 && e.durable)
         },
     );
     let out = dir.path().join("job.safetensors");

@@ -10,11 +10,11 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use phalanx_proto::{EventKind, JobInfo, JobState};
 use phalanx_tests::cluster::{
     assert_recovered_from_checkpoint, job_toml_seed, reference_sha_seed, LocalCluster,
 };
 use phalanx_tests::BusyThreads;
-use serde_json::Value;
 
 const STEPS: u64 = 200;
 const LIMIT: Duration = Duration::from_secs(300);
@@ -51,7 +51,7 @@ fn under_load(
     restart_s: u64,
     world_min: u32,
     faults: impl FnOnce(&LocalCluster),
-) -> (LocalCluster, Value) {
+) -> (LocalCluster, JobInfo) {
     let want = reference(seed);
     let c = LocalCluster::start(workers, restart_s);
     let busy = BusyThreads::start(2);
@@ -68,7 +68,7 @@ fn under_load(
     let job = c.wait_done(LIMIT);
     drop(busy);
     assert_eq!(
-        job["params_sha256"].as_str().unwrap(),
+        job.params_sha256.as_deref().unwrap(),
         want,
         "{name} seed {seed}: not bit-identical to its reference\n{}",
         c.logs()
@@ -116,32 +116,33 @@ fn no_faults_under_cpu_contention_mean_no_suspect_or_failed_decisions() {
     }
     drop(busy);
     let job = c.job().unwrap();
-    let ev: Vec<String> = c
-        .events()
-        .as_array()
-        .unwrap()
+    let events = c.events();
+    let line = |e: &phalanx_proto::Event| format!("{} {} {}", e.kind, e.subject, e.reason);
+    // Either spelling of a kind (EventKind::parse reads the older snake_case too).
+    let of_kind = |e: &&phalanx_proto::Event, kinds: &[EventKind]| {
+        EventKind::parse(&e.kind).is_some_and(|k| kinds.contains(&k))
+    };
+    let spurious: Vec<String> = events
         .iter()
-        .map(|e| format!("{} {} {}", e["kind"], e["subject"], e["reason"]))
+        .filter(|e| of_kind(e, &[EventKind::WorkerSuspect, EventKind::WorkerFailed]))
+        .map(line)
         .collect();
-    let spurious: Vec<&String> = ev
+    let replans: Vec<String> = events
         .iter()
-        .filter(|e| {
-            let e = e.replace('-', "_");
-            e.contains("worker-suspect") || e.contains("worker-failed")
-        })
+        .filter(|e| of_kind(e, &[EventKind::Plan]))
+        .map(line)
         .collect();
-    let replans: Vec<&String> = ev.iter().filter(|e| e.starts_with("\"plan\"")).collect();
     eprintln!(
         "no-fault soak: {:.0} s beside 2 busy threads, step {} of the job, plan epoch {}, {} events, {} suspect or failed decisions; plans: {replans:#?}",
         t0.elapsed().as_secs_f64(),
-        job["progress_step"],
-        job["plan"]["epoch"],
-        ev.len(),
+        job.progress_step,
+        job.plan.as_ref().map_or(0, |p| p.epoch),
+        events.len(),
         spurious.len()
     );
     assert!(spurious.is_empty(), "{spurious:#?}\n{}", c.logs());
     if secs.is_none() {
-        assert_eq!(job["state"], "completed", "{job}");
+        assert_eq!(job.state, JobState::Completed, "{job:?}");
     }
 }
 
@@ -153,10 +154,7 @@ fn a_kill_then_a_hang_under_cpu_contention_converge() {
             c.wait_step(80, LIMIT);
             c.inject("rank:2", "hang", &["--for", "8s"]);
         });
-        assert!(
-            job["recoveries"].as_array().map(|r| r.len()).unwrap_or(0) >= 2,
-            "{job}"
-        );
+        assert!(job.recoveries.len() >= 2, "{job:?}");
     }
 }
 
@@ -167,12 +165,7 @@ fn three_ranks_killed_at_once_under_cpu_contention_converge() {
         // shards cannot cover the model and the new group restores a checkpoint.
         let (_c, job) = under_load("three-killed", seed, 6, 0, 3, |c| {
             waits_for_a_checkpoint(c);
-            let ranks: Vec<String> = c.job().unwrap()["plan"]["ranks"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|r| r.as_str().unwrap().to_string())
-                .collect();
+            let ranks: Vec<String> = c.job().unwrap().plan.unwrap().ranks;
             let victims: Vec<&str> = ranks[1..].iter().map(String::as_str).collect();
             c.kill_workers_at_once(&victims);
         });

@@ -18,12 +18,7 @@ fn the_epoch_secret_goes_to_the_ranks_only_and_shows_nowhere_else() {
 
     let tls = TlsDir::open(&c.cluster_dir().join("tls")).unwrap();
     let status = c.status().expect("status");
-    let addrs: Vec<String> = status["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["address"].as_str().unwrap().to_string())
-        .collect();
+    let addrs: Vec<String> = status.members.iter().map(|m| m.address.clone()).collect();
     // Each worker reads its own assignment, with its own certificate (another worker's
     // is refused: crates/controller/tests/security.rs).
     let as_worker = |w: &str| {
@@ -71,11 +66,12 @@ fn the_epoch_secret_goes_to_the_ranks_only_and_shows_nowhere_else() {
         assert_eq!(a.rank_workers[a.rank.unwrap() as usize], a.worker);
     }
 
+    // The answers as text, every field of them (not only those a type knows).
     let job: serde_json::Value = client.get("/v1/job").unwrap();
     let places = [
-        ("status", c.status().unwrap().to_string()),
+        ("status", c.ctl_ok(&["status", "--json"])),
         ("the job", job.to_string()),
-        ("events", c.events().to_string()),
+        ("events", c.ctl_ok(&["events", "--json"])),
         ("logs", c.logs()),
     ];
     for (what, text) in places {

@@ -1,74 +1,21 @@
 //! The server and client in one process: 3 controllers on loopback.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use phalanx_controller::client::{http_once, Client, Credentials};
-use phalanx_controller::server::{self, ControllerHandle, Security, ServerConfig};
-use phalanx_proto::{Command, StatusResponse};
+use phalanx_controller::client::{http_once, Credentials};
+use phalanx_proto::{Command, MemberChange};
 
-fn free_addr() -> String {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string()
-}
+mod common;
+use common::{free_addr, InProcess, TOKEN};
 
-fn status(addr: &str) -> Option<StatusResponse> {
-    let (code, body) = http_once(
-        addr,
-        "GET",
-        "/v1/status",
-        &Credentials::insecure("tok"),
-        None,
-        Duration::from_millis(500),
-    )
-    .ok()?;
-    (code == 200)
-        .then(|| serde_json::from_slice(&body).ok())
-        .flatten()
-}
-
-fn leader(peers: &BTreeMap<u64, String>, above: u64, skip: Option<u64>) -> (u64, u64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        for (id, a) in peers {
-            if Some(*id) == skip {
-                continue;
-            }
-            if let Some(s) = status(a) {
-                if s.role == "leader" && s.term > above {
-                    return (s.node_id, s.term);
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    panic!("no leader");
-}
+const LEADER_WAIT: Duration = Duration::from_secs(10);
 
 #[test]
 fn three_nodes_in_process_serve_writes_reads_and_fail_over() {
-    let dir = tempfile::tempdir().unwrap();
-    let peers: BTreeMap<u64, String> = (1..=3).map(|i| (i, free_addr())).collect();
-    let mut nodes: BTreeMap<u64, ControllerHandle> = BTreeMap::new();
-    for id in 1..=3 {
-        let cfg = ServerConfig::new(
-            id,
-            peers[&id].clone(),
-            peers.clone(),
-            dir.path().join(format!("n{id}")),
-            Security::insecure("tok"),
-        );
-        nodes.insert(id, server::start(cfg).unwrap());
-    }
-    let (l, term) = leader(&peers, 0, None);
-    let client = Client::new(
-        peers.values().cloned().collect(),
-        Credentials::insecure("tok"),
-    )
-    .unwrap();
+    let mut c = InProcess::start(3, |cfg| cfg);
+    let peers = c.peers.clone();
+    let (l, term) = c.wait_leader(LEADER_WAIT, 0, None);
+    let client = c.client();
     let r = client
         .command_with_id(
             "req-a".into(),
@@ -108,7 +55,7 @@ fn three_nodes_in_process_serve_writes_reads_and_fail_over() {
         &peers[&f],
         "GET",
         "/v1/job",
-        &Credentials::insecure("tok"),
+        &Credentials::insecure(TOKEN),
         None,
         Duration::from_secs(1),
     )
@@ -116,8 +63,8 @@ fn three_nodes_in_process_serve_writes_reads_and_fail_over() {
     assert_eq!(code, 421, "{}", String::from_utf8_lossy(&body));
 
     let t0 = Instant::now();
-    nodes.remove(&l).unwrap().stop();
-    let (l2, _) = leader(&peers, term, Some(l));
+    c.stop(l);
+    let (l2, _) = c.wait_leader(LEADER_WAIT, term, Some(l));
     assert_ne!(l2, l);
     eprintln!("failover in {:?}", t0.elapsed());
     let r = client
@@ -129,38 +76,24 @@ fn three_nodes_in_process_serve_writes_reads_and_fail_over() {
     assert!(r.outcome.is_applied());
     let v: serde_json::Value = client.get("/v1/annotations/x").unwrap();
     assert_eq!(v["value"], "2");
-    for (_, h) in nodes {
-        h.stop();
-    }
 }
 
 /// `POST /v1/members` answers once the change is applied: accepted with the new voters,
 /// or refused (409) when it would leave no voter or names a non-member.
 #[test]
 fn members_answer_says_whether_the_change_was_accepted() {
-    let dir = tempfile::tempdir().unwrap();
-    let peers: BTreeMap<u64, String> = (1..=3).map(|i| (i, free_addr())).collect();
-    let mut nodes: BTreeMap<u64, ControllerHandle> = BTreeMap::new();
-    for id in 1..=3 {
-        let cfg = ServerConfig::new(
-            id,
-            peers[&id].clone(),
-            peers.clone(),
-            dir.path().join(format!("n{id}")),
-            Security::insecure("tok"),
-        );
-        nodes.insert(id, server::start(cfg).unwrap());
-    }
-    let (l, _) = leader(&peers, 0, None);
-    let post = |body: serde_json::Value| -> (u16, serde_json::Value) {
+    let c = InProcess::start(3, |cfg| cfg);
+    let peers = &c.peers;
+    let (l, _) = c.wait_leader(LEADER_WAIT, 0, None);
+    let post = |body: MemberChange| -> (u16, serde_json::Value) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let (l, _) = leader(&peers, 0, None);
+            let (l, _) = c.wait_leader(LEADER_WAIT, 0, None);
             let (code, b) = http_once(
                 &peers[&l],
                 "POST",
                 "/v1/members",
-                &Credentials::insecure("tok"),
+                &Credentials::insecure(TOKEN),
                 Some(&serde_json::to_vec(&body).unwrap()),
                 Duration::from_secs(5),
             )
@@ -174,19 +107,24 @@ fn members_answer_says_whether_the_change_was_accepted() {
     };
     // Adding a fifth address (no process behind it): 3 of 4 voters still commit.
     let spare = free_addr();
-    let (code, v) = post(serde_json::json!({"action": "add", "id": 4, "address": spare}));
+    let change = |action: &str, id: u64, address: &str| MemberChange {
+        action: action.into(),
+        id,
+        address: address.into(),
+    };
+    let (code, v) = post(change("add", 4, &spare));
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["accepted"], true, "{v}");
     assert_eq!(v["voters"], serde_json::json!([1, 2, 3, 4]), "{v}");
     assert!(v["index"].as_u64().unwrap() > 0);
-    let (code, v) = post(serde_json::json!({"action": "add", "id": 4, "address": spare}));
+    let (code, v) = post(change("add", 4, &spare));
     assert_eq!(code, 409, "already a voter: {v}");
-    let (code, v) = post(serde_json::json!({"action": "remove", "id": 9}));
+    let (code, v) = post(change("remove", 9, ""));
     assert_eq!(code, 409, "not a voter: {v}");
     // Removing 4 again; the joint state may still be leaving, so retry a refusal briefly.
     let deadline = Instant::now() + Duration::from_secs(10);
     let v = loop {
-        let (code, v) = post(serde_json::json!({"action": "remove", "id": 4}));
+        let (code, v) = post(change("remove", 4, ""));
         if code == 200 {
             break v;
         }
@@ -200,7 +138,4 @@ fn members_answer_says_whether_the_change_was_accepted() {
     };
     assert_eq!(v["voters"], serde_json::json!([1, 2, 3]), "{v}");
     let _ = l;
-    for (_, h) in nodes {
-        h.stop();
-    }
 }

@@ -16,11 +16,11 @@ use std::time::{Duration, Instant};
 
 use phalanx_controller::client::{http_once, Credentials};
 use phalanx_controller::server::{self, Security, ServerConfig};
-use phalanx_proto::StatusResponse;
 use protobuf::Message as _;
 use raft::prelude::{Message, MessageType};
 
-const TOKEN: &str = "tok";
+mod common;
+use common::{status, TOKEN};
 
 fn frame(b: &[u8]) -> Vec<u8> {
     let mut f = (b.len() as u32).to_be_bytes().to_vec();
@@ -84,21 +84,6 @@ fn reply(m: &Message, t: MessageType) -> Message {
     r.to = 1;
     r.term = m.term;
     r
-}
-
-fn status(addr: &str) -> Option<StatusResponse> {
-    let (code, body) = http_once(
-        addr,
-        "GET",
-        "/v1/status",
-        &Credentials::insecure(TOKEN),
-        None,
-        Duration::from_millis(500),
-    )
-    .ok()?;
-    (code == 200)
-        .then(|| serde_json::from_slice(&body).ok())
-        .flatten()
 }
 
 #[test]

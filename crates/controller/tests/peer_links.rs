@@ -14,11 +14,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use phalanx_controller::client::{http_once, Client, Credentials};
-use phalanx_controller::server::{self, ControllerHandle, Security, ServerConfig};
-use phalanx_proto::{Command, StatusResponse};
-
-const TOKEN: &str = "tok";
+use phalanx_controller::client::{Client, Credentials};
+use phalanx_proto::Command;
 
 /// A one-way-dialed TCP forwarder with a stalling cut.
 struct StallProxy {
@@ -116,28 +113,8 @@ impl Drop for StallProxy {
     }
 }
 
-fn free_addr() -> String {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string()
-}
-
-fn status(addr: &str) -> Option<StatusResponse> {
-    let (code, body) = http_once(
-        addr,
-        "GET",
-        "/v1/status",
-        &Credentials::insecure(TOKEN),
-        None,
-        Duration::from_millis(500),
-    )
-    .ok()?;
-    (code == 200)
-        .then(|| serde_json::from_slice(&body).ok())
-        .flatten()
-}
+mod common;
+use common::{free_addr, status, InProcess, TOKEN};
 
 fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
@@ -155,7 +132,6 @@ fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) 
 
 #[test]
 fn follower_follows_again_soon_after_a_stalling_cut_heals() {
-    let dir = tempfile::tempdir().unwrap();
     let real: BTreeMap<u64, String> = (1..=3).map(|i| (i, free_addr())).collect();
     let mut proxies: BTreeMap<(u64, u64), StallProxy> = BTreeMap::new();
     for from in 1..=3u64 {
@@ -165,28 +141,16 @@ fn follower_follows_again_soon_after_a_stalling_cut_heals() {
             }
         }
     }
-    let mut nodes: Vec<ControllerHandle> = Vec::new();
-    for id in 1..=3u64 {
-        let peers: BTreeMap<u64, String> = real
-            .keys()
-            .map(|j| {
-                let a = if *j == id {
-                    real[j].clone()
-                } else {
-                    proxies[&(id, *j)].addr.clone()
-                };
-                (*j, a)
-            })
-            .collect();
-        let cfg = ServerConfig::new(
-            id,
-            real[&id].clone(),
-            peers,
-            dir.path().join(format!("n{id}")),
-            Security::insecure(TOKEN),
-        );
-        nodes.push(server::start(cfg).unwrap());
-    }
+    // Each node reaches every other one through the proxy of that link.
+    let _nodes = InProcess::start_at(real.clone(), |mut cfg| {
+        let id = cfg.id;
+        for (j, a) in cfg.peers.iter_mut() {
+            if *j != id {
+                *a = proxies[&(id, *j)].addr.clone();
+            }
+        }
+        cfg
+    });
     let client = Client::new(
         real.values().cloned().collect(),
         Credentials::insecure(TOKEN),
@@ -259,8 +223,5 @@ fn follower_follows_again_soon_after_a_stalling_cut_heals() {
             *t < Duration::from_millis(1500),
             "a healed follower took {t:?} to follow the leader again (all: {times:?})"
         );
-    }
-    for n in nodes {
-        n.stop();
     }
 }

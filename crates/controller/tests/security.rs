@@ -16,19 +16,23 @@ use phalanx_proto::{Command, StatusResponse};
 use protobuf::Message as _;
 use rustls::pki_types::ServerName;
 
-fn free_addr() -> String {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string()
-}
+mod common;
+use common::{free_addr, status_with};
 
 struct Cluster {
     _dir: tempfile::TempDir,
     tls: TlsDir,
     peers: BTreeMap<u64, String>,
-    _nodes: Vec<ControllerHandle>,
+    nodes: Vec<ControllerHandle>,
+}
+
+/// The nodes stop with the test, whether it passed or not.
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for h in self.nodes.drain(..) {
+            h.stop();
+        }
+    }
 }
 
 fn credentials(dir: &std::path::Path) -> TlsDir {
@@ -70,7 +74,7 @@ impl Cluster {
             _dir: dir,
             tls,
             peers,
-            _nodes: nodes,
+            nodes,
         }
     }
 
@@ -79,18 +83,7 @@ impl Cluster {
     }
 
     fn status(&self, id: u64) -> Option<StatusResponse> {
-        let (code, body) = http_once(
-            &self.peers[&id],
-            "GET",
-            "/v1/status",
-            &self.creds(&Role::Admin),
-            None,
-            Duration::from_millis(500),
-        )
-        .ok()?;
-        (code == 200)
-            .then(|| serde_json::from_slice(&body).ok())
-            .flatten()
+        status_with(&self.peers[&id], &self.creds(&Role::Admin))
     }
 
     /// The leader's id and term once every node agrees on both.

@@ -5,37 +5,15 @@
 //! `PHALANX_SOAK_S` sets the length (600 s), `PHALANX_SOAK_ELECTION_TICK` the election
 //! timeout in 10 ms ticks (10, drawn from 10..20).
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use phalanx_controller::client::{http_once, Client, Credentials};
-use phalanx_controller::server::{self, Security, ServerConfig};
-use phalanx_proto::{Command, StatusResponse};
+use phalanx_controller::client::{Client, Credentials};
+use phalanx_proto::Command;
 
-fn free_addr() -> String {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string()
-}
-
-fn status(addr: &str) -> Option<StatusResponse> {
-    let (code, body) = http_once(
-        addr,
-        "GET",
-        "/v1/status",
-        &Credentials::insecure("tok"),
-        None,
-        Duration::from_millis(500),
-    )
-    .ok()?;
-    (code == 200)
-        .then(|| serde_json::from_slice(&body).ok())
-        .flatten()
-}
+mod common;
+use common::{status, InProcess};
 
 #[test]
 #[ignore = "a 10-minute soak; run with --ignored (just soak-leader)"]
@@ -51,24 +29,16 @@ fn no_spurious_elections_under_load_beside_busy_threads() {
     // On disk (not tmpfs): the fsyncs are part of the load.
     let dir = tempfile::tempdir_in(std::env::var("PHALANX_SOAK_DIR").unwrap_or("/var/tmp".into()))
         .unwrap();
-    let peers: BTreeMap<u64, String> = (1..=3).map(|i| (i, free_addr())).collect();
-    let mut nodes = Vec::new();
-    for id in 1..=3 {
-        let mut cfg = ServerConfig::new(
-            id,
-            peers[&id].clone(),
-            peers.clone(),
-            dir.path().join(format!("n{id}")),
-            Security::insecure("tok"),
-        );
-        if let Some(t) = std::env::var("PHALANX_SOAK_ELECTION_TICK")
-            .ok()
-            .and_then(|v| v.parse().ok())
-        {
+    let election_tick: Option<usize> = std::env::var("PHALANX_SOAK_ELECTION_TICK")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let cluster = InProcess::start_in(dir, 3, |mut cfg| {
+        if let Some(t) = election_tick {
             cfg.election_tick = t;
         }
-        nodes.push(server::start(cfg).unwrap());
-    }
+        cfg
+    });
+    let peers = cluster.peers.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
     for _ in 0..busy {
@@ -89,7 +59,7 @@ fn no_spurious_elections_under_load_beside_busy_threads() {
         let (stop, ops, errors) = (stop.clone(), ops.clone(), errors.clone());
         let addrs: Vec<String> = peers.values().cloned().collect();
         threads.push(std::thread::spawn(move || {
-            let client = Client::new(addrs, Credentials::insecure("tok")).unwrap();
+            let client = Client::new(addrs, Credentials::insecure(common::TOKEN)).unwrap();
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 i += 1;
@@ -140,9 +110,7 @@ fn no_spurious_elections_under_load_beside_busy_threads() {
     for t in threads {
         let _ = t.join();
     }
-    for n in nodes {
-        n.stop();
-    }
+    drop(cluster);
     let first = first_term.expect("a leader was elected");
     let spurious = max_term - first;
     println!(

@@ -5,9 +5,11 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod cluster_view;
 pub mod event;
 pub mod fault;
 
+pub use cluster_view::{ClusterStatus, NodeView};
 pub use event::EventKind;
 
 /// A controller (Raft) node id. Raft reserves 0, so ids start at 1.

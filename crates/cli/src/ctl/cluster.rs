@@ -68,21 +68,9 @@ fn spawn_node(
         .create(true)
         .append(true)
         .open(&n.log)?;
-    let child = std::process::Command::new(exe)
-        .args([
-            "controller",
-            "start",
-            "--id",
-            &n.id.to_string(),
-            "--listen",
-            &n.address,
-            "--peers",
-            peers,
-        ])
-        .arg("--data-dir")
-        .arg(&n.data_dir)
-        .arg("--tls-dir")
-        .arg(tls_dir)
+    let mut c = std::process::Command::new(exe);
+    super::launch::controller_args(&mut c, n.id, &n.address, peers, &n.data_dir, tls_dir);
+    let child = c
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -133,25 +121,23 @@ fn spawn_worker(
     w: &WorkerEntry,
     ws: &WorkersSpec,
 ) -> Result<std::process::Child> {
-    let device = ws.device.as_str();
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&w.log)?;
     let mut c = std::process::Command::new(exe);
-    c.args(["worker", "start", "--id", &w.id, "--device", device])
-        .arg(format!("--numerics={}", ws.numerics))
-        .arg("--dir")
-        .arg(dir)
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,phalanx_worker=info".into()),
-        );
-    if let Some(inbox) = &w.fault_inbox {
-        c.arg("--fault-inbox").arg(inbox);
-    }
-    // The profile's environment from the start (the worker would re-execute otherwise).
-    crate::util::apply_numerics(ws.numerics, &mut c);
+    super::launch::worker_args(
+        &mut c,
+        &super::launch::WorkerLaunch {
+            id: &w.id,
+            device: &ws.device,
+            numerics: ws.numerics,
+            dir,
+            fault_inbox: w.fault_inbox.as_deref(),
+            listen: None,
+            json_logs: false,
+        },
+    );
     c.stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -193,11 +179,7 @@ fn cluster_up(n: u32, dir: &Path, base_port: u16, ws: &WorkersSpec) -> Result<()
             pid: 0,
         });
     }
-    let peers: String = nodes
-        .iter()
-        .map(|n| format!("{}={}", n.id, n.address))
-        .collect::<Vec<_>>()
-        .join(",");
+    let peers = super::launch::peers_arg(nodes.iter().map(|n| (n.id, n.address.as_str())));
     let tls_dir = dir.join("tls");
     super::create_credentials(
         &tls_dir,

@@ -3,6 +3,7 @@
 //! - [`cluster`]: `cluster up` / `cluster down` (a local cluster and its supervisor),
 //! - [`controller`]: `controller start|add|remove|bench`,
 //! - [`dashboard`]: `dashboard` (the address of the leader's live web page),
+//! - [`launch`]: the command lines of a local cluster's controllers and workers,
 //! - [`ops`]: `status`, `job`, `events`, `checkpoint list`, `worker drain|undrain|restore`,
 //! - [`output`]: tables, JSON and how an outcome is reported.
 //!
@@ -23,6 +24,7 @@ pub mod bench;
 pub mod cluster;
 pub mod controller;
 pub mod dashboard;
+pub mod launch;
 pub mod ops;
 pub mod output;
 

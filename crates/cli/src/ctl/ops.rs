@@ -4,8 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
-use phalanx_proto::{CheckpointInfo, Command, Event, JobInfo, NodeId, StatusResponse};
-use serde::Serialize;
+use phalanx_proto::{
+    CheckpointInfo, ClusterStatus, Command, Event, JobInfo, NodeView, StatusResponse,
+};
 
 use super::output::{print_json, report, table};
 use super::Target;
@@ -124,29 +125,6 @@ pub struct EventsCmd {
     limit: usize,
     #[command(flatten)]
     target: Target,
-}
-
-#[derive(Serialize)]
-struct NodeView {
-    address: String,
-    reachable: bool,
-    node_id: Option<NodeId>,
-    role: Option<String>,
-    term: Option<u64>,
-    commit_index: Option<u64>,
-    applied_index: Option<u64>,
-    error: Option<String>,
-}
-
-#[derive(Serialize)]
-struct ClusterStatus {
-    leader_id: NodeId,
-    term: u64,
-    members: Vec<phalanx_proto::ControllerMember>,
-    commit_index: u64,
-    workers: Vec<phalanx_proto::WorkerInfo>,
-    job: Option<JobInfo>,
-    nodes: Vec<NodeView>,
 }
 
 pub fn status(cmd: StatusCmd) -> Result<()> {

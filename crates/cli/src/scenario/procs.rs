@@ -19,6 +19,8 @@ use anyhow::{anyhow, Context, Result};
 use phalanx_chaos::ClusterSpec;
 use serde::Serialize;
 
+use crate::ctl::launch;
+
 /// What a process is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Role {
@@ -287,15 +289,10 @@ impl Procs {
     }
 
     fn spawn(&mut self, i: usize) -> Result<()> {
-        let peers: String = self
-            .procs
-            .iter()
-            .filter_map(|p| match p.role {
-                Role::Controller(id) => Some(format!("{id}={}", p.address)),
-                _ => None,
-            })
-            .collect::<Vec<_>>()
-            .join(",");
+        let peers = launch::peers_arg(self.procs.iter().filter_map(|p| match p.role {
+            Role::Controller(id) => Some((id, p.address.as_str())),
+            _ => None,
+        }));
         let p = &self.procs[i];
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -303,30 +300,26 @@ impl Procs {
             .open(&p.log)?;
         let mut c = self.command(p.host, &self.exe);
         match &p.role {
-            Role::Controller(id) => {
-                c.args(["controller", "start", "--id", &id.to_string()])
-                    .args(["--listen", &p.address, "--peers", &peers])
-                    .arg("--data-dir")
-                    .arg(self.dir.join(format!("node{id}")))
-                    .arg("--tls-dir")
-                    .arg(&self.tls_dir);
-            }
-            Role::Worker(id) => {
-                let profile = phalanx_proto::NumericsProfile::default();
-                c.args(["--log-format", "json", "worker", "start", "--id", id])
-                    .args(["--device", &self.device, "--listen", &p.address])
-                    .arg(format!("--numerics={profile}"))
-                    .arg("--dir")
-                    .arg(&self.dir)
-                    .arg("--fault-inbox")
-                    .arg(self.dir.join("faults").join(format!("{id}.jsonl")))
-                    .env(
-                        "RUST_LOG",
-                        std::env::var("RUST_LOG")
-                            .unwrap_or_else(|_| "warn,phalanx_worker=info".into()),
-                    );
-                crate::util::apply_numerics(profile, &mut c);
-            }
+            Role::Controller(id) => launch::controller_args(
+                &mut c,
+                *id,
+                &p.address,
+                &peers,
+                &self.dir.join(format!("node{id}")),
+                &self.tls_dir,
+            ),
+            Role::Worker(id) => launch::worker_args(
+                &mut c,
+                &launch::WorkerLaunch {
+                    id,
+                    device: &self.device,
+                    numerics: phalanx_proto::NumericsProfile::default(),
+                    dir: &self.dir,
+                    fault_inbox: Some(&self.dir.join("faults").join(format!("{id}.jsonl"))),
+                    listen: Some(&p.address),
+                    json_logs: true,
+                },
+            ),
         }
         let child = c
             .stdin(Stdio::null())
