@@ -4,6 +4,7 @@ use phalanx_proto::{DeviceSpec, JobSpec};
 
 fn env(id: &str, command: Command) -> Envelope {
     Envelope {
+        trace: None,
         request_id: id.into(),
         command,
     }

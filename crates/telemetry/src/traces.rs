@@ -13,17 +13,24 @@
 //! headers, [`set_parent_from_headers`] makes a span the child of the one that sent them.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::sync::RwLock;
+use std::time::{Duration, SystemTime};
 
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
-use opentelemetry::trace::TracerProvider as _;
-use opentelemetry::KeyValue;
+use opentelemetry::trace::{
+    Span as _, SpanContext, TraceContextExt, TraceFlags, TraceState, Tracer as _,
+    TracerProvider as _,
+};
+use opentelemetry::Context;
+pub use opentelemetry::KeyValue;
 use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
     BatchConfigBuilder, BatchSpanProcessor, SdkTracer, SdkTracerProvider,
 };
+use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator};
 use opentelemetry_sdk::Resource;
+use phalanx_proto::TraceParent;
 use tracing_opentelemetry::{OpenTelemetryLayer, OpenTelemetrySpanExt};
 use tracing_subscriber::registry::LookupSpan;
 
@@ -119,7 +126,15 @@ impl Traces {
                     .build(),
             )
             .build();
-        Ok(Some(Self::with_processor(service, batch, url)))
+        let traces = Self::with_processor(service, batch, url);
+        traces.set_global();
+        Ok(Some(traces))
+    }
+
+    /// Makes this pipeline the one [`record_span`] uses (the process's; `from_endpoint`
+    /// does it).
+    pub fn set_global(&self) {
+        *GLOBAL.write().unwrap_or_else(|p| p.into_inner()) = Some(self.tracer.clone());
     }
 
     /// A pipeline around any span processor (the tests give one with an in-memory
@@ -185,6 +200,122 @@ pub fn inject(span: &tracing::Span) -> HashMap<String, String> {
     let cx = span.context();
     TraceContextPropagator::new().inject_context(&cx, &mut headers);
     headers
+}
+
+/// The tracer of the process's pipeline, for spans recorded after the fact.
+static GLOBAL: RwLock<Option<SdkTracer>> = RwLock::new(None);
+
+/// The trace context of `span` as a checked `traceparent`; `None` without a pipeline.
+pub fn traceparent(span: &tracing::Span) -> Option<TraceParent> {
+    inject(span)
+        .get(TRACEPARENT)
+        .and_then(|t| TraceParent::parse(t).ok())
+}
+
+fn context_of(tp: &TraceParent) -> Context {
+    let mut h = HashMap::new();
+    h.insert(TRACEPARENT.to_string(), tp.as_str().to_string());
+    TraceContextPropagator::new().extract(&h)
+}
+
+/// Makes `span` (not yet entered) the child of the span `tp` names, in another process.
+pub fn set_parent(span: &tracing::Span, tp: &TraceParent) {
+    // Fails only when the span is disabled or no pipeline is installed.
+    let _ = span.set_parent(context_of(tp));
+}
+
+/// Makes `span` (not yet entered) and everything under it unsampled: neither exported
+/// here nor, through the `traceparent` its API calls send (flags `00`), by the
+/// controller. For the periodic calls (heartbeats, assignment polls, progress reports),
+/// which would otherwise each be a trace of their own, several a second per worker.
+pub fn set_unsampled(span: &tracing::Span) {
+    let ids = RandomIdGenerator::default();
+    let sc = SpanContext::new(
+        ids.new_trace_id(),
+        ids.new_span_id(),
+        TraceFlags::default(),
+        true,
+        TraceState::default(),
+    );
+    let _ = span.set_parent(Context::new().with_remote_span_context(sc));
+}
+
+/// Records a span that has already happened, from `start` to `end` (wall clock, which is
+/// what OTLP carries), as the child of `parent` or as a root; returns its context for
+/// children. `None` without a pipeline (then nothing is recorded).
+pub fn record_span(
+    name: &'static str,
+    parent: Option<&TraceParent>,
+    start: SystemTime,
+    end: SystemTime,
+    attributes: Vec<KeyValue>,
+) -> Option<TraceParent> {
+    let tracer = GLOBAL.read().unwrap_or_else(|p| p.into_inner()).clone()?;
+    let cx = parent.map(context_of).unwrap_or_default();
+    let builder = tracer
+        .span_builder(name)
+        .with_start_time(start)
+        .with_attributes(attributes);
+    let mut span = tracer.build_with_context(builder, &cx);
+    let sc = span.span_context().clone();
+    span.end_with_timestamp(end.max(start));
+    traceparent_of(&sc)
+}
+
+/// A span started at a given time and ended later ([`start_span`]): its context is known
+/// while it runs, so that children recorded meanwhile can name it.
+pub struct OpenSpan {
+    span: opentelemetry_sdk::trace::Span,
+    traceparent: TraceParent,
+}
+
+impl std::fmt::Debug for OpenSpan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenSpan")
+            .field("traceparent", &self.traceparent)
+            .finish()
+    }
+}
+
+impl OpenSpan {
+    pub fn traceparent(&self) -> &TraceParent {
+        &self.traceparent
+    }
+
+    /// Ends it now, with `attributes` added.
+    pub fn end(mut self, attributes: Vec<KeyValue>) {
+        self.span.set_attributes(attributes);
+        self.span.end();
+    }
+}
+
+/// Starts a span at `start` (wall clock), the child of `parent` or a root; `None`
+/// without a pipeline. Ended by [`OpenSpan::end`] (or when dropped).
+pub fn start_span(
+    name: &'static str,
+    parent: Option<&TraceParent>,
+    start: SystemTime,
+    attributes: Vec<KeyValue>,
+) -> Option<OpenSpan> {
+    let tracer = GLOBAL.read().unwrap_or_else(|p| p.into_inner()).clone()?;
+    let cx = parent.map(context_of).unwrap_or_default();
+    let builder = tracer
+        .span_builder(name)
+        .with_start_time(start)
+        .with_attributes(attributes);
+    let span = tracer.build_with_context(builder, &cx);
+    let traceparent = traceparent_of(span.span_context())?;
+    Some(OpenSpan { span, traceparent })
+}
+
+fn traceparent_of(sc: &SpanContext) -> Option<TraceParent> {
+    if !sc.is_valid() {
+        return None;
+    }
+    let mut h: HashMap<String, String> = HashMap::new();
+    TraceContextPropagator::new()
+        .inject_context(&Context::new().with_remote_span_context(sc.clone()), &mut h);
+    h.get(TRACEPARENT).and_then(|t| TraceParent::parse(t).ok())
 }
 
 struct HeaderExtractor<'a>(&'a hyper::HeaderMap);
