@@ -1,11 +1,13 @@
-//! Traces over OTLP across processes (issue 12): three controllers and one worker started
+//! Traces over OTLP across processes (issue 12): three controllers and two workers started
 //! with `OTEL_EXPORTER_OTLP_ENDPOINT` pointing at an OTLP/HTTP receiver inside this test
 //! (hyper, decoding `ExportTraceServiceRequest` with `opentelemetry-proto`), and a
 //! `phalanx job submit` with the same endpoint. The CLI's `cli.command` root span, its
 //! `api.call` and a controller's `api.request` share one trace id, the controller's span
 //! is the `api.call`'s child, and the proposal's `raft.propose` is the request span's
 //! child. With the endpoint on a closed port, or on a listener that never answers, a CLI
-//! command still finishes promptly. The worker exports its checkpoint spans.
+//! command still finishes promptly. The two workers export their checkpoint spans, each
+//! checkpoint one trace (rank 0's root, both ranks' snapshot and write, the manifest and
+//! the controller's commit), and no heartbeat or assignment poll is exported.
 //!
 //! One recovery is one trace across processes: with three workers exporting to the
 //! receiver, a worker killed mid-run gives a trace (the plan's `traceparent`) whose spans
@@ -209,14 +211,14 @@ impl Drop for ClusterDown {
 static ONE_CLUSTER: Mutex<()> = Mutex::new(());
 
 #[test]
-fn otlp_links_cli_and_controller_spans_in_one_trace_exports_worker_checkpoints_and_survives_a_dead_endpoint(
+fn otlp_links_cli_and_controller_spans_in_one_trace_makes_each_checkpoint_one_trace_across_ranks_leaves_heartbeats_out_and_survives_a_dead_endpoint(
 ) {
     let _one = ONE_CLUSTER.lock().unwrap_or_else(|p| p.into_inner());
     let receiver = Receiver::start();
     let dir = tempfile::tempdir().unwrap();
     let cdir = dir.path().join("c");
     let mut up = phalanx();
-    up.args(["cluster", "up", "--controllers=3", "--workers=1"])
+    up.args(["cluster", "up", "--controllers=3", "--workers=2"])
         .arg(format!("--dir={}", cdir.display()))
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint())
         .stdout(Stdio::null())
@@ -252,7 +254,7 @@ fn otlp_links_cli_and_controller_spans_in_one_trace_exports_worker_checkpoints_a
 
     // The submit, traced to the receiver.
     let job = dir.path().join("job.toml");
-    std::fs::write(&job, job_toml("traced", 4, 2, 1, 1)).unwrap();
+    std::fs::write(&job, job_toml("traced", 4, 2, 2, 2)).unwrap();
     let mut submit = phalanx();
     submit
         .args(["job", "submit", job.to_str().unwrap()])
@@ -434,6 +436,153 @@ fn otlp_links_cli_and_controller_spans_in_one_trace_exports_worker_checkpoints_a
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+
+    // Each checkpoint is one trace across the two ranks and a controller: rank 0's
+    // `checkpoint` root, both ranks' snapshot and write, rank 0's commit with the
+    // manifest's write and the controller's commit of the catalog entry under it.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (root, trace) = loop {
+        let spans = receiver.spans();
+        let found = spans
+            .iter()
+            .filter(|s| {
+                s.name == "checkpoint"
+                    && s.attributes.get("outcome").map(String::as_str) == Some("committed")
+            })
+            .find_map(|root| {
+                let trace: Vec<Got> = spans
+                    .iter()
+                    .filter(|s| s.trace_id == root.trace_id)
+                    .cloned()
+                    .collect();
+                let pids = |name: &str| {
+                    let mut p: Vec<i64> = trace
+                        .iter()
+                        .filter(|s| s.name == name)
+                        .map(|s| s.pid)
+                        .collect();
+                    p.sort();
+                    p.dedup();
+                    p.len()
+                };
+                let complete = pids("checkpoint.snapshot") == 2
+                    && pids("checkpoint.write") == 2
+                    && trace.iter().any(|s| s.name == "raft.propose");
+                complete.then(|| (root.clone(), trace))
+            });
+        if let Some(f) = found {
+            break f;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint trace across both ranks within 120 s; received: {:#?}",
+            spans
+                .iter()
+                .filter(|s| s.name.starts_with("checkpoint"))
+                .map(|s| (&s.name, s.pid, hex(&s.trace_id)))
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let mut shown = trace.clone();
+    shown.sort_by_key(|s| s.start_ns);
+    eprintln!("checkpoint trace {}:", hex(&root.trace_id));
+    for s in &shown {
+        eprintln!(
+            "  +{:>8.1} ms {:>8.1} ms  {:<18} pid {:<7} {:<22} {}",
+            s.start_ns.saturating_sub(root.start_ns) as f64 / 1e6,
+            s.end_ns.saturating_sub(s.start_ns) as f64 / 1e6,
+            s.service,
+            s.pid,
+            s.name,
+            ["step", "rank", "write_ms", "outcome"]
+                .iter()
+                .filter_map(|k| s.attributes.get(*k).map(|v| format!("{k}={v}")))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    }
+
+    let by_id = |id: &[u8]| trace.iter().find(|s| s.span_id == id);
+    assert!(root.parent_span_id.iter().all(|b| *b == 0), "{root:?}");
+    assert_eq!(root.service, "phalanx-worker");
+    for s in trace.iter().filter(|s| {
+        matches!(
+            s.name.as_str(),
+            "checkpoint.snapshot" | "checkpoint.write" | "checkpoint.commit"
+        )
+    }) {
+        assert_eq!(s.parent_span_id, root.span_id, "{s:?}");
+        // Rank 0's own phases lie within its root (the other rank's snapshot may start a
+        // moment before rank 0's: another process at the same step boundary).
+        assert!(
+            s.pid != root.pid || (s.start_ns >= root.start_ns && s.end_ns <= root.end_ns),
+            "rank 0's {} lies within the checkpoint's span",
+            s.name
+        );
+    }
+    let commit = trace
+        .iter()
+        .find(|s| s.name == "checkpoint.commit")
+        .expect("rank 0's commit");
+    assert_eq!(commit.pid, root.pid, "rank 0 commits");
+    let manifest = trace
+        .iter()
+        .find(|s| s.name == "ckpt_commit_manifest")
+        .expect("the manifest's write in the checkpoint's trace");
+    assert_eq!(manifest.parent_span_id, commit.span_id);
+    let propose = trace
+        .iter()
+        .find(|s| {
+            s.name == "raft.propose"
+                && s.attributes.get("outcome").map(String::as_str) == Some("applied")
+        })
+        .expect("the controller's commit of the catalog entry");
+    assert_eq!(propose.service, "phalanx-controller");
+    // raft.propose <- api.request <- api.call <- checkpoint.commit.
+    let request = by_id(&propose.parent_span_id).expect("the proposal's request");
+    let call = by_id(&request.parent_span_id).expect("the request's call");
+    assert_eq!(call.parent_span_id, commit.span_id, "{call:?}");
+    // The periodic calls (heartbeats, assignment polls, progress reports) are unsampled:
+    // no assignment poll was exported, by a worker or by a controller, and no heartbeat
+    // but a silence report (a heartbeat sent at once to report a silent peer, traced on
+    // purpose: it can make the leader decide; the workers log each one).
+    let spans = receiver.spans();
+    let at = |s: &Got, k: &str| s.attributes.get(k).cloned().unwrap_or_default();
+    let polls: Vec<&Got> = spans
+        .iter()
+        .filter(|s| {
+            at(s, "url.path").starts_with("/v1/assignment")
+                || at(s, "http.route").starts_with("/v1/assignment")
+        })
+        .collect();
+    assert!(polls.is_empty(), "assignment polls exported: {polls:#?}");
+    let heartbeats = spans
+        .iter()
+        .filter(|s| s.name == "api.call" && at(s, "url.path") == "/v1/heartbeat")
+        .count();
+    let cluster: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(cdir.join("cluster.json")).unwrap_or_default(),
+    )
+    .unwrap_or_default();
+    let silence_reports: usize = cluster["workers"]
+        .as_array()
+        .map(|ws| {
+            ws.iter()
+                .filter_map(|w| w["log"].as_str())
+                .map(|log| {
+                    std::fs::read_to_string(log)
+                        .unwrap_or_default()
+                        .matches("peer silent; reporting it")
+                        .count()
+                })
+                .sum()
+        })
+        .unwrap_or(0);
+    assert!(
+        heartbeats <= silence_reports,
+        "{heartbeats} heartbeats exported, {silence_reports} silence reports logged"
+    );
 }
 
 fn hex(b: &[u8]) -> String {
