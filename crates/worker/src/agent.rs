@@ -1115,8 +1115,10 @@ fn run_epoch(
     // Wait for the controller to see the end, so that we do not retrain a finished job.
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        let polled = quiet("assignment")
-            .in_scope(|| cfg.client.get::<Assignment>(&format!("/v1/assignment/{}", cfg.id)));
+        let polled = quiet("assignment").in_scope(|| {
+            cfg.client
+                .get::<Assignment>(&format!("/v1/assignment/{}", cfg.id))
+        });
         match polled {
             Ok(now) if now.job_state != Some(JobState::Running) || now.epoch != a.epoch => {
                 return Ok(())
