@@ -432,6 +432,62 @@ mod tests {
         );
     }
 
+    /// A span recorded after the fact is the child of a `traceparent` and keeps its times;
+    /// an unsampled span and its children are not exported, and what they inject says so.
+    /// The tests that install the process's pipeline ([`GLOBAL`]), one at a time.
+    static GLOBAL_USERS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    #[test]
+    fn recorded_spans_join_a_traceparent_and_unsampled_ones_are_not_exported() {
+        let _one = GLOBAL_USERS.lock().unwrap_or_else(|p| p.into_inner());
+        let exporter = InMemorySpanExporter::default();
+        let traces = Traces::with_processor(
+            "test",
+            SimpleSpanProcessor::new(exporter.clone()),
+            "memory".into(),
+        );
+        traces.set_global();
+        let subscriber = tracing_subscriber::registry().with(traces.layer());
+        let parent =
+            TraceParent::parse("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01").unwrap();
+        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let end = start + Duration::from_millis(250);
+        let child =
+            record_span("recovery.plan", Some(&parent), start, end, vec![]).expect("recorded");
+        assert_eq!(child.trace_id(), parent.trace_id());
+        let open = start_span("checkpoint", None, start, vec![]).expect("started");
+        let root_tp = open.traceparent().clone();
+        record_span("checkpoint.write", Some(&root_tp), start, end, vec![]);
+        open.end(vec![KeyValue::new("outcome", "committed")]);
+        let mut sent = HashMap::new();
+        tracing::subscriber::with_default(subscriber, || {
+            let quiet = tracing::info_span!("worker.poll");
+            set_unsampled(&quiet);
+            quiet.in_scope(|| {
+                let call = tracing::info_span!("api.call");
+                sent = inject(&call);
+            });
+        });
+        let spans = exporter.get_finished_spans().unwrap();
+        let names: Vec<&str> = spans.iter().map(|s| s.name.as_ref()).collect();
+        assert!(
+            !names.contains(&"worker.poll") && !names.contains(&"api.call"),
+            "{names:?}"
+        );
+        let plan = spans.iter().find(|s| s.name == "recovery.plan").unwrap();
+        assert_eq!(plan.span_context.trace_id().to_string(), parent.trace_id());
+        assert_eq!(plan.parent_span_id.to_string(), "b7ad6b7169203331");
+        assert_eq!(plan.start_time, start);
+        assert_eq!(plan.end_time, end);
+        let root = spans.iter().find(|s| s.name == "checkpoint").unwrap();
+        let write = spans.iter().find(|s| s.name == "checkpoint.write").unwrap();
+        assert_eq!(write.parent_span_id, root.span_context.span_id());
+        assert_eq!(root.start_time, start);
+        let tp = TraceParent::parse(&sent[TRACEPARENT]).unwrap();
+        assert!(!tp.sampled(), "an unsampled call says so: {tp}");
+        *GLOBAL.write().unwrap() = None;
+    }
+
     #[test]
     fn without_a_pipeline_nothing_is_injected_and_a_header_is_ignored() {
         let span = tracing::info_span!("alone");
@@ -448,6 +504,7 @@ mod tests {
 
     #[test]
     fn a_closed_port_does_not_hold_up_shutdown() {
+        let _one = GLOBAL_USERS.lock().unwrap_or_else(|p| p.into_inner());
         // Port 9 (discard) on localhost is closed in the test environments we run in;
         // whatever answers, shutdown stays within its bound.
         let traces = Traces::from_endpoint("test", Some("http://127.0.0.1:9"))
