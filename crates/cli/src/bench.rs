@@ -88,11 +88,20 @@ pub struct BenchTrain {
     /// them, and reports on / off (see docs/observability.md).
     #[arg(long)]
     metrics_overhead: bool,
+    /// `bench train`: like `--metrics-overhead`, with traces on too in the runs with
+    /// metrics: `OTEL_EXPORTER_OTLP_ENDPOINT` names an OTLP/HTTP sink in this process
+    /// (`otlp_sink`), so that the spans are exported over loopback for real.
+    #[arg(long)]
+    telemetry_overhead: bool,
 }
 
 /// Metrics on against off, side by side in one `bench train` run.
 #[derive(Serialize)]
 struct MetricsOverhead {
+    /// Traces were on too (`--telemetry-overhead`), and what the sink received.
+    traces: bool,
+    otlp_requests: u64,
+    otlp_bytes: u64,
     /// One recording of a step's metrics (what the training loop calls), in ns: the mean
     /// over 100,000 calls in this process.
     record_step_ns: f64,
@@ -300,6 +309,13 @@ fn bench_train(b: BenchTrain) -> Result<()> {
     let (mut bare_cpu, mut ours_cpu) = (Vec::new(), Vec::new());
     let (mut on, mut on_cpu) = (Vec::new(), Vec::new());
     let tokens = (tokens_per_step * b.steps) as f64;
+    // The "on" side: metrics, and with --telemetry-overhead traces to a sink here too.
+    let overhead = b.metrics_overhead || b.telemetry_overhead;
+    let sink = if b.telemetry_overhead {
+        Some(crate::otlp_sink::start().context("starting the OTLP sink")?)
+    } else {
+        None
+    };
     for round in 0..b.rounds {
         let common = |c: &mut Command| {
             c.arg(format!("--model={}", b.model))
@@ -327,15 +343,19 @@ fn bench_train(b: BenchTrain) -> Result<()> {
                 .arg(format!("--micro-batch={}", b.micro_batch))
                 .arg("--val-batches=1")
                 .arg(format!("--summary={}", summary.display()))
-                .env_remove("PHALANX_METRICS_LISTEN");
+                .env_remove("PHALANX_METRICS_LISTEN")
+                .env_remove(phalanx_telemetry::traces::ENDPOINT_ENV);
             if metrics {
                 c.env("PHALANX_METRICS_LISTEN", "127.0.0.1:0");
+                if let Some(s) = &sink {
+                    c.env(phalanx_telemetry::traces::ENDPOINT_ENV, &s.endpoint);
+                }
             }
             common(&mut c);
             child_rates(c, "phalanx train", &summary)
         };
         // With --metrics-overhead, the run with metrics goes first in odd rounds.
-        let on_first = b.metrics_overhead && round % 2 == 1;
+        let on_first = overhead && round % 2 == 1;
         if on_first {
             let (tps, cpu) = train(true)?;
             on.push(tps);
@@ -344,14 +364,19 @@ fn bench_train(b: BenchTrain) -> Result<()> {
         let (tps, cpu) = train(false)?;
         ours.push(tps);
         ours_cpu.push(tokens / cpu);
-        if b.metrics_overhead && !on_first {
+        if overhead && !on_first {
             let (tps, cpu) = train(true)?;
             on.push(tps);
             on_cpu.push(tokens / cpu);
         }
         let metrics_part = match (on.last(), on_cpu.last()) {
-            (Some(t), Some(c)) if b.metrics_overhead => {
-                format!(", with metrics {t:.0} tokens/s ({c:.0} per CPU s)")
+            (Some(t), Some(c)) if overhead => {
+                let what = if sink.is_some() {
+                    "metrics and traces"
+                } else {
+                    "metrics"
+                };
+                format!(", with {what} {t:.0} tokens/s ({c:.0} per CPU s)")
             }
             _ => String::new(),
         };
@@ -360,10 +385,23 @@ fn bench_train(b: BenchTrain) -> Result<()> {
             bare_cpu[round], ours_cpu[round], load_average()
         );
     }
-    let metrics_overhead = if b.metrics_overhead {
+    let metrics_overhead = if overhead {
         let ns = record_step_ns()?;
         let step_s = tokens_per_step as f64 / median(&ours);
+        let (otlp_requests, otlp_bytes) = sink
+            .as_ref()
+            .map(|s| {
+                use std::sync::atomic::Ordering::Relaxed;
+                (
+                    s.counts.requests.load(Relaxed),
+                    s.counts.bytes.load(Relaxed),
+                )
+            })
+            .unwrap_or((0, 0));
         let m = MetricsOverhead {
+            traces: sink.is_some(),
+            otlp_requests,
+            otlp_bytes,
             record_step_ns: ns,
             record_share_of_step: ns * 1e-9 / step_s,
             ratio_median: median(&on) / median(&ours),
@@ -375,8 +413,17 @@ fn bench_train(b: BenchTrain) -> Result<()> {
             off_tokens_per_cpu_s: ours_cpu.clone(),
             on_tokens_per_cpu_s: on_cpu,
         };
+        let what = if m.traces {
+            format!(
+                "metrics and traces on / off (phalanx train --workers 1, PHALANX_METRICS_LISTEN=127.0.0.1:0, OTEL_EXPORTER_OTLP_ENDPOINT to a sink that received {} requests, {} bytes)",
+                m.otlp_requests, m.otlp_bytes
+            )
+        } else {
+            "metrics on / off (phalanx train --workers 1, PHALANX_METRICS_LISTEN=127.0.0.1:0)"
+                .to_string()
+        };
         println!(
-            "metrics on / off (phalanx train --workers 1, PHALANX_METRICS_LISTEN=127.0.0.1:0): tokens/s {:.4}, tokens per CPU second {:.4}; paired by round: {:.4} and {:.4}; recording one step's metrics: {:.0} ns = {:.5}% of a {:.1} ms step (goal: overhead < 1%)",
+            "{what}: tokens/s {:.4}, tokens per CPU second {:.4}; paired by round: {:.4} and {:.4}; recording one step's metrics: {:.0} ns = {:.5}% of a {:.1} ms step (goal: overhead < 1%)",
             m.ratio_median,
             m.cpu_ratio_median,
             m.ratio_paired_median,

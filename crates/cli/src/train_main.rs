@@ -11,6 +11,7 @@ mod bench;
 #[path = "ctl/export.rs"]
 mod export;
 mod model;
+mod otlp_sink;
 mod train;
 
 /// What `agent.rs` and `export.rs` use of the control plane.

@@ -386,6 +386,7 @@ impl Client {
         self.post(
             "/v1/command",
             &Envelope {
+                trace: None,
                 request_id,
                 command,
             },

@@ -253,6 +253,7 @@ impl Net {
 
     fn put(&mut self, on: NodeId, rid: &str, key: &str, value: &str) {
         let env = Envelope {
+            trace: None,
             request_id: rid.into(),
             command: Command::SetAnnotation {
                 key: key.into(),
@@ -644,6 +645,7 @@ fn lone_voter_with_entries_not_yet_durable_waits_for_its_disk_to_lead() {
     // becomes slow for everything after the sync now in flight.
     net.hold_syncs_after.insert(2, net.syncing[&2]);
     let env = Envelope {
+        trace: None,
         request_id: "w".into(),
         command: Command::SetAnnotation {
             key: "k".into(),

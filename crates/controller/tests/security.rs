@@ -326,6 +326,7 @@ fn request_for(
     }
     .map(|command| {
         serde_json::to_vec(&phalanx_proto::Envelope {
+            trace: None,
             request_id: phalanx_controller::client::new_request_id("walk"),
             command,
         })
@@ -421,6 +422,7 @@ fn every_endpoint_answers_each_role_as_the_table_says() {
     // Paths are percent-decoded: a key with a space and a slash is one segment.
     let admin = c.creds(&Role::Admin);
     let set = serde_json::to_vec(&phalanx_proto::Envelope {
+        trace: None,
         request_id: phalanx_controller::client::new_request_id("pct"),
         command: Command::SetAnnotation {
             key: "a b/c".into(),
@@ -487,6 +489,7 @@ fn workers_speak_only_for_themselves() {
     };
     let env = |command: Command| {
         serde_json::to_value(phalanx_proto::Envelope {
+            trace: None,
             request_id: phalanx_controller::client::new_request_id("w1"),
             command,
         })

@@ -510,6 +510,7 @@ impl Sim {
                 let key = format!("k{}", self.rng.below(3));
                 let rid = format!("w{}", self.next_op);
                 let env = Envelope {
+                    trace: None,
                     request_id: rid.clone(),
                     command: Command::SetAnnotation {
                         key: key.clone(),
@@ -861,6 +862,7 @@ impl Sim {
                     .find(|id| self.nodes[id].is_leader())
                 {
                     let env = Envelope {
+                        trace: None,
                         request_id: final_rid.clone(),
                         command: Command::SetAnnotation {
                             key: "final".into(),

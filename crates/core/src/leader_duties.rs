@@ -283,6 +283,7 @@ mod tests {
         };
         let ws = workers(&["a", "b"]);
         let plan = Plan {
+            trace: None,
             epoch: 3,
             ranks: vec!["a".into(), "b".into()],
             reason: String::new(),

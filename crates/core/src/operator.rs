@@ -117,6 +117,7 @@ mod tests {
 
     fn env(id: &str, command: Command) -> Envelope {
         Envelope {
+            trace: None,
             request_id: id.into(),
             command,
         }

@@ -237,6 +237,7 @@ mod tests {
             registered_index: 0,
         };
         let plan = Plan {
+            trace: None,
             epoch: 1,
             ranks: vec!["a".into(), "b".into(), "c".into(), "d".into()],
             reason: String::new(),
@@ -351,6 +352,7 @@ mod tests {
     #[test]
     fn a_suspect_keeps_its_rank_but_gets_no_new_one() {
         let plan = Plan {
+            trace: None,
             epoch: 3,
             ranks: vec!["a".into(), "b".into()],
             reason: String::new(),
@@ -396,6 +398,7 @@ mod tests {
             ("d", WorkerHealth::Spare),
         ]);
         let plan = Plan {
+            trace: None,
             epoch: 1,
             ranks: vec!["c".into(), "b".into(), "a".into()],
             reason: String::new(),
@@ -452,6 +455,7 @@ mod tests {
         );
         // A plan rank whose worker is of another profile is replaced.
         let plan = Plan {
+            trace: None,
             epoch: 1,
             ranks: vec!["a".into(), "b".into()],
             reason: String::new(),
@@ -470,6 +474,7 @@ mod tests {
     fn a_waiting_job_gets_a_new_plan_even_on_its_old_workers() {
         let ws = workers(&[("a", WorkerHealth::Healthy), ("b", WorkerHealth::Joining)]);
         let plan = Plan {
+            trace: None,
             epoch: 3,
             ranks: vec!["a".into(), "b".into()],
             reason: String::new(),

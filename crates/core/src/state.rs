@@ -118,7 +118,15 @@ impl ClusterState {
                 duplicate: true,
             };
         }
+        let epoch_before = self.plan_epoch();
         let outcome = self.apply_command(index, &env.command);
+        // A plan this command made carries the command's trace context (issue 12): the
+        // workers' recovery spans join the trace of the report or decision behind it.
+        if self.plan_epoch() != epoch_before {
+            if let Some(plan) = self.job.as_mut().and_then(|j| j.plan.as_mut()) {
+                plan.trace = env.trace.clone();
+            }
+        }
         if !env.request_id.is_empty() {
             self.applied_requests
                 .insert(env.request_id.clone(), (index, outcome.clone()));
@@ -806,6 +814,7 @@ impl ClusterState {
                 let epoch = j.plan.as_ref().map(|p| p.epoch + 1).unwrap_or(1);
                 j.rank_steps = vec![j.progress_step; ranks.len()];
                 j.plan = Some(Plan {
+                    trace: None,
                     epoch,
                     ranks: ranks.clone(),
                     reason: reason.clone(),

@@ -4,6 +4,7 @@ use phalanx_proto::{DeviceSpec, JobSpec};
 
 fn env(id: &str, command: Command) -> Envelope {
     Envelope {
+        trace: None,
         request_id: id.into(),
         command,
     }
@@ -381,4 +382,60 @@ fn drain_moves_worker_out_of_plan() {
         ),
     );
     assert!(!unknown.outcome.is_applied());
+}
+
+/// Issue 12: a plan carries the trace context of the command that made it (the workers'
+/// recovery spans join that trace); a command that makes no plan leaves it alone.
+#[test]
+fn a_plan_carries_the_trace_context_of_the_command_that_made_it() {
+    let tp = |s: &str| phalanx_proto::TraceParent::parse(s).unwrap();
+    let submit_tp = tp("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+    let fail_tp = tp("00-1bf7651916cd43dd8448eb211c80319c-c7ad6b7169203331-01");
+    let mut s = ClusterState::new(StateLimits::default());
+    for (i, w) in ["a", "b", "c"].into_iter().enumerate() {
+        s.apply(i as u64 + 1, &env(&format!("reg-{w}"), reg(w)));
+    }
+    let traced = |id: &str, command: Command, trace: &phalanx_proto::TraceParent| Envelope {
+        trace: Some(trace.clone()),
+        ..env(id, command)
+    };
+    s.apply(
+        4,
+        &traced("submit", Command::SubmitJob { spec: spec() }, &submit_tp),
+    );
+    let plan = |s: &ClusterState| s.job.as_ref().unwrap().plan.clone().unwrap();
+    assert_eq!(plan(&s).epoch, 1);
+    assert_eq!(plan(&s).trace.as_ref(), Some(&submit_tp));
+    // No new plan: the trace stays the submission's.
+    s.apply(
+        5,
+        &traced(
+            "note",
+            Command::SetAnnotation {
+                key: "k".into(),
+                value: "v".into(),
+            },
+            &fail_tp,
+        ),
+    );
+    assert_eq!(plan(&s).trace.as_ref(), Some(&submit_tp));
+    let fail = Command::SetWorkerHealth {
+        id: "b".into(),
+        health: WorkerHealth::Failed,
+        reason: "killed".into(),
+        address: None,
+    };
+    assert!(s
+        .apply(6, &traced("fail-b", fail, &fail_tp))
+        .outcome
+        .is_applied());
+    assert_eq!(plan(&s).epoch, 2);
+    assert_eq!(plan(&s).trace.as_ref(), Some(&fail_tp));
+    // Through a snapshot and back, and absent from a plan of an older version.
+    let json = serde_json::to_string(&plan(&s)).unwrap();
+    let back: phalanx_proto::Plan = serde_json::from_str(&json).unwrap();
+    assert_eq!(back.trace.as_ref(), Some(&fail_tp));
+    let old: phalanx_proto::Plan =
+        serde_json::from_str(r#"{"epoch":1,"ranks":["a"],"reason":"r"}"#).unwrap();
+    assert_eq!(old.trace, None);
 }

@@ -85,6 +85,7 @@ mod tests {
         use phalanx_proto::{Command, DeviceSpec, Envelope};
         let mut s = ClusterState::new(StateLimits::default());
         let env = |id: &str, command: Command| Envelope {
+            trace: None,
             request_id: id.into(),
             command,
         };

@@ -8,9 +8,11 @@ use serde::{Deserialize, Serialize};
 pub mod cluster_view;
 pub mod event;
 pub mod fault;
+pub mod trace;
 
 pub use cluster_view::{ClusterStatus, NodeView};
 pub use event::EventKind;
+pub use trace::TraceParent;
 
 /// A controller (Raft) node id. Raft reserves 0, so ids start at 1.
 pub type NodeId = u64;
@@ -251,6 +253,10 @@ pub struct Plan {
     /// straggler gets a smaller one before it is swapped out.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub micro_shares: Vec<u32>,
+    /// The trace context of the command that made this plan (its `raft.propose` span):
+    /// the workers' recovery spans are its children, so one recovery is one trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<TraceParent>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -576,6 +582,10 @@ pub enum Command {
 pub struct Envelope {
     pub request_id: String,
     pub command: Command,
+    /// The trace context of the proposal (set by the controller that proposes it, from
+    /// its `raft.propose` span): a plan this command makes carries it on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<TraceParent>,
 }
 
 /// What applying a command did.
@@ -703,6 +713,9 @@ pub struct Assignment {
     /// Given only to the epoch's ranks; never in status, job, events or logs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epoch_secret: Option<SecretHex>,
+    /// The plan's trace context ([`Plan::trace`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<TraceParent>,
 }
 
 /// A secret as hex digits. Serialized as the plain string; its `Debug` never shows it,

@@ -74,6 +74,7 @@ impl World {
         World {
             workers,
             plan: Some(Plan {
+                trace: None,
                 epoch: 1,
                 ranks: ranks.iter().map(|r| r.to_string()).collect(),
                 reason: "initial placement".into(),

@@ -13,17 +13,24 @@
 //! headers, [`set_parent_from_headers`] makes a span the child of the one that sent them.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::sync::RwLock;
+use std::time::{Duration, SystemTime};
 
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
-use opentelemetry::trace::TracerProvider as _;
-use opentelemetry::KeyValue;
+use opentelemetry::trace::{
+    Span as _, SpanContext, TraceContextExt, TraceFlags, TraceState, Tracer as _,
+    TracerProvider as _,
+};
+use opentelemetry::Context;
+pub use opentelemetry::KeyValue;
 use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
     BatchConfigBuilder, BatchSpanProcessor, SdkTracer, SdkTracerProvider,
 };
+use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator};
 use opentelemetry_sdk::Resource;
+use phalanx_proto::TraceParent;
 use tracing_opentelemetry::{OpenTelemetryLayer, OpenTelemetrySpanExt};
 use tracing_subscriber::registry::LookupSpan;
 
@@ -119,7 +126,15 @@ impl Traces {
                     .build(),
             )
             .build();
-        Ok(Some(Self::with_processor(service, batch, url)))
+        let traces = Self::with_processor(service, batch, url);
+        traces.set_global();
+        Ok(Some(traces))
+    }
+
+    /// Makes this pipeline the one [`record_span`] uses (the process's; `from_endpoint`
+    /// does it).
+    pub fn set_global(&self) {
+        *GLOBAL.write().unwrap_or_else(|p| p.into_inner()) = Some(self.tracer.clone());
     }
 
     /// A pipeline around any span processor (the tests give one with an in-memory
@@ -185,6 +200,122 @@ pub fn inject(span: &tracing::Span) -> HashMap<String, String> {
     let cx = span.context();
     TraceContextPropagator::new().inject_context(&cx, &mut headers);
     headers
+}
+
+/// The tracer of the process's pipeline, for spans recorded after the fact.
+static GLOBAL: RwLock<Option<SdkTracer>> = RwLock::new(None);
+
+/// The trace context of `span` as a checked `traceparent`; `None` without a pipeline.
+pub fn traceparent(span: &tracing::Span) -> Option<TraceParent> {
+    inject(span)
+        .get(TRACEPARENT)
+        .and_then(|t| TraceParent::parse(t).ok())
+}
+
+fn context_of(tp: &TraceParent) -> Context {
+    let mut h = HashMap::new();
+    h.insert(TRACEPARENT.to_string(), tp.as_str().to_string());
+    TraceContextPropagator::new().extract(&h)
+}
+
+/// Makes `span` (not yet entered) the child of the span `tp` names, in another process.
+pub fn set_parent(span: &tracing::Span, tp: &TraceParent) {
+    // Fails only when the span is disabled or no pipeline is installed.
+    let _ = span.set_parent(context_of(tp));
+}
+
+/// Makes `span` (not yet entered) and everything under it unsampled: neither exported
+/// here nor, through the `traceparent` its API calls send (flags `00`), by the
+/// controller. For the periodic calls (heartbeats, assignment polls, progress reports),
+/// which would otherwise each be a trace of their own, several a second per worker.
+pub fn set_unsampled(span: &tracing::Span) {
+    let ids = RandomIdGenerator::default();
+    let sc = SpanContext::new(
+        ids.new_trace_id(),
+        ids.new_span_id(),
+        TraceFlags::default(),
+        true,
+        TraceState::default(),
+    );
+    let _ = span.set_parent(Context::new().with_remote_span_context(sc));
+}
+
+/// Records a span that has already happened, from `start` to `end` (wall clock, which is
+/// what OTLP carries), as the child of `parent` or as a root; returns its context for
+/// children. `None` without a pipeline (then nothing is recorded).
+pub fn record_span(
+    name: &'static str,
+    parent: Option<&TraceParent>,
+    start: SystemTime,
+    end: SystemTime,
+    attributes: Vec<KeyValue>,
+) -> Option<TraceParent> {
+    let tracer = GLOBAL.read().unwrap_or_else(|p| p.into_inner()).clone()?;
+    let cx = parent.map(context_of).unwrap_or_default();
+    let builder = tracer
+        .span_builder(name)
+        .with_start_time(start)
+        .with_attributes(attributes);
+    let mut span = tracer.build_with_context(builder, &cx);
+    let sc = span.span_context().clone();
+    span.end_with_timestamp(end.max(start));
+    traceparent_of(&sc)
+}
+
+/// A span started at a given time and ended later ([`start_span`]): its context is known
+/// while it runs, so that children recorded meanwhile can name it.
+pub struct OpenSpan {
+    span: opentelemetry_sdk::trace::Span,
+    traceparent: TraceParent,
+}
+
+impl std::fmt::Debug for OpenSpan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenSpan")
+            .field("traceparent", &self.traceparent)
+            .finish()
+    }
+}
+
+impl OpenSpan {
+    pub fn traceparent(&self) -> &TraceParent {
+        &self.traceparent
+    }
+
+    /// Ends it now, with `attributes` added.
+    pub fn end(mut self, attributes: Vec<KeyValue>) {
+        self.span.set_attributes(attributes);
+        self.span.end();
+    }
+}
+
+/// Starts a span at `start` (wall clock), the child of `parent` or a root; `None`
+/// without a pipeline. Ended by [`OpenSpan::end`] (or when dropped).
+pub fn start_span(
+    name: &'static str,
+    parent: Option<&TraceParent>,
+    start: SystemTime,
+    attributes: Vec<KeyValue>,
+) -> Option<OpenSpan> {
+    let tracer = GLOBAL.read().unwrap_or_else(|p| p.into_inner()).clone()?;
+    let cx = parent.map(context_of).unwrap_or_default();
+    let builder = tracer
+        .span_builder(name)
+        .with_start_time(start)
+        .with_attributes(attributes);
+    let span = tracer.build_with_context(builder, &cx);
+    let traceparent = traceparent_of(span.span_context())?;
+    Some(OpenSpan { span, traceparent })
+}
+
+fn traceparent_of(sc: &SpanContext) -> Option<TraceParent> {
+    if !sc.is_valid() {
+        return None;
+    }
+    let mut h: HashMap<String, String> = HashMap::new();
+    TraceContextPropagator::new()
+        .inject_context(&Context::new().with_remote_span_context(sc.clone()), &mut h);
+    h.get(TRACEPARENT).and_then(|t| TraceParent::parse(t).ok())
 }
 
 struct HeaderExtractor<'a>(&'a hyper::HeaderMap);
@@ -301,6 +432,62 @@ mod tests {
         );
     }
 
+    /// A span recorded after the fact is the child of a `traceparent` and keeps its times;
+    /// an unsampled span and its children are not exported, and what they inject says so.
+    /// The tests that install the process's pipeline ([`GLOBAL`]), one at a time.
+    static GLOBAL_USERS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    #[test]
+    fn recorded_spans_join_a_traceparent_and_unsampled_ones_are_not_exported() {
+        let _one = GLOBAL_USERS.lock().unwrap_or_else(|p| p.into_inner());
+        let exporter = InMemorySpanExporter::default();
+        let traces = Traces::with_processor(
+            "test",
+            SimpleSpanProcessor::new(exporter.clone()),
+            "memory".into(),
+        );
+        traces.set_global();
+        let subscriber = tracing_subscriber::registry().with(traces.layer());
+        let parent =
+            TraceParent::parse("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01").unwrap();
+        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let end = start + Duration::from_millis(250);
+        let child =
+            record_span("recovery.plan", Some(&parent), start, end, vec![]).expect("recorded");
+        assert_eq!(child.trace_id(), parent.trace_id());
+        let open = start_span("checkpoint", None, start, vec![]).expect("started");
+        let root_tp = open.traceparent().clone();
+        record_span("checkpoint.write", Some(&root_tp), start, end, vec![]);
+        open.end(vec![KeyValue::new("outcome", "committed")]);
+        let mut sent = HashMap::new();
+        tracing::subscriber::with_default(subscriber, || {
+            let quiet = tracing::info_span!("worker.poll");
+            set_unsampled(&quiet);
+            quiet.in_scope(|| {
+                let call = tracing::info_span!("api.call");
+                sent = inject(&call);
+            });
+        });
+        let spans = exporter.get_finished_spans().unwrap();
+        let names: Vec<&str> = spans.iter().map(|s| s.name.as_ref()).collect();
+        assert!(
+            !names.contains(&"worker.poll") && !names.contains(&"api.call"),
+            "{names:?}"
+        );
+        let plan = spans.iter().find(|s| s.name == "recovery.plan").unwrap();
+        assert_eq!(plan.span_context.trace_id().to_string(), parent.trace_id());
+        assert_eq!(plan.parent_span_id.to_string(), "b7ad6b7169203331");
+        assert_eq!(plan.start_time, start);
+        assert_eq!(plan.end_time, end);
+        let root = spans.iter().find(|s| s.name == "checkpoint").unwrap();
+        let write = spans.iter().find(|s| s.name == "checkpoint.write").unwrap();
+        assert_eq!(write.parent_span_id, root.span_context.span_id());
+        assert_eq!(root.start_time, start);
+        let tp = TraceParent::parse(&sent[TRACEPARENT]).unwrap();
+        assert!(!tp.sampled(), "an unsampled call says so: {tp}");
+        *GLOBAL.write().unwrap() = None;
+    }
+
     #[test]
     fn without_a_pipeline_nothing_is_injected_and_a_header_is_ignored() {
         let span = tracing::info_span!("alone");
@@ -317,6 +504,7 @@ mod tests {
 
     #[test]
     fn a_closed_port_does_not_hold_up_shutdown() {
+        let _one = GLOBAL_USERS.lock().unwrap_or_else(|p| p.into_inner());
         // Port 9 (discard) on localhost is closed in the test environments we run in;
         // whatever answers, shutdown stays within its bound.
         let traces = Traces::from_endpoint("test", Some("http://127.0.0.1:9"))

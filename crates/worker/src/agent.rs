@@ -39,6 +39,7 @@ use crate::fault::{Fault, FaultInbox, FaultKind};
 use crate::job_checkpoints::{
     job_catalog, job_checkpoint_dir, report_refused, CheckpointSource, Checkpointing, Expected,
 };
+use crate::recovery_trace::{quiet, RecoveryTrace};
 use crate::silence::{SilenceConfig, StepTimes};
 use crate::state_sync::sync_state;
 use crate::WorkerError;
@@ -210,6 +211,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), WorkerError> {
     let mut backoff = Duration::from_millis(100);
     let mut was_partitioned = false;
     let mut stuck = StuckEpoch::default();
+    let mut recovery = RecoveryTrace::default();
     let result = loop {
         if cfg.lifetime_max > Duration::ZERO && started.elapsed() > cfg.lifetime_max {
             break Err(WorkerError::Protocol(format!(
@@ -238,7 +240,9 @@ pub fn run(cfg: AgentConfig) -> Result<(), WorkerError> {
             }
             info!(worker = %cfg.id, "partition healed; registered again");
         }
-        let a: Assignment = match client.get(&format!("/v1/assignment/{}", cfg.id)) {
+        let polled = quiet("assignment")
+            .in_scope(|| client.get::<Assignment>(&format!("/v1/assignment/{}", cfg.id)));
+        let a: Assignment = match polled {
             Ok(a) => a,
             Err(e) => {
                 warn!(error = %e, "assignment poll failed");
@@ -271,6 +275,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), WorkerError> {
             &shared,
             &progress,
             &mut last_step,
+            &mut recovery,
         );
         // Whatever broke while a newer plan existed was that plan's doing: not a fault to
         // report, nor an attempt of this epoch that failed.
@@ -286,8 +291,16 @@ pub fn run(cfg: AgentConfig) -> Result<(), WorkerError> {
         };
         match outcome {
             Ok(()) => backoff = Duration::from_millis(100),
-            Err(WorkerError::Superseded { .. }) => backoff = Duration::from_millis(100),
+            Err(WorkerError::Superseded { .. }) => {
+                recovery.ended();
+                backoff = Duration::from_millis(100)
+            }
             Err(e) => {
+                // The detection (a root span) and the reports under it: the controller's
+                // decision and the plan it makes join this trace.
+                let report =
+                    recovery.detected(&cfg.id, a.epoch, &e.to_string(), last_step.map(|(t, _)| t));
+                let reporting = report.enter();
                 let progressed = last_step.map(|(_, s)| s) != step_before;
                 if let Some(report) = stuck.failed(a.epoch, progressed, rank as usize, &e) {
                     escalate_stuck_epoch(&client, &cfg.id, &job, report);
@@ -345,6 +358,9 @@ pub fn run(cfg: AgentConfig) -> Result<(), WorkerError> {
                         }
                     }
                 }
+                drop(reporting);
+                drop(report);
+                recovery.ended();
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
@@ -624,10 +640,13 @@ fn spawn_heartbeat(
             }
             let tick = Instant::now();
             let body = shared.heartbeat(&id);
-            if let Err(e) = client.post::<serde_json::Value>("/v1/heartbeat", &body) {
-                warn!(error = %e, "heartbeat failed");
-            }
-            if let Ok(a) = client.get::<Assignment>(&format!("/v1/assignment/{id}")) {
+            let polled = quiet("heartbeat").in_scope(|| {
+                if let Err(e) = client.post::<serde_json::Value>("/v1/heartbeat", &body) {
+                    warn!(error = %e, "heartbeat failed");
+                }
+                client.get::<Assignment>(&format!("/v1/assignment/{id}"))
+            });
+            if let Ok(a) = polled {
                 shared.epoch.fetch_max(a.epoch, Ordering::SeqCst);
             }
             // One heartbeat per interval, however long the requests took (on a loaded
@@ -664,7 +683,9 @@ fn report_silence(
         }
         let until = Instant::now() + Duration::from_secs(3);
         while Instant::now() < until && shared.epoch.load(Ordering::SeqCst) <= epoch {
-            if let Ok(a) = client.get::<Assignment>(&format!("/v1/assignment/{id}")) {
+            let polled = quiet("assignment")
+                .in_scope(|| client.get::<Assignment>(&format!("/v1/assignment/{id}")));
+            if let Ok(a) = polled {
                 shared.epoch.fetch_max(a.epoch, Ordering::SeqCst);
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -732,10 +753,13 @@ fn spawn_progress(client: Arc<Client>, id: String) -> mpsc::Sender<Progress> {
                 compute_us,
                 throughput,
             };
-            if let Err(e) = client.command_with_id(
-                new_request_id(&format!("progress-{id}-{epoch}-{step}")),
-                cmd,
-            ) {
+            let sent = quiet("progress").in_scope(|| {
+                client.command_with_id(
+                    new_request_id(&format!("progress-{id}-{epoch}-{step}")),
+                    cmd,
+                )
+            });
+            if let Err(e) = sent {
                 warn!(error = %e, epoch, step, "progress report failed");
             }
         }
@@ -788,7 +812,9 @@ fn run_epoch(
     shared: &Arc<Shared>,
     progress: &mpsc::Sender<Progress>,
     last_step: &mut Option<(Instant, u64)>,
+    recovery: &mut RecoveryTrace,
 ) -> Result<(), WorkerError> {
+    let mut phases = recovery.epoch(a.trace.as_ref(), a.epoch, rank);
     let world = a.world_size as usize;
     let peers: Vec<SocketAddr> = a
         .peers
@@ -880,7 +906,10 @@ fn run_epoch(
             report_silence(&client, &id, &sh, epoch, p)
         })
     };
-    let mut group = BlockingGroup::connect_with(gc, listener, Some(cancel), Some(silence))?;
+    phases.plan_received();
+    let connected = BlockingGroup::connect_with(gc, listener, Some(cancel), Some(silence));
+    phases.rendezvous_done(connected.is_ok());
+    let mut group = connected?;
     group.set_silence_after(cfg.op_timeout);
     info!(epoch = a.epoch, rank, world, "group formed");
     crate::metrics::plan_epoch(a.epoch);
@@ -904,7 +933,9 @@ fn run_epoch(
             refused: &|step, reason| report_refused(&cfg.client, &cfg.id, &job_id, step, reason),
         },
         cfg.op_timeout,
-    )?;
+    );
+    phases.state_agreed(source.as_deref().map_err(|e| e.to_string()));
+    let source = source?;
     slot.agreed = true;
     let resume_step = engine.step();
     // Where the epoch resumed is reported after its first step, by every rank that trained
@@ -980,7 +1011,9 @@ fn run_epoch(
         };
         // The resume point first: its steps redone are counted against the watermark
         // before this epoch's own progress moves it.
+        let resume_span = phases.first_step(report.step + 1);
         if let Some(source) = resume_report.take() {
+            let _in_trace = resume_span.as_ref().map(|s| s.enter());
             let cmd = Command::ReportResume {
                 worker: cfg.id.clone(),
                 epoch: a.epoch,
@@ -1049,7 +1082,7 @@ fn run_epoch(
             );
         }
         if job.checkpoint_interval_steps > 0 && engine.step() % job.checkpoint_interval_steps == 0 {
-            writer.snaps.take(engine);
+            writer.snapshot(engine);
             snapped = Some(engine.step());
         }
         writer.commit_ready(engine, &mut group, a.epoch, cfg)?;
@@ -1082,10 +1115,11 @@ fn run_epoch(
     // Wait for the controller to see the end, so that we do not retrain a finished job.
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        match cfg
-            .client
-            .get::<Assignment>(&format!("/v1/assignment/{}", cfg.id))
-        {
+        let polled = quiet("assignment").in_scope(|| {
+            cfg.client
+                .get::<Assignment>(&format!("/v1/assignment/{}", cfg.id))
+        });
+        match polled {
             Ok(now) if now.job_state != Some(JobState::Running) || now.epoch != a.epoch => {
                 return Ok(())
             }

@@ -234,6 +234,8 @@ pub struct Checkpointing {
     seed: u64,
     /// Steps rank 0 recorded in the catalog this epoch.
     recorded: Vec<u64>,
+    /// Each checkpoint as one trace.
+    traces: crate::checkpoint_trace::CheckpointTraces,
 }
 
 impl Checkpointing {
@@ -260,7 +262,16 @@ impl Checkpointing {
             world,
             seed: job.seed,
             recorded: Vec::new(),
+            traces: crate::checkpoint_trace::CheckpointTraces::new(rank),
         })
+    }
+
+    /// Takes the snapshot of the engine's current step (see [`Snapshots::take`]).
+    pub fn snapshot(&mut self, engine: &Engine) {
+        let start = std::time::SystemTime::now();
+        self.snaps.take(engine);
+        self.traces
+            .snapshot(engine.step(), start, std::time::SystemTime::now());
     }
 
     /// The final step's snapshot: waits (bounded) for earlier snapshots so that the writer
@@ -269,7 +280,7 @@ impl Checkpointing {
         if !self.snaps.writer().wait_idle(Duration::from_secs(30)) {
             warn!("checkpoint writes still pending after 30 s");
         }
-        self.snaps.take(engine);
+        self.snapshot(engine);
     }
 
     /// Waits (bounded) for this rank's queued snapshots, then commits what is complete.
@@ -318,6 +329,7 @@ impl Checkpointing {
                     ..
                 } => {
                     crate::metrics::checkpoint_durable(write_ms, self.snaps.stall(step));
+                    self.traces.durable(step, write_ms);
                     self.durable.push(shard)
                 }
                 CheckpointEvent::Failed {
@@ -338,16 +350,29 @@ impl Checkpointing {
         if flags.iter().all(|f| f.first() == Some(&0)) {
             return Ok(());
         }
-        let body = serde_json::to_vec(&mine).map_err(|e| WorkerError::Protocol(e.to_string()))?;
+        let exchange = crate::checkpoint_trace::Exchange {
+            shards: mine,
+            traces: self.traces.roots(),
+        };
+        let body =
+            serde_json::to_vec(&exchange).map_err(|e| WorkerError::Protocol(e.to_string()))?;
         let all = group.all_gather_within(&body, cfg.op_timeout)?;
+        let parts = all
+            .iter()
+            .map(|part| {
+                serde_json::from_slice::<crate::checkpoint_trace::Exchange>(part)
+                    .map_err(|e| WorkerError::Protocol(format!("shard records: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         if group.rank() != 0 {
+            if let Some(rank0) = parts.first() {
+                self.traces.adopt(&rank0.traces);
+            }
             return Ok(());
         }
         let mut by_step: std::collections::BTreeMap<u64, Vec<ShardRecord>> = Default::default();
-        for part in &all {
-            let recs: Vec<ShardRecord> = serde_json::from_slice(part)
-                .map_err(|e| WorkerError::Protocol(format!("shard records: {e}")))?;
-            for r in recs {
+        for part in parts {
+            for r in part.shards {
                 by_step.entry(r.step).or_default().push(r);
             }
         }
@@ -361,7 +386,18 @@ impl Checkpointing {
                 );
                 continue;
             }
-            self.commit_one(engine, step, shards, epoch, cfg)?;
+            let span = self.traces.commit_span(step);
+            let outcome = span.in_scope(|| self.commit_one(engine, step, shards, epoch, cfg));
+            let recorded = self.recorded.contains(&step);
+            self.traces.committed(
+                step,
+                if recorded {
+                    "committed"
+                } else {
+                    "not committed"
+                },
+            );
+            outcome?;
         }
         Ok(())
     }

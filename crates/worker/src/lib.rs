@@ -6,6 +6,7 @@
 //! does not depend on the world size.
 //! [`rendezvous`] is the small stdio protocol by which `phalanx train` starts workers.
 pub mod agent;
+mod checkpoint_trace;
 pub mod dp;
 pub mod export;
 pub mod fault;
@@ -13,6 +14,7 @@ pub mod job_checkpoints;
 pub mod local_mean;
 pub mod metrics;
 pub mod numerics;
+pub mod recovery_trace;
 pub mod rendezvous;
 pub mod silence;
 pub mod snapshot;

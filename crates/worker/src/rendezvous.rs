@@ -198,6 +198,7 @@ mod tests {
 
     fn assignment(secret: Option<&str>) -> Assignment {
         Assignment {
+            trace: None,
             worker: "w1".into(),
             rank: Some(1),
             epoch: 4,

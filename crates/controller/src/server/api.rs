@@ -213,6 +213,7 @@ fn assignment(r: &Replica, worker: &str, epoch_key: &[u8; 32]) -> ApiResult {
         .max()
         .unwrap_or(0);
     to_json(&Assignment {
+        trace: plan.and_then(|p| p.trace.clone()),
         worker: worker.to_string(),
         rank,
         epoch: plan.map(|p| p.epoch).unwrap_or(0),
@@ -543,6 +544,11 @@ async fn command_inner(ctx: &ConnCtx, p: &Principal, body: &[u8]) -> ApiResult {
     }
     let started = std::time::Instant::now();
     let span = super::trace::propose_span(&env.request_id);
+    // The proposal's trace context travels with the command: a plan it makes carries it.
+    let env = Envelope {
+        trace: super::trace::traceparent(&span),
+        ..env
+    };
     let result = call(ctx, |reply| Input::Propose { env, reply }, timeout(ctx))
         .instrument(span.clone())
         .await;

@@ -581,7 +581,11 @@ impl RaftLoop {
                 DutyKind::Lease => "lease",
                 DutyKind::Straggler => "straggler",
             };
+            // The decision is the root of its trace (a recovery the controller detected):
+            // a plan it makes carries its context to the workers.
+            let span = super::trace::duty_span(prefix, &duty.worker, duty.reason());
             let env = Envelope {
+                trace: super::trace::traceparent(&span),
                 request_id: format!(
                     "{prefix}-n{}-t{}-{}",
                     self.cfg.id,

@@ -36,3 +36,22 @@ pub(super) fn propose_span(request_id: &str) -> tracing::Span {
         outcome = tracing::field::Empty
     )
 }
+
+/// The root span of a decision of the leader's duties (a lease or straggler decision:
+/// the detection of a fault on the controller's side); ended once proposed. A plan the
+/// decision makes carries its context to the workers.
+pub(super) fn duty_span(kind: &str, worker: &str, reason: &str) -> tracing::Span {
+    tracing::info_span!(
+        parent: None,
+        "recovery.detection",
+        detected_by = "controller",
+        duty = kind,
+        worker = worker,
+        reason = reason,
+    )
+}
+
+/// The span's context for the proposal's envelope (none without a trace pipeline).
+pub(super) fn traceparent(span: &tracing::Span) -> Option<phalanx_proto::TraceParent> {
+    phalanx_telemetry::traces::traceparent(span)
+}

@@ -1,0 +1,162 @@
+//! A recovery as one trace across processes (issue 12). A worker whose epoch broke
+//! records `recovery.detection` (from its last committed step to the error, a root) and
+//! sends its reports under `recovery.report`, so that the controller's `api.request` and
+//! `raft.propose` (the decision and its Raft commit) join the trace; the plan the report
+//! made carries the proposal's `traceparent` ([`phalanx_proto::Plan::trace`]). Every
+//! rank of the new plan then records its phases as children of that context:
+//! `recovery.plan` (from the end of its old epoch until it starts the rendezvous of the
+//! new one), `recovery.rendezvous`, `recovery.state_agreement` (attribute `source`:
+//! peers, checkpoint or initial) and `recovery.first_step`, which ends where the MTTR
+//! the worker reports ends. On one worker these phases are contiguous, so their sum is
+//! that worker's MTTR. When the controller detected the fault (a lease), its
+//! `recovery.detection` is the root instead.
+//!
+//! The phases are recorded after the fact with their wall-clock bounds
+//! ([`phalanx_telemetry::traces::record_span`]); without a trace pipeline nothing is
+//! recorded and nothing here costs more than reading the clock.
+
+use std::time::{Instant, SystemTime};
+
+use phalanx_proto::TraceParent;
+use phalanx_telemetry::traces::{record_span, set_parent, set_unsampled, KeyValue};
+
+/// The wall-clock time of an `Instant` in the past.
+pub(crate) fn wall(at: Instant) -> SystemTime {
+    SystemTime::now()
+        .checked_sub(at.elapsed())
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+/// A span for a periodic call (heartbeat, poll, progress report) that no trace records:
+/// enter it around the call.
+pub(crate) fn quiet(name: &'static str) -> tracing::Span {
+    let span = tracing::info_span!("worker.poll", call = name);
+    set_unsampled(&span);
+    span
+}
+
+/// Where a worker stands in a recovery, across its epochs.
+#[derive(Debug, Default)]
+pub(crate) struct RecoveryTrace {
+    /// When this worker's last epoch ended (with an error, or superseded): the new plan's
+    /// wait starts there.
+    pub ended_at: Option<SystemTime>,
+}
+
+impl RecoveryTrace {
+    /// The epoch broke at `now`, `last_step` being this worker's last committed step:
+    /// records the detection and returns the span under which the reports go (the child
+    /// of the detection; disabled when nothing records traces).
+    pub fn detected(
+        &mut self,
+        worker: &str,
+        epoch: u64,
+        error: &str,
+        last_step: Option<Instant>,
+    ) -> tracing::Span {
+        let now = SystemTime::now();
+        let detection = record_span(
+            "recovery.detection",
+            None,
+            last_step.map(wall).unwrap_or(now),
+            now,
+            vec![
+                KeyValue::new("detected_by", "worker"),
+                KeyValue::new("worker", worker.to_string()),
+                KeyValue::new("epoch", epoch as i64),
+                KeyValue::new("error", error.chars().take(300).collect::<String>()),
+            ],
+        );
+        let report = tracing::info_span!("recovery.report", worker, epoch);
+        if let Some(d) = &detection {
+            set_parent(&report, d);
+        }
+        report
+    }
+
+    /// The epoch ended (the report is done, or it was superseded).
+    pub fn ended(&mut self) {
+        self.ended_at = Some(SystemTime::now());
+    }
+
+    /// The phases of one epoch as they end; does nothing unless the epoch's plan has a
+    /// trace context and is a recovery (not the job's first plan).
+    pub fn epoch(&mut self, plan: Option<&TraceParent>, epoch: u64, rank: usize) -> EpochTrace {
+        let began = self.ended_at.take();
+        EpochTrace {
+            parent: plan.filter(|_| epoch > 1).cloned(),
+            epoch,
+            rank,
+            mark: began.unwrap_or_else(SystemTime::now),
+            first_step_done: false,
+        }
+    }
+}
+
+/// The recovery phases of one epoch on one worker, each from the end of the one before.
+#[derive(Debug)]
+pub(crate) struct EpochTrace {
+    parent: Option<TraceParent>,
+    epoch: u64,
+    rank: usize,
+    mark: SystemTime,
+    first_step_done: bool,
+}
+
+impl EpochTrace {
+    fn phase(&mut self, name: &'static str, mut attrs: Vec<KeyValue>) -> Option<TraceParent> {
+        let now = SystemTime::now();
+        let start = std::mem::replace(&mut self.mark, now);
+        let parent = self.parent.as_ref()?;
+        attrs.push(KeyValue::new("epoch", self.epoch as i64));
+        attrs.push(KeyValue::new("rank", self.rank as i64));
+        record_span(name, Some(parent), start, now, attrs)
+    }
+
+    /// From the old epoch's end until this rank starts the rendezvous.
+    pub fn plan_received(&mut self) {
+        self.phase("recovery.plan", vec![]);
+    }
+
+    /// The group formed (or failed to).
+    pub fn rendezvous_done(&mut self, ok: bool) {
+        self.phase("recovery.rendezvous", vec![KeyValue::new("ok", ok)]);
+    }
+
+    /// The state agreement ended; `source` is what `sync_state` says (`peer rank R`,
+    /// `checkpoint step S`, `initial state`) or the error.
+    pub fn state_agreed(&mut self, source: Result<&str, String>) {
+        let attrs = match source {
+            Ok(s) => {
+                let kind = if s.starts_with("peer") {
+                    "peers"
+                } else if s.starts_with("checkpoint") {
+                    "checkpoint"
+                } else {
+                    "initial"
+                };
+                vec![
+                    KeyValue::new("source", kind),
+                    KeyValue::new("source.detail", s.to_string()),
+                ]
+            }
+            Err(e) => vec![KeyValue::new("error", e)],
+        };
+        self.phase("recovery.state_agreement", attrs);
+    }
+
+    /// The epoch's first step is committed (where the MTTR ends). Returns the span under
+    /// which the resume report goes (disabled when nothing records traces).
+    pub fn first_step(&mut self, step: u64) -> Option<tracing::Span> {
+        if std::mem::replace(&mut self.first_step_done, true) {
+            return None;
+        }
+        let tp = self.phase(
+            "recovery.first_step",
+            vec![KeyValue::new("step", step as i64)],
+        )?;
+        let span = tracing::info_span!("recovery.resume_report", epoch = self.epoch);
+        set_parent(&span, &tp);
+        Some(span)
+    }
+}
