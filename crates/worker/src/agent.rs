@@ -361,7 +361,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), WorkerError> {
                 drop(reporting);
                 drop(report);
                 recovery.ended();
-                std::thread::sleep(backoff);
+                wait_for_newer_epoch(&client, &cfg.id, &shared, a.epoch, backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
         }
@@ -692,6 +692,30 @@ fn report_silence(
         }
         shared.reporting.store(false, Ordering::SeqCst);
     });
+}
+
+/// The pause after an epoch failed: `backoff`, or less when the controller has already
+/// made a newer plan (the reports just sent usually make it at once): the assignment is
+/// polled every 20 ms meanwhile, and a newer epoch, seen there or by the heartbeats, ends
+/// the wait. Without a newer plan the full back-off keeps a failing epoch from being
+/// retried in a tight loop.
+fn wait_for_newer_epoch(client: &Client, id: &str, shared: &Shared, epoch: u64, backoff: Duration) {
+    let until = Instant::now() + backoff;
+    loop {
+        if shared.epoch.load(Ordering::SeqCst) > epoch {
+            return;
+        }
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        std::thread::sleep(left.min(Duration::from_millis(20)));
+        let polled = quiet("assignment")
+            .in_scope(|| client.get::<Assignment>(&format!("/v1/assignment/{id}")));
+        if let Ok(a) = polled {
+            shared.epoch.fetch_max(a.epoch, Ordering::SeqCst);
+        }
+    }
 }
 
 /// The silence threshold for the group's recent step times.

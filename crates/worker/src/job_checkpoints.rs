@@ -234,6 +234,10 @@ pub struct Checkpointing {
     seed: u64,
     /// Steps rank 0 recorded in the catalog this epoch.
     recorded: Vec<u64>,
+    /// Rank 0: the durable shard records received per step, until every rank's is in.
+    /// Ranks finish their writes at different steps (one behind on a loaded machine), so
+    /// a step's records can arrive over several exchanges.
+    pending: ShardSets,
     /// Each checkpoint as one trace.
     traces: crate::checkpoint_trace::CheckpointTraces,
 }
@@ -262,6 +266,7 @@ impl Checkpointing {
             world,
             seed: job.seed,
             recorded: Vec::new(),
+            pending: ShardSets::default(),
             traces: crate::checkpoint_trace::CheckpointTraces::new(rank),
         })
     }
@@ -298,6 +303,13 @@ impl Checkpointing {
             warn!("checkpoint writes still pending after 30 s");
         }
         self.commit_ready(engine, group, epoch, cfg)?;
+        if !self.pending.0.is_empty() {
+            let steps: Vec<&u64> = self.pending.0.keys().collect();
+            warn!(
+                ?steps,
+                "checkpoint shard sets still incomplete at the epoch's end; not committed"
+            );
+        }
         let Some(last) = final_step else {
             return Ok(());
         };
@@ -370,22 +382,10 @@ impl Checkpointing {
             }
             return Ok(());
         }
-        let mut by_step: std::collections::BTreeMap<u64, Vec<ShardRecord>> = Default::default();
         for part in parts {
-            for r in part.shards {
-                by_step.entry(r.step).or_default().push(r);
-            }
+            self.pending.add(part.shards);
         }
-        for (step, shards) in by_step {
-            if shards.len() != self.world {
-                warn!(
-                    step,
-                    have = shards.len(),
-                    world = self.world,
-                    "incomplete checkpoint shard set; not committed"
-                );
-                continue;
-            }
+        for (step, shards) in self.pending.complete(self.world) {
             let span = self.traces.commit_span(step);
             let outcome = span.in_scope(|| self.commit_one(engine, step, shards, epoch, cfg));
             let recorded = self.recorded.contains(&step);
@@ -481,6 +481,49 @@ impl Checkpointing {
     }
 }
 
+/// Rank 0's durable shard records per step, gathered over the exchanges of an epoch.
+#[derive(Debug, Default)]
+struct ShardSets(std::collections::BTreeMap<u64, Vec<ShardRecord>>);
+
+impl ShardSets {
+    /// Adds records; a rank's newer record of a step replaces its older one.
+    fn add(&mut self, records: Vec<ShardRecord>) {
+        for r in records {
+            let set = self.0.entry(r.step).or_default();
+            set.retain(|x| x.rank != r.rank);
+            set.push(r);
+        }
+    }
+
+    /// Takes the steps every one of `world` ranks has a record of, oldest first. An
+    /// incomplete step older than a complete one is dropped with a warning: its missing
+    /// shard's write failed or was given up, and a newer checkpoint supersedes it.
+    fn complete(&mut self, world: usize) -> Vec<(u64, Vec<ShardRecord>)> {
+        let done: Vec<u64> = self
+            .0
+            .iter()
+            .filter(|(_, set)| set.len() == world)
+            .map(|(s, _)| *s)
+            .collect();
+        if let Some(&newest) = done.last() {
+            for (step, set) in self.0.range(..newest) {
+                if set.len() != world {
+                    warn!(
+                        step,
+                        have = set.len(),
+                        world,
+                        "incomplete checkpoint shard set superseded by step {newest}; not committed"
+                    );
+                }
+            }
+            self.0.retain(|s, set| *s > newest || set.len() == world);
+        }
+        done.into_iter()
+            .map(|s| (s, self.0.remove(&s).expect("listed above")))
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -528,6 +571,39 @@ mod tests {
             let why = manifest_mismatch(&m, &want, 100).expect(what);
             assert!(why.contains(what), "{why}");
         }
+    }
+
+    fn rec(step: u64, rank: usize) -> ShardRecord {
+        ShardRecord {
+            file: format!("shard-{rank}-of-3.bin"),
+            rank,
+            world: 3,
+            step,
+            range: 0..1,
+            bytes: 1,
+            sha256: String::new(),
+            params_section_sha256: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_step_whose_shards_arrive_over_several_exchanges_is_committed() {
+        let mut sets = ShardSets::default();
+        // Rank 2's write of step 40 finishes a step later than the others'.
+        sets.add(vec![rec(40, 0), rec(40, 1)]);
+        assert!(sets.complete(3).is_empty());
+        sets.add(vec![rec(40, 2)]);
+        let done = sets.complete(3);
+        assert_eq!(done.len(), 1);
+        assert_eq!((done[0].0, done[0].1.len()), (40, 3));
+        // A rank's record sent twice counts once.
+        sets.add(vec![rec(60, 0), rec(60, 0), rec(60, 1)]);
+        assert!(sets.complete(3).is_empty());
+        // Step 60 never completes (rank 2 gave up); step 80 does and supersedes it.
+        sets.add(vec![rec(80, 0), rec(80, 1), rec(80, 2), rec(100, 1)]);
+        let done: Vec<u64> = sets.complete(3).into_iter().map(|d| d.0).collect();
+        assert_eq!(done, vec![80]);
+        assert_eq!(sets.0.keys().copied().collect::<Vec<_>>(), vec![100]);
     }
 
     #[test]
