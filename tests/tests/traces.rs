@@ -13,7 +13,9 @@
 //! receiver, a worker killed mid-run gives a trace (the plan's `traceparent`) whose spans
 //! come from a surviving worker's detection and report, a controller's request and Raft
 //! commit, and the new plan's phases on every surviving rank, and whose extent is the MTTR
-//! that `phalanx job status --json` reports.
+//! that `phalanx job status --json` reports. A worker stopped with SIGSTOP (a hang) gives
+//! one trace too: a survivor's detection of the silent peer, its report, the leader's
+//! decision that confirms it, and the same phases.
 use std::net::TcpListener as StdListener;
 use std::process::Stdio;
 use std::sync::Mutex;
@@ -495,9 +497,38 @@ const PHASES: [&str; 4] = [
     "recovery.first_step",
 ];
 
+/// A worker killed with SIGKILL: its peers' collectives usually fail at once (their
+/// connections close), but a peer blocked on it may also see only silence until the
+/// leader confirms it (the path of a hang, below); either way, one trace.
 #[test]
 fn a_killed_worker_gives_one_recovery_trace_across_three_processes_whose_extent_is_the_reported_mttr(
 ) {
+    one_recovery_one_trace("KILL");
+}
+
+/// A worker stopped with SIGSTOP (a hang): no connection closes; its peers report it
+/// silent, the leader confirms the report against its stopped heartbeats, and that
+/// decision joins the reporting worker's trace, so the recovery is still one trace whose
+/// extent is the MTTR.
+#[test]
+fn a_hung_worker_gives_one_recovery_trace_from_the_silence_report_through_the_leaders_confirmation()
+{
+    one_recovery_one_trace("STOP");
+}
+
+/// Kills a worker (SIGKILL when dropped).
+struct KillPid(i64);
+
+impl Drop for KillPid {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &self.0.to_string()])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn one_recovery_one_trace(signal: &str) {
     let _one = ONE_CLUSTER.lock().unwrap_or_else(|p| p.into_inner());
     let receiver = Receiver::start();
     let dir = tempfile::tempdir().unwrap();
@@ -536,7 +567,7 @@ fn a_killed_worker_gives_one_recovery_trace_across_three_processes_whose_extent_
         },
     );
 
-    // SIGKILL a worker: its peers' collectives fail at once (connection refused).
+    // The fault: SIGKILL or SIGSTOP to worker w1.
     let cluster: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(cdir.join("cluster.json")).unwrap()).unwrap();
     let workers = cluster["workers"].as_array().unwrap();
@@ -545,11 +576,12 @@ fn a_killed_worker_gives_one_recovery_trace_across_three_processes_whose_extent_
         .find(|w| w["id"] == "w1")
         .unwrap_or_else(|| panic!("no w1 in {cluster}"));
     let victim_pid = victim["pid"].as_i64().unwrap();
+    let _victim = KillPid(victim_pid);
     let st = std::process::Command::new("kill")
-        .args(["-9", &victim_pid.to_string()])
+        .args([format!("-{signal}"), victim_pid.to_string()])
         .status()
         .unwrap();
-    assert!(st.success(), "kill -9 {victim_pid}");
+    assert!(st.success(), "kill -{signal} {victim_pid}");
 
     // The recovery as the controller reports it.
     let recovery = wait_for(
@@ -623,7 +655,16 @@ fn a_killed_worker_gives_one_recovery_trace_across_three_processes_whose_extent_
     };
     eprintln!("trace {}:", hex(&trace_id));
     for s in shown {
-        let keys = ["source", "outcome", "http.route", "detected_by", "step"];
+        let keys = [
+            "source",
+            "outcome",
+            "http.route",
+            "detected_by",
+            "step",
+            "silent_peer",
+            "error",
+            "reason",
+        ];
         let a: Vec<String> = keys
             .iter()
             .filter_map(|k| attr(s, k).map(|v| format!("{k}={v}")))
@@ -639,8 +680,8 @@ fn a_killed_worker_gives_one_recovery_trace_across_three_processes_whose_extent_
         );
     }
 
-    // The processes: a worker's detection, a controller's decision and commit, the
-    // survivors' phases.
+    // The processes: a worker's detection (of an error or of a silent peer), a
+    // controller's decision and commit, the survivors' phases.
     let mut pids: Vec<i64> = spans.iter().map(|s| s.pid).collect();
     pids.sort();
     pids.dedup();
@@ -649,14 +690,38 @@ fn a_killed_worker_gives_one_recovery_trace_across_three_processes_whose_extent_
         !pids.contains(&victim_pid),
         "the killed worker is in the trace"
     );
-    let detection = spans
+    let detections: Vec<&Got> = spans
         .iter()
-        .find(|s| s.name == "recovery.detection")
-        .unwrap();
+        .filter(|s| s.name == "recovery.detection")
+        .collect();
+    assert_eq!(detections.len(), 1, "one detection: {detections:?}");
+    let detection = detections[0];
     assert!(
         detection.parent_span_id.iter().all(|b| *b == 0),
         "the detection is the root: {detection:?}"
     );
+    assert_eq!(
+        attr(detection, "detected_by").as_deref(),
+        Some("worker"),
+        "a surviving worker detects the fault before any lease runs out: {detection:?}"
+    );
+    if signal == "STOP" {
+        // Nothing closed: the detection is of a silent peer, and the leader's decision
+        // that confirmed it (its heartbeats stopped too) is in the trace.
+        assert!(
+            attr(detection, "silent_peer").is_some(),
+            "a hang is detected as a silent peer: {detection:?}"
+        );
+        let decision = spans
+            .iter()
+            .find(|s| s.name == "recovery.decision")
+            .unwrap_or_else(|| panic!("no leader decision in the trace"));
+        assert_eq!(decision.service, "phalanx-controller", "{decision:?}");
+        assert!(
+            attr(decision, "reason").is_some_and(|r| r.contains("silent")),
+            "{decision:?}"
+        );
+    }
     assert!(
         spans.iter().any(|s| s.service == "phalanx-controller"
             && s.name == "raft.propose"
@@ -696,30 +761,32 @@ fn a_killed_worker_gives_one_recovery_trace_across_three_processes_whose_extent_
     }
     // The detecting worker's phases follow one another: detection, report, plan,
     // rendezvous, state agreement, first step, each starting where the one before ended
-    // (each is measured from one clock reading to the next on that worker).
+    // (each is measured from one clock reading to the next on that worker). After a
+    // silence report the epoch may still fail (the silent peer's connections closed at
+    // last): then the time blocked since the report (`recovery.wait`) and the reports of
+    // the failure come between the report and the plan.
     let mut chain: Vec<&Got> = spans
         .iter()
         .filter(|s| {
             s.pid == detection.pid
                 && (s.name == "recovery.detection"
                     || s.name == "recovery.report"
+                    || s.name == "recovery.wait"
                     || PHASES.contains(&s.name.as_str()))
         })
         .collect();
     chain.sort_by_key(|s| s.start_ns);
     let chain_names: Vec<&str> = chain.iter().map(|s| s.name.as_str()).collect();
-    assert_eq!(
-        chain_names,
-        [
-            "recovery.detection",
-            "recovery.report",
-            "recovery.plan",
-            "recovery.rendezvous",
-            "recovery.state_agreement",
-            "recovery.first_step"
-        ],
-        "the detecting worker's phases"
-    );
+    let reported: &[&str] = if chain_names.contains(&"recovery.wait") {
+        &["recovery.report", "recovery.wait", "recovery.report"]
+    } else {
+        &["recovery.report"]
+    };
+    let expected: Vec<&str> = std::iter::once("recovery.detection")
+        .chain(reported.iter().copied())
+        .chain(PHASES)
+        .collect();
+    assert_eq!(chain_names, expected, "the detecting worker's phases");
     for w in chain.windows(2) {
         let gap = ms(w[1].start_ns) - ms(w[0].end_ns);
         assert!(

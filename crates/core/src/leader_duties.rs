@@ -6,7 +6,9 @@
 
 use std::collections::BTreeMap;
 
-use phalanx_proto::{Command, HeartbeatRequest, Plan, WorkerHealth, WorkerId, WorkerInfo};
+use phalanx_proto::{
+    Command, HeartbeatRequest, Plan, TraceParent, WorkerHealth, WorkerId, WorkerInfo,
+};
 
 use crate::leases::{LeaseConfig, Leases};
 use crate::policy::{StragglerConfig, StragglerDecision, Stragglers};
@@ -47,6 +49,10 @@ pub struct Duty {
     pub kind: DutyKind,
     pub worker: WorkerId,
     pub command: Command,
+    /// The trace of the evidence behind the decision (a worker's detection of the silence
+    /// a lease decision confirms), which the decision joins; none when the leader's own
+    /// observation (a lease that ran out, a straggler) is all the evidence.
+    pub trace: Option<TraceParent>,
 }
 
 impl Duty {
@@ -106,7 +112,7 @@ impl LeaderDuties {
         now_ms: u64,
         cfg: &DutiesConfig,
     ) {
-        let named = hb.silent_peer.and_then(|sp| {
+        let named = hb.silent_peer.as_ref().and_then(|sp| {
             let plan = plan?;
             (plan.epoch == sp.epoch)
                 .then(|| plan.ranks.get(sp.rank as usize).cloned())
@@ -118,8 +124,7 @@ impl LeaderDuties {
             self.leases.progress(&hb.worker, step, now_ms);
         }
         if let Some((named, sp)) = &named {
-            self.leases
-                .silence_report(&hb.worker, named, sp.epoch, sp.rank, sp.silent_ms, now_ms);
+            self.leases.silence_report(&hb.worker, named, sp, now_ms);
         }
         if let Some(t) = hb.compute_ms.filter(|t| t.is_finite() && *t >= 0.0) {
             self.compute_ms.insert(hb.worker.clone(), t);
@@ -157,6 +162,7 @@ impl LeaderDuties {
             self.inflight.insert(worker.clone(), (health, now_ms));
             out.push(Duty {
                 kind: DutyKind::Lease,
+                trace: self.leases.take_report_trace(&worker, now_ms, &cfg.lease),
                 worker: worker.clone(),
                 command: Command::SetWorkerHealth {
                     id: worker,
@@ -196,6 +202,7 @@ impl LeaderDuties {
                 kind: DutyKind::Straggler,
                 worker,
                 command,
+                trace: None,
             });
         }
         out
@@ -295,6 +302,7 @@ mod tests {
             epoch: 2,
             rank: 1,
             silent_ms: 900,
+            trace: None,
         });
         d.on_heartbeat(&hb("b"), Some(&plan), 0, &cfg);
         d.on_heartbeat(&report, Some(&plan), 1_000, &cfg);
@@ -303,11 +311,87 @@ mod tests {
             epoch: 3,
             rank: 1,
             silent_ms: 900,
+            trace: None,
         });
         d.on_heartbeat(&report, Some(&plan), 1_050, &cfg);
         let duties = d.on_tick(1_050, &ws, Some(&plan), &cfg);
         assert_eq!(duties.len(), 1, "{duties:?}");
         assert_eq!(duties[0].health(), Some(WorkerHealth::Failed));
         assert!(duties[0].reason().contains("reported rank 1 of epoch 3"));
+        assert_eq!(duties[0].trace, None, "the report had no trace");
+    }
+
+    /// The decision that confirms a silence report joins the reporter's trace (one
+    /// recovery, one trace); a decision on the leader's own evidence (a lease that ran
+    /// out) starts its own.
+    #[test]
+    fn a_confirmed_silence_report_carries_the_reporters_trace_into_the_decision() {
+        let cfg = DutiesConfig {
+            lease: LeaseConfig {
+                grace_ms: 0,
+                ..LeaseConfig::default()
+            },
+            ..DutiesConfig::default()
+        };
+        let ws = workers(&["a", "b", "c"]);
+        let plan = Plan {
+            trace: None,
+            epoch: 1,
+            ranks: vec!["a".into(), "b".into(), "c".into()],
+            reason: String::new(),
+            micro_shares: vec![],
+        };
+        let tp =
+            TraceParent::parse("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01").unwrap();
+        let mut d = LeaderDuties::new(0);
+        for w in ["a", "b", "c"] {
+            d.on_heartbeat(&hb(w), Some(&plan), 0, &cfg);
+        }
+        // b stops at 0; a reports it silent at 400 with its detection's trace; c keeps
+        // heartbeating until it too stops, at 1_000, with nobody reporting it.
+        let mut report = hb("a");
+        report.silent_peer = Some(SilentPeer {
+            epoch: 1,
+            rank: 1,
+            silent_ms: 400,
+            trace: Some(tp.clone()),
+        });
+        d.on_heartbeat(&report, Some(&plan), 400, &cfg);
+        d.on_heartbeat(&hb("c"), Some(&plan), 500, &cfg);
+        assert!(d.on_tick(450, &ws, Some(&plan), &cfg).is_empty());
+        let mut decided = Vec::new();
+        for t in (500..=7_000).step_by(50) {
+            if t % 100 == 0 && t < 5_500 {
+                d.on_heartbeat(&hb("a"), Some(&plan), t, &cfg);
+            }
+            if t <= 1_000 && t % 100 == 0 {
+                d.on_heartbeat(&hb("c"), Some(&plan), t, &cfg);
+            }
+            decided.extend(
+                d.on_tick(t, &ws, Some(&plan), &cfg)
+                    .into_iter()
+                    .map(|x| (t, x)),
+            );
+        }
+        let b = decided
+            .iter()
+            .find(|(_, x)| x.worker == "b")
+            .expect("b failed");
+        assert_eq!(b.1.health(), Some(WorkerHealth::Failed), "{decided:?}");
+        assert!(b.0 <= 600, "confirmed once 500 ms quiet: {decided:?}");
+        assert_eq!(
+            b.1.trace.as_ref(),
+            Some(&tp),
+            "b's decision joins a's trace"
+        );
+        let c = decided
+            .iter()
+            .find(|(_, x)| x.worker == "c")
+            .expect("c's lease ran out");
+        assert_eq!(c.1.trace, None, "c's decision is the leader's own: {c:?}");
+        assert!(
+            decided.iter().filter(|(_, x)| x.trace.is_some()).count() == 1,
+            "one detection, one decision in its trace: {decided:?}"
+        );
     }
 }

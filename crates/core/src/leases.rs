@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use phalanx_proto::{WorkerHealth, WorkerId, WorkerInfo};
+use phalanx_proto::{SilentPeer, TraceParent, WorkerHealth, WorkerId, WorkerInfo};
 
 use crate::policy::Reason;
 
@@ -94,6 +94,10 @@ pub struct Leases {
     steps: BTreeMap<WorkerId, (u64, u64)>,
     /// The newest silence report naming each worker.
     silent: BTreeMap<WorkerId, SilenceReport>,
+    /// The trace of the newest silence report naming each worker, and when it came: the
+    /// decision about that worker joins it. Kept apart from `silent`, which a decision
+    /// consumes before the duty that proposes it asks for the trace.
+    report_traces: BTreeMap<WorkerId, (TraceParent, u64)>,
     /// When each worker last reported waiting on a silent peer (it is blocked itself).
     waiting_ms: BTreeMap<WorkerId, u64>,
     /// Workers made suspect by a silence report, with the step they must move past.
@@ -112,6 +116,7 @@ impl Leases {
             failed_seen_ms: BTreeMap::new(),
             steps: BTreeMap::new(),
             silent: BTreeMap::new(),
+            report_traces: BTreeMap::new(),
             waiting_ms: BTreeMap::new(),
             must_progress: BTreeMap::new(),
             gaps: BTreeMap::new(),
@@ -140,16 +145,14 @@ impl Leases {
         }
     }
 
-    /// `reporter` waits on rank `rank` of plan epoch `epoch`, which is `named`, and has
-    /// heard nothing from it for `silent_ms` (the caller resolved the rank in the current
-    /// plan; reports about other epochs never get here).
+    /// `reporter` waits on the rank `report.rank` of plan epoch `report.epoch`, which is
+    /// `named`, and has heard nothing from it for `report.silent_ms` (the caller resolved
+    /// the rank in the current plan; reports about other epochs never get here).
     pub fn silence_report(
         &mut self,
         reporter: &str,
         named: &str,
-        epoch: u64,
-        rank: u32,
-        silent_ms: u64,
+        report: &SilentPeer,
         now_ms: u64,
     ) {
         self.waiting_ms.insert(reporter.to_string(), now_ms);
@@ -157,12 +160,29 @@ impl Leases {
             named.to_string(),
             SilenceReport {
                 reporter: reporter.to_string(),
-                epoch,
-                rank,
-                silent_ms,
+                epoch: report.epoch,
+                rank: report.rank,
+                silent_ms: report.silent_ms,
                 at_ms: now_ms,
             },
         );
+        if let Some(t) = &report.trace {
+            self.report_traces
+                .insert(named.to_string(), (t.clone(), now_ms));
+        }
+    }
+
+    /// The trace of the newest silence report naming `worker` that still counts
+    /// (`report_ttl_ms`), for the decision about it; taken, so that one detection leads
+    /// to one decision in its trace.
+    pub fn take_report_trace(
+        &mut self,
+        worker: &str,
+        now_ms: u64,
+        cfg: &LeaseConfig,
+    ) -> Option<TraceParent> {
+        let (t, at) = self.report_traces.remove(worker)?;
+        (now_ms.saturating_sub(at) <= cfg.report_ttl_ms).then_some(t)
     }
 
     /// The decision a fresh silence report about `w` supports, if any: failed when its
@@ -387,6 +407,15 @@ impl Leases {
 mod tests {
     use super::*;
 
+    fn sp(epoch: u64, rank: u32, silent_ms: u64) -> SilentPeer {
+        SilentPeer {
+            epoch,
+            rank,
+            silent_ms,
+            trace: None,
+        }
+    }
+
     fn workers(ws: &[(&str, WorkerHealth)]) -> BTreeMap<WorkerId, WorkerInfo> {
         ws.iter()
             .map(|(id, h)| {
@@ -431,9 +460,9 @@ mod tests {
             }
         };
         beat(&mut l, 1_150);
-        l.silence_report("c", "b", 3, 1, 150, 1_150);
-        l.silence_report("d", "c", 3, 2, 150, 1_160);
-        l.silence_report("a", "d", 3, 3, 150, 1_170);
+        l.silence_report("c", "b", &sp(3, 1, 150), 1_150);
+        l.silence_report("d", "c", &sp(3, 2, 150), 1_160);
+        l.silence_report("a", "d", &sp(3, 3, 150), 1_170);
         // b's last heartbeat is 300 ms old: not yet confirmed.
         assert!(l.decide(1_300, &ws, &cfg).is_empty());
         beat(&mut l, 1_400);
@@ -460,7 +489,7 @@ mod tests {
             l.heartbeat("w", t, &cfg);
             l.heartbeat("p", t, &cfg);
         }
-        l.silence_report("p", "w", 1, 0, 200, 1_000);
+        l.silence_report("p", "w", &sp(1, 0, 200), 1_000);
         // The leader's loop stalled 700 ms: both look quiet, so nothing is confirmed.
         assert!(l.decide(1_700, &ws, &cfg).is_empty());
         // Once the reporter's heartbeats are processed again, w's silence is confirmed.
@@ -483,7 +512,7 @@ mod tests {
             l.heartbeat("w", t, &cfg);
         }
         assert_eq!(l.silent_confirm_ms("w", &cfg), 900);
-        l.silence_report("p", "w", 1, 0, 200, 1_000);
+        l.silence_report("p", "w", &sp(1, 0, 200), 1_000);
         l.heartbeat("p", 1_150, &cfg);
         assert!(
             l.decide(1_200, &ws, &cfg).is_empty(),
@@ -509,7 +538,7 @@ mod tests {
             l.heartbeat("s", t, &cfg);
             l.progress("s", t / 300, t);
             if t % 500 == 0 {
-                l.silence_report("p", "s", 1, 0, 200, t);
+                l.silence_report("p", "s", &sp(1, 0, 200), t);
             }
             assert!(l.decide(t, &ws, &cfg).is_empty(), "t={t}");
         }
@@ -519,7 +548,7 @@ mod tests {
         for t in (6_100..=14_000).step_by(100) {
             l.heartbeat("s", t, &cfg);
             l.progress("s", 20, t);
-            l.silence_report("p", "s", 1, 0, 200, t);
+            l.silence_report("p", "s", &sp(1, 0, 200), t);
             for (w, d, r) in l.decide(t, &ws, &cfg) {
                 ws.get_mut(&w).unwrap().health = d.health();
                 decisions.push((t, d, r));
@@ -542,7 +571,7 @@ mod tests {
         for t in (0..=2_500).step_by(100) {
             l2.heartbeat("s", t, &cfg);
             l2.progress("s", 7, t);
-            l2.silence_report("p", "s", 1, 0, 200, t);
+            l2.silence_report("p", "s", &sp(1, 0, 200), t);
             for (w, d, _) in l2.decide(t, &ws2, &cfg) {
                 ws2.get_mut(&w).unwrap().health = d.health();
             }

@@ -678,11 +678,16 @@ pub struct HeartbeatRequest {
 }
 
 /// A rank of a plan epoch that a worker waits on and hears nothing from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SilentPeer {
     pub epoch: u64,
     pub rank: u32,
     pub silent_ms: u64,
+    /// The trace of the reporting worker's detection: the leader's decision that confirms
+    /// the report (and the plan it makes) joins it, so that a recovery from a silent peer
+    /// is one trace like one from a dead peer (issue 12).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<TraceParent>,
 }
 
 /// `GET /v1/assignment/{worker}`.

@@ -221,6 +221,7 @@ pub fn episode_inputs(
                         epoch: 1,
                         rank: 1,
                         silent_ms: silent_for,
+                        trace: None,
                     });
                 inputs.push(DutyInput::Heartbeat {
                     hb: HeartbeatRequest {

@@ -11,6 +11,15 @@
 //! that worker's MTTR. When the controller detected the fault (a lease), its
 //! `recovery.detection` is the root instead.
 //!
+//! A peer that falls silent (hung, or not yet gone) fails no operation: the worker
+//! records `recovery.detection` when it notices the silence and sends the report under
+//! `recovery.report`; the report carries that context ([`phalanx_proto::SilentPeer::trace`])
+//! and the leader's decision that confirms it (`recovery.decision`) joins the trace. The
+//! plan phase then starts at the report: the epoch only ran on, blocked, until the new
+//! plan superseded it. If the epoch fails after the report (the peer's connections
+//! closed at last), `recovery.wait` covers the time blocked and the new reports join the
+//! same detection.
+//!
 //! The phases are recorded after the fact with their wall-clock bounds
 //! ([`phalanx_telemetry::traces::record_span`]); without a trace pipeline nothing is
 //! recorded and nothing here costs more than reading the clock.
@@ -45,38 +54,48 @@ pub(crate) struct RecoveryTrace {
 
 impl RecoveryTrace {
     /// The epoch broke at `now`, `last_step` being this worker's last committed step:
-    /// records the detection and returns the span under which the reports go (the child
-    /// of the detection; disabled when nothing records traces).
+    /// records the detection and returns its context with the span under which the
+    /// reports go (the child of the detection; disabled when nothing records traces).
+    /// After a silence this
+    /// worker reported in the epoch, that report's detection is the one: the time
+    /// blocked since the report is `recovery.wait`, and the reports join its trace.
     pub fn detected(
         &mut self,
         worker: &str,
         epoch: u64,
         error: &str,
         last_step: Option<Instant>,
-    ) -> tracing::Span {
-        let now = SystemTime::now();
-        let detection = record_span(
-            "recovery.detection",
-            None,
-            last_step.map(wall).unwrap_or(now),
-            now,
-            vec![
-                KeyValue::new("detected_by", "worker"),
-                KeyValue::new("worker", worker.to_string()),
-                KeyValue::new("epoch", epoch as i64),
-                KeyValue::new("error", error.chars().take(300).collect::<String>()),
-            ],
+        silence: Option<SilenceTrace>,
+    ) -> (Option<TraceParent>, tracing::Span) {
+        let error = KeyValue::new("error", error.chars().take(300).collect::<String>());
+        let Some(SilenceTrace {
+            detection: Some(detection),
+            reported_at: Some(reported_at),
+            ..
+        }) = silence
+        else {
+            return detect(worker, epoch, last_step, error);
+        };
+        record_span(
+            "recovery.wait",
+            Some(&detection),
+            reported_at,
+            SystemTime::now(),
+            vec![KeyValue::new("epoch", epoch as i64), error],
         );
         let report = tracing::info_span!("recovery.report", worker, epoch);
-        if let Some(d) = &detection {
-            set_parent(&report, d);
-        }
-        report
+        set_parent(&report, &detection);
+        (Some(detection), report)
     }
 
-    /// The epoch ended (the report is done, or it was superseded).
-    pub fn ended(&mut self) {
-        self.ended_at = Some(SystemTime::now());
+    /// The epoch ended (the report is done, or it was superseded); after a silence this
+    /// worker reported in it, the wait for the new plan began at that report.
+    pub fn ended(&mut self, silence: Option<SilenceTrace>) {
+        self.ended_at = Some(
+            silence
+                .and_then(|s| s.reported_at)
+                .unwrap_or_else(SystemTime::now),
+        );
     }
 
     /// The phases of one epoch as they end; does nothing unless the epoch's plan has a
@@ -90,6 +109,72 @@ impl RecoveryTrace {
             mark: began.unwrap_or_else(SystemTime::now),
             first_step_done: false,
         }
+    }
+}
+
+/// Records `recovery.detection` from `last_step` (this worker's last committed step) to
+/// now, a root, and returns its context with the `recovery.report` span (its child) for
+/// the reports.
+fn detect(
+    worker: &str,
+    epoch: u64,
+    last_step: Option<Instant>,
+    cause: KeyValue,
+) -> (Option<TraceParent>, tracing::Span) {
+    let now = SystemTime::now();
+    let detection = record_span(
+        "recovery.detection",
+        None,
+        last_step.map(wall).unwrap_or(now),
+        now,
+        vec![
+            KeyValue::new("detected_by", "worker"),
+            KeyValue::new("worker", worker.to_string()),
+            KeyValue::new("epoch", epoch as i64),
+            cause,
+        ],
+    );
+    let report = tracing::info_span!("recovery.report", worker, epoch);
+    if let Some(d) = &detection {
+        set_parent(&report, d);
+    }
+    (detection, report)
+}
+
+/// A silent peer this worker reported in `epoch`: the detection it recorded (`None`
+/// without a trace pipeline) and when the report had been sent.
+#[derive(Debug, Clone)]
+pub(crate) struct SilenceTrace {
+    pub epoch: u64,
+    pub detection: Option<TraceParent>,
+    pub reported_at: Option<SystemTime>,
+}
+
+impl SilenceTrace {
+    /// The first silence of `epoch`: records the detection (from `last_step` to now) and
+    /// returns it with the span under which the report goes.
+    pub fn detected(
+        worker: &str,
+        epoch: u64,
+        peer_rank: usize,
+        silent_ms: u64,
+        last_step: Option<Instant>,
+    ) -> (SilenceTrace, tracing::Span) {
+        let (detection, report) = detect(
+            worker,
+            epoch,
+            last_step,
+            KeyValue::new(
+                "silent_peer",
+                format!("rank {peer_rank}, silent for {silent_ms} ms"),
+            ),
+        );
+        let trace = SilenceTrace {
+            epoch,
+            detection,
+            reported_at: None,
+        };
+        (trace, report)
     }
 }
 

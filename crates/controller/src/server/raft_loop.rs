@@ -581,9 +581,11 @@ impl RaftLoop {
                 DutyKind::Lease => "lease",
                 DutyKind::Straggler => "straggler",
             };
-            // The decision is the root of its trace (a recovery the controller detected):
-            // a plan it makes carries its context to the workers.
-            let span = super::trace::duty_span(prefix, &duty.worker, duty.reason());
+            // The decision joins the trace of the report it confirms, or is the root of its
+            // own (a recovery the controller detected): a plan it makes carries its
+            // context to the workers.
+            let span =
+                super::trace::duty_span(prefix, &duty.worker, duty.reason(), duty.trace.as_ref());
             let env = Envelope {
                 trace: super::trace::traceparent(&span),
                 request_id: format!(

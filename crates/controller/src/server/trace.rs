@@ -37,18 +37,39 @@ pub(super) fn propose_span(request_id: &str) -> tracing::Span {
     )
 }
 
-/// The root span of a decision of the leader's duties (a lease or straggler decision:
-/// the detection of a fault on the controller's side); ended once proposed. A plan the
-/// decision makes carries its context to the workers.
-pub(super) fn duty_span(kind: &str, worker: &str, reason: &str) -> tracing::Span {
-    tracing::info_span!(
-        parent: None,
-        "recovery.detection",
-        detected_by = "controller",
-        duty = kind,
-        worker = worker,
-        reason = reason,
-    )
+/// The span of a decision of the leader's duties (a lease or straggler decision), ended
+/// once proposed; a plan the decision makes carries its context to the workers. On the
+/// leader's own evidence (a lease that ran out, a straggler) it is the root of its trace,
+/// `recovery.detection`: the controller detected the fault. Confirming a worker's report
+/// (`evidence`, the trace of the worker's detection of a silent peer), it is
+/// `recovery.decision`, the child of that report.
+pub(super) fn duty_span(
+    kind: &str,
+    worker: &str,
+    reason: &str,
+    evidence: Option<&phalanx_proto::TraceParent>,
+) -> tracing::Span {
+    match evidence {
+        None => tracing::info_span!(
+            parent: None,
+            "recovery.detection",
+            detected_by = "controller",
+            duty = kind,
+            worker = worker,
+            reason = reason,
+        ),
+        Some(report) => {
+            let span = tracing::info_span!(
+                parent: None,
+                "recovery.decision",
+                duty = kind,
+                worker = worker,
+                reason = reason,
+            );
+            phalanx_telemetry::traces::set_parent(&span, report);
+            span
+        }
+    }
 }
 
 /// The span's context for the proposal's envelope (none without a trace pipeline).
