@@ -261,7 +261,7 @@ fn otlp_links_cli_and_controller_spans_in_one_trace_makes_each_checkpoint_one_tr
     drop(silent);
 
     // The worker (`phalanx-train worker start`, started by `cluster up` with the same
-    // environment) exports too: its checkpoint writes as spans.
+    // environment) exports too: its checkpoint writes as spans, the fsync among them.
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let spans = receiver.spans();
@@ -283,10 +283,18 @@ fn otlp_links_cli_and_controller_spans_in_one_trace_makes_each_checkpoint_one_tr
                 .iter()
                 .any(|(s, n, p)| s == svc && n == name && p == parent)
         };
-        if has("phalanx-worker", "ckpt_write_shard", "ckpt_async_write")
+        if has("phalanx-worker", "checkpoint.fsync", "checkpoint.write")
             && names.iter().any(|(_, n, _)| n == "ckpt_commit_manifest")
         {
             eprintln!("(service, span, parent span) received: {names:#?}");
+            // The writer thread's own spans are debug: the checkpoint's trace has their
+            // phases, and no trace of its own per write reaches the collector.
+            assert!(
+                !names
+                    .iter()
+                    .any(|(_, n, _)| n == "ckpt_async_write" || n == "ckpt_write_shard"),
+                "the writer's debug spans were exported: {names:#?}"
+            );
             break;
         }
         assert!(
@@ -298,8 +306,9 @@ fn otlp_links_cli_and_controller_spans_in_one_trace_makes_each_checkpoint_one_tr
     }
 
     // Each checkpoint is one trace across the two ranks and a controller: rank 0's
-    // `checkpoint` root, both ranks' snapshot and write, rank 0's commit with the
-    // manifest's write and the controller's commit of the catalog entry under it.
+    // `checkpoint` root, both ranks' snapshot and write (with the writer thread's file
+    // write and fsync under it), rank 0's commit with the manifest's write and the
+    // controller's commit of the catalog entry under it.
     let deadline = Instant::now() + Duration::from_secs(120);
     let (root, trace) = loop {
         let spans = receiver.spans();
@@ -327,6 +336,7 @@ fn otlp_links_cli_and_controller_spans_in_one_trace_makes_each_checkpoint_one_tr
                 };
                 let complete = pids("checkpoint.snapshot") == 2
                     && pids("checkpoint.write") == 2
+                    && pids("checkpoint.fsync") == 2
                     && trace.iter().any(|s| s.name == "raft.propose");
                 complete.then(|| (root.clone(), trace))
             });
@@ -379,6 +389,23 @@ fn otlp_links_cli_and_controller_spans_in_one_trace_makes_each_checkpoint_one_tr
             s.pid != root.pid || (s.start_ns >= root.start_ns && s.end_ns <= root.end_ns),
             "rank 0's {} lies within the checkpoint's span",
             s.name
+        );
+    }
+    // Each rank's write holds the writer thread's phases, timed by the writer: the
+    // shard's bytes, then fsync, rename and the directory's fsync, within the write.
+    for write in trace.iter().filter(|s| s.name == "checkpoint.write") {
+        let child = |name: &str| {
+            trace
+                .iter()
+                .find(|s| s.name == name && s.parent_span_id == write.span_id)
+                .unwrap_or_else(|| panic!("no {name} under {write:?}"))
+        };
+        let (bytes, fsync) = (child("checkpoint.file_write"), child("checkpoint.fsync"));
+        assert_eq!((bytes.pid, fsync.pid), (write.pid, write.pid));
+        assert!(bytes.end_ns <= fsync.start_ns, "{bytes:?} then {fsync:?}");
+        assert!(
+            fsync.end_ns <= write.end_ns,
+            "durable before the step loop saw it: {fsync:?} {write:?}"
         );
     }
     let commit = trace

@@ -78,7 +78,7 @@ pub use load::{
     CheckpointEntry, LatestValid, LoadedState, ProblemKind, ShardProblem, VerifyReport,
 };
 pub use retention::{apply_retention, RetentionReport};
-pub use store::{commit_manifest, write_shard, RankState};
+pub use store::{commit_manifest, write_shard, RankState, WriteTimes};
 pub use writer::{
     AsyncCheckpointer, CheckpointEvent, CheckpointerConfig, SharedRankState, SnapshotError,
     WaitError,

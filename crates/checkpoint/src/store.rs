@@ -5,7 +5,7 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use sha2::{Digest, Sha256};
 
@@ -117,6 +117,16 @@ impl<'a> ShardParts<'a> {
     }
 }
 
+/// When the phases of one shard's write happened (wall clock), for the checkpoint's trace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WriteTimes {
+    /// The temp file created and its bytes written.
+    pub write: (SystemTime, SystemTime),
+    /// Durable: fsync of the file, its rename into place and the fsync of the step
+    /// directory.
+    pub fsync: (SystemTime, SystemTime),
+}
+
 /// Writes this rank's shard of checkpoint `state.step` under `root` and makes it durable
 /// (temp file, fsync, rename, fsync of the step directory). Returns the record the
 /// manifest committer needs. `fault` lets chaos tests make the write fail.
@@ -128,7 +138,7 @@ pub fn write_shard(
     fault: Option<&FaultInjector>,
 ) -> Result<ShardRecord> {
     let parts = ShardParts::from_state(state, world, rank)?;
-    write_shard_parts(root, &parts, fault)
+    write_shard_parts(root, &parts, fault).map(|(rec, _)| rec)
 }
 
 const CHUNK_FLOATS: usize = 1 << 18; // 1 MiB of bytes per write
@@ -137,8 +147,10 @@ pub(crate) fn write_shard_parts(
     root: &Path,
     parts: &ShardParts<'_>,
     fault: Option<&FaultInjector>,
-) -> Result<ShardRecord> {
-    let span = tracing::info_span!(
+) -> Result<(ShardRecord, WriteTimes)> {
+    // Debug: a worker's checkpoint trace has this write's phases as spans of their own
+    // (`WriteTimes`), so no separate trace of it is exported.
+    let span = tracing::debug_span!(
         "ckpt_write_shard",
         step = parts.step,
         rank = parts.rank,
@@ -163,6 +175,8 @@ pub(crate) fn write_shard_parts(
             .map_err(CheckpointError::io("write", &path))?;
     }
     let header = parts.header();
+    let write_began = SystemTime::now();
+    let mut fsync_began = write_began;
     let result = (|| -> Result<(u64, String, String)> {
         let mut file = File::create(&tmp).map_err(CheckpointError::io("create", &tmp))?;
         let mut file_hash = Sha256::new();
@@ -189,6 +203,7 @@ pub(crate) fn write_shard_parts(
         file.write_all(parts.extra)
             .map_err(CheckpointError::io("write", &tmp))?;
         file_hash.update(parts.extra);
+        fsync_began = SystemTime::now();
         file.sync_all()
             .map_err(CheckpointError::io("fsync", &tmp))?;
         let bytes = file
@@ -214,8 +229,12 @@ pub(crate) fn write_shard_parts(
     }
     fs::rename(&tmp, &path).map_err(CheckpointError::io("rename", &path))?;
     sync_dir(&dir)?;
+    let times = WriteTimes {
+        write: (write_began, fsync_began),
+        fsync: (fsync_began, SystemTime::now()),
+    };
     tracing::debug!(bytes, ms = started.elapsed().as_millis() as u64, file = %path.display(), "shard durable");
-    Ok(ShardRecord {
+    let rec = ShardRecord {
         file: name,
         rank: parts.rank,
         world: parts.world,
@@ -224,7 +243,8 @@ pub(crate) fn write_shard_parts(
         bytes,
         sha256,
         params_section_sha256,
-    })
+    };
+    Ok((rec, times))
 }
 
 fn write_f32s(

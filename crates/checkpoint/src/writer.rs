@@ -14,7 +14,7 @@ use crate::fault::FaultInjector;
 use crate::format::{LayoutEntry, ManifestSpec, ShardRecord};
 use crate::retention::apply_retention;
 use crate::store::{
-    commit_manifest, validate_rank_state, write_shard_parts, RankState, ShardParts,
+    commit_manifest, validate_rank_state, write_shard_parts, RankState, ShardParts, WriteTimes,
 };
 
 /// Configuration of an [`AsyncCheckpointer`]. Build with [`CheckpointerConfig::new`] and
@@ -73,12 +73,14 @@ impl CheckpointerConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CheckpointEvent {
     /// This rank's shard of `step` is durable (fsynced and renamed, directory fsynced);
-    /// with `auto_commit` the manifest is committed too. `write_ms` counts all attempts.
+    /// with `auto_commit` the manifest is committed too. `write_ms` counts all attempts;
+    /// `times` are the phases of the attempt that succeeded.
     Durable {
         step: u64,
         shard: ShardRecord,
         bytes: u64,
         write_ms: u64,
+        times: WriteTimes,
     },
     /// Attempt `attempt` (1-based) failed.
     Failed {
@@ -649,7 +651,8 @@ fn process_job(
     let parts = job.parts(cfg.world, cfg.rank);
     let mut attempt: u32 = 1;
     let outcome = loop {
-        let span = tracing::info_span!("ckpt_async_write", step, rank = cfg.rank, attempt);
+        // Debug, like `ckpt_write_shard`: the checkpoint's trace has the phases.
+        let span = tracing::debug_span!("ckpt_async_write", step, rank = cfg.rank, attempt);
         let result = span.in_scope(|| attempt_write(cfg, &parts));
         match result {
             Ok(rec) => break Ok(rec),
@@ -684,12 +687,13 @@ fn process_job(
     };
     let write_ms = started.elapsed().as_millis() as u64;
     let status = match outcome {
-        Ok((rec, committed)) => {
+        Ok((rec, committed, times)) => {
             let _ = events.send(CheckpointEvent::Durable {
                 step,
                 bytes: rec.bytes,
                 shard: rec.clone(),
                 write_ms,
+                times,
             });
             if let Some(manifest_path) = committed {
                 let _ = events.send(CheckpointEvent::Committed {
@@ -739,10 +743,10 @@ fn process_job(
 fn attempt_write(
     cfg: &CheckpointerConfig,
     parts: &ShardParts<'_>,
-) -> Result<(ShardRecord, Option<PathBuf>)> {
-    let rec = write_shard_parts(&cfg.root, parts, cfg.fault.as_ref())?;
+) -> Result<(ShardRecord, Option<PathBuf>, WriteTimes)> {
+    let (rec, times) = write_shard_parts(&cfg.root, parts, cfg.fault.as_ref())?;
     if !cfg.auto_commit {
-        return Ok((rec, None));
+        return Ok((rec, None, times));
     }
     let spec = ManifestSpec {
         step: parts.step,
@@ -755,5 +759,5 @@ fn attempt_write(
     };
     commit_manifest(&cfg.root, &spec, vec![rec.clone()])?;
     let path = crate::format::step_dir(&cfg.root, parts.step).join(crate::format::MANIFEST_FILE);
-    Ok((rec, Some(path)))
+    Ok((rec, Some(path), times))
 }

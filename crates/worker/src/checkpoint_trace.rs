@@ -2,8 +2,10 @@
 //! takes the step's snapshot and ends it when the controller has committed the
 //! checkpoint to its catalog. Under it: every rank's `checkpoint.snapshot` (the training
 //! thread handing the state to the writer) and `checkpoint.write` (from the snapshot until
-//! the step loop learns that the rank's shard is durable: staged copy, write, fsync and
-//! rename, with the writer's own `write_ms`), and rank 0's `checkpoint.commit` (the
+//! the step loop learns that the rank's shard is durable, with the writer's own
+//! `write_ms`), with the writer thread's phases as its children, timed by the writer:
+//! `checkpoint.file_write` (the shard's bytes) and `checkpoint.fsync` (fsync, rename and
+//! the directory's fsync: durable); and rank 0's `checkpoint.commit` (the
 //! manifest's write, `ckpt_commit_manifest`, and the `RecordCheckpoint` call whose
 //! `traceparent` puts the controller's `api.request` and `raft.propose` in the trace).
 //!
@@ -13,7 +15,7 @@
 
 use std::time::SystemTime;
 
-use phalanx_checkpoint::ShardRecord;
+use phalanx_checkpoint::{ShardRecord, WriteTimes};
 use phalanx_proto::TraceParent;
 use phalanx_telemetry::traces::{record_span, set_parent, start_span, KeyValue, OpenSpan};
 use serde::{Deserialize, Serialize};
@@ -36,8 +38,8 @@ struct Pending {
     /// Rank 0's root (on rank 0 only).
     root: Option<OpenSpan>,
     snap: (SystemTime, SystemTime),
-    /// When the step loop saw the shard durable, and the writer's `write_ms`.
-    durable: Option<(SystemTime, u64)>,
+    /// When the step loop saw the shard durable, the writer's `write_ms` and its phases.
+    durable: Option<(SystemTime, u64, WriteTimes)>,
 }
 
 /// One rank's checkpoint traces.
@@ -88,18 +90,38 @@ impl CheckpointTraces {
         }
     }
 
-    /// The shard of `step` is durable (seen now; the writer took `write_ms`).
-    pub fn durable(&mut self, step: u64, write_ms: u64) {
-        let now = SystemTime::now();
-        let attrs = self.attrs(step);
-        let Some(p) = self.pending.iter_mut().find(|p| p.step == step) else {
+    /// `checkpoint.write` of `p` under `root`, and the writer's phases under it.
+    fn record_write(&self, root: &TraceParent, p: &Pending) {
+        let Some((seen, write_ms, times)) = p.durable else {
             return;
         };
-        p.durable = Some((now, write_ms));
+        let mut a = self.attrs(p.step);
+        a.push(KeyValue::new("write_ms", write_ms as i64));
+        let Some(write) = record_span("checkpoint.write", Some(root), p.snap.1, seen, a) else {
+            return;
+        };
+        let (w0, w1) = times.write;
+        record_span(
+            "checkpoint.file_write",
+            Some(&write),
+            w0,
+            w1,
+            self.attrs(p.step),
+        );
+        let (f0, f1) = times.fsync;
+        record_span("checkpoint.fsync", Some(&write), f0, f1, self.attrs(p.step));
+    }
+
+    /// The shard of `step` is durable (seen now; the writer took `write_ms`, in `times`).
+    pub fn durable(&mut self, step: u64, write_ms: u64, times: WriteTimes) {
+        let now = SystemTime::now();
+        let Some(i) = self.pending.iter().position(|p| p.step == step) else {
+            return;
+        };
+        self.pending[i].durable = Some((now, write_ms, times));
+        let p = &self.pending[i];
         if let Some(r) = &p.root {
-            let mut a = attrs;
-            a.push(KeyValue::new("write_ms", write_ms as i64));
-            record_span("checkpoint.write", Some(r.traceparent()), p.snap.1, now, a);
+            self.record_write(r.traceparent(), p);
         }
     }
 
@@ -119,8 +141,7 @@ impl CheckpointTraces {
         }
         let mut done = Vec::new();
         for p in &self.pending {
-            let (Some((seen, write_ms)), Some((_, root))) =
-                (p.durable, roots.iter().find(|(s, _)| *s == p.step))
+            let (Some(_), Some((_, root))) = (p.durable, roots.iter().find(|(s, _)| *s == p.step))
             else {
                 continue;
             };
@@ -131,9 +152,7 @@ impl CheckpointTraces {
                 p.snap.1,
                 self.attrs(p.step),
             );
-            let mut a = self.attrs(p.step);
-            a.push(KeyValue::new("write_ms", write_ms as i64));
-            record_span("checkpoint.write", Some(root), p.snap.1, seen, a);
+            self.record_write(root, p);
             done.push(p.step);
         }
         self.pending.retain(|p| !done.contains(&p.step));

@@ -338,10 +338,11 @@ impl Checkpointing {
                     step,
                     shard,
                     write_ms,
+                    times,
                     ..
                 } => {
                     crate::metrics::checkpoint_durable(write_ms, self.snaps.stall(step));
-                    self.traces.durable(step, write_ms);
+                    self.traces.durable(step, write_ms, times);
                     self.durable.push(shard)
                 }
                 CheckpointEvent::Failed {
