@@ -186,6 +186,18 @@ fn killing_the_controller_leader_does_not_stop_training() {
         "the term did not change after the leader kill: {} -> {term}\n{s:?}",
         before.get()
     );
+    // Every worker registered with this machine's CPU vendor (placement keeps a plan to
+    // one vendor: core::policy::plan_vendor).
+    let vendor = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("vendor_id").and_then(|r| r.split_once(':')))
+        .map(|(_, v)| v.trim().to_string())
+        .unwrap_or_default();
+    assert!(!s.workers.is_empty());
+    for w in &s.workers {
+        assert_eq!(w.device.cpu_vendor, vendor, "{w:?}");
+    }
 }
 
 /// Runs [`scenario`] with `kind` injected into rank `rank`; checks that the worker that

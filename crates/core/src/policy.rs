@@ -27,25 +27,30 @@ pub enum PlacementDecision {
 /// group broke up when the job stopped, and they wait for a new epoch).
 ///
 /// Only workers of the job's numerics profile ([`JobSpec::numerics`], reported by each
-/// worker in its [`phalanx_proto::DeviceSpec`]) get a rank, so every rank of a plan
-/// computes the same bits; the reason names the workers left out for their profile.
+/// worker in its [`phalanx_proto::DeviceSpec`]) get a rank, and only workers of one CPU
+/// vendor ([`plan_vendor`]), so every rank of a plan computes the same bits; the reason
+/// names the workers left out for their profile or vendor.
 pub fn place(
     spec: &JobSpec,
     current: Option<&Plan>,
     waiting: bool,
     workers: &BTreeMap<WorkerId, WorkerInfo>,
 ) -> (PlacementDecision, Reason) {
-    let fits = |w: &WorkerInfo| w.health.placeable() && w.device.numerics == spec.numerics;
+    let profile = |w: &WorkerInfo| w.device.numerics == spec.numerics;
+    let vendor = plan_vendor(spec, current, workers);
+    let class = |w: &WorkerInfo| {
+        profile(w)
+            && vendor
+                .as_ref()
+                .is_none_or(|(v, _)| w.device.cpu_vendor == *v)
+    };
+    let fits = |w: &WorkerInfo| w.health.placeable() && class(w);
     // A suspect keeps the rank it holds: suspicion asks for proof (heartbeats, progress),
     // and only a failure, a drain or a quarantine takes a rank away, so one slow or
     // briefly silent rank is not evicted. It gets no new rank while suspect.
     let in_plan = |w: &WorkerInfo| current.is_some_and(|p| p.ranks.contains(&w.id));
-    let holds = |w: &WorkerInfo| {
-        fits(w)
-            || (w.health == WorkerHealth::Suspect
-                && w.device.numerics == spec.numerics
-                && in_plan(w))
-    };
+    let holds =
+        |w: &WorkerInfo| fits(w) || (w.health == WorkerHealth::Suspect && class(w) && in_plan(w));
     let placeable: Vec<&WorkerId> = workers
         .values()
         .filter(|w| holds(w))
@@ -53,18 +58,29 @@ pub fn place(
         .collect();
     let other_profile: Vec<String> = workers
         .values()
-        .filter(|w| w.health.placeable() && w.device.numerics != spec.numerics)
+        .filter(|w| w.health.placeable() && !profile(w))
         .map(|w| format!("{} ({})", w.id, w.device.numerics))
         .collect();
-    let left_out = if other_profile.is_empty() {
-        String::new()
-    } else {
-        format!(
+    let other_vendor: Vec<String> = workers
+        .values()
+        .filter(|w| w.health.placeable() && profile(w) && !class(w))
+        .map(|w| format!("{} ({})", w.id, vendor_name(&w.device.cpu_vendor)))
+        .collect();
+    let mut left_out = String::new();
+    if !other_profile.is_empty() {
+        left_out += &format!(
             "; left out for their numerics profile (the job needs {}): {}",
             spec.numerics,
             other_profile.join(", ")
-        )
-    };
+        );
+    }
+    if let Some((v, why)) = vendor.as_ref().filter(|_| !other_vendor.is_empty()) {
+        left_out += &format!(
+            "; left out for their CPU vendor (the plan computes on {}, {why}): {}",
+            vendor_name(v),
+            other_vendor.join(", ")
+        );
+    }
     let min = spec.world_size_min as usize;
     let max = spec.world_size_max as usize;
     if placeable.len() < min {
@@ -112,6 +128,64 @@ pub fn place(
         Some(p) => format!("re-shard from {} to {} ranks", p.ranks.len(), ranks.len()),
     } + &left_out;
     (PlacementDecision::NewPlan { ranks }, reason)
+}
+
+/// How a CPU vendor appears in a reason (`unknown` for a worker that reports none).
+fn vendor_name(v: &str) -> &str {
+    if v.is_empty() {
+        "unknown"
+    } else {
+        v
+    }
+}
+
+/// The CPU vendor the job's plan computes on, and why: the numerics libraries take other
+/// kernels per vendor, so a plan never mixes vendors. The current plan's vendor (its
+/// ranks share one) while at least `world_size_min` placeable workers of the job's profile
+/// have it; else the vendor with the most of them (ties: the first by name), which then
+/// changes the job's bits from this plan on, and the reason says so. `None` when no worker
+/// of the job's profile is placeable.
+pub fn plan_vendor(
+    spec: &JobSpec,
+    current: Option<&Plan>,
+    workers: &BTreeMap<WorkerId, WorkerInfo>,
+) -> Option<(String, Reason)> {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for w in workers.values() {
+        if w.device.numerics == spec.numerics
+            && (w.health.placeable()
+                || (w.health == WorkerHealth::Suspect
+                    && current.is_some_and(|p| p.ranks.contains(&w.id))))
+        {
+            *counts.entry(w.device.cpu_vendor.as_str()).or_default() += 1;
+        }
+    }
+    let current_vendor = current
+        .and_then(|p| {
+            p.ranks
+                .iter()
+                .filter_map(|id| workers.get(id))
+                .find(|w| w.device.numerics == spec.numerics)
+        })
+        .map(|w| w.device.cpu_vendor.as_str());
+    let min = (spec.world_size_min as usize).max(1);
+    if let Some(v) = current_vendor {
+        if counts.get(v).copied().unwrap_or(0) >= min {
+            return Some((v.to_string(), "the current plan's".into()));
+        }
+    }
+    // Most workers first; among equals, the first by name (BTreeMap order, stable sort).
+    let mut by_size: Vec<(&str, usize)> = counts.into_iter().collect();
+    by_size.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+    let (v, n) = by_size.first().copied()?;
+    let why = match current_vendor {
+        Some(c) if c != v => format!(
+            "fewer than {min} placeable workers of the current plan's {} remain, so the job's bits change from here",
+            vendor_name(c)
+        ),
+        _ => format!("the vendor of most placeable workers, {n}"),
+    };
+    Some((v.to_string(), why))
 }
 
 /// Straggler detection: a rank's compute time against the median of the plan's ranks.
@@ -470,6 +544,77 @@ mod tests {
         );
     }
 
+    /// MKL and oneDNN compute other bits on another CPU vendor: a plan never mixes
+    /// vendors. It takes the vendor of most workers, keeps its vendor while enough of
+    /// its workers remain, and switches (saying the bits change) only when they do not.
+    #[test]
+    fn placement_never_mixes_cpu_vendors_in_one_plan() {
+        let mut ws = workers(&[
+            ("a", WorkerHealth::Joining),
+            ("b", WorkerHealth::Joining),
+            ("c", WorkerHealth::Joining),
+            ("d", WorkerHealth::Joining),
+            ("e", WorkerHealth::Joining),
+        ]);
+        for (id, v) in [
+            ("a", "AuthenticAMD"),
+            ("b", "GenuineIntel"),
+            ("c", "AuthenticAMD"),
+            ("d", "GenuineIntel"),
+            ("e", "GenuineIntel"),
+        ] {
+            ws.get_mut(id).unwrap().device.cpu_vendor = v.into();
+        }
+        let ranks = |d: PlacementDecision| match d {
+            PlacementDecision::NewPlan { ranks } => ranks,
+            other => panic!("{other:?}"),
+        };
+        // The vendor of most workers: three Intel against two AMD.
+        let (d, reason) = place(&spec(2, 8), None, false, &ws);
+        assert_eq!(ranks(d), ["b", "d", "e"]);
+        assert!(
+            reason.contains("left out for their CPU vendor (the plan computes on GenuineIntel")
+                && reason.contains("a (AuthenticAMD), c (AuthenticAMD)"),
+            "{reason}"
+        );
+        // A plan on the AMD pair keeps its vendor: Intel workers do not join it.
+        let plan = Plan {
+            trace: None,
+            epoch: 1,
+            ranks: vec!["a".into(), "c".into()],
+            reason: String::new(),
+            micro_shares: Vec::new(),
+        };
+        let (d, reason) = place(&spec(2, 8), Some(&plan), false, &ws);
+        assert_eq!(d, PlacementDecision::Keep, "{reason}");
+        assert_eq!(
+            plan_vendor(&spec(2, 8), Some(&plan), &ws),
+            Some(("AuthenticAMD".into(), "the current plan's".into()))
+        );
+        // One AMD worker fails: fewer than the minimum of 2 remain on AMD, so the job
+        // moves to Intel, and the reason says its bits change.
+        ws.get_mut("c").unwrap().health = WorkerHealth::Failed;
+        let (d, reason) = place(&spec(2, 8), Some(&plan), false, &ws);
+        assert_eq!(ranks(d), ["b", "d", "e"]);
+        assert!(
+            reason.contains(
+                "fewer than 2 placeable workers of the current plan's AuthenticAMD remain"
+            ) && reason.contains("a (AuthenticAMD)"),
+            "{reason}"
+        );
+        // With a minimum of 1 the lone AMD worker carries on.
+        let (d, _) = place(&spec(1, 8), Some(&plan), false, &ws);
+        assert_eq!(ranks(d), ["a"]);
+        // A worker that reports no vendor (it predates the field) is a class of its own.
+        ws.get_mut("b").unwrap().device.cpu_vendor = String::new();
+        let (d, reason) = place(&spec(1, 8), None, false, &ws);
+        assert_eq!(ranks(d), ["d", "e"]);
+        assert!(reason.contains("b (unknown)"), "{reason}");
+        // Every worker of one vendor: nothing is left out, nothing said.
+        let same = workers(&[("x", WorkerHealth::Joining), ("y", WorkerHealth::Joining)]);
+        let (_, reason) = place(&spec(1, 8), None, false, &same);
+        assert!(!reason.contains("vendor"), "{reason}");
+    }
     #[test]
     fn a_waiting_job_gets_a_new_plan_even_on_its_old_workers() {
         let ws = workers(&[("a", WorkerHealth::Healthy), ("b", WorkerHealth::Joining)]);

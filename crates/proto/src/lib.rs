@@ -161,6 +161,13 @@ pub struct DeviceSpec {
     /// device's name for a real one; empty from workers that predate it.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub model: String,
+    /// The host CPU's vendor (`vendor_id` of /proc/cpuinfo): MKL and oneDNN take other
+    /// kernels on `AuthenticAMD` than on `GenuineIntel` even when pinned to AVX2, so
+    /// workers of the same numerics profile compute other bits on other vendors, and
+    /// placement never mixes them in one plan. Empty when unknown, or from workers that
+    /// predate it (a class of its own).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cpu_vendor: String,
 }
 
 impl DeviceSpec {

@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime};
 
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::{
-    Span as _, SpanContext, TraceContextExt, TraceFlags, TraceState, Tracer as _,
+    Link, Span as _, SpanContext, TraceContextExt, TraceFlags, TraceState, Tracer as _,
     TracerProvider as _,
 };
 use opentelemetry::Context;
@@ -250,12 +250,31 @@ pub fn record_span(
     end: SystemTime,
     attributes: Vec<KeyValue>,
 ) -> Option<TraceParent> {
+    record_linked_span(name, parent, &[], start, end, attributes)
+}
+
+/// [`record_span`] with span links: `links` name spans of other traces that this one
+/// follows from (a worker's own detection of a fault whose recovery another worker's
+/// report started, say). A link whose span is the parent's trace's is kept all the same.
+pub fn record_linked_span(
+    name: &'static str,
+    parent: Option<&TraceParent>,
+    links: &[TraceParent],
+    start: SystemTime,
+    end: SystemTime,
+    attributes: Vec<KeyValue>,
+) -> Option<TraceParent> {
     let tracer = GLOBAL.read().unwrap_or_else(|p| p.into_inner()).clone()?;
     let cx = parent.map(context_of).unwrap_or_default();
+    let links: Vec<Link> = links
+        .iter()
+        .map(|l| Link::with_context(context_of(l).span().span_context().clone()))
+        .collect();
     let builder = tracer
         .span_builder(name)
         .with_start_time(start)
-        .with_attributes(attributes);
+        .with_attributes(attributes)
+        .with_links(links);
     let mut span = tracer.build_with_context(builder, &cx);
     let sc = span.span_context().clone();
     span.end_with_timestamp(end.max(start));
@@ -459,6 +478,10 @@ mod tests {
         let root_tp = open.traceparent().clone();
         record_span("checkpoint.write", Some(&root_tp), start, end, vec![]);
         open.end(vec![KeyValue::new("outcome", "committed")]);
+        // A span of one trace that follows from a span of another: a link.
+        let elsewhere =
+            TraceParent::parse("00-11111111111111111111111111111111-2222222222222222-01").unwrap();
+        record_linked_span("linked", Some(&parent), &[elsewhere], start, end, vec![]);
         let mut sent = HashMap::new();
         tracing::subscriber::with_default(subscriber, || {
             let quiet = tracing::info_span!("worker.poll");
@@ -483,6 +506,21 @@ mod tests {
         let write = spans.iter().find(|s| s.name == "checkpoint.write").unwrap();
         assert_eq!(write.parent_span_id, root.span_context.span_id());
         assert_eq!(root.start_time, start);
+        let linked = spans.iter().find(|s| s.name == "linked").unwrap();
+        assert_eq!(
+            linked.span_context.trace_id().to_string(),
+            parent.trace_id()
+        );
+        let links: Vec<String> = linked
+            .links
+            .iter()
+            .map(|l| format!("{}-{}", l.span_context.trace_id(), l.span_context.span_id()))
+            .collect();
+        assert_eq!(
+            links,
+            ["11111111111111111111111111111111-2222222222222222"],
+            "the link names the other trace's span"
+        );
         let tp = TraceParent::parse(&sent[TRACEPARENT]).unwrap();
         assert!(!tp.sampled(), "an unsampled call says so: {tp}");
         *GLOBAL.write().unwrap() = None;

@@ -254,12 +254,24 @@ pub fn cpu_model_name() -> Option<String> {
 
 /// The first `model name` of a `/proc/cpuinfo` text.
 fn cpu_model_in(cpuinfo: &str) -> Option<String> {
+    cpuinfo_field(cpuinfo, "model name")
+}
+
+/// This machine's CPU vendor (`vendor_id` of /proc/cpuinfo: `GenuineIntel`,
+/// `AuthenticAMD`, ...), if known. The numerics libraries take other kernels per vendor,
+/// so the same numerics profile computes other bits on another vendor.
+pub fn cpu_vendor() -> Option<String> {
+    cpuinfo_field(&std::fs::read_to_string("/proc/cpuinfo").ok()?, "vendor_id")
+}
+
+/// The first non-empty `key` field of a `/proc/cpuinfo` text.
+fn cpuinfo_field(cpuinfo: &str, key: &str) -> Option<String> {
     cpuinfo
         .lines()
-        .find(|l| l.starts_with("model name"))
+        .find(|l| l.split(':').next().map(str::trim) == Some(key))
         .and_then(|l| l.split_once(':'))
-        .map(|(_, name)| name.trim().to_string())
-        .filter(|name| !name.is_empty())
+        .map(|(_, v)| v.trim().to_string())
+        .filter(|v| !v.is_empty())
 }
 
 /// `$XDG_CACHE_HOME/phalanx/cpu-peak.json` (or `~/.cache/...`).
@@ -465,6 +477,10 @@ mod tests {
         assert_eq!(cpu_model_in(info).as_deref(), Some("AMD EPYC 9B14"));
         assert_eq!(cpu_model_in("processor\t: 0\nmodel name\t:  \n"), None);
         assert_eq!(cpu_model_in(""), None);
+        assert_eq!(
+            cpuinfo_field(info, "vendor_id").as_deref(),
+            Some("AuthenticAMD")
+        );
     }
 
     #[test]

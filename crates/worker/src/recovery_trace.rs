@@ -27,7 +27,9 @@
 use std::time::{Instant, SystemTime};
 
 use phalanx_proto::TraceParent;
-use phalanx_telemetry::traces::{record_span, set_parent, set_unsampled, KeyValue};
+use phalanx_telemetry::traces::{
+    record_linked_span, record_span, set_parent, set_unsampled, KeyValue,
+};
 
 /// The wall-clock time of an `Instant` in the past.
 pub(crate) fn wall(at: Instant) -> SystemTime {
@@ -50,15 +52,18 @@ pub(crate) struct RecoveryTrace {
     /// When this worker's last epoch ended (with an error, or superseded): the new plan's
     /// wait starts there.
     pub ended_at: Option<SystemTime>,
+    /// This worker's own detection of the fault that ended its last epoch. When the new
+    /// plan came of another worker's report (another trace), the plan phase links to it.
+    detection: Option<TraceParent>,
 }
 
 impl RecoveryTrace {
     /// The epoch broke at `now`, `last_step` being this worker's last committed step:
     /// records the detection and returns its context with the span under which the
     /// reports go (the child of the detection; disabled when nothing records traces).
-    /// After a silence this
-    /// worker reported in the epoch, that report's detection is the one: the time
-    /// blocked since the report is `recovery.wait`, and the reports join its trace.
+    /// After a silence this worker reported in the epoch, that report's detection is the
+    /// one: the time blocked since the report is `recovery.wait`, and the reports join
+    /// its trace.
     pub fn detected(
         &mut self,
         worker: &str,
@@ -74,7 +79,9 @@ impl RecoveryTrace {
             ..
         }) = silence
         else {
-            return detect(worker, epoch, last_step, error);
+            let (detection, report) = detect(worker, epoch, last_step, error);
+            self.detection = detection.clone();
+            return (detection, report);
         };
         record_span(
             "recovery.wait",
@@ -85,6 +92,7 @@ impl RecoveryTrace {
         );
         let report = tracing::info_span!("recovery.report", worker, epoch);
         set_parent(&report, &detection);
+        self.detection = Some(detection.clone());
         (Some(detection), report)
     }
 
@@ -93,17 +101,28 @@ impl RecoveryTrace {
     pub fn ended(&mut self, silence: Option<SilenceTrace>) {
         self.ended_at = Some(
             silence
+                .as_ref()
                 .and_then(|s| s.reported_at)
                 .unwrap_or_else(SystemTime::now),
         );
+        if let Some(d) = silence.and_then(|s| s.detection) {
+            self.detection = Some(d);
+        }
     }
 
     /// The phases of one epoch as they end; does nothing unless the epoch's plan has a
     /// trace context and is a recovery (not the job's first plan).
     pub fn epoch(&mut self, plan: Option<&TraceParent>, epoch: u64, rank: usize) -> EpochTrace {
         let began = self.ended_at.take();
+        let parent = plan.filter(|_| epoch > 1).cloned();
+        let link = self.detection.take().filter(|d| {
+            parent
+                .as_ref()
+                .is_some_and(|p| p.trace_id() != d.trace_id())
+        });
         EpochTrace {
-            parent: plan.filter(|_| epoch > 1).cloned(),
+            parent,
+            link,
             epoch,
             rank,
             mark: began.unwrap_or_else(SystemTime::now),
@@ -182,6 +201,8 @@ impl SilenceTrace {
 #[derive(Debug)]
 pub(crate) struct EpochTrace {
     parent: Option<TraceParent>,
+    /// This worker's own detection, in another trace than the plan's.
+    link: Option<TraceParent>,
     epoch: u64,
     rank: usize,
     mark: SystemTime,
@@ -195,10 +216,14 @@ impl EpochTrace {
         let parent = self.parent.as_ref()?;
         attrs.push(KeyValue::new("epoch", self.epoch as i64));
         attrs.push(KeyValue::new("rank", self.rank as i64));
-        record_span(name, Some(parent), start, now, attrs)
+        // The first phase links to this worker's own detection of the fault, when another
+        // worker's report made the plan: the two traces are one recovery.
+        let links: Vec<TraceParent> = self.link.take().into_iter().collect();
+        record_linked_span(name, Some(parent), &links, start, now, attrs)
     }
 
-    /// From the old epoch's end until this rank starts the rendezvous.
+    /// From the old epoch's end until this rank starts the rendezvous; linked to this
+    /// worker's own detection when that is in another trace.
     pub fn plan_received(&mut self) {
         self.phase("recovery.plan", vec![]);
     }

@@ -24,6 +24,8 @@ pub struct Got {
     pub start_ns: u64,
     pub end_ns: u64,
     pub attributes: HashMap<String, String>,
+    /// The spans of other traces this one links to: (trace id, span id).
+    pub links: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 fn text(v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>) -> String {
@@ -61,6 +63,11 @@ fn decode(body: &[u8]) -> Result<Vec<Got>, prost::DecodeError> {
                     start_ns: s.start_time_unix_nano,
                     end_ns: s.end_time_unix_nano,
                     attributes: attrs(&s.attributes),
+                    links: s
+                        .links
+                        .iter()
+                        .map(|l| (l.trace_id.clone(), l.span_id.clone()))
+                        .collect(),
                 });
             }
         }

@@ -113,6 +113,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), WorkerError> {
         .local_addr()
         .map_err(|e| WorkerError::Rendezvous(format!("listener: {e}")))?;
     let ring = crate::rendezvous::ring_credentials(cfg.tls.as_ref(), &cfg.id)?;
+    let cpu_vendor = phalanx_train::mfu::cpu_vendor().unwrap_or_default();
     let device = match &cfg.device {
         phalanx_train::device::DeviceRequest::Emulated { spec, memory_bytes } => DeviceSpec {
             kind: "cpu-emulated".into(),
@@ -120,6 +121,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), WorkerError> {
             memory_bytes: *memory_bytes,
             numerics: cfg.numerics,
             model: spec.name.to_string(),
+            cpu_vendor: cpu_vendor.clone(),
         },
         phalanx_train::device::DeviceRequest::Cuda(n) => DeviceSpec {
             kind: "cuda".into(),
@@ -127,6 +129,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), WorkerError> {
             memory_bytes: 0,
             numerics: cfg.numerics,
             model: String::new(),
+            cpu_vendor,
         },
     };
     let reg = Command::RegisterWorker {
