@@ -48,7 +48,7 @@ bench: build
     mkdir -p bench-out
     scripts/bench_cli.sh bench-out/cli.json 20
     ./target/release/phalanx bench train --model small --steps 30 --rounds 5 --out bench-out/train.json
-    ./target/release/phalanx bench train --model small --steps 30 --rounds 5 --telemetry-overhead --out bench-out/telemetry-overhead.json
+    ./target/release/phalanx bench train --model small --steps 30 --rounds 21 --telemetry-overhead --out bench-out/telemetry-overhead.json
     ./target/release/phalanx bench train --model base --steps 6 --rounds 3 --out bench-out/train-base.json
     ./target/release/phalanx bench train --model gpt2-124m --steps 2 --rounds 2 --out bench-out/train-gpt2.json
     ./target/release/phalanx bench numerics --model small --steps 100 --rounds 5 --out bench-out/numerics.json

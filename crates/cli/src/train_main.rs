@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 mod agent;
 mod bench;
+mod bench_stats;
 #[path = "ctl/export.rs"]
 mod export;
 mod model;
