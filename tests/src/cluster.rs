@@ -201,7 +201,8 @@ impl LocalCluster {
 
     /// `phalanx events --json`.
     pub fn events(&self) -> Vec<Event> {
-        serde_json::from_str(&self.ctl_ok(&["events", "--json"])).unwrap()
+        // The whole history (the controller keeps the last 1,000), not the CLI's last 50.
+        serde_json::from_str(&self.ctl_ok(&["events", "--json", "--limit=1000"])).unwrap()
     }
 
     /// Every worker's and controller's log, for failure messages.

@@ -326,7 +326,19 @@ impl Leases {
                 continue;
             }
             let heard = self.last_heartbeat_ms.get(&w.id).copied();
-            if w.health != WorkerHealth::Suspect {
+            // A debt of progress (a silence report made the worker suspect) lasts until the
+            // worker proves progress or is failed. A healthy worker that owes it is one
+            // whose suspect decision is still on its way through the log: its recorded
+            // health does not clear the debt, or the suspect decision, once applied, would
+            // be undone at once by fresh heartbeats ("heartbeats resumed"), and the next
+            // report would make it suspect again, over and over.
+            let owes = match (self.must_progress.get(&w.id), self.steps.get(&w.id)) {
+                (Some(owed), Some((step, _))) => step <= owed,
+                (owed, _) => owed.is_some(),
+            };
+            let debt_stands =
+                owes && matches!(w.health, WorkerHealth::Suspect | WorkerHealth::Healthy);
+            if !debt_stands && w.health != WorkerHealth::Suspect {
                 self.must_progress.remove(&w.id);
             }
             if self.must_progress.contains_key(&w.id) {
@@ -523,6 +535,51 @@ mod tests {
         assert_eq!(d.len(), 1);
         assert_eq!(d[0].1, LeaseDecision::MarkFailed);
         assert!(d[0].2.contains("confirmed after 900 ms"), "{d:?}");
+    }
+
+    /// The suspect decision takes a while through the log; meanwhile the worker is still
+    /// recorded healthy, and it reports a silent peer itself (a victim further along the
+    /// ring). Once the decision is applied, its fresh heartbeats must not undo it: it owes
+    /// progress. Before, the debt was dropped while the decision was in flight, and the
+    /// worker flapped suspect / healthy every tick, flooding the event log.
+    #[test]
+    fn a_suspect_decision_in_flight_keeps_the_debt_of_progress() {
+        let cfg = LeaseConfig {
+            grace_ms: 0,
+            ..LeaseConfig::default()
+        };
+        let mut ws = workers(&[("p", WorkerHealth::Healthy), ("w", WorkerHealth::Healthy)]);
+        let mut l = Leases::new(0);
+        for t in (0..=3_000).step_by(100) {
+            l.heartbeat("p", t, &cfg);
+            l.heartbeat("w", t, &cfg);
+            l.progress("w", 42, t);
+        }
+        l.silence_report("p", "w", &sp(1, 0, 0), 2_950);
+        let d = l.decide(3_000, &ws, &cfg);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!(d[0].1, LeaseDecision::MarkSuspect);
+        // Not yet applied; w reports a silent peer of its own.
+        l.silence_report("w", "p", &sp(1, 0, 0), 3_020);
+        l.heartbeat("w", 3_040, &cfg);
+        l.heartbeat("p", 3_040, &cfg);
+        assert!(l.decide(3_050, &ws, &cfg).is_empty());
+        // Applied: w is suspect, and its fresh heartbeats do not clear it.
+        ws.get_mut("w").unwrap().health = WorkerHealth::Suspect;
+        let mut decided = Vec::new();
+        for t in (3_100..=4_000).step_by(50) {
+            l.heartbeat("w", t, &cfg);
+            l.heartbeat("p", t, &cfg);
+            l.progress("w", 42, t);
+            decided.extend(l.decide(t, &ws, &cfg));
+        }
+        assert!(decided.is_empty(), "{decided:?}");
+        // It proves progress: healthy again, once.
+        l.progress("w", 43, 4_050);
+        let d = l.decide(4_050, &ws, &cfg);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!(d[0].1, LeaseDecision::MarkHealthy);
+        assert!(d[0].2.contains("progress proved"), "{d:?}");
     }
 
     #[test]
