@@ -151,61 +151,197 @@ pub fn encode_one(g: f32, scale: f64) -> i64 {
     i + i64::from(frac >= 0.5) - i64::from(frac <= -0.5)
 }
 
-/// [`encode_one`] computed on the f32 bits with integer operations only:
-/// `g = ±m * 2^e` with a 24-bit integer `m`, so `g * 2^k` is `m` shifted left
-/// (exact) or right with round-half-away-from-zero. Identical results to
-/// [`encode_one`] for every finite `g` with `|g * 2^k| < 2^62`, and it
-/// vectorizes (no float→i64 conversion, which x86 lacks before AVX-512).
+/// [`encode_one`] as two exact f64 halves, `(hi, lo)` with `round(g * 2^k) = hi * 2^32 +
+/// lo`, `hi` an integer and `0 <= lo < 2^32` an integer, using only correctly rounded
+/// float operations (so it vectorizes with AVX2, which has no float→i64 conversion):
+///
+/// - `x = g * scale` is exact (an f32 widened to f64, times a power of two).
+/// - `trunc(x + copysign(0.5, x))` is `x` rounded half away from zero: the sum is exact
+///   whenever `|x| < 2^52` (`x` has at most 24 significant bits, and a sum that would
+///   need more than 53 is one where `|x| < 0.5` and it stays below 1, or `|x| >= 2^23`
+///   and `x` is already an integer); for `|x| >= 2^52` `x` is an even integer and adding
+///   a half rounds back to it.
+/// - `hi = floor(y * 2^-32)` is exact (a power-of-two scale, then an integer part), and
+///   `lo = y - hi * 2^32` is an integer in `[0, 2^32)`, which f64 holds exactly, so the
+///   subtraction is exact.
+///
+/// Sums of up to 2^19 such halves stay exact in f64 (`|hi| <= 2^30` and `lo < 2^32`
+/// when `|x| < 2^62`).
 #[inline(always)]
-pub(crate) fn encode_bits(g: f32, k: i32) -> i64 {
-    let b = g.to_bits();
-    let biased = ((b >> 23) & 0xff) as i64;
-    let frac = (b & 0x7f_ffff) as u64;
-    let normal = biased != 0;
-    let m = if normal { frac | 0x80_0000 } else { frac };
-    // g = m * 2^(max(biased,1) - 150)
-    let sh = biased.max(1) - 150 + k as i64;
-    let left = m << sh.clamp(0, 63) as u64;
-    let d = (-sh).clamp(0, 63) as u64;
-    let right = (m + ((1u64 << d) >> 1)) >> d;
-    let mag = (if sh >= 0 { left } else { right }) as i64;
-    if b >> 31 != 0 {
-        mag.wrapping_neg()
-    } else {
-        mag
+fn split_round(g: f32, scale: f64) -> (f64, f64) {
+    let x = g as f64 * scale;
+    let half = f64::from_bits((x.to_bits() & (1 << 63)) | 0.5f64.to_bits());
+    let y = (x + half).trunc();
+    let hi = (y * TWO_M32).floor();
+    (hi, y - hi * TWO_32)
+}
+
+const TWO_32: f64 = 4294967296.0;
+const TWO_M32: f64 = 1.0 / 4294967296.0;
+
+/// Elements whose f64 halves are summed at a time (2 × 4 KiB, stays in L1).
+const BLOCK: usize = 512;
+
+/// Micro-batches summed into one pair of f64 halves before they are folded into i64:
+/// their sums stay exact and below 2^51 (see [`split_round`]).
+const MICRO_PER_FOLD: usize = 1 << 16;
+
+/// `h[j] += hi, l[j] += lo` of `split_round(g[j], scale)`.
+#[inline(always)]
+fn accumulate_kernel(g: &[f32], scale: f64, h: &mut [f64], l: &mut [f64]) {
+    for ((hh, ll), &x) in h.iter_mut().zip(l.iter_mut()).zip(g) {
+        let (hi, lo) = split_round(x, scale);
+        *hh += hi;
+        *ll += lo;
     }
 }
 
-multiversion!(fn encode_add_simd(g: &[f32], k: i32, out: &mut [i64]) = encode_add_kernel);
-multiversion!(fn encode_assign_simd(g: &[f32], k: i32, out: &mut [i64]) = encode_assign_kernel);
-multiversion!(fn encode_add_from_simd(g: &[f32], k: i32, base: &[i64], out: &mut [i64]) = encode_add_from_kernel);
-multiversion!(fn decode_simd(sums: &[i64], scale: f64, m: f64, out: &mut [f32]) = decode_kernel);
-
+/// The integer `v` (|v| < 2^51) as an i64: adding 1.5 * 2^52 puts it in the low bits of
+/// the mantissa of a number whose exponent is fixed.
 #[inline(always)]
-fn encode_add_kernel(g: &[f32], k: i32, out: &mut [i64]) {
-    for (o, &x) in out.iter_mut().zip(g.iter()) {
-        *o = o.wrapping_add(encode_bits(x, k));
+fn small_int(v: f64) -> i64 {
+    const MAGIC: f64 = 6755399441055744.0;
+    ((v + MAGIC).to_bits() as i64).wrapping_sub(MAGIC.to_bits() as i64)
+}
+
+/// Where a block's encoded sums go.
+#[derive(Debug, Clone, Copy)]
+enum Dest<'a> {
+    /// `out[j] += sum`
+    Add,
+    /// `out[j] = sum`
+    Assign,
+    /// `out[j] = base[j] + sum`
+    From(&'a [i64]),
+}
+
+/// The exact i64 `h * 2^32 + l` (wrapping, though it never wraps for sums of values in
+/// range).
+#[inline(always)]
+fn join(h: f64, l: f64) -> i64 {
+    (small_int(h) << 32).wrapping_add(small_int(l))
+}
+
+/// Folds a block's f64 halves into `out` as `into` says.
+#[inline(always)]
+fn fold_kernel(h: &[f64], l: &[f64], into: Dest<'_>, out: &mut [i64]) {
+    let sums = h.iter().zip(l).map(|(&h, &l)| join(h, l));
+    match into {
+        Dest::Add => out
+            .iter_mut()
+            .zip(sums)
+            .for_each(|(o, s)| *o = o.wrapping_add(s)),
+        Dest::Assign => out.iter_mut().zip(sums).for_each(|(o, s)| *o = s),
+        Dest::From(b) => {
+            for ((o, s), &b) in out.iter_mut().zip(sums).zip(b) {
+                *o = b.wrapping_add(s);
+            }
+        }
     }
 }
 
-#[inline(always)]
-fn encode_add_from_kernel(g: &[f32], k: i32, base: &[i64], out: &mut [i64]) {
-    for ((o, &b), &x) in out.iter_mut().zip(base).zip(g) {
-        *o = b.wrapping_add(encode_bits(x, k));
+/// How the kernels turn an exact sum into the mean: `(sum / 2^k / M) as f32`, with each
+/// division by a power of two done as a multiplication by its reciprocal. Both give the
+/// correctly rounded value of the same real quotient (`2^-k` and `1/M` are exact), so
+/// the bits are those of the divisions, at a fraction of their cost.
+#[derive(Debug, Clone, Copy)]
+struct Decoder {
+    /// `2^-k`
+    inv_scale: f64,
+    by_m: Quotient,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Quotient {
+    /// `M` is a power of two: multiply by `1/M`.
+    Multiply(f64),
+    /// Divide by `M`.
+    Divide(f64),
+}
+
+impl Decoder {
+    fn new(k: i32, total_micro_batches: usize) -> Self {
+        let m = total_micro_batches.max(1);
+        Decoder {
+            inv_scale: 1.0 / pow2(k),
+            by_m: if m.is_power_of_two() {
+                Quotient::Multiply(1.0 / m as f64)
+            } else {
+                Quotient::Divide(m as f64)
+            },
+        }
+    }
+
+    /// `out[j] = the mean of the sum sums[j]` (given as f64, correctly rounded).
+    #[inline(always)]
+    fn each(self, sums: impl Iterator<Item = f64>, out: &mut [f32]) {
+        let inv = self.inv_scale;
+        match self.by_m {
+            Quotient::Multiply(r) => {
+                for (o, x) in out.iter_mut().zip(sums) {
+                    *o = ((x * inv) * r) as f32;
+                }
+            }
+            Quotient::Divide(m) => {
+                for (o, x) in out.iter_mut().zip(sums) {
+                    *o = ((x * inv) / m) as f32;
+                }
+            }
+        }
     }
 }
 
+/// The mean from a block's f64 halves: `h[j] * 2^32 + l[j]` is one correctly rounded
+/// addition of the sum's two exact parts, the f64 that `i64_to_f64` gives for the i64
+/// sum, so the bits are [`decode`]'s.
 #[inline(always)]
-fn encode_assign_kernel(g: &[f32], k: i32, out: &mut [i64]) {
-    for (o, &x) in out.iter_mut().zip(g.iter()) {
-        *o = encode_bits(x, k);
+fn decode_halves_kernel(h: &[f64], l: &[f64], d: Decoder, out: &mut [f32]) {
+    d.each(h.iter().zip(l).map(|(&h, &l)| h * TWO_32 + l), out)
+}
+
+multiversion!(fn accumulate_simd(g: &[f32], scale: f64, h: &mut [f64], l: &mut [f64]) = accumulate_kernel);
+multiversion!(fn fold_simd(h: &[f64], l: &[f64], into: Dest<'_>, out: &mut [i64]) = fold_kernel);
+multiversion!(fn decode_halves_simd(h: &[f64], l: &[f64], d: Decoder, out: &mut [f32]) = decode_halves_kernel);
+multiversion!(fn decode_simd(sums: &[i64], d: Decoder, out: &mut [f32]) = decode_kernel);
+
+/// Runs `each(start, h, l)` for every block of `range`, with `h`/`l` holding the sums of
+/// the halves of `micro_grads[..][start..start + len]` (at most [`MICRO_PER_FOLD`]
+/// micro-batches at a time: `first` says whether this is the first group of a block).
+fn for_each_block(
+    micro_grads: &[&[f32]],
+    range: std::ops::Range<usize>,
+    scale: f64,
+    mut each: impl FnMut(usize, bool, &[f64], &[f64]),
+) {
+    let mut h = [0f64; BLOCK];
+    let mut l = [0f64; BLOCK];
+    let mut start = range.start;
+    while start < range.end {
+        let end = (start + BLOCK).min(range.end);
+        let (h, l) = (&mut h[..end - start], &mut l[..end - start]);
+        let mut groups = micro_grads.chunks(MICRO_PER_FOLD);
+        let mut first = true;
+        loop {
+            let group = groups.next().unwrap_or(&[]);
+            h.fill(0.0);
+            l.fill(0.0);
+            for g in group {
+                accumulate_simd(&g[start..end], scale, h, l);
+            }
+            each(start - range.start, first, h, l);
+            first = false;
+            if groups.len() == 0 {
+                break;
+            }
+        }
+        start = end;
     }
 }
 
-/// Whether [`encode_bits`] is exact for every value of `g` at exponent `k`
-/// (all finite and `|g * 2^k| < 2^62`); otherwise use the float path, which
-/// saturates like before.
-fn bits_path_ok(g: &[f32], k: i32) -> bool {
+/// Whether the exact encode is valid for every value of `g` at exponent `k`
+/// (all finite and `|g * 2^k| < 2^62`); otherwise use [`encode_one`], which
+/// saturates.
+fn fast_path_ok(g: &[f32], k: i32) -> bool {
     // |g| <= f32::from_bits(max_abs_bits) < 2^(e+1); need 2^(e+1+k) <= 2^62.
     let bits = max_abs_bits(g);
     if bits >= 0x7f80_0000 {
@@ -217,27 +353,32 @@ fn bits_path_ok(g: &[f32], k: i32) -> bool {
 
 /// `out[i] += sum over micro-batches of round(g[i] * 2^k)` (wrapping, though
 /// with a scale from [`choose_scale_exp`] it never wraps). All micro-grads must
-/// have `out.len()` elements (shorter ones contribute only their prefix).
+/// have `out.len()` elements.
 pub fn encode_sum(micro_grads: &[&[f32]], k: i32, out: &mut [i64]) {
-    for g in micro_grads {
-        encode_add(g, k, out);
-    }
+    let n = out.len();
+    Encoder::new(micro_grads, k).sum_into(micro_grads, 0..n, Dest::Add, out);
 }
 
-/// `out[i] += round(g[i] * 2^k)` for one micro-gradient.
-pub(crate) fn encode_add(g: &[f32], k: i32, out: &mut [i64]) {
-    if bits_path_ok(g, k) {
-        encode_add_simd(g, k, out)
-    } else {
-        let scale = pow2(k);
-        for (o, &x) in out.iter_mut().zip(g.iter()) {
-            *o = o.wrapping_add(encode_one(x, scale));
-        }
+/// The deterministic mean of `micro_grads` (all of `out.len()` elements), straight to
+/// f32: `(sum of round(g * 2^k)) / 2^k / total_micro_batches`, the same bits as
+/// [`encode_sum`] then [`decode`], without the i64 vector. `k` must come from
+/// [`choose_scale_exp`] of a max |g| that covers these values (all finite), which keeps
+/// every sum exact.
+pub fn mean_of(micro_grads: &[&[f32]], k: i32, total_micro_batches: usize, out: &mut [f32]) {
+    if micro_grads.len() > MICRO_PER_FOLD {
+        // more micro-batches than the f64 halves hold exactly: go through i64
+        let mut sums = vec![0i64; out.len()];
+        encode_sum(micro_grads, k, &mut sums);
+        return decode(&sums, k, total_micro_batches, out);
     }
+    let d = Decoder::new(k, total_micro_batches);
+    for_each_block(micro_grads, 0..out.len(), pow2(k), |at, _, h, l| {
+        decode_halves_simd(h, l, d, &mut out[at..at + h.len()]);
+    });
 }
 
 /// Encodes micro-gradients at a fixed exponent, checking once up front
-/// whether the fast integer path is exact for all of them.
+/// whether the fast exact path is valid for all of them.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Encoder {
     k: i32,
@@ -248,19 +389,7 @@ impl Encoder {
     pub(crate) fn new(micro_grads: &[&[f32]], k: i32) -> Self {
         Encoder {
             k,
-            fast: micro_grads.iter().all(|g| bits_path_ok(g, k)),
-        }
-    }
-
-    /// `out[i] = base[i] + round(g[i] * 2^k)` (wrapping).
-    pub(crate) fn add_from(&self, g: &[f32], base: &[i64], out: &mut [i64]) {
-        if self.fast {
-            encode_add_from_simd(g, self.k, base, out)
-        } else {
-            let scale = pow2(self.k);
-            for ((o, &b), &x) in out.iter_mut().zip(base).zip(g) {
-                *o = b.wrapping_add(encode_one(x, scale));
-            }
+            fast: micro_grads.iter().all(|g| fast_path_ok(g, k)),
         }
     }
 
@@ -273,31 +402,40 @@ impl Encoder {
         base: Option<&[i64]>,
         out: &mut [i64],
     ) {
-        let mut gs = micro_grads.iter().map(|g| &g[range.clone()]);
-        match (base, gs.next()) {
-            (Some(b), Some(g)) => self.add_from(g, b, out),
-            (Some(b), None) => out.copy_from_slice(&b[..out.len()]),
-            (None, Some(g)) if self.fast => encode_assign_simd(g, self.k, out),
-            (None, Some(g)) => {
-                out.fill(0);
-                self.add_from_self(g, out)
-            }
-            (None, None) => out.fill(0),
-        }
-        for g in gs {
-            self.add_from_self(g, out);
-        }
+        let into = base.map_or(Dest::Assign, Dest::From);
+        self.sum_into(micro_grads, range, into, out)
     }
 
-    fn add_from_self(&self, g: &[f32], out: &mut [i64]) {
-        if self.fast {
-            encode_add_simd(g, self.k, out)
-        } else {
-            let scale = pow2(self.k);
-            for (o, &x) in out.iter_mut().zip(g) {
-                *o = o.wrapping_add(encode_one(x, scale));
+    fn sum_into(
+        &self,
+        micro_grads: &[&[f32]],
+        range: std::ops::Range<usize>,
+        into: Dest<'_>,
+        out: &mut [i64],
+    ) {
+        if !self.fast {
+            match into {
+                Dest::Add => {}
+                Dest::Assign => out.fill(0),
+                Dest::From(b) => out.copy_from_slice(&b[..out.len()]),
             }
+            let scale = pow2(self.k);
+            for g in micro_grads {
+                for (o, &x) in out.iter_mut().zip(&g[range.clone()]) {
+                    *o = o.wrapping_add(encode_one(x, scale));
+                }
+            }
+            return;
         }
+        for_each_block(micro_grads, range, pow2(self.k), |at, first, h, l| {
+            let n = h.len();
+            let into = match into {
+                _ if !first => Dest::Add,
+                Dest::From(b) => Dest::From(&b[at..at + n]),
+                other => other,
+            };
+            fold_simd(h, l, into, &mut out[at..at + n]);
+        });
     }
 }
 
@@ -313,17 +451,13 @@ fn i64_to_f64(s: i64) -> f64 {
 }
 
 #[inline(always)]
-fn decode_kernel(sums: &[i64], scale: f64, m: f64, out: &mut [f32]) {
-    for (o, &s) in out.iter_mut().zip(sums.iter()) {
-        *o = ((i64_to_f64(s) / scale) / m) as f32;
-    }
+fn decode_kernel(sums: &[i64], d: Decoder, out: &mut [f32]) {
+    d.each(sums.iter().map(|&s| i64_to_f64(s)), out)
 }
 
 /// Decode summed integers into the mean: `(sum / 2^k / M) as f32`.
 pub fn decode(sums: &[i64], k: i32, total_micro_batches: usize, out: &mut [f32]) {
-    let scale = pow2(k);
-    let m = total_micro_batches.max(1) as f64;
-    decode_simd(sums, scale, m, out)
+    decode_simd(sums, Decoder::new(k, total_micro_batches), out)
 }
 
 /// Convenience: the whole pipeline on one machine (for tests and reference).
@@ -430,8 +564,14 @@ mod tests {
         }
     }
 
+    /// One value through the fast exact path.
+    fn encode_fast(g: f32, k: i32) -> i64 {
+        let (h, l) = split_round(g, pow2(k));
+        join(h, l)
+    }
+
     #[test]
-    fn encode_bits_matches_encode_one() {
+    fn the_fast_encode_matches_encode_one() {
         let mut s = 0x1234_5678u32;
         let mut specials = vec![
             0.0f32,
@@ -451,14 +591,14 @@ mod tests {
             let ok = |g: f32| (g.abs() as f64) * sc < 2f64.powi(62);
             for &g in &specials {
                 if ok(g) {
-                    assert_eq!(encode_bits(g, k), encode_one(g, sc), "g {g} k {k}");
+                    assert_eq!(encode_fast(g, k), encode_one(g, sc), "g {g} k {k}");
                 }
             }
             for _ in 0..3000 {
                 s = s.wrapping_mul(1664525).wrapping_add(1013904223);
                 let g = f32::from_bits(s);
                 if g.is_finite() && ok(g) {
-                    assert_eq!(encode_bits(g, k), encode_one(g, sc), "g {g} k {k}");
+                    assert_eq!(encode_fast(g, k), encode_one(g, sc), "g {g} k {k}");
                 }
             }
         }
@@ -467,7 +607,7 @@ mod tests {
             for m in 0..4096u32 {
                 let g = m as f32 / (1u32 << 12) as f32 / pow2(k - 12) as f32;
                 for g in [g, -g] {
-                    assert_eq!(encode_bits(g, k), encode_one(g, pow2(k)), "g {g} k {k}");
+                    assert_eq!(encode_fast(g, k), encode_one(g, pow2(k)), "g {g} k {k}");
                 }
             }
         }
@@ -513,13 +653,101 @@ mod tests {
             -(1 << 53) - 3,
         ]);
         let mut out = vec![0f32; sums.len()];
-        decode(&sums, k, 3, &mut out);
-        for (i, &v) in sums.iter().enumerate() {
-            assert_eq!(
-                out[i].to_bits(),
-                ((((v as f64) / sc) / 3.0) as f32).to_bits(),
-                "{v}"
-            );
+        // the divisions, whether M is a power of two (done as multiplications) or not,
+        // at exponents whose quotients are subnormal in f64 or in f32 too
+        for (k, m) in [(k, 3), (k, 4), (k, 1), (1000, 4), (1000, 6), (150, 8), (-60, 2)] {
+            decode(&sums, k, m, &mut out);
+            for (i, &v) in sums.iter().enumerate() {
+                assert_eq!(
+                    out[i].to_bits(),
+                    ((((v as f64) / pow2(k)) / m as f64) as f32).to_bits(),
+                    "{v} k {k} m {m}"
+                );
+            }
+        }
+    }
+
+    /// Scalar reference: the exact i64 sum of `encode_one`, then `decode`'s formula.
+    fn reference_mean(micro: &[&[f32]], k: i32, total: usize) -> Vec<u32> {
+        let sc = pow2(k);
+        (0..micro[0].len())
+            .map(|j| {
+                let s = micro.iter().map(|g| encode_one(g[j], sc)).sum::<i64>();
+                ((((s as f64) / sc) / total as f64) as f32).to_bits()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_mean_straight_to_f32_matches_the_integer_sum() {
+        let mut s = 99u32;
+        let mut next = || {
+            s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+            s
+        };
+        for (m, len) in [
+            (1usize, 7usize),
+            (3, 1029),
+            (4, 2 * BLOCK),
+            (5, 3 * BLOCK + 11),
+        ] {
+            // values over 40 binades, signs mixed, zeros and subnormals, and one value at
+            // the max so that the sums use the whole range below 2^61
+            let data: Vec<Vec<f32>> = (0..m)
+                .map(|_| {
+                    (0..len)
+                        .map(|i| {
+                            let r = next();
+                            match i % 97 {
+                                0 => 0.0,
+                                1 => f32::from_bits(r & 0x807f_ffff),
+                                2 => 3.75,
+                                _ => f32::from_bits((r & 0x807f_ffff) | ((100 + r % 41) << 23)),
+                            }
+                        })
+                        .collect()
+                })
+                .collect();
+            let refs: Vec<&[f32]> = data.iter().map(|v| v.as_slice()).collect();
+            let k = choose_scale_exp(max_abs(&refs).max_abs, m).unwrap();
+            for k in [k, k - 17] {
+                let mut out = vec![0f32; len];
+                mean_of(&refs, k, m, &mut out);
+                let bits: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
+                assert_eq!(bits, reference_mean(&refs, k, m), "m {m} len {len} k {k}");
+                let mut sums = vec![0i64; len];
+                encode_sum(&refs, k, &mut sums);
+                let mut via_i64 = vec![0f32; len];
+                decode(&sums, k, m, &mut via_i64);
+                assert_eq!(
+                    via_i64.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    bits
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn more_micro_batches_than_one_fold_stay_exact() {
+        let m = MICRO_PER_FOLD + 3;
+        let data: Vec<[f32; 5]> = (0..m)
+            .map(|i| {
+                let x = (i as f32 * 0.618).sin();
+                [x, -x * 1e-3, 1.0, -0.999_999_9, x * 1e-30]
+            })
+            .collect();
+        let refs: Vec<&[f32]> = data.iter().map(|v| v.as_slice()).collect();
+        let k = choose_scale_exp(max_abs(&refs).max_abs, m).unwrap();
+        let mut out = vec![0f32; 5];
+        mean_of(&refs, k, m, &mut out);
+        let bits: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
+        assert_eq!(bits, reference_mean(&refs, k, m));
+        let mut sums = vec![7i64; 5];
+        Encoder::new(&refs, k).sum_range(&refs, 0..5, None, &mut sums);
+        let sc = pow2(k);
+        for (j, &got) in sums.iter().enumerate() {
+            let want: i64 = refs.iter().map(|g| encode_one(g[j], sc)).sum();
+            assert_eq!(got, want, "element {j}");
         }
     }
 

@@ -77,19 +77,82 @@ impl AdamWConfig {
     }
 }
 
-/// The clip factor for a gradient: `min(1, clip / norm)`. The norm is summed in f64 in
-/// index order, so every rank holding the same gradient gets the same factor.
+/// The clip factor for a gradient: `min(1, clip / norm)`, as the f64 sum of squares in
+/// index order gives it, so every rank holding the same gradient gets the same factor.
+///
+/// That sequential sum is latency-bound (one dependent addition per value), so the norm
+/// is summed in 16 interleaved lanes instead, and the sequential sum runs only when it
+/// could decide otherwise. Both sums of `n` exact squares are within `γ_n = n·u/(1−n·u)`
+/// (`u = 2^-53`) of the exact sum; `factor` below is monotone in the sum, so when it
+/// gives the same f32 at both ends of an interval around the lane sum that covers both
+/// errors (`4(n+8)u`, twice what they need), the sequential sum, inside that interval,
+/// gives it too. The norm returned is the lane sum's.
 pub fn clip_factor(grad: &[f32], clip_norm: f32) -> (f64, f32) {
-    let norm = grad
-        .iter()
-        .map(|&g| f64::from(g) * f64::from(g))
-        .sum::<f64>()
-        .sqrt();
-    if clip_norm > 0.0 && norm > f64::from(clip_norm) {
-        (norm, (f64::from(clip_norm) / (norm + 1e-6)) as f32)
+    let clip = f64::from(clip_norm);
+    let factor = |sum_sq: f64| {
+        let norm = sum_sq.sqrt();
+        if clip_norm > 0.0 && norm > clip {
+            (clip / (norm + 1e-6)) as f32
+        } else {
+            1.0
+        }
+    };
+    let sum = sum_squares_lanes(grad);
+    let delta = 2.0 * (grad.len() as f64 + 8.0) * f64::EPSILON;
+    let (lo, hi) = (factor(sum * (1.0 + delta)), factor(sum * (1.0 - delta)));
+    let f = if lo == hi || !sum.is_finite() {
+        lo
     } else {
-        (norm, 1.0)
+        factor(sum_squares_sequential(grad))
+    };
+    (sum.sqrt(), f)
+}
+
+/// `sum of g^2` in f64, in index order.
+fn sum_squares_sequential(grad: &[f32]) -> f64 {
+    grad.iter().map(|&g| f64::from(g) * f64::from(g)).sum()
+}
+
+/// `sum of g^2` in f64 over 16 lanes (lane `i % 16`), then the lanes in a fixed tree:
+/// a function of the values alone, like the sequential sum, and vectorized.
+#[inline(always)]
+fn sum_squares_kernel(grad: &[f32]) -> f64 {
+    const LANES: usize = 16;
+    let mut acc = [0f64; LANES];
+    let mut chunks = grad.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, &g) in acc.iter_mut().zip(c) {
+            *a += f64::from(g) * f64::from(g);
+        }
     }
+    for (a, &g) in acc.iter_mut().zip(chunks.remainder()) {
+        *a += f64::from(g) * f64::from(g);
+    }
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for i in 0..width {
+            acc[i] += acc[i + width];
+        }
+    }
+    acc[0]
+}
+
+/// [`sum_squares_kernel`] compiled for AVX2 when the CPU has it (the same bits: only
+/// correctly rounded additions and multiplications, in the same order).
+fn sum_squares_lanes(grad: &[f32]) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2(grad: &[f32]) -> f64 {
+            sum_squares_kernel(grad)
+        }
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            return unsafe { avx2(grad) };
+        }
+    }
+    sum_squares_kernel(grad)
 }
 
 /// AdamW moments for a slice `[range]` of the flat parameter vector.
@@ -365,6 +428,70 @@ mod tests {
         assert!((f - 0.2).abs() < 1e-6);
         assert_eq!(clip_factor(&g, 10.0).1, 1.0);
         assert_eq!(clip_factor(&g, 0.0).1, 1.0);
+    }
+
+    /// The factor the sequential sum gives, as `clip_factor` did before the lanes.
+    fn sequential_factor(g: &[f32], clip_norm: f32) -> f32 {
+        let norm = sum_squares_sequential(g).sqrt();
+        if clip_norm > 0.0 && norm > f64::from(clip_norm) {
+            (f64::from(clip_norm) / (norm + 1e-6)) as f32
+        } else {
+            1.0
+        }
+    }
+
+    #[test]
+    fn the_lane_sum_gives_the_sequential_sums_clip_factor() {
+        let mut s = 5u32;
+        let mut fell_back = 0;
+        for n in [1usize, 15, 16, 17, 1000, 100_003] {
+            let g: Vec<f32> = (0..n)
+                .map(|_| {
+                    s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+                    f32::from_bits((s & 0x807f_ffff) | ((110 + s % 20) << 23))
+                })
+                .collect();
+            let seq = sum_squares_sequential(&g);
+            let lanes = sum_squares_lanes(&g);
+            assert!(
+                (lanes - seq).abs() <= 2.0 * n as f64 * f64::EPSILON * seq,
+                "n {n}"
+            );
+            // clip norms around the norm itself: below, at, above, and within an ulp
+            let norm = seq.sqrt();
+            let mut clips = vec![0.0f32, (norm * 0.5) as f32, (norm * 2.0) as f32];
+            let c = norm as f32;
+            clips.extend([
+                c,
+                f32::from_bits(c.to_bits() - 1),
+                f32::from_bits(c.to_bits() + 1),
+            ]);
+            for clip in clips {
+                let (_, f) = clip_factor(&g, clip);
+                assert_eq!(
+                    f.to_bits(),
+                    sequential_factor(&g, clip).to_bits(),
+                    "n {n} clip {clip}"
+                );
+            }
+            // a clip norm whose factor's f32 rounding is decided by the last bits of the sum
+            for i in 0..200 {
+                let clip = (norm * (0.5 + i as f64 * 1e-3)) as f32;
+                let (_, f) = clip_factor(&g, clip);
+                assert_eq!(f.to_bits(), sequential_factor(&g, clip).to_bits());
+                let d = 2.0 * (n as f64 + 8.0) * f64::EPSILON;
+                let lanes_f = |x: f64| {
+                    let nn = x.sqrt();
+                    (f64::from(clip) / (nn + 1e-6)) as f32
+                };
+                if lanes_f(lanes * (1.0 + d)) != lanes_f(lanes * (1.0 - d)) {
+                    fell_back += 1;
+                }
+            }
+        }
+        // the fallback is rare: the interval is far narrower than an f32 ulp
+        assert!(fell_back < 20, "{fell_back}");
+        assert_eq!(clip_factor(&[f32::INFINITY], 1.0).0, f64::INFINITY);
     }
 
     #[test]

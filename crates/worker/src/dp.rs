@@ -113,11 +113,10 @@ pub struct Stepper {
     /// Flat micro-batch gradients for the group's reduction (allocated on first use: a
     /// rank alone reduces straight from the gradient tensors).
     bufs: Vec<Vec<f32>>,
-    /// A rank alone: its micro-batches' gradient tensors, and the i64 chunk of the mean.
+    /// A rank alone: its micro-batches' gradient tensors.
     tensors: Vec<Vec<tch::Tensor>>,
     /// Their max |g|, each taken right after its backward (None: not readable in place).
     maxes: Vec<Option<f64>>,
-    scratch: Vec<i64>,
     /// Pinned host memory for the one gradient download per step from a CUDA device.
     download: Option<tch::Tensor>,
     grad_copy_ms: f64,
@@ -177,7 +176,6 @@ impl Stepper {
             bufs: Vec::new(),
             tensors: Vec::new(),
             maxes: Vec::new(),
-            scratch: Vec::new(),
             download: None,
             grad_copy_ms: 0.0,
             mine,
@@ -327,7 +325,6 @@ impl Stepper {
                 maxes.as_deref(),
                 &engine.model.layout,
                 &mut self.mean,
-                &mut self.scratch,
             )?;
             if done {
                 return Ok(());
@@ -703,15 +700,8 @@ mod tests {
                 flats.push(flat);
             }
             let mut local = vec![0f32; n];
-            let mut scratch = Vec::new();
-            let done = crate::local_mean::local_mean(
-                &tensors,
-                None,
-                &e.model.layout,
-                &mut local,
-                &mut scratch,
-            )
-            .unwrap();
+            let done =
+                crate::local_mean::local_mean(&tensors, None, &e.model.layout, &mut local).unwrap();
             assert!(done, "CPU f32 gradients are read in place");
             let refs: Vec<&[f32]> = flats.iter().map(|f| f.as_slice()).collect();
             let mut reduced = vec![0f32; n];
@@ -725,15 +715,9 @@ mod tests {
             let mut bad = tensors[2][3].copy();
             let _ = bad.f_fill_(f64::NAN).unwrap();
             tensors[2][3] = bad;
-            let e2 = crate::local_mean::local_mean(
-                &tensors,
-                None,
-                &e.model.layout,
-                &mut local,
-                &mut scratch,
-            )
-            .unwrap_err()
-            .to_string();
+            let e2 = crate::local_mean::local_mean(&tensors, None, &e.model.layout, &mut local)
+                .unwrap_err()
+                .to_string();
             let at = e.model.layout.slots[3].offset;
             assert!(
                 e2.contains(&format!("micro-batch 2 element {at} = NaN")),

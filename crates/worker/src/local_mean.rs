@@ -5,10 +5,11 @@
 //! micro-batch's gradient into a flat vector only to read it again costs two passes over
 //! the parameters per micro-batch. Here the same fixed-point arithmetic runs over the
 //! per-parameter gradient tensors themselves: the global max |g|, the exponent
-//! `choose_scale_exp(max, M)`, the exact i64 sum of `round(g * 2^k)` and the decode
-//! `(sum / 2^k / M) as f32`, with the collective crate's own functions. Integer sums are
-//! exact, so summing per parameter in cache-sized chunks instead of over the whole
-//! vector gives the same integers, and the mean has the same bits as `reduce_mean`
+//! `choose_scale_exp(max, M)`, the exact sum of `round(g * 2^k)` and the decode
+//! `(sum / 2^k / M) as f32`, with the collective crate's own functions
+//! ([`fixed_point::mean_of`] sums in L1-sized blocks, as two exact f64 halves, and
+//! decodes without writing the integers). The sums are exact, so summing per parameter
+//! instead of over the whole vector gives the same integers, and the mean has the same bits as `reduce_mean`
 //! gives for the same micro-gradients at any world size (tested against a group of two).
 use phalanx_collective::error::NonFiniteLocation;
 use phalanx_collective::fixed_point;
@@ -17,9 +18,6 @@ use phalanx_train::model::{cpu_f32, Layout};
 use tch::Tensor;
 
 use crate::WorkerError;
-
-/// Elements encoded and decoded at a time: the i64 chunk (128 KiB) stays in L2.
-const CHUNK: usize = 16 * 1024;
 
 /// Max |g| over micro-batch `micro`'s gradient tensors, computed right after its backward
 /// while they are still in cache; `Ok(None)` when some tensor is not a contiguous f32 CPU
@@ -64,7 +62,6 @@ pub fn local_mean(
     maxes: Option<&[f64]>,
     layout: &Layout,
     out: &mut [f32],
-    scratch: &mut Vec<i64>,
 ) -> Result<bool, WorkerError> {
     let total = grads.len();
     if total == 0 || out.len() != layout.total {
@@ -105,21 +102,12 @@ pub fn local_mean(
             reason: format!("reduce_mean: {e}"),
         })
     })?;
-    scratch.resize(CHUNK, 0);
-    let mut chunk: Vec<&[f32]> = Vec::with_capacity(total);
+    let mut per_slot: Vec<&[f32]> = Vec::with_capacity(total);
     for (i, slot) in layout.slots.iter().enumerate() {
-        let mut start = 0;
-        while start < slot.numel {
-            let end = (start + CHUNK).min(slot.numel);
-            let sums = &mut scratch[..end - start];
-            sums.fill(0);
-            chunk.clear();
-            chunk.extend(slices.iter().map(|per_slot| &per_slot[i][start..end]));
-            fixed_point::encode_sum(&chunk, k, sums);
-            let at = slot.offset + start;
-            fixed_point::decode(sums, k, total, &mut out[at..at + end - start]);
-            start = end;
-        }
+        per_slot.clear();
+        per_slot.extend(slices.iter().map(|s| s[i]));
+        let at = slot.offset;
+        fixed_point::mean_of(&per_slot, k, total, &mut out[at..at + slot.numel]);
     }
     Ok(true)
 }
