@@ -53,6 +53,10 @@ pub struct Duty {
     /// a lease decision confirms), which the decision joins; none when the leader's own
     /// observation (a lease that ran out, a straggler) is all the evidence.
     pub trace: Option<TraceParent>,
+    /// When the evidence began, on the leader's clock (`now_ms`): for a health decision,
+    /// the worker's last heartbeat; the trace's detection spans from there to the
+    /// decision. `None` for a straggler decision (its evidence is a window of samples).
+    pub since_ms: Option<u64>,
 }
 
 impl Duty {
@@ -163,6 +167,7 @@ impl LeaderDuties {
             out.push(Duty {
                 kind: DutyKind::Lease,
                 trace: self.leases.take_report_trace(&worker, now_ms, &cfg.lease),
+                since_ms: self.leases.last_heartbeat(&worker),
                 worker: worker.clone(),
                 command: Command::SetWorkerHealth {
                     id: worker,
@@ -203,6 +208,7 @@ impl LeaderDuties {
                 worker,
                 command,
                 trace: None,
+                since_ms: None,
             });
         }
         out
@@ -389,6 +395,11 @@ mod tests {
             .find(|(_, x)| x.worker == "c")
             .expect("c's lease ran out");
         assert_eq!(c.1.trace, None, "c's decision is the leader's own: {c:?}");
+        assert_eq!(
+            c.1.since_ms,
+            Some(1_000),
+            "its evidence began at c's last heartbeat: {c:?}"
+        );
         assert!(
             decided.iter().filter(|(_, x)| x.trace.is_some()).count() == 1,
             "one detection, one decision in its trace: {decided:?}"

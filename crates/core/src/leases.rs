@@ -172,6 +172,12 @@ impl Leases {
         }
     }
 
+    /// When this leader last heard `worker`'s heartbeat (or its registration), on its
+    /// clock: where the leader's own evidence about it begins.
+    pub fn last_heartbeat(&self, worker: &str) -> Option<u64> {
+        self.last_heartbeat_ms.get(worker).copied()
+    }
+
     /// The trace of the newest silence report naming `worker` that still counts
     /// (`report_ttl_ms`), for the decision about it; taken, so that one detection leads
     /// to one decision in its trace.

@@ -582,12 +582,23 @@ impl RaftLoop {
                 DutyKind::Straggler => "straggler",
             };
             // The decision joins the trace of the report it confirms, or is the root of its
-            // own (a recovery the controller detected): a plan it makes carries its
-            // context to the workers.
-            let span =
-                super::trace::duty_span(prefix, &duty.worker, duty.reason(), duty.trace.as_ref());
+            // own (a recovery the controller detected, from the worker's last heartbeat):
+            // a plan it makes carries its context to the workers.
+            let since = duty.since_ms.map(|t| {
+                let ago = std::time::Duration::from_millis(now.saturating_sub(t));
+                std::time::SystemTime::now()
+                    .checked_sub(ago)
+                    .unwrap_or(std::time::UNIX_EPOCH)
+            });
+            let trace = super::trace::duty_trace(
+                prefix,
+                &duty.worker,
+                duty.reason(),
+                duty.trace.as_ref(),
+                since,
+            );
             let env = Envelope {
-                trace: super::trace::traceparent(&span),
+                trace,
                 request_id: format!(
                     "{prefix}-n{}-t{}-{}",
                     self.cfg.id,

@@ -37,37 +37,32 @@ pub(super) fn propose_span(request_id: &str) -> tracing::Span {
     )
 }
 
-/// The span of a decision of the leader's duties (a lease or straggler decision), ended
-/// once proposed; a plan the decision makes carries its context to the workers. On the
-/// leader's own evidence (a lease that ran out, a straggler) it is the root of its trace,
-/// `recovery.detection`: the controller detected the fault. Confirming a worker's report
-/// (`evidence`, the trace of the worker's detection of a silent peer), it is
-/// `recovery.decision`, the child of that report.
-pub(super) fn duty_span(
+/// The trace context of a decision of the leader's duties (a lease or straggler
+/// decision), recorded when it is made; a plan the decision makes carries it to the
+/// workers. On the leader's own evidence (a lease that ran out, a straggler) it is the
+/// root of its trace, `recovery.detection`: the controller detected the fault, from
+/// `since` (the worker's last heartbeat, when there is one) to the decision. Confirming a
+/// worker's report (`evidence`, the trace of the worker's detection of a silent peer), it
+/// is `recovery.decision`, the child of that report. `None` without a trace pipeline.
+pub(super) fn duty_trace(
     kind: &str,
     worker: &str,
     reason: &str,
     evidence: Option<&phalanx_proto::TraceParent>,
-) -> tracing::Span {
+    since: Option<std::time::SystemTime>,
+) -> Option<phalanx_proto::TraceParent> {
+    use phalanx_telemetry::traces::{record_span, KeyValue};
+    let now = std::time::SystemTime::now();
+    let mut attrs = vec![
+        KeyValue::new("duty", kind.to_string()),
+        KeyValue::new("worker", worker.to_string()),
+        KeyValue::new("reason", reason.to_string()),
+    ];
     match evidence {
-        None => tracing::info_span!(
-            parent: None,
-            "recovery.detection",
-            detected_by = "controller",
-            duty = kind,
-            worker = worker,
-            reason = reason,
-        ),
-        Some(report) => {
-            let span = tracing::info_span!(
-                parent: None,
-                "recovery.decision",
-                duty = kind,
-                worker = worker,
-                reason = reason,
-            );
-            phalanx_telemetry::traces::set_parent(&span, report);
-            span
+        Some(report) => record_span("recovery.decision", Some(report), now, now, attrs),
+        None => {
+            attrs.push(KeyValue::new("detected_by", "controller"));
+            record_span("recovery.detection", None, since.unwrap_or(now), now, attrs)
         }
     }
 }
@@ -75,4 +70,72 @@ pub(super) fn duty_span(
 /// The span's context for the proposal's envelope (none without a trace pipeline).
 pub(super) fn traceparent(span: &tracing::Span) -> Option<phalanx_proto::TraceParent> {
     phalanx_telemetry::traces::traceparent(span)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use opentelemetry_sdk::trace::{InMemorySpanExporter, SimpleSpanProcessor};
+    use phalanx_proto::TraceParent;
+    use phalanx_telemetry::traces::Traces;
+
+    use super::duty_trace;
+
+    /// A lease decision on the leader's own evidence is the root `recovery.detection`,
+    /// from the worker's last heartbeat to the decision; one that confirms a worker's
+    /// report is `recovery.decision`, the report's child.
+    #[test]
+    fn a_duty_is_a_detection_from_the_last_heartbeat_or_the_reports_decision() {
+        let exporter = InMemorySpanExporter::default();
+        let traces = Traces::with_processor(
+            "test",
+            SimpleSpanProcessor::new(exporter.clone()),
+            "memory".into(),
+        );
+        traces.set_global();
+        let since = SystemTime::now() - Duration::from_millis(5_000);
+        let root = duty_trace("lease", "w1", "no heartbeat for 5000 ms", None, Some(since))
+            .expect("recorded");
+        let report =
+            TraceParent::parse("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01").unwrap();
+        let child = duty_trace(
+            "lease",
+            "w2",
+            "w0 reported rank 2 silent",
+            Some(&report),
+            None,
+        )
+        .expect("recorded");
+        assert_eq!(child.trace_id(), report.trace_id());
+        assert_ne!(root.trace_id(), report.trace_id());
+        let spans = exporter.get_finished_spans().unwrap();
+        let detection = spans
+            .iter()
+            .find(|s| s.name == "recovery.detection")
+            .unwrap();
+        assert_eq!(detection.start_time, since);
+        assert!(detection.end_time >= since + Duration::from_millis(5_000));
+        assert_eq!(
+            detection.span_context.trace_id().to_string(),
+            root.trace_id()
+        );
+        let attr = |s: &opentelemetry_sdk::trace::SpanData, k: &str| {
+            s.attributes
+                .iter()
+                .find(|kv| kv.key.as_str() == k)
+                .map(|kv| kv.value.to_string())
+        };
+        assert_eq!(
+            attr(detection, "detected_by").as_deref(),
+            Some("controller")
+        );
+        assert_eq!(attr(detection, "worker").as_deref(), Some("w1"));
+        let decision = spans
+            .iter()
+            .find(|s| s.name == "recovery.decision")
+            .unwrap();
+        assert_eq!(decision.parent_span_id.to_string(), "b7ad6b7169203331");
+        assert_eq!(attr(decision, "detected_by"), None);
+    }
 }
