@@ -95,6 +95,11 @@ fn main() -> ExitCode {
     };
     let traces = cli.logs.init_tracing(service);
     let json_logs = cli.logs.log_format == phalanx_cli::util::LogFormat::Json;
+    if let Command::Worker(_) = cli.command {
+        if !phalanx_worker::memory::keep_freed_memory() {
+            tracing::debug!("the C library keeps its default heap trimming");
+        }
+    }
     let res = match cli.command {
         Command::Train(c) => train::train(c, json_logs),
         Command::Worker(WorkerCmd::Run(c)) => train::worker_run(c),

@@ -655,7 +655,15 @@ mod tests {
         let mut out = vec![0f32; sums.len()];
         // the divisions, whether M is a power of two (done as multiplications) or not,
         // at exponents whose quotients are subnormal in f64 or in f32 too
-        for (k, m) in [(k, 3), (k, 4), (k, 1), (1000, 4), (1000, 6), (150, 8), (-60, 2)] {
+        for (k, m) in [
+            (k, 3),
+            (k, 4),
+            (k, 1),
+            (1000, 4),
+            (1000, 6),
+            (150, 8),
+            (-60, 2),
+        ] {
             decode(&sums, k, m, &mut out);
             for (i, &v) in sums.iter().enumerate() {
                 assert_eq!(

@@ -12,6 +12,7 @@ pub mod export;
 pub mod fault;
 pub mod job_checkpoints;
 pub mod local_mean;
+pub mod memory;
 pub mod metrics;
 pub mod numerics;
 pub mod recovery_trace;
