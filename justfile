@@ -47,9 +47,9 @@ bench: build
     cargo build --release -p phalanx-collective -p phalanx-checkpoint --bins
     mkdir -p bench-out
     scripts/bench_cli.sh bench-out/cli.json 20
-    ./target/release/phalanx bench train --model small --steps 30 --rounds 5 --out bench-out/train.json
+    ./target/release/phalanx bench train --model small --steps 30 --rounds 9 --out bench-out/train.json
     ./target/release/phalanx bench train --model small --steps 30 --rounds 21 --telemetry-overhead --out bench-out/telemetry-overhead.json
-    ./target/release/phalanx bench train --model base --steps 6 --rounds 3 --out bench-out/train-base.json
+    ./target/release/phalanx bench train --model base --steps 6 --rounds 5 --out bench-out/train-base.json
     ./target/release/phalanx bench train --model gpt2-124m --steps 2 --rounds 2 --out bench-out/train-gpt2.json
     ./target/release/phalanx bench numerics --model small --steps 100 --rounds 5 --out bench-out/numerics.json
     ./target/release/collective-bench --bytes 40000000 --worlds 2,4 --iters 5 --out bench-out/collective.json
