@@ -222,11 +222,11 @@ fn join(h: f64, l: f64) -> i64 {
     (small_int(h) << 32).wrapping_add(small_int(l))
 }
 
-/// Folds a block's f64 halves into `out` as `into` says.
+/// Folds a block's f64 halves into `out` as `dest` says.
 #[inline(always)]
-fn fold_kernel(h: &[f64], l: &[f64], into: Dest<'_>, out: &mut [i64]) {
+fn fold_kernel(h: &[f64], l: &[f64], dest: Dest<'_>, out: &mut [i64]) {
     let sums = h.iter().zip(l).map(|(&h, &l)| join(h, l));
-    match into {
+    match dest {
         Dest::Add => out
             .iter_mut()
             .zip(sums)
@@ -300,7 +300,7 @@ fn decode_halves_kernel(h: &[f64], l: &[f64], d: Decoder, out: &mut [f32]) {
 }
 
 multiversion!(fn accumulate_simd(g: &[f32], scale: f64, h: &mut [f64], l: &mut [f64]) = accumulate_kernel);
-multiversion!(fn fold_simd(h: &[f64], l: &[f64], into: Dest<'_>, out: &mut [i64]) = fold_kernel);
+multiversion!(fn fold_simd(h: &[f64], l: &[f64], dest: Dest<'_>, out: &mut [i64]) = fold_kernel);
 multiversion!(fn decode_halves_simd(h: &[f64], l: &[f64], d: Decoder, out: &mut [f32]) = decode_halves_kernel);
 multiversion!(fn decode_simd(sums: &[i64], d: Decoder, out: &mut [f32]) = decode_kernel);
 
@@ -402,19 +402,19 @@ impl Encoder {
         base: Option<&[i64]>,
         out: &mut [i64],
     ) {
-        let into = base.map_or(Dest::Assign, Dest::From);
-        self.sum_into(micro_grads, range, into, out)
+        let dest = base.map_or(Dest::Assign, Dest::From);
+        self.sum_into(micro_grads, range, dest, out)
     }
 
     fn sum_into(
         &self,
         micro_grads: &[&[f32]],
         range: std::ops::Range<usize>,
-        into: Dest<'_>,
+        dest: Dest<'_>,
         out: &mut [i64],
     ) {
         if !self.fast {
-            match into {
+            match dest {
                 Dest::Add => {}
                 Dest::Assign => out.fill(0),
                 Dest::From(b) => out.copy_from_slice(&b[..out.len()]),
@@ -429,12 +429,12 @@ impl Encoder {
         }
         for_each_block(micro_grads, range, pow2(self.k), |at, first, h, l| {
             let n = h.len();
-            let into = match into {
+            let block_dest = match dest {
                 _ if !first => Dest::Add,
                 Dest::From(b) => Dest::From(&b[at..at + n]),
                 other => other,
             };
-            fold_simd(h, l, into, &mut out[at..at + n]);
+            fold_simd(h, l, block_dest, &mut out[at..at + n]);
         });
     }
 }
