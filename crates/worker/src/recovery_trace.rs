@@ -18,7 +18,10 @@
 //! plan phase then starts at the report: the epoch only ran on, blocked, until the new
 //! plan superseded it. If the epoch fails after the report (the peer's connections
 //! closed at last), `recovery.wait` covers the time blocked and the new reports join the
-//! same detection.
+//! same detection. A worker whose own detections are not in the plan's trace (another
+//! report made the plan, or, on a loaded machine, the error that broke its epoch came
+//! before its silence report and started a detection of its own) links its
+//! `recovery.plan` to each of them.
 //!
 //! The phases are recorded after the fact with their wall-clock bounds
 //! ([`phalanx_telemetry::traces::record_span`]); without a trace pipeline nothing is
@@ -52,9 +55,11 @@ pub(crate) struct RecoveryTrace {
     /// When this worker's last epoch ended (with an error, or superseded): the new plan's
     /// wait starts there.
     pub ended_at: Option<SystemTime>,
-    /// This worker's own detection of the fault that ended its last epoch. When the new
-    /// plan came of another worker's report (another trace), the plan phase links to it.
-    detection: Option<TraceParent>,
+    /// This worker's own detections of the fault that ended its last epoch: usually one;
+    /// two when, on a loaded machine, its silence report of a peer and the error that
+    /// broke its epoch each started one. The new plan's first phase links to every one
+    /// that is not in the plan's trace (another report made the plan).
+    detections: Vec<TraceParent>,
 }
 
 impl RecoveryTrace {
@@ -80,7 +85,7 @@ impl RecoveryTrace {
         }) = silence
         else {
             let (detection, report) = detect(worker, epoch, last_step, error);
-            self.detection = detection.clone();
+            self.keep(detection.clone());
             return (detection, report);
         };
         record_span(
@@ -92,7 +97,7 @@ impl RecoveryTrace {
         );
         let report = tracing::info_span!("recovery.report", worker, epoch);
         set_parent(&report, &detection);
-        self.detection = Some(detection.clone());
+        self.keep(Some(detection.clone()));
         (Some(detection), report)
     }
 
@@ -105,8 +110,14 @@ impl RecoveryTrace {
                 .and_then(|s| s.reported_at)
                 .unwrap_or_else(SystemTime::now),
         );
-        if let Some(d) = silence.and_then(|s| s.detection) {
-            self.detection = Some(d);
+        self.keep(silence.and_then(|s| s.detection));
+    }
+
+    fn keep(&mut self, detection: Option<TraceParent>) {
+        if let Some(d) = detection {
+            if !self.detections.contains(&d) {
+                self.detections.push(d);
+            }
         }
     }
 
@@ -115,14 +126,17 @@ impl RecoveryTrace {
     pub fn epoch(&mut self, plan: Option<&TraceParent>, epoch: u64, rank: usize) -> EpochTrace {
         let began = self.ended_at.take();
         let parent = plan.filter(|_| epoch > 1).cloned();
-        let link = self.detection.take().filter(|d| {
-            parent
-                .as_ref()
-                .is_some_and(|p| p.trace_id() != d.trace_id())
-        });
+        let links = std::mem::take(&mut self.detections)
+            .into_iter()
+            .filter(|d| {
+                parent
+                    .as_ref()
+                    .is_some_and(|p| p.trace_id() != d.trace_id())
+            })
+            .collect();
         EpochTrace {
             parent,
-            link,
+            links,
             epoch,
             rank,
             mark: began.unwrap_or_else(SystemTime::now),
@@ -201,8 +215,8 @@ impl SilenceTrace {
 #[derive(Debug)]
 pub(crate) struct EpochTrace {
     parent: Option<TraceParent>,
-    /// This worker's own detection, in another trace than the plan's.
-    link: Option<TraceParent>,
+    /// This worker's own detections, in other traces than the plan's.
+    links: Vec<TraceParent>,
     epoch: u64,
     rank: usize,
     mark: SystemTime,
@@ -216,9 +230,9 @@ impl EpochTrace {
         let parent = self.parent.as_ref()?;
         attrs.push(KeyValue::new("epoch", self.epoch as i64));
         attrs.push(KeyValue::new("rank", self.rank as i64));
-        // The first phase links to this worker's own detection of the fault, when another
-        // worker's report made the plan: the two traces are one recovery.
-        let links: Vec<TraceParent> = self.link.take().into_iter().collect();
+        // The first phase links to this worker's own detections of the fault that another
+        // report's trace left out: the traces are one recovery.
+        let links = std::mem::take(&mut self.links);
         record_linked_span(name, Some(parent), &links, start, now, attrs)
     }
 
@@ -268,5 +282,43 @@ impl EpochTrace {
         let span = tracing::info_span!("recovery.resume_report", epoch = self.epoch);
         set_parent(&span, &tp);
         Some(span)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tp(trace: char, span: char) -> TraceParent {
+        let t: String = std::iter::repeat_n(trace, 32).collect();
+        let s: String = std::iter::repeat_n(span, 16).collect();
+        TraceParent::parse(&format!("00-{t}-{s}-01")).unwrap()
+    }
+
+    #[test]
+    fn every_own_detection_outside_the_plans_trace_is_linked_once() {
+        // The error that broke the epoch started one detection, then the silence report
+        // (whose trace made the plan) another: the error's is linked, the report's is
+        // the plan's own trace.
+        let mut r = RecoveryTrace::default();
+        let error = tp('a', '1');
+        let silence = tp('b', '2');
+        r.keep(Some(error.clone()));
+        r.keep(Some(error.clone()));
+        r.ended(Some(SilenceTrace {
+            epoch: 1,
+            detection: Some(silence.clone()),
+            reported_at: Some(SystemTime::now()),
+        }));
+        let plan = tp('b', '3');
+        let e = r.epoch(Some(&plan), 2, 0);
+        assert_eq!(e.links, vec![error], "{e:?}");
+        // taken: the next epoch starts with none
+        let e = r.epoch(Some(&tp('c', '4')), 3, 0);
+        assert!(e.links.is_empty(), "{e:?}");
+        // a first plan (epoch 1) is no recovery: nothing to link
+        r.keep(Some(silence));
+        let e = r.epoch(Some(&plan), 1, 0);
+        assert!(e.links.is_empty(), "{e:?}");
     }
 }
