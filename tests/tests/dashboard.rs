@@ -103,7 +103,13 @@ return {
 "##;
 
 /// Everything a person should see after the kill; `Err` names what is still missing.
-fn check(page: &Value, leader: u64, killed: &str) -> Result<(), String> {
+fn check(page: &Value, leader: u64, leader_address: &str, killed: &str) -> Result<(), String> {
+    let at = page["address"].as_str().unwrap_or("");
+    if at != format!("https://{leader_address}/ui/") {
+        return Err(format!(
+            "the page is at {at:?}, not on the leader's https://{leader_address}/ui/"
+        ));
+    }
     let leader_text = page["leader"].as_str().unwrap_or("");
     if !leader_text.starts_with(&format!("node {leader} ")) {
         return Err(format!(
@@ -177,8 +183,13 @@ async fn the_page_shows_a_killed_worker_its_recovery_and_the_loss_curve() {
     let c = LocalCluster::start(4, 0);
     c.submit(&job_toml("dash", 100_000, 50, 2, 4));
     c.wait_step(10, Duration::from_secs(120));
-    let leader_now = || c.status().map(|s| s.leader_id).unwrap_or(0);
-    let mut leader = leader_now();
+    // The leader's id and address, as `phalanx status` sees them now.
+    let leader_now = || {
+        let s = c.status()?;
+        let m = s.members.iter().find(|m| m.id == s.leader_id)?;
+        Some((m.id, m.address.clone()))
+    };
+    let (mut leader, mut leader_address) = leader_now().expect("a leader");
     let killed = "w1";
     c.kill_workers_at_once(&[killed]);
 
@@ -187,6 +198,21 @@ async fn the_page_shows_a_killed_worker_its_recovery_and_the_loss_curve() {
         url.starts_with("https://127.0.0.1:") && url.contains("/ui/?token="),
         "{url}"
     );
+    // Open it on a follower instead: the page must move itself to the leader, over https
+    // (the cookie goes along: cookies do not depend on the port).
+    let printed_host = url["https://".len()..]
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let follower = c
+        .status()
+        .expect("status")
+        .members
+        .into_iter()
+        .find(|m| m.address != printed_host)
+        .expect("another controller");
+    let url = url.replacen(&printed_host, &follower.address, 1);
 
     let (_driver, webdriver) = start_chromedriver(&driver, &c.dir.path().join("chromedriver.log"));
     let browser = open_browser(&webdriver, &chromium).await;
@@ -199,13 +225,16 @@ async fn the_page_shows_a_killed_worker_its_recovery_and_the_loss_curve() {
             Ok(page) => page,
             Err(e) => json!({ "error": e.to_string() }),
         };
-        match check(&page, leader, killed) {
+        match check(&page, leader, &leader_address, killed) {
             Ok(()) => break (page, Ok(())),
             Err(e) if started.elapsed() > PAGE_LIMIT => break (page, Err(e)),
             Err(e) => {
                 // A leader elected meanwhile (a loaded machine): the page follows it.
-                if e.starts_with("the leader shown") {
-                    leader = leader_now();
+                let moved = e.starts_with("the page is at") && page.get("error").is_none();
+                if moved || e.starts_with("the leader shown") {
+                    if let Some((id, address)) = leader_now() {
+                        (leader, leader_address) = (id, address);
+                    }
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await
             }

@@ -81,12 +81,18 @@ function banner(nodes) {
   b.hidden = false;
 }
 
+// Another controller's page, over this page's own scheme (https, or http under --insecure):
+// a page that moved to plain http on a TLS controller would get no answer and stay broken.
+function pageOf(address, query) {
+  return `${location.protocol}//${address}/ui/${query || ""}`;
+}
+
 function otherControllerLinks(s) {
   if (!s) return [];
   const out = [];
   for (const m of s.members || []) {
     if (m.id === s.node_id || !m.address) continue;
-    out.push(" ", el("a", { href: `http://${m.address}/ui/` }, `node ${m.id} (${m.address})`));
+    out.push(" ", el("a", { href: pageOf(m.address) }, `node ${m.id} (${m.address})`));
   }
   return out;
 }
@@ -327,7 +333,7 @@ function follow(address) {
   const hop = Date.now() - LOADED_AT > 60000 ? 1 : HOPS + 1;
   if (hop > HOPS_MAX) return false;
   setConn("connecting", `moving to ${address}`);
-  location.href = `http://${address}/ui/?hop=${hop}`;
+  location.href = pageOf(address, `?hop=${hop}`);
   return true;
 }
 
@@ -391,7 +397,7 @@ async function pollOnce() {
     renderEvents(ev.body);
   } else if (ev && ev.status === 421 && ev.body && ev.body.leader_address) {
     note.replaceChildren("The event log is read from the leader: ",
-      el("a", { href: `http://${ev.body.leader_address}/ui/` }, `open node ${ev.body.leader_id}'s dashboard`), ".");
+      el("a", { href: pageOf(ev.body.leader_address) }, `open node ${ev.body.leader_id}'s dashboard`), ".");
   } else {
     note.textContent = `The event log is unavailable right now (${ev ? ev.status : "no answer"}); retrying.`;
   }
