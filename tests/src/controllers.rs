@@ -2,6 +2,7 @@
 //! 127.0.0.1 with the cluster's TLS credentials, each of which a test may kill (SIGKILL),
 //! restart with more flags, or reach through a proxy of its own. Every process is killed
 //! when the set is dropped, whether the test passed or not.
+use phalanx_proto::RaftRole;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -184,7 +185,7 @@ impl Controllers {
         self.addrs
             .keys()
             .filter_map(|id| self.status(*id))
-            .filter(|s| s.role == "leader")
+            .filter(|s| s.role == RaftRole::Leader)
             .max_by_key(|s| s.term)
             .map(|s| s.node_id)
     }
@@ -201,7 +202,7 @@ impl Controllers {
         while Instant::now() < deadline {
             for id in self.addrs.keys().filter(|i| Some(**i) != exclude) {
                 if let Some(s) = self.status(*id) {
-                    if s.role == "leader" && s.term > above_term {
+                    if s.role == RaftRole::Leader && s.term > above_term {
                         return (s.node_id, s.term);
                     }
                 }

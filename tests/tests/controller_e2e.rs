@@ -1,6 +1,9 @@
 //! End-to-end tests of the raft-replicated controller: real `phalanx controller start`
 //! processes on 127.0.0.1, killed with SIGKILL.
 
+use phalanx_proto::DeviceKind;
+use phalanx_proto::EventKind;
+use phalanx_proto::RaftRole;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -19,7 +22,7 @@ fn register(c: &Client, id: &str) {
             id: id.into(),
             address: format!("127.0.0.1:{}", 20000 + id.len()),
             device: DeviceSpec {
-                kind: "cpu-emulated".into(),
+                kind: DeviceKind::CpuEmulated,
                 index: 0,
                 memory_bytes: 1 << 30,
                 ..Default::default()
@@ -75,7 +78,7 @@ fn controller_sigkill_leader_elects_a_new_leader_and_cli_writes_succeed() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if let Some(s) = c.status(leader) {
-            if s.role == "follower" && s.leader_id != 0 && s.job.is_some() {
+            if s.role == RaftRole::Follower && s.leader_id != 0 && s.job.is_some() {
                 break;
             }
         }
@@ -123,7 +126,7 @@ fn controller_restart_all_keeps_workers_job_and_events() {
     let events: Vec<Event> = client.get("/v1/events?limit=1000").unwrap();
     assert!(events
         .iter()
-        .any(|e| e.kind == "worker-draining" && e.reason.contains("host maintenance")));
+        .any(|e| e.kind == EventKind::WorkerDraining && e.reason.contains("host maintenance")));
 
     for id in 1..=3 {
         c.kill(id);

@@ -22,6 +22,7 @@
 
 mod support;
 
+use phalanx_proto::RaftRole;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -98,12 +99,12 @@ impl Cluster {
         if s.len() != self.c.addrs.len() {
             return None;
         }
-        let (lid, l) = s.iter().find(|(_, s)| s.role == "leader")?;
+        let (lid, l) = s.iter().find(|(_, s)| s.role == RaftRole::Leader)?;
         s.values()
             .all(|n| {
                 n.term == l.term
                     && n.leader_id == *lid
-                    && (n.node_id == *lid || n.role == "follower")
+                    && (n.node_id == *lid || n.role == RaftRole::Follower)
             })
             .then_some(*lid)
     }

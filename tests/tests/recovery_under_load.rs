@@ -118,10 +118,7 @@ fn no_faults_under_cpu_contention_mean_no_suspect_or_failed_decisions() {
     let job = c.job().unwrap();
     let events = c.events();
     let line = |e: &phalanx_proto::Event| format!("{} {} {}", e.kind, e.subject, e.reason);
-    // Either spelling of a kind (EventKind::parse reads the older snake_case too).
-    let of_kind = |e: &&phalanx_proto::Event, kinds: &[EventKind]| {
-        EventKind::parse(&e.kind).is_some_and(|k| kinds.contains(&k))
-    };
+    let of_kind = |e: &&phalanx_proto::Event, kinds: &[EventKind]| kinds.contains(&e.kind);
     let spurious: Vec<String> = events
         .iter()
         .filter(|e| of_kind(e, &[EventKind::WorkerSuspect, EventKind::WorkerFailed]))

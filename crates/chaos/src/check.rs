@@ -1,6 +1,8 @@
 //! What a run measured, and every expectation checked against it: pure functions, so a
 //! report can be re-checked and the rules tested without a cluster.
 
+use phalanx_proto::EventKind;
+use phalanx_proto::RaftRole;
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
@@ -13,7 +15,7 @@ pub struct SeenEvent {
     pub seq: u64,
     /// Seconds since the job's submission (at the runner's poll that first saw it).
     pub t_s: f64,
-    pub kind: String,
+    pub kind: EventKind,
     pub subject: String,
     pub reason: String,
 }
@@ -33,7 +35,7 @@ pub struct RecoveryM {
 pub struct LeaderSample {
     pub t_s: f64,
     pub node: u64,
-    pub role: String,
+    pub role: RaftRole,
     pub term: u64,
     /// 0 when it knows none.
     pub leader: u64,
@@ -70,7 +72,7 @@ impl Measured {
     pub fn leaders_per_term(&self) -> (usize, u64) {
         let mut by_term: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
         for s in &self.leaders {
-            if s.role == "leader" {
+            if s.role == RaftRole::Leader {
                 by_term.entry(s.term).or_default().insert(s.node);
             }
         }
@@ -198,7 +200,7 @@ pub fn check(e: &Expect, m: &Measured) -> Vec<Verdict> {
         let hit = m
             .events
             .iter()
-            .find(|ev| r.matches(&ev.kind, &ev.subject, &ev.reason));
+            .find(|ev| r.matches(ev.kind, &ev.subject, &ev.reason));
         out.push(v(
             "required_events",
             format!("an event {r}"),
@@ -216,7 +218,7 @@ pub fn check(e: &Expect, m: &Measured) -> Vec<Verdict> {
         let hit = m
             .events
             .iter()
-            .find(|ev| f.matches(&ev.kind, &ev.subject, &ev.reason));
+            .find(|ev| f.matches(ev.kind, &ev.subject, &ev.reason));
         out.push(v(
             "forbidden_events",
             format!("no event {f}"),
@@ -273,7 +275,7 @@ mod tests {
             events: vec![SeenEvent {
                 seq: 7,
                 t_s: 3.0,
-                kind: "straggler-share".into(),
+                kind: EventKind::StragglerShare,
                 subject: "w2".into(),
                 reason: "rank 2 is slow".into(),
             }],
@@ -281,14 +283,14 @@ mod tests {
                 LeaderSample {
                     t_s: 0.0,
                     node: 1,
-                    role: "leader".into(),
+                    role: RaftRole::Leader,
                     term: 2,
                     leader: 1,
                 },
                 LeaderSample {
                     t_s: 0.1,
                     node: 2,
-                    role: "follower".into(),
+                    role: RaftRole::Follower,
                     term: 2,
                     leader: 1,
                 },
@@ -329,7 +331,7 @@ mod tests {
         m.leaders.push(LeaderSample {
             t_s: 0.2,
             node: 3,
-            role: "leader".into(),
+            role: RaftRole::Leader,
             term: 2,
             leader: 3,
         });

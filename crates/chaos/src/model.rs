@@ -431,10 +431,8 @@ pub struct EventMatch {
 }
 
 impl EventMatch {
-    /// `kind` in either spelling (events recorded before the vocabulary was one are kept
-    /// as they were).
-    pub fn matches(&self, kind: &str, subject: &str, reason: &str) -> bool {
-        EventKind::parse(kind) == Some(self.kind)
+    pub fn matches(&self, kind: EventKind, subject: &str, reason: &str) -> bool {
+        kind == self.kind
             && self
                 .contains
                 .as_deref()

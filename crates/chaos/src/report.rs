@@ -3,6 +3,7 @@
 //! plots drawn with plotters. `phalanx report DIR` prints [`summary_text`] again from
 //! `report.json`.
 
+use phalanx_proto::RaftRole;
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -701,7 +702,7 @@ fn plot_controllers(path: &Path, r: &Report) -> PlotResult {
         chart
             .draw_series(
                 mine.iter()
-                    .filter(|s| s.role == "leader")
+                    .filter(|s| s.role == RaftRole::Leader)
                     .map(|s| Circle::new((s.t_s, s.term as f64 + dy), 3, color.filled())),
             )
             .map_err(err)?;

@@ -1,6 +1,7 @@
 //! The committed JSON Schema is the one the types generate, every library scenario is
 //! valid and says what it proves, and a report directory gets its files and plots.
 
+use phalanx_proto::RaftRole;
 use std::path::PathBuf;
 
 fn scenarios_dir() -> PathBuf {
@@ -101,9 +102,9 @@ fn a_report_directory_gets_json_markdown_and_four_plots() {
                     t_s: i as f64,
                     node: n,
                     role: if n == 1 + (i / 10) {
-                        "leader".into()
+                        RaftRole::Leader
                     } else {
-                        "follower".into()
+                        RaftRole::Follower
                     },
                     term: 2 + i / 10,
                     leader: 1 + i / 10,

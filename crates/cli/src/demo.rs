@@ -9,6 +9,7 @@
 //! scenario actually run is written next to the cluster directory, so `phalanx scenario
 //! run` replays it, and the runner's report (JSON, Markdown, plots) lands in the cluster
 //! directory's `report/`.
+use phalanx_proto::EventKind;
 use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -196,18 +197,16 @@ struct DemoSummary {
 }
 
 /// Event kinds that are a decision about a failure.
-fn is_detection(kind: &str) -> bool {
+fn is_detection(kind: EventKind) -> bool {
     use phalanx_proto::EventKind as K;
     matches!(
-        K::parse(kind),
-        Some(
-            K::WorkerFailed
-                | K::WorkerSuspect
-                | K::WorkerQuarantined
-                | K::WorkerDraining
-                | K::EpochStuck
-                | K::Plan
-        )
+        kind,
+        K::WorkerFailed
+            | K::WorkerSuspect
+            | K::WorkerQuarantined
+            | K::WorkerDraining
+            | K::EpochStuck
+            | K::Plan
     )
 }
 
@@ -269,7 +268,7 @@ fn fault_report(r: &Report, f: &FiredFault, until_s: f64) -> FaultReport {
     if let Some(e) = m
         .events
         .iter()
-        .find(|e| e.t_s >= f.t_s && e.t_s < until_s && is_detection(&e.kind))
+        .find(|e| e.t_s >= f.t_s && e.t_s < until_s && is_detection(e.kind))
     {
         out.detected_by = format!("{}: {}", e.kind, e.reason);
         out.detect_s = e.t_s - f.t_s;

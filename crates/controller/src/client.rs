@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use phalanx_pki::{Identity, PkiError, Role, TlsDir, TokenKind, ALPN_HTTP1};
-use phalanx_proto::{Command, CommandResponse, Envelope, ErrorResponse, StatusResponse};
+use phalanx_proto::{Command, CommandResponse, Envelope, ErrorCode, ErrorResponse, StatusResponse};
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 
@@ -26,7 +26,7 @@ pub enum ClientError {
     Api {
         addr: String,
         status: u16,
-        error: String,
+        error: ErrorCode,
         message: String,
     },
     #[error("no controller answered within {deadline_ms} ms (tried {addrs}); last error: {last}")]
@@ -293,7 +293,7 @@ impl Client {
                 Ok((status, bytes)) => {
                     let err: ErrorResponse =
                         serde_json::from_slice(&bytes).unwrap_or(ErrorResponse {
-                            error: "unknown".into(),
+                            error: ErrorCode::Unknown,
                             message: String::from_utf8_lossy(&bytes).into_owned(),
                             leader_id: None,
                             leader_address: None,

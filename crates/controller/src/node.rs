@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use phalanx_core::{Applied, ClusterState, StateLimits};
-use phalanx_proto::{Envelope, NodeId};
+use phalanx_proto::{Envelope, NodeId, RaftRole};
 use protobuf::Message as PbMessage;
 use raft::prelude::{
     ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, Entry, EntryType, Message,
@@ -247,12 +247,12 @@ impl Replica {
         v.sort_unstable();
         v
     }
-    pub fn role(&self) -> &'static str {
+    pub fn role(&self) -> RaftRole {
         match self.raw.raft.state {
-            StateRole::Leader => "leader",
-            StateRole::Follower => "follower",
-            StateRole::Candidate => "candidate",
-            StateRole::PreCandidate => "pre_candidate",
+            StateRole::Leader => RaftRole::Leader,
+            StateRole::Follower => RaftRole::Follower,
+            StateRole::Candidate => RaftRole::Candidate,
+            StateRole::PreCandidate => RaftRole::PreCandidate,
         }
     }
 

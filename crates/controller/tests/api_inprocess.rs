@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use phalanx_controller::client::{http_once, Credentials};
-use phalanx_proto::{Command, MemberChange};
+use phalanx_proto::{Command, MemberAction, MemberChange};
 
 mod common;
 use common::{free_addr, InProcess, TOKEN};
@@ -84,7 +84,7 @@ fn three_nodes_in_process_serve_writes_reads_and_fail_over() {
 fn members_answer_says_whether_the_change_was_accepted() {
     let c = InProcess::start(3, |cfg| cfg);
     let peers = &c.peers;
-    let (l, _) = c.wait_leader(LEADER_WAIT, 0, None);
+    c.wait_leader(LEADER_WAIT, 0, None);
     let post = |body: MemberChange| -> (u16, serde_json::Value) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -107,24 +107,42 @@ fn members_answer_says_whether_the_change_was_accepted() {
     };
     // Adding a fifth address (no process behind it): 3 of 4 voters still commit.
     let spare = free_addr();
-    let change = |action: &str, id: u64, address: &str| MemberChange {
-        action: action.into(),
+    let change = |action: MemberAction, id: u64, address: &str| MemberChange {
+        action,
         id,
         address: address.into(),
     };
-    let (code, v) = post(change("add", 4, &spare));
+    let (code, v) = post(change(MemberAction::Add, 4, &spare));
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["accepted"], true, "{v}");
     assert_eq!(v["voters"], serde_json::json!([1, 2, 3, 4]), "{v}");
     assert!(v["index"].as_u64().unwrap() > 0);
-    let (code, v) = post(change("add", 4, &spare));
+    let (code, v) = post(change(MemberAction::Add, 4, &spare));
     assert_eq!(code, 409, "already a voter: {v}");
-    let (code, v) = post(change("remove", 9, ""));
+    let (code, v) = post(change(MemberAction::Remove, 9, ""));
     assert_eq!(code, 409, "not a voter: {v}");
+    // An action outside the vocabulary is refused before it reaches Raft, and named.
+    let (l, _) = c.wait_leader(LEADER_WAIT, 0, None);
+    let (code, b) = http_once(
+        &peers[&l],
+        "POST",
+        "/v1/members",
+        &Credentials::insecure(TOKEN),
+        Some(br#"{"action": "grow", "id": 5, "address": "127.0.0.1:1"}"#),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let body = String::from_utf8_lossy(&b);
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body.contains("bad_request")
+            && body.contains("unknown variant `grow`, expected `add` or `remove`"),
+        "{body}"
+    );
     // Removing 4 again; the joint state may still be leaving, so retry a refusal briefly.
     let deadline = Instant::now() + Duration::from_secs(10);
     let v = loop {
-        let (code, v) = post(change("remove", 4, ""));
+        let (code, v) = post(change(MemberAction::Remove, 4, ""));
         if code == 200 {
             break v;
         }
@@ -137,5 +155,4 @@ fn members_answer_says_whether_the_change_was_accepted() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(v["voters"], serde_json::json!([1, 2, 3]), "{v}");
-    let _ = l;
 }

@@ -6,6 +6,7 @@
 //! refuses ReadIndex until the leader has committed an entry of its term, so the read
 //! must wait for that commit (and then be served at once) rather than time out.
 
+use phalanx_proto::RaftRole;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -146,7 +147,7 @@ fn read_on_new_leader_waits_for_first_commit_then_is_served() {
         }
     };
     let s = status(&addr1).expect("status of node 1");
-    assert_eq!(s.role, "leader");
+    assert_eq!(s.role, RaftRole::Leader);
     assert!(
         s.commit_index < first_append.index + 1,
         "node 1 committed its first entry without a quorum: {s:?}"
@@ -196,7 +197,7 @@ fn read_on_new_leader_waits_for_first_commit_then_is_served() {
     std::thread::sleep(Duration::from_millis(300));
     let s = status(&addr1).expect("status of node 1");
     assert!(
-        s.role == "leader" && s.commit_index <= first_append.index,
+        s.role == RaftRole::Leader && s.commit_index <= first_append.index,
         "node 1 lost leadership or committed without node 2: {s:?}"
     );
 

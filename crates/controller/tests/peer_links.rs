@@ -7,6 +7,7 @@
 //! connections stay established but deliver nothing, like a TCP connection stuck in
 //! retransmission backoff (only more so). Connections opened after the heal work.
 
+use phalanx_proto::RaftRole;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -168,14 +169,14 @@ fn follower_follows_again_soon_after_a_stalling_cut_heals() {
     let leader = wait_for(Duration::from_secs(15), "a leader", || {
         real.values()
             .filter_map(|a| status(a))
-            .find(|s| s.role == "leader")
+            .find(|s| s.role == RaftRole::Leader)
             .map(|s| s.node_id)
     });
     // Every link has carried traffic: a committed write reached both followers.
     let idx = write("0");
     let follows = |id: u64, index: u64| {
         status(&real[&id]).is_some_and(|s| {
-            s.role == "follower" && s.leader_id == leader && s.applied_index >= index
+            s.role == RaftRole::Follower && s.leader_id == leader && s.applied_index >= index
         })
     };
     for id in real.keys().filter(|i| **i != leader) {
@@ -202,7 +203,7 @@ fn follower_follows_again_soon_after_a_stalling_cut_heals() {
             "the cut follower to campaign",
             || {
                 status(&real[&f])
-                    .is_some_and(|s| s.role != "follower" || s.leader_id == 0)
+                    .is_some_and(|s| s.role != RaftRole::Follower || s.leader_id == 0)
                     .then_some(())
             },
         );

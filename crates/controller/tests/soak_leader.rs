@@ -5,6 +5,7 @@
 //! `PHALANX_SOAK_S` sets the length (600 s), `PHALANX_SOAK_ELECTION_TICK` the election
 //! timeout in 10 ms ticks (10, drawn from 10..20).
 
+use phalanx_proto::RaftRole;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -92,7 +93,7 @@ fn no_spurious_elections_under_load_beside_busy_threads() {
     while t0.elapsed() < Duration::from_secs(secs) {
         for (id, a) in &peers {
             if let Some(s) = status(a) {
-                if s.role == "leader" {
+                if s.role == RaftRole::Leader {
                     if first_term.is_none() {
                         first_term = Some(s.term);
                     }

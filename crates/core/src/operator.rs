@@ -113,7 +113,7 @@ impl ClusterState {
 #[cfg(test)]
 mod tests {
     use crate::state::{ClusterState, StateLimits};
-    use phalanx_proto::{Command, DeviceSpec, Envelope, JobSpec, WorkerHealth};
+    use phalanx_proto::{Command, DeviceSpec, Envelope, EventKind, JobSpec, WorkerHealth};
 
     fn env(id: &str, command: Command) -> Envelope {
         Envelope {
@@ -178,7 +178,7 @@ mod tests {
         let drained = s
             .events
             .iter()
-            .find(|e| e.kind == "worker-draining")
+            .find(|e| e.kind == EventKind::WorkerDraining)
             .unwrap();
         assert_eq!(
             drained.reason, "healthy -> draining: maintenance",
@@ -191,10 +191,12 @@ mod tests {
         );
         assert!(s.apply(6, &env("u", undrain("a"))).outcome.is_applied());
         assert!(s.workers["a"].health.placeable());
-        assert!(s
-            .events
-            .iter()
-            .any(|e| e.kind == "worker-undrained" && e.reason.contains("maintenance done")));
+        assert!(
+            s.events
+                .iter()
+                .any(|e| e.kind == EventKind::WorkerUndrained
+                    && e.reason.contains("maintenance done"))
+        );
         let again = s.apply(7, &env("u2", undrain("a")));
         assert!(
             again.outcome.is_applied(),
@@ -250,7 +252,7 @@ mod tests {
         let e = s
             .events
             .iter()
-            .find(|e| e.kind == "worker-restored")
+            .find(|e| e.kind == EventKind::WorkerRestored)
             .unwrap();
         assert!(e.reason.contains("DIMM replaced"), "{}", e.reason);
     }

@@ -187,7 +187,7 @@ impl ClusterState {
         self.events.push_back(Event {
             seq,
             index,
-            kind: kind.as_str().into(),
+            kind,
             subject: subject.into(),
             reason,
         });

@@ -86,10 +86,10 @@ fn a_stuck_epoch_is_reissued_once_under_a_new_epoch() {
     let ev: Vec<_> = s
         .events
         .iter()
-        .map(|e| (e.kind.clone(), e.reason.clone()))
+        .map(|e| (e.kind, e.reason.clone()))
         .collect();
     assert!(
-        ev.iter().any(|(k, r)| k == "epoch-stuck"
+        ev.iter().any(|(k, r)| *k == EventKind::EpochStuck
             && r.contains("blames rank 2 (c)")
             && r.contains("closed the connection")),
         "{ev:?}"
@@ -129,7 +129,7 @@ fn a_ranked_worker_that_registers_from_a_new_address_starts_a_new_epoch() {
     assert!(s
         .events
         .iter()
-        .any(|e| e.kind == "plan" && e.reason.contains("b restarted")));
+        .any(|e| e.kind == EventKind::Plan && e.reason.contains("b restarted")));
 }
 
 #[test]
@@ -257,7 +257,7 @@ fn job_lifecycle_replans_on_failure_and_completes() {
     assert!(s
         .events
         .iter()
-        .any(|e| e.kind == "worker-failed" && e.reason.contains("no heartbeat")));
+        .any(|e| e.kind == EventKind::WorkerFailed && e.reason.contains("no heartbeat")));
     // A finished job's catalog takes nothing more.
     let late = s.apply(next(), &env("c-late", record(&id, 2, 20)));
     assert!(!late.outcome.is_applied());

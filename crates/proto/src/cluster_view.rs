@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ControllerMember, JobInfo, NodeId, WorkerInfo};
+use crate::{ControllerMember, JobInfo, NodeId, RaftRole, WorkerInfo};
 
 /// One controller as `phalanx status` reached it (or failed to).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -11,7 +11,7 @@ pub struct NodeView {
     pub address: String,
     pub reachable: bool,
     pub node_id: Option<NodeId>,
-    pub role: Option<String>,
+    pub role: Option<RaftRole>,
     pub term: Option<u64>,
     pub commit_index: Option<u64>,
     pub applied_index: Option<u64>,

@@ -148,10 +148,37 @@ impl std::fmt::Display for NumericsProfile {
     }
 }
 
+/// What a worker computes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, Hash)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
+pub enum DeviceKind {
+    /// A GPU emulated on the CPU (libtorch's CPU device with a memory cap).
+    #[default]
+    #[serde(rename = "cpu-emulated")]
+    CpuEmulated,
+    /// A CUDA device.
+    #[serde(rename = "cuda")]
+    Cuda,
+}
+
+impl DeviceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceKind::CpuEmulated => "cpu-emulated",
+            DeviceKind::Cuda => "cuda",
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct DeviceSpec {
-    /// `cpu-emulated` or `cuda`.
-    pub kind: String,
+    pub kind: DeviceKind,
     pub index: u32,
     pub memory_bytes: u64,
     /// The numerics profile the worker process applied before libtorch started.
@@ -174,8 +201,8 @@ impl DeviceSpec {
     /// What the operator sees: the model it emulates (`H100-SXM-80GB (emulated)`), else
     /// the kind and index.
     pub fn display(&self) -> String {
-        match (self.kind.as_str(), self.model.is_empty()) {
-            ("cpu-emulated", false) => format!("{} (emulated)", self.model),
+        match (self.kind, self.model.is_empty()) {
+            (DeviceKind::CpuEmulated, false) => format!("{} (emulated)", self.model),
             (_, false) => format!("{} ({}:{})", self.model, self.kind, self.index),
             _ => format!("{}:{}", self.kind, self.index),
         }
@@ -415,7 +442,7 @@ pub struct Event {
     pub seq: u64,
     /// Raft log index of the command that produced it.
     pub index: u64,
-    pub kind: String,
+    pub kind: EventKind,
     pub subject: String,
     pub reason: String,
 }
@@ -632,11 +659,61 @@ pub struct CommandResponse {
     pub duplicate: bool,
 }
 
+/// The machine-readable kind of a non-2xx answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
+pub enum ErrorCode {
+    /// 421: ask the leader (its id and address come along).
+    NotLeader,
+    /// 503: no leader is known right now.
+    NoLeader,
+    /// 504: the request did not commit in time.
+    Timeout,
+    BadRequest,
+    NotFound,
+    /// 409: the state machine refused the command.
+    Refused,
+    /// 401: no credential, or an unknown one.
+    Unauthorized,
+    /// 403: a known credential whose role may not do this.
+    Forbidden,
+    PayloadTooLarge,
+    Internal,
+    /// A code this release does not know (a newer controller's), or an answer that was
+    /// not an [`ErrorResponse`].
+    #[serde(other)]
+    Unknown,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::NotLeader => "not_leader",
+            ErrorCode::NoLeader => "no_leader",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Refused => "refused",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::Internal => "internal",
+            ErrorCode::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Every non-2xx answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorResponse {
-    /// Machine-readable: `unauthorized`, `not_leader`, `bad_request`, `timeout`, ...
-    pub error: String,
+    pub error: ErrorCode,
     pub message: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leader_id: Option<NodeId>,
@@ -644,12 +721,39 @@ pub struct ErrorResponse {
     pub leader_address: Option<String>,
 }
 
+/// A controller's Raft role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash)]
+#[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
+pub enum RaftRole {
+    Leader,
+    Follower,
+    Candidate,
+    PreCandidate,
+}
+
+impl RaftRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RaftRole::Leader => "leader",
+            RaftRole::Follower => "follower",
+            RaftRole::Candidate => "candidate",
+            RaftRole::PreCandidate => "pre_candidate",
+        }
+    }
+}
+
+impl std::fmt::Display for RaftRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// `GET /v1/status`: this node's view.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatusResponse {
     pub node_id: NodeId,
-    /// `leader`, `follower`, `candidate`, `pre_candidate`.
-    pub role: String,
+    pub role: RaftRole,
     /// 0 when this node knows no leader.
     pub leader_id: NodeId,
     pub term: u64,
@@ -742,11 +846,30 @@ impl std::fmt::Debug for SecretHex {
     }
 }
 
+/// What a membership change does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
+pub enum MemberAction {
+    /// Add a voter (its address is required).
+    Add,
+    /// Remove a voter.
+    Remove,
+}
+
+impl MemberAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberAction::Add => "add",
+            MemberAction::Remove => "remove",
+        }
+    }
+}
+
 /// `POST /v1/members` (joint-consensus membership change).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberChange {
-    /// `add` or `remove`.
-    pub action: String,
+    pub action: MemberAction,
     pub id: NodeId,
     #[serde(default)]
     pub address: String,
@@ -755,6 +878,58 @@ pub struct MemberChange {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The enums keep the wire spellings the strings had, and each `as_str` is its serde
+    /// name; an unknown error code from a newer controller still parses.
+    #[test]
+    fn enum_fields_keep_their_wire_spellings() {
+        fn wire<T: Serialize>(v: T) -> String {
+            serde_json::to_value(v)
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .to_string()
+        }
+        for r in [
+            RaftRole::Leader,
+            RaftRole::Follower,
+            RaftRole::Candidate,
+            RaftRole::PreCandidate,
+        ] {
+            assert_eq!(wire(r), r.as_str());
+        }
+        assert_eq!(wire(RaftRole::PreCandidate), "pre_candidate");
+        for k in [DeviceKind::CpuEmulated, DeviceKind::Cuda] {
+            assert_eq!(wire(k), k.as_str());
+        }
+        assert_eq!(wire(DeviceKind::CpuEmulated), "cpu-emulated");
+        for a in [MemberAction::Add, MemberAction::Remove] {
+            assert_eq!(wire(a), a.as_str());
+        }
+        for e in [
+            ErrorCode::NotLeader,
+            ErrorCode::NoLeader,
+            ErrorCode::Timeout,
+            ErrorCode::BadRequest,
+            ErrorCode::NotFound,
+            ErrorCode::Refused,
+            ErrorCode::Unauthorized,
+            ErrorCode::Forbidden,
+            ErrorCode::PayloadTooLarge,
+            ErrorCode::Internal,
+            ErrorCode::Unknown,
+        ] {
+            assert_eq!(wire(e), e.as_str());
+        }
+        let newer: ErrorResponse =
+            serde_json::from_str(r#"{"error": "quota_exceeded", "message": "m"}"#).unwrap();
+        assert_eq!(newer.error, ErrorCode::Unknown);
+        let bad = serde_json::from_str::<StatusResponse>(r#"{"node_id": 1, "role": "king"}"#);
+        assert!(bad
+            .unwrap_err()
+            .to_string()
+            .contains("unknown variant `king`"));
+    }
 
     #[test]
     fn command_json_is_tagged() {

@@ -8,6 +8,7 @@
 //! `phalanx_sim::detect::replay`, must give the same decisions, in the same order, with
 //! the same reasons up to the measured milliseconds, at about the same times.
 
+use phalanx_proto::RaftRole;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -58,7 +59,7 @@ fn the_controller_and_the_simulator_make_the_same_decisions_from_one_trace() {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Ok(s) = client.get::<StatusResponse>("/v1/status") {
-            if s.role == "leader" {
+            if s.role == RaftRole::Leader {
                 break;
             }
         }

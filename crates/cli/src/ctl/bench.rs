@@ -5,6 +5,7 @@
 //! and drops its sockets at once; the followers notice only through missed heartbeats,
 //! exactly as with SIGKILL. The end-to-end tests do the real SIGKILL.
 
+use phalanx_proto::RaftRole;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -152,7 +153,7 @@ impl Cluster {
         while Instant::now() < deadline {
             for id in self.peers.keys().filter(|i| Some(**i) != exclude) {
                 if let Some(s) = self.status(*id) {
-                    if s.role == "leader" && s.term > above_term {
+                    if s.role == RaftRole::Leader && s.term > above_term {
                         return Ok((s.node_id, s.term));
                     }
                 }
@@ -266,7 +267,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         while Instant::now() < deadline {
             if cluster
                 .status(leader)
-                .is_some_and(|s| s.leader_id == new_leader && s.role == "follower")
+                .is_some_and(|s| s.leader_id == new_leader && s.role == RaftRole::Follower)
             {
                 break;
             }

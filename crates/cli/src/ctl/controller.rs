@@ -107,7 +107,7 @@ pub fn controller(cmd: ControllerCmd) -> Result<()> {
             let v: serde_json::Value = c.post(
                 "/v1/members",
                 &phalanx_proto::MemberChange {
-                    action: "add".into(),
+                    action: phalanx_proto::MemberAction::Add,
                     id,
                     address,
                 },
@@ -128,7 +128,7 @@ pub fn controller(cmd: ControllerCmd) -> Result<()> {
             let v: serde_json::Value = c.post(
                 "/v1/members",
                 &phalanx_proto::MemberChange {
-                    action: "remove".into(),
+                    action: phalanx_proto::MemberAction::Remove,
                     id,
                     address: String::new(),
                 },

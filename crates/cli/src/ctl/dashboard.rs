@@ -1,6 +1,7 @@
 //! `phalanx dashboard`: the address of the leader's live dashboard (`/ui/`, served by every
 //! controller), with the token in its query. It prints the address and opens nothing.
 
+use phalanx_proto::RaftRole;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
@@ -78,7 +79,7 @@ fn pick(all: &[(String, Result<StatusResponse, String>)]) -> Option<(u64, String
             .filter_map(|(a, r)| r.as_ref().ok().map(|s| (a, s)))
     };
     if let Some((a, s)) = ok()
-        .filter(|(_, s)| s.role == "leader")
+        .filter(|(_, s)| s.role == RaftRole::Leader)
         .max_by_key(|(_, s)| s.term)
     {
         return Some((s.node_id, a.clone()));

@@ -1,5 +1,6 @@
 //! The everyday operator verbs: `status`, `job`, `events`, `checkpoint list` and
 //! `worker drain|undrain|restore`.
+use phalanx_proto::RaftRole;
 use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -158,7 +159,7 @@ pub fn status(cmd: StatusCmd) -> Result<()> {
     // The view of the leader with the highest term, else of the most advanced node.
     let best = ok
         .iter()
-        .filter(|s| s.role == "leader")
+        .filter(|s| s.role == RaftRole::Leader)
         .max_by_key(|s| s.term)
         .or_else(|| ok.iter().max_by_key(|s| (s.term, s.commit_index)))
         .copied()
@@ -170,7 +171,7 @@ pub fn status(cmd: StatusCmd) -> Result<()> {
                 address: a.clone(),
                 reachable: true,
                 node_id: Some(s.node_id),
-                role: Some(s.role.clone()),
+                role: Some(s.role),
                 term: Some(s.term),
                 commit_index: Some(s.commit_index),
                 applied_index: Some(s.applied_index),
@@ -189,7 +190,7 @@ pub fn status(cmd: StatusCmd) -> Result<()> {
         })
         .collect();
     let view = ClusterStatus {
-        leader_id: if best.role == "leader" {
+        leader_id: if best.role == RaftRole::Leader {
             best.node_id
         } else {
             best.leader_id
@@ -226,7 +227,7 @@ pub fn status(cmd: StatusCmd) -> Result<()> {
                 .map(|n| vec![
                     n.node_id.map(|i| i.to_string()).unwrap_or("?".into()),
                     n.address.clone(),
-                    n.role.clone().unwrap_or_else(|| format!(
+                    n.role.map(|r| r.to_string()).unwrap_or_else(|| format!(
                         "unreachable ({})",
                         n.error.clone().unwrap_or_default()
                     )),
@@ -546,7 +547,7 @@ pub fn events(cmd: EventsCmd) -> Result<()> {
                 .map(|e| vec![
                     e.seq.to_string(),
                     e.index.to_string(),
-                    e.kind.clone(),
+                    e.kind.to_string(),
                     e.subject.clone(),
                     e.reason.clone()
                 ])

@@ -7,6 +7,7 @@
 //! and SIGTERM set a flag the main loop checks; a SIGKILLed runner takes its children
 //! with it (`PR_SET_PDEATHSIG`), and its namespaces are swept by the next lab.
 
+use phalanx_proto::RaftRole;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -140,7 +141,7 @@ fn resolve(
                 .status_all()
                 .into_iter()
                 .filter_map(|(_, r)| r.ok())
-                .filter(|s| s.role == "leader")
+                .filter(|s| s.role == RaftRole::Leader)
                 .max_by_key(|s| s.term)
                 .map(|s| s.node_id)
                 .ok_or_else(|| anyhow!("no controller leads right now"))?;
@@ -407,7 +408,7 @@ fn trigger_holds(
                 && anchor_seq.is_some_and(|a| {
                     events
                         .iter()
-                        .any(|e| e.seq > a && m.matches(&e.kind, &e.subject, &e.reason))
+                        .any(|e| e.seq > a && m.matches(e.kind, &e.subject, &e.reason))
                 })
         }
     }
@@ -704,9 +705,7 @@ pub fn run(o: &RunOptions, v: &Validated) -> Result<Report> {
             let seen = last_seq;
             for e in evs.into_iter().filter(|e| e.seq > seen) {
                 last_seq = e.seq;
-                if phalanx_proto::EventKind::parse(&e.kind)
-                    != Some(phalanx_proto::EventKind::CheckpointDurable)
-                {
+                if e.kind != phalanx_proto::EventKind::CheckpointDurable {
                     println!(
                         "   {t_s:>6.1} s  event {} {}: {}",
                         e.kind, e.subject, e.reason

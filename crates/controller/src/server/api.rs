@@ -13,8 +13,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
 use phalanx_proto::{
-    Assignment, Command, ControllerMember, Envelope, ErrorResponse, HeartbeatRequest, MemberChange,
-    NodeId, StatusResponse,
+    Assignment, Command, ControllerMember, Envelope, ErrorCode, ErrorResponse, HeartbeatRequest,
+    MemberChange, NodeId, RaftRole, StatusResponse,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
@@ -57,8 +57,8 @@ pub enum ApiError {
 
 impl ApiError {
     pub(crate) fn status_and_body(&self) -> (u16, ErrorResponse) {
-        let e = |error: &str, message: String| ErrorResponse {
-            error: error.into(),
+        let e = |error: ErrorCode, message: String| ErrorResponse {
+            error,
             message,
             leader_id: None,
             leader_address: None,
@@ -70,7 +70,7 @@ impl ApiError {
             } => (
                 421,
                 ErrorResponse {
-                    error: "not_leader".into(),
+                    error: ErrorCode::NotLeader,
                     message: format!("this node is not the leader; the leader is node {leader_id}"),
                     leader_id: Some(*leader_id),
                     leader_address: leader_address.clone(),
@@ -78,21 +78,24 @@ impl ApiError {
             ),
             ApiError::NoLeader => (
                 503,
-                e("no_leader", "no leader is known right now; retry".into()),
+                e(
+                    ErrorCode::NoLeader,
+                    "no leader is known right now; retry".into(),
+                ),
             ),
             ApiError::Timeout => (
                 504,
                 e(
-                    "timeout",
+                    ErrorCode::Timeout,
                     "the request did not commit in time; retry with the same request id".into(),
                 ),
             ),
-            ApiError::BadRequest(m) => (400, e("bad_request", m.clone())),
-            ApiError::NotFound(m) => (404, e("not_found", m.clone())),
-            ApiError::Conflict(m) => (409, e("refused", m.clone())),
-            ApiError::Unauthorized(m) => (401, e("unauthorized", m.clone())),
-            ApiError::Forbidden(m) => (403, e("forbidden", m.clone())),
-            ApiError::Internal(m) => (500, e("internal", m.clone())),
+            ApiError::BadRequest(m) => (400, e(ErrorCode::BadRequest, m.clone())),
+            ApiError::NotFound(m) => (404, e(ErrorCode::NotFound, m.clone())),
+            ApiError::Conflict(m) => (409, e(ErrorCode::Refused, m.clone())),
+            ApiError::Unauthorized(m) => (401, e(ErrorCode::Unauthorized, m.clone())),
+            ApiError::Forbidden(m) => (403, e(ErrorCode::Forbidden, m.clone())),
+            ApiError::Internal(m) => (500, e(ErrorCode::Internal, m.clone())),
         }
     }
 }
@@ -149,7 +152,7 @@ pub fn status_of(r: &Replica) -> StatusResponse {
         .collect();
     StatusResponse {
         node_id: r.id(),
-        role: r.role().into(),
+        role: r.role(),
         leader_id: r.leader_id(),
         term: r.term(),
         commit_index: r.commit_index(),
@@ -159,7 +162,7 @@ pub fn status_of(r: &Replica) -> StatusResponse {
         job: r.state.job.clone(),
         checkpoints: r.state.checkpoints.len(),
         events: r.state.events.len(),
-        matched: if r.role() == "leader" {
+        matched: if r.role() == RaftRole::Leader {
             r.raw
                 .raft
                 .prs()
@@ -350,7 +353,7 @@ async fn authorize(
         return json_response(
             413,
             &ErrorResponse {
-                error: "payload_too_large".into(),
+                error: ErrorCode::PayloadTooLarge,
                 message: format!("the request body may be at most {max} bytes"),
                 leader_id: None,
                 leader_address: None,

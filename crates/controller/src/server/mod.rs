@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use phalanx_core::{LeaseConfig, StateLimits};
-use phalanx_proto::{MemberChange, NodeId};
+use phalanx_proto::{MemberAction, MemberChange, NodeId, RaftRole};
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tracing::{error, info, warn};
@@ -402,7 +402,7 @@ fn acked_by_cluster(cfg: &ServerConfig) -> Option<(NodeId, u64)> {
         .status_all_within(Duration::from_millis(500))
         .into_iter()
         .find_map(|(_, s)| {
-            let s = s.ok().filter(|s| s.role == "leader")?;
+            let s = s.ok().filter(|s| s.role == RaftRole::Leader)?;
             let m = s.matched.get(&cfg.id).copied().unwrap_or(0);
             (m > 0).then_some((s.node_id, m))
         })
@@ -424,15 +424,19 @@ fn rejoin_cluster(cfg: &ServerConfig, gate: &std::sync::atomic::AtomicBool) {
             .status_all_within(Duration::from_millis(500))
             .into_iter()
             .find_map(|(_, s)| {
-                let s = s.ok().filter(|s| s.role == "leader")?;
+                let s = s.ok().filter(|s| s.role == RaftRole::Leader)?;
                 Some(s.members.iter().map(|m| m.id).collect())
             })
     };
     let deadline = Instant::now() + Duration::from_secs(60);
-    for (action, want_member) in [("remove", false), ("add", true)] {
+    for (action, want_member) in [(MemberAction::Remove, false), (MemberAction::Add, true)] {
         loop {
             if Instant::now() > deadline {
-                error!(id = cfg.id, action, "rejoin did not complete in 60 s");
+                error!(
+                    id = cfg.id,
+                    action = action.as_str(),
+                    "rejoin did not complete in 60 s"
+                );
                 return;
             }
             if members_of(&client).is_some_and(|m| m.contains(&cfg.id) == want_member) {
@@ -444,14 +448,14 @@ fn rejoin_cluster(cfg: &ServerConfig, gate: &std::sync::atomic::AtomicBool) {
                 break;
             }
             let change = MemberChange {
-                action: action.into(),
+                action,
                 id: cfg.id,
                 address: address.clone(),
             };
             let r: Result<serde_json::Value, _> = client.post("/v1/members", &change);
             info!(
                 id = cfg.id,
-                action,
+                action = action.as_str(),
                 ok = r.is_ok(),
                 "rejoin membership change proposed"
             );

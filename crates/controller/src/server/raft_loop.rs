@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use phalanx_core::{DutiesConfig, DutyKind, LeaderDuties};
-use phalanx_proto::{Command, CommandResponse, Envelope, HeartbeatRequest, MemberChange, NodeId};
+use phalanx_proto::{
+    Command, CommandResponse, Envelope, HeartbeatRequest, MemberAction, MemberChange, NodeId,
+};
 use raft::prelude::Message;
 use tokio::sync::mpsc;
 use tracing::{debug, info, info_span};
@@ -110,7 +112,7 @@ struct Waiter {
 struct MemberWaiter {
     index: u64,
     id: NodeId,
-    action: String,
+    action: MemberAction,
     reply: Reply,
     deadline: Instant,
 }
@@ -334,16 +336,7 @@ impl RaftLoop {
                     let _ = reply.send(Err(self.not_leader()));
                     return Ok(());
                 }
-                let add = match change.action.as_str() {
-                    "add" => true,
-                    "remove" => false,
-                    other => {
-                        let _ = reply.send(Err(ApiError::BadRequest(format!(
-                            "action: {other:?} (expected add or remove)"
-                        ))));
-                        return Ok(());
-                    }
-                };
+                let add = change.action == MemberAction::Add;
                 if add && change.address.is_empty() {
                     let _ = reply.send(Err(ApiError::BadRequest(
                         "address: required to add a member".into(),
@@ -358,7 +351,7 @@ impl RaftLoop {
                     Ok(index) => self.member_waiters.push(MemberWaiter {
                         index,
                         id: change.id,
-                        action: change.action.clone(),
+                        action: change.action,
                         reply,
                         deadline: Instant::now()
                             + Duration::from_millis(self.cfg.request_timeout_ms),

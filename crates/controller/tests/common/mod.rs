@@ -4,6 +4,7 @@
 // Each test binary uses its own part of it.
 #![allow(dead_code)]
 
+use phalanx_proto::RaftRole;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -142,7 +143,7 @@ impl InProcess {
         while Instant::now() < deadline {
             for id in self.peers.keys().filter(|i| Some(**i) != skip) {
                 if let Some(s) = self.status(*id) {
-                    if s.role == "leader" && s.term > above {
+                    if s.role == RaftRole::Leader && s.term > above {
                         return (s.node_id, s.term);
                     }
                 }

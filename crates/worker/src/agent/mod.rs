@@ -21,6 +21,7 @@ mod background;
 mod epoch;
 mod reports;
 
+use phalanx_proto::DeviceKind;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -116,7 +117,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), WorkerError> {
     let cpu_vendor = phalanx_train::mfu::cpu_vendor().unwrap_or_default();
     let device = match &cfg.device {
         phalanx_train::device::DeviceRequest::Emulated { spec, memory_bytes } => DeviceSpec {
-            kind: "cpu-emulated".into(),
+            kind: DeviceKind::CpuEmulated,
             index: 0,
             memory_bytes: *memory_bytes,
             numerics: cfg.numerics,
@@ -124,7 +125,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), WorkerError> {
             cpu_vendor: cpu_vendor.clone(),
         },
         phalanx_train::device::DeviceRequest::Cuda(n) => DeviceSpec {
-            kind: "cuda".into(),
+            kind: DeviceKind::Cuda,
             index: *n as u32,
             memory_bytes: 0,
             numerics: cfg.numerics,
