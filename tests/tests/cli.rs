@@ -272,3 +272,32 @@ fn operator_verbs_are_honest_reversible_and_end_quietly_on_a_closed_pipe() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
     assert!(out.stderr.is_empty(), "{}", stderr_of(&out));
 }
+
+/// A slowdown factor out of range (or not a number) is refused before anything is
+/// written to a worker's inbox, and the flag is named; so is a duration over a day.
+#[test]
+fn a_fault_out_of_range_is_refused_with_the_flag_named() {
+    for (args, want) in [
+        (
+            vec!["--factor", "1e300", "--for", "5s"],
+            "--factor: factor = 1e300",
+        ),
+        (
+            vec!["--factor", "NaN", "--for", "5s"],
+            "--factor: factor = NaN",
+        ),
+        (
+            vec!["--factor", "1", "--for", "5s"],
+            "--factor: factor = 1.0",
+        ),
+        (vec!["--for", "1441m"], "--for"),
+    ] {
+        let mut c = phalanx();
+        c.args(["fault", "inject", "--kind", "slow", "--target", "worker:w0"])
+            .args(&args);
+        let out = run_with_timeout(c, Duration::from_secs(30));
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}

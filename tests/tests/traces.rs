@@ -781,7 +781,7 @@ fn one_recovery_one_trace(signal: &str) {
         assert!(
             matches!(
                 attr(agreement, "source").as_deref(),
-                Some("peers" | "checkpoint")
+                Some("peer" | "checkpoint")
             ),
             "the state agreement names its source: {agreement:?}"
         );

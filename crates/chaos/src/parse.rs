@@ -465,11 +465,8 @@ pub fn validate(s: &Scenario) -> Result<Vec<Fault>, Vec<Problem>> {
         if let Some(x) = f.factor {
             if kind != FaultKind::Slow {
                 p.push(problem(at("factor"), "`factor` goes only with `slow`"));
-            } else if !(x.is_finite() && x > 1.0 && x <= 1000.0) {
-                p.push(problem(
-                    at("factor"),
-                    format!("factor = {x}: expected more than 1, at most 1000"),
-                ));
+            } else if let Some(e) = phalanx_proto::fault::slow_factor_problem(x) {
+                p.push(problem(at("factor"), e));
             }
         }
         if let Some(n) = f.threads {

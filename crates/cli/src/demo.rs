@@ -143,7 +143,11 @@ impl DemoCmd {
                 .unwrap_or_default();
             for f in own.iter_mut().filter_map(|f| f.as_table_mut()) {
                 if let Some(at) = f.get("at_step").and_then(|v| v.as_integer()) {
-                    f.insert("at_step".into(), (at * steps / DEMO_STEPS).into());
+                    let scaled = at
+                        .checked_mul(steps)
+                        .ok_or_else(|| anyhow!("--steps {steps} is too large"))?
+                        / DEMO_STEPS;
+                    f.insert("at_step".into(), scaled.into());
                 }
             }
             own

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
-use phalanx_proto::fault::{Fault, FaultKind};
+use phalanx_proto::fault::{Fault, FaultKind, FOR_MS_MAX};
 
 use crate::ctl::{read_cluster, Target};
 use crate::outcome::usage;
@@ -144,14 +144,16 @@ pub fn run(cmd: FaultCmd) -> Result<()> {
     }
 }
 
+/// Signals a process recorded in `cluster.json`, unless that pid no longer runs a
+/// Phalanx program (the record is stale: the pid may belong to anything now).
 fn signal(pid: u32, sig: i32) -> Result<()> {
-    let pid = i32::try_from(pid).map_err(|_| anyhow!("pid {pid} out of range"))?;
-    if pid <= 0 {
-        bail!("no process to signal (pid {pid})");
+    if pid == 0 {
+        bail!("no process to signal (pid 0)");
     }
-    // SAFETY: kill(2) with a positive pid and a valid signal number.
-    let r = unsafe { libc::kill(pid, sig) };
-    if r != 0 {
+    if !phalanx_controller::proc::is_phalanx(pid) {
+        bail!("pid {pid} recorded in cluster.json is not a phalanx process now: the process exited and the record is stale");
+    }
+    if !phalanx_controller::proc::signal(pid, sig) {
         bail!("kill({pid}, {sig}): {}", std::io::Error::last_os_error());
     }
     Ok(())
@@ -277,6 +279,16 @@ fn inject(c: InjectCmd) -> Result<()> {
         return usage(format!(
             "--kind {} is over at once: --for and --until-healed do not apply",
             c.kind.as_str()
+        ));
+    }
+    if c.kind == Kind::Slow {
+        if let Some(e) = phalanx_proto::fault::slow_factor_problem(c.factor) {
+            return usage(format!("--factor: {e}"));
+        }
+    }
+    if let Some(d) = c.for_.filter(|d| d.as_millis() > u128::from(FOR_MS_MAX)) {
+        return usage(format!(
+            "--for {d:?}: at most a day; use --until-healed for longer"
         ));
     }
     let dir = local_dir(&c.cluster)?;

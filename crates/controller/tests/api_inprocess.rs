@@ -49,17 +49,25 @@ fn three_nodes_in_process_serve_writes_reads_and_fail_over() {
     )
     .unwrap();
     assert_eq!(code, 401);
-    // A follower redirects.
+    // A follower redirects, once it has heard from the leader (until then it knows no
+    // leader and says 503: a follower the commits above did not need can lag).
     let f = (1..=3).find(|i| *i != l).unwrap();
-    let (code, body) = http_once(
-        &peers[&f],
-        "GET",
-        "/v1/job",
-        &Credentials::insecure(TOKEN),
-        None,
-        Duration::from_secs(1),
-    )
-    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (code, body) = loop {
+        let (code, body) = http_once(
+            &peers[&f],
+            "GET",
+            "/v1/job",
+            &Credentials::insecure(TOKEN),
+            None,
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        if code != 503 || Instant::now() > deadline {
+            break (code, body);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert_eq!(code, 421, "{}", String::from_utf8_lossy(&body));
 
     let t0 = Instant::now();
@@ -155,4 +163,85 @@ fn members_answer_says_whether_the_change_was_accepted() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(v["voters"], serde_json::json!([1, 2, 3]), "{v}");
+}
+
+/// A client that sends a request's headers and then stops (its body never comes) gets 408
+/// within `request_max_ms` instead of holding its connection slot.
+#[test]
+fn a_request_whose_body_never_comes_gets_408() {
+    use std::io::{Read, Write};
+    let c = InProcess::start(1, |mut cfg| {
+        cfg.http.request_max_ms = 400;
+        cfg
+    });
+    c.wait_leader(LEADER_WAIT, 0, None);
+    let addr = &c.peers[&1];
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        s,
+        "POST /v1/command HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"request_id\""
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("\r\n\r\n") {
+        let n = s.read(&mut buf).expect("an answer before the read timeout");
+        assert!(
+            n > 0,
+            "closed without an answer: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&got).to_string();
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+}
+
+/// A kept-alive connection on which nothing moves is closed after `idle_max_ms` (here
+/// well before the header read timeout, set to two minutes, could close it), so a client
+/// that vanished or stopped reading holds no connection slot for good.
+#[test]
+fn an_idle_connection_is_closed() {
+    use std::io::{Read, Write};
+    let c = InProcess::start(1, |mut cfg| {
+        cfg.http.idle_max_ms = 1_000;
+        cfg.http.header_timeout_ms = 120_000;
+        cfg
+    });
+    c.wait_leader(LEADER_WAIT, 0, None);
+    let addr = &c.peers[&1];
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "GET /v1/status HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+    )
+    .unwrap();
+    // The answer comes, then nothing moves: the server closes the connection (EOF, or a
+    // reset) rather than waiting for a next request for good.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let t0 = Instant::now();
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                panic!(
+                    "the idle connection was still open after {:?}",
+                    t0.elapsed()
+                )
+            }
+            Err(_) => break,
+        }
+    }
+    let answer = String::from_utf8_lossy(&got);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }

@@ -23,7 +23,8 @@ pub struct LeaseConfig {
     /// heartbeat is at least this old, and at least [`SILENT_CONFIRM_GAPS`] times the
     /// longest gap between its recent heartbeats (on a loaded host heartbeats arrive
     /// late, and a late one is not a stopped one): a hung or cut-off process stops
-    /// heartbeating, a slow one does not.
+    /// heartbeating, a slow one does not. The gaps never raise it above
+    /// `suspect_after_ms`.
     pub silent_confirm_ms: u64,
     /// A silence report counts for this long after it was made.
     pub report_ttl_ms: u64,
@@ -131,8 +132,14 @@ impl Leases {
             .get(worker)
             .and_then(|g| g.iter().copied().max())
             .unwrap_or(0);
-        cfg.silent_confirm_ms
-            .max(longest.saturating_mul(SILENT_CONFIRM_GAPS))
+        // Never above the lease's own bar: a worker quiet for `suspect_after_ms` is
+        // suspected on that alone, so with a fresh report naming it silent as well, the
+        // report decides (failed, with the peer's evidence) rather than a bare suspect.
+        cfg.silent_confirm_ms.max(
+            longest
+                .saturating_mul(SILENT_CONFIRM_GAPS)
+                .min(cfg.suspect_after_ms),
+        )
     }
 
     /// A heartbeat's progress counter: the worker's newest completed step.
@@ -541,6 +548,39 @@ mod tests {
         assert_eq!(d.len(), 1);
         assert_eq!(d[0].1, LeaseDecision::MarkFailed);
         assert!(d[0].2.contains("confirmed after 900 ms"), "{d:?}");
+    }
+
+    /// Gaps of 900 ms would put the bar at 2.7 s, past `suspect_after_ms` (2 s), and the
+    /// lease would suspect the worker on its silence alone although a peer reported it.
+    /// The bar stops at `suspect_after_ms`, so the report decides: failed, with its
+    /// evidence, and no "no heartbeat" suspect first.
+    #[test]
+    fn the_confirmation_bar_stops_at_the_leases_own() {
+        let cfg = LeaseConfig {
+            grace_ms: 0,
+            ..LeaseConfig::default()
+        };
+        let ws = workers(&[("w", WorkerHealth::Healthy), ("p", WorkerHealth::Healthy)]);
+        let mut l = Leases::new(0);
+        for t in [0, 900, 1_800, 2_700] {
+            l.heartbeat("w", t, &cfg);
+        }
+        assert_eq!(l.silent_confirm_ms("w", &cfg), cfg.suspect_after_ms);
+        l.silence_report("p", "w", &sp(1, 0, 300), 3_000);
+        for t in (3_000..4_700).step_by(100) {
+            l.heartbeat("p", t, &cfg);
+            assert!(l.decide(t, &ws, &cfg).is_empty(), "at {t}");
+        }
+        l.heartbeat("p", 4_700, &cfg);
+        let d = l.decide(4_700, &ws, &cfg);
+        assert_eq!(d.len(), 1, "{d:?}");
+        let (who, decision, reason) = &d[0];
+        assert_eq!((who.as_str(), decision), ("w", &LeaseDecision::MarkFailed));
+        assert!(
+            reason.contains("p reported rank 0 of epoch 1 silent")
+                && reason.contains("confirmed after 2000 ms"),
+            "{reason}"
+        );
     }
 
     /// The suspect decision takes a while through the log; meanwhile the worker is still

@@ -73,6 +73,7 @@ mod tests {
         let rec = |ms| Recovery {
             epoch: 2,
             source: "peers".into(),
+            source_kind: Some(phalanx_proto::StateSource::Peer),
             resumed_at_step: 1,
             steps_redone: 0,
             mttr_ms: ms,

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use phalanx_proto::{
     CheckpointInfo, Command, ControllerMember, Envelope, Event, EventKind, JobInfo, JobState,
-    NodeId, Outcome, Plan, WorkerHealth, WorkerId, WorkerInfo,
+    NodeId, Outcome, Plan, StateSource, WorkerHealth, WorkerId, WorkerInfo,
 };
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -212,6 +212,7 @@ impl ClusterState {
                 epoch,
                 step,
                 source,
+                source_kind,
                 steps_redone,
                 mttr_ms,
                 at_ms,
@@ -245,6 +246,7 @@ impl ClusterState {
                         phalanx_proto::Recovery {
                             epoch: *epoch,
                             source: source.clone(),
+                            source_kind: source_kind.or_else(|| StateSource::of_text(source)),
                             resumed_at_step: *step,
                             steps_redone,
                             mttr_ms: *mttr_ms,

@@ -1,6 +1,6 @@
 //! Tests of `state.rs` (the replicated state machine).
 use super::*;
-use phalanx_proto::{DeviceSpec, JobSpec};
+use phalanx_proto::{DeviceSpec, JobSpec, StateSource};
 
 fn env(id: &str, command: Command) -> Envelope {
     Envelope {
@@ -303,11 +303,13 @@ fn a_resume_reported_after_its_epoch_was_superseded_is_still_recorded() {
         );
     }
     assert_eq!(s.job.as_ref().unwrap().plan.as_ref().unwrap().epoch, 3);
+    // Without a kind (a worker that predates it): the kind is read from the words.
     let resume = |epoch, source: &str| Command::ReportResume {
         worker: "a".into(),
         epoch,
         step: 4,
         source: source.into(),
+        source_kind: None,
         steps_redone: 1,
         mttr_ms: Some(10),
         at_ms: None,
@@ -325,6 +327,18 @@ fn a_resume_reported_after_its_epoch_was_superseded_is_still_recorded() {
         .map(|r| r.epoch)
         .collect();
     assert_eq!(epochs, vec![2, 3], "kept in epoch order");
+    let kinds: Vec<_> = s
+        .job
+        .as_ref()
+        .unwrap()
+        .recoveries
+        .iter()
+        .map(|r| r.source_kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![Some(StateSource::Checkpoint), Some(StateSource::Peer)]
+    );
     let again = s.apply(next(), &env("r2-again", resume(2, "peers")));
     assert!(!again.outcome.is_applied(), "one record per epoch");
     let future = s.apply(next(), &env("r9", resume(9, "peers")));

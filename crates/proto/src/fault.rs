@@ -62,15 +62,71 @@ pub struct Fault {
     pub for_ms: u64,
 }
 
+/// The largest slowdown factor of a `slow` fault: a step a thousand times as long is
+/// already a hang for every detector; a larger one (or `inf`, `NaN`) is a typing error.
+pub const SLOW_FACTOR_MAX: f64 = 1000.0;
+
+/// The longest a lasting fault may last, in ms (a day; longer: until healed).
+pub const FOR_MS_MAX: u64 = 86_400_000;
+
+/// `None` when `factor` is a slowdown factor `slow` can take, else what is wrong with it.
+pub fn slow_factor_problem(factor: f64) -> Option<String> {
+    (!(factor.is_finite() && factor > 1.0 && factor <= SLOW_FACTOR_MAX))
+        .then(|| format!("factor = {factor:?}: expected more than 1, at most {SLOW_FACTOR_MAX}"))
+}
+
 impl Fault {
     pub fn duration(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.for_ms)
+    }
+
+    /// Whether a line read from an inbox (a file anyone with access may write) can be
+    /// acted on: a `slow` fault's factor in range, a duration of at most a day.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.kind == FaultKind::Slow {
+            if let Some(p) = slow_factor_problem(self.factor) {
+                return Err(p);
+            }
+        }
+        if self.for_ms > FOR_MS_MAX {
+            return Err(format!(
+                "for_ms = {}: at most {FOR_MS_MAX} (a day); 0 lasts until healed",
+                self.for_ms
+            ));
+        }
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_slow_factor_out_of_range_is_named() {
+        let f = |factor, for_ms| Fault {
+            seq: 1,
+            kind: FaultKind::Slow,
+            factor,
+            for_ms,
+        };
+        assert_eq!(f(4.0, 5_000).validate(), Ok(()));
+        assert_eq!(f(4.0, 0).validate(), Ok(()));
+        for bad in [1.0, 0.5, -3.0, 1e300, f64::INFINITY, f64::NAN, 1000.5] {
+            let e = f(bad, 5_000).validate().unwrap_err();
+            assert!(e.starts_with(&format!("factor = {bad:?}:")), "{e}");
+        }
+        assert!(f(4.0, FOR_MS_MAX + 1)
+            .validate()
+            .unwrap_err()
+            .contains("for_ms"));
+        // Other kinds carry no factor.
+        let crash = Fault {
+            kind: FaultKind::Crash,
+            ..f(0.0, 0)
+        };
+        assert_eq!(crash.validate(), Ok(()));
+    }
 
     #[test]
     fn kinds_are_kebab_case_and_old_snake_case_lines_still_read() {

@@ -406,8 +406,13 @@ pub struct StepSample {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Recovery {
     pub epoch: u64,
-    /// Where the state came from: a peer in memory, a checkpoint, or the initial state.
+    /// Where the state came from, in words (`peers in memory (ranks [0, 2] at step 35)`,
+    /// `checkpoint step 40`, `the seed's initial state`).
     pub source: String,
+    /// The kind of [`Recovery::source`]. None only when a worker that predates the field
+    /// reported a text of no known kind.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_kind: Option<StateSource>,
     pub resumed_at_step: u64,
     /// Steps trained again: the newest step the reporting rank had completed before the
     /// interruption minus the resume step.
@@ -415,6 +420,49 @@ pub struct Recovery {
     /// From the reporting rank's last completed step before the interruption to its first
     /// step after it: an upper bound of the time from fault to the next committed step.
     pub mttr_ms: Option<u64>,
+}
+
+/// Where a plan epoch's state came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum StateSource {
+    /// The survivors' memory (their parameters and optimizer shards).
+    Peer,
+    /// The newest valid checkpoint.
+    Checkpoint,
+    /// Nothing held state: the seed's initial parameters.
+    Initial,
+}
+
+impl StateSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StateSource::Peer => "peer",
+            StateSource::Checkpoint => "checkpoint",
+            StateSource::Initial => "initial",
+        }
+    }
+
+    /// The kind of a source text from a worker that predates `source_kind`.
+    pub fn of_text(text: &str) -> Option<Self> {
+        let t = text.trim();
+        if t.starts_with("peer") {
+            Some(StateSource::Peer)
+        } else if t.starts_with("checkpoint") {
+            Some(StateSource::Checkpoint)
+        } else if t.contains("initial state") {
+            Some(StateSource::Initial)
+        } else {
+            None
+        }
+    }
+}
+
+impl std::fmt::Display for StateSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -512,8 +560,11 @@ pub enum Command {
         worker: WorkerId,
         epoch: u64,
         step: u64,
-        /// `peer rank R`, `checkpoint step S` or `initial state`.
+        /// Where the state came from, in words.
         source: String,
+        /// Its kind; absent from workers that predate it (then read from the words).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        source_kind: Option<StateSource>,
         #[serde(default)]
         steps_redone: u64,
         #[serde(default)]
@@ -678,6 +729,8 @@ pub enum ErrorCode {
     Unauthorized,
     /// 403: a known credential whose role may not do this.
     Forbidden,
+    /// 408: the request (its body) did not arrive in time.
+    RequestTimeout,
     PayloadTooLarge,
     Internal,
     /// A code this release does not know (a newer controller's), or an answer that was
@@ -697,6 +750,7 @@ impl ErrorCode {
             ErrorCode::Refused => "refused",
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::Forbidden => "forbidden",
+            ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::Internal => "internal",
             ErrorCode::Unknown => "unknown",
@@ -857,6 +911,33 @@ pub enum MemberAction {
     Remove,
 }
 
+impl MemberChange {
+    /// What is wrong with this change before it reaches Raft, if anything: raft-rs skips
+    /// node id 0 silently (the answer would say accepted for a change that did nothing),
+    /// and an added node's address is replicated into every snapshot and dialled by every
+    /// peer, so it must be `HOST:PORT` of a sane length.
+    pub fn problem(&self) -> Option<String> {
+        if self.id == 0 {
+            return Some("id: 0 is not a node id (ids start at 1)".into());
+        }
+        if self.action == MemberAction::Remove {
+            return None;
+        }
+        let a = &self.address;
+        if a.is_empty() {
+            return Some("address: required to add a member".into());
+        }
+        let port = a
+            .rsplit_once(':')
+            .map(|(host, port)| (host, port.parse::<u16>()));
+        let sane = a.len() <= 255 && !a.chars().any(|c| c.is_whitespace() || c.is_control());
+        match port {
+            Some((host, Ok(p))) if sane && !host.is_empty() && p != 0 => None,
+            _ => Some(format!("address: {a:?} is not HOST:PORT")),
+        }
+    }
+}
+
 impl MemberAction {
     pub fn as_str(self) -> &'static str {
         match self {
@@ -915,6 +996,7 @@ mod tests {
             ErrorCode::Refused,
             ErrorCode::Unauthorized,
             ErrorCode::Forbidden,
+            ErrorCode::RequestTimeout,
             ErrorCode::PayloadTooLarge,
             ErrorCode::Internal,
             ErrorCode::Unknown,
@@ -929,6 +1011,66 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("unknown variant `king`"));
+    }
+
+    /// The words of workers that predate `source_kind`, as they wrote them; before, the
+    /// seed's initial state was counted as `other`.
+    #[test]
+    fn state_sources_of_older_workers_words() {
+        for (words, kind) in [
+            (
+                "peers in memory (ranks [0, 2, 3] at step 35)",
+                Some(StateSource::Peer),
+            ),
+            ("peer rank 3", Some(StateSource::Peer)),
+            ("checkpoint step 40", Some(StateSource::Checkpoint)),
+            ("the seed's initial state", Some(StateSource::Initial)),
+            ("initial state", Some(StateSource::Initial)),
+            ("tape", None),
+        ] {
+            assert_eq!(StateSource::of_text(words), kind, "{words}");
+        }
+        for k in [
+            StateSource::Peer,
+            StateSource::Checkpoint,
+            StateSource::Initial,
+        ] {
+            assert_eq!(
+                serde_json::to_value(k).unwrap(),
+                serde_json::json!(k.as_str())
+            );
+        }
+    }
+
+    #[test]
+    fn a_member_change_names_its_bad_field() {
+        let c = |action, id, address: &str| MemberChange {
+            action,
+            id,
+            address: address.into(),
+        };
+        assert_eq!(c(MemberAction::Add, 4, "127.0.0.1:7004").problem(), None);
+        assert_eq!(
+            c(MemberAction::Add, 4, "ctl-4.example:7004").problem(),
+            None
+        );
+        assert_eq!(c(MemberAction::Add, 4, "[::1]:7004").problem(), None);
+        assert_eq!(c(MemberAction::Remove, 4, "").problem(), None);
+        for (id, address, want) in [
+            (0, "127.0.0.1:7004", "id: 0"),
+            (4, "", "address: required"),
+            (4, "127.0.0.1", "is not HOST:PORT"),
+            (4, "127.0.0.1:0", "is not HOST:PORT"),
+            (4, ":7004", "is not HOST:PORT"),
+            (4, "127.0.0.1:70000", "is not HOST:PORT"),
+            (4, "a b:7004", "is not HOST:PORT"),
+        ] {
+            let p = c(MemberAction::Add, id, address).problem().unwrap();
+            assert!(p.contains(want), "{address}: {p}");
+        }
+        assert!(c(MemberAction::Add, 4, &format!("{}:1", "h".repeat(300)))
+            .problem()
+            .is_some());
     }
 
     #[test]

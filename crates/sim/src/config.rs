@@ -521,16 +521,18 @@ impl SimFile {
             );
         }
         let l = &self.layout;
-        for (f, v) in [
-            ("layout.tp", l.tp),
-            ("layout.pp", l.pp),
-            ("layout.dp", l.dp),
-            ("layout.ep", l.ep),
-            ("layout.micro_batch", l.micro_batch),
-            ("layout.virtual_stages", l.virtual_stages),
+        // The parallel degrees are at most the GPU count (their product must equal it);
+        // the others within sane bounds, so that no product of them overflows.
+        for (f, v, max) in [
+            ("layout.tp", l.tp, h.gpus),
+            ("layout.pp", l.pp, h.gpus),
+            ("layout.dp", l.dp, h.gpus),
+            ("layout.ep", l.ep, h.gpus),
+            ("layout.micro_batch", l.micro_batch, 1 << 16),
+            ("layout.virtual_stages", l.virtual_stages, 1 << 10),
         ] {
-            if v == 0 {
-                return bad(f, "0 (expected >= 1)".into());
+            if v == 0 || v > max {
+                return bad(f, format!("{v} (expected 1..={max})"));
             }
         }
         if !(l.compute_mfu > 0.0 && l.compute_mfu <= 1.0) {

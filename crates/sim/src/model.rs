@@ -280,8 +280,9 @@ impl Job {
             })?;
         let l = &f.layout;
         let h = &f.hardware;
-        let world = l.tp * l.pp * l.dp;
-        if world != h.gpus {
+        let world = l.tp.checked_mul(l.pp).and_then(|x| x.checked_mul(l.dp));
+        if world != Some(h.gpus) {
+            let world = world.map_or("more than 2^64".to_string(), |w| w.to_string());
             return Err(err(
                 "layout",
                 format!(

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use opentelemetry::metrics::{Counter, Histogram, ObservableCounter, ObservableGauge};
 use opentelemetry::KeyValue;
-use phalanx_proto::{JobInfo, WorkerHealth, WorkerInfo};
+use phalanx_proto::{JobInfo, StateSource, WorkerHealth, WorkerInfo};
 
 use crate::catalog::{self, MetricDef};
 use crate::{buckets, Role, Telemetry, TelemetryError};
@@ -24,44 +24,6 @@ pub const HEALTHS: [WorkerHealth; 7] = [
     WorkerHealth::Quarantined,
     WorkerHealth::Spare,
 ];
-
-/// Where a recovery's state came from (the `source` label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RecoverySource {
-    /// The survivors' in-memory shards (`peer rank R`).
-    Peer,
-    /// A committed checkpoint (`checkpoint step S`).
-    Checkpoint,
-    /// Nothing held state: the seed's initial state (`initial state`).
-    Initial,
-    /// A source text this build does not know (a newer worker's).
-    Other,
-}
-
-impl RecoverySource {
-    /// The worker's report (`peer rank 2`, `checkpoint step 40`, `initial state`).
-    pub fn parse(source: &str) -> Self {
-        let s = source.trim();
-        if s.starts_with("peer") {
-            RecoverySource::Peer
-        } else if s.starts_with("checkpoint") {
-            RecoverySource::Checkpoint
-        } else if s.starts_with("initial") {
-            RecoverySource::Initial
-        } else {
-            RecoverySource::Other
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RecoverySource::Peer => "peer",
-            RecoverySource::Checkpoint => "checkpoint",
-            RecoverySource::Initial => "initial",
-            RecoverySource::Other => "other",
-        }
-    }
-}
 
 /// How a command sent to the API ended (the `outcome` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,7 +50,9 @@ impl ProposalOutcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecoverySample {
     pub epoch: u64,
-    pub source: RecoverySource,
+    /// The `source` label: the kind's name, `other` when a worker that predates the kind
+    /// reported words of no known kind.
+    pub source: Option<StateSource>,
     pub mttr_ms: Option<u64>,
 }
 
@@ -132,7 +96,7 @@ impl ControllerSample {
                     .iter()
                     .map(|r| RecoverySample {
                         epoch: r.epoch,
-                        source: RecoverySource::parse(&r.source),
+                        source: r.source_kind,
                         mttr_ms: r.mttr_ms,
                     })
                     .collect()
@@ -273,7 +237,10 @@ impl ControllerMetrics {
                 };
             }
             for r in sample.recoveries.iter().filter(|r| r.epoch > counted.epoch) {
-                let source = [KeyValue::new("source", r.source.as_str())];
+                let source = [KeyValue::new(
+                    "source",
+                    r.source.map_or("other", StateSource::as_str),
+                )];
                 self.recoveries.add(1, &source);
                 if let Some(ms) = r.mttr_ms {
                     self.mttr.record(ms as f64 / 1000.0, &source);
@@ -331,7 +298,7 @@ mod tests {
                 .iter()
                 .map(|(epoch, src, mttr_ms)| RecoverySample {
                     epoch: *epoch,
-                    source: RecoverySource::parse(src),
+                    source: StateSource::of_text(src),
                     mttr_ms: *mttr_ms,
                 })
                 .collect(),
@@ -418,20 +385,6 @@ mod tests {
             proposals.value,
             prometheus_parse::Value::Histogram(_)
         ));
-    }
-
-    #[test]
-    fn recovery_sources_are_parsed_from_the_workers_reports() {
-        assert_eq!(RecoverySource::parse("peer rank 3"), RecoverySource::Peer);
-        assert_eq!(
-            RecoverySource::parse("checkpoint step 40"),
-            RecoverySource::Checkpoint
-        );
-        assert_eq!(
-            RecoverySource::parse("initial state"),
-            RecoverySource::Initial
-        );
-        assert_eq!(RecoverySource::parse("tape"), RecoverySource::Other);
     }
 
     #[test]

@@ -162,9 +162,10 @@ mod tests {
     use std::time::Duration;
 
     use crate::catalog::{self, Exposer};
+    use crate::controller::RecoverySample;
     use crate::controller::{ControllerMetrics, ControllerSample, ProposalOutcome};
-    use crate::controller::{RecoverySample, RecoverySource};
     use crate::worker::{StepSample, WorkerMetrics};
+    use phalanx_proto::StateSource;
 
     /// The families a rendered text holds, by their `# TYPE` lines (checked against the
     /// samples' names by the parser).
@@ -209,7 +210,7 @@ mod tests {
                 job_id: Some("j".into()),
                 recoveries: vec![RecoverySample {
                     epoch: 2,
-                    source: RecoverySource::Peer,
+                    source: Some(StateSource::Peer),
                     mttr_ms: Some(800),
                 }],
                 ..Default::default()

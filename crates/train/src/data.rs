@@ -39,8 +39,16 @@ pub struct Corpus {
     pub spec: String,
 }
 
+/// The most files a corpus may have: a job naming `/` or `/proc` by mistake is refused,
+/// not walked for hours.
+pub const CORPUS_FILES_MAX: usize = 100_000;
+/// The most bytes a corpus may hold (every worker keeps it in memory).
+pub const CORPUS_BYTES_MAX: u64 = 8 << 30;
+
 impl Corpus {
-    /// `spec` is a file, a directory (every regular file below it) or a glob pattern.
+    /// `spec` is a file, a directory (every regular file below it; symbolic links to
+    /// directories are not followed, so a link cycle ends) or a glob pattern. At most
+    /// [`CORPUS_FILES_MAX`] files and [`CORPUS_BYTES_MAX`] bytes.
     pub fn load(spec: &str) -> Result<Self, TrainError> {
         let files = resolve(spec)?;
         let mut bytes = Vec::new();
@@ -49,6 +57,12 @@ impl Corpus {
                 TrainError::Corpus(format!("cannot read corpus file {}: {e}", f.display()))
             })?;
             bytes.extend_from_slice(&b);
+            if bytes.len() as u64 > CORPUS_BYTES_MAX {
+                return Err(TrainError::Corpus(format!(
+                    "corpus `{spec}` holds more than {CORPUS_BYTES_MAX} bytes (at {})",
+                    f.display()
+                )));
+            }
         }
         if bytes.is_empty() {
             return Err(TrainError::Corpus(format!(
@@ -109,6 +123,11 @@ fn resolve(spec: &str) -> Result<Vec<PathBuf>, TrainError> {
             if p.is_file() {
                 files.push(p);
             }
+            if files.len() > CORPUS_FILES_MAX {
+                return Err(TrainError::Corpus(format!(
+                    "corpus glob `{spec}` matches more than {CORPUS_FILES_MAX} files"
+                )));
+            }
         }
     } else {
         return Err(TrainError::Corpus(format!(
@@ -131,10 +150,20 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), TrainError> {
         let entry =
             entry.map_err(|e| TrainError::Corpus(format!("cannot list {}: {e}", dir.display())))?;
         let p = entry.path();
-        if p.is_dir() {
+        let kind = entry
+            .file_type()
+            .map_err(|e| TrainError::Corpus(format!("cannot stat {}: {e}", p.display())))?;
+        // A real directory is walked; a link is taken only when it leads to a file.
+        if kind.is_dir() {
             walk(&p, out)?;
         } else if p.is_file() {
             out.push(p);
+        }
+        if out.len() > CORPUS_FILES_MAX {
+            return Err(TrainError::Corpus(format!(
+                "corpus directory holds more than {CORPUS_FILES_MAX} files (in {})",
+                dir.display()
+            )));
         }
     }
     Ok(())
@@ -143,6 +172,21 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), TrainError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A link back up the tree is not followed (the walk ends); a link to a file is read.
+    #[test]
+    fn a_link_cycle_in_a_corpus_directory_ends_the_walk() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("c");
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        std::fs::write(root.join("sub/a.txt"), "alpha ").unwrap();
+        std::fs::write(d.path().join("outside.txt"), "beta").unwrap();
+        std::os::unix::fs::symlink(&root, root.join("sub/up")).unwrap();
+        std::os::unix::fs::symlink(d.path().join("outside.txt"), root.join("b.txt")).unwrap();
+        let c = Corpus::load(root.to_str().unwrap()).unwrap();
+        assert_eq!(c.files.len(), 2, "{:?}", c.files);
+        assert_eq!(c.bytes, b"betaalpha ");
+    }
 
     #[test]
     fn tokenizer_round_trips_any_text() {

@@ -40,7 +40,12 @@ impl FaultInbox {
             }
             self.offset += n as u64;
             match serde_json::from_str::<Fault>(line.trim()) {
-                Ok(fault) => out.push(fault),
+                Ok(fault) => match fault.validate() {
+                    Ok(()) => out.push(fault),
+                    Err(e) => {
+                        tracing::warn!(line = line.trim(), error = %e, "ignoring a fault line out of range")
+                    }
+                },
                 Err(e) => {
                     tracing::warn!(line = line.trim(), error = %e, "ignoring a malformed fault line")
                 }

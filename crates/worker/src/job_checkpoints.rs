@@ -21,9 +21,11 @@ use phalanx_checkpoint::{
 };
 use phalanx_collective::BlockingGroup;
 use phalanx_controller::client::{new_request_id, Client};
-use phalanx_proto::{CheckpointInfo, Command, JobSpec};
+use phalanx_proto::{CheckpointInfo, Command, JobSpec, StateSource};
 use phalanx_train::engine::Engine;
 use phalanx_train::optim::AdamWState;
+
+use crate::state_sync::Origin;
 use tracing::{info, warn};
 
 use crate::agent::AgentConfig;
@@ -123,7 +125,7 @@ pub fn load_from_checkpoint(
     group: &mut BlockingGroup,
     src: &CheckpointSource<'_>,
     timeout: Duration,
-) -> Result<String, WorkerError> {
+) -> Result<Origin, WorkerError> {
     let (world, rank) = (group.world(), group.rank());
     let mine = if rank == 0 {
         match choose(src, engine.params.len())? {
@@ -150,7 +152,7 @@ pub fn load_from_checkpoint(
     let Some(step) = chosen else {
         engine.reset_to_initial()?;
         engine.zero_shards(world, rank)?;
-        return Ok("the seed's initial state".into());
+        return Ok((StateSource::Initial, "the seed's initial state".into()));
     };
     let ck = |e: ckpt::CheckpointError| WorkerError::Checkpoint(e.to_string());
     let load = |range: Range<usize>| ckpt::load_range(&src.dir, step, range).map_err(ck);
@@ -174,7 +176,7 @@ pub fn load_from_checkpoint(
         step,
         "state loaded from checkpoint (no survivor could serve it)"
     );
-    Ok(format!("checkpoint step {step}"))
+    Ok((StateSource::Checkpoint, format!("checkpoint step {step}")))
 }
 
 /// The controller's catalog entries of `job_id` that are durable, as steps.

@@ -247,20 +247,13 @@ impl EpochTrace {
         self.phase("recovery.rendezvous", vec![KeyValue::new("ok", ok)]);
     }
 
-    /// The state agreement ended; `source` is what `sync_state` says (`peer rank R`,
-    /// `checkpoint step S`, `initial state`) or the error.
-    pub fn state_agreed(&mut self, source: Result<&str, String>) {
+    /// The state agreement ended; `source` is what `sync_state` says (its kind and words)
+    /// or the error.
+    pub fn state_agreed(&mut self, source: Result<&crate::state_sync::Origin, String>) {
         let attrs = match source {
-            Ok(s) => {
-                let kind = if s.starts_with("peer") {
-                    "peers"
-                } else if s.starts_with("checkpoint") {
-                    "checkpoint"
-                } else {
-                    "initial"
-                };
+            Ok((kind, s)) => {
                 vec![
-                    KeyValue::new("source", kind),
+                    KeyValue::new("source", kind.as_str()),
                     KeyValue::new("source.detail", s.to_string()),
                 ]
             }

@@ -7,12 +7,16 @@ use std::ops::Range;
 use std::time::Duration;
 
 use phalanx_collective::BlockingGroup;
+use phalanx_proto::StateSource;
 use phalanx_train::engine::{params_sha256, Engine};
 use phalanx_train::optim::AdamWState;
 use tracing::{info, warn};
 
 use crate::job_checkpoints::{load_from_checkpoint, CheckpointSource};
 use crate::WorkerError;
+
+/// Where a rank's state came from at the start of an epoch: its kind, and in words.
+pub type Origin = (StateSource, String);
 
 /// Agrees on one training state across the group (see the module docs); returns where
 /// the state came from.
@@ -33,7 +37,7 @@ pub fn sync_state(
     has_state: bool,
     source: &CheckpointSource<'_>,
     timeout: Duration,
-) -> Result<String, WorkerError> {
+) -> Result<Origin, WorkerError> {
     let (world, rank) = (group.world(), group.rank());
     let mine = Announcement {
         step: has_state.then(|| engine.step()),
@@ -91,7 +95,7 @@ pub fn sync_state(
         step,
     };
     engine.set_shards(take(own), buddy.map(take))?;
-    Ok(plan.describe())
+    Ok((StateSource::Peer, plan.describe()))
 }
 
 /// What a rank holds at the start of a plan epoch.
@@ -474,8 +478,9 @@ mod tests {
             Some((from, e.params_sha256()))
         });
         for (from, sha) in after.into_iter().flatten() {
+            assert_eq!(from.0, StateSource::Peer);
             assert_eq!(
-                from,
+                from.1,
                 "peers in memory (ranks [0, 1, 2] at step 2), one step back: \
                  ranks [0, 2] had applied step 2 and the others had not"
             );

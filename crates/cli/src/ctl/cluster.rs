@@ -8,7 +8,7 @@ use clap::Subcommand;
 use phalanx_proto::NodeId;
 
 use super::output::table;
-use super::{read_cluster, write_cluster, ClusterFile, NodeEntry, WorkerEntry};
+use super::{read_cluster, record_cluster, write_cluster, ClusterFile, NodeEntry, WorkerEntry};
 
 #[derive(Subcommand, Debug)]
 pub enum ClusterCmd {
@@ -153,7 +153,7 @@ fn cluster_up(n: u32, dir: &Path, base_port: u16, ws: &WorkersSpec) -> Result<()
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = dir.canonicalize()?;
     if let Ok(old) = read_cluster(&dir) {
-        if phalanx_controller::proc::is_alive(old.supervisor_pid)
+        if phalanx_controller::proc::recorded_alive(old.supervisor_pid)
             && old.supervisor_pid != std::process::id()
         {
             bail!("a cluster is already up in {} (supervisor pid {}); run `phalanx cluster down --dir {}`", dir.display(), old.supervisor_pid, dir.display());
@@ -284,7 +284,7 @@ fn cluster_up(n: u32, dir: &Path, base_port: u16, ws: &WorkersSpec) -> Result<()
                                 Ok(c) => {
                                     eprintln!("worker {} restarted (pid {})", cf.workers[i].id, c.id());
                                     cf.workers[i].pid = c.id();
-                                    let _ = write_cluster(&dir, &cf);
+                                    record_cluster(&dir, &cf);
                                     *slot = Some(c);
                                     worker_dead_since[i] = None;
                                 }
@@ -307,7 +307,7 @@ fn cluster_up(n: u32, dir: &Path, base_port: u16, ws: &WorkersSpec) -> Result<()
                                 Ok(c) => {
                                     eprintln!("controller {} restarted (pid {})", nodes[i].id, c.id());
                                     cf.controllers[i].pid = c.id();
-                                    let _ = write_cluster(&dir, &cf);
+                                    record_cluster(&dir, &cf);
                                     *slot = Some(c);
                                     dead_since[i] = None;
                                 }
@@ -336,7 +336,7 @@ fn cluster_up(n: u32, dir: &Path, base_port: u16, ws: &WorkersSpec) -> Result<()
         let _ = c.wait();
     }
     cf.supervisor_pid = 0;
-    let _ = write_cluster(&dir, &cf);
+    record_cluster(&dir, &cf);
     eprintln!("cluster stopped");
     Ok(())
 }
@@ -344,20 +344,22 @@ fn cluster_up(n: u32, dir: &Path, base_port: u16, ws: &WorkersSpec) -> Result<()
 fn cluster_down(dir: &Path) -> Result<()> {
     let c = read_cluster(dir)?;
     let deadline = Instant::now() + Duration::from_secs(6);
-    if c.supervisor_pid != 0 && phalanx_controller::proc::terminate(c.supervisor_pid) {
+    if phalanx_controller::proc::recorded_alive(c.supervisor_pid)
+        && phalanx_controller::proc::terminate(c.supervisor_pid)
+    {
         while phalanx_controller::proc::is_alive(c.supervisor_pid) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
     let mut killed = 0;
     for w in &c.workers {
-        if w.pid != 0 && phalanx_controller::proc::is_alive(w.pid) {
+        if phalanx_controller::proc::recorded_alive(w.pid) {
             phalanx_controller::proc::kill(w.pid);
             killed += 1;
         }
     }
     for n in &c.controllers {
-        if n.pid != 0 && phalanx_controller::proc::is_alive(n.pid) {
+        if phalanx_controller::proc::recorded_alive(n.pid) {
             phalanx_controller::proc::kill(n.pid);
             killed += 1;
         }

@@ -177,6 +177,18 @@ pub(crate) fn write_cluster(dir: &Path, c: &ClusterFile) -> Result<()> {
     Ok(())
 }
 
+/// [`write_cluster`] from a supervisor that must go on whatever happens: a failure is said
+/// on stderr (the record keeps an exited process's pid; `fault` and `cluster down` then
+/// refuse to signal it, as it is no phalanx process).
+pub(crate) fn record_cluster(dir: &Path, c: &ClusterFile) {
+    if let Err(e) = write_cluster(dir, c) {
+        eprintln!(
+            "WARNING: could not record the new pids in {}: {e:#}",
+            cluster_file(dir).display()
+        );
+    }
+}
+
 pub(crate) fn read_token(path: &Path) -> Result<String> {
     let t = std::fs::read_to_string(path)
         .with_context(|| format!("reading token file {}", path.display()))?;

@@ -84,16 +84,7 @@ fn free_port() -> Result<u16> {
 }
 
 /// Send `sig` to `pid` (no-op for pid 0).
-pub fn signal(pid: u32, sig: i32) -> bool {
-    let Ok(p) = i32::try_from(pid) else {
-        return false;
-    };
-    if p <= 0 {
-        return false;
-    }
-    // SAFETY: kill(2) with a positive pid.
-    unsafe { libc::kill(p, sig) == 0 }
-}
+pub use phalanx_controller::proc::signal;
 
 impl Procs {
     /// Lay out the cluster: addresses, logs and `cluster.json`. `hosts`: per host, its
@@ -375,7 +366,9 @@ impl Procs {
             }
         }
         if changed {
-            let _ = self.write_cluster_file();
+            if let Err(e) = self.write_cluster_file() {
+                notes.push(format!("recording the restarted pid: {e:#}"));
+            }
         }
         notes
     }

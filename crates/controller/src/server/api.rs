@@ -52,6 +52,8 @@ pub enum ApiError {
     Unauthorized(String),
     /// A known credential whose role may not do this.
     Forbidden(String),
+    /// The request (its body) did not arrive in time.
+    RequestTimeout(String),
     Internal(String),
 }
 
@@ -95,6 +97,7 @@ impl ApiError {
             ApiError::Conflict(m) => (409, e(ErrorCode::Refused, m.clone())),
             ApiError::Unauthorized(m) => (401, e(ErrorCode::Unauthorized, m.clone())),
             ApiError::Forbidden(m) => (403, e(ErrorCode::Forbidden, m.clone())),
+            ApiError::RequestTimeout(m) => (408, e(ErrorCode::RequestTimeout, m.clone())),
             ApiError::Internal(m) => (500, e(ErrorCode::Internal, m.clone())),
         }
     }
@@ -262,7 +265,22 @@ pub(crate) fn router(ctx: Arc<ConnCtx>) -> Router {
         .route_layer(middleware::from_fn(super::trace::traced))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(body_max))
+        .layer(middleware::from_fn_with_state(ctx.clone(), bounded))
         .with_state(ctx)
+}
+
+/// Answers 408 when the handler (reading the body included) takes longer than
+/// `request_max_ms`.
+async fn bounded(State(ctx): State<Arc<ConnCtx>>, req: Request, next: Next) -> Response {
+    let limit = Duration::from_millis(ctx.cfg.http.request_max_ms);
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => ApiError::RequestTimeout(format!(
+            "the request was not complete within {} ms (request_max_ms)",
+            limit.as_millis()
+        ))
+        .into_response(),
+    }
 }
 
 /// The caller of a request: a bearer token (header, or the dashboard's cookie) if one is

@@ -4,15 +4,19 @@
 //! hyper, whose caller is the role of its client certificate (or a token). In `--insecure`
 //! mode, peer links start with the magic `PHXR` and anything else is HTTP.
 
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::{Extension, Router};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use phalanx_pki::{peer_role, Role, ALPN_RAFT};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -21,13 +25,11 @@ use tracing::{debug, info_span, warn, Instrument};
 use super::api::{self, ConnInfo};
 use super::security::{Principal, Security};
 use super::transport::{handle_peer, set_peer_socket_options};
-use super::ConnCtx;
+use super::{ConnCtx, HttpLimits};
 use crate::wire::PEER_MAGIC;
 
 /// A TLS handshake (or the first bytes of a plain connection) must arrive within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// A request's headers must arrive within this (hyper's header read timeout).
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(crate) async fn accept_loop(listener: TcpListener, ctx: Arc<ConnCtx>) {
     let permits = Arc::new(Semaphore::new(ctx.cfg.http.connections_max.max(1)));
@@ -117,7 +119,7 @@ async fn serve_tls(
             return;
         }
     };
-    serve_http(tls, ConnInfo { peer, cert }, api).await;
+    serve_http(tls, ConnInfo { peer, cert }, api, ctx.cfg.http).await;
 }
 
 async fn serve_plain(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<ConnCtx>, api: Router) {
@@ -139,23 +141,134 @@ async fn serve_plain(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<ConnCtx>,
         handle_peer(stream, peer, ctx, None).await;
     } else {
         let _ = &mut stream;
-        serve_http(stream, ConnInfo { peer, cert: None }, api).await;
+        serve_http(stream, ConnInfo { peer, cert: None }, api, ctx.cfg.http).await;
     }
 }
 
-async fn serve_http<S>(s: S, conn: ConnInfo, api: Router)
+async fn serve_http<S>(s: S, conn: ConnInfo, api: Router, limits: HttpLimits)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let span = info_span!("api", peer = %conn.peer);
+    let peer = conn.peer;
     let svc = TowerToHyperService::new(api.layer(Extension(conn)));
-    let r = hyper::server::conn::http1::Builder::new()
+    let (io, moved) = Moving::new(s);
+    let served = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
-        .serve_connection(TokioIo::new(s), svc)
-        .instrument(span)
-        .await;
-    if let Err(e) = r {
-        debug!(%e, "API connection ended with an error");
+        .header_read_timeout(Duration::from_millis(limits.header_timeout_ms.max(1)))
+        .serve_connection(TokioIo::new(io), svc)
+        .instrument(span);
+    tokio::pin!(served);
+    let idle_max = Duration::from_millis(limits.idle_max_ms.max(1));
+    let check = (idle_max / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            r = served.as_mut() => {
+                if let Err(e) = r {
+                    debug!(%e, "API connection ended with an error");
+                }
+                return;
+            }
+            _ = tokio::time::sleep(check) => {
+                if moved.idle() >= idle_max {
+                    // Dropping the connection closes it, whatever it was waiting on.
+                    debug!(%peer, idle_ms = idle_max.as_millis() as u64, "API connection idle; closed");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A stream that notes when it last moved a byte, either way.
+struct Moving<S> {
+    inner: S,
+    moved: Arc<Moved>,
+}
+
+/// When a [`Moving`] stream last moved a byte, in ms since it was made.
+struct Moved {
+    since: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Moved {
+    fn touch(&self) {
+        let ms = self.since.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn idle(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.since.elapsed().saturating_sub(last)
+    }
+}
+
+impl<S> Moving<S> {
+    fn new(inner: S) -> (Self, Arc<Moved>) {
+        let moved = Arc::new(Moved {
+            since: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        });
+        (
+            Moving {
+                inner,
+                moved: moved.clone(),
+            },
+            moved,
+        )
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Moving<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.moved.touch();
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Moving<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.moved.touch();
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.moved.touch();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -41,6 +41,14 @@ pub struct HttpLimits {
     pub body_bytes_max: usize,
     /// Open connections at once (API and peer links); more are closed on accept.
     pub connections_max: usize,
+    /// A request's headers must arrive within this (hyper's header read timeout).
+    pub header_timeout_ms: u64,
+    /// A request (reading its body included) is answered 408 if its handler has not
+    /// answered within this: a client that stops sending its body holds nothing.
+    pub request_max_ms: u64,
+    /// An API connection that moved no byte either way for this long is closed: a client
+    /// that stopped reading its answer (or vanished) does not keep its slot for good.
+    pub idle_max_ms: u64,
 }
 
 impl Default for HttpLimits {
@@ -48,6 +56,9 @@ impl Default for HttpLimits {
         HttpLimits {
             body_bytes_max: 1024 * 1024,
             connections_max: 512,
+            header_timeout_ms: 10_000,
+            request_max_ms: 30_000,
+            idle_max_ms: 60_000,
         }
     }
 }

@@ -336,13 +336,11 @@ impl RaftLoop {
                     let _ = reply.send(Err(self.not_leader()));
                     return Ok(());
                 }
-                let add = change.action == MemberAction::Add;
-                if add && change.address.is_empty() {
-                    let _ = reply.send(Err(ApiError::BadRequest(
-                        "address: required to add a member".into(),
-                    )));
+                if let Some(problem) = change.problem() {
+                    let _ = reply.send(Err(ApiError::BadRequest(problem)));
                     return Ok(());
                 }
+                let add = change.action == MemberAction::Add;
                 match self
                     .r
                     .propose_member_change(add, change.id, &change.address)

@@ -378,7 +378,8 @@ pub(crate) async fn handle_peer<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut magic = [0u8; 4];
-    if stream.read_exact(&mut magic).await.is_err() {
+    let read = tokio::time::timeout(Duration::from_secs(2), stream.read_exact(&mut magic));
+    if !matches!(read.await, Ok(Ok(_))) {
         return;
     }
     let Some(hs) = read_frame(&mut stream, 4096, Duration::from_secs(2)).await else {

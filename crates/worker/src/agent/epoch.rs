@@ -158,7 +158,7 @@ pub(super) fn run_epoch(
         },
         cfg.op_timeout,
     );
-    phases.state_agreed(source.as_deref().map_err(|e| e.to_string()));
+    phases.state_agreed(source.as_ref().map_err(|e| e.to_string()));
     let source = source?;
     slot.agreed = true;
     let resume_step = engine.step();
@@ -236,13 +236,14 @@ pub(super) fn run_epoch(
         // The resume point first: its steps redone are counted against the watermark
         // before this epoch's own progress moves it.
         let resume_span = phases.first_step(report.step + 1);
-        if let Some(source) = resume_report.take() {
+        if let Some((source_kind, source)) = resume_report.take() {
             let _in_trace = resume_span.as_ref().map(|s| s.enter());
             let cmd = Command::ReportResume {
                 worker: cfg.id.clone(),
                 epoch: a.epoch,
                 step: resume_step,
                 source,
+                source_kind: Some(source_kind),
                 steps_redone: interrupted_at
                     .map(|(_, s)| s.saturating_sub(resume_step))
                     .unwrap_or(0),
