@@ -26,7 +26,7 @@ pub fn schema_json() -> String {
 pub fn job_spec(s: &Scenario, seed: u64) -> phalanx_proto::JobSpec {
     phalanx_proto::JobSpec {
         name: s.name.clone(),
-        model: s.job.model.as_str().to_string(),
+        model: s.job.model,
         corpus: "default".into(),
         steps: s.job.steps,
         global_batch: s.job.global_batch,

@@ -113,31 +113,9 @@ impl ClusterSpec {
     }
 }
 
-/// The model configurations (the data plane's `MODEL_NAMES`; a test checks that they
-/// agree with `phalanx_core::MODELS`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-pub enum Model {
-    #[serde(rename = "tiny")]
-    Tiny,
-    #[serde(rename = "small")]
-    Small,
-    #[serde(rename = "base")]
-    Base,
-    #[serde(rename = "gpt2-124m")]
-    Gpt2_124m,
-}
-
-impl Model {
-    pub const ALL: [Model; 4] = [Model::Tiny, Model::Small, Model::Base, Model::Gpt2_124m];
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Model::Tiny => "tiny",
-            Model::Small => "small",
-            Model::Base => "base",
-            Model::Gpt2_124m => "gpt2-124m",
-        }
-    }
-}
+/// The model configurations: the protocol's, so a scenario names only what the data
+/// plane has.
+pub use phalanx_proto::ModelPreset as Model;
 
 /// The training job submitted to the cluster.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -3,6 +3,7 @@
 use std::time::{Duration, Instant};
 
 use phalanx_controller::client::{http_once, Credentials};
+use phalanx_controller::server::ServerConfig;
 use phalanx_proto::{Command, MemberAction, MemberChange};
 
 mod common;
@@ -165,25 +166,40 @@ fn members_answer_says_whether_the_change_was_accepted() {
     assert_eq!(v["voters"], serde_json::json!([1, 2, 3]), "{v}");
 }
 
+/// One controller tuned by `tune`, and a raw TCP connection to it that has sent `head`
+/// (a request's first lines, with the token; `{addr}` is its address), reads time out
+/// after `read_s`.
+fn raw_request(
+    tune: impl Fn(ServerConfig) -> ServerConfig,
+    head: &str,
+    read_s: u64,
+) -> (InProcess, std::net::TcpStream) {
+    use std::io::Write;
+    let c = InProcess::start(1, tune);
+    c.wait_leader(LEADER_WAIT, 0, None);
+    let addr = c.peers[&1].clone();
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(read_s)))
+        .unwrap();
+    let head = head.replace("{addr}", &addr).replace("{token}", TOKEN);
+    s.write_all(head.as_bytes()).unwrap();
+    (c, s)
+}
+
 /// A client that sends a request's headers and then stops (its body never comes) gets 408
 /// within `request_max_ms` instead of holding its connection slot.
 #[test]
 fn a_request_whose_body_never_comes_gets_408() {
-    use std::io::{Read, Write};
-    let c = InProcess::start(1, |mut cfg| {
-        cfg.http.request_max_ms = 400;
-        cfg
-    });
-    c.wait_leader(LEADER_WAIT, 0, None);
-    let addr = &c.peers[&1];
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    write!(
-        s,
-        "POST /v1/command HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {TOKEN}\r\n\
-         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"request_id\""
-    )
-    .unwrap();
+    use std::io::Read;
+    let (_c, mut s) = raw_request(
+        |mut cfg| {
+            cfg.http.request_max_ms = 400;
+            cfg
+        },
+        "POST /v1/command HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"request_id\"",
+        20,
+    );
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     while !String::from_utf8_lossy(&got).contains("\r\n\r\n") {
@@ -204,21 +220,16 @@ fn a_request_whose_body_never_comes_gets_408() {
 /// that vanished or stopped reading holds no connection slot for good.
 #[test]
 fn an_idle_connection_is_closed() {
-    use std::io::{Read, Write};
-    let c = InProcess::start(1, |mut cfg| {
-        cfg.http.idle_max_ms = 1_000;
-        cfg.http.header_timeout_ms = 120_000;
-        cfg
-    });
-    c.wait_leader(LEADER_WAIT, 0, None);
-    let addr = &c.peers[&1];
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(
-        s,
-        "GET /v1/status HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
-    )
-    .unwrap();
+    use std::io::Read;
+    let (_c, mut s) = raw_request(
+        |mut cfg| {
+            cfg.http.idle_max_ms = 1_000;
+            cfg.http.header_timeout_ms = 120_000;
+            cfg
+        },
+        "GET /v1/status HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n",
+        30,
+    );
     // The answer comes, then nothing moves: the server closes the connection (EOF, or a
     // reset) rather than waiting for a next request for good.
     let mut got = Vec::new();

@@ -3,12 +3,8 @@
 //! Errors name the field and say what was expected, so an operator can fix the file
 //! without reading code.
 
-use phalanx_proto::{JobSpec, NumericsProfile, Precision};
+use phalanx_proto::{JobSpec, ModelPreset, NumericsProfile, Precision};
 use thiserror::Error;
-
-/// The model configurations the data plane has (`phalanx_train::config::MODEL_NAMES`;
-/// a worker test checks that the two lists agree).
-pub const MODELS: &[&str] = &["tiny", "small", "base", "gpt2-124m"];
 
 /// Sequences per micro-batch in controller-run jobs (`phalanx_train::engine::
 /// DEFAULT_MICRO_BATCH`, also checked by a worker test): the global batch is cut into
@@ -128,6 +124,15 @@ fn get_choice<T: Default>(
     }
 }
 
+/// The required `model` field: one of the presets.
+fn get_model(t: &toml::Table) -> Result<ModelPreset, JobFileError> {
+    let s = get_str(t, "model")?;
+    ModelPreset::parse(&s).ok_or_else(|| JobFileError::Invalid {
+        field: "model",
+        message: format!("{s:?}: expected one of {}", ModelPreset::names()),
+    })
+}
+
 /// The optional `numerics` field: absent means the default profile.
 fn get_numerics(t: &toml::Table) -> Result<NumericsProfile, JobFileError> {
     let names = NumericsProfile::ALL.map(|p| p.as_str());
@@ -159,7 +164,7 @@ pub fn parse_job_toml(text: &str) -> Result<JobSpec, JobFileError> {
     }
     let spec = JobSpec {
         name: get_str(&table, "name")?,
-        model: get_str(&table, "model")?,
+        model: get_model(&table)?,
         corpus: get_str(&table, "corpus")?,
         steps: get_u64(&table, "steps")?,
         global_batch: get_u32(&table, "global_batch")?,
@@ -188,12 +193,6 @@ pub fn validate_job(spec: &JobSpec) -> Result<(), JobFileError> {
         return inv(
             "name",
             format!("{:?}: use letters, digits, '-', '_' or '.'", spec.name),
-        );
-    }
-    if !MODELS.contains(&spec.model.as_str()) {
-        return inv(
-            "model",
-            format!("{:?}: expected one of {}", spec.model, MODELS.join(", ")),
         );
     }
     if spec.corpus.trim().is_empty() {
@@ -301,7 +300,7 @@ numerics = "x86-64-avx2"
 # is the same bits for any world size in either.
 precision = "fp32"
 "#,
-        models = MODELS.join(", "),
+        models = ModelPreset::names(),
         micro = MICRO_BATCH,
         min = MICRO_BATCH * 4,
     );
@@ -320,7 +319,7 @@ mod tests {
     #[test]
     fn template_parses() {
         let spec = parse_job_toml(&template()).unwrap();
-        assert_eq!(spec.model, "tiny");
+        assert_eq!(spec.model, ModelPreset::Tiny);
         assert_eq!(spec.steps, 60);
         assert_eq!(spec.checkpoint_interval_steps, 15);
     }

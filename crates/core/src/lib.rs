@@ -59,7 +59,7 @@ mod tests {
     fn effective_training_time_subtracts_the_recovery_windows() {
         let spec = JobSpec {
             name: "j".into(),
-            model: "tiny".into(),
+            model: phalanx_proto::ModelPreset::Tiny,
             corpus: "default".into(),
             steps: 10,
             global_batch: 8,

@@ -140,7 +140,7 @@ mod tests {
         }
         let spec = JobSpec {
             name: "j".into(),
-            model: "tiny".into(),
+            model: phalanx_proto::ModelPreset::Tiny,
             corpus: "default".into(),
             steps: 10,
             global_batch: 8,

@@ -404,7 +404,7 @@ mod tests {
     fn spec(min: u32, max: u32) -> JobSpec {
         JobSpec {
             name: "j".into(),
-            model: "tiny".into(),
+            model: phalanx_proto::ModelPreset::Tiny,
             corpus: "c".into(),
             steps: 10,
             global_batch: 8,

@@ -102,7 +102,7 @@ mod tests {
         );
         let spec = JobSpec {
             name: "bad".into(),
-            model: "tiny".into(),
+            model: phalanx_proto::ModelPreset::Tiny,
             corpus: "/nonexistent/*.txt".into(),
             steps: 10,
             global_batch: 2,
@@ -174,7 +174,7 @@ mod tests {
         }
         let spec = JobSpec {
             name: "flaky".into(),
-            model: "tiny".into(),
+            model: phalanx_proto::ModelPreset::Tiny,
             corpus: "default".into(),
             steps: 10,
             global_batch: 6,

@@ -221,13 +221,65 @@ pub struct WorkerInfo {
     pub registered_index: u64,
 }
 
+/// The model configurations of the data plane (their shapes are
+/// `phalanx_train::config::ModelConfig::of`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
+pub enum ModelPreset {
+    /// About 0.1M parameters (tests).
+    #[serde(rename = "tiny")]
+    Tiny,
+    /// About 1M.
+    #[serde(rename = "small")]
+    Small,
+    /// About 10M.
+    #[serde(rename = "base")]
+    Base,
+    /// GPT-2 small's shape over the byte vocabulary (about 86M).
+    #[serde(rename = "gpt2-124m")]
+    Gpt2_124m,
+}
+
+impl ModelPreset {
+    pub const ALL: [ModelPreset; 4] = [
+        ModelPreset::Tiny,
+        ModelPreset::Small,
+        ModelPreset::Base,
+        ModelPreset::Gpt2_124m,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelPreset::Tiny => "tiny",
+            ModelPreset::Small => "small",
+            ModelPreset::Base => "base",
+            ModelPreset::Gpt2_124m => "gpt2-124m",
+        }
+    }
+
+    /// The preset named `s` (as written in job files and on the command line).
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+
+    /// Every name, for messages: `tiny, small, base, gpt2-124m`.
+    pub fn names() -> String {
+        Self::ALL.map(|p| p.as_str()).join(", ")
+    }
+}
+
+impl std::fmt::Display for ModelPreset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A training job, as written in a job file (TOML) and replicated.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
     pub name: String,
-    /// Model preset: `tiny`, `small`, `base`, `gpt2-124m`.
-    pub model: String,
+    pub model: ModelPreset,
     /// The training corpus: `default`, or a file, a directory or a glob.
     pub corpus: String,
     pub steps: u64,

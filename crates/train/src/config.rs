@@ -1,6 +1,8 @@
 //! Named model configurations.
 use serde::{Deserialize, Serialize};
 
+use phalanx_proto::ModelPreset;
+
 use crate::TrainError;
 
 /// Byte-level tokens: one token per byte.
@@ -20,38 +22,38 @@ pub struct ModelConfig {
     pub d_ff: i64,
 }
 
-/// The configurations `--model` accepts.
-pub const MODEL_NAMES: &[&str] = &["tiny", "small", "base", "gpt2-124m"];
-
 impl ModelConfig {
     /// `tiny` ≈ 0.1M parameters (tests), `small` ≈ 1M, `base` ≈ 10M, and `gpt2-124m`, which
     /// has GPT-2 small's shape (12 × 768, 12 heads, 1024 context) over the byte vocabulary,
     /// so it holds ≈ 86M parameters rather than 124M (GPT-2's 50,257-token embedding
     /// accounts for the difference).
     pub fn named(name: &str) -> Result<Self, TrainError> {
-        let (ctx_len, d_model, n_layer, n_head) = match name {
-            "tiny" => (64, 64, 2, 4),
-            "small" => (128, 128, 4, 4),
-            "base" => (256, 384, 6, 6),
-            "gpt2-124m" => (1024, 768, 12, 12),
-            other => {
-                return Err(TrainError::Config(format!(
-                    "unknown model `{other}`; expected one of {}",
-                    MODEL_NAMES.join(", ")
-                )))
-            }
+        let preset = ModelPreset::parse(name).ok_or_else(|| {
+            TrainError::Config(format!(
+                "unknown model `{name}`; expected one of {}",
+                ModelPreset::names()
+            ))
+        })?;
+        Ok(Self::of(preset))
+    }
+
+    /// The shape of `preset`.
+    pub fn of(preset: ModelPreset) -> Self {
+        let (ctx_len, d_model, n_layer, n_head) = match preset {
+            ModelPreset::Tiny => (64, 64, 2, 4),
+            ModelPreset::Small => (128, 128, 4, 4),
+            ModelPreset::Base => (256, 384, 6, 6),
+            ModelPreset::Gpt2_124m => (1024, 768, 12, 12),
         };
-        let cfg = Self {
-            name: name.to_string(),
+        Self {
+            name: preset.as_str().to_string(),
             vocab_size: VOCAB_SIZE,
             ctx_len,
             d_model,
             n_layer,
             n_head,
             d_ff: 4 * d_model,
-        };
-        cfg.validate()?;
-        Ok(cfg)
+        }
     }
 
     pub fn validate(&self) -> Result<(), TrainError> {

@@ -310,8 +310,10 @@ mod tests {
 
     #[test]
     fn layout_matches_the_built_model_for_every_configuration() {
-        for name in crate::config::MODEL_NAMES {
-            let cfg = ModelConfig::named(name).unwrap();
+        for preset in phalanx_proto::ModelPreset::ALL {
+            let name = &preset.as_str();
+            let cfg = ModelConfig::of(preset);
+            cfg.validate().unwrap();
             let l = param_layout(&cfg);
             assert_eq!(l.total as i64, cfg.param_count(), "{name}");
             if *name == "tiny" || *name == "small" {

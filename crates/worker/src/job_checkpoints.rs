@@ -263,7 +263,7 @@ impl Checkpointing {
             durable: Vec::new(),
             root,
             job_id: job_id.to_string(),
-            model: job.model.clone(),
+            model: job.model.to_string(),
             numerics: job.numerics.to_string(),
             world,
             seed: job.seed,

@@ -106,7 +106,7 @@ pub fn export(
     let (bytes, meta) = phalanx_worker::export::checkpoint_to_safetensors(
         &dir,
         chosen.step,
-        &job.spec.model,
+        job.spec.model.as_str(),
         job.spec.numerics.as_str(),
     )?;
     crate::model::write_file_atomic(out, &bytes)?;

@@ -149,7 +149,7 @@ pub(super) fn run_epoch(
             dir: job_dir.clone(),
             expect: Expected {
                 job_id: job_id.clone(),
-                model: job.model.clone(),
+                model: job.model.to_string(),
                 seed: job.seed,
                 numerics: job.numerics.to_string(),
             },
