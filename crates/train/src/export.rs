@@ -3,7 +3,7 @@
 //! One tensor per model parameter, named as the model names it (`wte.weight`,
 //! `h00.attn.c_attn.weight`, ...), with its real shape, little-endian f32. The file's
 //! `__metadata__` says what the tensors are: `format` (`phalanx-gpt`), `model` (a
-//! configuration name of [`crate::config::MODEL_NAMES`]), `seed`, `steps`, `param_count`,
+//! configuration name of a [`phalanx_proto::ModelPreset`]), `seed`, `steps`, `param_count`,
 //! `params_sha256` (the trainer's hash of the flat parameters, so a loaded file is checked
 //! against it) and `numerics` (the numerics profile the parameters were computed under).
 //!
