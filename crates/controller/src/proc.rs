@@ -59,11 +59,19 @@ mod tests {
 
     #[test]
     fn only_phalanx_processes_count_as_recorded() {
-        // This test binary is not named phalanx*; a `sleep` child is not either.
+        // A `sleep` child is no phalanx program. Until it has exec'd, its command line is
+        // this test binary's (`phalanx_controller-…`, which is): wait for the exec.
         let mut child = std::process::Command::new("sleep")
             .arg("30")
             .spawn()
             .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !std::fs::read(format!("/proc/{}/cmdline", child.id()))
+            .is_ok_and(|c| c.starts_with(b"sleep"))
+        {
+            assert!(std::time::Instant::now() < deadline, "sleep never started");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         assert!(is_alive(child.id()));
         assert!(!is_phalanx(child.id()));
         assert!(!recorded_alive(child.id()));
