@@ -206,6 +206,42 @@ impl Stepper {
         self.step_with(engine, group, &mut || {})
     }
 
+    /// [`Stepper::step_with`], with a failed gradient spot check (logged) as
+    /// [`Stepped::Redo`]: nothing was applied, every rank saw the same check, and each
+    /// redoes the step (a device that corrupts again is named: `GradientCorrupt` ends
+    /// the run).
+    pub fn step_or_redo(
+        &mut self,
+        engine: &mut Engine,
+        group: &mut BlockingGroup,
+        before_update: &mut dyn FnMut(),
+    ) -> Result<Stepped, WorkerError> {
+        match self.step_with(engine, group, before_update) {
+            Ok(report) => Ok(Stepped::Done(report)),
+            Err(WorkerError::GradientMismatch {
+                step,
+                micro,
+                owner,
+                verifier,
+            }) => {
+                tracing::warn!(
+                    step,
+                    micro,
+                    owner,
+                    verifier,
+                    "gradient check failed; redoing the step"
+                );
+                Ok(Stepped::Redo(Mismatch {
+                    step,
+                    micro,
+                    owner,
+                    verifier,
+                }))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// [`Stepper::step`], calling `before_update` after forward, backward and the
     /// reduction, right before the parameters and moments are written: the point by which
     /// an asynchronous checkpoint taken at the previous step boundary must have let go of
@@ -440,6 +476,23 @@ pub fn check_replicas(
     Ok(sha)
 }
 
+/// How a step ended: trained, or to be redone (nothing was applied).
+#[derive(Debug)]
+pub enum Stepped {
+    Done(StepReport),
+    Redo(Mismatch),
+}
+
+/// A failed gradient spot check: rank `verifier` recomputed micro-batch `micro` of `step`
+/// and got other bits than its owner.
+#[derive(Clone, Copy, Debug)]
+pub struct Mismatch {
+    pub step: u64,
+    pub micro: usize,
+    pub owner: usize,
+    pub verifier: usize,
+}
+
 /// Trains `engine.spec.steps` steps as rank `group.rank()` of `group.world()`.
 pub fn train(
     engine: &mut Engine,
@@ -455,27 +508,12 @@ pub fn train(
     let start = Instant::now();
     let cpu0 = process_cpu_s();
     while engine.step() < engine.spec.steps {
-        let report = match stepper.step(engine, group) {
-            Ok(r) => r,
-            Err(WorkerError::GradientMismatch {
-                step,
-                micro,
-                owner,
-                verifier,
-            }) => {
-                // Nothing was applied; every rank saw the same check and redoes the step
-                // (a device that corrupts again is named: `GradientCorrupt` ends the run).
-                tracing::warn!(
-                    step,
-                    micro,
-                    owner,
-                    verifier,
-                    "gradient check failed; redoing the step"
-                );
+        let report = match stepper.step_or_redo(engine, group, &mut || {})? {
+            Stepped::Done(r) => r,
+            Stepped::Redo(_) => {
                 steps_redone += 1;
                 continue;
             }
-            Err(e) => return Err(e),
         };
         losses.push(report.loss);
         on_step(&report);

@@ -16,7 +16,7 @@ use super::{
     corpus_spec, group_id, inject, report_silence, report_start_failure, silence_after, train_spec,
     unix_ms, AgentConfig, Progress, Shared, Slot,
 };
-use crate::dp::{check_replicas, validation_loss, Stepper};
+use crate::dp::{check_replicas, validation_loss, Stepped, Stepper};
 use crate::fault::{Fault, FaultKind};
 use crate::job_checkpoints::{
     job_catalog, job_checkpoint_dir, report_refused, CheckpointSource, Checkpointing, Expected,
@@ -204,35 +204,25 @@ pub(super) fn run_epoch(
             Some((factor, until)) if Instant::now() < until => factor,
             _ => 1.0,
         };
-        let report = match stepper.step_with(engine, &mut group, &mut || writer.snaps.release()) {
-            Ok(r) => r,
-            Err(WorkerError::GradientMismatch {
-                step,
-                micro,
-                owner,
-                verifier,
-            }) => {
-                // Nothing was applied; every rank saw the same check and redoes the step.
-                warn!(
-                    step,
-                    micro, owner, verifier, "gradient check failed; redoing the step"
-                );
-                let cmd = Command::ReportGradientMismatch {
-                    worker: cfg.id.clone(),
-                    epoch: a.epoch,
-                    step,
-                    micro: micro as u64,
-                    owner_rank: owner as u32,
-                    verifier_rank: verifier as u32,
-                };
-                let id = format!("gradcheck-{}-{}-{step}", job.name, a.epoch);
-                if let Err(e) = cfg.client.command_with_id(id, cmd) {
-                    warn!(error = %e, "reporting the gradient mismatch failed");
+        let report =
+            match stepper.step_or_redo(engine, &mut group, &mut || writer.snaps.release())? {
+                Stepped::Done(r) => r,
+                Stepped::Redo(m) => {
+                    let cmd = Command::ReportGradientMismatch {
+                        worker: cfg.id.clone(),
+                        epoch: a.epoch,
+                        step: m.step,
+                        micro: m.micro as u64,
+                        owner_rank: m.owner as u32,
+                        verifier_rank: m.verifier as u32,
+                    };
+                    let id = format!("gradcheck-{}-{}-{}", job.name, a.epoch, m.step);
+                    if let Err(e) = cfg.client.command_with_id(id, cmd) {
+                        warn!(error = %e, "reporting the gradient mismatch failed");
+                    }
+                    continue;
                 }
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
+            };
         // The resume point first: its steps redone are counted against the watermark
         // before this epoch's own progress moves it.
         let resume_span = phases.first_step(report.step + 1);
