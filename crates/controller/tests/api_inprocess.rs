@@ -94,7 +94,7 @@ fn members_answer_says_whether_the_change_was_accepted() {
     let c = InProcess::start(3, |cfg| cfg);
     let peers = &c.peers;
     c.wait_leader(LEADER_WAIT, 0, None);
-    let post = |body: MemberChange| -> (u16, serde_json::Value) {
+    let post_bytes = |body: &[u8]| -> (u16, serde_json::Value) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let (l, _) = c.wait_leader(LEADER_WAIT, 0, None);
@@ -103,7 +103,7 @@ fn members_answer_says_whether_the_change_was_accepted() {
                 "POST",
                 "/v1/members",
                 &Credentials::insecure(TOKEN),
-                Some(&serde_json::to_vec(&body).unwrap()),
+                Some(body),
                 Duration::from_secs(5),
             )
             .unwrap();
@@ -114,6 +114,7 @@ fn members_answer_says_whether_the_change_was_accepted() {
             return (code, serde_json::from_slice(&b).unwrap_or_default());
         }
     };
+    let post = |body: MemberChange| post_bytes(&serde_json::to_vec(&body).unwrap());
     // Adding a fifth address (no process behind it): 3 of 4 voters still commit.
     let spare = free_addr();
     let change = |action: MemberAction, id: u64, address: &str| MemberChange {
@@ -130,24 +131,29 @@ fn members_answer_says_whether_the_change_was_accepted() {
     assert_eq!(code, 409, "already a voter: {v}");
     let (code, v) = post(change(MemberAction::Remove, 9, ""));
     assert_eq!(code, 409, "not a voter: {v}");
-    // An action outside the vocabulary is refused before it reaches Raft, and named.
-    let (l, _) = c.wait_leader(LEADER_WAIT, 0, None);
-    let (code, b) = http_once(
-        &peers[&l],
-        "POST",
-        "/v1/members",
-        &Credentials::insecure(TOKEN),
-        Some(br#"{"action": "grow", "id": 5, "address": "127.0.0.1:1"}"#),
-        Duration::from_secs(5),
-    )
-    .unwrap();
-    let body = String::from_utf8_lossy(&b);
-    assert_eq!(code, 400, "{body}");
-    assert!(
-        body.contains("bad_request")
-            && body.contains("unknown variant `grow`, expected `add` or `remove`"),
-        "{body}"
+    // An action outside the vocabulary, node id 0 (which raft-rs would skip silently) and
+    // an address that is not HOST:PORT are refused before they reach Raft, and named.
+    let (code, v) = post_bytes(br#"{"action": "grow", "id": 5, "address": "127.0.0.1:1"}"#);
+    assert_eq!(
+        (code, &v["error"]),
+        (400, &serde_json::json!("bad_request")),
+        "{v}"
     );
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("unknown variant `grow`, expected `add` or `remove`"),
+        "{v}"
+    );
+    for (id, address, want) in [
+        (0, spare.as_str(), "id: 0"),
+        (5, "nowhere", "is not HOST:PORT"),
+    ] {
+        let (code, v) = post(change(MemberAction::Add, id, address));
+        assert_eq!(code, 400, "{v}");
+        assert!(v["message"].as_str().unwrap_or("").contains(want), "{v}");
+    }
     // Removing 4 again; the joint state may still be leaving, so retry a refusal briefly.
     let deadline = Instant::now() + Duration::from_secs(10);
     let v = loop {
