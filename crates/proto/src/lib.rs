@@ -613,15 +613,7 @@ mod tests {
             assert_eq!(wire(r), r.as_str());
         }
         assert_eq!(wire(RaftRole::PreCandidate), "pre_candidate");
-        for h in [
-            WorkerHealth::Joining,
-            WorkerHealth::Healthy,
-            WorkerHealth::Suspect,
-            WorkerHealth::Failed,
-            WorkerHealth::Draining,
-            WorkerHealth::Quarantined,
-            WorkerHealth::Spare,
-        ] {
+        for h in WorkerHealth::ALL {
             assert_eq!(wire(h), h.as_str());
         }
         for p in Precision::ALL {

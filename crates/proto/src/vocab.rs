@@ -24,6 +24,16 @@ pub enum WorkerHealth {
 }
 
 impl WorkerHealth {
+    pub const ALL: [WorkerHealth; 7] = [
+        WorkerHealth::Joining,
+        WorkerHealth::Healthy,
+        WorkerHealth::Suspect,
+        WorkerHealth::Failed,
+        WorkerHealth::Draining,
+        WorkerHealth::Quarantined,
+        WorkerHealth::Spare,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             WorkerHealth::Joining => "joining",

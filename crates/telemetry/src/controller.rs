@@ -15,15 +15,7 @@ use crate::catalog::{self, MetricDef};
 use crate::{buckets, Role, Telemetry, TelemetryError};
 
 /// Every worker health, in the order the `health` label lists them.
-pub const HEALTHS: [WorkerHealth; 7] = [
-    WorkerHealth::Joining,
-    WorkerHealth::Healthy,
-    WorkerHealth::Suspect,
-    WorkerHealth::Failed,
-    WorkerHealth::Draining,
-    WorkerHealth::Quarantined,
-    WorkerHealth::Spare,
-];
+pub const HEALTHS: [WorkerHealth; 7] = WorkerHealth::ALL;
 
 /// How a command sent to the API ended (the `outcome` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
